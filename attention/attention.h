@@ -1,0 +1,102 @@
+// The attention interface the model calls, and its reference implementation.
+//
+// Three kinds, one semantics: query i may attend to key j when
+//   q_pos(i) >= k_pos(j)                         (causal)
+//   and, for HASH, q_bucket(i) == k_bucket(j)     (same LSH bucket)
+//   and, for DROP, q_keep(i) and k_keep(j)        (neither dropped)
+// A query with no allowed key outputs 0 (and gets zero gradients).
+// Positions: with Nq queries and Nk keys, query i sits at position
+// i + Nk - Nq (bottom-right aligned, as in FlashAttention), key j at j.
+//
+// The sparsity pattern of a call is drawn first and returned explicitly
+// (bucket ids, keep masks), then attention is computed under it. The CUDA
+// kernels are tested against this reference under the same pattern.
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include "configs/experiment.pb.h"
+
+namespace sparseflash::attention {
+
+using at::Tensor;
+
+enum class Kind { kDense, kHash, kDrop };
+
+struct Options {
+  Kind kind = Kind::kDense;
+  int num_buckets = 16;        // HASH
+  bool fixed_rotation = false;  // HASH: R from rotation_seed instead of redrawn
+  uint64_t rotation_seed = 1234;
+  bool shared_qk = false;       // HASH: keys are normalised queries, same buckets
+  double drop_prob = 0.5;       // DROP
+  int64_t chunk_size = 1024;    // reference: query rows per chunk
+
+  static Options from_config(const config::Attention& c);
+};
+
+// The explicit sparsity pattern of one call. Undefined tensors mean "no
+// constraint of that kind".
+struct Pattern {
+  Tensor q_bucket;  // int64 [B, H, Nq]      (HASH)
+  Tensor k_bucket;  // int64 [B, Hkv, Nk]    (HASH)
+  Tensor q_keep;    // bool  [B, H, Nq]      (DROP)
+  Tensor k_keep;    // bool  [B, Hkv, Nk]    (DROP)
+};
+
+// Angular LSH: x [B, Hx, N, D], rotations [Hr, D, nb/2] with Hx a multiple of
+// Hr (query head h uses rotation h / (Hx / Hr)). bucket = argmax([xR, -xR]).
+Tensor lsh_buckets(const Tensor& x, const Tensor& rotations);
+
+// Draws the pattern of one call. q [B, H, Nq, D], k [B, Hkv, Nk, D].
+// Random draws come from `generator` (a CPU generator, so runs are
+// reproducible on any device); fixed rotations come from
+// options.rotation_seed and `layer` only.
+Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
+                     at::Generator& generator, int layer);
+
+// Reference attention under `pattern`: differentiable (custom backward that
+// recomputes scores chunk by chunk, as flash attention does), computed in
+// float32 (float64 for float64 inputs) and returned in q's dtype. Memory is
+// O(B * H * chunk_size * Nk), never O(N^2) for the whole batch.
+// q [B, H, Nq, D], k and v [B, Hkv, Nk, D], H a multiple of Hkv (GQA).
+// scale <= 0 means 1 / sqrt(D).
+Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                           const Pattern& pattern, int64_t chunk_size = 1024,
+                           double scale = 0);
+
+// Forward only, also returning the log-sum-exp per query ([B, H, Nq], float32,
+// -inf for queries with no allowed key): what the kernels return.
+std::pair<Tensor, Tensor> reference_attention_with_lse(const Tensor& q, const Tensor& k,
+                                                       const Tensor& v, const Pattern& pattern,
+                                                       int64_t chunk_size = 1024,
+                                                       double scale = 0);
+
+// Plain masked softmax over the full N x N mask, differentiated by autograd.
+// For tests on small shapes only.
+Tensor naive_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                       const Pattern& pattern, double scale = 0);
+
+// The boolean [B, H, Nq, Nk] mask of allowed pairs (small shapes, tests).
+Tensor allowed_mask(const Pattern& pattern, int64_t B, int64_t H, int64_t Nq, int64_t Nk,
+                    const at::TensorOptions& device);
+
+// What the model calls: draw the pattern, then attend. Keeps the last pattern
+// so tests and tools can inspect it.
+class Attention {
+ public:
+  Attention(Options options, int layer) : options_(options), layer_(layer) {}
+  Tensor forward(const Tensor& q, const Tensor& k, const Tensor& v, at::Generator& generator);
+  const Options& options() const { return options_; }
+  const Pattern& last_pattern() const { return last_pattern_; }
+
+ private:
+  Options options_;
+  int layer_;
+  Pattern last_pattern_;
+};
+
+}  // namespace sparseflash::attention

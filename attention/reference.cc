@@ -1,0 +1,357 @@
+// Reference sparse causal attention in LibTorch ops: pattern drawing (LSH
+// buckets, drop masks) and a chunked, memory-bounded attention with a
+// recomputing backward. Correct on CPU and GPU; the CUDA kernels are tested
+// against it.
+#include <cmath>
+#include <limits>
+#include <mutex>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "attention/attention.h"
+
+namespace sparseflash::attention {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+Options Options::from_config(const config::Attention& c) {
+  Options o;
+  switch (c.kind()) {
+    case config::Attention::DENSE: o.kind = Kind::kDense; break;
+    case config::Attention::HASH: o.kind = Kind::kHash; break;
+    case config::Attention::DROP: o.kind = Kind::kDrop; break;
+  }
+  o.num_buckets = c.num_buckets();
+  o.fixed_rotation = c.fixed_rotation();
+  o.rotation_seed = c.rotation_seed();
+  o.shared_qk = c.shared_qk();
+  o.drop_prob = c.drop_prob();
+  o.chunk_size = c.chunk_size();
+  return o;
+}
+
+// ---------------------------------------------------------------------------
+// the pattern
+
+Tensor lsh_buckets(const Tensor& x, const Tensor& rotations) {
+  TORCH_CHECK(x.dim() == 4, "lsh_buckets: x must be [B, H, N, D], got ", x.sizes());
+  TORCH_CHECK(rotations.dim() == 3 && rotations.size(1) == x.size(3),
+              "lsh_buckets: rotations must be [H, D, nb/2] with D = ", x.size(3), ", got ",
+              rotations.sizes());
+  const int64_t heads = x.size(1), rot_heads = rotations.size(0);
+  TORCH_CHECK(heads % rot_heads == 0, "lsh_buckets: ", heads,
+              " heads is not a multiple of ", rot_heads, " rotations");
+  // Head h uses rotation h / group: expand the rotations to one per head.
+  Tensor r = rotations.to(x.device(), at::kFloat).repeat_interleave(heads / rot_heads, 0);
+  Tensor proj = at::matmul(x.to(at::kFloat), r.unsqueeze(0));  // [B, H, N, nb/2]
+  return at::cat({proj, -proj}, -1).argmax(-1);
+}
+
+// A generator seeded from (seed, layer) that always draws the same rotation.
+static at::Generator fixed_generator(uint64_t seed, int layer) {
+  uint64_t s = seed ^ (0x9e3779b97f4a7c15ull * static_cast<uint64_t>(layer + 1));
+  return at::detail::createCPUGenerator(s);
+}
+
+Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
+                     at::Generator& generator, int layer) {
+  Pattern p;
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
+  auto cpu_float = at::TensorOptions().dtype(at::kFloat);
+  switch (options.kind) {
+    case Kind::kDense:
+      break;
+    case Kind::kHash: {
+      TORCH_CHECK(options.num_buckets >= 2 && options.num_buckets % 2 == 0,
+                  "hash attention: num_buckets must be even and >= 2, got ", options.num_buckets);
+      Tensor rotations;
+      {
+        // One rotation per KV head so a query and the keys it may meet hash alike.
+        at::Generator fixed;
+        if (options.fixed_rotation) fixed = fixed_generator(options.rotation_seed, layer);
+        at::Generator& g = options.fixed_rotation ? fixed : generator;
+        rotations = at::randn({Hkv, D, options.num_buckets / 2}, g, cpu_float);
+      }
+      p.q_bucket = lsh_buckets(q.detach(), rotations);
+      if (options.shared_qk) {
+        // k = q / |q| has the same argmax as q: reuse the query buckets.
+        TORCH_CHECK(Hkv == H && Nk == Nq,
+                    "shared_qk needs as many key heads and keys as queries, got q ", q.sizes(),
+                    " k ", k.sizes());
+        p.k_bucket = p.q_bucket;
+      } else {
+        p.k_bucket = lsh_buckets(k.detach(), rotations);
+      }
+      break;
+    }
+    case Kind::kDrop: {
+      TORCH_CHECK(options.drop_prob >= 0 && options.drop_prob < 1,
+                  "drop attention: drop_prob must be in [0, 1), got ", options.drop_prob);
+      Tensor uq, uk;
+      {
+        uq = at::rand({B, H, Nq}, generator, cpu_float);
+        uk = at::rand({B, Hkv, Nk}, generator, cpu_float);
+      }
+      p.q_keep = uq.ge(options.drop_prob).to(q.device());
+      p.k_keep = uk.ge(options.drop_prob).to(q.device());
+      break;
+    }
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------
+// masks
+
+// Allowed pairs for query rows [q0, q1) against keys [0, k1): bool
+// [B or 1, H or 1, q1 - q0, k1]. Key-side tensors are [B, Hkv, Nk] and are
+// expanded to query heads.
+static Tensor chunk_mask(const Pattern& p, int64_t q0, int64_t q1, int64_t k1, int64_t offset,
+                         int64_t group, const at::Device& device) {
+  auto idx = at::TensorOptions().dtype(at::kLong).device(device);
+  Tensor qpos = at::arange(q0, q1, idx) + offset;
+  Tensor kpos = at::arange(0, k1, idx);
+  Tensor mask = qpos.unsqueeze(1).ge(kpos.unsqueeze(0)).view({1, 1, q1 - q0, k1});
+  auto per_query_head = [&](const Tensor& t) {
+    return group == 1 ? t : t.repeat_interleave(group, 1);
+  };
+  if (p.q_bucket.defined()) {
+    Tensor qb = p.q_bucket.slice(2, q0, q1).unsqueeze(-1);
+    Tensor kb = per_query_head(p.k_bucket.slice(2, 0, k1)).unsqueeze(-2);
+    mask = mask.logical_and(qb.eq(kb));
+  }
+  if (p.q_keep.defined()) {
+    Tensor qk = p.q_keep.slice(2, q0, q1).unsqueeze(-1);
+    Tensor kk = per_query_head(p.k_keep.slice(2, 0, k1)).unsqueeze(-2);
+    mask = mask.logical_and(qk).logical_and(kk);
+  }
+  return mask;
+}
+
+Tensor allowed_mask(const Pattern& p, int64_t B, int64_t H, int64_t Nq, int64_t Nk,
+                    const at::TensorOptions& device) {
+  int64_t Hkv = p.k_bucket.defined() ? p.k_bucket.size(1)
+                : p.k_keep.defined() ? p.k_keep.size(1) : H;
+  return chunk_mask(p, 0, Nq, Nk, Nk - Nq, H / Hkv, device.device()).expand({B, H, Nq, Nk});
+}
+
+static void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& p) {
+  TORCH_CHECK(q.dim() == 4, "attention: q must be [B, H, Nq, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(),
+              "attention: k and v must both be [B, Hkv, Nk, D], got k ", k.sizes(), " v ",
+              v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3),
+              "attention: k ", k.sizes(), " does not match q ", q.sizes(), " in batch or head dim");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "attention: ", q.size(1),
+              " query heads is not a multiple of ", k.size(1), " key heads");
+  TORCH_CHECK(q.size(2) <= k.size(2), "attention: more queries (", q.size(2), ") than keys (",
+              k.size(2), ")");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "attention: q, k, v dtypes differ: ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  auto check = [&](const Tensor& t, const char* name, const Tensor& like) {
+    if (!t.defined()) return;
+    TORCH_CHECK(t.dim() == 3 && t.size(0) == like.size(0) && t.size(1) == like.size(1) &&
+                    t.size(2) == like.size(2),
+                "attention: pattern.", name, " must be [", like.size(0), ", ", like.size(1), ", ",
+                like.size(2), "], got ", t.sizes());
+    TORCH_CHECK(t.device() == like.device(), "attention: pattern.", name, " is on ", t.device(),
+                ", q is on ", like.device());
+  };
+  check(p.q_bucket, "q_bucket", q);
+  check(p.k_bucket, "k_bucket", k);
+  check(p.q_keep, "q_keep", q);
+  check(p.k_keep, "k_keep", k);
+  TORCH_CHECK(p.q_bucket.defined() == p.k_bucket.defined(),
+              "attention: pattern has q_bucket or k_bucket but not both");
+  TORCH_CHECK(p.q_keep.defined() == p.k_keep.defined(),
+              "attention: pattern has q_keep or k_keep but not both");
+}
+
+// ---------------------------------------------------------------------------
+// chunked attention with a recomputing backward
+
+namespace {
+
+struct Shapes {
+  int64_t Nq, Nk, offset, group, chunk;
+  double scale;
+};
+
+// Keys a chunk of queries [q0, q1) can reach causally: [0, k_end).
+int64_t key_end(const Shapes& s, int64_t q1) { return std::min(s.Nk, q1 + s.offset); }
+
+// Scores of one chunk with disallowed pairs at -inf; also returns the mask.
+std::pair<Tensor, Tensor> chunk_scores(const Tensor& q, const Tensor& k, const Pattern& p,
+                                       const Shapes& s, int64_t q0, int64_t q1, int64_t k1) {
+  Tensor scores = at::matmul(q.slice(2, q0, q1), k.slice(2, 0, k1).transpose(-1, -2)) * s.scale;
+  Tensor mask = chunk_mask(p, q0, q1, k1, s.offset, s.group, q.device());
+  return {scores.masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity()), mask};
+}
+
+at::ScalarType compute_type(const Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Forward in compute precision. qc, kc, vc have H heads (GQA already expanded).
+void forward_chunks(const Tensor& qc, const Tensor& kc, const Tensor& vc, const Pattern& p,
+                    const Shapes& s, Tensor& out, Tensor& lse) {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int64_t q0 = 0; q0 < s.Nq; q0 += s.chunk) {
+    const int64_t q1 = std::min(q0 + s.chunk, s.Nq), k1 = key_end(s, q1);
+    if (k1 <= 0) continue;  // no key is early enough: output stays 0, lse -inf
+    auto [scores, mask] = chunk_scores(qc, kc, p, s, q0, q1, k1);
+    // The max is only for stability; rows with no allowed key use 0 instead of -inf.
+    Tensor m = std::get<0>(scores.max(-1, true));
+    m = at::where(m.eq(-inf), at::zeros_like(m), m);
+    Tensor e = at::exp(scores - m);
+    Tensor l = e.sum(-1, true);
+    Tensor o = at::matmul(e, vc.slice(2, 0, k1)) / at::where(l.gt(0), l, at::ones_like(l));
+    out.slice(2, q0, q1).copy_(o);
+    lse.slice(2, q0, q1).copy_((m + at::log(l)).squeeze(-1));  // log(0) = -inf for empty rows
+  }
+}
+
+Tensor expand_heads(const Tensor& t, int64_t group) {
+  return group == 1 ? t : t.repeat_interleave(group, 1);
+}
+
+Tensor reduce_heads(const Tensor& t, int64_t group) {
+  if (group == 1) return t;
+  auto sz = t.sizes();
+  return t.view({sz[0], sz[1] / group, group, sz[2], sz[3]}).sum(2);
+}
+
+Shapes make_shapes(const Tensor& q, const Tensor& k, int64_t chunk_size, double scale) {
+  TORCH_CHECK(chunk_size >= 1, "attention: chunk_size must be >= 1, got ", chunk_size);
+  Shapes s;
+  s.Nq = q.size(2);
+  s.Nk = k.size(2);
+  s.offset = s.Nk - s.Nq;
+  s.group = q.size(1) / k.size(1);
+  s.chunk = chunk_size;
+  s.scale = scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  return s;
+}
+
+// Autocast must not turn the float32 math below back into bf16.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
+struct ReferenceAttention : public torch::autograd::Function<ReferenceAttention> {
+  // The pattern travels as a plain struct: it is not differentiable, and
+  // autograd refuses undefined tensors among a function's tensor inputs.
+  static Tensor forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Pattern& p, int64_t chunk_size, double scale) {
+    NoAutocast no_autocast;
+    Shapes s = make_shapes(q, k, chunk_size, scale);
+    auto ct = compute_type(q);
+    Tensor qc = q.to(ct), kc = expand_heads(k.to(ct), s.group), vc = expand_heads(v.to(ct), s.group);
+    Tensor out = at::zeros(qc.sizes(), qc.options());
+    Tensor lse = at::full({q.size(0), q.size(1), s.Nq}, -std::numeric_limits<double>::infinity(),
+                          qc.options());
+    forward_chunks(qc, kc, vc, p, s, out, lse);
+    ctx->save_for_backward({q, k, v, out, lse});
+    ctx->saved_data["q_bucket"] = p.q_bucket;
+    ctx->saved_data["k_bucket"] = p.k_bucket;
+    ctx->saved_data["q_keep"] = p.q_keep;
+    ctx->saved_data["k_keep"] = p.k_keep;
+    ctx->saved_data["chunk"] = chunk_size;
+    ctx->saved_data["scale"] = s.scale;
+    return out.to(q.scalar_type());
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    NoAutocast no_autocast;
+    auto saved = ctx->get_saved_variables();
+    const Tensor &q = saved[0], &k = saved[1], &v = saved[2];
+    auto tensor = [&](const char* key) {
+      const c10::IValue& value = ctx->saved_data[key];
+      return value.isTensor() ? value.toTensor() : Tensor();
+    };
+    Pattern p{tensor("q_bucket"), tensor("k_bucket"), tensor("q_keep"), tensor("k_keep")};
+    const Tensor &out = saved[3], &lse = saved[4];
+    Shapes s = make_shapes(q, k, ctx->saved_data["chunk"].toInt(),
+                           ctx->saved_data["scale"].toDouble());
+    auto ct = compute_type(q);
+    Tensor qc = q.to(ct), kc = expand_heads(k.to(ct), s.group), vc = expand_heads(v.to(ct), s.group);
+    Tensor dout = grads[0].to(ct);
+    Tensor dq = at::zeros_like(qc), dk = at::zeros_like(kc), dv = at::zeros_like(vc);
+    // Rows with no allowed key have lse = -inf; their probabilities are 0 by the mask.
+    Tensor lse_safe = at::where(at::isinf(lse), at::zeros_like(lse), lse).unsqueeze(-1);
+    Tensor delta = (dout * out).sum(-1, true);  // rowsum(dO * O)
+    for (int64_t q0 = 0; q0 < s.Nq; q0 += s.chunk) {
+      const int64_t q1 = std::min(q0 + s.chunk, s.Nq), k1 = key_end(s, q1);
+      if (k1 <= 0) continue;
+      auto [scores, mask] = chunk_scores(qc, kc, p, s, q0, q1, k1);
+      Tensor prob = at::exp(scores - lse_safe.slice(2, q0, q1)).masked_fill(mask.logical_not(), 0);
+      Tensor dout_c = dout.slice(2, q0, q1);
+      dv.slice(2, 0, k1).add_(at::matmul(prob.transpose(-1, -2), dout_c));
+      Tensor dprob = at::matmul(dout_c, vc.slice(2, 0, k1).transpose(-1, -2));
+      Tensor dscores = prob * (dprob - delta.slice(2, q0, q1)) * s.scale;
+      dq.slice(2, q0, q1).add_(at::matmul(dscores, kc.slice(2, 0, k1)));
+      dk.slice(2, 0, k1).add_(at::matmul(dscores.transpose(-1, -2), qc.slice(2, q0, q1)));
+    }
+    return {dq.to(q.scalar_type()),
+            reduce_heads(dk, s.group).to(k.scalar_type()),
+            reduce_heads(dv, s.group).to(v.scalar_type()), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                           const Pattern& pattern, int64_t chunk_size, double scale) {
+  check_inputs(q, k, v, pattern);
+  return ReferenceAttention::apply(q, k, v, pattern, chunk_size, scale);
+}
+
+std::pair<Tensor, Tensor> reference_attention_with_lse(const Tensor& q, const Tensor& k,
+                                                       const Tensor& v, const Pattern& pattern,
+                                                       int64_t chunk_size, double scale) {
+  check_inputs(q, k, v, pattern);
+  NoAutocast no_autocast;
+  at::NoGradGuard no_grad;
+  Shapes s = make_shapes(q, k, chunk_size, scale);
+  auto ct = compute_type(q);
+  Tensor qc = q.to(ct), kc = expand_heads(k.to(ct), s.group), vc = expand_heads(v.to(ct), s.group);
+  Tensor out = at::zeros(qc.sizes(), qc.options());
+  Tensor lse = at::full({q.size(0), q.size(1), s.Nq}, -std::numeric_limits<double>::infinity(),
+                        qc.options());
+  forward_chunks(qc, kc, vc, pattern, s, out, lse);
+  return {out.to(q.scalar_type()), lse.to(at::kFloat)};
+}
+
+Tensor naive_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern,
+                       double scale) {
+  check_inputs(q, k, v, pattern);
+  const int64_t group = q.size(1) / k.size(1);
+  if (scale <= 0) scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+  Tensor mask = allowed_mask(pattern, q.size(0), q.size(1), q.size(2), k.size(2), q.options());
+  Tensor scores = at::matmul(q, expand_heads(k, group).transpose(-1, -2)) * scale;
+  // A row with no allowed key would be all -inf (NaN after softmax, also in
+  // the backward): give it finite scores, then zero its probabilities.
+  Tensor any = mask.any(-1, true);
+  scores = scores.masked_fill(mask.logical_not(), -std::numeric_limits<double>::infinity())
+               .masked_fill(any.logical_not(), 0);
+  Tensor prob = at::where(any, at::softmax(scores, -1), at::zeros_like(scores));
+  return at::matmul(prob, expand_heads(v, group));
+}
+
+// ---------------------------------------------------------------------------
+
+Tensor Attention::forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                          at::Generator& generator) {
+  last_pattern_ = draw_pattern(options_, q, k, generator, layer_);
+  return reference_attention(q, k, v, last_pattern_, options_.chunk_size);
+}
+
+}  // namespace sparseflash::attention

@@ -1,0 +1,299 @@
+// Reference attention against naive masked softmax attention, finite
+// differences in float64, and the semantics of each kind.
+#include <cmath>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "attention/attention.h"
+
+namespace sparseflash::attention {
+namespace {
+
+using at::Tensor;
+
+at::TensorOptions f64() { return at::TensorOptions().dtype(at::kDouble); }
+
+Options make_options(Kind kind, int buckets = 4, double drop = 0.5) {
+  Options o;
+  o.kind = kind;
+  o.num_buckets = buckets;
+  o.drop_prob = drop;
+  return o;
+}
+
+struct Inputs {
+  Tensor q, k, v;
+};
+
+Inputs random_inputs(int64_t B, int64_t H, int64_t Hkv, int64_t Nq, int64_t Nk, int64_t D,
+                     uint64_t seed, at::TensorOptions opts = f64()) {
+  at::manual_seed(seed);
+  return {at::randn({B, H, Nq, D}, opts), at::randn({B, Hkv, Nk, D}, opts),
+          at::randn({B, Hkv, Nk, D}, opts)};
+}
+
+// Gradients of sum(out * w) with respect to q, k, v.
+std::tuple<Tensor, Tensor, Tensor, Tensor> run_with_grads(
+    const std::function<Tensor(const Tensor&, const Tensor&, const Tensor&)>& f, const Inputs& in,
+    const Tensor& w) {
+  Tensor q = in.q.clone().requires_grad_(), k = in.k.clone().requires_grad_(),
+         v = in.v.clone().requires_grad_();
+  Tensor out = f(q, k, v);
+  (out * w).sum().backward();
+  return {out.detach(), q.grad(), k.grad(), v.grad()};
+}
+
+void expect_close(const Tensor& a, const Tensor& b, double tol, const std::string& what) {
+  ASSERT_EQ(a.sizes(), b.sizes()) << what;
+  EXPECT_FALSE(at::isnan(a).any().item<bool>()) << what << " has NaN";
+  const double diff = (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+  EXPECT_LE(diff, tol) << what << ": max abs difference " << diff;
+}
+
+// ---------------------------------------------------------------------------
+// against naive attention, every kind, odd shapes, GQA, Nq < Nk
+
+struct Shape {
+  int64_t B, H, Hkv, Nq, Nk, D, chunk;
+};
+
+class ReferenceVsNaive : public ::testing::TestWithParam<std::tuple<Kind, Shape>> {};
+
+TEST_P(ReferenceVsNaive, ForwardAndGradientsMatch) {
+  auto [kind, s] = GetParam();
+  Inputs in = random_inputs(s.B, s.H, s.Hkv, s.Nq, s.Nk, s.D, 7 + s.Nq);
+  at::Generator gen = at::detail::createCPUGenerator(3);
+  Pattern p = draw_pattern(make_options(kind), in.q, in.k, gen, 0);
+  Tensor w = at::randn({s.B, s.H, s.Nq, s.D}, f64());
+  auto [o_ref, dq_ref, dk_ref, dv_ref] = run_with_grads(
+      [&](const Tensor& q, const Tensor& k, const Tensor& v) {
+        return reference_attention(q, k, v, p, s.chunk);
+      },
+      in, w);
+  auto [o_nv, dq_nv, dk_nv, dv_nv] = run_with_grads(
+      [&](const Tensor& q, const Tensor& k, const Tensor& v) {
+        return naive_attention(q, k, v, p);
+      },
+      in, w);
+  // Both run in float64: they differ only by summation order.
+  expect_close(o_ref, o_nv, 1e-12, "out");
+  expect_close(dq_ref, dq_nv, 1e-11, "dq");
+  expect_close(dk_ref, dk_nv, 1e-11, "dk");
+  expect_close(dv_ref, dv_nv, 1e-11, "dv");
+  if (allowed_mask(p, s.B, s.H, s.Nq, s.Nk, f64()).any().item<bool>())
+    EXPECT_GT(o_ref.abs().sum().item<double>(), 0) << "output is all zero";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, ReferenceVsNaive,
+    ::testing::Combine(::testing::Values(Kind::kDense, Kind::kHash, Kind::kDrop),
+                       ::testing::Values(Shape{2, 4, 4, 37, 37, 16, 8},     // chunks split rows
+                                         Shape{1, 6, 2, 33, 33, 8, 1024},   // GQA, one chunk
+                                         Shape{2, 2, 1, 13, 29, 8, 5},      // MQA, Nq < Nk
+                                         Shape{1, 1, 1, 1, 1, 4, 3},        // a single token
+                                         Shape{1, 3, 3, 127, 127, 16, 32})));
+
+// ---------------------------------------------------------------------------
+// finite differences in float64 (what gradcheck does)
+
+class ReferenceGradcheck : public ::testing::TestWithParam<Kind> {};
+
+TEST_P(ReferenceGradcheck, MatchesFiniteDifferences) {
+  const int64_t B = 1, H = 2, Hkv = 1, N = 7, D = 3;
+  Inputs in = random_inputs(B, H, Hkv, N, N, D, 11);
+  at::Generator gen = at::detail::createCPUGenerator(5);
+  Pattern p = draw_pattern(make_options(GetParam(), 2, 0.3), in.q, in.k, gen, 0);
+  Tensor w = at::randn({B, H, N, D}, f64());
+  auto f = [&](const Tensor& q, const Tensor& k, const Tensor& v) {
+    return (reference_attention(q, k, v, p, 3) * w).sum().item<double>();
+  };
+  auto [o, dq, dk, dv] = run_with_grads(
+      [&](const Tensor& q, const Tensor& k, const Tensor& v) {
+        return reference_attention(q, k, v, p, 3);
+      },
+      in, w);
+  const double eps = 1e-6;
+  const Tensor* inputs[3] = {&in.q, &in.k, &in.v};
+  const Tensor* grads[3] = {&dq, &dk, &dv};
+  for (int which = 0; which < 3; ++which) {
+    Tensor base = inputs[which]->clone();
+    auto flat = base.view({-1});
+    for (int64_t i = 0; i < flat.numel(); ++i) {
+      const double x0 = flat[i].item<double>();
+      Tensor args[3] = {in.q, in.k, in.v};
+      flat[i] = x0 + eps;
+      args[which] = base;
+      const double up = f(args[0], args[1], args[2]);
+      flat[i] = x0 - eps;
+      const double down = f(args[0], args[1], args[2]);
+      flat[i] = x0;
+      const double numeric = (up - down) / (2 * eps);
+      const double analytic = grads[which]->reshape({-1})[i].item<double>();
+      EXPECT_NEAR(analytic, numeric, 1e-6) << "input " << which << " element " << i;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, ReferenceGradcheck,
+                         ::testing::Values(Kind::kDense, Kind::kHash, Kind::kDrop));
+
+// ---------------------------------------------------------------------------
+// semantics
+
+TEST(LshBuckets, InRangeScaleInvariantAndSharedWithNormalisedKeys) {
+  at::manual_seed(1);
+  Tensor x = at::randn({2, 3, 50, 8});
+  Tensor r = at::randn({3, 8, 4});
+  Tensor b = lsh_buckets(x, r);
+  EXPECT_GE(b.min().item<int64_t>(), 0);
+  EXPECT_LT(b.max().item<int64_t>(), 8);
+  EXPECT_TRUE(b.equal(lsh_buckets(x * 3.5, r)));
+  EXPECT_TRUE(b.equal(lsh_buckets(x / x.norm(2, -1, true), r)));
+  EXPECT_GT(std::get<0>(at::_unique(b)).numel(), 4) << "buckets are not spread";
+}
+
+TEST(HashAttention, QueryAttendsOnlyToEarlierKeysOfItsBucket) {
+  const int64_t N = 40, D = 8;
+  Inputs in = random_inputs(1, 2, 2, N, N, D, 21);
+  at::Generator gen = at::detail::createCPUGenerator(9);
+  Pattern p = draw_pattern(make_options(Kind::kHash, 4), in.q, in.k, gen, 0);
+  Tensor out = reference_attention(in.q, in.k, in.v, p, 16);
+  const double scale = 1 / std::sqrt(double(D));
+  for (int64_t h = 0; h < 2; ++h)
+    for (int64_t i = 0; i < N; ++i) {
+      // Softmax over the keys that share the query's bucket and come no later.
+      const int64_t qb = p.q_bucket[0][h][i].item<int64_t>();
+      Tensor expected = at::zeros({D}, f64());
+      double norm = 0;
+      std::vector<std::pair<double, int64_t>> scores;
+      for (int64_t j = 0; j <= i; ++j)
+        if (p.k_bucket[0][h][j].item<int64_t>() == qb)
+          scores.push_back({(in.q[0][h][i] * in.k[0][h][j]).sum().item<double>() * scale, j});
+      double m = -1e300;
+      for (auto& s : scores) m = std::max(m, s.first);
+      for (auto& s : scores) {
+        const double e = std::exp(s.first - m);
+        norm += e;
+        expected += e * in.v[0][h][s.second];
+      }
+      if (norm > 0) expected /= norm;
+      expect_close(out[0][h][i], expected, 1e-12, "row");
+    }
+}
+
+TEST(HashAttention, RotationsRedrawnUnlessFixed) {
+  Inputs in = random_inputs(1, 2, 2, 64, 64, 16, 4);
+  at::Generator gen = at::detail::createCPUGenerator(1);
+  Options o = make_options(Kind::kHash, 8);
+  Tensor a = draw_pattern(o, in.q, in.k, gen, 0).q_bucket;
+  Tensor b = draw_pattern(o, in.q, in.k, gen, 0).q_bucket;
+  EXPECT_FALSE(a.equal(b)) << "rotation was not redrawn";
+  o.fixed_rotation = true;
+  Tensor c = draw_pattern(o, in.q, in.k, gen, 0).q_bucket;
+  Tensor d = draw_pattern(o, in.q, in.k, gen, 0).q_bucket;
+  EXPECT_TRUE(c.equal(d));
+  EXPECT_FALSE(c.equal(draw_pattern(o, in.q, in.k, gen, 1).q_bucket)) << "layers share R";
+  o.shared_qk = true;
+  Pattern s = draw_pattern(o, in.q, in.k, gen, 0);
+  EXPECT_TRUE(s.q_bucket.equal(s.k_bucket));
+}
+
+TEST(DropAttention, DroppedQueriesGiveZeroAndDroppedKeysAreIgnored) {
+  const int64_t N = 64;
+  Inputs in = random_inputs(2, 2, 2, N, N, 8, 31);
+  at::Generator gen = at::detail::createCPUGenerator(2);
+  Pattern p = draw_pattern(make_options(Kind::kDrop, 2, 0.5), in.q, in.k, gen, 0);
+  const double kept = p.q_keep.to(at::kDouble).mean().item<double>();
+  EXPECT_GT(kept, 0.3);
+  EXPECT_LT(kept, 0.7);
+  Tensor q = in.q.clone().requires_grad_();
+  Tensor out = reference_attention(q, in.k, in.v, p, 16);
+  out.sum().backward();
+  Tensor dropped = p.q_keep.logical_not().unsqueeze(-1).expand_as(out);
+  EXPECT_EQ(out.masked_select(dropped).abs().max().item<double>(), 0.0);
+  EXPECT_EQ(q.grad().masked_select(dropped).abs().max().item<double>(), 0.0);
+  // Changing the values of dropped keys changes nothing.
+  Tensor v2 = in.v.clone();
+  v2.masked_fill_(p.k_keep.logical_not().unsqueeze(-1).expand_as(v2), 1e3);
+  expect_close(reference_attention(in.q, in.k, v2, p, 16), out.detach(), 0, "out");
+}
+
+TEST(ReferenceAttention, RowsWithoutAllowedKeyAreZeroNotNan) {
+  // Query 0 with its key dropped has nothing to attend to; so has every query
+  // whose bucket has no earlier key.
+  Inputs in = random_inputs(1, 1, 1, 5, 5, 4, 41);
+  Pattern p;
+  p.q_bucket = at::tensor({0, 1, 0, 2, 1}, at::kLong).view({1, 1, 5});
+  p.k_bucket = at::tensor({3, 1, 3, 0, 1}, at::kLong).view({1, 1, 5});
+  Tensor q = in.q.clone().requires_grad_(), k = in.k.clone().requires_grad_(),
+         v = in.v.clone().requires_grad_();
+  Tensor out = reference_attention(q, k, v, p, 2);
+  out.sum().backward();
+  for (int64_t i : {0, 2, 3}) EXPECT_EQ(out[0][0][i].abs().sum().item<double>(), 0.0) << i;
+  EXPECT_GT(out[0][0][1].abs().sum().item<double>(), 0.0);
+  for (const Tensor& g : {q.grad(), k.grad(), v.grad()})
+    EXPECT_FALSE(at::isnan(g).any().item<bool>());
+  auto [o2, lse] = reference_attention_with_lse(in.q, in.k, in.v, p, 2);
+  EXPECT_TRUE(std::isinf(lse[0][0][0].item<float>()));
+  EXPECT_FALSE(std::isinf(lse[0][0][1].item<float>()));
+}
+
+TEST(ReferenceAttention, ChunkSizeDoesNotChangeResult) {
+  Inputs in = random_inputs(1, 2, 2, 100, 100, 8, 51);
+  at::Generator gen = at::detail::createCPUGenerator(8);
+  Pattern p = draw_pattern(make_options(Kind::kHash, 4), in.q, in.k, gen, 0);
+  expect_close(reference_attention(in.q, in.k, in.v, p, 1),
+               reference_attention(in.q, in.k, in.v, p, 4096), 1e-12, "chunk 1 vs 4096");
+}
+
+TEST(ReferenceAttention, RejectsBadShapesWithNamedArgument) {
+  Inputs in = random_inputs(1, 3, 2, 8, 8, 4, 1);
+  Pattern p;
+  try {
+    reference_attention(in.q, in.k, in.v, p);
+    FAIL() << "3 query heads over 2 key heads accepted";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("query heads"), std::string::npos) << e.what();
+  }
+}
+
+TEST(ReferenceAttentionGpu, Bf16MatchesFloat64OnCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  for (Kind kind : {Kind::kDense, Kind::kHash, Kind::kDrop}) {
+    Inputs in = random_inputs(2, 4, 2, 1000, 1000, 64, 61);
+    at::Generator gen = at::detail::createCPUGenerator(4);
+    Pattern p = draw_pattern(make_options(kind, 8), in.q, in.k, gen, 0);
+    Tensor w = at::randn({2, 4, 1000, 64}, f64());
+    auto cuda_opts = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+    Inputs g{in.q.to(cuda_opts), in.k.to(cuda_opts), in.v.to(cuda_opts)};
+    Pattern pg{p.q_bucket.defined() ? p.q_bucket.cuda() : Tensor(),
+               p.k_bucket.defined() ? p.k_bucket.cuda() : Tensor(),
+               p.q_keep.defined() ? p.q_keep.cuda() : Tensor(),
+               p.k_keep.defined() ? p.k_keep.cuda() : Tensor()};
+    // Compare against float64 on the same bf16-rounded inputs.
+    Inputs rounded{g.q.cpu().to(at::kDouble), g.k.cpu().to(at::kDouble), g.v.cpu().to(at::kDouble)};
+    auto ref = run_with_grads(
+        [&](const Tensor& q, const Tensor& k, const Tensor& v) {
+          return reference_attention(q, k, v, p, 256);
+        },
+        rounded, w);
+    auto gpu = run_with_grads(
+        [&](const Tensor& q, const Tensor& k, const Tensor& v) {
+          return reference_attention(q, k, v, pg, 256);
+        },
+        g, w.to(cuda_opts));
+    // bf16 output rounding (2^-8 relative) dominates.
+    expect_close(std::get<0>(gpu).cpu(), std::get<0>(ref), 2e-2, "out");
+    expect_close(std::get<1>(gpu).cpu(), std::get<1>(ref), 5e-2, "dq");
+    expect_close(std::get<2>(gpu).cpu(), std::get<2>(ref), 5e-2, "dk");
+    expect_close(std::get<3>(gpu).cpu(), std::get<3>(ref), 5e-2, "dv");
+  }
+}
+
+}  // namespace
+}  // namespace sparseflash::attention

@@ -1,0 +1,154 @@
+// GPT structure, initialisation, causality; AdamW and the LR schedule.
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <torch/optim/adamw.h>
+
+#include "configs/config.h"
+#include "model/gpt.h"
+#include "trainer/schedule.h"
+#include "trainer/state.h"
+
+namespace sparseflash {
+namespace {
+
+config::Experiment tiny(const std::vector<std::string>& overrides = {}) {
+  auto exp = resolve_config("preset:tiny_test", overrides, "tiny_test");
+  EXPECT_TRUE(exp.ok()) << exp.status();
+  return *exp;
+}
+
+TEST(Gpt, LogitsShapeAndParameterCount) {
+  auto exp = tiny({"model.vocab_size=256", "attention.kind=DENSE"});
+  model::GPT gpt(exp, 0);
+  at::Tensor idx = at::randint(0, 256, {3, 17}, at::kLong);
+  EXPECT_EQ(gpt->forward(idx).sizes(), (std::vector<int64_t>{3, 17, 256}));
+  const int64_t d = exp.model().d_model(), L = exp.model().n_layer(), V = 256,
+                T = exp.model().block_size();
+  // Tied head: embeddings once; per layer 2 LayerNorm gains + 12 d^2; final LN.
+  EXPECT_EQ(gpt->num_parameters(), V * d + T * d + L * (2 * d + 12 * d * d) + d);
+}
+
+TEST(Gpt, BiasesAndSharedQkChangeParameters) {
+  auto base = tiny({"model.vocab_size=256"});
+  auto with_bias = tiny({"model.vocab_size=256", "model.bias=true"});
+  auto shared = tiny({"model.vocab_size=256", "attention.shared_qk=true"});
+  const int64_t d = base.model().d_model(), L = base.model().n_layer();
+  model::GPT a(base, 0), b(with_bias, 0), s(shared, 0);
+  EXPECT_EQ(b->num_parameters() - a->num_parameters(), L * (2 * d + 3 * d + d + 4 * d + d) + d);
+  EXPECT_EQ(a->num_parameters() - s->num_parameters(), L * d * d);
+}
+
+TEST(Gpt, Gpt2InitialisationScalesResidualProjections) {
+  auto exp = tiny({"model.vocab_size=256", "model.d_model=256", "model.n_head=4",
+                   "model.n_layer=8"});
+  torch::manual_seed(0);
+  model::GPT gpt(exp, 0);
+  for (const auto& p : gpt->named_parameters()) {
+    const std::string& name = p.key();
+    const double std = p.value().std().item<double>();
+    if (name.find("ln_") != std::string::npos) {
+      EXPECT_EQ(p.value().mean().item<double>(), 1.0) << name;
+    } else if (name.find("c_proj.weight") != std::string::npos ||
+               name.find("mlp_proj.weight") != std::string::npos) {
+      EXPECT_NEAR(std, 0.02 / std::sqrt(16.0), 0.0005) << name;
+    } else {
+      EXPECT_NEAR(std, 0.02, 0.002) << name;
+    }
+  }
+}
+
+TEST(Gpt, LayerAttentionOverridesPerLayer) {
+  auto exp = tiny({"model.vocab_size=256", "attention.kind=HASH",
+                   "layer_attention=[{layers: [1] attention {kind: DROP drop_prob: 0.3}}]"});
+  EXPECT_EQ(model::layer_attention_options(exp, 0).kind, attention::Kind::kHash);
+  auto o1 = model::layer_attention_options(exp, 1);
+  EXPECT_EQ(o1.kind, attention::Kind::kDrop);
+  EXPECT_NEAR(o1.drop_prob, 0.3, 1e-6);
+}
+
+// Logits at positions before t do not depend on the token at t, for every
+// kind (the attention generator is reseeded so both passes draw alike).
+TEST(Gpt, IsCausalForEveryKind) {
+  for (const char* kind : {"DENSE", "HASH", "DROP"}) {
+    auto exp = tiny({"model.vocab_size=256", std::string("attention.kind=") + kind,
+                     "attention.drop_prob=0.3"});
+    model::GPT gpt(exp, 0);
+    gpt->eval();
+    at::Tensor idx = at::randint(0, 256, {2, 24}, at::kLong);
+    at::Tensor changed = idx.clone();
+    changed.select(1, 15).fill_(7);
+    changed.select(1, 15).add_(idx.select(1, 15).eq(7).to(at::kLong));  // surely different
+    gpt->attention_generator().set_current_seed(11);
+    at::Tensor a = gpt->forward(idx);
+    gpt->attention_generator().set_current_seed(11);
+    at::Tensor b = gpt->forward(changed);
+    EXPECT_TRUE(at::allclose(a.slice(1, 0, 15), b.slice(1, 0, 15), 1e-6, 1e-6)) << kind;
+    EXPECT_FALSE(at::allclose(a.slice(1, 15), b.slice(1, 15), 1e-6, 1e-6)) << kind;
+  }
+}
+
+TEST(Gpt, GenerateAppendsTokensAndGreedyIsDeterministic) {
+  // Dense: hash attention redraws its rotations at every forward.
+  auto exp = tiny({"model.vocab_size=256", "attention.kind=DENSE"});
+  model::GPT gpt(exp, 0);
+  at::Generator g1 = at::detail::createCPUGenerator(1), g2 = at::detail::createCPUGenerator(2);
+  auto a = gpt->generate({1, 2, 3}, 10, 0.0, 0, g1);
+  auto b = gpt->generate({1, 2, 3}, 10, 0.0, 0, g2);
+  EXPECT_EQ(a.size(), 13u);
+  EXPECT_EQ(a, b);
+}
+
+// ---------------------------------------------------------------------------
+
+TEST(AdamW, MatchesLibTorchAdamW) {
+  auto exp = tiny({"model.vocab_size=256", "optim.weight_decay=0.1"});
+  torch::manual_seed(3);
+  model::GPT ours(exp, 0);
+  torch::manual_seed(3);
+  model::GPT theirs(exp, 0);
+  trainer::AdamW opt_ours(ours, exp.optim());
+  std::vector<at::Tensor> decay, no_decay;
+  for (auto& p : theirs->parameters()) (p.dim() >= 2 ? decay : no_decay).push_back(p);
+  auto options = torch::optim::AdamWOptions(1e-2).betas({0.9, 0.95}).eps(1e-8);
+  std::vector<torch::optim::OptimizerParamGroup> groups = {
+      {decay, std::make_unique<torch::optim::AdamWOptions>(options.weight_decay(0.1))},
+      {no_decay, std::make_unique<torch::optim::AdamWOptions>(
+                     torch::optim::AdamWOptions(1e-2).betas({0.9, 0.95}).eps(1e-8).weight_decay(0))}};
+  torch::optim::AdamW opt_theirs(groups, options);
+  at::Tensor idx = at::randint(0, 256, {2, 16}, at::kLong), tgt = at::randint(0, 256, {2, 16});
+  ours->attention_generator().set_current_seed(5);
+  theirs->attention_generator().set_current_seed(5);
+  for (int step = 0; step < 3; ++step) {
+    ours->loss(idx, tgt).backward();
+    theirs->loss(idx, tgt).backward();
+    opt_ours.step(1e-2);
+    opt_ours.zero_grad();
+    opt_theirs.step();
+    opt_theirs.zero_grad();
+  }
+  auto a = ours->parameters(), b = theirs->parameters();
+  for (size_t i = 0; i < a.size(); ++i)
+    EXPECT_TRUE(at::allclose(a[i], b[i], 1e-5, 1e-6))
+        << "parameter " << i << " max diff " << (a[i] - b[i]).abs().max().item<double>()
+        << " nan in ours " << at::isnan(a[i]).any().item<bool>() << " theirs "
+        << at::isnan(b[i]).any().item<bool>();
+  EXPECT_FALSE(at::allclose(a[0], torch::zeros_like(a[0])));
+}
+
+TEST(Schedule, WarmupThenCosineToFloor) {
+  auto exp = tiny({"train.max_steps=100", "schedule.warmup_steps=10", "optim.lr=1e-3",
+                   "schedule.min_lr_ratio=0.1"});
+  EXPECT_NEAR(trainer::learning_rate(exp, 0), 1e-4, 1e-12);
+  EXPECT_NEAR(trainer::learning_rate(exp, 9), 1e-3, 1e-12);
+  EXPECT_NEAR(trainer::learning_rate(exp, 10), 1e-3, 1e-12);
+  EXPECT_NEAR(trainer::learning_rate(exp, 55), 0.55e-3, 1e-9);
+  EXPECT_NEAR(trainer::learning_rate(exp, 100), 1e-4, 1e-12);
+  auto frac = tiny({"train.max_steps=1000", "schedule.warmup_steps=0",
+                    "schedule.warmup_fraction=0.02"});
+  EXPECT_EQ(trainer::warmup_steps(frac), 20);
+}
+
+}  // namespace
+}  // namespace sparseflash

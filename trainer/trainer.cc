@@ -1,0 +1,435 @@
+// The training loop. Reading order: devices and signals, evaluation, the
+// run's setup (data, output directory, resume), the step loop, the end.
+#include "trainer/trainer.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <sstream>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
+#include <torch/cuda.h>
+#include <torch/nn/utils/clip_grad.h>
+#include <torch/utils.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "configs/config.h"
+#include "data/tokenizer.h"
+#include "nlohmann/json.hpp"
+#include "trainer/schedule.h"
+#include "trainer/state.h"
+
+namespace sparseflash::trainer {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+// ---------------------------------------------------------------------------
+// devices and signals
+
+absl::StatusOr<c10::Device> resolve_device(const std::string& name) {
+  const bool have_cuda = torch::cuda::is_available();
+  if (name == "auto") return have_cuda ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
+  if (name == "cpu") return c10::Device(c10::kCPU);
+  if (name == "cuda" || name.rfind("cuda:", 0) == 0) {
+    if (!have_cuda)
+      return absl::FailedPreconditionError(absl::StrCat(
+          "train.device is \"", name, "\" but no CUDA GPU is available (use \"cpu\" or \"auto\")"));
+    int index = 0;
+    if (name.size() > 5 && (!absl::SimpleAtoi(name.substr(5), &index) || index < 0 ||
+                            index >= static_cast<int>(torch::cuda::device_count())))
+      return absl::InvalidArgumentError(absl::StrCat("train.device \"", name, "\": this machine has ",
+                                                     torch::cuda::device_count(), " GPU(s)"));
+    return c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index));
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("train.device \"", name, "\": expected auto, cpu, cuda or cuda:N"));
+}
+
+static std::atomic<int> g_signal{0};
+
+static void on_signal(int signo) { g_signal.store(signo); }
+
+void install_signal_handlers() {
+  struct sigaction action {};
+  action.sa_handler = on_signal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESETHAND;  // a second Ctrl-C kills at once
+  sigaction(SIGINT, &action, nullptr);
+  sigaction(SIGTERM, &action, nullptr);
+}
+
+int pending_signal() { return g_signal.load(); }
+
+void request_stop(int signo) { g_signal.store(signo); }
+
+// ---------------------------------------------------------------------------
+// batches and evaluation
+
+namespace {
+
+// bf16 autocast on CUDA for the duration of a forward pass.
+class Autocast {
+ public:
+  explicit Autocast(bool on) : on_(on) {
+    if (!on_) return;
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+  }
+  ~Autocast() {
+    if (!on_) return;
+    at::autocast::set_autocast_enabled(at::kCUDA, false);
+    at::autocast::clear_cache();
+  }
+
+ private:
+  bool on_;
+};
+
+struct Batch {
+  at::Tensor x, y;
+};
+
+Batch make_batch(int rows, int seq_len, c10::Device device,
+                 const std::function<void(int64_t*, int64_t*)>& fill) {
+  at::Tensor x = at::empty({rows, seq_len}, at::kLong), y = at::empty({rows, seq_len}, at::kLong);
+  fill(x.data_ptr<int64_t>(), y.data_ptr<int64_t>());
+  if (device.is_cuda()) {
+    x = x.pin_memory().to(device, /*non_blocking=*/true);
+    y = y.pin_memory().to(device, /*non_blocking=*/true);
+  }
+  return {x, y};
+}
+
+}  // namespace
+
+EvalResult evaluate(model::GPT& model, const data::TokenLoader& val, int batches, int batch_size,
+                    c10::Device device, bool bf16) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  at::Tensor total = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device));
+  for (int b = 0; b < batches; ++b) {
+    Batch batch = make_batch(batch_size, val.seq_len(), device, [&](int64_t* x, int64_t* y) {
+      val.eval_batch(b, batch_size, x, y);
+    });
+    Autocast autocast(bf16 && device.is_cuda());
+    total += model->loss(batch.x, batch.y).to(at::kDouble);
+  }
+  model->train();
+  EvalResult r;
+  r.loss = total.item<double>() / batches;
+  r.bits_per_byte = r.loss / std::log(2.0) / val.meta().bytes_per_token();
+  r.tokens = static_cast<int64_t>(batches) * batch_size * val.seq_len();
+  return r;
+}
+
+// ---------------------------------------------------------------------------
+// output directory, metrics
+
+namespace {
+
+absl::Status prepare_out_dir(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec)
+    return absl::PermissionDeniedError(absl::StrCat("checkpoint.out_dir \"", dir,
+                                                    "\" cannot be created: ", ec.message()));
+  const std::string probe = (fs::path(dir) / ".write_probe").string();
+  std::ofstream out(probe);
+  if (!out || !(out << "ok") || (out.close(), !out)) {
+    return absl::PermissionDeniedError(
+        absl::StrCat("checkpoint.out_dir \"", dir, "\" is not writable"));
+  }
+  fs::remove(probe, ec);
+  return absl::OkStatus();
+}
+
+absl::Status write_text_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << text;
+    out.close();
+    if (!out) {
+      std::remove(tmp.c_str());
+      return absl::InternalError(absl::StrCat("cannot write ", path));
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    return absl::InternalError(absl::StrCat("cannot move ", tmp, " to ", path));
+  }
+  return absl::OkStatus();
+}
+
+// Keeps the records of steps <= `step` (a resumed run rewrites what follows).
+absl::Status truncate_metrics(const std::string& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in) return absl::OkStatus();
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    auto record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (record.is_object() && record.contains("step") && record["step"].is_number_integer() &&
+        record["step"].get<int64_t>() <= step)
+      kept += line + "\n";
+  }
+  return write_text_atomically(path, kept);
+}
+
+class Metrics {
+ public:
+  explicit Metrics(const std::string& path) : out_(path, std::ios::app) {}
+  void write(const nlohmann::json& record) {
+    out_ << record.dump() << "\n";
+    out_.flush();
+  }
+
+ private:
+  std::ofstream out_;
+};
+
+std::string format_duration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const int64_t s = static_cast<int64_t>(seconds);
+  if (s >= 3600) return absl::StrFormat("%dh%02dm", s / 3600, (s / 60) % 60);
+  if (s >= 60) return absl::StrFormat("%dm%02ds", s / 60, s % 60);
+  return absl::StrFormat("%ds", s);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// the run
+
+absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks) {
+  auto device_or = resolve_device(exp.train().device());
+  if (!device_or.ok()) return device_or.status();
+  const c10::Device device = *device_or;
+  const bool bf16 = exp.train().bf16() && device.is_cuda();
+  if (exp.train().cpu_threads() > 0) at::set_num_threads(exp.train().cpu_threads());
+
+  // Data first: the vocabulary comes from it.
+  const auto& d = exp.data();
+  auto train_data = data::TokenLoader::open(d.dir(), data::Split::kTrain, d.seq_len());
+  if (!train_data.ok()) return train_data.status();
+  auto val_data = data::TokenLoader::open(d.dir(), data::Split::kVal, d.seq_len());
+  if (!val_data.ok()) return val_data.status();
+  const data::Meta& meta = train_data->meta();
+  auto tokenizer = data::make_tokenizer(meta.tokenizer);
+  if (!tokenizer.ok()) return tokenizer.status();
+  if (exp.model().vocab_size() == 0) exp.mutable_model()->set_vocab_size(meta.vocab_size);
+  if (exp.model().vocab_size() < meta.vocab_size)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model.vocab_size ", exp.model().vocab_size(), " is smaller than the data's vocabulary (",
+        meta.vocab_size, " in ", d.dir(), "/meta.json)"));
+
+  const std::string out_dir = exp.checkpoint().out_dir();
+  if (auto s = prepare_out_dir(out_dir); !s.ok()) return s;
+  const std::string ckpt = (fs::path(out_dir) / "ckpt.pt").string();
+  const std::string metrics_path = (fs::path(out_dir) / "metrics.jsonl").string();
+
+  std::cerr << "# resolved config\n" << config_to_text(exp) << std::flush;
+  if (auto s = write_text_atomically((fs::path(out_dir) / "config.txtpb").string(),
+                                     config_to_text(exp));
+      !s.ok())
+    return s;
+
+  // Resume only into the same architecture and tokenizer.
+  TrainState state;
+  const bool resuming = exp.checkpoint().resume() && fs::exists(ckpt);
+  if (resuming) {
+    auto info = read_checkpoint_info(ckpt);
+    if (!info.ok()) return info.status();
+    if (auto s = check_same_architecture(info->config, exp); !s.ok())
+      return absl::FailedPreconditionError(absl::StrCat(
+          "cannot resume from ", ckpt, ": it was written for another model:\n", s.message(),
+          "\n(use another checkpoint.out_dir, or --set checkpoint.resume=false to start over)"));
+    if (info->tokenizer != meta.tokenizer)
+      return absl::FailedPreconditionError(absl::StrCat("cannot resume from ", ckpt,
+                                                        ": tokenizer \"", info->tokenizer,
+                                                        "\", data uses \"", meta.tokenizer, "\""));
+    state = info->state;
+  }
+
+  torch::manual_seed(exp.train().seed());
+  model::GPT model(exp, meta.vocab_size);
+  model->to(device);
+  AdamW optimizer(model, exp.optim());
+  if (resuming) {
+    if (auto s = load_checkpoint(ckpt, model, &optimizer); !s.ok()) return s;
+    std::cerr << absl::StrFormat("resumed from %s at step %d\n", ckpt, state.step);
+  }
+  if (auto s = truncate_metrics(metrics_path, resuming ? state.step : -1); !s.ok()) return s;
+  Metrics metrics(metrics_path);
+
+  const int B = d.batch_size(), N = d.seq_len(), accum = exp.train().grad_accum();
+  const int64_t max_steps = exp.train().max_steps();
+  const int64_t tokens_per_step = static_cast<int64_t>(B) * N * accum;
+  std::cerr << absl::StrFormat(
+      "model: %d parameters, %d layers, d_model %d, attention %s; device %s%s\n"
+      "data: %s, %d train / %d val tokens; %d tokens per step; unigram baseline %.3f bits/byte\n",
+      model->num_parameters(), exp.model().n_layer(), exp.model().d_model(),
+      config::Attention::Kind_Name(exp.attention().kind()), device.str(), bf16 ? " (bf16)" : "",
+      d.dir(), meta.train_tokens, meta.val_tokens, tokens_per_step, meta.unigram_bits_per_byte);
+
+  auto save = [&]() {
+    return save_checkpoint(ckpt, exp, meta.tokenizer, model, &optimizer, state);
+  };
+  RunResult result;
+  result.unigram_bits_per_byte = meta.unigram_bits_per_byte;
+  const bool tty = isatty(STDERR_FILENO);
+  const auto run_start = Clock::now();
+  auto window_start = run_start;
+  int64_t window_tokens = 0, steps_this_run = 0;
+  double last_loss = NAN;
+
+  auto run_eval = [&](int64_t step) {
+    EvalResult e = evaluate(model, *val_data, exp.eval().batches(), B, device, bf16);
+    result.val_loss = e.loss;
+    result.val_bits_per_byte = e.bits_per_byte;
+    metrics.write({{"step", step}, {"val_loss", e.loss}, {"val_bits_per_byte", e.bits_per_byte}});
+    std::cerr << (tty ? "\r\033[K" : "")
+              << absl::StrFormat("step %d: val loss %.4f, %.4f bits/byte (unigram %.3f)\n", step,
+                                 e.loss, e.bits_per_byte, meta.unigram_bits_per_byte);
+  };
+
+  model->train();
+  while (state.step < max_steps) {
+    const double lr = learning_rate(exp, state.step);
+    at::Tensor step_loss = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
+    for (int micro = 0; micro < accum; ++micro) {
+      Batch batch = make_batch(B, N, device, [&](int64_t* x, int64_t* y) {
+        train_data->sample(d.seed(), state.step, micro, /*first_row=*/0, B, x, y);
+      });
+      at::Tensor loss;
+      {
+        Autocast autocast(bf16);
+        loss = model->loss(batch.x, batch.y);
+      }
+      (loss / accum).backward();
+      step_loss += loss.detach() / accum;
+    }
+    double grad_norm = 0;
+    if (exp.optim().grad_clip() > 0)
+      grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), exp.optim().grad_clip());
+    const double loss_value = step_loss.item<double>();
+    if (!std::isfinite(loss_value)) {
+      return absl::InternalError(absl::StrFormat(
+          "step %d: training loss is %f (previous step %f); stopping without writing a "
+          "checkpoint, %s still holds the last good state. Lower optim.lr or raise "
+          "schedule.warmup_steps.",
+          state.step, loss_value, last_loss, ckpt));
+    }
+    optimizer.step(lr);
+    optimizer.zero_grad();
+    last_loss = loss_value;
+    ++state.step;
+    ++steps_this_run;
+    state.tokens += tokens_per_step;
+    window_tokens += tokens_per_step;
+    if (hooks.on_step) hooks.on_step(state.step, loss_value);
+
+    // Progress and metrics.
+    const bool log_now = state.step % exp.logging().interval() == 0 || state.step == max_steps;
+    if (log_now || tty) {
+      const auto now = Clock::now();
+      const double window_s = std::chrono::duration<double>(now - window_start).count();
+      const double elapsed = std::chrono::duration<double>(now - run_start).count();
+      const double tps = window_s > 0 ? window_tokens / window_s : 0;
+      const double eta = elapsed / steps_this_run * (max_steps - state.step);
+      const std::string line = absl::StrFormat(
+          "step %d/%d  loss %.4f  lr %.2e  |g| %.3f  %.0f tok/s  elapsed %s  eta %s", state.step,
+          max_steps, loss_value, lr, grad_norm, tps, format_duration(elapsed),
+          format_duration(eta));
+      if (log_now) {
+        metrics.write({{"step", state.step}, {"loss", loss_value}, {"lr", lr},
+                       {"grad_norm", grad_norm}, {"tokens_per_s", tps}, {"tokens", state.tokens},
+                       {"elapsed_s", elapsed}});
+        result.tokens_per_second = tps;
+        window_start = now;
+        window_tokens = 0;
+      }
+      if (tty) std::cerr << "\r\033[K" << line << std::flush;
+      else if (log_now) std::cerr << line << "\n";
+    }
+
+    const bool last = state.step == max_steps;
+    if (exp.eval().interval() > 0 && state.step % exp.eval().interval() == 0 && !last)
+      run_eval(state.step);
+    if (const int signo = pending_signal()) {
+      if (auto s = save(); !s.ok()) return s;
+      std::cerr << (tty ? "\n" : "")
+                << absl::StrFormat("%s: checkpoint written at step %d to %s; rerun the same "
+                                   "command to resume\n",
+                                   strsignal(signo), state.step, ckpt);
+      result.steps = state.step;
+      result.interrupted_by = signo;
+      g_signal.store(0);
+      return result;
+    }
+    if (exp.checkpoint().interval() > 0 && state.step % exp.checkpoint().interval() == 0 && !last)
+      if (auto s = save(); !s.ok()) return s;
+  }
+  if (tty) std::cerr << "\n";
+
+  if (steps_this_run > 0)
+    if (auto s = save(); !s.ok()) return s;
+  run_eval(state.step);
+  if (exp.eval().sample_tokens() > 0) {
+    result.sample = sample_text(model, **tokenizer, exp.eval().sample_prompt(),
+                                exp.eval().sample_tokens(), /*temperature=*/0.8, /*top_k=*/40,
+                                exp.train().seed());
+  }
+  result.steps = state.step;
+  return result;
+}
+
+// ---------------------------------------------------------------------------
+// checkpoints for eval and sample
+
+std::string sample_text(model::GPT& model, const data::Tokenizer& tokenizer,
+                        const std::string& prompt, int tokens, double temperature, int top_k,
+                        uint64_t seed) {
+  auto ids32 = tokenizer.encode(prompt);
+  std::vector<int64_t> ids(ids32.begin(), ids32.end());
+  at::Generator sampler = at::detail::createCPUGenerator(seed);
+  const bool was_training = model->is_training();
+  model->eval();
+  auto out = model->generate(ids, tokens, temperature, top_k, sampler);
+  if (was_training) model->train();
+  std::vector<int32_t> out32(out.begin(), out.end());
+  return tokenizer.decode(out32.data(), out32.size());
+}
+
+absl::StatusOr<LoadedModel> load_model(const std::string& checkpoint_file_or_dir,
+                                       const std::string& device_name) {
+  const std::string path = checkpoint_path(checkpoint_file_or_dir);
+  auto info = read_checkpoint_info(path);
+  if (!info.ok()) return info.status();
+  auto device = resolve_device(device_name);
+  if (!device.ok()) return device.status();
+  LoadedModel loaded;
+  loaded.config = info->config;
+  loaded.tokenizer = info->tokenizer;
+  loaded.step = info->state.step;
+  loaded.device = *device;
+  loaded.model = model::GPT(info->config, info->config.model().vocab_size());
+  if (auto s = load_checkpoint(path, loaded.model, nullptr); !s.ok()) return s;
+  loaded.model->to(*device);
+  loaded.model->eval();
+  return loaded;
+}
+
+}  // namespace sparseflash::trainer

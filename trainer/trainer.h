@@ -1,0 +1,76 @@
+// The single-process training loop, evaluation and sampling from checkpoints.
+//
+// One step: for each of train.grad_accum micro-batches, read windows keyed on
+// (data.seed, step, micro, row), forward under bf16 autocast on GPU, backward;
+// then clip, AdamW at the scheduled learning rate, log. Evaluation, checkpoints
+// and signals are handled between steps.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include <c10/core/Device.h>
+
+#include "absl/status/statusor.h"
+#include "configs/experiment.pb.h"
+#include "data/loader.h"
+#include "data/tokenizer.h"
+#include "model/gpt.h"
+
+namespace sparseflash::trainer {
+
+// "auto" -> CUDA when available, else CPU; "cpu", "cuda", "cuda:N".
+absl::StatusOr<c10::Device> resolve_device(const std::string& name);
+
+// SIGINT/SIGTERM set a flag the loop reads between steps; a second signal
+// gets the default action (immediate exit).
+void install_signal_handlers();
+int pending_signal();  // 0 when none
+// Asks the loop to checkpoint and stop after the current step, as a signal does.
+void request_stop(int signo);
+
+struct RunResult {
+  int64_t steps = 0;        // optimizer steps done in total
+  int interrupted_by = 0;   // signal number when a signal ended the run early
+  double val_loss = 0;      // nats per token, last evaluation
+  double val_bits_per_byte = 0;
+  double unigram_bits_per_byte = 0;
+  double tokens_per_second = 0;  // training throughput of this process
+  std::string sample;            // text sampled at the end (eval.sample_tokens)
+};
+
+// Runs (or resumes) the experiment. Progress goes to stderr, metrics to
+// out_dir/metrics.jsonl. Errors name the file, field or step at fault.
+struct TrainHooks {
+  // Called after every optimizer step with the step number (1-based) and loss.
+  std::function<void(int64_t step, double loss)> on_step;
+};
+absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks = {});
+
+struct EvalResult {
+  double loss = 0;            // mean cross-entropy, nats per token
+  double bits_per_byte = 0;   // loss / ln 2 / bytes per token
+  int64_t tokens = 0;
+};
+
+EvalResult evaluate(model::GPT& model, const data::TokenLoader& val, int batches,
+                    int batch_size, c10::Device device, bool bf16);
+
+// Samples `tokens` tokens after `prompt` and returns prompt + continuation.
+std::string sample_text(model::GPT& model, const data::Tokenizer& tokenizer,
+                        const std::string& prompt, int tokens, double temperature, int top_k,
+                        uint64_t seed);
+
+// A model restored from a checkpoint for eval/sample.
+struct LoadedModel {
+  config::Experiment config;
+  std::string tokenizer;
+  int64_t step = 0;
+  model::GPT model{nullptr};
+  c10::Device device{c10::kCPU};
+};
+absl::StatusOr<LoadedModel> load_model(const std::string& checkpoint_file_or_dir,
+                                       const std::string& device);
+
+}  // namespace sparseflash::trainer
