@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# CLI checks: every subcommand answers --help; bad input fails with a message
+# naming the thing and a non-zero exit; a tiny prepare/train/eval/sample round
+# trip works end to end.
+# usage: cli_test.sh PATH/TO/sparseflash SCRATCH_DIR
+set -uo pipefail
+bin=$1
+tmp=$2
+rm -rf "$tmp"
+mkdir -p "$tmp"
+failures=0
+
+pass() { echo "ok   $1"; }
+fail() { echo "FAIL $1"; failures=$((failures + 1)); }
+
+# expect NAME EXIT_CODE PATTERN -- command...: exit code and output pattern.
+expect() {
+  local name=$1 code=$2 pattern=$3
+  shift 4
+  local out rc
+  out=$("$@" 2>&1)
+  rc=$?
+  if [[ $rc -ne $code ]]; then
+    fail "$name: exit $rc, expected $code"; echo "$out" | tail -5; return
+  fi
+  if ! grep -qE -- "$pattern" <<<"$out"; then
+    fail "$name: output lacks /$pattern/"; echo "$out" | tail -5; return
+  fi
+  pass "$name"
+}
+
+# --- help
+expect "no arguments lists commands" 2 "commands:" -- "$bin"
+expect "--help" 0 "train .*prepare|prepare" -- "$bin" --help
+for cmd in train eval prepare sample; do
+  expect "$cmd --help" 0 "usage: sparseflash $cmd" -- "$bin" "$cmd" --help
+  expect "help $cmd" 0 "usage: sparseflash $cmd" -- "$bin" help "$cmd"
+done
+expect "train --help lists presets" 0 "presets: .*cpu_default" -- "$bin" train --help
+expect "unknown command" 2 "unknown command 'frobnicate'" -- "$bin" frobnicate
+expect "flag of another command" 2 "unknown flag '--prompt'" -- "$bin" train --prompt x
+
+# --- configs
+printf 'model {\n  n_layer: 2\n  n_heads: 3\n}\n' >"$tmp/bad_field.txtpb"
+expect "unknown config field names file, line, field" 1 "bad_field.txtpb:3:.*n_heads" -- \
+  "$bin" train --config "$tmp/bad_field.txtpb"
+printf 'model {\n  n_head: 5\n  d_model: 128\n}\n' >"$tmp/bad_value.txtpb"
+expect "invalid config value names field and line" 1 "bad_value.txtpb:2.*model.n_head" -- \
+  "$bin" train --config "$tmp/bad_value.txtpb"
+expect "missing config file" 1 "nope.txtpb" -- "$bin" train --config "$tmp/nope.txtpb"
+expect "bad override" 1 "optim.lrr" -- "$bin" train --set optim.lrr=1
+expect "print-config applies overrides" 0 "lr: 0.00042" -- \
+  "$bin" train --config preset:tiny_test --set optim.lr=0.00042 --print-config
+
+# --- data
+mkdir -p "$tmp/text/sub"
+for i in $(seq 1 30); do
+  for j in $(seq 1 40); do echo "line $j of document $i: the quick brown fox $((i * j))"; done \
+    >"$tmp/text/sub/doc$i.txt"
+done
+expect "prepare" 0 "wrote .*train [0-9]+ documents" -- \
+  "$bin" prepare "$tmp/text" --out "$tmp/data" --val-fraction 0.2
+expect "prepare without input" 1 "no input" -- "$bin" prepare --out "$tmp/data2"
+expect "prepare missing input" 1 "does-not-exist" -- "$bin" prepare "$tmp/does-not-exist" --out "$tmp/data3"
+
+# --- train, eval, sample
+common=(--config preset:tiny_test --set "data.dir=$tmp/data" --set "checkpoint.out_dir=$tmp/run"
+        --set train.max_steps=6 --set eval.sample_tokens=8)
+expect "train tiny" 0 "final: step 6" -- "$bin" train "${common[@]}"
+expect "train resumes finished run" 0 "resumed from .* at step 6" -- "$bin" train "${common[@]}"
+expect "eval --json" 0 '"bits_per_byte"' -- "$bin" eval --checkpoint "$tmp/run" --batches 2 --json
+expect "sample" 0 "^hello" -- "$bin" sample --checkpoint "$tmp/run" --prompt hello --tokens 5
+expect "sample missing checkpoint" 1 "does not exist" -- "$bin" sample --checkpoint "$tmp/none.pt"
+expect "resume into another architecture" 1 "model.n_layer" -- \
+  "$bin" train "${common[@]}" --set model.n_layer=3
+
+# A shard with a wrong magic and a truncated one are named in the error.
+cp -r "$tmp/data" "$tmp/data_bad"
+shard=$(ls "$tmp/data_bad"/train_*.bin | head -1)
+printf 'XXXXXXXX' | dd of="$shard" conv=notrunc status=none
+expect "wrong shard magic" 1 "$(basename "$shard").*magic" -- \
+  "$bin" train "${common[@]}" --set "data.dir=$tmp/data_bad" --set "checkpoint.out_dir=$tmp/run_bad"
+cp -r "$tmp/data" "$tmp/data_cut"
+shard=$(ls "$tmp/data_cut"/train_*.bin | head -1)
+truncate -s 1000 "$shard"
+expect "truncated shard" 1 "truncated" -- \
+  "$bin" train "${common[@]}" --set "data.dir=$tmp/data_cut" --set "checkpoint.out_dir=$tmp/run_cut"
+
+# SIGINT during training writes a checkpoint and exits 128+2.
+"$bin" train --config preset:tiny_test --set "data.dir=$tmp/data" --set "checkpoint.out_dir=$tmp/run_int" \
+  --set train.max_steps=100000 --set eval.interval=0 --set checkpoint.interval=0 >"$tmp/int.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 100); do grep -q "step 10/" "$tmp/int.log" && break; sleep 0.2; done
+kill -INT $pid
+wait $pid
+rc=$?
+if [[ $rc -eq 130 && -f "$tmp/run_int/ckpt.pt" ]] && grep -q "checkpoint written" "$tmp/int.log"; then
+  pass "SIGINT writes a checkpoint and exits 130"
+else
+  fail "SIGINT: exit $rc"; tail -3 "$tmp/int.log"
+fi
+
+echo "$failures failure(s)"
+[[ $failures -eq 0 ]]
