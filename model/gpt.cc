@@ -58,7 +58,8 @@ Tensor SelfAttentionImpl::forward(const Tensor& x, at::Generator& generator) {
   if (attention.options().shared_qk) {
     // The paper's LM setting: keys are unit-norm queries, so a token's query
     // and key fall in the same hash bucket.
-    k = F::normalize(q, F::NormalizeFuncOptions().dim(-1).eps(1e-6));
+    // (autocast runs normalize in float32: bring k back to q's dtype.)
+    k = F::normalize(q, F::NormalizeFuncOptions().dim(-1).eps(1e-6)).to(q.scalar_type());
     v = heads(parts[1]);
   } else {
     k = heads(parts[1]);

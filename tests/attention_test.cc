@@ -80,11 +80,12 @@ TEST_P(ReferenceVsNaive, ForwardAndGradientsMatch) {
         return naive_attention(q, k, v, p);
       },
       in, w);
-  // Both run in float64: they differ only by summation order.
-  expect_close(o_ref, o_nv, 1e-12, "out");
-  expect_close(dq_ref, dq_nv, 1e-11, "dq");
-  expect_close(dk_ref, dk_nv, 1e-11, "dk");
-  expect_close(dv_ref, dv_nv, 1e-11, "dv");
+  // Both run in float64 and differ only by summation order: seen up to 1e-9
+  // on the GPU host's CPU (1e-15 here); float32 math would miss by ~1e-6.
+  expect_close(o_ref, o_nv, 1e-8, "out");
+  expect_close(dq_ref, dq_nv, 1e-8, "dq");
+  expect_close(dk_ref, dk_nv, 1e-8, "dk");
+  expect_close(dv_ref, dv_nv, 1e-8, "dv");
   if (allowed_mask(p, s.B, s.H, s.Nq, s.Nk, f64()).any().item<bool>())
     EXPECT_GT(o_ref.abs().sum().item<double>(), 0) << "output is all zero";
 }
@@ -182,7 +183,7 @@ TEST(HashAttention, QueryAttendsOnlyToEarlierKeysOfItsBucket) {
         expected += e * in.v[0][h][s.second];
       }
       if (norm > 0) expected /= norm;
-      expect_close(out[0][h][i], expected, 1e-12, "row");
+      expect_close(out[0][h][i], expected, 1e-8, "row");
     }
 }
 
@@ -248,7 +249,7 @@ TEST(ReferenceAttention, ChunkSizeDoesNotChangeResult) {
   at::Generator gen = at::detail::createCPUGenerator(8);
   Pattern p = draw_pattern(make_options(Kind::kHash, 4), in.q, in.k, gen, 0);
   expect_close(reference_attention(in.q, in.k, in.v, p, 1),
-               reference_attention(in.q, in.k, in.v, p, 4096), 1e-12, "chunk 1 vs 4096");
+               reference_attention(in.q, in.k, in.v, p, 4096), 1e-8, "chunk 1 vs 4096");
 }
 
 TEST(ReferenceAttention, RejectsBadShapesWithNamedArgument) {

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# scripts/setup.sh: install what is missing, then configure and build sparseflash.
+#
+# Usage: scripts/setup.sh [--with-corpus] [--no-build]
+#   --with-corpus   also install linux-source-6.1 (the tarball of the default corpus)
+#   --no-build      stop after configuring
+#
+# Environment:
+#   SPARSEFLASH_BUILD_DIR=DIR   build directory (default: build)
+#   SPARSEFLASH_SKIP_APT=1      never call apt-get (machines without root); missing
+#                               packages are reported and the build is tried anyway
+#   SPARSEFLASH_PYTHON=PATH     a Python that already has torch 2.11.0; .venv is then
+#                               neither created nor used
+#
+# Safe to rerun: each step checks first and does only what is missing, so a second
+# run on a ready machine costs a few seconds (the torch import and a no-op ninja).
+set -euo pipefail
+
+# Work from the repository root whatever the caller's directory.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+
+ME=scripts/setup.sh
+SECONDS=0
+step() { printf '==> [%4ds] %s\n' "$SECONDS" "$*"; }
+warn() { printf '%s: warning: %s\n' "$ME" "$*" >&2; }
+die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
+
+WITH_CORPUS=false
+BUILD=true
+for arg in "$@"; do
+  case $arg in
+    --with-corpus) WITH_CORPUS=true ;;
+    --no-build) BUILD=false ;;
+    -h | --help) sed -n '2,16p' "$ROOT/scripts/setup.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown option '$arg' (see $ME --help)" ;;
+  esac
+done
+
+BUILD_DIR=${SPARSEFLASH_BUILD_DIR:-build}
+SKIP_APT=${SPARSEFLASH_SKIP_APT:-0}
+TORCH_VERSION=2.11.0
+
+# ---------------------------------------------------------------------------
+# System packages (Debian/Ubuntu).
+
+APT_PACKAGES=(cmake ninja-build g++ ccache pkg-config libabsl-dev libprotobuf-dev
+              protobuf-compiler libgtest-dev nlohmann-json3-dev libarchive-dev xz-utils)
+# The kernel source tarball is 140 MB and only the quickstart's corpus needs it.
+if $WITH_CORPUS; then APT_PACKAGES+=(linux-source-6.1); fi
+# Python is needed only to create .venv; ask apt for it in the same pass so that
+# apt-get update runs at most once. Debian splits venv/ensurepip out of python3.
+if [ -z "${SPARSEFLASH_PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then
+  if ! command -v python3 >/dev/null 2>&1; then
+    APT_PACKAGES+=(python3 python3-venv)
+  elif ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    APT_PACKAGES+=(python3-venv)
+  fi
+fi
+
+# `dpkg -s` also succeeds for removed packages whose config files remain, so look
+# at the status line rather than the exit code alone.
+is_installed() { dpkg -s "$1" 2>/dev/null | grep -q '^Status: install ok installed'; }
+
+step "checking ${#APT_PACKAGES[@]} system packages"
+if ! command -v dpkg >/dev/null 2>&1; then
+  [ "$SKIP_APT" = 1 ] ||
+    die "dpkg is not available (not Debian/Ubuntu?); install these packages by hand:
+  ${APT_PACKAGES[*]}
+then rerun with SPARSEFLASH_SKIP_APT=1"
+  warn "no dpkg; cannot check the system packages (SPARSEFLASH_SKIP_APT=1, going on)"
+  MISSING=()
+else
+  MISSING=()
+  for p in "${APT_PACKAGES[@]}"; do is_installed "$p" || MISSING+=("$p"); done
+fi
+
+if [ ${#MISSING[@]} -eq 0 ]; then
+  step "system packages: nothing missing"
+elif [ "$SKIP_APT" = 1 ]; then
+  warn "SPARSEFLASH_SKIP_APT=1, so not installing: ${MISSING[*]} (the build may fail without them)"
+else
+  command -v apt-get >/dev/null 2>&1 ||
+    die "apt-get is not available; install these packages by hand: ${MISSING[*]}"
+  # sudo only when needed and present; env carries DEBIAN_FRONTEND through sudo,
+  # which would otherwise drop it and let debconf prompt.
+  APT=(env DEBIAN_FRONTEND=noninteractive apt-get)
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 ||
+      die "not root and sudo is not available; as root, run:
+  apt-get update && apt-get install ${MISSING[*]}
+(or rerun with SPARSEFLASH_SKIP_APT=1 if they are installed some other way)"
+    APT=(sudo "${APT[@]}")
+  fi
+  step "installing ${MISSING[*]}"
+  # Fresh machines and containers often ship with empty package lists.
+  "${APT[@]}" update -q ||
+    die "apt-get update failed (network? proxy?); install these packages by hand: ${MISSING[*]}"
+  "${APT[@]}" install -y -q --no-install-recommends "${MISSING[@]}" ||
+    die "apt-get install failed; install these packages by hand: ${MISSING[*]}"
+fi
+
+# ---------------------------------------------------------------------------
+# Python with torch: LibTorch (headers, libs, CMake config) comes from the wheel.
+
+# Prints torch's CMake prefix if PYTHON has the right torch (one import: ~3 s).
+# tail: only the last line, in case importing torch prints anything else.
+torch_prefix() {
+  "$1" -c "import torch; assert torch.__version__.startswith('$TORCH_VERSION'); \
+print(torch.utils.cmake_prefix_path)" 2>/dev/null | tail -n 1 || true
+}
+
+if [ -n "${SPARSEFLASH_PYTHON:-}" ]; then
+  PY=$SPARSEFLASH_PYTHON
+  TORCH_PREFIX=$(torch_prefix "$PY")
+  [ -n "$TORCH_PREFIX" ] ||
+    die "SPARSEFLASH_PYTHON=$PY cannot import torch $TORCH_VERSION; unset it to use .venv"
+  step "using torch from $PY"
+else
+  PY=$ROOT/.venv/bin/python
+  # A venv made while ensurepip was missing has a python but no pip; rerunning
+  # `python3 -m venv` on it adds pip and keeps everything else.
+  if [ ! -x "$PY" ] || ! "$PY" -m pip --version >/dev/null 2>&1; then
+    command -v python3 >/dev/null 2>&1 || die "python3 is not installed (install python3 and python3-venv)"
+    step "creating .venv"
+    python3 -m venv .venv || die "could not create .venv (is python3-venv installed?)"
+  fi
+  TORCH_PREFIX=$(torch_prefix "$PY")
+  if [ -n "$TORCH_PREFIX" ]; then
+    step "torch $TORCH_VERSION: already in .venv"
+  else
+    step "installing torch==$TORCH_VERSION into .venv (a few GB of CUDA wheels, ~2 min)"
+    "$PY" -m pip install --disable-pip-version-check torch=="$TORCH_VERSION" ||
+      die "pip install torch==$TORCH_VERSION failed (is PyPI reachable? disk space?)"
+    TORCH_PREFIX=$(torch_prefix "$PY")
+    [ -n "$TORCH_PREFIX" ] || die "torch was installed but '$PY -c \"import torch\"' still fails"
+  fi
+fi
+
+# ---------------------------------------------------------------------------
+# CUDA toolkit. The PyPI torch wheel is a CUDA build, so Torch's CMake config
+# (Caffe2Config.cmake) looks for the CUDA toolkit and configure fails without it,
+# even on a machine without a GPU. The toolkit installs into /usr/local/cuda, whose
+# bin/ is often not on PATH.
+if ! command -v nvcc >/dev/null 2>&1; then
+  if [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH=/usr/local/cuda/bin:$PATH
+    step "nvcc: using /usr/local/cuda/bin/nvcc (added to PATH)"
+  else
+    warn "nvcc not found (not on PATH, no /usr/local/cuda/bin/nvcc); Torch's CMake config" \
+         "needs the CUDA toolkit, so configuring will probably fail"
+  fi
+fi
+
+# ---------------------------------------------------------------------------
+# Configure, only when there is no build tree yet or it was made for another torch.
+
+CACHE=$BUILD_DIR/CMakeCache.txt
+cache_has_torch() { grep '^CMAKE_PREFIX_PATH:' "$CACHE" 2>/dev/null | grep -qF "$TORCH_PREFIX"; }
+
+reason=
+if [ ! -f "$BUILD_DIR/build.ninja" ]; then
+  reason="no $BUILD_DIR/build.ninja"
+elif ! cache_has_torch; then
+  reason="$CACHE does not point at $TORCH_PREFIX"
+fi
+if [ -n "$reason" ]; then
+  # A cache from another generator or another torch (Torch_DIR, Caffe2_DIR and the
+  # CUDA paths are cached) would survive a plain reconfigure; start that one over,
+  # as `cmake --fresh` would (which CMake < 3.24 lacks).
+  if [ -f "$CACHE" ] && { ! grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja$' "$CACHE" || ! cache_has_torch; }; then
+    step "discarding the stale CMake cache in $BUILD_DIR"
+    rm -rf "$CACHE" "$BUILD_DIR/CMakeFiles"
+  fi
+  step "configuring $BUILD_DIR ($reason)"
+  cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" ||
+    die "CMake configure failed (see the messages above); after fixing, rerun $ME"
+else
+  step "configure: $BUILD_DIR is up to date"
+fi
+
+if ! $BUILD; then
+  step "done (--no-build)"
+  exit 0
+fi
+
+# ---------------------------------------------------------------------------
+# Build. Ninja itself works out what is stale; a no-op build takes a second.
+step "building in $BUILD_DIR with $(nproc) jobs"
+cmake --build "$BUILD_DIR" -j"$(nproc)" || die "build failed (see the compiler errors above)"
+step "done: $BUILD_DIR/launch/sparseflash"
