@@ -223,6 +223,18 @@ Tensor expand_heads(const Tensor& t, int64_t group) {
   return group == 1 ? t : t.repeat_interleave(group, 1);
 }
 
+// Output and log-sum-exp in compute precision.
+std::pair<Tensor, Tensor> attend(const Tensor& q, const Tensor& k, const Tensor& v,
+                                 const Pattern& p, const Shapes& s) {
+  auto ct = compute_type(q);
+  Tensor qc = q.to(ct), kc = expand_heads(k.to(ct), s.group), vc = expand_heads(v.to(ct), s.group);
+  Tensor out = at::zeros(qc.sizes(), qc.options());
+  Tensor lse = at::full({q.size(0), q.size(1), s.Nq}, -std::numeric_limits<double>::infinity(),
+                        qc.options());
+  forward_chunks(qc, kc, vc, p, s, out, lse);
+  return {out, lse};
+}
+
 Tensor reduce_heads(const Tensor& t, int64_t group) {
   if (group == 1) return t;
   auto sz = t.sizes();
@@ -253,12 +265,7 @@ struct ReferenceAttention : public torch::autograd::Function<ReferenceAttention>
                         const Pattern& p, int64_t chunk_size, double scale) {
     NoAutocast no_autocast;
     Shapes s = make_shapes(q, k, chunk_size, scale);
-    auto ct = compute_type(q);
-    Tensor qc = q.to(ct), kc = expand_heads(k.to(ct), s.group), vc = expand_heads(v.to(ct), s.group);
-    Tensor out = at::zeros(qc.sizes(), qc.options());
-    Tensor lse = at::full({q.size(0), q.size(1), s.Nq}, -std::numeric_limits<double>::infinity(),
-                          qc.options());
-    forward_chunks(qc, kc, vc, p, s, out, lse);
+    auto [out, lse] = attend(q, k, v, p, s);
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["q_bucket"] = p.q_bucket;
     ctx->saved_data["k_bucket"] = p.k_bucket;
@@ -320,13 +327,7 @@ std::pair<Tensor, Tensor> reference_attention_with_lse(const Tensor& q, const Te
   check_inputs(q, k, v, pattern);
   NoAutocast no_autocast;
   at::NoGradGuard no_grad;
-  Shapes s = make_shapes(q, k, chunk_size, scale);
-  auto ct = compute_type(q);
-  Tensor qc = q.to(ct), kc = expand_heads(k.to(ct), s.group), vc = expand_heads(v.to(ct), s.group);
-  Tensor out = at::zeros(qc.sizes(), qc.options());
-  Tensor lse = at::full({q.size(0), q.size(1), s.Nq}, -std::numeric_limits<double>::infinity(),
-                        qc.options());
-  forward_chunks(qc, kc, vc, pattern, s, out, lse);
+  auto [out, lse] = attend(q, k, v, pattern, make_shapes(q, k, chunk_size, scale));
   return {out.to(q.scalar_type()), lse.to(at::kFloat)};
 }
 

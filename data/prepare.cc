@@ -99,18 +99,6 @@ absl::StatusOr<std::string> read_file(const std::string& path) {
   return data;
 }
 
-bool write_all(int fd, const char* p, size_t size) {
-  while (size > 0) {
-    ssize_t n = ::write(fd, p, size);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    p += n;
-    size -= static_cast<size_t>(n);
-  }
-  return true;
-}
 
 // Writes `contents` to `path` (truncating); on failure removes the file.
 absl::Status write_file(const std::string& path, const std::string& contents) {

@@ -45,20 +45,6 @@ T get(const uint8_t* header, size_t offset) {
   return value;
 }
 
-// write() until everything is out; EINTR and short writes are not errors.
-bool write_all(int fd, const void* data, size_t size) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  while (size > 0) {
-    ssize_t n = ::write(fd, p, size);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    p += n;
-    size -= static_cast<size_t>(n);
-  }
-  return true;
-}
 
 // Printable rendering of the magic bytes for error messages.
 std::string show_bytes(const uint8_t* p, size_t n) {
@@ -74,6 +60,21 @@ std::string show_bytes(const uint8_t* p, size_t n) {
 }
 
 }  // namespace
+
+// write() until everything is out; EINTR and short writes are not errors.
+bool write_all(int fd, const void* data, size_t size) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  while (size > 0) {
+    ssize_t n = ::write(fd, p, size);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    p += n;
+    size -= static_cast<size_t>(n);
+  }
+  return true;
+}
 
 uint32_t token_bytes_for_vocab(int vocab_size) {
   if (vocab_size <= (1 << 8)) return 1;
