@@ -1,0 +1,122 @@
+// Warp-level tensor-core building blocks (sm_80+ mma.sync m16n8k16) and the
+// shared-memory tile layout the attention kernels use.
+//
+// Fragment layouts (lane = threadIdx.x % 32, g = lane / 4, t = lane % 4):
+//   A 16x16: a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 8+2t..)  a3 (g+8, 8+2t..)
+//   B 16x8:  b0 (k = 2t..2t+1, n = g)  b1 (k = 8+2t.., n = g)
+//   C 16x8:  c0,c1 (g, 2t..2t+1)  c2,c3 (g+8, 2t..2t+1)
+// A C fragment pair (n-blocks 2j, 2j+1) converts to one A fragment: this is
+// how P = softmax(S) feeds P V without going through shared memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace sparseflash::kernels {
+
+// ---------------------------------------------------------------------------
+// element types
+
+template <typename T>
+struct Pack2;
+template <>
+struct Pack2<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+};
+template <>
+struct Pack2<__half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+};
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                                  uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// 16-byte global -> shared copy that bypasses registers; zero-fills when !valid.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* global, bool valid) {
+  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(global),
+               "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n"); }
+
+// ---------------------------------------------------------------------------
+// shared-memory tiles: kTileRows rows of D elements, 16-byte chunks XOR-swizzled
+// by row so that ldmatrix over 8 consecutive rows hits 8 different bank groups.
+
+template <typename T, int D>
+struct SmemTile {
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  T* base;
+  __device__ __forceinline__ T* at(int row, int col) const {
+    const int chunk = (col >> 3) ^ (row & 7);
+    return base + row * D + chunk * 8 + (col & 7);
+  }
+};
+
+// Loads kTileRows packed rows into a tile. Row r of the tile is packed row
+// first + r, read from original row perm[first + r] (identity if perm is
+// null); rows at or past n are zero-filled.
+template <typename T, int D, int kThreads>
+__device__ __forceinline__ void load_tile_async(SmemTile<T, D> tile, const T* src,
+                                                int64_t row_stride, const int* perm, int first,
+                                                int n) {
+  constexpr int kChunks = D / 8;
+  for (int idx = threadIdx.x; idx < 64 * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int packed = first + r;
+    const bool valid = packed < n;
+    const int orig = valid ? (perm ? perm[packed] : packed) : 0;
+    cp_async_16(tile.at(r, c * 8), src + orig * row_stride + c * 8, valid);
+  }
+}
+
+}  // namespace sparseflash::kernels

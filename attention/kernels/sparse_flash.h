@@ -1,0 +1,99 @@
+// Sparse causal flash attention on the GPU: the torch-free interface.
+//
+// One kernel family serves dense, hash and query/key-dropping attention. Each
+// (batch, head) row sequence is visited in a *packed order* given by a
+// permutation: packed row i is original row perm[i]. Rows carry an integer
+// bucket; in packed order buckets ascend (time order kept inside a bucket).
+// Query i may attend to key j when
+//     pos_q(i) >= pos_k(j)   and   bucket_q(i) == bucket_k(j)
+// with pos_q = original index + (Nk - Nq) and pos_k = original index.
+//   dense: perm = identity, all buckets 0 (pass nullptr for both);
+//   hash:  buckets = LSH ids, perm = stable sort by bucket;
+//   drop:  bucket 0 for kept rows, kDroppedQueryBucket / kDroppedKeyBucket for
+//          dropped ones (never equal, sorted last): dropped queries output 0.
+// The kernels gather rows through the permutation and scatter results back,
+// so inputs and outputs stay in the caller's layout ([B, H, N, D] with any
+// strides, last dimension contiguous). Tiles of 64 packed rows carry
+// (bucket min/max, position min/max); a pair of tiles that cannot hold an
+// allowed pair is skipped.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#if defined(__CUDACC__)
+#define SPARSEFLASH_HOST_DEVICE __host__ __device__
+#else
+#define SPARSEFLASH_HOST_DEVICE
+#endif
+
+namespace sparseflash::kernels {
+
+enum class DType { kBF16, kFP16 };
+
+inline constexpr int kTileRows = 64;
+inline constexpr int kDroppedQueryBucket = 1 << 29;
+inline constexpr int kDroppedKeyBucket = (1 << 29) + 1;
+
+// Per-tile ranges: x = bucket min, y = bucket max, z = position min, w = position max.
+using TileRange = int4;
+
+SPARSEFLASH_HOST_DEVICE inline int num_tiles(int n) { return (n + kTileRows - 1) / kTileRows; }
+
+// Strides in elements for a [B, H, N, D] view; D is contiguous.
+struct Layout {
+  int64_t b = 0, h = 0, n = 0;
+};
+
+// Packing of one side (queries, or keys and values).
+struct Packing {
+  const int* perm = nullptr;    // [B * heads, N] packed -> original row; nullptr = identity
+  const int* bucket = nullptr;  // [B * heads, N] in packed order, ascending; nullptr = all 0
+  const TileRange* tiles = nullptr;  // [B * heads, num_tiles(N)], from compute_tile_ranges
+};
+
+struct ForwardParams {
+  DType dtype = DType::kBF16;
+  int B = 0, H = 0, Hkv = 0, Nq = 0, Nk = 0, D = 0;  // D in {64, 128}; H % Hkv == 0
+  float scale = 0;                                   // softmax scale, usually 1/sqrt(D)
+  const void *q = nullptr, *k = nullptr, *v = nullptr;
+  Layout q_layout, k_layout, v_layout;
+  void* out = nullptr;  // same shape as q
+  Layout out_layout;
+  float* lse = nullptr;  // [B, H, Nq] contiguous, original order; -inf where no key is allowed
+  Packing q_pack, k_pack;
+};
+
+struct BackwardParams {
+  ForwardParams fwd;  // inputs, output and lse of the forward
+  const void* dout = nullptr;
+  Layout dout_layout;
+  void *dq = nullptr, *dk = nullptr, *dv = nullptr;
+  Layout dq_layout, dk_layout, dv_layout;
+  float* delta = nullptr;  // workspace [B, H, Nq]: rowsum(dout * out)
+};
+
+// Bits a radix sort must look at for bucket ids in [0, num_buckets) plus the
+// drop sentinels.
+int bucket_sort_bits(bool with_drop_sentinels, int num_buckets);
+
+// Stable sort of each (batch, head) row sequence by bucket: bucket_in is in
+// original order [rows, n]; writes perm and the sorted buckets. Workspace from
+// pack_workspace_bytes.
+size_t pack_workspace_bytes(int rows, int n);
+cudaError_t pack_by_bucket(const int* bucket_in, int rows, int n, int sort_bits, int* perm_out,
+                           int* bucket_out, void* workspace, size_t workspace_bytes,
+                           cudaStream_t stream);
+
+// Tile ranges of packed rows; position offset is added to original indices
+// (Nk - Nq for queries, 0 for keys).
+cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, int n,
+                                int position_offset, TileRange* tiles, cudaStream_t stream);
+
+cudaError_t attention_forward(const ForwardParams& p, cudaStream_t stream);
+// Deterministic: dK/dV per key tile, dQ by a second pass over key tiles.
+cudaError_t attention_backward(const BackwardParams& p, cudaStream_t stream);
+
+}  // namespace sparseflash::kernels

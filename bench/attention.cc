@@ -1,0 +1,254 @@
+// bench/attention: our sparse flash attention kernels against SDPA's flash
+// (FA2) and cuDNN backends, in the same run on the same GPU.
+//
+// Shapes: B*N = 65,536 tokens, 12 heads at D = 64, 8 heads at D = 128, bf16,
+// causal. Ours is timed *with packing*: LSH bucket ids (one matmul + argmax
+// per side), the bucket sort, tile ranges, then the kernels; dropping draws
+// its keep masks and sorts them the same way. CUDA events, warm-up, median.
+// FLOPs: forward 4*B*H*N^2*D / 2 (causal), forward+backward 3.5x that.
+//
+// usage: bench_attention [--n 2048,4096,...] [--d 64,128] [--reps 20] [--json FILE]
+#include <algorithm>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#include <torch/cuda.h>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "attention/kernels/sparse_flash.h"
+#include "nlohmann/json.hpp"
+
+namespace sk = sparseflash::kernels;
+using at::Tensor;
+
+namespace {
+
+#define CUDA_OK(expr)                                                                   \
+  do {                                                                                  \
+    cudaError_t e_ = (expr);                                                            \
+    if (e_ != cudaSuccess) {                                                            \
+      std::cerr << #expr << ": " << cudaGetErrorString(e_) << "\n";                     \
+      std::exit(1);                                                                     \
+    }                                                                                   \
+  } while (0)
+
+double median_ms(const std::function<void()>& fn, int reps) {
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (int i = 0; i < 3; ++i) fn();
+  std::vector<float> times;
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  for (int i = 0; i < reps; ++i) {
+    cudaEventRecord(a, stream);
+    fn();
+    cudaEventRecord(b, stream);
+    cudaEventSynchronize(b);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    times.push_back(ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+sk::Layout layout_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Everything one call of ours needs, allocated once per shape.
+struct Ours {
+  std::string mode;  // dense, hash, drop
+  double param = 0;
+  int B, H, N, D;
+  Tensor q, k, v, out, lse, dout, dq, dk, dv, delta;
+  Tensor qb, kb, qperm, kperm, qbs, kbs, qtiles, ktiles, ws, rot;
+  size_t ws_bytes = 0;
+  sk::ForwardParams fwd;
+  sk::BackwardParams bwd;
+
+  void init(const std::string& m, double prm, int b, int h, int n, int d) {
+    mode = m, param = prm, B = b, H = h, N = n, D = d;
+    auto o = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+    auto i32 = at::TensorOptions().dtype(at::kInt).device(at::kCUDA);
+    q = at::randn({B, H, N, D}, o);
+    k = at::randn({B, H, N, D}, o);
+    v = at::randn({B, H, N, D}, o);
+    dout = at::randn({B, H, N, D}, o);
+    out = at::empty_like(q), dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+    lse = at::empty({B, H, N}, o.dtype(at::kFloat));
+    delta = at::empty({B, H, N}, o.dtype(at::kFloat));
+    qperm = at::empty({B * H, N}, i32), kperm = at::empty({B * H, N}, i32);
+    qbs = at::empty({B * H, N}, i32), kbs = at::empty({B * H, N}, i32);
+    qtiles = at::empty({B * H, sk::num_tiles(N), 4}, i32);
+    ktiles = at::empty({B * H, sk::num_tiles(N), 4}, i32);
+    ws_bytes = sk::pack_workspace_bytes(B * H, N);
+    ws = at::empty({static_cast<int64_t>(ws_bytes)}, o.dtype(at::kByte));
+    if (mode == "hash") rot = at::randn({H, D, static_cast<int64_t>(param) / 2}, o);
+    fwd.dtype = sk::DType::kBF16;
+    fwd.B = B, fwd.H = H, fwd.Hkv = H, fwd.Nq = N, fwd.Nk = N, fwd.D = D;
+    fwd.scale = 1.0f / std::sqrt(static_cast<float>(D));
+    fwd.q = q.data_ptr(), fwd.k = k.data_ptr(), fwd.v = v.data_ptr(), fwd.out = out.data_ptr();
+    fwd.q_layout = layout_of(q), fwd.k_layout = layout_of(k), fwd.v_layout = layout_of(v);
+    fwd.out_layout = layout_of(out);
+    fwd.lse = lse.data_ptr<float>();
+    const bool dense = mode == "dense";
+    fwd.q_pack = {dense ? nullptr : qperm.data_ptr<int>(), dense ? nullptr : qbs.data_ptr<int>(),
+                  reinterpret_cast<sk::TileRange*>(qtiles.data_ptr<int>())};
+    fwd.k_pack = {dense ? nullptr : kperm.data_ptr<int>(), dense ? nullptr : kbs.data_ptr<int>(),
+                  reinterpret_cast<sk::TileRange*>(ktiles.data_ptr<int>())};
+    bwd.fwd = fwd;
+    bwd.dout = dout.data_ptr(), bwd.dout_layout = layout_of(dout);
+    bwd.dq = dq.data_ptr(), bwd.dk = dk.data_ptr(), bwd.dv = dv.data_ptr();
+    bwd.dq_layout = layout_of(dq), bwd.dk_layout = layout_of(dk), bwd.dv_layout = layout_of(dv);
+    bwd.delta = delta.data_ptr<float>();
+  }
+
+  // Bucket ids, sort, tile ranges: what every training step pays.
+  void pack() {
+    cudaStream_t s = at::cuda::getCurrentCUDAStream();
+    if (mode == "hash") {
+      auto ids = [&](const Tensor& x) {
+        Tensor proj = at::matmul(x, rot.unsqueeze(0));
+        return at::cat({proj, -proj}, -1).argmax(-1).to(at::kInt);
+      };
+      qb = ids(q), kb = ids(k);
+    } else if (mode == "drop") {
+      auto f = at::TensorOptions().device(at::kCUDA);
+      qb = at::where(at::rand({B, H, N}, f).lt(param), sk::kDroppedQueryBucket, 0).to(at::kInt);
+      kb = at::where(at::rand({B, H, N}, f).lt(param), sk::kDroppedKeyBucket, 0).to(at::kInt);
+    }
+    if (mode != "dense") {
+      const int bits = sk::bucket_sort_bits(mode == "drop", static_cast<int>(param));
+      CUDA_OK(sk::pack_by_bucket(qb.data_ptr<int>(), B * H, N, bits, qperm.data_ptr<int>(),
+                                 qbs.data_ptr<int>(), ws.data_ptr(), ws_bytes, s));
+      CUDA_OK(sk::pack_by_bucket(kb.data_ptr<int>(), B * H, N, bits, kperm.data_ptr<int>(),
+                                 kbs.data_ptr<int>(), ws.data_ptr(), ws_bytes, s));
+    }
+    CUDA_OK(sk::compute_tile_ranges(fwd.q_pack.perm, fwd.q_pack.bucket, B * H, N, 0,
+                                    reinterpret_cast<sk::TileRange*>(qtiles.data_ptr<int>()), s));
+    CUDA_OK(sk::compute_tile_ranges(fwd.k_pack.perm, fwd.k_pack.bucket, B * H, N, 0,
+                                    reinterpret_cast<sk::TileRange*>(ktiles.data_ptr<int>()), s));
+  }
+  void forward() { CUDA_OK(sk::attention_forward(fwd, at::cuda::getCurrentCUDAStream())); }
+  void backward() { CUDA_OK(sk::attention_backward(bwd, at::cuda::getCurrentCUDAStream())); }
+};
+
+struct Row {
+  std::string impl, mode;
+  double param;
+  bool has_param;
+  int N, D, B, H;
+  double fwd_ms, bwd_ms, fwdbwd_ms;
+};
+
+std::vector<int> parse_list(const std::string& s) {
+  std::vector<int> out;
+  for (auto part : absl::StrSplit(s, ',')) {
+    int x;
+    if (absl::SimpleAtoi(part, &x)) out.push_back(x);
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<int> ns = {2048, 4096, 8192, 16384, 32768}, ds = {64, 128};
+  int reps = 20;
+  std::string json_path;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string a = argv[i];
+    if (a == "--n") ns = parse_list(argv[i + 1]);
+    else if (a == "--d") ds = parse_list(argv[i + 1]);
+    else if (a == "--reps") reps = std::atoi(argv[i + 1]);
+    else if (a == "--json") json_path = argv[i + 1];
+    else {
+      std::cerr << "usage: bench_attention [--n LIST] [--d LIST] [--reps R] [--json FILE]\n";
+      return 2;
+    }
+  }
+  if (!torch::cuda::is_available()) {
+    std::cerr << "bench_attention: no CUDA GPU\n";
+    return 1;
+  }
+  cudaDeviceProp prop;
+  cudaGetDeviceProperties(&prop, 0);
+  std::vector<Row> rows;
+  auto& ctx = at::globalContext();
+
+  for (int D : ds)
+    for (int N : ns) {
+      const int H = D == 64 ? 12 : 8, B = std::max(1, 65536 / N);
+      // SDPA backends through autograd, as a PyTorch user would call them.
+      for (const char* impl : {"sdpa_flash", "sdpa_cudnn"}) {
+        const bool flash = std::string(impl) == "sdpa_flash";
+        ctx.setSDPUseFlash(flash);
+        ctx.setSDPUseCuDNN(!flash);
+        ctx.setSDPUseMemEfficient(false);
+        ctx.setSDPUseMath(false);
+        auto o = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+        Tensor q = at::randn({B, H, N, D}, o).requires_grad_(), k = at::randn({B, H, N, D}, o).requires_grad_(),
+               v = at::randn({B, H, N, D}, o).requires_grad_(), g = at::randn({B, H, N, D}, o);
+        Tensor out;
+        try {
+          const double f = median_ms([&] {
+            c10::InferenceMode ng;
+            at::scaled_dot_product_attention(q, k, v, {}, 0.0, true);
+          }, reps);
+          const double fb = median_ms([&] {
+            out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, true);
+            out.backward(g);
+          }, reps);
+          rows.push_back({impl, "dense", 0, false, N, D, B, H, f, fb - f, fb});
+        } catch (const std::exception& e) {
+          std::cerr << impl << " N=" << N << " D=" << D << ": " << std::string(e.what()).substr(0, 200) << "\n";
+        }
+      }
+      struct Case { const char* mode; double param; };
+      std::vector<Case> cases = {{"dense", 0}, {"hash", 2}, {"hash", 8}, {"hash", 16}, {"hash", 32},
+                                 {"drop", 0.3}, {"drop", 0.5}, {"drop", 0.7}};
+      for (const auto& c : cases) {
+        Ours ours;
+        ours.init(c.mode, c.param, B, H, N, D);
+        const double f = median_ms([&] { ours.pack(); ours.forward(); }, reps);
+        const double fb = median_ms([&] { ours.pack(); ours.forward(); ours.backward(); }, reps);
+        rows.push_back({"sparseflash", c.mode, c.param, std::string(c.mode) != "dense", N, D, B, H,
+                        f, fb - f, fb});
+      }
+    }
+
+  nlohmann::json j = nlohmann::json::array();
+  std::cout << absl::StrFormat("GPU: %s\n%-12s %-6s %6s %6s %4s %12s %12s %12s %10s %9s\n", prop.name,
+                               "impl", "mode", "param", "N", "D", "fwd_ms", "bwd_ms", "fwdbwd_ms",
+                               "TFLOP/s", "xFA2");
+  for (const auto& r : rows) {
+    const double flops = 3.5 * 4.0 * r.B * r.H * double(r.N) * r.N * r.D / 2;
+    double fa2 = 0;
+    for (const auto& o : rows)
+      if (o.impl == "sdpa_flash" && o.N == r.N && o.D == r.D) fa2 = o.fwdbwd_ms;
+    std::cout << absl::StrFormat("%-12s %-6s %6s %6d %4d %12.3f %12.3f %12.3f %10.1f %9.3f\n",
+                                 r.impl, r.mode, r.has_param ? absl::StrFormat("%g", r.param) : "-",
+                                 r.N, r.D, r.fwd_ms, r.bwd_ms, r.fwdbwd_ms,
+                                 flops / (r.fwdbwd_ms * 1e-3) / 1e12, fa2 > 0 ? r.fwdbwd_ms / fa2 : 0);
+    nlohmann::json row = {{"impl", r.impl}, {"mode", r.mode}, {"N", r.N}, {"D", r.D},
+                          {"B", r.B}, {"H", r.H}, {"fwd_ms", r.fwd_ms}, {"bwd_ms", r.bwd_ms},
+                          {"fwdbwd_ms", r.fwdbwd_ms}};
+    row["param"] = r.has_param ? nlohmann::json(r.param) : nlohmann::json(nullptr);
+    j.push_back(row);
+  }
+  if (!json_path.empty()) std::ofstream(json_path) << j.dump(1) << "\n";
+  return 0;
+}

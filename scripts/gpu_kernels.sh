@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# scripts/gpu_kernels.sh: on the GPU host, build the CUDA kernels, their
+# torch-free test and the attention benchmark; run both. Uses the environment
+# set-up of scripts/gpu_host.sh (phases deps, configure, build).
+#   OUT=DIR   results (ctest log, bench JSON); BENCH_N / BENCH_D: lists for the benchmark.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+GPU_PHASES="deps configure build" bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 || {
+  echo "setup failed"; tail -30 "$OUT/setup.log"; }
+export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+status=0
+build-gpu/tests/sparse_flash_test --gtest_brief=1 2>&1 | tee "$OUT/kernel_test.log" | tail -60 || status=1
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
+build-gpu/bench/bench_attention --n "${BENCH_N:-8192,16384}" --d "${BENCH_D:-64,128}" \
+  --json "$OUT/attention-$gpu.json" 2>&1 | tee "$OUT/bench.log" || status=1
+exit $status
