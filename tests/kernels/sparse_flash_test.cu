@@ -1,0 +1,1071 @@
+// Torch-free tests of the sparse flash attention kernels
+// (attention/kernels/sparse_flash.h) against a float64 CPU reference
+// (tests/kernels/cpu_reference.h). GPU tests skip themselves without a GPU;
+// the CpuReference.* tests always run.
+//
+// Build (tests/CMakeLists.txt, after sf_kernels exists):
+//
+//   if(SPARSEFLASH_WITH_CUDA)
+//     find_package(CUDAToolkit REQUIRED)
+//     add_executable(sparse_flash_test kernels/sparse_flash_test.cu kernels/cpu_reference.cc)
+//     set_target_properties(sparse_flash_test PROPERTIES CUDA_STANDARD 17 CUDA_STANDARD_REQUIRED ON)
+//     target_include_directories(sparse_flash_test PRIVATE ${PROJECT_SOURCE_DIR})
+//     target_link_libraries(sparse_flash_test PRIVATE sf_kernels GTest::gtest_main CUDA::cudart)
+//     gtest_discover_tests(sparse_flash_test DISCOVERY_TIMEOUT 120 PROPERTIES TIMEOUT 600)
+//   endif()
+//
+// What the GPU tests require of the kernels beyond matching the reference:
+//   * every output is written: out, lse, dq, dk, dv and the delta workspace
+//     are filled with 0xFF bytes (NaN) before each call, so an element the
+//     kernels leave alone shows up as non-finite;
+//   * rows with no allowed key have out and dq exactly 0 and lse exactly -inf;
+//     keys no query may attend to have dk and dv exactly 0;
+//   * pack_by_bucket is a stable sort by bucket, and compute_tile_ranges gives
+//     the exact bucket/position min and max of each 64-row tile;
+//   * attention_backward is bit-for-bit deterministic.
+// SF_KERNEL_TEST_VERBOSE=1 prints the measured max errors of passing checks too.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include "attention/kernels/sparse_flash.h"
+#include "tests/kernels/cpu_reference.h"
+
+namespace sparseflash::kernels_test {
+namespace {
+
+namespace sfk = ::sparseflash::kernels;
+using sfk::DType;
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// ---------------------------------------------------------------------------
+// Tolerances (inputs are N(0, 1), so outputs and gradients are of order 1).
+
+double out_tol(DType t) { return t == DType::kBF16 ? 2e-2 : 5e-3; }  // max abs error
+constexpr double kLseTol = 1e-2;                                      // max abs error
+// Gradients: max abs error <= grad_tol * max(1, max |reference|).
+double grad_tol(DType t) { return t == DType::kBF16 ? 3e-2 : 1e-2; }
+
+// ---------------------------------------------------------------------------
+// CUDA plumbing.
+
+void check_cuda(cudaError_t e, const char* expr, const char* file, int line) {
+  if (e != cudaSuccess) {
+    throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": " + expr +
+                             " failed: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+  }
+}
+#define SF_CUDA_CHECK(expr) check_cuda((expr), #expr, __FILE__, __LINE__)
+
+bool have_gpu() {
+  static const bool has = [] {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();  // clear the error
+      return false;
+    }
+    return n > 0;
+  }();
+  return has;
+}
+
+#define SF_SKIP_WITHOUT_GPU()                      \
+  do {                                             \
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA GPU"; \
+  } while (0)
+
+template <typename T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t n) : n_(n) {
+    SF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), std::max<size_t>(n, 1) * sizeof(T)));
+  }
+  ~DeviceBuffer() {
+    if (p_) cudaFree(p_);
+  }
+  DeviceBuffer(DeviceBuffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(o.n_) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      if (p_) cudaFree(p_);
+      p_ = std::exchange(o.p_, nullptr);
+      n_ = o.n_;
+    }
+    return *this;
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  T* get() const { return p_; }  // nullptr when never allocated
+  size_t size() const { return n_; }
+  size_t bytes() const { return n_ * sizeof(T); }
+
+  // Synchronous with respect to the host and to every stream.
+  void upload(const std::vector<T>& h) {
+    if (h.size() != n_) throw std::runtime_error("DeviceBuffer::upload: size mismatch");
+    SF_CUDA_CHECK(cudaMemcpy(p_, h.data(), bytes(), cudaMemcpyHostToDevice));
+    SF_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  std::vector<T> download() const {
+    std::vector<T> h(n_);
+    SF_CUDA_CHECK(cudaDeviceSynchronize());
+    SF_CUDA_CHECK(cudaMemcpy(h.data(), p_, bytes(), cudaMemcpyDeviceToHost));
+    return h;
+  }
+  // 0xFF bytes: NaN for bf16, fp16 and fp32; -1 for int.
+  void poison(cudaStream_t stream) {
+    SF_CUDA_CHECK(cudaMemsetAsync(p_, 0xFF, bytes(), stream));
+  }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+class Stream {
+ public:
+  Stream() { SF_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(s_); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return s_; }
+  // Waits for the stream and surfaces launch and execution errors.
+  void sync(const char* what) const {
+    check_cuda(cudaStreamSynchronize(s_), what, __FILE__, __LINE__);
+    check_cuda(cudaGetLastError(), what, __FILE__, __LINE__);
+  }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------
+// bf16 / fp16 on the host.
+
+uint16_t to_bits(DType t, float x) {
+  if (t == DType::kBF16) {
+    __nv_bfloat16_raw r = __float2bfloat16_rn(x);
+    return r.x;
+  }
+  __half_raw r = __float2half_rn(x);
+  return r.x;
+}
+
+float from_bits(DType t, uint16_t bits) {
+  if (t == DType::kBF16) {
+    __nv_bfloat16_raw r;
+    r.x = bits;
+    return __bfloat162float(__nv_bfloat16(r));
+  }
+  __half_raw r;
+  r.x = bits;
+  return __half2float(__half(r));
+}
+
+float round_to(DType t, float x) { return from_bits(t, to_bits(t, x)); }
+
+const char* dtype_name(DType t) { return t == DType::kBF16 ? "bf16" : "fp16"; }
+
+// ---------------------------------------------------------------------------
+// Problems.
+
+enum class Mode { kDense, kZeroBuckets, kHash2, kHash16, kDrop };
+
+const char* mode_name(Mode m) {
+  switch (m) {
+    case Mode::kDense: return "dense";
+    case Mode::kZeroBuckets: return "zerobuckets";
+    case Mode::kHash2: return "hash2";
+    case Mode::kHash16: return "hash16";
+    case Mode::kDrop: return "drop";
+  }
+  return "?";
+}
+
+struct Shape {
+  int B, H, Hkv, Nq, Nk;
+};
+
+struct RunOptions {
+  bool packed = true;  // false: nullptr perm and bucket (dense)
+  bool drop = false;   // bucket_sort_bits(drop, num_buckets)
+  int num_buckets = 1;
+  bool bnhd = false;   // [B, N, heads, D] memory (strided views) instead of contiguous [B, heads, N, D]
+  int backward_runs = 1;
+};
+
+RunOptions options_for(Mode m) {
+  RunOptions o;
+  switch (m) {
+    case Mode::kDense: o.packed = false; break;
+    case Mode::kZeroBuckets: break;
+    case Mode::kHash2: o.num_buckets = 2; break;
+    case Mode::kHash16: o.num_buckets = 16; break;
+    case Mode::kDrop: o.drop = true; break;
+  }
+  return o;
+}
+
+// Random N(0, 1) inputs rounded to the dtype, and buckets in original order.
+RefProblem make_problem(const Shape& s, int D, DType dtype, Mode mode, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  RefProblem p;
+  p.B = s.B;
+  p.H = s.H;
+  p.Hkv = s.Hkv;
+  p.Nq = s.Nq;
+  p.Nk = s.Nk;
+  p.D = D;
+  p.scale = 1.f / std::sqrt(static_cast<float>(D));
+  const size_t nq = size_t(s.B) * s.H * s.Nq, nk = size_t(s.B) * s.Hkv * s.Nk;
+  auto fill = [&](std::vector<float>& x, size_t n) {
+    x.resize(n);
+    for (float& e : x) e = round_to(dtype, normal(gen));
+  };
+  fill(p.q, nq * D);
+  fill(p.k, nk * D);
+  fill(p.v, nk * D);
+  fill(p.dout, nq * D);
+  switch (mode) {
+    case Mode::kDense: break;  // empty = all 0
+    case Mode::kZeroBuckets:
+      p.q_bucket.assign(nq, 0);
+      p.k_bucket.assign(nk, 0);
+      break;
+    case Mode::kHash2:
+    case Mode::kHash16: {
+      std::uniform_int_distribution<int> bucket(0, options_for(mode).num_buckets - 1);
+      p.q_bucket.resize(nq);
+      p.k_bucket.resize(nk);
+      for (int& b : p.q_bucket) b = bucket(gen);
+      for (int& b : p.k_bucket) b = bucket(gen);
+      break;
+    }
+    case Mode::kDrop: {
+      std::bernoulli_distribution keep(0.5);
+      p.q_bucket.resize(nq);
+      p.k_bucket.resize(nk);
+      for (int& b : p.q_bucket) b = keep(gen) ? 0 : sfk::kDroppedQueryBucket;
+      for (int& b : p.k_bucket) b = keep(gen) ? 0 : sfk::kDroppedKeyBucket;
+      break;
+    }
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------
+// Layouts.
+
+sfk::Layout make_layout(int heads, int n, int D, bool bnhd) {
+  sfk::Layout l;
+  if (bnhd) {
+    l.b = int64_t(n) * heads * D;
+    l.h = D;
+    l.n = int64_t(heads) * D;
+  } else {
+    l.b = int64_t(heads) * n * D;
+    l.h = int64_t(n) * D;
+    l.n = D;
+  }
+  return l;
+}
+
+// Host [B, heads, n, D] contiguous floats -> dtype bits at the layout's offsets.
+std::vector<uint16_t> to_device_order(const std::vector<float>& x, DType t, int B, int heads,
+                                      int n, int D, const sfk::Layout& l) {
+  std::vector<uint16_t> y(x.size());
+  size_t src = 0;
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < n; ++i) {
+        const size_t dst = size_t(b * l.b + h * l.h + i * l.n);
+        for (int d = 0; d < D; ++d) y[dst + d] = to_bits(t, x[src++]);
+      }
+  return y;
+}
+
+std::vector<float> from_device_order(const std::vector<uint16_t>& y, DType t, int B, int heads,
+                                     int n, int D, const sfk::Layout& l) {
+  std::vector<float> x(y.size());
+  size_t dst = 0;
+  for (int b = 0; b < B; ++b)
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < n; ++i) {
+        const size_t src = size_t(b * l.b + h * l.h + i * l.n);
+        for (int d = 0; d < D; ++d) x[dst++] = from_bits(t, y[src + d]);
+      }
+  return x;
+}
+
+// ---------------------------------------------------------------------------
+// Packing and tile ranges.
+
+struct PackedSide {
+  DeviceBuffer<int> perm, bucket;     // unallocated (nullptr) on the dense path
+  DeviceBuffer<sfk::TileRange> tiles;
+  std::vector<int> perm_h, bucket_h;  // empty on the dense path
+  std::vector<sfk::TileRange> tiles_h;
+};
+
+// bucket_in == nullptr: the dense path (nullptr perm and bucket).
+PackedSide pack_side(const std::vector<int>* bucket_in, int rows, int n, int sort_bits,
+                     int position_offset, const Stream& stream) {
+  PackedSide s;
+  if (bucket_in) {
+    DeviceBuffer<int> in(size_t(rows) * n);
+    in.upload(*bucket_in);
+    s.perm = DeviceBuffer<int>(size_t(rows) * n);
+    s.bucket = DeviceBuffer<int>(size_t(rows) * n);
+    s.perm.poison(stream.get());
+    s.bucket.poison(stream.get());
+    const size_t ws_bytes = sfk::pack_workspace_bytes(rows, n);
+    DeviceBuffer<unsigned char> ws(ws_bytes);
+    SF_CUDA_CHECK(sfk::pack_by_bucket(in.get(), rows, n, sort_bits, s.perm.get(), s.bucket.get(),
+                                      ws.get(), ws_bytes, stream.get()));
+    stream.sync("pack_by_bucket");
+    s.perm_h = s.perm.download();
+    s.bucket_h = s.bucket.download();
+  }
+  s.tiles = DeviceBuffer<sfk::TileRange>(size_t(rows) * sfk::num_tiles(n));
+  s.tiles.poison(stream.get());
+  SF_CUDA_CHECK(sfk::compute_tile_ranges(s.perm.get(), s.bucket.get(), rows, n, position_offset,
+                                         s.tiles.get(), stream.get()));
+  stream.sync("compute_tile_ranges");
+  s.tiles_h = s.tiles.download();
+  return s;
+}
+
+// perm is a permutation of 0..n-1 per row; sorted == bucket_in gathered
+// through perm; buckets ascend; equal buckets keep original order.
+::testing::AssertionResult verify_packing(const char* side, const std::vector<int>& bucket_in,
+                                          const std::vector<int>& perm,
+                                          const std::vector<int>& sorted, int rows, int n) {
+  const size_t total = size_t(rows) * n;
+  if (bucket_in.size() != total || perm.size() != total || sorted.size() != total) {
+    return ::testing::AssertionFailure() << side << ": size mismatch";
+  }
+  std::vector<char> seen(n);
+  for (int r = 0; r < rows; ++r) {
+    const int* pr = &perm[size_t(r) * n];
+    const int* sr = &sorted[size_t(r) * n];
+    const int* br = &bucket_in[size_t(r) * n];
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int i = 0; i < n; ++i) {
+      if (pr[i] < 0 || pr[i] >= n) {
+        return ::testing::AssertionFailure() << side << " row " << r << ": perm[" << i
+                                             << "] = " << pr[i] << " is outside [0, " << n << ")";
+      }
+      if (seen[pr[i]]) {
+        return ::testing::AssertionFailure() << side << " row " << r << ": perm[" << i
+                                             << "] = " << pr[i] << " appears twice";
+      }
+      seen[pr[i]] = 1;
+    }
+    for (int i = 0; i < n; ++i) {
+      if (sr[i] != br[pr[i]]) {
+        return ::testing::AssertionFailure()
+               << side << " row " << r << ": sorted bucket[" << i << "] = " << sr[i]
+               << " but the original bucket of row perm[" << i << "] = " << pr[i] << " is "
+               << br[pr[i]];
+      }
+      if (i > 0 && sr[i] < sr[i - 1]) {
+        return ::testing::AssertionFailure() << side << " row " << r << ": buckets descend at "
+                                             << i << " (" << sr[i - 1] << " then " << sr[i] << ")";
+      }
+      if (i > 0 && sr[i] == sr[i - 1] && pr[i] < pr[i - 1]) {
+        return ::testing::AssertionFailure()
+               << side << " row " << r << ": not stable inside bucket " << sr[i] << " at " << i
+               << " (original " << pr[i - 1] << " then " << pr[i] << ")";
+      }
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// Exact (bucket min, bucket max, position min, position max) of each tile of
+// 64 packed rows. perm empty = identity, sorted empty = all 0.
+::testing::AssertionResult verify_tiles(const char* side, const std::vector<int>& perm,
+                                        const std::vector<int>& sorted,
+                                        const std::vector<sfk::TileRange>& tiles, int rows, int n,
+                                        int position_offset) {
+  const int nt = sfk::num_tiles(n);
+  if (tiles.size() != size_t(rows) * nt) {
+    return ::testing::AssertionFailure() << side << ": tile count mismatch";
+  }
+  for (int r = 0; r < rows; ++r) {
+    for (int t = 0; t < nt; ++t) {
+      int bmin = std::numeric_limits<int>::max(), bmax = std::numeric_limits<int>::min();
+      int pmin = std::numeric_limits<int>::max(), pmax = std::numeric_limits<int>::min();
+      for (int i = t * sfk::kTileRows; i < std::min(n, (t + 1) * sfk::kTileRows); ++i) {
+        const size_t at = size_t(r) * n + i;
+        const int b = sorted.empty() ? 0 : sorted[at];
+        const int pos = (perm.empty() ? i : perm[at]) + position_offset;
+        bmin = std::min(bmin, b);
+        bmax = std::max(bmax, b);
+        pmin = std::min(pmin, pos);
+        pmax = std::max(pmax, pos);
+      }
+      const sfk::TileRange& got = tiles[size_t(r) * nt + t];
+      if (got.x != bmin || got.y != bmax || got.z != pmin || got.w != pmax) {
+        return ::testing::AssertionFailure()
+               << side << " row " << r << " tile " << t << ": got (bucket " << got.x << ".."
+               << got.y << ", position " << got.z << ".." << got.w << "), expected (bucket "
+               << bmin << ".." << bmax << ", position " << pmin << ".." << pmax << ")";
+      }
+    }
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// ---------------------------------------------------------------------------
+// Running the kernels.
+
+struct KernelResult {
+  std::vector<float> out, lse, dq, dk, dv;  // reference layout ([B, heads, N, D], [B, H, Nq])
+  // Raw dtype bits as copied from the device, one entry per backward run.
+  std::vector<std::vector<uint16_t>> dq_raw, dk_raw, dv_raw;
+};
+
+KernelResult run_kernels(const RefProblem& p, DType dtype, const RunOptions& opt) {
+  const int B = p.B, H = p.H, Hkv = p.Hkv, Nq = p.Nq, Nk = p.Nk, D = p.D;
+  const int q_rows = B * H, k_rows = B * Hkv;
+  const size_t q_elems = size_t(q_rows) * Nq * D, k_elems = size_t(k_rows) * Nk * D;
+  Stream stream;
+
+  const sfk::Layout ql = make_layout(H, Nq, D, opt.bnhd), kl = make_layout(Hkv, Nk, D, opt.bnhd);
+  DeviceBuffer<uint16_t> q(q_elems), k(k_elems), v(k_elems), dout(q_elems), out(q_elems);
+  DeviceBuffer<uint16_t> dq(q_elems), dk(k_elems), dv(k_elems);
+  DeviceBuffer<float> lse(size_t(q_rows) * Nq), delta(size_t(q_rows) * Nq);
+  q.upload(to_device_order(p.q, dtype, B, H, Nq, D, ql));
+  k.upload(to_device_order(p.k, dtype, B, Hkv, Nk, D, kl));
+  v.upload(to_device_order(p.v, dtype, B, Hkv, Nk, D, kl));
+  dout.upload(to_device_order(p.dout, dtype, B, H, Nq, D, ql));
+
+  // Packing: per-(b, h) bucket ids in original order.
+  std::vector<int> qb, kb;
+  const std::vector<int>* qb_in = nullptr;
+  const std::vector<int>* kb_in = nullptr;
+  int sort_bits = 0;
+  if (opt.packed) {
+    qb = p.q_bucket.empty() ? std::vector<int>(size_t(q_rows) * Nq, 0) : p.q_bucket;
+    kb = p.k_bucket.empty() ? std::vector<int>(size_t(k_rows) * Nk, 0) : p.k_bucket;
+    qb_in = &qb;
+    kb_in = &kb;
+    sort_bits = sfk::bucket_sort_bits(opt.drop, opt.num_buckets);
+  }
+  PackedSide qs = pack_side(qb_in, q_rows, Nq, sort_bits, Nk - Nq, stream);
+  PackedSide ks = pack_side(kb_in, k_rows, Nk, sort_bits, 0, stream);
+  if (opt.packed) {
+    EXPECT_TRUE(verify_packing("queries", qb, qs.perm_h, qs.bucket_h, q_rows, Nq));
+    EXPECT_TRUE(verify_packing("keys", kb, ks.perm_h, ks.bucket_h, k_rows, Nk));
+  }
+  EXPECT_TRUE(verify_tiles("query tiles", qs.perm_h, qs.bucket_h, qs.tiles_h, q_rows, Nq, Nk - Nq));
+  EXPECT_TRUE(verify_tiles("key tiles", ks.perm_h, ks.bucket_h, ks.tiles_h, k_rows, Nk, 0));
+
+  sfk::ForwardParams f;
+  f.dtype = dtype;
+  f.B = B;
+  f.H = H;
+  f.Hkv = Hkv;
+  f.Nq = Nq;
+  f.Nk = Nk;
+  f.D = D;
+  f.scale = p.scale;
+  f.q = q.get();
+  f.k = k.get();
+  f.v = v.get();
+  f.q_layout = ql;
+  f.k_layout = kl;
+  f.v_layout = kl;
+  f.out = out.get();
+  f.out_layout = ql;
+  f.lse = lse.get();
+  f.q_pack = {qs.perm.get(), qs.bucket.get(), qs.tiles.get()};
+  f.k_pack = {ks.perm.get(), ks.bucket.get(), ks.tiles.get()};
+
+  out.poison(stream.get());
+  lse.poison(stream.get());
+  SF_CUDA_CHECK(sfk::attention_forward(f, stream.get()));
+  stream.sync("attention_forward");
+
+  sfk::BackwardParams bp;
+  bp.fwd = f;
+  bp.dout = dout.get();
+  bp.dout_layout = ql;
+  bp.dq = dq.get();
+  bp.dk = dk.get();
+  bp.dv = dv.get();
+  bp.dq_layout = ql;
+  bp.dk_layout = kl;
+  bp.dv_layout = kl;
+  bp.delta = delta.get();
+
+  KernelResult r;
+  for (int run = 0; run < opt.backward_runs; ++run) {
+    dq.poison(stream.get());
+    dk.poison(stream.get());
+    dv.poison(stream.get());
+    delta.poison(stream.get());
+    SF_CUDA_CHECK(sfk::attention_backward(bp, stream.get()));
+    stream.sync("attention_backward");
+    r.dq_raw.push_back(dq.download());
+    r.dk_raw.push_back(dk.download());
+    r.dv_raw.push_back(dv.download());
+  }
+  r.out = from_device_order(out.download(), dtype, B, H, Nq, D, ql);
+  r.lse = lse.download();
+  if (!r.dq_raw.empty()) {
+    r.dq = from_device_order(r.dq_raw.back(), dtype, B, H, Nq, D, ql);
+    r.dk = from_device_order(r.dk_raw.back(), dtype, B, Hkv, Nk, D, kl);
+    r.dv = from_device_order(r.dv_raw.back(), dtype, B, Hkv, Nk, D, kl);
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------
+// Comparisons.
+
+// SF_KERNEL_TEST_VERBOSE=1 prints every measured max error, not just failing ones.
+bool verbose() {
+  static const bool v = [] {
+    const char* e = std::getenv("SF_KERNEL_TEST_VERBOSE");
+    return e != nullptr && *e != '\0' && std::strcmp(e, "0") != 0;
+  }();
+  return v;
+}
+
+struct Dims {
+  int B, heads, n, D;
+};
+
+std::string where(size_t idx, const Dims& dims) {
+  std::ostringstream s;
+  const size_t d = idx % dims.D;
+  idx /= dims.D;
+  const size_t i = idx % dims.n;
+  idx /= dims.n;
+  const size_t h = idx % dims.heads;
+  const size_t b = idx / dims.heads;
+  s << "(b=" << b << ", h=" << h << ", n=" << i;
+  if (dims.D > 1) s << ", d=" << d;
+  s << ")";
+  return s.str();
+}
+
+// max |got - ref| <= tol (times max(1, max |ref|) when relative); all finite.
+::testing::AssertionResult check_close(const char* name, const std::vector<float>& got,
+                                       const std::vector<double>& ref, const Dims& dims,
+                                       double tol, bool relative) {
+  if (got.size() != ref.size()) {
+    return ::testing::AssertionFailure()
+           << name << ": " << got.size() << " elements, reference has " << ref.size();
+  }
+  double max_ref = 0, max_err = 0;
+  size_t worst = 0, nonfinite = 0, first_nonfinite = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    max_ref = std::max(max_ref, std::abs(ref[i]));
+    if (!std::isfinite(got[i])) {
+      if (nonfinite++ == 0) first_nonfinite = i;
+      continue;
+    }
+    const double err = std::abs(double(got[i]) - ref[i]);
+    if (err > max_err) {
+      max_err = err;
+      worst = i;
+    }
+  }
+  const double limit = relative ? tol * std::max(1.0, max_ref) : tol;
+  if (verbose()) {
+    std::printf("  %-4s max |err| %.3g (limit %.3g, max |ref| %.3g, non-finite %zu)\n", name,
+                max_err, limit, max_ref, nonfinite);
+  }
+  if (nonfinite == 0 && max_err <= limit) return ::testing::AssertionSuccess();
+  auto f = ::testing::AssertionFailure();
+  f << name << ": max |err| = " << max_err;
+  if (!ref.empty()) {
+    f << " at " << where(worst, dims) << " (got " << got[worst] << ", reference " << ref[worst]
+      << ")";
+  }
+  f << ", max |reference| = " << max_ref << ", limit " << limit;
+  if (nonfinite > 0) {
+    f << "; " << nonfinite << " non-finite values, first " << got[first_nonfinite] << " at "
+      << where(first_nonfinite, dims);
+  }
+  return f;
+}
+
+// -inf exactly where the reference is -inf; elsewhere finite and within tol.
+::testing::AssertionResult check_lse(const std::vector<float>& got, const std::vector<double>& ref,
+                                     const Dims& dims) {
+  if (got.size() != ref.size()) return ::testing::AssertionFailure() << "lse: size mismatch";
+  double max_err = 0;
+  size_t worst = 0, bad = 0, first_bad = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    if (std::isinf(ref[i])) {
+      if (!(std::isinf(got[i]) && got[i] < 0)) {
+        if (bad++ == 0) first_bad = i;
+      }
+    } else if (!std::isfinite(got[i])) {
+      if (bad++ == 0) first_bad = i;
+    } else {
+      const double err = std::abs(double(got[i]) - ref[i]);
+      if (err > max_err) {
+        max_err = err;
+        worst = i;
+      }
+    }
+  }
+  if (verbose()) {
+    std::printf("  lse  max |err| %.3g (limit %.3g, -inf/non-finite mismatches %zu)\n", max_err,
+                kLseTol, bad);
+  }
+  if (bad == 0 && max_err <= kLseTol) return ::testing::AssertionSuccess();
+  auto f = ::testing::AssertionFailure();
+  f << "lse: max |err| over finite rows = " << max_err;
+  if (!ref.empty()) {
+    f << " at " << where(worst, dims) << " (got " << got[worst] << ", reference " << ref[worst]
+      << ")";
+  }
+  f << ", limit " << kLseTol;
+  if (bad > 0) {
+    f << "; " << bad << " rows disagree on -inf / non-finite, first " << where(first_bad, dims)
+      << ": got " << got[first_bad] << ", reference " << ref[first_bad];
+  }
+  return f;
+}
+
+// Every element of the flagged rows (of D elements) is exactly 0.
+::testing::AssertionResult check_zero_rows(const char* name, const std::vector<float>& got,
+                                           const std::vector<char>& row_flag, const Dims& dims) {
+  size_t bad_rows = 0, first = 0;
+  for (size_t r = 0; r < row_flag.size(); ++r) {
+    if (!row_flag[r]) continue;
+    for (int d = 0; d < dims.D; ++d) {
+      if (got[r * dims.D + d] != 0.f) {
+        if (bad_rows++ == 0) first = r * dims.D + d;
+        break;
+      }
+    }
+  }
+  if (bad_rows == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << name << ": " << bad_rows << " rows without any allowed pair are not exactly 0, first "
+         << where(first, dims) << " = " << got[first];
+}
+
+void check_against_reference(const RefProblem& p, const RefResult& ref, const KernelResult& got,
+                             DType dtype) {
+  const Dims qd{p.B, p.H, p.Nq, p.D}, kd{p.B, p.Hkv, p.Nk, p.D}, ld{p.B, p.H, p.Nq, 1};
+  EXPECT_TRUE(check_close("out", got.out, ref.out, qd, out_tol(dtype), false));
+  EXPECT_TRUE(check_lse(got.lse, ref.lse, ld));
+  EXPECT_TRUE(check_close("dq", got.dq, ref.dq, qd, grad_tol(dtype), true));
+  EXPECT_TRUE(check_close("dk", got.dk, ref.dk, kd, grad_tol(dtype), true));
+  EXPECT_TRUE(check_close("dv", got.dv, ref.dv, kd, grad_tol(dtype), true));
+
+  // Query rows with no allowed key, key rows no query attends to.
+  std::vector<char> q_empty(ref.lse.size());
+  for (size_t r = 0; r < ref.lse.size(); ++r) q_empty[r] = std::isinf(ref.lse[r]);
+  std::vector<char> k_empty(ref.dv.size() / p.D);
+  for (size_t r = 0; r < k_empty.size(); ++r) {
+    bool zero = true;
+    for (int d = 0; d < p.D && zero; ++d) {
+      zero = ref.dv[r * p.D + d] == 0 && ref.dk[r * p.D + d] == 0;
+    }
+    k_empty[r] = zero;
+  }
+  EXPECT_TRUE(check_zero_rows("out", got.out, q_empty, qd));
+  EXPECT_TRUE(check_zero_rows("dq", got.dq, q_empty, qd));
+  EXPECT_TRUE(check_zero_rows("dk", got.dk, k_empty, kd));
+  EXPECT_TRUE(check_zero_rows("dv", got.dv, k_empty, kd));
+}
+
+// ===========================================================================
+// CPU reference: hand-computed cases and finite differences (no GPU needed).
+
+RefProblem tiny(int Nq, int Nk, float scale, std::vector<float> q, std::vector<float> k,
+                std::vector<float> v, std::vector<float> dout) {
+  RefProblem p;
+  p.B = p.H = p.Hkv = 1;
+  p.Nq = Nq;
+  p.Nk = Nk;
+  p.D = 1;
+  p.scale = scale;
+  p.q = std::move(q);
+  p.k = std::move(k);
+  p.v = std::move(v);
+  p.dout = std::move(dout);
+  return p;
+}
+
+// N = 2, D = 1: q = [1, 2], k = [0.5, 1], v = [3, -1], dout = [1, 0.5], scale 1.
+// Row 0 sees key 0 only: out 3, lse 0.5, dS = 1 * (3 - 3) = 0.
+// Row 1: scores (1, 2), P = (1, e) / (1 + e), lse = 1 + log(1 + e),
+// out = 3 P0 - P1; dP = (1.5, -0.5), delta = out / 2, dS = (2 P0 P1, -2 P0 P1);
+// dq1 = 0.5 dS0 + dS1 = -P0 P1; dk = (2 dS0, 2 dS1) = (4 P0 P1, -4 P0 P1);
+// dv = (1 + P0 / 2, P1 / 2).
+// With scale 2 and q = [0.5, 1] the scores, P, out, lse and dk are the same
+// and dq doubles.
+TEST(CpuReference, HandComputedTwoByOne) {
+  const double P0P1 = 0.19661193324148185;
+  for (float scale : {1.f, 2.f}) {
+    SCOPED_TRACE(scale);
+    const RefProblem p = tiny(2, 2, scale, {1.f / scale, 2.f / scale}, {0.5f, 1.f}, {3.f, -1.f},
+                              {1.f, 0.5f});
+    const RefResult r = reference_attention(p);
+    ASSERT_EQ(r.out.size(), 2u);
+    ASSERT_EQ(r.lse.size(), 2u);
+    EXPECT_NEAR(r.out[0], 3.0, 1e-12);
+    EXPECT_NEAR(r.out[1], 0.07576568547998042, 1e-12);
+    EXPECT_NEAR(r.lse[0], 0.5, 1e-12);
+    EXPECT_NEAR(r.lse[1], 2.3132616875182226, 1e-12);
+    EXPECT_NEAR(r.dq[0], 0.0, 1e-12);
+    EXPECT_NEAR(r.dq[1], -P0P1 * scale, 1e-12);
+    EXPECT_NEAR(r.dk[0], 4 * P0P1, 1e-12);
+    EXPECT_NEAR(r.dk[1], -4 * P0P1, 1e-12);
+    EXPECT_NEAR(r.dv[0], 1.1344707106849976, 1e-12);
+    EXPECT_NEAR(r.dv[1], 0.36552928931500245, 1e-12);
+  }
+}
+
+// Nq = 1 < Nk = 3: query 0 sits at position 2 and may see keys 0..2, but the
+// buckets (q 1; k 1, 0, 1) exclude key 1. Scores (0, -, log 3): P = (1/4, 0, 3/4),
+// out = 1/4 + 15/4 = 4, lse = log 4, delta = 4, dS = (-3/4, 0, 3/4),
+// dq = 3/4 log 3, dk = dS * q, dv = P * dout.
+TEST(CpuReference, BucketsAndPositionOffset) {
+  RefProblem p = tiny(1, 3, 1.f, {1.f}, {0.f, 100.f, float(std::log(3.0))}, {1.f, 1000.f, 5.f},
+                      {1.f});
+  p.q_bucket = {1};
+  p.k_bucket = {1, 0, 1};
+  const RefResult r = reference_attention(p);
+  const double log3 = double(float(std::log(3.0)));
+  EXPECT_NEAR(r.out[0], 4.0, 1e-6);
+  EXPECT_NEAR(r.lse[0], std::log(4.0), 1e-6);
+  EXPECT_NEAR(r.dq[0], 0.75 * log3, 1e-6);
+  EXPECT_NEAR(r.dk[0], -0.75, 1e-6);
+  EXPECT_EQ(r.dk[1], 0.0);
+  EXPECT_NEAR(r.dk[2], 0.75, 1e-6);
+  EXPECT_NEAR(r.dv[0], 0.25, 1e-6);
+  EXPECT_EQ(r.dv[1], 0.0);
+  EXPECT_NEAR(r.dv[2], 0.75, 1e-6);
+}
+
+// Nq = 2, Nk = 3: query 0 is at position 1 and must not see key 2 (score 100);
+// query 1 has a bucket no key has: out 0, lse -inf, no gradient.
+TEST(CpuReference, CausalOffsetAndEmptyRow) {
+  RefProblem p = tiny(2, 3, 1.f, {1.f, 1.f}, {0.f, 0.f, 100.f}, {1.f, 3.f, 1000.f}, {1.f, 1.f});
+  p.q_bucket = {0, 5};
+  p.k_bucket = {0, 0, 0};
+  const RefResult r = reference_attention(p);
+  EXPECT_NEAR(r.out[0], 2.0, 1e-12);
+  EXPECT_NEAR(r.lse[0], std::log(2.0), 1e-12);
+  EXPECT_EQ(r.out[1], 0.0);
+  EXPECT_EQ(r.lse[1], -kInf);
+  EXPECT_EQ(r.dq[1], 0.0);
+  EXPECT_EQ(r.dk[2], 0.0);
+  EXPECT_EQ(r.dv[2], 0.0);
+  // Row 0: P = (1/2, 1/2), dP = (1, 3), delta = 2, dS = (-1/2, 1/2).
+  EXPECT_NEAR(r.dq[0], 0.0, 1e-12);  // dS . k = 0
+  EXPECT_NEAR(r.dk[0], -0.5, 1e-12);
+  EXPECT_NEAR(r.dk[1], 0.5, 1e-12);
+  EXPECT_NEAR(r.dv[0], 0.5, 1e-12);
+  EXPECT_NEAR(r.dv[1], 0.5, 1e-12);
+}
+
+// Grouped heads: head h of a 4-head / 2-kv-head problem equals the
+// single-head problem with kv head h / 2; dk, dv sum over the group.
+TEST(CpuReference, GroupedHeadsMatchSingleHeadProblems) {
+  const Shape s{1, 4, 2, 5, 7};
+  const int D = 3;
+  RefProblem p = make_problem(s, D, DType::kBF16, Mode::kHash2, 11);
+  const RefResult r = reference_attention(p);
+  std::vector<double> dk(r.dk.size(), 0.0), dv(r.dv.size(), 0.0);
+  for (int h = 0; h < s.H; ++h) {
+    const int hk = h / (s.H / s.Hkv);
+    RefProblem one;
+    one.B = one.H = one.Hkv = 1;
+    one.Nq = s.Nq;
+    one.Nk = s.Nk;
+    one.D = D;
+    one.scale = p.scale;
+    const size_t qo = size_t(h) * s.Nq * D, ko = size_t(hk) * s.Nk * D;
+    one.q.assign(p.q.begin() + qo, p.q.begin() + qo + s.Nq * D);
+    one.dout.assign(p.dout.begin() + qo, p.dout.begin() + qo + s.Nq * D);
+    one.k.assign(p.k.begin() + ko, p.k.begin() + ko + s.Nk * D);
+    one.v.assign(p.v.begin() + ko, p.v.begin() + ko + s.Nk * D);
+    one.q_bucket.assign(p.q_bucket.begin() + h * s.Nq, p.q_bucket.begin() + (h + 1) * s.Nq);
+    one.k_bucket.assign(p.k_bucket.begin() + hk * s.Nk, p.k_bucket.begin() + (hk + 1) * s.Nk);
+    const RefResult o = reference_attention(one);
+    for (int i = 0; i < s.Nq; ++i) {
+      EXPECT_EQ(r.lse[h * s.Nq + i], o.lse[i]);
+      for (int d = 0; d < D; ++d) {
+        EXPECT_EQ(r.out[qo + i * D + d], o.out[i * D + d]);
+        EXPECT_EQ(r.dq[qo + i * D + d], o.dq[i * D + d]);
+      }
+    }
+    for (size_t i = 0; i < o.dk.size(); ++i) {
+      dk[ko + i] += o.dk[i];
+      dv[ko + i] += o.dv[i];
+    }
+  }
+  for (size_t i = 0; i < dk.size(); ++i) {
+    EXPECT_NEAR(r.dk[i], dk[i], 1e-12);
+    EXPECT_NEAR(r.dv[i], dv[i], 1e-12);
+  }
+}
+
+// Gradients of L = sum(out * dout) by central differences.
+TEST(CpuReference, GradientsMatchFiniteDifferences) {
+  const Shape s{1, 2, 1, 6, 8};
+  RefProblem p = make_problem(s, 3, DType::kBF16, Mode::kHash2, 5);
+  const RefResult r = reference_attention(p);
+  auto loss = [&](const RefProblem& x) {
+    const RefResult o = reference_attention(x);
+    double l = 0;
+    for (size_t i = 0; i < o.out.size(); ++i) l += o.out[i] * x.dout[i];
+    return l;
+  };
+  using Field = std::vector<float> RefProblem::*;
+  struct Target {
+    const char* name;
+    Field field;
+    const std::vector<double>* grad;
+  };
+  for (const Target& t : {Target{"q", &RefProblem::q, &r.dq}, Target{"k", &RefProblem::k, &r.dk},
+                          Target{"v", &RefProblem::v, &r.dv}}) {
+    for (size_t i = 0; i < (p.*t.field).size(); ++i) {
+      RefProblem plus = p, minus = p;
+      const float x = (p.*t.field)[i];
+      (plus.*t.field)[i] = x + 1e-3f;
+      (minus.*t.field)[i] = x - 1e-3f;
+      const double h = double((plus.*t.field)[i]) - double((minus.*t.field)[i]);
+      const double fd = (loss(plus) - loss(minus)) / h;
+      EXPECT_NEAR((*t.grad)[i], fd, 1e-5) << "d" << t.name << "[" << i << "]";
+    }
+  }
+}
+
+// ===========================================================================
+// GPU: kernels against the reference.
+
+struct Case {
+  Mode mode;
+  DType dtype;
+  int D;
+  Shape shape;
+};
+
+std::vector<Case> all_cases() {
+  const Shape shapes[] = {
+      {1, 2, 2, 1, 1},        // single row
+      {2, 3, 3, 127, 127},    // partial tiles, several batches
+      {1, 4, 2, 1000, 1000},  // GQA
+      {1, 2, 1, 64, 200},     // MQA, Nq < Nk
+      {1, 1, 1, 4097, 4097},  // long: D = 64, dense and hash16 only
+  };
+  std::vector<Case> cases;
+  for (Mode mode : {Mode::kDense, Mode::kZeroBuckets, Mode::kHash2, Mode::kHash16, Mode::kDrop}) {
+    for (DType dtype : {DType::kBF16, DType::kFP16}) {
+      for (int D : {64, 128}) {
+        for (const Shape& s : shapes) {
+          if (s.Nq > 2048 && !(D == 64 && (mode == Mode::kDense || mode == Mode::kHash16))) {
+            continue;
+          }
+          cases.push_back({mode, dtype, D, s});
+        }
+      }
+    }
+  }
+  return cases;
+}
+
+std::string case_name(const ::testing::TestParamInfo<Case>& info) {
+  const Case& c = info.param;
+  std::ostringstream s;
+  s << mode_name(c.mode) << "_" << dtype_name(c.dtype) << "_D" << c.D << "_B" << c.shape.B << "H"
+    << c.shape.H << "Hkv" << c.shape.Hkv << "_Nq" << c.shape.Nq << "Nk" << c.shape.Nk;
+  return s.str();
+}
+
+uint32_t seed_of(const Case& c) {
+  return 1000003u * uint32_t(c.mode) + 10007u * uint32_t(c.dtype) + 101u * uint32_t(c.D) +
+         uint32_t(c.shape.B * 7 + c.shape.H * 13 + c.shape.Hkv * 17 + c.shape.Nq * 19 +
+                  c.shape.Nk * 23);
+}
+
+class AttentionTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(AttentionTest, MatchesReference) {
+  SF_SKIP_WITHOUT_GPU();
+  const Case& c = GetParam();
+  const RefProblem p = make_problem(c.shape, c.D, c.dtype, c.mode, seed_of(c));
+  const KernelResult got = run_kernels(p, c.dtype, options_for(c.mode));
+  const RefResult ref = reference_attention(p);
+  check_against_reference(p, ref, got, c.dtype);
+}
+
+INSTANTIATE_TEST_SUITE_P(SparseFlash, AttentionTest, ::testing::ValuesIn(all_cases()), case_name);
+
+// Strided inputs and outputs: [B, N, heads, D] memory seen as [B, heads, N, D].
+TEST(SparseFlash, StridedLayout) {
+  SF_SKIP_WITHOUT_GPU();
+  for (const Shape& s : {Shape{2, 4, 2, 200, 200}, Shape{1, 2, 1, 64, 200}}) {
+    for (Mode mode : {Mode::kDense, Mode::kHash16, Mode::kDrop}) {
+      for (int D : {64, 128}) {
+        SCOPED_TRACE(::testing::Message() << mode_name(mode) << " D=" << D << " Nq=" << s.Nq
+                                          << " Nk=" << s.Nk);
+        const RefProblem p = make_problem(s, D, DType::kBF16, mode, 4242u + D + s.Nq);
+        RunOptions opt = options_for(mode);
+        opt.bnhd = true;
+        const KernelResult got = run_kernels(p, DType::kBF16, opt);
+        check_against_reference(p, reference_attention(p), got, DType::kBF16);
+      }
+    }
+  }
+}
+
+// Hash buckets with query 0's bucket different from key 0's: query 0 (and any
+// other row left without a key) outputs exactly 0, lse -inf, dq 0; no NaN.
+TEST(SparseFlash, RowsWithoutAllowedKeys) {
+  SF_SKIP_WITHOUT_GPU();
+  const Shape s{2, 4, 2, 300, 300};
+  const int D = 64, nb = 16, group = s.H / s.Hkv;
+  for (DType dtype : {DType::kBF16, DType::kFP16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    RefProblem p = make_problem(s, D, dtype, Mode::kHash16, 99);
+    for (int b = 0; b < s.B; ++b) {
+      for (int h = 0; h < s.H; ++h) {
+        const int kb0 = p.k_bucket[size_t(b * s.Hkv + h / group) * s.Nk];
+        p.q_bucket[size_t(b * s.H + h) * s.Nq] = (kb0 + 1) % nb;
+      }
+    }
+    const RefResult ref = reference_attention(p);
+    const KernelResult got = run_kernels(p, dtype, options_for(Mode::kHash16));
+
+    for (int row = 0; row < s.B * s.H; ++row) {
+      const size_t at = size_t(row) * s.Nq;  // query 0 of this (b, h)
+      ASSERT_TRUE(std::isinf(ref.lse[at]));
+      EXPECT_TRUE(std::isinf(got.lse[at]) && got.lse[at] < 0)
+          << "row " << row << ": lse of query 0 = " << got.lse[at];
+      for (int d = 0; d < D; ++d) {
+        EXPECT_EQ(got.out[at * D + d], 0.f) << "row " << row << " d " << d;
+        EXPECT_EQ(got.dq[at * D + d], 0.f) << "row " << row << " d " << d;
+      }
+    }
+    auto count_nan = [](const std::vector<float>& x) {
+      return std::count_if(x.begin(), x.end(), [](float e) { return std::isnan(e); });
+    };
+    auto count_nonfinite = [](const std::vector<float>& x) {
+      return std::count_if(x.begin(), x.end(), [](float e) { return !std::isfinite(e); });
+    };
+    EXPECT_EQ(count_nonfinite(got.out), 0);
+    EXPECT_EQ(count_nan(got.lse), 0);
+    EXPECT_EQ(count_nonfinite(got.dq), 0);
+    EXPECT_EQ(count_nonfinite(got.dk), 0);
+    EXPECT_EQ(count_nonfinite(got.dv), 0);
+    check_against_reference(p, ref, got, dtype);
+  }
+}
+
+// The backward pass twice on the same inputs gives the same bits.
+TEST(SparseFlash, BackwardIsDeterministic) {
+  SF_SKIP_WITHOUT_GPU();
+  const Shape s{1, 4, 2, 1000, 1000};
+  for (DType dtype : {DType::kBF16, DType::kFP16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    const RefProblem p = make_problem(s, 64, dtype, Mode::kHash16, 2024);
+    RunOptions opt = options_for(Mode::kHash16);
+    opt.backward_runs = 2;
+    const KernelResult got = run_kernels(p, dtype, opt);
+    ASSERT_EQ(got.dq_raw.size(), 2u);
+    auto same = [](const char* name, const std::vector<uint16_t>& a,
+                   const std::vector<uint16_t>& b) -> ::testing::AssertionResult {
+      if (a.size() == b.size() &&
+          std::memcmp(a.data(), b.data(), a.size() * sizeof(uint16_t)) == 0) {
+        return ::testing::AssertionSuccess();
+      }
+      size_t diff = 0, first = 0;
+      for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
+        if (a[i] != b[i] && diff++ == 0) first = i;
+      }
+      return ::testing::AssertionFailure() << name << ": " << diff << " of " << a.size()
+                                           << " elements differ between runs, first at " << first
+                                           << " (0x" << std::hex << a[first] << " vs 0x" << b[first]
+                                           << ")";
+    };
+    EXPECT_TRUE(same("dq", got.dq_raw[0], got.dq_raw[1]));
+    EXPECT_TRUE(same("dk", got.dk_raw[0], got.dk_raw[1]));
+    EXPECT_TRUE(same("dv", got.dv_raw[0], got.dv_raw[1]));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// GPU: packing and tile ranges on their own.
+
+struct PackCase {
+  int rows, n, num_buckets;
+  int sentinel;  // 0: no drop; else the drop bucket given to about half the rows
+  int position_offset;
+};
+
+class PackingTest : public ::testing::TestWithParam<PackCase> {};
+
+TEST_P(PackingTest, StableSortAndTileRanges) {
+  SF_SKIP_WITHOUT_GPU();
+  const PackCase& c = GetParam();
+  std::mt19937 gen(c.rows * 131 + c.n * 7 + c.num_buckets);
+  std::uniform_int_distribution<int> bucket(0, c.num_buckets - 1);
+  std::bernoulli_distribution drop(0.5);
+  std::vector<int> in(size_t(c.rows) * c.n);
+  for (int& b : in) b = (c.sentinel != 0 && drop(gen)) ? c.sentinel : bucket(gen);
+
+  Stream stream;
+  const int bits = sfk::bucket_sort_bits(c.sentinel != 0, c.num_buckets);
+  const PackedSide s = pack_side(&in, c.rows, c.n, bits, c.position_offset, stream);
+  EXPECT_TRUE(verify_packing("packed", in, s.perm_h, s.bucket_h, c.rows, c.n));
+  EXPECT_TRUE(verify_tiles("tiles", s.perm_h, s.bucket_h, s.tiles_h, c.rows, c.n,
+                           c.position_offset));
+
+  // nullptr perm and bucket: identity order, bucket 0.
+  const PackedSide dense = pack_side(nullptr, c.rows, c.n, 0, c.position_offset, stream);
+  EXPECT_TRUE(verify_tiles("dense tiles", {}, {}, dense.tiles_h, c.rows, c.n, c.position_offset));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    SparseFlash, PackingTest,
+    ::testing::Values(PackCase{1, 1, 2, 0, 0}, PackCase{3, 63, 16, 0, 0}, PackCase{2, 64, 1, 0, 5},
+                      PackCase{4, 65, 16, sfk::kDroppedQueryBucket, 0},
+                      PackCase{6, 127, 2, 0, 73}, PackCase{2, 1000, 16, 0, 0},
+                      PackCase{2, 1000, 1, sfk::kDroppedKeyBucket, 0},
+                      PackCase{1, 4097, 16, 0, 0},
+                      PackCase{3, 2048, 64, sfk::kDroppedQueryBucket, 136}),
+    [](const ::testing::TestParamInfo<PackCase>& info) {
+      const PackCase& c = info.param;
+      std::ostringstream s;
+      s << "rows" << c.rows << "_n" << c.n << "_nb" << c.num_buckets
+        << (c.sentinel == sfk::kDroppedQueryBucket ? "_dropq"
+            : c.sentinel == sfk::kDroppedKeyBucket ? "_dropk"
+                                                   : "")
+        << "_off" << c.position_offset;
+      return s.str();
+    });
+
+}  // namespace
+}  // namespace sparseflash::kernels_test
