@@ -25,6 +25,7 @@ namespace sparseflash::attention {
 using at::Tensor;
 
 enum class Kind { kDense, kHash, kDrop };
+enum class Backend { kAuto, kReference, kKernel };
 
 struct Options {
   Kind kind = Kind::kDense;
@@ -34,6 +35,7 @@ struct Options {
   bool shared_qk = false;       // HASH: keys are normalised queries, same buckets
   double drop_prob = 0.5;       // DROP
   int64_t chunk_size = 1024;    // reference: query rows per chunk
+  Backend backend = Backend::kAuto;
 
   static Options from_config(const config::Attention& c);
 };
@@ -45,6 +47,7 @@ struct Pattern {
   Tensor k_bucket;  // int64 [B, Hkv, Nk]    (HASH)
   Tensor q_keep;    // bool  [B, H, Nq]      (DROP)
   Tensor k_keep;    // bool  [B, Hkv, Nk]    (DROP)
+  int64_t num_buckets = 0;  // HASH: ids are below this (0 = unknown)
 };
 
 // Angular LSH: x [B, Hx, N, D], rotations [Hr, D, nb/2] with Hx a multiple of
@@ -84,7 +87,8 @@ Tensor naive_attention(const Tensor& q, const Tensor& k, const Tensor& v,
 Tensor allowed_mask(const Pattern& pattern, int64_t B, int64_t H, int64_t Nq, int64_t Nk,
                     const at::TensorOptions& device);
 
-// What the model calls: draw the pattern, then attend. Keeps the last pattern
+// What the model calls: draw the pattern, then attend with the CUDA kernels
+// where they apply (options.backend), else the reference. Keeps the last pattern
 // so tests and tools can inspect it.
 class Attention {
  public:

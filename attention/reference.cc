@@ -14,6 +14,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "attention/attention.h"
+#include "attention/flash.h"
 
 namespace sparseflash::attention {
 
@@ -33,6 +34,11 @@ Options Options::from_config(const config::Attention& c) {
   o.shared_qk = c.shared_qk();
   o.drop_prob = c.drop_prob();
   o.chunk_size = c.chunk_size();
+  switch (c.backend()) {
+    case config::Attention::AUTO: o.backend = Backend::kAuto; break;
+    case config::Attention::REFERENCE: o.backend = Backend::kReference; break;
+    case config::Attention::KERNEL: o.backend = Backend::kKernel; break;
+  }
   return o;
 }
 
@@ -80,6 +86,7 @@ Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
         rotations = at::randn({Hkv, D, options.num_buckets / 2}, g, cpu_float);
       }
       p.q_bucket = lsh_buckets(q.detach(), rotations);
+      p.num_buckets = options.num_buckets;
       if (options.shared_qk) {
         // k = q / |q| has the same argmax as q: reuse the query buckets.
         TORCH_CHECK(Hkv == H && Nk == Nq,
@@ -352,6 +359,9 @@ Tensor naive_attention(const Tensor& q, const Tensor& k, const Tensor& v, const 
 Tensor Attention::forward(const Tensor& q, const Tensor& k, const Tensor& v,
                           at::Generator& generator) {
   last_pattern_ = draw_pattern(options_, q, k, generator, layer_);
+  const bool kernel = options_.backend == Backend::kKernel ||
+                      (options_.backend == Backend::kAuto && flash_supported(q, k, v));
+  if (kernel) return flash_attention(q, k, v, last_pattern_);
   return reference_attention(q, k, v, last_pattern_, options_.chunk_size);
 }
 

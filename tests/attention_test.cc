@@ -10,6 +10,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include "attention/attention.h"
+#include "attention/flash.h"
 
 namespace sparseflash::attention {
 namespace {
@@ -294,6 +295,60 @@ TEST(ReferenceAttentionGpu, Bf16MatchesFloat64OnCpu) {
     expect_close(std::get<2>(gpu).cpu(), std::get<2>(ref), 5e-2, "dk");
     expect_close(std::get<3>(gpu).cpu(), std::get<3>(ref), 5e-2, "dv");
   }
+}
+
+// The CUDA kernels behind the interface, against the float64 reference on the
+// same bf16-rounded inputs and the same pattern: every kind, both head dims,
+// GQA, Nq < Nk, forward and all three gradients.
+class FlashVsReference : public ::testing::TestWithParam<std::tuple<Kind, int64_t>> {};
+
+TEST_P(FlashVsReference, ForwardAndGradientsMatch) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  auto [kind, D] = GetParam();
+  for (auto [Nq, Nk] : {std::pair<int64_t, int64_t>{1000, 1000}, {77, 300}}) {
+    Inputs in = random_inputs(2, 4, 2, Nq, Nk, D, 71 + Nq);
+    at::Generator gen = at::detail::createCPUGenerator(6);
+    Pattern p = draw_pattern(make_options(kind, 16), in.q, in.k, gen, 0);
+    auto cuda_opts = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+    Inputs g{in.q.to(cuda_opts), in.k.to(cuda_opts), in.v.to(cuda_opts)};
+    ASSERT_TRUE(flash_supported(g.q, g.k, g.v));
+    Pattern pg = p;
+    for (Tensor* t : {&pg.q_bucket, &pg.k_bucket, &pg.q_keep, &pg.k_keep})
+      if (t->defined()) *t = t->cuda();
+    Inputs rounded{g.q.cpu().to(at::kDouble), g.k.cpu().to(at::kDouble), g.v.cpu().to(at::kDouble)};
+    Tensor w = at::randn({2, 4, Nq, D}, f64());
+    auto ref = run_with_grads(
+        [&](const Tensor& q, const Tensor& k, const Tensor& v) {
+          return reference_attention(q, k, v, p, 256);
+        },
+        rounded, w);
+    auto got = run_with_grads(
+        [&](const Tensor& q, const Tensor& k, const Tensor& v) {
+          return flash_attention(q, k, v, pg);
+        },
+        g, w.to(cuda_opts));
+    const std::string what = "Nq " + std::to_string(Nq) + " ";
+    expect_close(std::get<0>(got).cpu(), std::get<0>(ref), 2e-2, what + "out");
+    expect_close(std::get<1>(got).cpu(), std::get<1>(ref), 5e-2, what + "dq");
+    expect_close(std::get<2>(got).cpu(), std::get<2>(ref), 5e-2, what + "dk");
+    expect_close(std::get<3>(got).cpu(), std::get<3>(ref), 5e-2, what + "dv");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(KindsAndHeadDims, FlashVsReference,
+                         ::testing::Combine(::testing::Values(Kind::kDense, Kind::kHash,
+                                                              Kind::kDrop),
+                                            ::testing::Values(int64_t{64}, int64_t{128})));
+
+TEST(FlashAttention, NotUsedOnCpuOrFloat32) {
+  Inputs in = random_inputs(1, 2, 2, 8, 8, 64, 1, at::TensorOptions().dtype(at::kFloat));
+  EXPECT_FALSE(flash_supported(in.q, in.k, in.v));
+  if (!torch::cuda::is_available()) return;
+  auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
+  EXPECT_FALSE(flash_supported(in.q.to(f32), in.k.to(f32), in.v.to(f32)));
+  auto bf = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  Inputs odd = random_inputs(1, 2, 2, 8, 8, 48, 1, bf);
+  EXPECT_FALSE(flash_supported(odd.q, odd.k, odd.v)) << "head dim 48 has no kernel";
 }
 
 }  // namespace

@@ -119,4 +119,23 @@ __device__ __forceinline__ void load_tile_async(SmemTile<T, D> tile, const T* sr
   }
 }
 
+// Loads kNumRows packed rows (first .. first + kNumRows - 1) into rows
+// row0 .. row0 + kNumRows - 1 of a tile; rows at or past n are zero-filled.
+template <typename T, int D, int kThreads, int kNumRows>
+__device__ __forceinline__ void load_rows_async(SmemTile<T, D> tile, int row0, const T* src,
+                                                int64_t row_stride, const int* perm, int first,
+                                                int n) {
+  constexpr int kChunks = D / 8;
+  static_assert((kNumRows * kChunks) % kThreads == 0, "whole rounds of 16-byte copies");
+#pragma unroll
+  for (int it = 0; it < kNumRows * kChunks / kThreads; ++it) {
+    const int idx = static_cast<int>(threadIdx.x) + it * kThreads;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int packed = first + r;
+    const bool valid = packed < n;
+    const int orig = valid ? (perm ? __ldg(perm + packed) : packed) : 0;
+    cp_async_16(tile.at(row0 + r, c * 8), src + orig * row_stride + c * 8, valid);
+  }
+}
+
 }  // namespace sparseflash::kernels

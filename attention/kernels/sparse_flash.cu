@@ -4,8 +4,7 @@
 //
 // Reading order: packing kernels, the tile loop shared by all passes
 // (masking, skipping), forward, backward (delta, dK/dV, dQ), launchers.
-// todo: cp.async double buffering, wgmma/TMA on sm_90a, a tighter key-tile
-// range than "scan all tiles and skip", fp32-atomic dQ as a faster option.
+// todo: wgmma/TMA on sm_90a, fp32-atomic dQ as a faster option.
 #include "attention/kernels/sparse_flash.h"
 
 #include <cub/device/device_segmented_radix_sort.cuh>
@@ -73,6 +72,86 @@ __device__ __forceinline__ bool tiles_meet(const TileRange& q, const TileRange& 
 __device__ __forceinline__ bool tiles_all_allowed(const TileRange& q, const TileRange& k) {
   return q.x == q.y && k.x == k.y && q.x == k.x && k.w <= q.z;
 }
+
+// First index in [lo, hi) where pred holds (pred monotone: false ... true),
+// else hi. Warp-cooperative 32-ary search: every lane gets the same answer.
+template <typename Pred>
+__device__ __forceinline__ int warp_lower_bound(int lo, int hi, Pred pred, int lane) {
+  while (lo < hi) {
+    const int n = hi - lo, step = (n + 31) / 32;
+    const int idx = lo + lane * step;
+    const unsigned m = __ballot_sync(0xffffffffu, idx < hi && pred(idx));
+    if (m == 0) {
+      lo += ((n - 1) / step) * step + 1;
+      continue;
+    }
+    const int f = __ffs(m) - 1;
+    if (f == 0) return lo;
+    hi = lo + f * step;
+    lo += (f - 1) * step + 1;
+  }
+  return hi;
+}
+
+struct IndexRange {
+  int lo, hi;
+};
+
+// Buckets ascend in packed order, so tile bucket min/max ascend with the tile
+// index: the key tiles that can meet a query range form [lo, hi). With the
+// identity permutation positions ascend too, which bounds the causal end.
+__device__ __forceinline__ IndexRange key_tile_range(const TileRange* kt, int nkt, TileRange q,
+                                                     bool identity, int lane) {
+  const int lo = warp_lower_bound(0, nkt, [&](int i) { return __ldg(&kt[i].y) >= q.x; }, lane);
+  int hi = warp_lower_bound(lo, nkt, [&](int i) { return __ldg(&kt[i].x) > q.y; }, lane);
+  if (identity) hi = warp_lower_bound(lo, hi, [&](int i) { return __ldg(&kt[i].z) > q.w; }, lane);
+  return {lo, hi};
+}
+
+// The query tiles that can meet a key tile.
+__device__ __forceinline__ IndexRange query_tile_range(const TileRange* qt, int nqt, TileRange k,
+                                                       bool identity, int lane) {
+  int lo = warp_lower_bound(0, nqt, [&](int i) { return __ldg(&qt[i].y) >= k.x; }, lane);
+  const int hi = warp_lower_bound(lo, nqt, [&](int i) { return __ldg(&qt[i].x) > k.y; }, lane);
+  if (identity) lo = warp_lower_bound(lo, hi, [&](int i) { return __ldg(&qt[i].w) >= k.z; }, lane);
+  return {lo, hi};
+}
+
+// Iterates the tiles in [base, hi) that meet `other`, 32 candidates per warp
+// ballot; uniform across the block (every warp computes the same).
+struct MeetIter {
+  const TileRange* tiles;
+  TileRange other;
+  int base, hi;
+  unsigned mask;
+  bool iter_keys;  // tiles are key tiles (other is the query range), else query tiles
+
+  __device__ __forceinline__ void fill(int lane) {
+    mask = 0;
+    while (base < hi) {
+      const int idx = base + lane;
+      bool m = false;
+      if (idx < hi) {
+        const TileRange t = __ldg(&tiles[idx]);
+        m = iter_keys ? tiles_meet(other, t) : tiles_meet(t, other);
+      }
+      mask = __ballot_sync(0xffffffffu, m);
+      if (mask) return;
+      base += 32;
+    }
+  }
+  // Next meeting tile, or -1.
+  __device__ __forceinline__ int next(int lane) {
+    if (!mask) return -1;
+    const int r = base + __ffs(mask) - 1;
+    mask &= mask - 1;
+    if (!mask) {
+      base += 32;
+      fill(lane);
+    }
+    return r;
+  }
+};
 
 // Per-row metadata of a packed row: original index, position, bucket.
 struct RowInfo {
@@ -179,40 +258,85 @@ __device__ __forceinline__ const T* head_ptr(const void* base, const Layout& l, 
 
 // ---------------------------------------------------------------------------
 // forward
+//
+// One block of kWarps warps (16 query rows each) per query block of
+// kWarps * 16 packed rows (a union of consecutive 64-row tiles). Key tiles
+// that meet it are found by a binary search over the key tile ranges plus a
+// ballot over the candidates; K/V of the next meeting tile are loaded
+// (cp.async, double buffer) while the current one is computed.
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant__ ForwardParams p) {
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
+    forward_kernel(const __grid_constant__ ForwardParams p) {
+  constexpr int kT = kWarps * 32, kBR = kWarps * 16;
+  constexpr bool kQInRegs = D == 64;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  SmemTile<T, D> sQ{smem}, sK{smem + kRows * D}, sV{smem + 2 * kRows * D};
-  int* sKpos = reinterpret_cast<int*>(smem + 3 * kRows * D);
-  int* sKbucket = sKpos + kRows;
+  SmemTile<T, D> sQ{smem};
+  T* kv = smem + kBR * D;  // K0 V0 K1 V1
+  int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);  // [2][kRows]
+  int* sKbucket = sKpos + 2 * kRows;                        // [2][kRows]
 
-  const int qt = blockIdx.x, bh = blockIdx.y, b = bh / p.H, h = bh % p.H;
+  const int bh = blockIdx.x, qb = gridDim.y - 1 - blockIdx.y;  // long causal rows first
+  const int b = bh / p.H, h = bh % p.H;
   const int hk = h / (p.H / p.Hkv), bhk = b * p.Hkv + hk;
   const int nqt = num_tiles(p.Nq), nkt = num_tiles(p.Nk);
   const int64_t q_base = static_cast<int64_t>(bh) * p.Nq, k_base = static_cast<int64_t>(bhk) * p.Nk;
-  const TileRange qr = p.q_pack.tiles[bh * nqt + qt];
+  const int q0 = qb * kBR;
+  const TileRange* qtiles = p.q_pack.tiles + static_cast<int64_t>(bh) * nqt;
+  TileRange qr = qtiles[q0 / kRows];
+#pragma unroll
+  for (int t = 1; t < kBR / kRows; ++t)
+    if (q0 / kRows + t < nqt) {
+      const TileRange o = qtiles[q0 / kRows + t];
+      qr = {min(qr.x, o.x), max(qr.y, o.y), min(qr.z, o.z), max(qr.w, o.w)};
+    }
   const TileRange* ktiles = p.k_pack.tiles + static_cast<int64_t>(bhk) * nkt;
   const T* q = head_ptr<T>(p.q, p.q_layout, b, h);
   const T* k = head_ptr<T>(p.k, p.k_layout, b, hk);
   const T* v = head_ptr<T>(p.v, p.v_layout, b, hk);
   const int* qperm = p.q_pack.perm ? p.q_pack.perm + q_base : nullptr;
   const int* kperm = p.k_pack.perm ? p.k_pack.perm + k_base : nullptr;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  load_tile_async<T, D, kThreads>(sQ, q, p.q_layout.n, qperm, qt * kRows, p.Nq);
+  load_rows_async<T, D, kT, kBR>(sQ, 0, q, p.q_layout.n, qperm, q0, p.Nq);
+
+  const IndexRange range = key_tile_range(ktiles, nkt, qr, kperm == nullptr, lane);
+  MeetIter it{ktiles, qr, range.lo, range.hi, 0u, true};
+  it.fill(lane);
+  const bool q_block_full = q0 + kBR <= p.Nq;
+
+  auto issue = [&](int kt, int buf) {
+    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * buf) * kRows * D}, 0, k,
+                                     p.k_layout.n, kperm, kt * kRows, p.Nk);
+    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * buf + 1) * kRows * D}, 0, v,
+                                     p.v_layout.n, kperm, kt * kRows, p.Nk);
+  };
+  auto all_allowed_for = [&](int kt) {
+    return q_block_full && (kt + 1) * kRows <= p.Nk && tiles_all_allowed(qr, __ldg(&ktiles[kt]));
+  };
+
+  int kt = it.next(lane);
+  bool all_allowed = false;
+  if (kt >= 0) {
+    issue(kt, 0);
+    all_allowed = all_allowed_for(kt);
+    if (threadIdx.x < kRows) {
+      const RowInfo ki = row_info(p.k_pack, k_base, kt * kRows + threadIdx.x, p.Nk, 0, kInvalidKeyBucket);
+      sKpos[threadIdx.x] = ki.pos;
+      sKbucket[threadIdx.x] = ki.bucket;
+    }
+  }
   cp_async_commit();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   RowInfo rows[2];
   bool valid[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int packed = qt * kRows + warp * 16 + lane / 4 + 8 * i;
+    const int packed = q0 + warp * 16 + lane / 4 + 8 * i;
     valid[i] = packed < p.Nq;
     rows[i] = row_info(p.q_pack, q_base, packed, p.Nq, p.Nk - p.Nq, kInvalidQueryBucket);
   }
-  const bool q_tile_full = (qt + 1) * kRows <= p.Nq;
 
   float o[D / 8][4];
 #pragma unroll
@@ -222,28 +346,32 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
 
   cp_async_wait_all();
   __syncthreads();
-  uint32_t qf[D / 16][4];
-  load_a_fragments<T, D>(qf, sQ, warp * 16, lane);
+  uint32_t qf[kQInRegs ? D / 16 : 1][4];
+  if constexpr (kQInRegs) load_a_fragments<T, D>(qf, sQ, warp * 16, lane);
 
-  for (int kt = 0; kt < nkt; ++kt) {
-    const TileRange kr = ktiles[kt];
-    if (!tiles_meet(qr, kr)) continue;
-    const bool all_allowed =
-        q_tile_full && (kt + 1) * kRows <= p.Nk && tiles_all_allowed(qr, kr);
-    __syncthreads();  // everyone is done with the previous K/V tile
-    load_tile_async<T, D, kThreads>(sK, k, p.k_layout.n, kperm, kt * kRows, p.Nk);
-    load_tile_async<T, D, kThreads>(sV, v, p.v_layout.n, kperm, kt * kRows, p.Nk);
-    cp_async_commit();
-    if (threadIdx.x < kRows) {
-      RowInfo kinfo = row_info(p.k_pack, k_base, kt * kRows + threadIdx.x, p.Nk, 0, kInvalidKeyBucket);
-      sKpos[threadIdx.x] = kinfo.pos;
-      sKbucket[threadIdx.x] = kinfo.bucket;
-    }
+  int buf = 0;
+  while (kt >= 0) {
     cp_async_wait_all();
-    __syncthreads();
+    __syncthreads();  // tile kt landed; everyone is done with the other buffer
+    const int nkt_ = it.next(lane);
+    bool next_all = false;
+    RowInfo next_info{0, 0, 0};
+    if (nkt_ >= 0) {
+      issue(nkt_, buf ^ 1);
+      next_all = all_allowed_for(nkt_);
+      if (threadIdx.x < kRows)
+        next_info = row_info(p.k_pack, k_base, nkt_ * kRows + threadIdx.x, p.Nk, 0, kInvalidKeyBucket);
+    }
+    cp_async_commit();
 
+    const SmemTile<T, D> sK{kv + (2 * buf) * kRows * D}, sV{kv + (2 * buf + 1) * kRows * D};
+    const int* kpos = sKpos + buf * kRows;
+    const int* kbucket = sKbucket + buf * kRows;
     float s[8][4];
-    gemm_rows_tile_t<T, D>(s, qf, sK, lane);
+    if constexpr (kQInRegs)
+      gemm_rows_tile_t<T, D>(s, qf, sK, lane);
+    else
+      gemm_smem_rows_tile_t<T, D>(s, sQ, warp * 16, sK, lane);
 
     // Mask, then the online softmax in the log2 domain.
     float tile_max[2] = {-INFINITY, -INFINITY};
@@ -253,8 +381,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
       for (int e = 0; e < 4; ++e) {
         const int i = e >> 1, col = nb * 8 + (lane % 4) * 2 + (e & 1);
         float x = s[nb][e] * scale_log2;
-        if (!all_allowed &&
-            !(rows[i].bucket == sKbucket[col] && rows[i].pos >= sKpos[col]))
+        if (!all_allowed && !(rows[i].bucket == kbucket[col] && rows[i].pos >= kpos[col]))
           x = -INFINITY;
         s[nb][e] = x;
         tile_max[i] = fmaxf(tile_max[i], x);
@@ -281,6 +408,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const __grid_constant
       }
     }
     gemm_acc_tile<T, D>(o, s, sV, lane);
+
+    if (nkt_ >= 0 && threadIdx.x < kRows) {
+      sKpos[(buf ^ 1) * kRows + threadIdx.x] = next_info.pos;
+      sKbucket[(buf ^ 1) * kRows + threadIdx.x] = next_info.bucket;
+    }
+    kt = nkt_;
+    all_allowed = next_all;
+    buf ^= 1;
   }
 
   float inv[2];
@@ -322,20 +457,20 @@ __global__ void delta_kernel(const __grid_constant__ BackwardParams p) {
 }
 
 // dK, dV for one key tile: loops over the query heads of its group and the
-// query tiles that can see it.
+// query tiles that can see it (binary search + ballot), Q/dO double buffered.
+// dP^T is computed 16 query columns at a time so that dK, dV, P^T stay live
+// without spilling at D = 128.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ BackwardParams p) {
   const ForwardParams& f = p.fwd;
+  constexpr bool kKVInRegs = D == 64;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  SmemTile<T, D> sK{smem}, sV{smem + kRows * D}, sQ{smem + 2 * kRows * D},
-      sdO{smem + 3 * kRows * D};
-  int* sQpos = reinterpret_cast<int*>(smem + 4 * kRows * D);
-  int* sQbucket = sQpos + kRows;
-  float* sLse = reinterpret_cast<float*>(sQbucket + kRows);
-  float* sDelta = sLse + kRows;
+  SmemTile<T, D> sK{smem}, sV{smem + kRows * D};
+  T* qdo = smem + 2 * kRows * D;                              // Q0 dO0 Q1 dO1
+  int* meta = reinterpret_cast<int*>(qdo + 4 * kRows * D);    // [2][pos, bucket, lse, delta][kRows]
 
-  const int kt = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
+  const int bhk = blockIdx.x, kt = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
   const TileRange kr = f.k_pack.tiles[bhk * nkt + kt];
@@ -344,9 +479,79 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
                                   kt * kRows, f.Nk);
   load_tile_async<T, D, kThreads>(sV, head_ptr<T>(f.v, f.v_layout, b, hk), f.v_layout.n, kperm,
                                   kt * kRows, f.Nk);
-  cp_async_commit();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const TileRange* qtiles0 = f.q_pack.tiles + static_cast<int64_t>(b * f.H + hk * group) * nqt;
+  const bool q_identity = f.q_pack.perm == nullptr;
+  int g = 0;
+  MeetIter it;
+  auto start_head = [&](int gg) {
+    const TileRange* qt_ = qtiles0 + static_cast<int64_t>(gg) * nqt;
+    const IndexRange r = query_tile_range(qt_, nqt, kr, q_identity, lane);
+    it = MeetIter{qt_, kr, r.lo, r.hi, 0u, false};
+    it.fill(lane);
+  };
+  start_head(0);
+  // Next (head, query tile) pair; false when done.
+  auto next = [&](int& gg, int& qt) {
+    while (true) {
+      const int r = it.next(lane);
+      if (r >= 0) {
+        gg = g;
+        qt = r;
+        return true;
+      }
+      if (++g >= group) return false;
+      start_head(g);
+    }
+  };
+  const bool k_tile_full = (kt + 1) * kRows <= f.Nk;
+  auto issue = [&](int gg, int qt, int bf) {
+    const int bh = b * f.H + hk * group + gg;
+    const int* qperm = f.q_pack.perm ? f.q_pack.perm + static_cast<int64_t>(bh) * f.Nq : nullptr;
+    load_tile_async<T, D, kThreads>(SmemTile<T, D>{qdo + (2 * bf) * kRows * D},
+                                    head_ptr<T>(f.q, f.q_layout, b, hk * group + gg),
+                                    f.q_layout.n, qperm, qt * kRows, f.Nq);
+    load_tile_async<T, D, kThreads>(SmemTile<T, D>{qdo + (2 * bf + 1) * kRows * D},
+                                    head_ptr<T>(p.dout, p.dout_layout, b, hk * group + gg),
+                                    p.dout_layout.n, qperm, qt * kRows, f.Nq);
+  };
+  struct QMeta {
+    int pos, bucket;
+    float lse, delta;
+  };
+  auto load_meta = [&](int gg, int qt) {
+    const int bh = b * f.H + hk * group + gg;
+    const int64_t q_base = static_cast<int64_t>(bh) * f.Nq;
+    const RowInfo qi = row_info(f.q_pack, q_base, qt * kRows + threadIdx.x, f.Nq, f.Nk - f.Nq,
+                                kInvalidQueryBucket);
+    const bool in = qt * kRows + static_cast<int>(threadIdx.x) < f.Nq;
+    const float lse = in ? f.lse[q_base + qi.orig] : -INFINITY;
+    return QMeta{qi.pos, qi.bucket, lse == -INFINITY ? 0.f : lse * kLog2e,
+                 in ? p.delta[q_base + qi.orig] : 0.f};
+  };
+  auto store_meta = [&](const QMeta& mt, int bf) {
+    int* m = meta + bf * 4 * kRows;
+    m[threadIdx.x] = mt.pos;
+    m[kRows + threadIdx.x] = mt.bucket;
+    reinterpret_cast<float*>(m)[2 * kRows + threadIdx.x] = mt.lse;
+    reinterpret_cast<float*>(m)[3 * kRows + threadIdx.x] = mt.delta;
+  };
+  auto all_allowed_for = [&](int gg, int qt) {
+    return k_tile_full && (qt + 1) * kRows <= f.Nq &&
+           tiles_all_allowed(__ldg(&qtiles0[static_cast<int64_t>(gg) * nqt + qt]), kr);
+  };
+
+  int cg = 0, cqt = 0;
+  bool have = next(cg, cqt);
+  bool all_allowed = false;
+  if (have) {
+    issue(cg, cqt, 0);
+    all_allowed = all_allowed_for(cg, cqt);
+    if (threadIdx.x < kRows) store_meta(load_meta(cg, cqt), 0);
+  }
+  cp_async_commit();
+
   RowInfo rows[2];
   bool valid[2];
 #pragma unroll
@@ -355,7 +560,6 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
     valid[i] = packed < f.Nk;
     rows[i] = row_info(f.k_pack, k_base, packed, f.Nk, 0, kInvalidKeyBucket);
   }
-  const bool k_tile_full = (kt + 1) * kRows <= f.Nk;
   const float scale_log2 = f.scale * kLog2e;
 
   float dk[D / 8][4], dv[D / 8][4];
@@ -364,60 +568,93 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
-  for (int g = 0; g < group; ++g) {
-    const int h = hk * group + g, bh = b * f.H + h;
-    const int64_t q_base = static_cast<int64_t>(bh) * f.Nq;
-    const TileRange* qtiles = f.q_pack.tiles + static_cast<int64_t>(bh) * nqt;
-    const int* qperm = f.q_pack.perm ? f.q_pack.perm + q_base : nullptr;
-    const T* q = head_ptr<T>(f.q, f.q_layout, b, h);
-    const T* dout = head_ptr<T>(p.dout, p.dout_layout, b, h);
-    for (int qt = 0; qt < nqt; ++qt) {
-      const TileRange qr = qtiles[qt];
-      if (!tiles_meet(qr, kr)) continue;
-      const bool all_allowed =
-          k_tile_full && (qt + 1) * kRows <= f.Nq && tiles_all_allowed(qr, kr);
-      __syncthreads();
-      load_tile_async<T, D, kThreads>(sQ, q, f.q_layout.n, qperm, qt * kRows, f.Nq);
-      load_tile_async<T, D, kThreads>(sdO, dout, p.dout_layout.n, qperm, qt * kRows, f.Nq);
-      cp_async_commit();
-      if (threadIdx.x < kRows) {
-        RowInfo qinfo = row_info(f.q_pack, q_base, qt * kRows + threadIdx.x, f.Nq, f.Nk - f.Nq,
-                                 kInvalidQueryBucket);
-        const bool in = qt * kRows + static_cast<int>(threadIdx.x) < f.Nq;
-        const float lse = in ? f.lse[q_base + qinfo.orig] : -INFINITY;
-        sQpos[threadIdx.x] = qinfo.pos;
-        sQbucket[threadIdx.x] = qinfo.bucket;
-        sLse[threadIdx.x] = lse == -INFINITY ? 0.f : lse * kLog2e;
-        sDelta[threadIdx.x] = in ? p.delta[q_base + qinfo.orig] : 0.f;
-      }
-      cp_async_wait_all();
-      __syncthreads();
+  cp_async_wait_all();
+  __syncthreads();
+  uint32_t kf[kKVInRegs ? D / 16 : 1][4], vf[kKVInRegs ? D / 16 : 1][4];
+  if constexpr (kKVInRegs) {
+    load_a_fragments<T, D>(kf, sK, warp * 16, lane);
+    load_a_fragments<T, D>(vf, sV, warp * 16, lane);
+  }
 
-      // S^T = K Q^T: keys are this warp's rows, queries the columns.
-      float s[8][4];
+  int bf = 0;
+  while (have) {
+    cp_async_wait_all();
+    __syncthreads();
+    int ng = 0, nqt_ = 0;
+    const bool nhave = next(ng, nqt_);
+    bool next_all = false;
+    QMeta nmeta{0, 0, 0.f, 0.f};
+    if (nhave) {
+      issue(ng, nqt_, bf ^ 1);
+      next_all = all_allowed_for(ng, nqt_);
+      if (threadIdx.x < kRows) nmeta = load_meta(ng, nqt_);
+    }
+    cp_async_commit();
+
+    const SmemTile<T, D> sQ{qdo + (2 * bf) * kRows * D}, sdO{qdo + (2 * bf + 1) * kRows * D};
+    const int* sQpos = meta + bf * 4 * kRows;
+    const int* sQbucket = sQpos + kRows;
+    const float* sLse = reinterpret_cast<const float*>(sQpos + 2 * kRows);
+    const float* sDelta = sLse + kRows;
+
+    // S^T = K Q^T: keys are this warp's rows, queries the columns.
+    float s[8][4];
+    if constexpr (kKVInRegs)
+      gemm_rows_tile_t<T, D>(s, kf, sQ, lane);
+    else
       gemm_smem_rows_tile_t<T, D>(s, sK, warp * 16, sQ, lane);
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
+    for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1, col = nb * 8 + (lane % 4) * 2 + (e & 1);
-          const bool ok = all_allowed ||
-                          (rows[i].bucket == sQbucket[col] && sQpos[col] >= rows[i].pos);
-          s[nb][e] = ok ? exp2f(s[nb][e] * scale_log2 - sLse[col]) : 0.f;  // P^T
-        }
-      gemm_acc_tile<T, D>(dv, s, sdO, lane);  // dV += P^T dO
+      for (int e = 0; e < 4; ++e) {
+        const int i = e >> 1, col = nb * 8 + (lane % 4) * 2 + (e & 1);
+        const bool ok = all_allowed ||
+                        (rows[i].bucket == sQbucket[col] && sQpos[col] >= rows[i].pos);
+        s[nb][e] = ok ? exp2f(s[nb][e] * scale_log2 - sLse[col]) : 0.f;  // P^T
+      }
+    gemm_acc_tile<T, D>(dv, s, sdO, lane);  // dV += P^T dO
 
-      float dp[8][4];  // dP^T = V dO^T
-      gemm_smem_rows_tile_t<T, D>(dp, sV, warp * 16, sdO, lane);
+    // dS^T = P^T * (V dO^T - delta), dK += dS^T Q, 16 query columns at a time.
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
+    for (int j = 0; j < 4; ++j) {
+      float dp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4], bb[4];
+        if constexpr (kKVInRegs) {
+          a[0] = vf[kk][0], a[1] = vf[kk][1], a[2] = vf[kk][2], a[3] = vf[kk][3];
+        } else {
+          ldmatrix_x4(a, sV.at(warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8, kk * 16 + (lane / 16) * 8));
+        }
+        ldmatrix_x4(bb, sdO.at(j * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
+        mma_16816<T>(dp[0], a, bb[0], bb[1]);
+        mma_16816<T>(dp[1], a, bb[2], bb[3]);
+      }
+#pragma unroll
+      for (int hb = 0; hb < 2; ++hb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = nb * 8 + (lane % 4) * 2 + (e & 1);
-          s[nb][e] *= dp[nb][e] - sDelta[col];  // dS^T
+          const int col = (2 * j + hb) * 8 + (lane % 4) * 2 + (e & 1);
+          s[2 * j + hb][e] *= dp[hb][e] - sDelta[col];
         }
-      gemm_acc_tile<T, D>(dk, s, sQ, lane);  // dK += dS^T Q
+      uint32_t a[4];
+      a[0] = Pack2<T>::pack(s[2 * j][0], s[2 * j][1]);
+      a[1] = Pack2<T>::pack(s[2 * j][2], s[2 * j][3]);
+      a[2] = Pack2<T>::pack(s[2 * j + 1][0], s[2 * j + 1][1]);
+      a[3] = Pack2<T>::pack(s[2 * j + 1][2], s[2 * j + 1][3]);
+#pragma unroll
+      for (int dn2 = 0; dn2 < D / 16; ++dn2) {
+        uint32_t bq[4];
+        ldmatrix_x4_trans(bq, sQ.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
+        mma_16816<T>(dk[2 * dn2], a, bq[0], bq[1]);
+        mma_16816<T>(dk[2 * dn2 + 1], a, bq[2], bq[3]);
+      }
     }
+
+    if (nhave && threadIdx.x < kRows) store_meta(nmeta, bf ^ 1);
+    have = nhave;
+    all_allowed = next_all;
+    bf ^= 1;
   }
   const float one[2] = {1.f, 1.f}, scale[2] = {f.scale, f.scale};
   store_rows<T, D>(dk, scale,
@@ -427,89 +664,144 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
                    p.dv_layout.n, rows, valid, lane);
 }
 
-// dQ for one query tile: a second pass over the key tiles it meets.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ BackwardParams p) {
+// dQ for one query block (kWarps * 16 rows): a second pass over the key tiles
+// it meets, K/V double buffered.
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 1)
+    dq_kernel(const __grid_constant__ BackwardParams p) {
   const ForwardParams& f = p.fwd;
+  constexpr int kT = kWarps * 32, kBR = kWarps * 16;
+  constexpr bool kQInRegs = D == 64;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  SmemTile<T, D> sQ{smem}, sdO{smem + kRows * D}, sK{smem + 2 * kRows * D},
-      sV{smem + 3 * kRows * D};
-  int* sKpos = reinterpret_cast<int*>(smem + 4 * kRows * D);
-  int* sKbucket = sKpos + kRows;
+  SmemTile<T, D> sQ{smem}, sdO{smem + kBR * D};
+  T* kv = smem + 2 * kBR * D;  // K0 V0 K1 V1
+  int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);
+  int* sKbucket = sKpos + 2 * kRows;
 
-  const int qt = blockIdx.x, bh = blockIdx.y, b = bh / f.H, h = bh % f.H;
+  const int bh = blockIdx.x, qb = gridDim.y - 1 - blockIdx.y;
+  const int b = bh / f.H, h = bh % f.H;
   const int hk = h / (f.H / f.Hkv), bhk = b * f.Hkv + hk;
   const int nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
   const int64_t q_base = static_cast<int64_t>(bh) * f.Nq, k_base = static_cast<int64_t>(bhk) * f.Nk;
-  const TileRange qr = f.q_pack.tiles[bh * nqt + qt];
+  const int q0 = qb * kBR;
+  const TileRange* qtiles = f.q_pack.tiles + static_cast<int64_t>(bh) * nqt;
+  TileRange qr = qtiles[q0 / kRows];
+#pragma unroll
+  for (int t = 1; t < kBR / kRows; ++t)
+    if (q0 / kRows + t < nqt) {
+      const TileRange o = qtiles[q0 / kRows + t];
+      qr = {min(qr.x, o.x), max(qr.y, o.y), min(qr.z, o.z), max(qr.w, o.w)};
+    }
   const TileRange* ktiles = f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt;
   const int* qperm = f.q_pack.perm ? f.q_pack.perm + q_base : nullptr;
   const int* kperm = f.k_pack.perm ? f.k_pack.perm + k_base : nullptr;
   const T* k = head_ptr<T>(f.k, f.k_layout, b, hk);
   const T* v = head_ptr<T>(f.v, f.v_layout, b, hk);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  load_tile_async<T, D, kThreads>(sQ, head_ptr<T>(f.q, f.q_layout, b, h), f.q_layout.n, qperm,
-                                  qt * kRows, f.Nq);
-  load_tile_async<T, D, kThreads>(sdO, head_ptr<T>(p.dout, p.dout_layout, b, h), p.dout_layout.n,
-                                  qperm, qt * kRows, f.Nq);
+  load_rows_async<T, D, kT, kBR>(sQ, 0, head_ptr<T>(f.q, f.q_layout, b, h), f.q_layout.n, qperm,
+                                 q0, f.Nq);
+  load_rows_async<T, D, kT, kBR>(sdO, 0, head_ptr<T>(p.dout, p.dout_layout, b, h),
+                                 p.dout_layout.n, qperm, q0, f.Nq);
+
+  const IndexRange range = key_tile_range(ktiles, nkt, qr, kperm == nullptr, lane);
+  MeetIter it{ktiles, qr, range.lo, range.hi, 0u, true};
+  it.fill(lane);
+  const bool q_block_full = q0 + kBR <= f.Nq;
+  auto issue = [&](int kt, int buf) {
+    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * buf) * kRows * D}, 0, k,
+                                     f.k_layout.n, kperm, kt * kRows, f.Nk);
+    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * buf + 1) * kRows * D}, 0, v,
+                                     f.v_layout.n, kperm, kt * kRows, f.Nk);
+  };
+  auto all_allowed_for = [&](int kt) {
+    return q_block_full && (kt + 1) * kRows <= f.Nk && tiles_all_allowed(qr, __ldg(&ktiles[kt]));
+  };
+
+  int kt = it.next(lane);
+  bool all_allowed = false;
+  if (kt >= 0) {
+    issue(kt, 0);
+    all_allowed = all_allowed_for(kt);
+    if (threadIdx.x < kRows) {
+      const RowInfo ki = row_info(f.k_pack, k_base, kt * kRows + threadIdx.x, f.Nk, 0, kInvalidKeyBucket);
+      sKpos[threadIdx.x] = ki.pos;
+      sKbucket[threadIdx.x] = ki.bucket;
+    }
+  }
   cp_async_commit();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   RowInfo rows[2];
   bool valid[2];
   float lse2[2], delta[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int packed = qt * kRows + warp * 16 + lane / 4 + 8 * i;
+    const int packed = q0 + warp * 16 + lane / 4 + 8 * i;
     valid[i] = packed < f.Nq;
     rows[i] = row_info(f.q_pack, q_base, packed, f.Nq, f.Nk - f.Nq, kInvalidQueryBucket);
     const float lse = valid[i] ? f.lse[q_base + rows[i].orig] : -INFINITY;
     lse2[i] = lse == -INFINITY ? 0.f : lse * kLog2e;
     delta[i] = valid[i] ? p.delta[q_base + rows[i].orig] : 0.f;
   }
-  const bool q_tile_full = (qt + 1) * kRows <= f.Nq;
   const float scale_log2 = f.scale * kLog2e;
 
   cp_async_wait_all();
   __syncthreads();
-  uint32_t qf[D / 16][4], dof[D / 16][4];
-  load_a_fragments<T, D>(qf, sQ, warp * 16, lane);
-  load_a_fragments<T, D>(dof, sdO, warp * 16, lane);
+  uint32_t qf[kQInRegs ? D / 16 : 1][4], dof[kQInRegs ? D / 16 : 1][4];
+  if constexpr (kQInRegs) {
+    load_a_fragments<T, D>(qf, sQ, warp * 16, lane);
+    load_a_fragments<T, D>(dof, sdO, warp * 16, lane);
+  }
   float dq[D / 8][4];
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
 
-  for (int kt = 0; kt < nkt; ++kt) {
-    const TileRange kr = ktiles[kt];
-    if (!tiles_meet(qr, kr)) continue;
-    const bool all_allowed = q_tile_full && (kt + 1) * kRows <= f.Nk && tiles_all_allowed(qr, kr);
-    __syncthreads();
-    load_tile_async<T, D, kThreads>(sK, k, f.k_layout.n, kperm, kt * kRows, f.Nk);
-    load_tile_async<T, D, kThreads>(sV, v, f.v_layout.n, kperm, kt * kRows, f.Nk);
-    cp_async_commit();
-    if (threadIdx.x < kRows) {
-      RowInfo kinfo = row_info(f.k_pack, k_base, kt * kRows + threadIdx.x, f.Nk, 0, kInvalidKeyBucket);
-      sKpos[threadIdx.x] = kinfo.pos;
-      sKbucket[threadIdx.x] = kinfo.bucket;
-    }
+  int buf = 0;
+  while (kt >= 0) {
     cp_async_wait_all();
     __syncthreads();
+    const int nkt_ = it.next(lane);
+    bool next_all = false;
+    RowInfo next_info{0, 0, 0};
+    if (nkt_ >= 0) {
+      issue(nkt_, buf ^ 1);
+      next_all = all_allowed_for(nkt_);
+      if (threadIdx.x < kRows)
+        next_info = row_info(f.k_pack, k_base, nkt_ * kRows + threadIdx.x, f.Nk, 0, kInvalidKeyBucket);
+    }
+    cp_async_commit();
 
+    const SmemTile<T, D> sK{kv + (2 * buf) * kRows * D}, sV{kv + (2 * buf + 1) * kRows * D};
+    const int* kpos = sKpos + buf * kRows;
+    const int* kbucket = sKbucket + buf * kRows;
     float s[8][4], dp[8][4];
-    gemm_rows_tile_t<T, D>(s, qf, sK, lane);   // S = Q K^T
-    gemm_rows_tile_t<T, D>(dp, dof, sV, lane);  // dP = dO V^T
+    if constexpr (kQInRegs) {
+      gemm_rows_tile_t<T, D>(s, qf, sK, lane);    // S = Q K^T
+      gemm_rows_tile_t<T, D>(dp, dof, sV, lane);  // dP = dO V^T
+    } else {
+      gemm_smem_rows_tile_t<T, D>(s, sQ, warp * 16, sK, lane);
+      gemm_smem_rows_tile_t<T, D>(dp, sdO, warp * 16, sV, lane);
+    }
 #pragma unroll
     for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e >> 1, col = nb * 8 + (lane % 4) * 2 + (e & 1);
-        const bool ok = all_allowed ||
-                        (rows[i].bucket == sKbucket[col] && rows[i].pos >= sKpos[col]);
+        const bool ok =
+            all_allowed || (rows[i].bucket == kbucket[col] && rows[i].pos >= kpos[col]);
         const float prob = ok ? exp2f(s[nb][e] * scale_log2 - lse2[i]) : 0.f;
         s[nb][e] = prob * (dp[nb][e] - delta[i]);  // dS
       }
     gemm_acc_tile<T, D>(dq, s, sK, lane);  // dQ += dS K
+
+    if (nkt_ >= 0 && threadIdx.x < kRows) {
+      sKpos[(buf ^ 1) * kRows + threadIdx.x] = next_info.pos;
+      sKbucket[(buf ^ 1) * kRows + threadIdx.x] = next_info.bucket;
+    }
+    kt = nkt_;
+    all_allowed = next_all;
+    buf ^= 1;
   }
   const float scale[2] = {f.scale, f.scale};
   store_rows<T, D>(dq, scale, static_cast<T*>(p.dq) + b * p.dq_layout.b + h * p.dq_layout.h,
@@ -518,6 +810,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const __grid_constant__ Ba
 
 // ---------------------------------------------------------------------------
 // launchers
+
+constexpr int kFwdWarps = 8, kDqWarps = 8;
 
 template <typename P, typename Kernel>
 cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
@@ -533,9 +827,10 @@ cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cu
 
 template <typename T, int D>
 cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
-  const size_t smem = 3 * kRows * D * sizeof(T) + 2 * kRows * sizeof(int);
-  dim3 grid(num_tiles(p.Nq), p.B * p.H);
-  return launch_kernel(forward_kernel<T, D>, grid, kThreads, smem, stream, p);
+  constexpr int kBR = kFwdWarps * 16;
+  const size_t smem = (kBR + 4 * kRows) * D * sizeof(T) + 4 * kRows * sizeof(int);
+  dim3 grid(p.B * p.H, (p.Nq + kBR - 1) / kBR);
+  return launch_kernel(forward_kernel<T, D, kFwdWarps>, grid, kFwdWarps * 32, smem, stream, p);
 }
 
 template <typename T, int D>
@@ -544,13 +839,15 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(f.B) * f.H * f.Nq;
   delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  const size_t smem = 4 * kRows * D * sizeof(T) + 4 * kRows * sizeof(int);
-  if (cudaError_t e = launch_kernel(dkdv_kernel<T, D>, dim3(num_tiles(f.Nk), f.B * f.Hkv),
-                                    kThreads, smem, stream, p);
+  const size_t smem_kv = 6 * kRows * D * sizeof(T) + 8 * kRows * sizeof(int);
+  if (cudaError_t e = launch_kernel(dkdv_kernel<T, D>, dim3(f.B * f.Hkv, num_tiles(f.Nk)),
+                                    kThreads, smem_kv, stream, p);
       e != cudaSuccess)
     return e;
-  return launch_kernel(dq_kernel<T, D>, dim3(num_tiles(f.Nq), f.B * f.H), kThreads, smem, stream,
-                       p);
+  constexpr int kBR = kDqWarps * 16;
+  const size_t smem_q = (2 * kBR + 4 * kRows) * D * sizeof(T) + 4 * kRows * sizeof(int);
+  return launch_kernel(dq_kernel<T, D, kDqWarps>, dim3(f.B * f.H, (f.Nq + kBR - 1) / kBR),
+                       kDqWarps * 32, smem_q, stream, p);
 }
 
 bool valid_shape(const ForwardParams& p) {

@@ -1,0 +1,236 @@
+// LibTorch side of the sparse flash kernels: input checks, packing (bucket
+// ids -> stable sort -> tile ranges), the autograd function, and the
+// fallback answer "not supported" for builds without CUDA.
+#include "attention/flash.h"
+
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#ifdef SPARSEFLASH_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "attention/kernels/sparse_flash.h"
+#endif
+
+namespace sparseflash::attention {
+
+#ifndef SPARSEFLASH_WITH_CUDA
+
+bool flash_supported(const Tensor&, const Tensor&, const Tensor&) { return false; }
+Tensor flash_attention(const Tensor&, const Tensor&, const Tensor&, const Pattern&, double) {
+  TORCH_CHECK(false, "flash_attention: this build has no CUDA kernels (nvcc was not found)");
+}
+std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor&, const Tensor&, const Tensor&,
+                                                   const Pattern&, double) {
+  TORCH_CHECK(false, "flash_attention: this build has no CUDA kernels (nvcc was not found)");
+}
+
+#else
+
+namespace sk = sparseflash::kernels;
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+bool flash_supported(const Tensor& q, const Tensor& k, const Tensor& v) {
+  const auto dt = q.scalar_type();
+  return q.is_cuda() && k.is_cuda() && v.is_cuda() && q.dim() == 4 && k.dim() == 4 &&
+         v.sizes() == k.sizes() && (dt == at::kBFloat16 || dt == at::kHalf) &&
+         k.scalar_type() == dt && v.scalar_type() == dt && (q.size(3) == 64 || q.size(3) == 128) &&
+         k.size(3) == q.size(3) && k.size(0) == q.size(0) && q.size(1) % k.size(1) == 0 &&
+         q.size(2) <= k.size(2);
+}
+
+namespace {
+
+void check_cuda(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "flash_attention: ", what, " failed: ", cudaGetErrorString(e));
+}
+
+void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(q.dim() == 4, "flash_attention: q must be [B, H, Nq, D], got ", q.sizes());
+  TORCH_CHECK(k.dim() == 4 && v.sizes() == k.sizes(),
+              "flash_attention: k and v must both be [B, Hkv, Nk, D], got k ", k.sizes(), " v ",
+              v.sizes());
+  TORCH_CHECK(q.is_cuda() && k.device() == q.device() && v.device() == q.device(),
+              "flash_attention: q, k, v must be on one CUDA device, got ", q.device(), ", ",
+              k.device(), ", ", v.device());
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "flash_attention: q must be bfloat16 or float16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "flash_attention: k and v must have q's dtype ", q.scalar_type(), ", got ",
+              k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128,
+              "flash_attention: head dim must be 64 or 128, got ", q.size(3));
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3),
+              "flash_attention: k ", k.sizes(), " does not match q ", q.sizes());
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "flash_attention: ", q.size(1),
+              " query heads is not a multiple of ", k.size(1), " key heads");
+  TORCH_CHECK(q.size(2) <= k.size(2), "flash_attention: more queries (", q.size(2),
+              ") than keys (", k.size(2), ")");
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->stride(3) == 1, "flash_attention: the head dim of q, k and v must be contiguous");
+}
+
+sk::Layout layout_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Bucket ids in original order (int32 [B * heads, N]) for one side, or an
+// undefined tensor for dense.
+Tensor side_buckets(const Tensor& bucket, const Tensor& keep, int dropped_bucket) {
+  if (!bucket.defined() && !keep.defined()) return Tensor();
+  Tensor b = bucket.defined() ? bucket.to(at::kInt) : at::zeros(keep.sizes(), keep.options().dtype(at::kInt));
+  if (keep.defined()) b = at::where(keep, b, at::full_like(b, dropped_bucket));
+  return b.contiguous();
+}
+
+// The packed order of one side: perm, sorted buckets and tile ranges.
+struct Packed {
+  Tensor perm, bucket, tiles;
+  sk::Packing packing() const {
+    return {perm.defined() ? perm.data_ptr<int>() : nullptr,
+            bucket.defined() ? bucket.data_ptr<int>() : nullptr,
+            reinterpret_cast<const sk::TileRange*>(tiles.data_ptr<int>())};
+  }
+};
+
+Packed pack_side(const Tensor& buckets, int64_t rows, int64_t n, int position_offset, int sort_bits,
+                 const at::TensorOptions& device) {
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto i32 = device.dtype(at::kInt);
+  Packed p;
+  p.tiles = at::empty({rows, sk::num_tiles(static_cast<int>(n)), 4}, i32);
+  if (buckets.defined()) {
+    TORCH_CHECK(buckets.numel() == rows * n, "flash_attention: pattern has ", buckets.numel(),
+                " bucket ids, expected ", rows * n);
+    p.perm = at::empty({rows, n}, i32);
+    p.bucket = at::empty({rows, n}, i32);
+    const size_t bytes = sk::pack_workspace_bytes(static_cast<int>(rows), static_cast<int>(n));
+    Tensor ws = at::empty({static_cast<int64_t>(bytes)}, device.dtype(at::kByte));
+    check_cuda(sk::pack_by_bucket(buckets.data_ptr<int>(), static_cast<int>(rows),
+                                  static_cast<int>(n), sort_bits, p.perm.data_ptr<int>(),
+                                  p.bucket.data_ptr<int>(), ws.data_ptr(), bytes, stream),
+               "bucket sort");
+  }
+  check_cuda(sk::compute_tile_ranges(p.perm.defined() ? p.perm.data_ptr<int>() : nullptr,
+                                     p.bucket.defined() ? p.bucket.data_ptr<int>() : nullptr,
+                                     static_cast<int>(rows), static_cast<int>(n), position_offset,
+                                     reinterpret_cast<sk::TileRange*>(p.tiles.data_ptr<int>()),
+                                     stream),
+             "tile ranges");
+  return p;
+}
+
+struct Call {
+  sk::ForwardParams params;
+  Packed qp, kp;
+};
+
+// Packs both sides and fills the forward parameters (out and lse allocated).
+Call prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern,
+             double scale, Tensor& out, Tensor& lse) {
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Hkv = k.size(1), Nk = k.size(2);
+  Tensor qb = side_buckets(pattern.q_bucket, pattern.q_keep, sk::kDroppedQueryBucket);
+  Tensor kb = side_buckets(pattern.k_bucket, pattern.k_keep, sk::kDroppedKeyBucket);
+  TORCH_CHECK(qb.defined() == kb.defined(), "flash_attention: pattern constrains only one side");
+  int max_bucket = static_cast<int>(pattern.num_buckets);
+  if (pattern.q_bucket.defined() && max_bucket <= 0)  // unknown: ask the GPU (a sync)
+    max_bucket = static_cast<int>(std::max(pattern.q_bucket.max().item<int64_t>(),
+                                           pattern.k_bucket.max().item<int64_t>())) + 1;
+  const int bits = sk::bucket_sort_bits(pattern.q_keep.defined(), max_bucket);
+  Call c;
+  c.qp = pack_side(qb, B * H, Nq, static_cast<int>(Nk - Nq), bits, q.options());
+  c.kp = pack_side(kb, B * Hkv, Nk, 0, bits, q.options());
+  out = at::empty(q.sizes(), q.options());
+  lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
+  sk::ForwardParams& p = c.params;
+  p.dtype = q.scalar_type() == at::kBFloat16 ? sk::DType::kBF16 : sk::DType::kFP16;
+  p.B = B, p.H = H, p.Hkv = Hkv, p.Nq = Nq, p.Nk = Nk, p.D = q.size(3);
+  p.scale = static_cast<float>(scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(q.size(3))));
+  p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr(), p.out = out.data_ptr();
+  p.q_layout = layout_of(q), p.k_layout = layout_of(k), p.v_layout = layout_of(v);
+  p.out_layout = layout_of(out);
+  p.lse = lse.data_ptr<float>();
+  p.q_pack = c.qp.packing();
+  p.k_pack = c.kp.packing();
+  return c;
+}
+
+struct FlashAttention : public torch::autograd::Function<FlashAttention> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& q_in, const Tensor& k_in,
+                        const Tensor& v_in, const Pattern& pattern, double scale) {
+    check_inputs(q_in, k_in, v_in);
+    c10::cuda::CUDAGuard guard(q_in.device());
+    Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+    Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+    Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+    Tensor out, lse;
+    Call c = prepare(q, k, v, pattern, scale, out, lse);
+    check_cuda(sk::attention_forward(c.params, at::cuda::getCurrentCUDAStream()), "forward");
+    // The packing is kept for the backward: same pattern, no second sort.
+    auto undef = [](const Tensor& t) { return t.defined() ? t : at::empty({0}, at::kInt); };
+    ctx->save_for_backward({q, k, v, out, lse, undef(c.qp.perm), undef(c.qp.bucket), c.qp.tiles,
+                            undef(c.kp.perm), undef(c.kp.bucket), c.kp.tiles});
+    ctx->saved_data["scale"] = static_cast<double>(c.params.scale);
+    return out;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    auto s = ctx->get_saved_variables();
+    const Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
+    c10::cuda::CUDAGuard guard(q.device());
+    auto packed = [](const Tensor& perm, const Tensor& bucket, const Tensor& tiles) {
+      Packed p;
+      if (perm.numel() > 0) p.perm = perm, p.bucket = bucket;
+      p.tiles = tiles;
+      return p;
+    };
+    Packed qp = packed(s[5], s[6], s[7]), kp = packed(s[8], s[9], s[10]);
+    Tensor dout = grads[0].stride(3) == 1 ? grads[0] : grads[0].contiguous();
+    sk::BackwardParams b;
+    sk::ForwardParams& f = b.fwd;
+    f.dtype = q.scalar_type() == at::kBFloat16 ? sk::DType::kBF16 : sk::DType::kFP16;
+    f.B = q.size(0), f.H = q.size(1), f.Hkv = k.size(1), f.Nq = q.size(2), f.Nk = k.size(2),
+    f.D = q.size(3);
+    f.scale = static_cast<float>(ctx->saved_data["scale"].toDouble());
+    f.q = q.data_ptr(), f.k = k.data_ptr(), f.v = v.data_ptr(), f.out = out.data_ptr();
+    f.q_layout = layout_of(q), f.k_layout = layout_of(k), f.v_layout = layout_of(v);
+    f.out_layout = layout_of(out);
+    f.lse = lse.data_ptr<float>();
+    f.q_pack = qp.packing();
+    f.k_pack = kp.packing();
+    Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+           dv = at::empty(v.sizes(), v.options());
+    Tensor delta = at::empty({f.B, f.H, f.Nq}, q.options().dtype(at::kFloat));
+    b.dout = dout.data_ptr(), b.dout_layout = layout_of(dout);
+    b.dq = dq.data_ptr(), b.dk = dk.data_ptr(), b.dv = dv.data_ptr();
+    b.dq_layout = layout_of(dq), b.dk_layout = layout_of(dk), b.dv_layout = layout_of(dv);
+    b.delta = delta.data_ptr<float>();
+    check_cuda(sk::attention_backward(b, at::cuda::getCurrentCUDAStream()), "backward");
+    return {dq, dk, dv, Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+Tensor flash_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern,
+                       double scale) {
+  return FlashAttention::apply(q, k, v, pattern, scale);
+}
+
+std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor& q_in, const Tensor& k_in,
+                                                   const Tensor& v_in, const Pattern& pattern,
+                                                   double scale) {
+  check_inputs(q_in, k_in, v_in);
+  c10::cuda::CUDAGuard guard(q_in.device());
+  Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), out, lse;
+  Call c = prepare(q, k, v, pattern, scale, out, lse);
+  check_cuda(sk::attention_forward(c.params, at::cuda::getCurrentCUDAStream()), "forward");
+  return {out, lse};
+}
+
+#endif  // SPARSEFLASH_WITH_CUDA
+
+}  // namespace sparseflash::attention

@@ -1,0 +1,26 @@
+// The CUDA kernels behind the attention interface: a LibTorch autograd
+// function over attention/kernels (packing included), used automatically for
+// CUDA tensors the kernels support; the reference covers everything else.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "attention/attention.h"
+
+namespace sparseflash::attention {
+
+// True when this build has the kernels and q, k, v qualify: CUDA, bf16 or
+// fp16 (all three alike), head dim 64 or 128, H a multiple of Hkv, Nq <= Nk.
+bool flash_supported(const Tensor& q, const Tensor& k, const Tensor& v);
+
+// Same contract as reference_attention (output in q's dtype; rows with no
+// allowed key give 0). Checks its inputs with messages naming the argument.
+Tensor flash_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern,
+                       double scale = 0);
+
+// Forward only, with the log-sum-exp ([B, H, Nq] float32): for tests.
+std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor& q, const Tensor& k,
+                                                   const Tensor& v, const Pattern& pattern,
+                                                   double scale = 0);
+
+}  // namespace sparseflash::attention
