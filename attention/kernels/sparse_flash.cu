@@ -277,7 +277,9 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);  // [2][kRows]
   int* sKbucket = sKpos + 2 * kRows;                        // [2][kRows]
 
-  const int bh = blockIdx.x, qb = gridDim.y - 1 - blockIdx.y;  // long causal rows first
+  // Query blocks of one head are consecutive (its K/V stay in L2); long causal
+  // rows first.
+  const int bh = blockIdx.y, qb = gridDim.x - 1 - blockIdx.x;
   const int b = bh / p.H, h = bh % p.H;
   const int hk = h / (p.H / p.Hkv), bhk = b * p.Hkv + hk;
   const int nqt = num_tiles(p.Nq), nkt = num_tiles(p.Nk);
@@ -470,7 +472,7 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
   T* qdo = smem + 2 * kRows * D;                              // Q0 dO0 Q1 dO1
   int* meta = reinterpret_cast<int*>(qdo + 4 * kRows * D);    // [2][pos, bucket, lse, delta][kRows]
 
-  const int bhk = blockIdx.x, kt = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
+  const int kt = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
   const TileRange kr = f.k_pack.tiles[bhk * nkt + kt];
@@ -614,40 +616,52 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
       }
     gemm_acc_tile<T, D>(dv, s, sdO, lane);  // dV += P^T dO
 
-    // dS^T = P^T * (V dO^T - delta), dK += dS^T Q, 16 query columns at a time.
+    // dS^T = P^T * (V dO^T - delta), dK += dS^T Q, 16 * kJ query columns at a time
+    // (all 64 at D = 64; 32 at D = 128 to stay within registers).
+    constexpr int kJ = D == 64 ? 4 : 2;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float dp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    for (int j0 = 0; j0 < 4; j0 += kJ) {
+      float dp[2 * kJ][4];
+#pragma unroll
+      for (int i = 0; i < 2 * kJ; ++i) dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4], bb[4];
+        uint32_t a[4];
         if constexpr (kKVInRegs) {
           a[0] = vf[kk][0], a[1] = vf[kk][1], a[2] = vf[kk][2], a[3] = vf[kk][3];
         } else {
           ldmatrix_x4(a, sV.at(warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8, kk * 16 + (lane / 16) * 8));
         }
-        ldmatrix_x4(bb, sdO.at(j * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
-        mma_16816<T>(dp[0], a, bb[0], bb[1]);
-        mma_16816<T>(dp[1], a, bb[2], bb[3]);
+#pragma unroll
+        for (int jj = 0; jj < kJ; ++jj) {
+          uint32_t bb[4];
+          ldmatrix_x4(bb, sdO.at((j0 + jj) * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
+          mma_16816<T>(dp[2 * jj], a, bb[0], bb[1]);
+          mma_16816<T>(dp[2 * jj + 1], a, bb[2], bb[3]);
+        }
       }
 #pragma unroll
-      for (int hb = 0; hb < 2; ++hb)
+      for (int hb = 0; hb < 2 * kJ; ++hb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = (2 * j + hb) * 8 + (lane % 4) * 2 + (e & 1);
-          s[2 * j + hb][e] *= dp[hb][e] - sDelta[col];
+          const int col = (2 * j0 + hb) * 8 + (lane % 4) * 2 + (e & 1);
+          s[2 * j0 + hb][e] *= dp[hb][e] - sDelta[col];
         }
-      uint32_t a[4];
-      a[0] = Pack2<T>::pack(s[2 * j][0], s[2 * j][1]);
-      a[1] = Pack2<T>::pack(s[2 * j][2], s[2 * j][3]);
-      a[2] = Pack2<T>::pack(s[2 * j + 1][0], s[2 * j + 1][1]);
-      a[3] = Pack2<T>::pack(s[2 * j + 1][2], s[2 * j + 1][3]);
 #pragma unroll
-      for (int dn2 = 0; dn2 < D / 16; ++dn2) {
-        uint32_t bq[4];
-        ldmatrix_x4_trans(bq, sQ.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
-        mma_16816<T>(dk[2 * dn2], a, bq[0], bq[1]);
-        mma_16816<T>(dk[2 * dn2 + 1], a, bq[2], bq[3]);
+      for (int jj = 0; jj < kJ; ++jj) {
+        const int j = j0 + jj;
+        uint32_t a[4];
+        a[0] = Pack2<T>::pack(s[2 * j][0], s[2 * j][1]);
+        a[1] = Pack2<T>::pack(s[2 * j][2], s[2 * j][3]);
+        a[2] = Pack2<T>::pack(s[2 * j + 1][0], s[2 * j + 1][1]);
+        a[3] = Pack2<T>::pack(s[2 * j + 1][2], s[2 * j + 1][3]);
+#pragma unroll
+        for (int dn2 = 0; dn2 < D / 16; ++dn2) {
+          uint32_t bq[4];
+          ldmatrix_x4_trans(bq, sQ.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
+          mma_16816<T>(dk[2 * dn2], a, bq[0], bq[1]);
+          mma_16816<T>(dk[2 * dn2 + 1], a, bq[2], bq[3]);
+        }
       }
     }
 
@@ -679,7 +693,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);
   int* sKbucket = sKpos + 2 * kRows;
 
-  const int bh = blockIdx.x, qb = gridDim.y - 1 - blockIdx.y;
+  const int bh = blockIdx.y, qb = gridDim.x - 1 - blockIdx.x;
   const int b = bh / f.H, h = bh % f.H;
   const int hk = h / (f.H / f.Hkv), bhk = b * f.Hkv + hk;
   const int nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
@@ -811,7 +825,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 // ---------------------------------------------------------------------------
 // launchers
 
-constexpr int kFwdWarps = 8, kDqWarps = 8;
+constexpr int kFwdWarps = 8, kDqWarps = 4;
 
 template <typename P, typename Kernel>
 cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
@@ -829,7 +843,7 @@ template <typename T, int D>
 cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kFwdWarps * 16;
   const size_t smem = (kBR + 4 * kRows) * D * sizeof(T) + 4 * kRows * sizeof(int);
-  dim3 grid(p.B * p.H, (p.Nq + kBR - 1) / kBR);
+  dim3 grid((p.Nq + kBR - 1) / kBR, p.B * p.H);
   return launch_kernel(forward_kernel<T, D, kFwdWarps>, grid, kFwdWarps * 32, smem, stream, p);
 }
 
@@ -840,13 +854,13 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
   delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   const size_t smem_kv = 6 * kRows * D * sizeof(T) + 8 * kRows * sizeof(int);
-  if (cudaError_t e = launch_kernel(dkdv_kernel<T, D>, dim3(f.B * f.Hkv, num_tiles(f.Nk)),
+  if (cudaError_t e = launch_kernel(dkdv_kernel<T, D>, dim3(num_tiles(f.Nk), f.B * f.Hkv),
                                     kThreads, smem_kv, stream, p);
       e != cudaSuccess)
     return e;
   constexpr int kBR = kDqWarps * 16;
   const size_t smem_q = (2 * kBR + 4 * kRows) * D * sizeof(T) + 4 * kRows * sizeof(int);
-  return launch_kernel(dq_kernel<T, D, kDqWarps>, dim3(f.B * f.H, (f.Nq + kBR - 1) / kBR),
+  return launch_kernel(dq_kernel<T, D, kDqWarps>, dim3((f.Nq + kBR - 1) / kBR, f.B * f.H),
                        kDqWarps * 32, smem_q, stream, p);
 }
 
