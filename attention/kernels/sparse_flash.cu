@@ -4,7 +4,8 @@
 //
 // Reading order: packing kernels, the tile loop shared by all passes
 // (masking, skipping), forward, backward (delta, dK/dV, dQ), launchers.
-// todo: wgmma/TMA on sm_90a, fp32-atomic dQ as a faster option.
+// todo: wgmma/TMA on sm_90a, fp32-atomic dQ as a faster option; the forward
+// and dQ passes repeat the same K/V pipeline prologue: fold it into one helper.
 #include "attention/kernels/sparse_flash.h"
 
 #include <cub/device/device_segmented_radix_sort.cuh>
