@@ -17,7 +17,8 @@ struct PrepareOptions {
   std::vector<std::string> inputs;
   std::string out_dir;
   // Glob patterns (fnmatch, '*' also matches '/') on a document's path
-  // (archive member path, or file path as given). Empty = every document.
+  // (archive member path without a leading "./"; for a directory input,
+  // "<dir name>/<relative path>"; a file input's path as given). Empty = every document.
   std::vector<std::string> include;
   std::vector<std::string> exclude;
   std::string tokenizer = "byte";
