@@ -132,14 +132,17 @@ struct Call {
 Call prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern,
              double scale, Tensor& out, Tensor& lse) {
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Hkv = k.size(1), Nk = k.size(2);
-  Tensor qb = side_buckets(pattern.q_bucket, pattern.q_keep, sk::kDroppedQueryBucket);
-  Tensor kb = side_buckets(pattern.k_bucket, pattern.k_keep, sk::kDroppedKeyBucket);
-  TORCH_CHECK(qb.defined() == kb.defined(), "flash_attention: pattern constrains only one side");
   int max_bucket = static_cast<int>(pattern.num_buckets);
   if (pattern.q_bucket.defined() && max_bucket <= 0)  // unknown: ask the GPU (a sync)
     max_bucket = static_cast<int>(std::max(pattern.q_bucket.max().item<int64_t>(),
                                            pattern.k_bucket.max().item<int64_t>())) + 1;
-  const int bits = sk::bucket_sort_bits(pattern.q_keep.defined(), max_bucket);
+  if (max_bucket <= 0) max_bucket = 1;
+  // Dropped rows get the two buckets after the real ones: they match nothing,
+  // sort last, and keep the radix sort to the few bits the ids need.
+  Tensor qb = side_buckets(pattern.q_bucket, pattern.q_keep, max_bucket);
+  Tensor kb = side_buckets(pattern.k_bucket, pattern.k_keep, max_bucket + 1);
+  TORCH_CHECK(qb.defined() == kb.defined(), "flash_attention: pattern constrains only one side");
+  const int bits = sk::bucket_sort_bits(false, max_bucket + (pattern.q_keep.defined() ? 2 : 0));
   Call c;
   c.qp = pack_side(qb, B * H, Nq, static_cast<int>(Nk - Nq), bits, q.options());
   c.kp = pack_side(kb, B * Hkv, Nk, 0, bits, q.options());
