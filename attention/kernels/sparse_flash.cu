@@ -4,8 +4,7 @@
 //
 // Reading order: packing kernels, the tile loop shared by all passes
 // (masking, skipping), forward, backward (delta, dK/dV, dQ), launchers.
-// todo: wgmma/TMA on sm_90a, fp32-atomic dQ as a faster option; the forward
-// and dQ passes repeat the same K/V pipeline prologue: fold it into one helper.
+// todo: wgmma/TMA on sm_90a, fp32-atomic dQ as a faster option.
 #include "attention/kernels/sparse_flash.h"
 
 #include <cub/device/device_segmented_radix_sort.cuh>
@@ -167,6 +166,105 @@ __device__ __forceinline__ RowInfo row_info(const Packing& pk, int64_t row_base,
   return {orig, orig + offset, bucket};
 }
 
+// The union of the tile ranges of a query block of kBR rows starting at q0.
+template <int kBR>
+__device__ __forceinline__ TileRange query_block_range(const TileRange* qtiles, int nqt, int q0) {
+  TileRange qr = qtiles[q0 / kRows];
+#pragma unroll
+  for (int t = 1; t < kBR / kRows; ++t)
+    if (q0 / kRows + t < nqt) {
+      const TileRange o = qtiles[q0 / kRows + t];
+      qr = {min(qr.x, o.x), max(qr.y, o.y), min(qr.z, o.z), max(qr.w, o.w)};
+    }
+  return qr;
+}
+
+// The key tiles a query block meets, streamed through two shared-memory
+// buffers (K0 V0 K1 V1, plus each row's position and bucket). The forward and
+// dQ passes both run:
+//   pipe.start(lane);
+//   while (pipe.kt >= 0) {
+//     pipe.wait_and_prefetch(lane);   // tile kt is in; tile kt+1 is on its way
+//     ... key_tile(), value_tile(), pos(), bucket(), all_allowed ...
+//     pipe.advance();
+//   }
+template <typename T, int D, int kT>
+struct KeyPipeline {
+  const TileRange* ktiles;
+  TileRange qr;
+  MeetIter it;
+  const T *k, *v;
+  int64_t k_stride, v_stride;
+  const int* kperm;
+  const Packing* k_pack;
+  int64_t k_base;
+  int Nk;
+  T* kv;
+  int *sKpos, *sKbucket;  // [2][kRows] each
+  bool q_block_full;
+  // state
+  int kt = -1, buf = 0, next_kt = -1;
+  bool all_allowed = false, next_all = false;
+  RowInfo next_info{0, 0, 0};
+
+  __device__ __forceinline__ void issue(int tile, int b) {
+    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * b) * kRows * D}, 0, k, k_stride,
+                                     kperm, tile * kRows, Nk);
+    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * b + 1) * kRows * D}, 0, v, v_stride,
+                                     kperm, tile * kRows, Nk);
+  }
+  __device__ __forceinline__ bool all_allowed_for(int tile) const {
+    return q_block_full && (tile + 1) * kRows <= Nk && tiles_all_allowed(qr, __ldg(&ktiles[tile]));
+  }
+  __device__ __forceinline__ RowInfo key_row(int tile) const {
+    return row_info(*k_pack, k_base, tile * kRows + threadIdx.x, Nk, 0, kInvalidKeyBucket);
+  }
+  // Finds the first tile and starts loading it (one cp.async group).
+  __device__ __forceinline__ void start(int lane) {
+    it.fill(lane);
+    kt = it.next(lane);
+    if (kt >= 0) {
+      issue(kt, 0);
+      all_allowed = all_allowed_for(kt);
+      if (threadIdx.x < kRows) {
+        const RowInfo ki = key_row(kt);
+        sKpos[threadIdx.x] = ki.pos;
+        sKbucket[threadIdx.x] = ki.bucket;
+      }
+    }
+    cp_async_commit();
+  }
+  // Waits for tile kt and starts loading the next one into the other buffer.
+  __device__ __forceinline__ void wait_and_prefetch(int lane) {
+    cp_async_wait_all();
+    __syncthreads();  // tile kt landed; everyone is done with the other buffer
+    next_kt = it.next(lane);
+    next_all = false;
+    if (next_kt >= 0) {
+      issue(next_kt, buf ^ 1);
+      next_all = all_allowed_for(next_kt);
+      if (threadIdx.x < kRows) next_info = key_row(next_kt);
+    }
+    cp_async_commit();
+  }
+  __device__ __forceinline__ SmemTile<T, D> key_tile() const { return {kv + (2 * buf) * kRows * D}; }
+  __device__ __forceinline__ SmemTile<T, D> value_tile() const {
+    return {kv + (2 * buf + 1) * kRows * D};
+  }
+  __device__ __forceinline__ const int* pos() const { return sKpos + buf * kRows; }
+  __device__ __forceinline__ const int* bucket() const { return sKbucket + buf * kRows; }
+  // After the compute on tile kt: publishes the next tile's row data, moves on.
+  __device__ __forceinline__ void advance() {
+    if (next_kt >= 0 && threadIdx.x < kRows) {
+      sKpos[(buf ^ 1) * kRows + threadIdx.x] = next_info.pos;
+      sKbucket[(buf ^ 1) * kRows + threadIdx.x] = next_info.bucket;
+    }
+    kt = next_kt;
+    all_allowed = next_all;
+    buf ^= 1;
+  }
+};
+
 // S (16 x 64 per warp) = A_rows(16 x D, from fragments) * B_tile^T (64 rows x D in smem).
 template <typename T, int D>
 __device__ __forceinline__ void gemm_rows_tile_t(float (&s)[8][4], const uint32_t (&a)[D / 16][4],
@@ -287,13 +385,7 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   const int64_t q_base = static_cast<int64_t>(bh) * p.Nq, k_base = static_cast<int64_t>(bhk) * p.Nk;
   const int q0 = qb * kBR;
   const TileRange* qtiles = p.q_pack.tiles + static_cast<int64_t>(bh) * nqt;
-  TileRange qr = qtiles[q0 / kRows];
-#pragma unroll
-  for (int t = 1; t < kBR / kRows; ++t)
-    if (q0 / kRows + t < nqt) {
-      const TileRange o = qtiles[q0 / kRows + t];
-      qr = {min(qr.x, o.x), max(qr.y, o.y), min(qr.z, o.z), max(qr.w, o.w)};
-    }
+  const TileRange qr = query_block_range<kBR>(qtiles, nqt, q0);
   const TileRange* ktiles = p.k_pack.tiles + static_cast<int64_t>(bhk) * nkt;
   const T* q = head_ptr<T>(p.q, p.q_layout, b, h);
   const T* k = head_ptr<T>(p.k, p.k_layout, b, hk);
@@ -305,32 +397,10 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   load_rows_async<T, D, kT, kBR>(sQ, 0, q, p.q_layout.n, qperm, q0, p.Nq);
 
   const IndexRange range = key_tile_range(ktiles, nkt, qr, kperm == nullptr, lane);
-  MeetIter it{ktiles, qr, range.lo, range.hi, 0u, true};
-  it.fill(lane);
-  const bool q_block_full = q0 + kBR <= p.Nq;
-
-  auto issue = [&](int kt, int buf) {
-    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * buf) * kRows * D}, 0, k,
-                                     p.k_layout.n, kperm, kt * kRows, p.Nk);
-    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * buf + 1) * kRows * D}, 0, v,
-                                     p.v_layout.n, kperm, kt * kRows, p.Nk);
-  };
-  auto all_allowed_for = [&](int kt) {
-    return q_block_full && (kt + 1) * kRows <= p.Nk && tiles_all_allowed(qr, __ldg(&ktiles[kt]));
-  };
-
-  int kt = it.next(lane);
-  bool all_allowed = false;
-  if (kt >= 0) {
-    issue(kt, 0);
-    all_allowed = all_allowed_for(kt);
-    if (threadIdx.x < kRows) {
-      const RowInfo ki = row_info(p.k_pack, k_base, kt * kRows + threadIdx.x, p.Nk, 0, kInvalidKeyBucket);
-      sKpos[threadIdx.x] = ki.pos;
-      sKbucket[threadIdx.x] = ki.bucket;
-    }
-  }
-  cp_async_commit();
+  KeyPipeline<T, D, kT> pipe{ktiles, qr, MeetIter{ktiles, qr, range.lo, range.hi, 0u, true},
+                             k, v, p.k_layout.n, p.v_layout.n, kperm, &p.k_pack, k_base, p.Nk,
+                             kv, sKpos, sKbucket, q0 + kBR <= p.Nq};
+  pipe.start(lane);
 
   RowInfo rows[2];
   bool valid[2];
@@ -352,24 +422,11 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   uint32_t qf[kQInRegs ? D / 16 : 1][4];
   if constexpr (kQInRegs) load_a_fragments<T, D>(qf, sQ, warp * 16, lane);
 
-  int buf = 0;
-  while (kt >= 0) {
-    cp_async_wait_all();
-    __syncthreads();  // tile kt landed; everyone is done with the other buffer
-    const int nkt_ = it.next(lane);
-    bool next_all = false;
-    RowInfo next_info{0, 0, 0};
-    if (nkt_ >= 0) {
-      issue(nkt_, buf ^ 1);
-      next_all = all_allowed_for(nkt_);
-      if (threadIdx.x < kRows)
-        next_info = row_info(p.k_pack, k_base, nkt_ * kRows + threadIdx.x, p.Nk, 0, kInvalidKeyBucket);
-    }
-    cp_async_commit();
-
-    const SmemTile<T, D> sK{kv + (2 * buf) * kRows * D}, sV{kv + (2 * buf + 1) * kRows * D};
-    const int* kpos = sKpos + buf * kRows;
-    const int* kbucket = sKbucket + buf * kRows;
+  while (pipe.kt >= 0) {
+    pipe.wait_and_prefetch(lane);
+    const SmemTile<T, D> sK = pipe.key_tile(), sV = pipe.value_tile();
+    const int *kpos = pipe.pos(), *kbucket = pipe.bucket();
+    const bool all_allowed = pipe.all_allowed;
     float s[8][4];
     if constexpr (kQInRegs)
       gemm_rows_tile_t<T, D>(s, qf, sK, lane);
@@ -412,13 +469,7 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
     }
     gemm_acc_tile<T, D>(o, s, sV, lane);
 
-    if (nkt_ >= 0 && threadIdx.x < kRows) {
-      sKpos[(buf ^ 1) * kRows + threadIdx.x] = next_info.pos;
-      sKbucket[(buf ^ 1) * kRows + threadIdx.x] = next_info.bucket;
-    }
-    kt = nkt_;
-    all_allowed = next_all;
-    buf ^= 1;
+    pipe.advance();
   }
 
   float inv[2];
@@ -701,13 +752,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const int64_t q_base = static_cast<int64_t>(bh) * f.Nq, k_base = static_cast<int64_t>(bhk) * f.Nk;
   const int q0 = qb * kBR;
   const TileRange* qtiles = f.q_pack.tiles + static_cast<int64_t>(bh) * nqt;
-  TileRange qr = qtiles[q0 / kRows];
-#pragma unroll
-  for (int t = 1; t < kBR / kRows; ++t)
-    if (q0 / kRows + t < nqt) {
-      const TileRange o = qtiles[q0 / kRows + t];
-      qr = {min(qr.x, o.x), max(qr.y, o.y), min(qr.z, o.z), max(qr.w, o.w)};
-    }
+  const TileRange qr = query_block_range<kBR>(qtiles, nqt, q0);
   const TileRange* ktiles = f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt;
   const int* qperm = f.q_pack.perm ? f.q_pack.perm + q_base : nullptr;
   const int* kperm = f.k_pack.perm ? f.k_pack.perm + k_base : nullptr;
@@ -721,31 +766,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
                                  p.dout_layout.n, qperm, q0, f.Nq);
 
   const IndexRange range = key_tile_range(ktiles, nkt, qr, kperm == nullptr, lane);
-  MeetIter it{ktiles, qr, range.lo, range.hi, 0u, true};
-  it.fill(lane);
-  const bool q_block_full = q0 + kBR <= f.Nq;
-  auto issue = [&](int kt, int buf) {
-    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * buf) * kRows * D}, 0, k,
-                                     f.k_layout.n, kperm, kt * kRows, f.Nk);
-    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * buf + 1) * kRows * D}, 0, v,
-                                     f.v_layout.n, kperm, kt * kRows, f.Nk);
-  };
-  auto all_allowed_for = [&](int kt) {
-    return q_block_full && (kt + 1) * kRows <= f.Nk && tiles_all_allowed(qr, __ldg(&ktiles[kt]));
-  };
-
-  int kt = it.next(lane);
-  bool all_allowed = false;
-  if (kt >= 0) {
-    issue(kt, 0);
-    all_allowed = all_allowed_for(kt);
-    if (threadIdx.x < kRows) {
-      const RowInfo ki = row_info(f.k_pack, k_base, kt * kRows + threadIdx.x, f.Nk, 0, kInvalidKeyBucket);
-      sKpos[threadIdx.x] = ki.pos;
-      sKbucket[threadIdx.x] = ki.bucket;
-    }
-  }
-  cp_async_commit();
+  KeyPipeline<T, D, kT> pipe{ktiles, qr, MeetIter{ktiles, qr, range.lo, range.hi, 0u, true},
+                             k, v, f.k_layout.n, f.v_layout.n, kperm, &f.k_pack, k_base, f.Nk,
+                             kv, sKpos, sKbucket, q0 + kBR <= f.Nq};
+  pipe.start(lane);
 
   RowInfo rows[2];
   bool valid[2];
@@ -772,24 +796,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
 
-  int buf = 0;
-  while (kt >= 0) {
-    cp_async_wait_all();
-    __syncthreads();
-    const int nkt_ = it.next(lane);
-    bool next_all = false;
-    RowInfo next_info{0, 0, 0};
-    if (nkt_ >= 0) {
-      issue(nkt_, buf ^ 1);
-      next_all = all_allowed_for(nkt_);
-      if (threadIdx.x < kRows)
-        next_info = row_info(f.k_pack, k_base, nkt_ * kRows + threadIdx.x, f.Nk, 0, kInvalidKeyBucket);
-    }
-    cp_async_commit();
-
-    const SmemTile<T, D> sK{kv + (2 * buf) * kRows * D}, sV{kv + (2 * buf + 1) * kRows * D};
-    const int* kpos = sKpos + buf * kRows;
-    const int* kbucket = sKbucket + buf * kRows;
+  while (pipe.kt >= 0) {
+    pipe.wait_and_prefetch(lane);
+    const SmemTile<T, D> sK = pipe.key_tile(), sV = pipe.value_tile();
+    const int *kpos = pipe.pos(), *kbucket = pipe.bucket();
+    const bool all_allowed = pipe.all_allowed;
     float s[8][4], dp[8][4];
     if constexpr (kQInRegs) {
       gemm_rows_tile_t<T, D>(s, qf, sK, lane);    // S = Q K^T
@@ -810,13 +821,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       }
     gemm_acc_tile<T, D>(dq, s, sK, lane);  // dQ += dS K
 
-    if (nkt_ >= 0 && threadIdx.x < kRows) {
-      sKpos[(buf ^ 1) * kRows + threadIdx.x] = next_info.pos;
-      sKbucket[(buf ^ 1) * kRows + threadIdx.x] = next_info.bucket;
-    }
-    kt = nkt_;
-    all_allowed = next_all;
-    buf ^= 1;
+    pipe.advance();
   }
   const float scale[2] = {f.scale, f.scale};
   store_rows<T, D>(dq, scale, static_cast<T*>(p.dq) + b * p.dq_layout.b + h * p.dq_layout.h,
