@@ -1,0 +1,255 @@
+// Storage types and their conversion to float32.
+#include "checkpoint/tensor.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+
+namespace sparseflash::checkpoint {
+
+// --- Type table ---------------------------------------------------------------
+
+namespace {
+
+struct TypeTraits {
+  const char* name;
+  int64_t block_size;
+  int64_t block_bytes;
+};
+
+TypeTraits traits(DType dtype) {
+  switch (dtype) {
+    case DType::kF32: return {"F32", 1, 4};
+    case DType::kF16: return {"F16", 1, 2};
+    case DType::kBF16: return {"BF16", 1, 2};
+    case DType::kQ8_0: return {"Q8_0", 32, 2 + 32};
+    case DType::kQ4_0: return {"Q4_0", 32, 2 + 16};
+    case DType::kQ4_1: return {"Q4_1", 32, 2 + 2 + 16};
+    case DType::kQ5_0: return {"Q5_0", 32, 2 + 4 + 16};
+    case DType::kQ5_1: return {"Q5_1", 32, 2 + 2 + 4 + 16};
+    case DType::kF64: return {"F64", 1, 8};
+    case DType::kI64: return {"I64", 1, 8};
+    case DType::kI32: return {"I32", 1, 4};
+    case DType::kI16: return {"I16", 1, 2};
+    case DType::kI8: return {"I8", 1, 1};
+    case DType::kU8: return {"U8", 1, 1};
+    case DType::kBool: return {"BOOL", 1, 1};
+  }
+  return {"?", 1, 1};
+}
+
+template <typename T>
+T load(const uint8_t* p) {
+  T value;
+  std::memcpy(&value, p, sizeof(T));
+  return value;
+}
+
+}  // namespace
+
+const char* dtype_name(DType dtype) { return traits(dtype).name; }
+int64_t dtype_block_size(DType dtype) { return traits(dtype).block_size; }
+int64_t dtype_block_bytes(DType dtype) { return traits(dtype).block_bytes; }
+bool dtype_is_quantized(DType dtype) { return traits(dtype).block_size > 1; }
+
+int64_t dtype_nbytes(DType dtype, int64_t numel) {
+  TypeTraits t = traits(dtype);
+  if (numel < 0 || numel % t.block_size != 0) return -1;
+  int64_t blocks = numel / t.block_size;
+  if (blocks > std::numeric_limits<int64_t>::max() / t.block_bytes) return -1;
+  return blocks * t.block_bytes;
+}
+
+int64_t shape_numel(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    if (d < 0) return -1;
+    if (d != 0 && n > std::numeric_limits<int64_t>::max() / d) return -1;
+    n *= d;
+  }
+  return n;
+}
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
+
+int64_t TensorInfo::numel() const { return shape_numel(shape); }
+
+// --- Scalar conversions ------------------------------------------------------
+
+float half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exponent = (h >> 10) & 0x1f;
+  uint32_t mantissa = h & 0x3ff;
+  uint32_t bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // inf / nan
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;
+  } else {
+    // Subnormal half: mantissa * 2^-24, exact in float.
+    float f = std::ldexp(static_cast<float>(mantissa), -24);
+    return sign ? -f : f;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+float bf16_to_float(uint16_t b) {
+  uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fff + ((bits >> 16) & 1);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+uint16_t float_to_half(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000);
+  uint32_t abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return sign | 0x7e00;             // nan
+  if (abs >= 0x477ff000u) return sign | 0x7c00;            // rounds to inf
+  if (abs < 0x38800000u) {                                 // subnormal or zero half
+    float a;
+    std::memcpy(&a, &abs, 4);
+    return sign | static_cast<uint16_t>(std::nearbyint(a * 16777216.0f));  // a / 2^-24
+  }
+  uint32_t rounded = abs + 0xfff + ((abs >> 13) & 1);
+  return sign | static_cast<uint16_t>((rounded - (112u << 23)) >> 13);
+}
+
+// --- Dequantisation ----------------------------------------------------------
+
+namespace {
+
+constexpr int kBlock = 32;
+
+void dequantize_q8_0(const uint8_t* p, int64_t blocks, float* out) {
+  for (int64_t b = 0; b < blocks; ++b, p += 34, out += kBlock) {
+    float d = half_to_float(load<uint16_t>(p));
+    for (int j = 0; j < kBlock; ++j) out[j] = d * static_cast<float>(static_cast<int8_t>(p[2 + j]));
+  }
+}
+
+void dequantize_q4_0(const uint8_t* p, int64_t blocks, float* out) {
+  for (int64_t b = 0; b < blocks; ++b, p += 18, out += kBlock) {
+    float d = half_to_float(load<uint16_t>(p));
+    const uint8_t* qs = p + 2;
+    for (int j = 0; j < kBlock / 2; ++j) {
+      out[j] = static_cast<float>((qs[j] & 0x0f) - 8) * d;
+      out[j + kBlock / 2] = static_cast<float>((qs[j] >> 4) - 8) * d;
+    }
+  }
+}
+
+void dequantize_q4_1(const uint8_t* p, int64_t blocks, float* out) {
+  for (int64_t b = 0; b < blocks; ++b, p += 20, out += kBlock) {
+    float d = half_to_float(load<uint16_t>(p));
+    float m = half_to_float(load<uint16_t>(p + 2));
+    const uint8_t* qs = p + 4;
+    for (int j = 0; j < kBlock / 2; ++j) {
+      out[j] = static_cast<float>(qs[j] & 0x0f) * d + m;
+      out[j + kBlock / 2] = static_cast<float>(qs[j] >> 4) * d + m;
+    }
+  }
+}
+
+void dequantize_q5_0(const uint8_t* p, int64_t blocks, float* out) {
+  for (int64_t b = 0; b < blocks; ++b, p += 22, out += kBlock) {
+    float d = half_to_float(load<uint16_t>(p));
+    uint32_t qh = load<uint32_t>(p + 2);
+    const uint8_t* qs = p + 6;
+    for (int j = 0; j < kBlock / 2; ++j) {
+      int lo = (qs[j] & 0x0f) | static_cast<int>(((qh >> j) & 1) << 4);
+      int hi = (qs[j] >> 4) | static_cast<int>(((qh >> (j + 16)) & 1) << 4);
+      out[j] = static_cast<float>(lo - 16) * d;
+      out[j + kBlock / 2] = static_cast<float>(hi - 16) * d;
+    }
+  }
+}
+
+void dequantize_q5_1(const uint8_t* p, int64_t blocks, float* out) {
+  for (int64_t b = 0; b < blocks; ++b, p += 24, out += kBlock) {
+    float d = half_to_float(load<uint16_t>(p));
+    float m = half_to_float(load<uint16_t>(p + 2));
+    uint32_t qh = load<uint32_t>(p + 4);
+    const uint8_t* qs = p + 8;
+    for (int j = 0; j < kBlock / 2; ++j) {
+      int lo = (qs[j] & 0x0f) | static_cast<int>(((qh >> j) & 1) << 4);
+      int hi = (qs[j] >> 4) | static_cast<int>(((qh >> (j + 16)) & 1) << 4);
+      out[j] = static_cast<float>(lo) * d + m;
+      out[j + kBlock / 2] = static_cast<float>(hi) * d + m;
+    }
+  }
+}
+
+template <typename T>
+void convert_plain(const uint8_t* p, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(load<T>(p + i * sizeof(T)));
+}
+
+}  // namespace
+
+void to_float32(const TensorInfo& t, float* out) {
+  int64_t n = t.numel();
+  int64_t expected = n < 0 ? -1 : dtype_nbytes(t.dtype, n);
+  if (expected < 0 || static_cast<uint64_t>(expected) != t.nbytes) {
+    throw std::runtime_error("tensor " + t.name + ": " + dtype_name(t.dtype) + " shape " +
+                             shape_string(t.shape) + " does not match its " +
+                             std::to_string(t.nbytes) + " bytes");
+  }
+  if (n == 0) return;
+  const uint8_t* p = t.data;
+  int64_t blocks = n / dtype_block_size(t.dtype);
+  switch (t.dtype) {
+    case DType::kF32: std::memcpy(out, p, static_cast<size_t>(n) * 4); return;
+    case DType::kF16:
+      for (int64_t i = 0; i < n; ++i) out[i] = half_to_float(load<uint16_t>(p + 2 * i));
+      return;
+    case DType::kBF16:
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(load<uint16_t>(p + 2 * i));
+      return;
+    case DType::kQ8_0: dequantize_q8_0(p, blocks, out); return;
+    case DType::kQ4_0: dequantize_q4_0(p, blocks, out); return;
+    case DType::kQ4_1: dequantize_q4_1(p, blocks, out); return;
+    case DType::kQ5_0: dequantize_q5_0(p, blocks, out); return;
+    case DType::kQ5_1: dequantize_q5_1(p, blocks, out); return;
+    case DType::kF64: convert_plain<double>(p, n, out); return;
+    case DType::kI64: convert_plain<int64_t>(p, n, out); return;
+    case DType::kI32: convert_plain<int32_t>(p, n, out); return;
+    case DType::kI16: convert_plain<int16_t>(p, n, out); return;
+    case DType::kI8: convert_plain<int8_t>(p, n, out); return;
+    case DType::kU8: convert_plain<uint8_t>(p, n, out); return;
+    case DType::kBool:
+      for (int64_t i = 0; i < n; ++i) out[i] = p[i] != 0 ? 1.0f : 0.0f;
+      return;
+  }
+}
+
+std::vector<float> to_float32(const TensorInfo& t) {
+  int64_t n = t.numel();
+  if (n < 0) throw std::runtime_error("tensor " + t.name + ": invalid shape " + shape_string(t.shape));
+  std::vector<float> out(static_cast<size_t>(n));
+  to_float32(t, out.data());
+  return out;
+}
+
+}  // namespace sparseflash::checkpoint
