@@ -36,6 +36,7 @@ struct Options {
   double drop_prob = 0.5;       // DROP
   int64_t chunk_size = 1024;    // reference: query rows per chunk
   Backend backend = Backend::kAuto;
+  bool deterministic = false;   // kernels: bit-identical gradients (slower dQ)
 
   static Options from_config(const config::Attention& c);
 };

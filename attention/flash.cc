@@ -21,7 +21,7 @@ namespace sparseflash::attention {
 #ifndef SPARSEFLASH_WITH_CUDA
 
 bool flash_supported(const Tensor&, const Tensor&, const Tensor&) { return false; }
-Tensor flash_attention(const Tensor&, const Tensor&, const Tensor&, const Pattern&, double) {
+Tensor flash_attention(const Tensor&, const Tensor&, const Tensor&, const Pattern&, double, bool) {
   TORCH_CHECK(false, "flash_attention: this build has no CUDA kernels (nvcc was not found)");
 }
 std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor&, const Tensor&, const Tensor&,
@@ -163,7 +163,8 @@ Call prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& p
 
 struct FlashAttention : public torch::autograd::Function<FlashAttention> {
   static Tensor forward(AutogradContext* ctx, const Tensor& q_in, const Tensor& k_in,
-                        const Tensor& v_in, const Pattern& pattern, double scale) {
+                        const Tensor& v_in, const Pattern& pattern, double scale,
+                        bool deterministic) {
     check_inputs(q_in, k_in, v_in);
     c10::cuda::CUDAGuard guard(q_in.device());
     Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
@@ -177,6 +178,7 @@ struct FlashAttention : public torch::autograd::Function<FlashAttention> {
     ctx->save_for_backward({q, k, v, out, lse, undef(c.qp.perm), undef(c.qp.bucket), c.qp.tiles,
                             undef(c.kp.perm), undef(c.kp.bucket), c.kp.tiles});
     ctx->saved_data["scale"] = static_cast<double>(c.params.scale);
+    ctx->saved_data["deterministic"] = deterministic;
     return out;
   }
 
@@ -211,16 +213,21 @@ struct FlashAttention : public torch::autograd::Function<FlashAttention> {
     b.dq = dq.data_ptr(), b.dk = dk.data_ptr(), b.dv = dv.data_ptr();
     b.dq_layout = layout_of(dq), b.dk_layout = layout_of(dk), b.dv_layout = layout_of(dv);
     b.delta = delta.data_ptr<float>();
+    Tensor dq_accum;
+    if (!ctx->saved_data["deterministic"].toBool()) {
+      dq_accum = at::empty({f.B, f.H, f.Nq, f.D}, q.options().dtype(at::kFloat));
+      b.dq_accum = dq_accum.data_ptr<float>();
+    }
     check_cuda(sk::attention_backward(b, at::cuda::getCurrentCUDAStream()), "backward");
-    return {dq, dk, dv, Tensor(), Tensor()};
+    return {dq, dk, dv, Tensor(), Tensor(), Tensor()};
   }
 };
 
 }  // namespace
 
 Tensor flash_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern,
-                       double scale) {
-  return FlashAttention::apply(q, k, v, pattern, scale);
+                       double scale, bool deterministic) {
+  return FlashAttention::apply(q, k, v, pattern, scale, deterministic);
 }
 
 std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor& q_in, const Tensor& k_in,

@@ -15,8 +15,10 @@ bool flash_supported(const Tensor& q, const Tensor& k, const Tensor& v);
 
 // Same contract as reference_attention (output in q's dtype; rows with no
 // allowed key give 0). Checks its inputs with messages naming the argument.
+// deterministic: dQ by a second pass instead of fp32 atomics, so gradients are
+// bit-identical run to run (the backward is slower).
 Tensor flash_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern,
-                       double scale = 0);
+                       double scale = 0, bool deterministic = false);
 
 // Forward only, with the log-sum-exp ([B, H, Nq] float32): for tests.
 std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor& q, const Tensor& k,

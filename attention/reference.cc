@@ -34,6 +34,7 @@ Options Options::from_config(const config::Attention& c) {
   o.shared_qk = c.shared_qk();
   o.drop_prob = c.drop_prob();
   o.chunk_size = c.chunk_size();
+  o.deterministic = c.deterministic();
   switch (c.backend()) {
     case config::Attention::AUTO: o.backend = Backend::kAuto; break;
     case config::Attention::REFERENCE: o.backend = Backend::kReference; break;
@@ -361,7 +362,7 @@ Tensor Attention::forward(const Tensor& q, const Tensor& k, const Tensor& v,
   last_pattern_ = draw_pattern(options_, q, k, generator, layer_);
   const bool kernel = options_.backend == Backend::kKernel ||
                       (options_.backend == Backend::kAuto && flash_supported(q, k, v));
-  if (kernel) return flash_attention(q, k, v, last_pattern_);
+  if (kernel) return flash_attention(q, k, v, last_pattern_, 0, options_.deterministic);
   return reference_attention(q, k, v, last_pattern_, options_.chunk_size);
 }
 

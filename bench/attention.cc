@@ -73,13 +73,13 @@ struct Ours {
   std::string mode;  // dense, hash, drop
   double param = 0;
   int B, H, N, D;
-  Tensor q, k, v, out, lse, dout, dq, dk, dv, delta;
+  Tensor q, k, v, out, lse, dout, dq, dk, dv, delta, dq_accum;
   Tensor qb, kb, qperm, kperm, qbs, kbs, qtiles, ktiles, ws, rot;
   size_t ws_bytes = 0;
   sk::ForwardParams fwd;
   sk::BackwardParams bwd;
 
-  void init(const std::string& m, double prm, int b, int h, int n, int d) {
+  void init(const std::string& m, double prm, int b, int h, int n, int d, bool deterministic) {
     mode = m, param = prm, B = b, H = h, N = n, D = d;
     auto o = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
     auto i32 = at::TensorOptions().dtype(at::kInt).device(at::kCUDA);
@@ -114,6 +114,10 @@ struct Ours {
     bwd.dq = dq.data_ptr(), bwd.dk = dk.data_ptr(), bwd.dv = dv.data_ptr();
     bwd.dq_layout = layout_of(dq), bwd.dk_layout = layout_of(dk), bwd.dv_layout = layout_of(dv);
     bwd.delta = delta.data_ptr<float>();
+    if (!deterministic) {
+      dq_accum = at::empty({B, H, N, D}, o.dtype(at::kFloat));
+      bwd.dq_accum = dq_accum.data_ptr<float>();
+    }
   }
 
   // Bucket ids, sort, tile ranges: what every training step pays.
@@ -171,14 +175,32 @@ int main(int argc, char** argv) {
   std::vector<int> ns = {2048, 4096, 8192, 16384, 32768}, ds = {64, 128};
   int reps = 20;
   std::string json_path;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    std::string a = argv[i];
-    if (a == "--n") ns = parse_list(argv[i + 1]);
-    else if (a == "--d") ds = parse_list(argv[i + 1]);
-    else if (a == "--reps") reps = std::atoi(argv[i + 1]);
-    else if (a == "--json") json_path = argv[i + 1];
+  bool deterministic = false;
+  const char* usage =
+      "usage: bench_attention [--n LIST] [--d LIST] [--reps R] [--json FILE] [--deterministic]\n"
+      "  --deterministic  our backward computes dQ by its second pass (bit-reproducible)\n"
+      "                   instead of fp32 atomics\n";
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--deterministic") {
+      deterministic = true;
+      continue;
+    }
+    if (a == "--help" || a == "-h") {
+      std::cout << usage;
+      return 0;
+    }
+    if (i + 1 >= argc) {
+      std::cerr << "bench_attention: " << a << " needs a value\n" << usage;
+      return 2;
+    }
+    const std::string value = argv[++i];
+    if (a == "--n") ns = parse_list(value);
+    else if (a == "--d") ds = parse_list(value);
+    else if (a == "--reps") reps = std::atoi(value.c_str());
+    else if (a == "--json") json_path = value;
     else {
-      std::cerr << "usage: bench_attention [--n LIST] [--d LIST] [--reps R] [--json FILE]\n";
+      std::cerr << "bench_attention: unknown argument " << a << "\n" << usage;
       return 2;
     }
   }
@@ -224,7 +246,7 @@ int main(int argc, char** argv) {
                                  {"drop", 0.3}, {"drop", 0.5}, {"drop", 0.7}};
       for (const auto& c : cases) {
         Ours ours;
-        ours.init(c.mode, c.param, B, H, N, D);
+        ours.init(c.mode, c.param, B, H, N, D, deterministic);
         const double f = median_ms([&] { ours.pack(); ours.forward(); }, reps);
         const double fb = median_ms([&] { ours.pack(); ours.forward(); ours.backward(); }, reps);
         const double pk = median_ms([&] { ours.pack(); }, reps);
@@ -250,7 +272,10 @@ int main(int argc, char** argv) {
     nlohmann::json row = {{"impl", r.impl}, {"mode", r.mode}, {"N", r.N}, {"D", r.D},
                           {"B", r.B}, {"H", r.H}, {"fwd_ms", r.fwd_ms}, {"bwd_ms", r.bwd_ms},
                           {"fwdbwd_ms", r.fwdbwd_ms}};
-    if (r.impl == "sparseflash") row["pack_ms"] = r.pack_ms;
+    if (r.impl == "sparseflash") {
+      row["pack_ms"] = r.pack_ms;
+      row["deterministic"] = deterministic;
+    }
     row["param"] = r.has_param ? nlohmann::json(r.param) : nlohmann::json(nullptr);
     j.push_back(row);
   }

@@ -2,18 +2,26 @@
 # scripts/gpu_kernels.sh: on the GPU host, build the CUDA kernels, their
 # torch-free test and the attention benchmark; run both. Uses the environment
 # set-up of scripts/gpu_host.sh (phases deps, configure, build).
-#   OUT=DIR   results (ctest log, bench JSON); BENCH_N / BENCH_D: lists for the benchmark.
+#   OUT=DIR   results (ctest log, bench JSON); BENCH_N / BENCH_D: lists for the benchmark;
+#   BENCH_ARGS: more bench_attention flags (e.g. --deterministic); KERNEL_TEST_FILTER:
+#   a gtest filter for sparse_flash_test; RUN_ATTENTION_TEST=0 skips attention_test.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-GPU_PHASES="deps configure build" bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 || {
+GPU_PHASES="deps configure build" \
+  GPU_BUILD_TARGETS="${GPU_BUILD_TARGETS:-sparse_flash_test bench_attention attention_test}" \
+  bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 || {
   echo "setup failed"; tail -30 "$OUT/setup.log"; }
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 status=0
-build-gpu/tests/sparse_flash_test --gtest_brief=1 2>&1 | tee "$OUT/kernel_test.log" | tail -60 || status=1
+build-gpu/tests/sparse_flash_test --gtest_brief=1 ${KERNEL_TEST_FILTER:+--gtest_filter=$KERNEL_TEST_FILTER} 2>&1 | tee "$OUT/kernel_test.log" | tail -60 || status=1
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
+if [ "${RUN_ATTENTION_TEST:-1}" = 1 ]; then
+  build-gpu/tests/attention_test --gtest_brief=1 2>&1 | tee "$OUT/attention_test.log" | tail -15
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 build-gpu/bench/bench_attention --n "${BENCH_N:-8192,16384}" --d "${BENCH_D:-64,128}" \
-  --json "$OUT/attention-$gpu.json" 2>&1 | tee "$OUT/bench.log" || status=1
+  ${BENCH_ARGS:-} --json "$OUT/attention-$gpu.json" 2>&1 | tee "$OUT/bench.log" || status=1
 exit $status

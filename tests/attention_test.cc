@@ -322,16 +322,31 @@ TEST_P(FlashVsReference, ForwardAndGradientsMatch) {
           return reference_attention(q, k, v, p, 256);
         },
         rounded, w);
-    auto got = run_with_grads(
-        [&](const Tensor& q, const Tensor& k, const Tensor& v) {
-          return flash_attention(q, k, v, pg);
-        },
-        g, w.to(cuda_opts));
-    const std::string what = "Nq " + std::to_string(Nq) + " ";
-    expect_close(std::get<0>(got).cpu(), std::get<0>(ref), 2e-2, what + "out");
-    expect_close(std::get<1>(got).cpu(), std::get<1>(ref), 5e-2, what + "dq");
-    expect_close(std::get<2>(got).cpu(), std::get<2>(ref), 5e-2, what + "dk");
-    expect_close(std::get<3>(got).cpu(), std::get<3>(ref), 5e-2, what + "dv");
+    // dQ by atomics (the default) and by the deterministic pass; the
+    // deterministic backward twice gives the same bits.
+    std::vector<Tensor> first_det;
+    for (bool deterministic : {false, true, true}) {
+      auto got = run_with_grads(
+          [&](const Tensor& q, const Tensor& k, const Tensor& v) {
+            return flash_attention(q, k, v, pg, 0, deterministic);
+          },
+          g, w.to(cuda_opts));
+      const std::string what = "Nq " + std::to_string(Nq) +
+                               (deterministic ? " deterministic " : " atomic dQ ");
+      expect_close(std::get<0>(got).cpu(), std::get<0>(ref), 2e-2, what + "out");
+      expect_close(std::get<1>(got).cpu(), std::get<1>(ref), 5e-2, what + "dq");
+      expect_close(std::get<2>(got).cpu(), std::get<2>(ref), 5e-2, what + "dk");
+      expect_close(std::get<3>(got).cpu(), std::get<3>(ref), 5e-2, what + "dv");
+      if (!deterministic) continue;
+      std::vector<Tensor> grads{std::get<1>(got), std::get<2>(got), std::get<3>(got)};
+      if (first_det.empty()) {
+        first_det = grads;
+      } else {
+        for (size_t i = 0; i < grads.size(); ++i)
+          EXPECT_TRUE(at::equal(grads[i], first_det[i])) << what << "gradient " << i
+                                                         << " differs between two runs";
+      }
+    }
   }
 }
 

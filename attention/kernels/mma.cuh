@@ -102,23 +102,6 @@ struct SmemTile {
   }
 };
 
-// Loads kTileRows packed rows into a tile. Row r of the tile is packed row
-// first + r, read from original row perm[first + r] (identity if perm is
-// null); rows at or past n are zero-filled.
-template <typename T, int D, int kThreads>
-__device__ __forceinline__ void load_tile_async(SmemTile<T, D> tile, const T* src,
-                                                int64_t row_stride, const int* perm, int first,
-                                                int n) {
-  constexpr int kChunks = D / 8;
-  for (int idx = threadIdx.x; idx < 64 * kChunks; idx += kThreads) {
-    const int r = idx / kChunks, c = idx % kChunks;
-    const int packed = first + r;
-    const bool valid = packed < n;
-    const int orig = valid ? (perm ? perm[packed] : packed) : 0;
-    cp_async_16(tile.at(r, c * 8), src + orig * row_stride + c * 8, valid);
-  }
-}
-
 // Loads kNumRows packed rows (first .. first + kNumRows - 1) into rows
 // row0 .. row0 + kNumRows - 1 of a tile; rows at or past n are zero-filled.
 template <typename T, int D, int kThreads, int kNumRows>

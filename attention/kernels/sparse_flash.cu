@@ -1,10 +1,11 @@
 // Sparse causal flash attention kernels (FlashAttention-2 style, mma.sync):
-// packing (bucket sort, tile ranges), forward, and a deterministic backward
-// (dK/dV per key tile, dQ per query tile). See sparse_flash.h for semantics.
+// packing (bucket sort, tile ranges), forward, and the backward (dK/dV per
+// block of keys; dQ by fp32 atomics from the same pass, or deterministically
+// by a second pass per query block). See sparse_flash.h for semantics.
 //
 // Reading order: packing kernels, the tile loop shared by all passes
 // (masking, skipping), forward, backward (delta, dK/dV, dQ), launchers.
-// todo: wgmma/TMA on sm_90a, fp32-atomic dQ as a faster option.
+// todo: wgmma/TMA on sm_90a.
 #include "attention/kernels/sparse_flash.h"
 
 #include <cub/device/device_segmented_radix_sort.cuh>
@@ -20,8 +21,9 @@ namespace sparseflash::kernels {
 
 namespace {
 
-constexpr int kThreads = 128;  // 4 warps, 16 rows each
 constexpr int kRows = kTileRows;
+constexpr int kBwdWarps = 8;                // dK/dV blocks: 8 warps,
+constexpr int kBwdKeys = kBwdWarps * 16;    // 16 keys each
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kInvalidQueryBucket = -1;  // padding rows match nothing
@@ -153,6 +155,16 @@ struct MeetIter {
   }
 };
 
+// dst[0] += x, dst[1] += y (dst 8-byte aligned); one vector atomic on sm_90.
+__device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
+#else
+  atomicAdd(dst, x);
+  atomicAdd(dst + 1, y);
+#endif
+}
+
 // Per-row metadata of a packed row: original index, position, bucket.
 struct RowInfo {
   int orig, pos, bucket;
@@ -166,14 +178,15 @@ __device__ __forceinline__ RowInfo row_info(const Packing& pk, int64_t row_base,
   return {orig, orig + offset, bucket};
 }
 
-// The union of the tile ranges of a query block of kBR rows starting at q0.
+// The union of the tile ranges of a block of kBR packed rows starting at r0
+// (queries or keys).
 template <int kBR>
-__device__ __forceinline__ TileRange query_block_range(const TileRange* qtiles, int nqt, int q0) {
-  TileRange qr = qtiles[q0 / kRows];
+__device__ __forceinline__ TileRange block_range(const TileRange* tiles, int nt, int r0) {
+  TileRange qr = tiles[r0 / kRows];
 #pragma unroll
   for (int t = 1; t < kBR / kRows; ++t)
-    if (q0 / kRows + t < nqt) {
-      const TileRange o = qtiles[q0 / kRows + t];
+    if (r0 / kRows + t < nt) {
+      const TileRange o = tiles[r0 / kRows + t];
       qr = {min(qr.x, o.x), max(qr.y, o.y), min(qr.z, o.z), max(qr.w, o.w)};
     }
   return qr;
@@ -385,7 +398,7 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   const int64_t q_base = static_cast<int64_t>(bh) * p.Nq, k_base = static_cast<int64_t>(bhk) * p.Nk;
   const int q0 = qb * kBR;
   const TileRange* qtiles = p.q_pack.tiles + static_cast<int64_t>(bh) * nqt;
-  const TileRange qr = query_block_range<kBR>(qtiles, nqt, q0);
+  const TileRange qr = block_range<kBR>(qtiles, nqt, q0);
   const TileRange* ktiles = p.k_pack.tiles + static_cast<int64_t>(bhk) * nkt;
   const T* q = head_ptr<T>(p.q, p.q_layout, b, h);
   const T* k = head_ptr<T>(p.k, p.k_layout, b, hk);
@@ -510,29 +523,41 @@ __global__ void delta_kernel(const __grid_constant__ BackwardParams p) {
   if (lane == 0) p.delta[row] = sum;
 }
 
-// dK, dV for one key tile: loops over the query heads of its group and the
-// query tiles that can see it (binary search + ballot), Q/dO double buffered.
-// dP^T is computed 16 query columns at a time so that dK, dV, P^T stay live
-// without spilling at D = 128.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ BackwardParams p) {
+// dK, dV for a block of kBwdKeys packed keys, 16 per warp: loops over the
+// query heads of its group and the query tiles that can meet the block
+// (binary search + ballot), Q and dO double buffered. A warp whose 16 keys
+// cannot meet a query tile skips it. dP^T is computed 16 * kJ query columns at
+// a time so that dK, dV and P^T stay in registers at D = 128.
+//
+// kAtomicDq: dS of each query tile is also staged in shared memory and the
+// block adds dQ += dS K into an fp32 buffer with atomics (one pass, the
+// default). Otherwise dq_kernel computes dQ in a second, deterministic pass.
+template <typename T, int D, bool kAtomicDq>
+__global__ void __launch_bounds__(kBwdWarps * 32, 1)
+    dkdv_kernel(const __grid_constant__ BackwardParams p) {
   const ForwardParams& f = p.fwd;
+  constexpr int kT = kBwdWarps * 32;
   constexpr bool kKVInRegs = D == 64;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
-  SmemTile<T, D> sK{smem}, sV{smem + kRows * D};
-  T* qdo = smem + 2 * kRows * D;                              // Q0 dO0 Q1 dO1
-  int* meta = reinterpret_cast<int*>(qdo + 4 * kRows * D);    // [2][pos, bucket, lse, delta][kRows]
+  SmemTile<T, D> sK{smem}, sV{smem + kBwdKeys * D};
+  T* qdo = smem + 2 * kBwdKeys * D;  // Q0 dO0 Q1 dO1, kRows rows each
+  // dS^T of the current query tile, [key][query] (kAtomicDq only).
+  SmemTile<T, kRows> sdS{qdo + 4 * kRows * D};
+  int* meta = reinterpret_cast<int*>(qdo + 4 * kRows * D + (kAtomicDq ? kBwdKeys * kRows : 0));
+  // meta: [2 buffers][pos, bucket, lse, delta, orig][kRows], then one flag per warp.
+  int* warp_active = meta + 2 * 5 * kRows;
 
-  const int kt = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
+  const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
+  const int k0 = kb * kBwdKeys;
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
-  const TileRange kr = f.k_pack.tiles[bhk * nkt + kt];
+  const TileRange kr = block_range<kBwdKeys>(f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt, nkt, k0);
   const int* kperm = f.k_pack.perm ? f.k_pack.perm + k_base : nullptr;
-  load_tile_async<T, D, kThreads>(sK, head_ptr<T>(f.k, f.k_layout, b, hk), f.k_layout.n, kperm,
-                                  kt * kRows, f.Nk);
-  load_tile_async<T, D, kThreads>(sV, head_ptr<T>(f.v, f.v_layout, b, hk), f.v_layout.n, kperm,
-                                  kt * kRows, f.Nk);
+  load_rows_async<T, D, kT, kBwdKeys>(sK, 0, head_ptr<T>(f.k, f.k_layout, b, hk), f.k_layout.n,
+                                      kperm, k0, f.Nk);
+  load_rows_async<T, D, kT, kBwdKeys>(sV, 0, head_ptr<T>(f.v, f.v_layout, b, hk), f.v_layout.n,
+                                      kperm, k0, f.Nk);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const TileRange* qtiles0 = f.q_pack.tiles + static_cast<int64_t>(b * f.H + hk * group) * nqt;
@@ -559,20 +584,21 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
       start_head(g);
     }
   };
-  const bool k_tile_full = (kt + 1) * kRows <= f.Nk;
+  const bool k_block_full = k0 + kBwdKeys <= f.Nk;
   auto issue = [&](int gg, int qt, int bf) {
     const int bh = b * f.H + hk * group + gg;
     const int* qperm = f.q_pack.perm ? f.q_pack.perm + static_cast<int64_t>(bh) * f.Nq : nullptr;
-    load_tile_async<T, D, kThreads>(SmemTile<T, D>{qdo + (2 * bf) * kRows * D},
-                                    head_ptr<T>(f.q, f.q_layout, b, hk * group + gg),
-                                    f.q_layout.n, qperm, qt * kRows, f.Nq);
-    load_tile_async<T, D, kThreads>(SmemTile<T, D>{qdo + (2 * bf + 1) * kRows * D},
-                                    head_ptr<T>(p.dout, p.dout_layout, b, hk * group + gg),
-                                    p.dout_layout.n, qperm, qt * kRows, f.Nq);
+    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{qdo + (2 * bf) * kRows * D}, 0,
+                                     head_ptr<T>(f.q, f.q_layout, b, hk * group + gg),
+                                     f.q_layout.n, qperm, qt * kRows, f.Nq);
+    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{qdo + (2 * bf + 1) * kRows * D}, 0,
+                                     head_ptr<T>(p.dout, p.dout_layout, b, hk * group + gg),
+                                     p.dout_layout.n, qperm, qt * kRows, f.Nq);
   };
   struct QMeta {
     int pos, bucket;
     float lse, delta;
+    int orig;
   };
   auto load_meta = [&](int gg, int qt) {
     const int bh = b * f.H + hk * group + gg;
@@ -582,38 +608,56 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
     const bool in = qt * kRows + static_cast<int>(threadIdx.x) < f.Nq;
     const float lse = in ? f.lse[q_base + qi.orig] : -INFINITY;
     return QMeta{qi.pos, qi.bucket, lse == -INFINITY ? 0.f : lse * kLog2e,
-                 in ? p.delta[q_base + qi.orig] : 0.f};
+                 in ? p.delta[q_base + qi.orig] : 0.f, in ? qi.orig : -1};
   };
   auto store_meta = [&](const QMeta& mt, int bf) {
-    int* m = meta + bf * 4 * kRows;
+    int* m = meta + bf * 5 * kRows;
     m[threadIdx.x] = mt.pos;
     m[kRows + threadIdx.x] = mt.bucket;
     reinterpret_cast<float*>(m)[2 * kRows + threadIdx.x] = mt.lse;
     reinterpret_cast<float*>(m)[3 * kRows + threadIdx.x] = mt.delta;
+    m[4 * kRows + threadIdx.x] = mt.orig;
   };
-  auto all_allowed_for = [&](int gg, int qt) {
-    return k_tile_full && (qt + 1) * kRows <= f.Nq &&
-           tiles_all_allowed(__ldg(&qtiles0[static_cast<int64_t>(gg) * nqt + qt]), kr);
-  };
+  auto tile_of = [&](int gg, int qt) { return __ldg(&qtiles0[static_cast<int64_t>(gg) * nqt + qt]); };
 
   int cg = 0, cqt = 0;
   bool have = next(cg, cqt);
-  bool all_allowed = false;
+  TileRange cur{0, -1, 0, -1};
   if (have) {
     issue(cg, cqt, 0);
-    all_allowed = all_allowed_for(cg, cqt);
+    cur = tile_of(cg, cqt);
     if (threadIdx.x < kRows) store_meta(load_meta(cg, cqt), 0);
   }
   cp_async_commit();
 
+  // This warp's 16 keys, and their bucket and position ranges (for skipping).
   RowInfo rows[2];
   bool valid[2];
+  int wb_lo = INT_MAX, wb_hi = INT_MIN, wpos_lo = INT_MAX;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int packed = kt * kRows + warp * 16 + lane / 4 + 8 * i;
+    const int packed = k0 + warp * 16 + lane / 4 + 8 * i;
     valid[i] = packed < f.Nk;
     rows[i] = row_info(f.k_pack, k_base, packed, f.Nk, 0, kInvalidKeyBucket);
+    if (valid[i]) {
+      wb_lo = min(wb_lo, rows[i].bucket);
+      wb_hi = max(wb_hi, rows[i].bucket);
+      wpos_lo = min(wpos_lo, rows[i].pos);
+    }
   }
+#pragma unroll
+  for (int off = 4; off < 32; off *= 2) {  // lanes with the same lane % 4 hold the same rows
+    wb_lo = min(wb_lo, __shfl_xor_sync(0xffffffffu, wb_lo, off));
+    wb_hi = max(wb_hi, __shfl_xor_sync(0xffffffffu, wb_hi, off));
+    wpos_lo = min(wpos_lo, __shfl_xor_sync(0xffffffffu, wpos_lo, off));
+  }
+  // Every pair of this warp's keys with a complete query tile q is allowed.
+  const int wpos_hi_full = [&] {
+    int hi = valid[0] && valid[1] ? max(rows[0].pos, rows[1].pos) : INT_MAX;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+    return hi;
+  }();
   const float scale_log2 = f.scale * kLog2e;
 
   float dk[D / 8][4], dv[D / 8][4];
@@ -633,93 +677,146 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
   int bf = 0;
   while (have) {
     cp_async_wait_all();
-    __syncthreads();
+    __syncthreads();  // tile in; the other buffers, sdS and the flags are free again
     int ng = 0, nqt_ = 0;
     const bool nhave = next(ng, nqt_);
-    bool next_all = false;
-    QMeta nmeta{0, 0, 0.f, 0.f};
+    TileRange ntile{0, -1, 0, -1};
+    QMeta nmeta{0, 0, 0.f, 0.f, -1};
     if (nhave) {
       issue(ng, nqt_, bf ^ 1);
-      next_all = all_allowed_for(ng, nqt_);
+      ntile = tile_of(ng, nqt_);
       if (threadIdx.x < kRows) nmeta = load_meta(ng, nqt_);
     }
     cp_async_commit();
 
     const SmemTile<T, D> sQ{qdo + (2 * bf) * kRows * D}, sdO{qdo + (2 * bf + 1) * kRows * D};
-    const int* sQpos = meta + bf * 4 * kRows;
+    const int* sQpos = meta + bf * 5 * kRows;
     const int* sQbucket = sQpos + kRows;
     const float* sLse = reinterpret_cast<const float*>(sQpos + 2 * kRows);
     const float* sDelta = sLse + kRows;
+    const int* sQorig = sQpos + 4 * kRows;
 
-    // S^T = K Q^T: keys are this warp's rows, queries the columns.
-    float s[8][4];
-    if constexpr (kKVInRegs)
-      gemm_rows_tile_t<T, D>(s, kf, sQ, lane);
-    else
-      gemm_smem_rows_tile_t<T, D>(s, sK, warp * 16, sQ, lane);
+    const bool active = wb_lo <= cur.y && wb_hi >= cur.x && wpos_lo <= cur.w;
+    const bool all_allowed = cur.x == cur.y && wb_lo == wb_hi && wb_lo == cur.x &&
+                             wpos_hi_full <= cur.z && (cqt + 1) * kRows <= f.Nq;
+    if (active) {
+      // S^T = K Q^T: keys are this warp's rows, queries the columns.
+      float s[8][4];
+      if constexpr (kKVInRegs)
+        gemm_rows_tile_t<T, D>(s, kf, sQ, lane);
+      else
+        gemm_smem_rows_tile_t<T, D>(s, sK, warp * 16, sQ, lane);
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1, col = nb * 8 + (lane % 4) * 2 + (e & 1);
-        const bool ok = all_allowed ||
-                        (rows[i].bucket == sQbucket[col] && sQpos[col] >= rows[i].pos);
-        s[nb][e] = ok ? exp2f(s[nb][e] * scale_log2 - sLse[col]) : 0.f;  // P^T
-      }
-    gemm_acc_tile<T, D>(dv, s, sdO, lane);  // dV += P^T dO
-
-    // dS^T = P^T * (V dO^T - delta), dK += dS^T Q, 16 * kJ query columns at a time
-    // (all 64 at D = 64; 32 at D = 128 to stay within registers).
-    constexpr int kJ = D == 64 ? 4 : 2;
-#pragma unroll
-    for (int j0 = 0; j0 < 4; j0 += kJ) {
-      float dp[2 * kJ][4];
-#pragma unroll
-      for (int i = 0; i < 2 * kJ; ++i) dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4];
-        if constexpr (kKVInRegs) {
-          a[0] = vf[kk][0], a[1] = vf[kk][1], a[2] = vf[kk][2], a[3] = vf[kk][3];
-        } else {
-          ldmatrix_x4(a, sV.at(warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8, kk * 16 + (lane / 16) * 8));
-        }
-#pragma unroll
-        for (int jj = 0; jj < kJ; ++jj) {
-          uint32_t bb[4];
-          ldmatrix_x4(bb, sdO.at((j0 + jj) * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
-          mma_16816<T>(dp[2 * jj], a, bb[0], bb[1]);
-          mma_16816<T>(dp[2 * jj + 1], a, bb[2], bb[3]);
-        }
-      }
-#pragma unroll
-      for (int hb = 0; hb < 2 * kJ; ++hb)
+      for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = (2 * j0 + hb) * 8 + (lane % 4) * 2 + (e & 1);
-          s[2 * j0 + hb][e] *= dp[hb][e] - sDelta[col];
+          const int i = e >> 1, col = nb * 8 + (lane % 4) * 2 + (e & 1);
+          const bool ok = all_allowed ||
+                          (rows[i].bucket == sQbucket[col] && sQpos[col] >= rows[i].pos);
+          s[nb][e] = ok ? exp2f(s[nb][e] * scale_log2 - sLse[col]) : 0.f;  // P^T
+        }
+      gemm_acc_tile<T, D>(dv, s, sdO, lane);  // dV += P^T dO
+
+      // dS^T = P^T * (V dO^T - delta), dK += dS^T Q, 16 * kJ query columns at a time.
+      constexpr int kJ = D == 64 ? 4 : 2;
+#pragma unroll
+      for (int j0 = 0; j0 < 4; j0 += kJ) {
+        float dp[2 * kJ][4];
+#pragma unroll
+        for (int i = 0; i < 2 * kJ; ++i) dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t a[4];
+          if constexpr (kKVInRegs) {
+            a[0] = vf[kk][0], a[1] = vf[kk][1], a[2] = vf[kk][2], a[3] = vf[kk][3];
+          } else {
+            ldmatrix_x4(a, sV.at(warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8, kk * 16 + (lane / 16) * 8));
+          }
+#pragma unroll
+          for (int jj = 0; jj < kJ; ++jj) {
+            uint32_t bb[4];
+            ldmatrix_x4(bb, sdO.at((j0 + jj) * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
+            mma_16816<T>(dp[2 * jj], a, bb[0], bb[1]);
+            mma_16816<T>(dp[2 * jj + 1], a, bb[2], bb[3]);
+          }
         }
 #pragma unroll
-      for (int jj = 0; jj < kJ; ++jj) {
-        const int j = j0 + jj;
-        uint32_t a[4];
-        a[0] = Pack2<T>::pack(s[2 * j][0], s[2 * j][1]);
-        a[1] = Pack2<T>::pack(s[2 * j][2], s[2 * j][3]);
-        a[2] = Pack2<T>::pack(s[2 * j + 1][0], s[2 * j + 1][1]);
-        a[3] = Pack2<T>::pack(s[2 * j + 1][2], s[2 * j + 1][3]);
+        for (int hb = 0; hb < 2 * kJ; ++hb)
 #pragma unroll
-        for (int dn2 = 0; dn2 < D / 16; ++dn2) {
-          uint32_t bq[4];
-          ldmatrix_x4_trans(bq, sQ.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
-          mma_16816<T>(dk[2 * dn2], a, bq[0], bq[1]);
-          mma_16816<T>(dk[2 * dn2 + 1], a, bq[2], bq[3]);
+          for (int e = 0; e < 4; ++e) {
+            const int col = (2 * j0 + hb) * 8 + (lane % 4) * 2 + (e & 1);
+            s[2 * j0 + hb][e] *= dp[hb][e] - sDelta[col];
+          }
+#pragma unroll
+        for (int jj = 0; jj < kJ; ++jj) {
+          const int j = j0 + jj;
+          uint32_t a[4];
+          a[0] = Pack2<T>::pack(s[2 * j][0], s[2 * j][1]);
+          a[1] = Pack2<T>::pack(s[2 * j][2], s[2 * j][3]);
+          a[2] = Pack2<T>::pack(s[2 * j + 1][0], s[2 * j + 1][1]);
+          a[3] = Pack2<T>::pack(s[2 * j + 1][2], s[2 * j + 1][3]);
+          if constexpr (kAtomicDq) {  // dS^T rows of this warp's keys, for dQ below
+            const int r = warp * 16 + lane / 4, c = j * 16 + (lane % 4) * 2;
+            *reinterpret_cast<uint32_t*>(sdS.at(r, c)) = a[0];
+            *reinterpret_cast<uint32_t*>(sdS.at(r + 8, c)) = a[1];
+            *reinterpret_cast<uint32_t*>(sdS.at(r, c + 8)) = a[2];
+            *reinterpret_cast<uint32_t*>(sdS.at(r + 8, c + 8)) = a[3];
+          }
+#pragma unroll
+          for (int dn2 = 0; dn2 < D / 16; ++dn2) {
+            uint32_t bq[4];
+            ldmatrix_x4_trans(bq, sQ.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
+            mma_16816<T>(dk[2 * dn2], a, bq[0], bq[1]);
+            mma_16816<T>(dk[2 * dn2 + 1], a, bq[2], bq[3]);
+          }
+        }
+      }
+    }
+
+    if constexpr (kAtomicDq) {
+      // dQ (kRows x D) += dS (kRows x kBwdKeys) K: warp w takes query rows
+      // 16 (w % 4) .. +15 and columns (D / 2) (w / 4) .. +D/2 - 1, and skips
+      // the keys of warps that had nothing to do.
+      if (lane == 0) warp_active[warp] = active;
+      __syncthreads();
+      constexpr int kCols = D / 2;
+      const int qr0 = (warp % 4) * 16, c0 = (warp / 4) * kCols;
+      float dq[kCols / 8][4];
+#pragma unroll
+      for (int i = 0; i < kCols / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+      bool any = false;
+#pragma unroll
+      for (int kk = 0; kk < kBwdWarps; ++kk) {
+        if (!warp_active[kk]) continue;
+        any = true;
+        uint32_t a[4];
+        ldmatrix_x4_trans(a, sdS.at(kk * 16 + (lane % 8) + (lane / 16) * 8, qr0 + ((lane / 8) % 2) * 8));
+#pragma unroll
+        for (int dn2 = 0; dn2 < kCols / 16; ++dn2) {
+          uint32_t bk[4];
+          ldmatrix_x4_trans(bk, sK.at(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, c0 + dn2 * 16 + (lane / 16) * 8));
+          mma_16816<T>(dq[2 * dn2], a, bk[0], bk[1]);
+          mma_16816<T>(dq[2 * dn2 + 1], a, bk[2], bk[3]);
+        }
+      }
+      if (any) {
+        const int bh = b * f.H + hk * group + cg;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int orig = sQorig[qr0 + lane / 4 + 8 * i];
+          if (orig < 0) continue;
+          float* dst = p.dq_accum + (static_cast<int64_t>(bh) * f.Nq + orig) * D + c0 + (lane % 4) * 2;
+#pragma unroll
+          for (int dn = 0; dn < kCols / 8; ++dn) atomic_add2(dst + dn * 8, dq[dn][2 * i], dq[dn][2 * i + 1]);
         }
       }
     }
 
     if (nhave && threadIdx.x < kRows) store_meta(nmeta, bf ^ 1);
     have = nhave;
-    all_allowed = next_all;
+    cur = ntile;
+    cg = ng;
+    cqt = nqt_;
     bf ^= 1;
   }
   const float one[2] = {1.f, 1.f}, scale[2] = {f.scale, f.scale};
@@ -728,6 +825,34 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const __grid_constant__ 
                    p.dk_layout.n, rows, valid, lane);
   store_rows<T, D>(dv, one, static_cast<T*>(p.dv) + b * p.dv_layout.b + hk * p.dv_layout.h,
                    p.dv_layout.n, rows, valid, lane);
+}
+
+// dq = scale * dq_accum, into the caller's layout (dq_accum is [B, H, Nq, D]),
+// 8 elements per thread; one 16-byte store each when `vec` (dq and its strides
+// 16-byte aligned).
+template <typename T, int D>
+__global__ void dq_finalize_kernel(const __grid_constant__ BackwardParams p, bool vec) {
+  const ForwardParams& f = p.fwd;
+  const int64_t chunk = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (chunk >= static_cast<int64_t>(f.B) * f.H * f.Nq * (D / 8)) return;
+  const int64_t row = chunk / (D / 8);
+  const int c = static_cast<int>(chunk % (D / 8)) * 8;
+  const int i = row % f.Nq, bh = row / f.Nq, b = bh / f.H, h = bh % f.H;
+  const float4* src = reinterpret_cast<const float4*>(p.dq_accum + row * D + c);
+  const float4 x = src[0], y = src[1];
+  T* dst = static_cast<T*>(p.dq) + b * p.dq_layout.b + h * p.dq_layout.h + i * p.dq_layout.n + c;
+  if (vec) {
+    uint4 out;
+    out.x = Pack2<T>::pack(x.x * f.scale, x.y * f.scale);
+    out.y = Pack2<T>::pack(x.z * f.scale, x.w * f.scale);
+    out.z = Pack2<T>::pack(y.x * f.scale, y.y * f.scale);
+    out.w = Pack2<T>::pack(y.z * f.scale, y.w * f.scale);
+    *reinterpret_cast<uint4*>(dst) = out;
+  } else {
+    const float v[8] = {x.x, x.y, x.z, x.w, y.x, y.y, y.z, y.w};
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dst[e] = Pack2<T>::from_float(v[e] * f.scale);
+  }
 }
 
 // dQ for one query block (kWarps * 16 rows): a second pass over the key tiles
@@ -752,7 +877,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const int64_t q_base = static_cast<int64_t>(bh) * f.Nq, k_base = static_cast<int64_t>(bhk) * f.Nk;
   const int q0 = qb * kBR;
   const TileRange* qtiles = f.q_pack.tiles + static_cast<int64_t>(bh) * nqt;
-  const TileRange qr = query_block_range<kBR>(qtiles, nqt, q0);
+  const TileRange qr = block_range<kBR>(qtiles, nqt, q0);
   const TileRange* ktiles = f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt;
   const int* qperm = f.q_pack.perm ? f.q_pack.perm + q_base : nullptr;
   const int* kperm = f.k_pack.perm ? f.k_pack.perm + k_base : nullptr;
@@ -859,9 +984,28 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(f.B) * f.H * f.Nq;
   delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  const size_t smem_kv = 6 * kRows * D * sizeof(T) + 8 * kRows * sizeof(int);
-  if (cudaError_t e = launch_kernel(dkdv_kernel<T, D>, dim3(num_tiles(f.Nk), f.B * f.Hkv),
-                                    kThreads, smem_kv, stream, p);
+  const bool atomic_dq = p.dq_accum != nullptr;
+  const size_t smem_kv =
+      (2 * kBwdKeys * D + 4 * kRows * D + (atomic_dq ? kBwdKeys * kRows : 0)) * sizeof(T) +
+      (2 * 5 * kRows + kBwdWarps) * sizeof(int);
+  const dim3 grid_kv((f.Nk + kBwdKeys - 1) / kBwdKeys, f.B * f.Hkv);
+  if (atomic_dq) {
+    if (cudaError_t e = cudaMemsetAsync(p.dq_accum, 0, rows * D * sizeof(float), stream);
+        e != cudaSuccess)
+      return e;
+    if (cudaError_t e = launch_kernel(dkdv_kernel<T, D, true>, grid_kv, kBwdWarps * 32, smem_kv,
+                                      stream, p);
+        e != cudaSuccess)
+      return e;
+    const int64_t chunks = rows * (D / 8);
+    const bool vec = reinterpret_cast<uintptr_t>(p.dq) % 16 == 0 && p.dq_layout.b % 8 == 0 &&
+                     p.dq_layout.h % 8 == 0 && p.dq_layout.n % 8 == 0;
+    dq_finalize_kernel<T, D>
+        <<<static_cast<unsigned>((chunks + 255) / 256), 256, 0, stream>>>(p, vec);
+    return cudaGetLastError();
+  }
+  if (cudaError_t e = launch_kernel(dkdv_kernel<T, D, false>, grid_kv, kBwdWarps * 32, smem_kv,
+                                    stream, p);
       e != cudaSuccess)
     return e;
   constexpr int kBR = kDqWarps * 16;
@@ -935,6 +1079,7 @@ cudaError_t attention_forward(const ForwardParams& p, cudaStream_t stream) {
 
 cudaError_t attention_backward(const BackwardParams& p, cudaStream_t stream) {
   if (!valid_shape(p.fwd) || !p.delta) return cudaErrorInvalidValue;
+  if (p.dq_accum && reinterpret_cast<uintptr_t>(p.dq_accum) % 16 != 0) return cudaErrorInvalidValue;
   if (p.fwd.dtype == DType::kBF16)
     return p.fwd.D == 64 ? backward_typed<__nv_bfloat16, 64>(p, stream)
                          : backward_typed<__nv_bfloat16, 128>(p, stream);

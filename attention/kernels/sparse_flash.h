@@ -73,6 +73,11 @@ struct BackwardParams {
   void *dq = nullptr, *dk = nullptr, *dv = nullptr;
   Layout dq_layout, dk_layout, dv_layout;
   float* delta = nullptr;  // workspace [B, H, Nq]: rowsum(dout * out)
+  // Optional fp32 workspace [B, H, Nq, D] (contiguous, 16-byte aligned). Given:
+  // dQ is accumulated with atomics by the dK/dV pass (one pass, fastest; the
+  // order of the additions varies, so dq is not bit-reproducible). nullptr: dQ
+  // by a second pass per query block, bit-identical run to run.
+  float* dq_accum = nullptr;
 };
 
 // Bits a radix sort must look at for bucket ids in [0, num_buckets) plus the
@@ -93,7 +98,8 @@ cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, in
                                 int position_offset, TileRange* tiles, cudaStream_t stream);
 
 cudaError_t attention_forward(const ForwardParams& p, cudaStream_t stream);
-// Deterministic: dK/dV per key tile, dQ by a second pass over key tiles.
+// dK/dV per block of keys; dQ by atomics into dq_accum or, without it, by a
+// deterministic second pass over key tiles.
 cudaError_t attention_backward(const BackwardParams& p, cudaStream_t stream);
 
 }  // namespace sparseflash::kernels

@@ -22,7 +22,8 @@
 //     keys no query may attend to have dk and dv exactly 0;
 //   * pack_by_bucket is a stable sort by bucket, and compute_tile_ranges gives
 //     the exact bucket/position min and max of each 64-row tile;
-//   * attention_backward is bit-for-bit deterministic.
+//   * every backward runs twice, dQ by atomics and by the deterministic pass;
+//     the deterministic backward is bit-for-bit reproducible.
 // SF_KERNEL_TEST_VERBOSE=1 prints the measured max errors of passing checks too.
 #include <algorithm>
 #include <cmath>
@@ -208,7 +209,7 @@ struct RunOptions {
   bool drop = false;   // bucket_sort_bits(drop, num_buckets)
   int num_buckets = 1;
   bool bnhd = false;   // [B, N, heads, D] memory (strided views) instead of contiguous [B, heads, N, D]
-  int backward_runs = 1;
+  int backward_runs = 1;  // per dQ mode (atomic, then deterministic)
 };
 
 RunOptions options_for(Mode m) {
@@ -438,11 +439,19 @@ PackedSide pack_side(const std::vector<int>* bucket_in, int rows, int n, int sor
 // ---------------------------------------------------------------------------
 // Running the kernels.
 
-struct KernelResult {
-  std::vector<float> out, lse, dq, dk, dv;  // reference layout ([B, heads, N, D], [B, H, Nq])
-  // Raw dtype bits as copied from the device, one entry per backward run.
-  std::vector<std::vector<uint16_t>> dq_raw, dk_raw, dv_raw;
+// One backward run: dQ by atomics (dq_accum given) or by the deterministic pass.
+struct Grads {
+  bool atomic_dq;
+  std::vector<float> dq, dk, dv;  // reference layout
+  std::vector<uint16_t> dq_raw, dk_raw, dv_raw;  // dtype bits as copied from the device
 };
+
+struct KernelResult {
+  std::vector<float> out, lse;  // reference layout ([B, heads, N, D], [B, H, Nq])
+  std::vector<Grads> runs;      // backward_runs atomic runs, then as many deterministic ones
+};
+
+const char* dq_mode_name(bool atomic_dq) { return atomic_dq ? "atomic dQ" : "deterministic dQ"; }
 
 KernelResult run_kernels(const RefProblem& p, DType dtype, const RunOptions& opt) {
   const int B = p.B, H = p.H, Hkv = p.Hkv, Nq = p.Nq, Nk = p.Nk, D = p.D;
@@ -453,7 +462,7 @@ KernelResult run_kernels(const RefProblem& p, DType dtype, const RunOptions& opt
   const sfk::Layout ql = make_layout(H, Nq, D, opt.bnhd), kl = make_layout(Hkv, Nk, D, opt.bnhd);
   DeviceBuffer<uint16_t> q(q_elems), k(k_elems), v(k_elems), dout(q_elems), out(q_elems);
   DeviceBuffer<uint16_t> dq(q_elems), dk(k_elems), dv(k_elems);
-  DeviceBuffer<float> lse(size_t(q_rows) * Nq), delta(size_t(q_rows) * Nq);
+  DeviceBuffer<float> lse(size_t(q_rows) * Nq), delta(size_t(q_rows) * Nq), dq_accum(q_elems);
   q.upload(to_device_order(p.q, dtype, B, H, Nq, D, ql));
   k.upload(to_device_order(p.k, dtype, B, Hkv, Nk, D, kl));
   v.upload(to_device_order(p.v, dtype, B, Hkv, Nk, D, kl));
@@ -519,24 +528,29 @@ KernelResult run_kernels(const RefProblem& p, DType dtype, const RunOptions& opt
   bp.delta = delta.get();
 
   KernelResult r;
-  for (int run = 0; run < opt.backward_runs; ++run) {
-    dq.poison(stream.get());
-    dk.poison(stream.get());
-    dv.poison(stream.get());
-    delta.poison(stream.get());
-    SF_CUDA_CHECK(sfk::attention_backward(bp, stream.get()));
-    stream.sync("attention_backward");
-    r.dq_raw.push_back(dq.download());
-    r.dk_raw.push_back(dk.download());
-    r.dv_raw.push_back(dv.download());
+  for (bool atomic_dq : {true, false}) {
+    bp.dq_accum = atomic_dq ? dq_accum.get() : nullptr;
+    for (int run = 0; run < opt.backward_runs; ++run) {
+      dq.poison(stream.get());
+      dk.poison(stream.get());
+      dv.poison(stream.get());
+      delta.poison(stream.get());
+      dq_accum.poison(stream.get());  // the backward must clear it itself
+      SF_CUDA_CHECK(sfk::attention_backward(bp, stream.get()));
+      stream.sync("attention_backward");
+      Grads g;
+      g.atomic_dq = atomic_dq;
+      g.dq_raw = dq.download();
+      g.dk_raw = dk.download();
+      g.dv_raw = dv.download();
+      g.dq = from_device_order(g.dq_raw, dtype, B, H, Nq, D, ql);
+      g.dk = from_device_order(g.dk_raw, dtype, B, Hkv, Nk, D, kl);
+      g.dv = from_device_order(g.dv_raw, dtype, B, Hkv, Nk, D, kl);
+      r.runs.push_back(std::move(g));
+    }
   }
   r.out = from_device_order(out.download(), dtype, B, H, Nq, D, ql);
   r.lse = lse.download();
-  if (!r.dq_raw.empty()) {
-    r.dq = from_device_order(r.dq_raw.back(), dtype, B, H, Nq, D, ql);
-    r.dk = from_device_order(r.dk_raw.back(), dtype, B, Hkv, Nk, D, kl);
-    r.dv = from_device_order(r.dv_raw.back(), dtype, B, Hkv, Nk, D, kl);
-  }
   return r;
 }
 
@@ -676,9 +690,12 @@ void check_against_reference(const RefProblem& p, const RefResult& ref, const Ke
   const Dims qd{p.B, p.H, p.Nq, p.D}, kd{p.B, p.Hkv, p.Nk, p.D}, ld{p.B, p.H, p.Nq, 1};
   EXPECT_TRUE(check_close("out", got.out, ref.out, qd, out_tol(dtype), false));
   EXPECT_TRUE(check_lse(got.lse, ref.lse, ld));
-  EXPECT_TRUE(check_close("dq", got.dq, ref.dq, qd, grad_tol(dtype), true));
-  EXPECT_TRUE(check_close("dk", got.dk, ref.dk, kd, grad_tol(dtype), true));
-  EXPECT_TRUE(check_close("dv", got.dv, ref.dv, kd, grad_tol(dtype), true));
+  for (const Grads& g : got.runs) {
+    SCOPED_TRACE(dq_mode_name(g.atomic_dq));
+    EXPECT_TRUE(check_close("dq", g.dq, ref.dq, qd, grad_tol(dtype), true));
+    EXPECT_TRUE(check_close("dk", g.dk, ref.dk, kd, grad_tol(dtype), true));
+    EXPECT_TRUE(check_close("dv", g.dv, ref.dv, kd, grad_tol(dtype), true));
+  }
 
   // Query rows with no allowed key, key rows no query attends to.
   std::vector<char> q_empty(ref.lse.size());
@@ -692,9 +709,12 @@ void check_against_reference(const RefProblem& p, const RefResult& ref, const Ke
     k_empty[r] = zero;
   }
   EXPECT_TRUE(check_zero_rows("out", got.out, q_empty, qd));
-  EXPECT_TRUE(check_zero_rows("dq", got.dq, q_empty, qd));
-  EXPECT_TRUE(check_zero_rows("dk", got.dk, k_empty, kd));
-  EXPECT_TRUE(check_zero_rows("dv", got.dv, k_empty, kd));
+  for (const Grads& g : got.runs) {
+    SCOPED_TRACE(dq_mode_name(g.atomic_dq));
+    EXPECT_TRUE(check_zero_rows("dq", g.dq, q_empty, qd));
+    EXPECT_TRUE(check_zero_rows("dk", g.dk, k_empty, kd));
+    EXPECT_TRUE(check_zero_rows("dv", g.dv, k_empty, kd));
+  }
 }
 
 // ===========================================================================
@@ -966,7 +986,10 @@ TEST(SparseFlash, RowsWithoutAllowedKeys) {
           << "row " << row << ": lse of query 0 = " << got.lse[at];
       for (int d = 0; d < D; ++d) {
         EXPECT_EQ(got.out[at * D + d], 0.f) << "row " << row << " d " << d;
-        EXPECT_EQ(got.dq[at * D + d], 0.f) << "row " << row << " d " << d;
+        for (const Grads& g : got.runs) {
+          EXPECT_EQ(g.dq[at * D + d], 0.f)
+              << dq_mode_name(g.atomic_dq) << ": row " << row << " d " << d;
+        }
       }
     }
     auto count_nan = [](const std::vector<float>& x) {
@@ -977,9 +1000,12 @@ TEST(SparseFlash, RowsWithoutAllowedKeys) {
     };
     EXPECT_EQ(count_nonfinite(got.out), 0);
     EXPECT_EQ(count_nan(got.lse), 0);
-    EXPECT_EQ(count_nonfinite(got.dq), 0);
-    EXPECT_EQ(count_nonfinite(got.dk), 0);
-    EXPECT_EQ(count_nonfinite(got.dv), 0);
+    for (const Grads& g : got.runs) {
+      SCOPED_TRACE(dq_mode_name(g.atomic_dq));
+      EXPECT_EQ(count_nonfinite(g.dq), 0);
+      EXPECT_EQ(count_nonfinite(g.dk), 0);
+      EXPECT_EQ(count_nonfinite(g.dv), 0);
+    }
     check_against_reference(p, ref, got, dtype);
   }
 }
@@ -994,7 +1020,7 @@ TEST(SparseFlash, BackwardIsDeterministic) {
     RunOptions opt = options_for(Mode::kHash16);
     opt.backward_runs = 2;
     const KernelResult got = run_kernels(p, dtype, opt);
-    ASSERT_EQ(got.dq_raw.size(), 2u);
+    ASSERT_EQ(got.runs.size(), 4u);  // atomic x 2, deterministic x 2
     auto same = [](const char* name, const std::vector<uint16_t>& a,
                    const std::vector<uint16_t>& b) -> ::testing::AssertionResult {
       if (a.size() == b.size() &&
@@ -1010,9 +1036,14 @@ TEST(SparseFlash, BackwardIsDeterministic) {
                                            << " (0x" << std::hex << a[first] << " vs 0x" << b[first]
                                            << ")";
     };
-    EXPECT_TRUE(same("dq", got.dq_raw[0], got.dq_raw[1]));
-    EXPECT_TRUE(same("dk", got.dk_raw[0], got.dk_raw[1]));
-    EXPECT_TRUE(same("dv", got.dv_raw[0], got.dv_raw[1]));
+    // Deterministic mode: everything. Atomic dQ: dK and dV (no atomics there).
+    const Grads &a0 = got.runs[0], &a1 = got.runs[1], &d0 = got.runs[2], &d1 = got.runs[3];
+    ASSERT_TRUE(a0.atomic_dq && a1.atomic_dq && !d0.atomic_dq && !d1.atomic_dq);
+    EXPECT_TRUE(same("dq (deterministic)", d0.dq_raw, d1.dq_raw));
+    EXPECT_TRUE(same("dk (deterministic)", d0.dk_raw, d1.dk_raw));
+    EXPECT_TRUE(same("dv (deterministic)", d0.dv_raw, d1.dv_raw));
+    EXPECT_TRUE(same("dk (atomic dQ)", a0.dk_raw, a1.dk_raw));
+    EXPECT_TRUE(same("dv (atomic dQ)", a0.dv_raw, a1.dv_raw));
   }
 }
 
