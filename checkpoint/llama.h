@@ -1,0 +1,103 @@
+// Llama checkpoints from HF safetensors directories, GGUF files, llama2.c
+// .bin files and our native directories, as one set of HF-named tensors.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "checkpoint/mapped_file.h"
+#include "checkpoint/safetensors.h"
+#include "checkpoint/tensor.h"
+
+namespace sparseflash::checkpoint {
+
+struct RopeScaling {
+  std::string type;  // "" (none), "linear", "llama3"
+  double factor = 1.0, low_freq_factor = 1.0, high_freq_factor = 4.0;
+  int64_t original_max_position_embeddings = 8192;
+};
+
+struct LlamaConfig {
+  int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_hidden_layers = 0,
+          num_attention_heads = 0, num_key_value_heads = 0, head_dim = 0,
+          max_position_embeddings = 0;
+  double rms_norm_eps = 1e-6, rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  bool tie_word_embeddings = false;
+  int64_t bos_token_id = -1, eos_token_id = -1;
+};
+
+// HF config.json of a LlamaForCausalLM (transformers 4 "rope_theta" +
+// "rope_scaling" or transformers 5 "rope_parameters"). Defaults as in
+// transformers' LlamaConfig; biases, activations other than silu and rope
+// types other than default/linear/llama3 are refused.
+LlamaConfig parse_hf_llama_config(const std::string& config_json_path);
+// The same from a parsed JSON object; `path` is for error messages.
+LlamaConfig llama_config_from_json(const std::string& path, const std::string& json_text);
+// HF config.json text for `config` (what our native format stores).
+std::string llama_config_to_json(const LlamaConfig& config);
+
+enum class SourceFormat { kHfSafetensors, kGguf, kLlama2c, kNative };
+const char* source_format_name(SourceFormat format);
+
+// The key our native checkpoints carry in the safetensors "__metadata__".
+constexpr const char* kNativeFormatKey = "sparseflash_format";
+constexpr const char* kNativeFormatValue = "llama-v1";
+
+struct LlamaCheckpoint {
+  SourceFormat format = SourceFormat::kHfSafetensors;
+  std::string path;
+  LlamaConfig config;
+  // HF names: model.embed_tokens.weight, model.layers.{i}.self_attn.{q,k,v,o}_proj.weight,
+  // model.layers.{i}.mlp.{gate,up,down}_proj.weight, model.layers.{i}.input_layernorm.weight,
+  // model.layers.{i}.post_attention_layernorm.weight, model.norm.weight, lm_head.weight
+  // (absent when tied). Shapes as in HF (out_features, in_features); checked
+  // against the config at load.
+  std::map<std::string, TensorInfo> tensors;
+  // GGUF / llama2.c store q_proj/k_proj rows for interleaved RoPE; the model
+  // permutes them to HF rotate-half at load.
+  bool qk_interleaved = false;
+  // GGUF only: rope_freqs.weight (head_dim / 2 frequency divisors; how
+  // llama.cpp stores llama3 rope scaling). Empty when absent.
+  std::vector<float> rope_freq_factors;
+  // Stable fingerprint: "fnv1a64:" + 16 hex digits of FNV-1a 64 over the
+  // config fields, then for every tensor in name order its name, dtype, shape
+  // and up to 3 x 64 sampled bytes (first, middle, last). Independent of the
+  // path; changes when the format (dtype) or any sampled weight changes.
+  std::string identity;
+  std::shared_ptr<const void> keepalive;  // keeps the mappings alive
+};
+
+// path: HF dir (config.json + safetensors), a .gguf file, a llama2.c .bin,
+// or our native dir. Throws std::runtime_error naming the file and field.
+LlamaCheckpoint load_llama_checkpoint(const std::string& path);
+
+// The parsers behind load_llama_checkpoint, on bytes already in memory.
+LlamaCheckpoint parse_llama2c(std::shared_ptr<const MappedFile> file);
+LlamaCheckpoint load_gguf_llama(const std::string& path);
+class GgufFile;
+LlamaCheckpoint gguf_llama(std::shared_ptr<const GgufFile> file);
+
+// A llama2.c checkpoint file's bytes: version 0 = the legacy 7-int header
+// (negative vocab_size when untied, freq_cis tables after the final norm),
+// 1 = the "ak42" 256-byte header. `tensors` maps HF names to F32 values (Q/K
+// rows in the interleaved order llama2.c uses); lm_head.weight only if untied.
+std::string llama2c_bytes(const LlamaConfig& config, int version,
+                          const std::map<std::string, std::vector<float>>& tensors);
+
+// Name of layer i's tensor `suffix` ("self_attn.q_proj.weight").
+std::string llama_layer_tensor(int64_t layer, const std::string& suffix);
+// Checks that every expected tensor exists with the shape the config implies.
+void validate_llama_tensors(const LlamaCheckpoint& ckpt);
+std::string llama_identity(const LlamaCheckpoint& ckpt);
+
+// Writes our native checkpoint: dir/config.json (llama_config_to_json) and
+// dir/model.safetensors with kNativeFormatKey in its metadata; both atomic.
+// `tensors` use the HF names and layout (F32/F16/BF16), Q/K in rotate-half order.
+void write_native_llama(const std::string& dir, const LlamaConfig& config,
+                        const std::vector<TensorToWrite>& tensors);
+
+}  // namespace sparseflash::checkpoint
