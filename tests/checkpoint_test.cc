@@ -665,5 +665,44 @@ TEST(Llama, HfConfigVariants) {
                {"num_hidden_layers", "positive"});
 }
 
+TEST(Llama, HfDirectoryFromTransformersAndNativeBack) {
+  std::string reason;
+  if (!python_has("transformers, torch, safetensors", &reason)) GTEST_SKIP() << reason;
+  for (bool sharded : {false, true}) {
+    SCOPED_TRACE(sharded ? "sharded, untied" : "single file, tied");
+    std::string dir = make_temp_dir();
+    uint32_t seed = std::random_device{}() % 100000;
+    ASSERT_EQ(run_python("ckpt_hf_llama.py " + dir + " --seed " + std::to_string(seed) +
+                         (sharded ? " --sharded" : " --tied")), 0);
+    json expected = json::parse(read_file(dir + "/expected.json"));
+    LlamaCheckpoint ckpt = load_llama_checkpoint(dir + "/model");
+    EXPECT_EQ(ckpt.format, SourceFormat::kHfSafetensors);
+    EXPECT_FALSE(ckpt.qk_interleaved);
+    const json& cfg = expected["config"];
+    EXPECT_EQ(ckpt.config.vocab_size, 53);
+    EXPECT_EQ(ckpt.config.num_key_value_heads, 2);
+    EXPECT_EQ(ckpt.config.head_dim, 8);
+    EXPECT_EQ(ckpt.config.rope_theta, 31337.0);
+    EXPECT_EQ(ckpt.config.rope_scaling.type, "llama3");
+    EXPECT_EQ(ckpt.config.rope_scaling.factor, 4.0);
+    EXPECT_EQ(ckpt.config.rope_scaling.original_max_position_embeddings, 32);
+    EXPECT_EQ(ckpt.config.rms_norm_eps, 1e-5);
+    EXPECT_EQ(ckpt.config.tie_word_embeddings, cfg["tied"].get<bool>());
+    const json& tensors = expected["tensors"];
+    ASSERT_EQ(ckpt.tensors.size(), tensors.size());
+    std::vector<TensorToWrite> to_write;
+    for (auto it = tensors.begin(); it != tensors.end(); ++it) {
+      auto t = ckpt.tensors.find(it.key());
+      ASSERT_NE(t, ckpt.tensors.end()) << it.key();
+      EXPECT_EQ(t->second.shape, it.value()["shape"].get<std::vector<int64_t>>());
+      expect_values(t->second, it.value()["values"]);
+      to_write.push_back({t->first, t->second.dtype, t->second.shape, t->second.data, t->second.nbytes});
+    }
+    // Our native format, loaded back by transformers.
+    write_native_llama(dir + "/native", ckpt.config, to_write);
+    EXPECT_EQ(run_python("ckpt_hf_llama.py " + dir + " --check " + dir + "/native"), 0);
+  }
+}
+
 }  // namespace
 }  // namespace sparseflash::checkpoint
