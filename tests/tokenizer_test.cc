@@ -1,0 +1,578 @@
+// Tokenizers against the reference libraries (tokenizers, transformers, sentencepiece,
+// and a plain port of llama2.c's encoder), run through SF_PYTHON by
+// tests/python/tok_reference.py with a fresh seed per run; plus round trips and
+// corrupt-file errors that need no Python.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sys/wait.h>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "nlohmann/json.hpp"
+#include "tokenizer/bpe.h"
+#include "tokenizer/gguf_vocab.h"
+#include "tokenizer/hf_json.h"
+#include "tokenizer/pretokenizer.h"
+#include "tokenizer/spm.h"
+#include "tokenizer/text.h"
+#include "tokenizer/tokenizer.h"
+
+#ifndef SF_PYTHON
+#define SF_PYTHON "python3"
+#endif
+
+namespace sparseflash::tokenizer {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+uint64_t fresh_seed() {
+  std::random_device rd;
+  return (static_cast<uint64_t>(rd()) << 32 | rd()) % 1000000007ULL;
+}
+
+fs::path fresh_dir(const std::string& name) {
+  const fs::path dir = fs::path(testing::TempDir()) /
+                       ("sf_tok_" + name + "_" + std::to_string(fresh_seed()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+void write_file(const fs::path& path, const std::string& data) {
+  std::ofstream out(path, std::ios::binary);
+  out << data;
+}
+
+// Runs tok_reference.py; false (the test skips) when the Python lacks a package.
+bool run_reference(const std::string& kind, const fs::path& dir, uint64_t seed, json* result,
+                   std::string* why) {
+  const std::string script = std::string(SF_SOURCE_DIR) + "/tests/python/tok_reference.py";
+  const std::string command = std::string(SF_PYTHON) + " " + script + " " + kind + " " + dir.string() +
+                              " " + std::to_string(seed) + " 2> " + (dir / "stderr.txt").string();
+  const int status = std::system(command.c_str());
+  std::ifstream err(dir / "stderr.txt");
+  const std::string stderr_text((std::istreambuf_iterator<char>(err)), std::istreambuf_iterator<char>());
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 3) {
+    *why = stderr_text;
+    return false;
+  }
+  if (status != 0) {
+    ADD_FAILURE() << command << " failed:\n" << stderr_text;
+    *why = "reference script failed";
+    return false;
+  }
+  std::ifstream in(dir / "cases.json");
+  *result = json::parse(in);
+  return true;
+}
+
+std::vector<int32_t> ids_of(const json& j) { return j.get<std::vector<int32_t>>(); }
+
+std::string escaped(const std::string& s) { return json(s).dump(); }
+
+// Checks ids (and with add_bos, and the round trip) for every case; stops reporting
+// after a few mismatches.
+void expect_cases(const Tokenizer& tok, const json& cases, bool round_trip, bool check_bos) {
+  int failures = 0;
+  for (const json& c : cases) {
+    const std::string text = c.at("text").get<std::string>();
+    const std::vector<int32_t> ids = tok.encode(text, false);
+    if (ids != ids_of(c.at("ids"))) {
+      ADD_FAILURE() << "text " << escaped(text) << "\n  ours:      " << json(ids).dump()
+                    << "\n  reference: " << c.at("ids").dump();
+      if (++failures > 5) return;
+      continue;
+    }
+    if (check_bos && c.contains("ids_with_bos"))
+      EXPECT_EQ(tok.encode(text, true), ids_of(c.at("ids_with_bos"))) << escaped(text);
+    if (round_trip) EXPECT_EQ(tok.decode(ids), text) << escaped(text);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Pre-tokenisation
+
+TEST(PreTokenizer, WhitespaceTailGivesBackTheLastCharacter) {
+  Splitter gpt2(kGpt2Pattern);
+  std::vector<std::string_view> pieces;
+  gpt2.split("a   b  \n", &pieces);
+  EXPECT_EQ(pieces, (std::vector<std::string_view>{"a", "  ", " b", "  \n"}));
+  pieces.clear();
+  gpt2.split("x\n\ny \xC2\xA0z", &pieces);   // NBSP is whitespace for HF too
+  EXPECT_EQ(pieces, (std::vector<std::string_view>{"x", "\n", "\n", "y", " ", "\xC2\xA0", "z"}));
+}
+
+TEST(PreTokenizer, RejectsOtherLookaround) {
+  EXPECT_THROW(Splitter("a(?=b)"), std::invalid_argument);
+  EXPECT_THROW(Splitter("(?<!x)y"), std::invalid_argument);
+  EXPECT_THROW(Splitter("[\\S]"), std::invalid_argument);
+  EXPECT_THROW(Splitter("(unclosed"), std::invalid_argument);
+}
+
+TEST(PreTokenizer, InvalidUtf8BytesBecomeTheirOwnPieces) {
+  Splitter gpt2(kGpt2Pattern);
+  std::vector<std::string_view> pieces;
+  const std::string text = "ab\xFF\xFE cd";
+  gpt2.split(text, &pieces);
+  std::string joined;
+  for (const auto p : pieces) joined += p;
+  EXPECT_EQ(joined, text);
+  EXPECT_EQ(pieces.front(), "ab");
+  EXPECT_EQ(pieces.back(), " cd");
+}
+
+// ---------------------------------------------------------------------------------
+// Reference parity (Python)
+
+class Reference : public testing::Test {
+ protected:
+  void run(const std::string& kind) {
+    seed_ = fresh_seed();
+    dir_ = fresh_dir(kind);
+    std::string why;
+    ok_ = run_reference(kind, dir_, seed_, &result_, &why);
+    if (!ok_ && !HasFailure()) GTEST_SKIP() << "the Python at " << SF_PYTHON << " cannot run: " << why;
+  }
+  void TearDown() override {
+    if (!HasFailure()) fs::remove_all(dir_);
+  }
+  uint64_t seed_ = 0;
+  fs::path dir_;
+  json result_;
+  bool ok_ = false;
+};
+
+void expect_pieces(const BpeTokenizer& tok, const json& cases) {
+  int failures = 0;
+  for (const json& c : cases) {
+    std::vector<std::string> ours;
+    for (const std::string& p : tok.pre_tokenize(c.at("text").get<std::string>()))
+      ours.push_back(bytes_to_byte_level(p));
+    const auto theirs = c.at("pieces").get<std::vector<std::string>>();
+    // The reference does not cut out added tokens here; compare texts without them.
+    if (c.at("text").get<std::string>().find("<|") != std::string::npos) continue;
+    if (ours != theirs) {
+      ADD_FAILURE() << "pre-tokenisation of " << escaped(c.at("text").get<std::string>())
+                    << "\n  ours:      " << json(ours).dump() << "\n  reference: " << json(theirs).dump();
+      if (++failures > 5) return;
+    }
+  }
+}
+
+// A tokenizer.json trained by the tokenizers library: ids, add_bos, round trip and the
+// pre-tokenizer's pieces; loaded from its directory (gpt2) or as a file (llama3).
+void check_trained_tokenizer_json(const fs::path& dir, const json& result, bool by_dir) {
+  const std::string file = (dir / "tokenizer.json").string();
+  const auto tok = by_dir ? load_tokenizer(dir.string(), "") : load_tokenizer("", file);
+  ASSERT_EQ(tok->kind(), "bpe");
+  expect_cases(*tok, result.at("cases"), /*round_trip=*/true, /*check_bos=*/true);
+  const BpeTokenizer bpe(read_hf_tokenizer_json(file), file);
+  expect_pieces(bpe, result.at("cases"));
+}
+
+TEST_F(Reference, Gpt2StyleTokenizerJsonMatchesTokenizersLibrary) {
+  run("gpt2");
+  if (!ok_) return;
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  check_trained_tokenizer_json(dir_, result_, /*by_dir=*/true);
+}
+
+TEST_F(Reference, Llama3StyleTokenizerJsonMatchesTokenizersLibrary) {
+  run("llama3");
+  if (!ok_) return;
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  check_trained_tokenizer_json(dir_, result_, /*by_dir=*/false);
+  const auto tok = load_tokenizer("", (dir_ / "tokenizer.json").string());
+  EXPECT_TRUE(tok->adds_bos());
+  EXPECT_EQ(tok->bos_id(), 0);
+}
+
+TEST_F(Reference, SmolLM2GgufVocabularyMatchesTransformers) {
+  run("smollm");
+  if (!ok_) return;
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  std::unique_ptr<Tokenizer> tok;
+  try {
+    tok = load_tokenizer(result_.at("gguf").get<std::string>(), "");
+  } catch (const std::runtime_error& e) {
+    if (std::string(e.what()).find("no GGUF reader") != std::string::npos) GTEST_SKIP() << e.what();
+    throw;
+  }
+  EXPECT_EQ(tok->vocab_size(), 49152);
+  expect_cases(*tok, result_.at("cases"), /*round_trip=*/true, /*check_bos=*/true);
+}
+
+GgufVocab vocab_from_json(const fs::path& path) {
+  std::ifstream in(path);
+  const json j = json::parse(in);
+  GgufVocab v;
+  v.model = j.at("model").get<std::string>();
+  v.tokens = j.at("tokens").get<std::vector<std::string>>();
+  v.scores = j.at("scores").get<std::vector<float>>();
+  v.types = j.at("types").get<std::vector<int32_t>>();
+  v.bos_id = j.at("bos_id").get<int32_t>();
+  v.eos_id = j.at("eos_id").get<int32_t>();
+  v.unk_id = j.at("unk_id").get<int32_t>();
+  return v;
+}
+
+TEST_F(Reference, SentencePieceLlamaVocabularyMatchesSentencePiece) {
+  run("spm");
+  if (!ok_) return;
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  const auto tok = make_gguf_tokenizer(vocab_from_json(dir_ / "vocab.json"), "vocab.json");
+  ASSERT_EQ(tok->kind(), "spm");
+  expect_cases(*tok, result_.at("cases"), /*round_trip=*/true, /*check_bos=*/false);
+  const std::string text = result_.at("cases").back().at("text").get<std::string>();
+  std::vector<int32_t> with_bos = tok->encode(text, true);
+  ASSERT_FALSE(with_bos.empty());
+  EXPECT_EQ(with_bos.front(), tok->bos_id());
+  EXPECT_EQ(tok->decode(with_bos), text);
+  if (fs::exists(dir_ / "vocab.gguf")) {
+    try {
+      const auto from_gguf = load_tokenizer((dir_ / "vocab.gguf").string(), "");
+      expect_cases(*from_gguf, result_.at("cases"), true, false);
+    } catch (const std::runtime_error& e) {
+      if (std::string(e.what()).find("no GGUF reader") == std::string::npos) throw;
+    }
+  }
+}
+
+TEST_F(Reference, Llama2cTokenizerBinMatchesRunC) {
+  run("llama2c");
+  if (!ok_) return;
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  const auto tok = load_tokenizer("", (dir_ / "tokenizer.bin").string());
+  ASSERT_EQ(tok->kind(), "llama2c");
+  expect_cases(*tok, result_.at("cases"), /*round_trip=*/true, /*check_bos=*/true);
+  for (const json& c : result_.at("cases"))
+    EXPECT_EQ(tok->decode(ids_of(c.at("ids_with_bos"))), c.at("text").get<std::string>());
+  // The model path is enough when tokenizer.bin lies beside the checkpoint.
+  write_file(dir_ / "model.bin", std::string(28, '\1'));
+  EXPECT_EQ(load_tokenizer((dir_ / "model.bin").string(), "")->vocab_size(), tok->vocab_size());
+}
+
+// ---------------------------------------------------------------------------------
+// Round trips on vocabularies built here (no Python)
+
+// Random text: Unicode from every plane, whitespace runs, digits, code, emoji, and
+// (when `invalid`) raw bytes that are not UTF-8.
+std::string random_text(std::mt19937_64& rng, bool invalid) {
+  static const std::vector<std::string> snippets = {
+      " ", "  ", "\t", "\n", "\r\n", "\n\n\n", "    ", "0", "42", "31415", "x = f(y);",
+      "if (a && b) {", "}", "\xF0\x9F\x98\x80", "\xF0\x9F\x91\xA8\xE2\x80\x8D\xF0\x9F\x91\xA9",
+      "the", " the", "'s", "\xC2\xA0", "\xE3\x80\x80", "\xE2\x96\x81"};
+  std::string out;
+  const int parts = std::uniform_int_distribution<int>(0, 40)(rng);
+  for (int i = 0; i < parts; ++i) {
+    const int kind = std::uniform_int_distribution<int>(0, invalid ? 3 : 2)(rng);
+    if (kind == 0) {
+      out += snippets[std::uniform_int_distribution<size_t>(0, snippets.size() - 1)(rng)];
+    } else if (kind == 1) {
+      out += static_cast<char>(std::uniform_int_distribution<int>(0x20, 0x7E)(rng));
+    } else if (kind == 2) {
+      uint32_t cp;
+      do {
+        cp = std::uniform_int_distribution<uint32_t>(1, 0x10FFFF)(rng);
+      } while (cp >= 0xD800 && cp <= 0xDFFF);
+      if (std::uniform_int_distribution<int>(0, 1)(rng)) cp = cp % 0x3000 + 0x80;
+      append_utf8(out, cp);
+    } else {
+      out += static_cast<char>(std::uniform_int_distribution<int>(0x80, 0xFF)(rng));
+    }
+  }
+  return out;
+}
+
+// A byte-level vocabulary: the 256 bytes, and merges that build some words up
+// character by character.
+BpeVocab small_bpe_vocab() {
+  BpeVocab v;
+  for (int b = 0; b < 256; ++b) v.tokens.push_back(bytes_to_byte_level(std::string(1, static_cast<char>(b))));
+  for (const std::string word : {" the", "the", "ing", " and", "    ", "\n\n", "42", " x", "\xF0\x9F\x98\x80"}) {
+    std::string prefix = bytes_to_byte_level(word.substr(0, 1));
+    for (size_t i = 1; i < word.size(); ++i) {
+      const std::string next = bytes_to_byte_level(word.substr(i, 1));
+      if (std::find(v.tokens.begin(), v.tokens.end(), prefix + next) == v.tokens.end()) {
+        v.merges.emplace_back(prefix, next);
+        v.tokens.push_back(prefix + next);
+      }
+      prefix += next;
+    }
+  }
+  v.tokens.push_back("<|endoftext|>");
+  v.added.push_back({"<|endoftext|>", static_cast<int32_t>(v.tokens.size() - 1)});
+  v.split_patterns = {kGpt2Pattern};
+  return v;
+}
+
+TEST(RoundTrip, ByteLevelBpeKeepsEveryByteIncludingInvalidUtf8) {
+  const BpeTokenizer tok(small_bpe_vocab(), "small");
+  std::mt19937_64 rng(fresh_seed());
+  for (int i = 0; i < 500; ++i) {
+    const std::string text = random_text(rng, /*invalid=*/i % 2 == 1);
+    const auto ids = tok.encode(text, false);
+    ASSERT_EQ(tok.decode(ids), text) << escaped(text);
+    for (const int32_t id : ids) ASSERT_TRUE(id >= 0 && id < tok.vocab_size());
+  }
+  EXPECT_EQ(tok.encode(" the the", false), (std::vector<int32_t>{tok.encode(" the", false)[0],
+                                                                  tok.encode(" the", false)[0]}));
+  EXPECT_EQ(tok.encode(" the", false).size(), 1u);
+  EXPECT_EQ(tok.encode("a<|endoftext|>b", false).at(1), tok.vocab_size() - 1);
+  EXPECT_THROW(tok.decode({static_cast<int32_t>(tok.vocab_size())}), std::out_of_range);
+  EXPECT_THROW(tok.decode({-1}), std::out_of_range);
+}
+
+SpmVocab small_spm_vocab() {
+  SpmVocab v;
+  const auto add = [&](const std::string& t, float score, int32_t type) {
+    v.tokens.push_back(t);
+    v.scores.push_back(score);
+    v.types.push_back(type);
+  };
+  add("<unk>", 0, kTokenUnknown);
+  add("<s>", 0, kTokenControl);
+  add("</s>", 0, kTokenControl);
+  char name[8];
+  for (int b = 0; b < 256; ++b) {
+    std::snprintf(name, sizeof name, "<0x%02X>", b);
+    add(name, 0, kTokenByte);
+  }
+  const std::string sp = "\xE2\x96\x81";
+  float score = -1;
+  for (const std::string& t : std::vector<std::string>{sp, "t", "h", "e", "a", "n", "d", "x", "1", "2", sp + "t", "th", "he",
+                              sp + "th", "the", sp + "the", "an", sp + "a", sp + "an", "nd",
+                              sp + "and", sp + sp, "12"})
+    add(t, score -= 0.5f, kTokenNormal);
+  v.bos_id = 1;
+  v.eos_id = 2;
+  v.unk_id = 0;
+  return v;
+}
+
+TEST(RoundTrip, SentencePieceVocabularyKeepsEveryByte) {
+  const SpmTokenizer tok(small_spm_vocab(), "small");
+  std::mt19937_64 rng(fresh_seed());
+  for (int i = 0; i < 500; ++i) {
+    std::string text = random_text(rng, i % 2 == 1);
+    // U+2581 is SentencePiece's own space marker: it decodes to a space.
+    for (size_t p; (p = text.find("\xE2\x96\x81")) != std::string::npos;) text.replace(p, 3, "_");
+    ASSERT_EQ(tok.decode(tok.encode(text, i % 3 == 0)), text) << escaped(text);
+  }
+  // "▁the▁and▁x": ▁t, he, ▁the, an, ▁an, ▁and by score; "▁x" is no token. Ids: 259 ▁,
+  // 266 x, 274 ▁the, 279 ▁and (3 control/unknown, 256 bytes, then the list above).
+  EXPECT_EQ(tok.encode("the and x", false), (std::vector<int32_t>{274, 279, 259, 266}));
+  EXPECT_EQ(tok.encode("the", true), (std::vector<int32_t>{1, 274}));
+  // Not in the vocabulary: "q" falls back to its byte token.
+  EXPECT_EQ(tok.encode("q", false), (std::vector<int32_t>{259, 3 + 'q'}));
+}
+
+std::string llama2c_bin(const std::vector<std::pair<std::string, float>>& tokens) {
+  std::string out;
+  const auto put = [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); };
+  int32_t max_len = 0;
+  for (const auto& t : tokens) max_len = std::max<int32_t>(max_len, t.first.size());
+  put(&max_len, 4);
+  for (const auto& [text, score] : tokens) {
+    const int32_t len = static_cast<int32_t>(text.size());
+    put(&score, 4);
+    put(&len, 4);
+    out += text;
+  }
+  return out;
+}
+
+// A llama2.c vocabulary: <unk>, <s>, </s>, the 256 bytes, then scored pieces.
+std::vector<std::pair<std::string, float>> llama2c_vocab() {
+  std::vector<std::pair<std::string, float>> v = {{"<unk>", 0}, {"\n<s>\n", 0}, {"\n</s>\n", 0}};
+  char name[8];
+  for (int b = 0; b < 256; ++b) {
+    std::snprintf(name, sizeof name, "<0x%02X>", b);
+    v.push_back({name, 0});
+  }
+  // ids 259...
+  for (const auto& [t, s] : std::vector<std::pair<std::string, float>>{
+           {" ", -1}, {"a", -2}, {"b", -3}, {"c", -4}, {"ab", -5}, {" a", -6}, {" ab", -7}, {"bc", -1.5},
+           {"\xC3\xA9", -8}, {" c", -9}})
+    v.push_back({t, s});
+  return v;
+}
+
+TEST(Llama2c, EncodesAsRunCOnFixedStrings) {
+  const fs::path dir = fresh_dir("llama2c_fixed");
+  write_file(dir / "tokenizer.bin", llama2c_bin(llama2c_vocab()));
+  const auto tok = Llama2cTokenizer::load((dir / "tokenizer.bin").string());
+  EXPECT_EQ(tok->vocab_size(), 269);
+  // " abc": " ","a","b","c"; best pair "bc" (-1.5) beats " a" (-6) -> " ","a","bc";
+  // then " a" (-6) -> " a","bc". No " abc" token.
+  EXPECT_EQ(tok->encode("abc", false), (std::vector<int32_t>{264, 266}));
+  // "ab": " ","a","b" -> "ab" (-5) beats " a" (-6) -> " ","ab" -> " ab" (-7).
+  EXPECT_EQ(tok->encode("ab", true), (std::vector<int32_t>{1, 265}));
+  // é is a token; ü is not: its two bytes become 0xC3 + 3, 0xBC + 3.
+  EXPECT_EQ(tok->encode("\xC3\xA9\xC3\xBC", false), (std::vector<int32_t>{259, 267, 0xC3 + 3, 0xBC + 3}));
+  EXPECT_EQ(tok->encode("", true), (std::vector<int32_t>{1}));
+  EXPECT_EQ(tok->decode({1, 265}), "ab");
+  EXPECT_EQ(tok->decode(tok->encode("\xC3\xA9\xC3\xBC", false)), "\xC3\xA9\xC3\xBC");
+  std::mt19937_64 rng(fresh_seed());
+  for (int i = 0; i < 300; ++i) {
+    const std::string text = random_text(rng, i % 2 == 1);
+    ASSERT_EQ(tok->decode(tok->encode(text, i % 2 == 0)), text) << escaped(text);
+  }
+  fs::remove_all(dir);
+}
+
+// ---------------------------------------------------------------------------------
+// Corrupt and unsupported files
+
+void expect_error(const std::function<void()>& f, const std::vector<std::string>& parts) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected one mentioning " << json(parts).dump();
+  } catch (const std::exception& e) {
+    for (const std::string& p : parts)
+      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "\"" << p << "\" not in: " << e.what();
+  }
+}
+
+TEST(Corrupt, Llama2cTruncatedAtEveryByteGivesAClearErrorOrAShorterVocabulary) {
+  const fs::path dir = fresh_dir("llama2c_corrupt");
+  const std::string good = llama2c_bin(llama2c_vocab());
+  const std::string path = (dir / "tokenizer.bin").string();
+  int errors = 0;
+  for (size_t n = 0; n < good.size(); ++n) {
+    write_file(path, good.substr(0, n));
+    try {
+      const auto tok = Llama2cTokenizer::load(path);
+      EXPECT_LT(tok->vocab_size(), 269);
+    } catch (const std::runtime_error& e) {
+      ++errors;
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_GT(errors, static_cast<int>(good.size()) / 2);
+  std::string bad = good;
+  const int32_t negative = -5;
+  std::memcpy(&bad[4 + 4], &negative, 4);   // token 0's length
+  write_file(path, bad);
+  expect_error([&] { Llama2cTokenizer::load(path); }, {path, "token 0", "length -5"});
+  bad = good;
+  const float nan = std::nanf("");
+  std::memcpy(&bad[4], &nan, 4);
+  write_file(path, bad);
+  expect_error([&] { Llama2cTokenizer::load(path); }, {path, "token 0", "not finite"});
+  bad = good;
+  const int32_t huge = 1 << 30;
+  std::memcpy(&bad[0], &huge, 4);
+  write_file(path, bad);
+  expect_error([&] { Llama2cTokenizer::load(path); }, {path, "max_token_length"});
+  fs::remove_all(dir);
+}
+
+TEST(Corrupt, TokenizerJsonErrorsNameTheFileAndField) {
+  const fs::path dir = fresh_dir("json_corrupt");
+  const std::string path = (dir / "tokenizer.json").string();
+  json good = {
+      {"normalizer", nullptr},
+      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+      {"decoder", {{"type", "ByteLevel"}}},
+      {"post_processor", nullptr},
+      {"added_tokens", json::array({{{"id", 4}, {"content", "<|end|>"}, {"special", true}}})},
+      {"model", {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"ab", 2}, {"\xC4\xA0", 3}}},
+                 {"merges", json::array({"a b"})}}}};
+  write_file(path, good.dump());
+  const auto tok = load_tokenizer("", path);
+  EXPECT_EQ(tok->encode("ab a<|end|>", false), (std::vector<int32_t>{2, 3, 0, 4}));
+
+  const auto expect_bad = [&](const json& j, const std::vector<std::string>& parts) {
+    write_file(path, j.dump());
+    std::vector<std::string> with_path = parts;
+    with_path.push_back(path);
+    expect_error([&] { load_tokenizer(dir.string(), ""); }, with_path);
+  };
+  json j = good;
+  j["model"]["merges"] = json::array({"a c"});
+  expect_bad(j, {"merge 0", "\"c\" is not in the vocabulary"});
+  j = good;
+  j["model"]["merges"] = json::array({"abc"});
+  expect_bad(j, {"model.merges[0]"});
+  j = good;
+  j["model"]["type"] = "WordPiece";
+  expect_bad(j, {"model.type", "WordPiece"});
+  j = good;
+  j["pre_tokenizer"] = {{"type", "Metaspace"}};
+  expect_bad(j, {"pre_tokenizer.type", "Metaspace"});
+  j = good;
+  j["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", json::array({
+      {{"type", "Split"}, {"pattern", {{"Regex", "a(?=b)"}}}, {"behavior", "Isolated"}, {"invert", false}},
+      {{"type", "ByteLevel"}, {"use_regex", false}}})}};
+  expect_bad(j, {"lookaround"});
+  j = good;
+  j["model"]["vocab"]["b"] = -3;
+  expect_bad(j, {"model.vocab[\"b\"]"});
+  j = good;
+  j["added_tokens"][0]["id"] = "x";
+  expect_bad(j, {"added_tokens[0].id"});
+  j = good;
+  j["normalizer"] = {{"type", "NFKC"}};
+  expect_bad(j, {"normalizer", "NFKC"});
+  j = good;
+  j.erase("model");
+  expect_bad(j, {"missing \"model\""});
+  write_file(path, "{\"model\": ");
+  expect_error([&] { load_tokenizer("", path); }, {path, "not valid JSON"});
+  fs::remove_all(dir);
+}
+
+TEST(Corrupt, GgufVocabularyErrorsNameTheKey) {
+  GgufVocab v;
+  v.model = "gpt2";
+  v.tokens = {"a", "b", "ab"};
+  v.merges = {"a b"};
+  v.pre = "llama-bpe";
+  EXPECT_EQ(make_gguf_tokenizer(v, "m.gguf")->encode("ab", false), (std::vector<int32_t>{2}));
+  v.pre = "tekken";
+  expect_error([&] { make_gguf_tokenizer(v, "m.gguf"); }, {"m.gguf", "tokenizer.ggml.pre", "tekken", "smollm"});
+  v.pre = "gpt2";
+  v.merges = {"a"};
+  expect_error([&] { make_gguf_tokenizer(v, "m.gguf"); }, {"m.gguf", "tokenizer.ggml.merges[0]"});
+  v.merges = {"a b"};
+  v.types = {1, 1};
+  expect_error([&] { make_gguf_tokenizer(v, "m.gguf"); }, {"m.gguf", "tokenizer.ggml.token_type"});
+  v.types.clear();
+  v.model = "bert";
+  expect_error([&] { make_gguf_tokenizer(v, "m.gguf"); }, {"m.gguf", "tokenizer.ggml.model", "bert"});
+  v.model = "llama";
+  v.scores = {0.f};
+  expect_error([&] { make_gguf_tokenizer(v, "m.gguf"); }, {"m.gguf", "tokenizer.ggml.scores"});
+  v.scores = {0.f, 0.f, 0.f};
+  v.types = {1, 9, 1};
+  expect_error([&] { make_gguf_tokenizer(v, "m.gguf"); }, {"m.gguf", "token 1", "type 9"});
+  v.types = {1, 1, 1};
+  v.bos_id = 7;
+  expect_error([&] { make_gguf_tokenizer(v, "m.gguf"); }, {"m.gguf", "BOS id 7"});
+}
+
+TEST(Corrupt, LoadTokenizerNamesMissingFiles) {
+  const fs::path dir = fresh_dir("load_missing");
+  expect_error([&] { load_tokenizer((dir / "nope.gguf").string(), ""); }, {"nope.gguf", "no such"});
+  expect_error([&] { load_tokenizer(dir.string(), ""); }, {dir.string(), "no tokenizer.json"});
+  write_file(dir / "model.bin", "not a checkpoint");
+  expect_error([&] { load_tokenizer((dir / "model.bin").string(), ""); }, {"model.bin", "--tokenizer"});
+  write_file(dir / "garbage.bin", std::string("\x08\x00\x00\x00\x00\x00", 6));
+  expect_error([&] { load_tokenizer("", (dir / "garbage.bin").string()); }, {"garbage.bin", "token 0"});
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace sparseflash::tokenizer
