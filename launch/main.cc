@@ -26,6 +26,7 @@
 #include "configs/config.h"
 #include "data/prepare.h"
 #include "data/tokenizer.h"
+#include "launch/llama_commands.h"
 #include "nlohmann/json.hpp"
 #include "trainer/trainer.h"
 
@@ -41,7 +42,8 @@ ABSL_FLAG(std::string, checkpoint, "runs/cpu_default",
           "Checkpoint file, or a run directory holding ckpt.pt.");
 ABSL_FLAG(std::string, device, "auto", "auto, cpu, cuda or cuda:N.");
 ABSL_FLAG(std::string, data, "",
-          "Prepared data directory; empty = the one the checkpoint was trained on.");
+          "Prepared data directory; empty = the one the checkpoint was trained on. eval --model: "
+          "token shards (comma-separated .bin files) or a prepared directory (its val shards).");
 ABSL_FLAG(int32_t, batches, 20, "Validation batches to evaluate.");
 ABSL_FLAG(int32_t, batch_size, 0, "Sequences per batch; 0 = the checkpoint's data.batch_size.");
 ABSL_FLAG(bool, json, false, "Print the result as one JSON object on stdout.");
@@ -53,7 +55,9 @@ ABSL_FLAG(std::vector<std::string>, include, {},
 ABSL_FLAG(std::vector<std::string>, exclude, {},
           "Comma-separated glob patterns of document paths to leave out.");
 ABSL_FLAG(double, val_fraction, 0.05, "Fraction of documents held out for validation.");
-ABSL_FLAG(std::string, tokenizer, "byte", "Tokenizer: byte (vocab 256).");
+ABSL_FLAG(std::string, tokenizer, "byte",
+          "prepare: tokenizer name, byte (vocab 256). eval --model, generate: a tokenizer file "
+          "(tokenizer.json, .gguf, llama2.c tokenizer.bin); byte = the model's own.");
 ABSL_FLAG(uint64_t, shard_tokens, 100000000, "Maximum tokens per shard file.");
 ABSL_FLAG(uint64_t, max_bytes, 0, "Stop reading input after this many bytes (0 = no limit).");
 
@@ -115,6 +119,7 @@ int run_train(const Args& positional, const Args& overrides) {
 // eval
 
 int run_eval(const Args& positional, const Args&) {
+  if (llama_commands::eval_model_given()) return llama_commands::run_eval(positional);
   if (!positional.empty())
     return fail("eval", absl::StrCat("unexpected argument '", positional[0], "'"));
   auto loaded = trainer::load_model(absl::GetFlag(FLAGS_checkpoint), absl::GetFlag(FLAGS_device));
@@ -205,6 +210,26 @@ int run_sample(const Args& positional, const Args&) {
 }
 
 // ---------------------------------------------------------------------------
+// generate, convert (launch/llama_commands.cc)
+
+int run_generate(const Args& positional, const Args&) {
+  return llama_commands::run_generate(positional);
+}
+
+int run_convert(const Args& positional, const Args&) {
+  return llama_commands::run_convert(positional);
+}
+
+// eval's flags: those of our GPT checkpoints, then those of the --model form.
+std::vector<std::string> eval_command_flags() {
+  std::vector<std::string> flags = {"checkpoint", "data", "batches", "batch_size", "device",
+                                    "json"};
+  for (const auto& f : llama_commands::eval_flags())
+    if (std::find(flags.begin(), flags.end(), f) == flags.end()) flags.push_back(f);
+  return flags;
+}
+
+// ---------------------------------------------------------------------------
 // dispatch and help
 
 const std::vector<Command>& commands() {
@@ -218,11 +243,21 @@ const std::vector<Command>& commands() {
        "same command resumes. SIGINT/SIGTERM write a checkpoint and exit with 128+signal.",
        {"config", "print_config"},
        run_train},
-      {"eval", "sparseflash eval [--checkpoint PATH] [--data DIR] [--batches N] [--json]",
-       "validation loss and bits per byte of a checkpoint",
-       "Evaluates a checkpoint on the validation split of prepared data (by default the\n"
-       "data it was trained on) and prints loss in nats/token and bits/byte.",
-       {"checkpoint", "data", "batches", "batch_size", "device", "json"},
+      {"eval",
+       "sparseflash eval [--checkpoint PATH] [--data DIR] [--batches N] [--json]\n"
+       "       sparseflash eval --model PATH [--tokenizer PATH] (--text FILE | --data SHARDS)\n"
+       "                        --context L --stride S [--attention dense|hash|drop] [--dtype T]\n"
+       "                        [--json] [--json-file FILE]",
+       "validation loss of a checkpoint, or perplexity of a pretrained model",
+       "With --checkpoint: evaluates our GPT checkpoint on the validation split of prepared\n"
+       "data (by default the data it was trained on); prints nats/token and bits/byte.\n"
+       "With --model: sliding-window perplexity of a pretrained Llama-family model (HF\n"
+       "directory, .gguf, llama2.c .bin, or `sparseflash convert` output) on a text file or\n"
+       "token shards. Windows of --context tokens start every --stride tokens; each scores\n"
+       "only the tokens no earlier window scored (transformers' recipe), so every token but\n"
+       "the first is scored once. Prints tokens, mean NLL, perplexity and tokens/s; progress\n"
+       "goes to stderr.",
+       eval_command_flags(),
        run_eval},
       {"prepare", "sparseflash prepare INPUT... [--out DIR] [--include GLOBS] [--exclude GLOBS]",
        "turn text files, directories or .tar.xz archives into token shards",
@@ -239,6 +274,29 @@ const std::vector<Command>& commands() {
        "Continues --prompt with tokens sampled from the model (temperature, top-k).",
        {"checkpoint", "prompt", "tokens", "temperature", "top_k", "seed", "device"},
        run_sample},
+      {"generate",
+       "sparseflash generate --model PATH [--tokenizer PATH] --prompt TEXT\n"
+       "                            [--max-new-tokens N] [--temperature T] [--top-p P] [--seed S]",
+       "continue a prompt with a pretrained model (KV cache)",
+       "Encodes --prompt with the model's tokenizer (BOS added when the tokenizer's own\n"
+       "configuration adds one) and generates up to --max-new-tokens tokens with the KV\n"
+       "cache, streaming them to stdout; stops at the end-of-sequence token. Temperature 0\n"
+       "is greedy (argmax); otherwise --top-p keeps the smallest set of tokens with that\n"
+       "much probability and --seed fixes the draws. --json prints one JSON object instead.",
+       llama_commands::generate_flags(),
+       run_generate},
+      {"convert",
+       "sparseflash convert --input PATH --output DIR [--to native|hf-gpt2] [--dtype T]",
+       "convert checkpoints: any Llama input to native, our GPT to HF GPT-2",
+       "--to native: any Llama checkpoint eval/generate read (HF safetensors directory,\n"
+       ".gguf, llama2.c .bin) -> DIR/model.safetensors + config.json in the HF Llama layout\n"
+       "(dequantised, Q/K in rotate-half order; transformers loads it too).\n"
+       "--to hf-gpt2: our GPT run directory or ckpt.pt -> DIR/model.safetensors + config.json\n"
+       "for transformers' GPT2LMHeadModel (vocab = our byte tokenizer). GPT-2 attends\n"
+       "densely: a run trained with hash or drop attention is exported with dense attention\n"
+       "(the command says so); shared_qk runs cannot be exported.",
+       llama_commands::convert_flags(),
+       run_convert},
   };
   return all;
 }
@@ -247,7 +305,7 @@ void print_general_help() {
   std::cout << "sparseflash: GPT training with sparse flash attention\n\n"
                "usage: sparseflash <command> [flags]\n\ncommands:\n";
   for (const auto& c : commands()) std::cout << absl::StrFormat("  %-9s %s\n", c.name, c.summary);
-  std::cout << "\nmore to come: generate, convert, launch, saap, bench\n"
+  std::cout << "\nmore to come: launch, saap, bench\n"
                "`sparseflash <command> --help` explains a command and its flags.\n";
 }
 

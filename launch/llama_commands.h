@@ -1,0 +1,55 @@
+// The commands for pretrained Llama-family checkpoints and for exporting our
+// GPT runs: `eval --model` (sliding-window perplexity), `generate` (KV-cache
+// decoding) and `convert` (to our native checkpoint, or GPT run -> HF GPT-2).
+// main.cc dispatches to these; their flags are defined in llama_commands.cc
+// and listed in commands()'s flag lists by name.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace sparseflash::llama_commands {
+
+// Abseil names (underscores) of the flags each command reads, for main.cc's
+// per-command flag lists and --help.
+const std::vector<std::string>& eval_flags();      // the --model form only
+const std::vector<std::string>& generate_flags();
+const std::vector<std::string>& convert_flags();
+
+// True when --model was given: `eval` then takes the Llama path.
+bool eval_model_given();
+
+// Each returns the process exit code and prints its own errors
+// ("sparseflash <command>: error: ...").
+int run_eval(const std::vector<std::string>& positional);
+int run_generate(const std::vector<std::string>& positional);
+int run_convert(const std::vector<std::string>& positional);
+
+// ---------------------------------------------------------------------------
+// conversions (also used by the tests)
+
+struct ConvertResult {
+  std::string summary;                // one line for the user
+  std::vector<std::string> warnings;  // things the user must know about the export
+};
+
+// Any Llama checkpoint load_llama_checkpoint reads -> out_dir/model.safetensors
+// + config.json (HF Llama layout, rotate-half Q/K; transformers loads it too),
+// plus tokenizer.json when the source directory has one. dtype: "auto" keeps
+// F32/F16/BF16 tensors as stored and writes dequantised ones as F32; or
+// "float32", "bfloat16", "float16".
+absl::StatusOr<ConvertResult> convert_llama_to_native(const std::string& input,
+                                                      const std::string& out_dir,
+                                                      const std::string& dtype);
+
+// Our GPT checkpoint (ckpt.pt or its run directory) -> out_dir/model.safetensors
+// + config.json for transformers' GPT2LMHeadModel (float32). Absent biases are
+// written as zeros (exactly equivalent). Runs trained with sparse attention
+// are exported to GPT-2's dense attention (reported in warnings); shared_qk
+// layers have no GPT-2 equivalent and are refused.
+absl::StatusOr<ConvertResult> convert_gpt_to_hf_gpt2(const std::string& checkpoint,
+                                                     const std::string& out_dir);
+
+}  // namespace sparseflash::llama_commands

@@ -1,0 +1,436 @@
+// Llama decoder. Reading order: rotary embedding, RMSNorm, attention, layer,
+// model, generation, loading.
+#include "model/llama.h"
+
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <set>
+#include <stdexcept>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/util/Exception.h>
+#include <torch/nn/functional/activation.h>
+#include <torch/nn/functional/linear.h>
+#include <torch/utils.h>
+
+#include "checkpoint/tensor.h"
+
+namespace sparseflash::model {
+
+namespace F = torch::nn::functional;
+
+// ---------------------------------------------------------------------------
+// rotary embedding
+
+Tensor rope_inverse_frequencies(const checkpoint::LlamaConfig& c) {
+  const int64_t dim = c.head_dim;
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  // transformers: 1 / base ** (arange(0, dim, 2) / dim), in float32.
+  Tensor exponent = at::arange(0, dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) /
+                    static_cast<double>(dim);
+  Tensor inv_freq = at::pow(c.rope_theta, exponent).reciprocal();
+  const auto& s = c.rope_scaling;
+  if (s.type.empty() || s.type == "default") return inv_freq;
+  if (s.type == "linear") return inv_freq / s.factor;
+  if (s.type == "llama3") {
+    // Long wavelengths are divided by `factor`, short ones kept, and the band
+    // in between interpolated (Llama 3.1's "llama3" rope_type).
+    const double old_context = static_cast<double>(s.original_max_position_embeddings);
+    const double low_freq_wavelen = old_context / s.low_freq_factor;
+    const double high_freq_wavelen = old_context / s.high_freq_factor;
+    Tensor wavelen = inv_freq.reciprocal() * (2 * M_PI);
+    Tensor scaled = at::where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq);
+    Tensor smooth = (wavelen.reciprocal() * old_context - s.low_freq_factor) /
+                    (s.high_freq_factor - s.low_freq_factor);
+    Tensor smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled;
+    Tensor medium = (wavelen >= high_freq_wavelen).logical_and(wavelen <= low_freq_wavelen);
+    return at::where(medium, smoothed, scaled).to(f32.dtype());
+  }
+  throw std::runtime_error("Llama: unsupported rope_scaling type \"" + s.type +
+                           "\" (supported: linear, llama3)");
+}
+
+Tensor interleaved_to_rotate_half(const Tensor& weight, int64_t heads) {
+  const int64_t rows = weight.size(0), in = weight.size(1), head_dim = rows / heads;
+  TORCH_CHECK(rows % heads == 0 && head_dim % 2 == 0, "interleaved_to_rotate_half: ", rows,
+              " rows do not split into ", heads, " heads of even size");
+  // Row 2i + r of a head holds rotate-half row r * head_dim/2 + i.
+  return weight.view({heads, head_dim / 2, 2, in}).transpose(1, 2).reshape({rows, in});
+}
+
+// x [B, H, N, D]; cos, sin [N, D].
+static Tensor apply_rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos + rotated * sin;
+}
+
+// ---------------------------------------------------------------------------
+// RMSNorm
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
+  weight = register_parameter("weight", torch::ones({dim}));
+}
+
+Tensor RMSNormImpl::forward(const Tensor& x) {
+  Tensor h = x.to(at::kFloat);
+  h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps_);
+  return weight * h.to(x.scalar_type());
+}
+
+// ---------------------------------------------------------------------------
+// attention
+
+LlamaAttentionImpl::LlamaAttentionImpl(const checkpoint::LlamaConfig& c,
+                                       attention::Options options, int layer)
+    : attention(options, layer),
+      heads_(c.num_attention_heads),
+      kv_heads_(c.num_key_value_heads),
+      head_dim_(c.head_dim),
+      layer_(layer) {
+  const int64_t d = c.hidden_size;
+  auto linear = [](int64_t in, int64_t out) {
+    return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
+  };
+  q_proj = register_module("q_proj", linear(d, heads_ * head_dim_));
+  k_proj = register_module("k_proj", linear(d, kv_heads_ * head_dim_));
+  v_proj = register_module("v_proj", linear(d, kv_heads_ * head_dim_));
+  o_proj = register_module("o_proj", linear(heads_ * head_dim_, d));
+}
+
+Tensor LlamaAttentionImpl::forward(const Tensor& x, const Tensor& cos, const Tensor& sin,
+                                   KVCache* cache, at::Generator& generator) {
+  const int64_t B = x.size(0), N = x.size(1);
+  auto heads = [&](const Tensor& t, int64_t h) {  // [B, N, h * D] -> [B, h, N, D]
+    return t.view({B, N, h, head_dim_}).transpose(1, 2);
+  };
+  Tensor q = apply_rope(heads(q_proj->forward(x), heads_), cos, sin);
+  Tensor k = apply_rope(heads(k_proj->forward(x), kv_heads_), cos, sin);
+  Tensor v = heads(v_proj->forward(x), kv_heads_);
+  if (cache) {
+    Tensor& ck = cache->k[layer_];
+    Tensor& cv = cache->v[layer_];
+    if (ck.defined()) {
+      k = at::cat({ck, k}, 2);
+      v = at::cat({cv, v}, 2);
+    }
+    ck = k;
+    cv = v;
+  }
+  // Queries sit at the last N of the key positions (the interface aligns
+  // them bottom-right), which is what the cache needs.
+  Tensor y = attention.forward(q.contiguous(), k.contiguous(), v.contiguous(), generator);
+  return o_proj->forward(y.transpose(1, 2).reshape({B, N, heads_ * head_dim_}));
+}
+
+// ---------------------------------------------------------------------------
+// layer
+
+LlamaLayerImpl::LlamaLayerImpl(const checkpoint::LlamaConfig& c, attention::Options options,
+                               int layer) {
+  const int64_t d = c.hidden_size, f = c.intermediate_size;
+  auto linear = [](int64_t in, int64_t out) {
+    return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
+  };
+  input_layernorm = register_module("input_layernorm", RMSNorm(d, c.rms_norm_eps));
+  self_attn = register_module("self_attn", LlamaAttention(c, options, layer));
+  post_attention_layernorm =
+      register_module("post_attention_layernorm", RMSNorm(d, c.rms_norm_eps));
+  gate_proj = register_module("gate_proj", linear(d, f));
+  up_proj = register_module("up_proj", linear(d, f));
+  down_proj = register_module("down_proj", linear(f, d));
+}
+
+Tensor LlamaLayerImpl::forward(const Tensor& x, const Tensor& cos, const Tensor& sin,
+                               KVCache* cache, at::Generator& generator) {
+  Tensor h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, cache, generator);
+  Tensor m = post_attention_layernorm->forward(h);
+  return h + down_proj->forward(at::silu(gate_proj->forward(m)) * up_proj->forward(m));
+}
+
+// ---------------------------------------------------------------------------
+// model
+
+static void check_config(const checkpoint::LlamaConfig& c) {
+  auto positive = [](int64_t v, const char* field) {
+    if (v <= 0)
+      throw std::runtime_error(std::string("Llama config: ") + field + " must be > 0, got " +
+                               std::to_string(v));
+  };
+  positive(c.vocab_size, "vocab_size");
+  positive(c.hidden_size, "hidden_size");
+  positive(c.intermediate_size, "intermediate_size");
+  positive(c.num_hidden_layers, "num_hidden_layers");
+  positive(c.num_attention_heads, "num_attention_heads");
+  positive(c.num_key_value_heads, "num_key_value_heads");
+  positive(c.head_dim, "head_dim");
+  if (c.num_attention_heads % c.num_key_value_heads != 0)
+    throw std::runtime_error("Llama config: num_attention_heads " +
+                             std::to_string(c.num_attention_heads) +
+                             " is not a multiple of num_key_value_heads " +
+                             std::to_string(c.num_key_value_heads));
+  if (c.head_dim % 2 != 0)
+    throw std::runtime_error("Llama config: head_dim " + std::to_string(c.head_dim) +
+                             " must be even for rotary embeddings");
+  if (!(c.rope_theta > 0))
+    throw std::runtime_error("Llama config: rope_theta must be > 0");
+  if (!(c.rms_norm_eps >= 0))
+    throw std::runtime_error("Llama config: rms_norm_eps must be >= 0");
+}
+
+LlamaImpl::LlamaImpl(const checkpoint::LlamaConfig& config,
+                     const std::vector<attention::Options>& layer_attention)
+    : config_(config) {
+  check_config(config_);
+  const int64_t layers_n = config_.num_hidden_layers;
+  TORCH_CHECK(layer_attention.size() == 1 || static_cast<int64_t>(layer_attention.size()) == layers_n,
+              "Llama: attention options for ", layer_attention.size(), " layers, the model has ",
+              layers_n, " (give one entry per layer, or one for all)");
+  const int64_t d = config_.hidden_size;
+  embed_tokens = register_parameter("embed_tokens", torch::zeros({config_.vocab_size, d}));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int l = 0; l < layers_n; ++l)
+    layers->push_back(LlamaLayer(config_, layer_attention[layer_attention.size() == 1 ? 0 : l], l));
+  norm = register_module("norm", RMSNorm(d, config_.rms_norm_eps));
+  // A tied head is embed_tokens itself, not a second parameter (so to()
+  // cannot split them).
+  if (!config_.tie_word_embeddings)
+    lm_head = register_parameter("lm_head", torch::zeros({config_.vocab_size, d}));
+  inv_freq_ = rope_inverse_frequencies(config_);
+  attention_generator_ = at::detail::createCPUGenerator(1234);
+}
+
+Tensor LlamaImpl::hidden_states(const Tensor& ids, KVCache* cache) {
+  TORCH_CHECK(ids.dim() == 2, "Llama: ids must be [B, N], got ", ids.sizes());
+  if (ids.numel() > 0) {
+    const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < config_.vocab_size, "Llama: token id ", lo < 0 ? lo : hi,
+                " outside the vocabulary [0, ", config_.vocab_size, ")");
+  }
+  const at::Device dev = device();
+  if (inv_freq_.device() != dev) inv_freq_ = inv_freq_.to(dev);
+  const int64_t N = ids.size(1);
+  const int64_t offset = cache ? cache->length : 0;
+  if (cache && cache->k.empty()) {
+    cache->k.resize(layers->size());
+    cache->v.resize(layers->size());
+  }
+  // transformers: positions (float32) times inverse frequencies, duplicated
+  // for the two halves, cos/sin in float32, then cast to the weights' dtype.
+  Tensor positions = at::arange(offset, offset + N, at::TensorOptions().dtype(at::kLong).device(dev))
+                         .to(at::kFloat);
+  Tensor freqs = positions.unsqueeze(1) * inv_freq_.unsqueeze(0);
+  Tensor angles = at::cat({freqs, freqs}, -1);
+  Tensor cos = angles.cos().to(dtype()), sin = angles.sin().to(dtype());
+  Tensor x = at::embedding(embed_tokens, ids.to(dev));
+  for (auto& layer : *layers)
+    x = layer->as<LlamaLayer>()->forward(x, cos, sin, cache, attention_generator_);
+  if (cache) cache->length += N;
+  return norm->forward(x);
+}
+
+Tensor LlamaImpl::logits(const Tensor& hidden) {
+  return F::linear(hidden, config_.tie_word_embeddings ? embed_tokens : lm_head).to(at::kFloat);
+}
+
+void LlamaImpl::set_rope_frequency_factors(const std::vector<float>& factors) {
+  TORCH_CHECK(static_cast<int64_t>(factors.size()) == config_.head_dim / 2,
+              "Llama: ", factors.size(), " rope frequency factors, head_dim / 2 = ",
+              config_.head_dim / 2);
+  checkpoint::LlamaConfig unscaled = config_;
+  unscaled.rope_scaling = checkpoint::RopeScaling{};
+  Tensor f = at::tensor(factors, at::TensorOptions().dtype(at::kFloat));
+  inv_freq_ = (rope_inverse_frequencies(unscaled) / f).to(inv_freq_.device());
+}
+
+int64_t LlamaImpl::num_parameters() const {
+  int64_t n = 0;
+  for (const auto& p : parameters()) n += p.numel();
+  return n;
+}
+
+// ---------------------------------------------------------------------------
+// generation
+
+// Picks the next id from float32 logits [vocab] on the CPU.
+static int64_t pick(const Tensor& logits, const SamplingOptions& s, at::Generator& sampler) {
+  if (s.temperature <= 0) return logits.argmax().item<int64_t>();
+  Tensor probs = at::softmax(logits.to(at::kDouble) / s.temperature, -1);
+  if (s.top_p < 1) {
+    auto [sorted, order] = probs.sort(/*dim=*/-1, /*descending=*/true);
+    // Keep the most likely tokens up to and including the one that reaches top_p.
+    Tensor before = sorted.cumsum(-1) - sorted;
+    Tensor keep = before.lt(s.top_p);
+    keep.index_put_({0}, true);
+    sorted = sorted.masked_fill(keep.logical_not(), 0);
+    probs = at::zeros_like(probs).scatter(-1, order, sorted);
+  }
+  return at::multinomial(probs, 1, false, sampler).item<int64_t>();
+}
+
+std::vector<int64_t> LlamaImpl::generate(const std::vector<int64_t>& prompt, int64_t max_new,
+                                         const SamplingOptions& sampling,
+                                         const std::function<bool(int64_t)>& on_token) {
+  TORCH_CHECK(!prompt.empty(), "Llama::generate: the prompt has no tokens");
+  TORCH_CHECK(sampling.top_p > 0 && sampling.top_p <= 1, "Llama::generate: top_p must be in (0, 1], got ",
+              sampling.top_p);
+  torch::NoGradGuard no_grad;
+  at::Generator sampler = at::detail::createCPUGenerator(sampling.seed);
+  KVCache cache;
+  std::vector<int64_t> out;
+  Tensor ids = at::tensor(prompt, at::TensorOptions().dtype(at::kLong)).view({1, -1});
+  for (int64_t t = 0; t < max_new; ++t) {
+    Tensor h = hidden_states(ids, &cache).select(1, -1);  // [1, d]
+    const int64_t next = pick(logits(h)[0].cpu(), sampling, sampler);
+    out.push_back(next);
+    if (on_token && !on_token(next)) break;
+    if (next == sampling.eos_id) break;
+    ids = at::full({1, 1}, next, at::TensorOptions().dtype(at::kLong));
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// loading
+
+namespace {
+
+class TensorSource {
+ public:
+  explicit TensorSource(const checkpoint::LlamaCheckpoint& ckpt) : ckpt_(ckpt) {}
+
+  // The tensor `name` as float32 on the CPU, checked against `shape`.
+  Tensor take(const std::string& name, const std::vector<int64_t>& shape) {
+    auto it = ckpt_.tensors.find(name);
+    if (it == ckpt_.tensors.end())
+      throw std::runtime_error(ckpt_.path + ": tensor " + name + " is missing");
+    const checkpoint::TensorInfo& info = it->second;
+    if (info.shape != shape)
+      throw std::runtime_error(ckpt_.path + ": tensor " + name + " has shape " +
+                               shape_string(info.shape) + ", the config implies " +
+                               shape_string(shape));
+    Tensor t = at::empty(shape, at::TensorOptions().dtype(at::kFloat));
+    checkpoint::to_float32(info, t.data_ptr<float>());
+    used_.insert(name);
+    return t;
+  }
+
+  // Names the checkpoint holds that no weight consumed.
+  std::vector<std::string> leftover() const {
+    std::vector<std::string> names;
+    for (const auto& [name, info] : ckpt_.tensors) {
+      const bool rope_buffer = name.size() >= 20 &&
+                               name.compare(name.size() - 20, 20, "rotary_emb.inv_freq") == 0;
+      if (!used_.count(name) && !rope_buffer && name != "rope_freqs.weight") names.push_back(name);
+    }
+    return names;
+  }
+
+  static std::string shape_string(const std::vector<int64_t>& shape) {
+    std::string s = "[";
+    for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
+  }
+
+ private:
+  const checkpoint::LlamaCheckpoint& ckpt_;
+  std::set<std::string> used_;
+};
+
+}  // namespace
+
+Llama load_llama(const checkpoint::LlamaCheckpoint& ckpt, const LlamaLoadOptions& options) {
+  const auto& c = ckpt.config;
+  Llama model(c, options.attention);
+  model->attention_generator() = at::detail::createCPUGenerator(options.attention_seed);
+  TensorSource source(ckpt);
+  torch::NoGradGuard no_grad;
+  const int64_t d = c.hidden_size, f = c.intermediate_size, hd = c.head_dim;
+  const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads;
+  model->embed_tokens.copy_(source.take("model.embed_tokens.weight", {c.vocab_size, d}));
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    auto layer = model->layers[l]->as<LlamaLayer>();
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    Tensor q = source.take(p + "self_attn.q_proj.weight", {H * hd, d});
+    Tensor k = source.take(p + "self_attn.k_proj.weight", {Hkv * hd, d});
+    if (ckpt.qk_interleaved) {
+      q = interleaved_to_rotate_half(q, H);
+      k = interleaved_to_rotate_half(k, Hkv);
+    }
+    layer->self_attn->q_proj->weight.copy_(q);
+    layer->self_attn->k_proj->weight.copy_(k);
+    layer->self_attn->v_proj->weight.copy_(source.take(p + "self_attn.v_proj.weight", {Hkv * hd, d}));
+    layer->self_attn->o_proj->weight.copy_(source.take(p + "self_attn.o_proj.weight", {d, H * hd}));
+    layer->gate_proj->weight.copy_(source.take(p + "mlp.gate_proj.weight", {f, d}));
+    layer->up_proj->weight.copy_(source.take(p + "mlp.up_proj.weight", {f, d}));
+    layer->down_proj->weight.copy_(source.take(p + "mlp.down_proj.weight", {d, f}));
+    layer->input_layernorm->weight.copy_(source.take(p + "input_layernorm.weight", {d}));
+    layer->post_attention_layernorm->weight.copy_(
+        source.take(p + "post_attention_layernorm.weight", {d}));
+  }
+  model->norm->weight.copy_(source.take("model.norm.weight", {d}));
+  if (!c.tie_word_embeddings) model->lm_head.copy_(source.take("lm_head.weight", {c.vocab_size, d}));
+  if (!ckpt.rope_freq_factors.empty()) model->set_rope_frequency_factors(ckpt.rope_freq_factors);
+  auto leftover = source.leftover();
+  if (!leftover.empty()) {
+    std::string names;
+    for (size_t i = 0; i < leftover.size() && i < 5; ++i) names += (i ? ", " : "") + leftover[i];
+    throw std::runtime_error(ckpt.path + ": " + std::to_string(leftover.size()) +
+                             " tensor(s) this Llama model does not use (" + names +
+                             (leftover.size() > 5 ? ", ..." : "") +
+                             "); the checkpoint has features it lacks (e.g. attention biases)");
+  }
+  model->to(options.device, options.dtype);
+  model->eval();
+  return model;
+}
+
+// ---------------------------------------------------------------------------
+// perplexity
+
+double PerplexityResult::perplexity() const { return std::exp(mean_nll()); }
+
+PerplexityResult sliding_window_nll(Llama& model, const std::vector<int64_t>& ids,
+                                    int64_t context, int64_t stride,
+                                    const std::function<void(const PerplexityResult&)>& progress) {
+  TORCH_CHECK(context >= 2, "sliding_window_nll: context must be >= 2, got ", context);
+  TORCH_CHECK(stride >= 1 && stride <= context, "sliding_window_nll: stride must be in [1, ",
+              context, "], got ", stride);
+  TORCH_CHECK(ids.size() >= 2, "sliding_window_nll: need at least 2 tokens, got ", ids.size());
+  torch::NoGradGuard no_grad;
+  const int64_t total = static_cast<int64_t>(ids.size());
+  const at::Device dev = model->device();
+  // The head and log-softmax run on this many rows at a time, so a long
+  // window never materialises [context, vocab] float32 logits at once.
+  constexpr int64_t kHeadRows = 1024;
+  Tensor all = at::tensor(ids, at::TensorOptions().dtype(at::kLong));
+  PerplexityResult r;
+  const auto start = std::chrono::steady_clock::now();
+  int64_t prev_end = 0;
+  for (int64_t begin = 0;; begin += stride) {
+    const int64_t end = std::min(begin + context, total);
+    const int64_t first = std::max(prev_end, begin + 1);  // first target this window scores
+    Tensor hidden = model->hidden_states(all.slice(0, begin, end).unsqueeze(0).to(dev))[0];
+    Tensor targets = all.slice(0, first, end).to(dev);
+    // Position t is predicted by the hidden state of t - 1.
+    Tensor h = hidden.slice(0, first - 1 - begin, end - 1 - begin);
+    Tensor window_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(dev));
+    for (int64_t row = 0; row < h.size(0); row += kHeadRows) {
+      const int64_t n = std::min(kHeadRows, h.size(0) - row);
+      Tensor logp = at::log_softmax(model->logits(h.slice(0, row, row + n)), -1);
+      window_sum -= logp.gather(1, targets.slice(0, row, row + n).unsqueeze(1)).sum().to(at::kDouble);
+    }
+    r.nll_sum += window_sum.item<double>();
+    r.tokens += end - first;
+    r.windows += 1;
+    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (progress) progress(r);
+    prev_end = end;
+    if (end == total) break;
+  }
+  return r;
+}
+
+}  // namespace sparseflash::model

