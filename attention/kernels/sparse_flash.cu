@@ -155,6 +155,19 @@ struct MeetIter {
   }
 };
 
+// 2^x in one MUFU instruction (flushes denormal results to 0; 2^-inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Is the pair (query row: bucket qb, position qp; key: kb, kp) allowed?
+// Bitwise, so that it compiles to predicates rather than branches.
+__device__ __forceinline__ bool pair_allowed(int qb, int qp, int kb, int kp) {
+  return (qb == kb) & (qp >= kp);
+}
+
 // dst[0] += x, dst[1] += y (dst 8-byte aligned); one vector atomic on sm_90.
 __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -447,25 +460,43 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
       gemm_smem_rows_tile_t<T, D>(s, sQ, warp * 16, sK, lane);
 
     // Mask, then the online softmax in the log2 domain.
+    // Two copies of the loop (with and without the mask) keep the per-element
+    // work free of branches.
     float tile_max[2] = {-INFINITY, -INFINITY};
+    auto scale_and_mask = [&](auto masked) {
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb)
+      for (int nb = 0; nb < 8; ++nb) {
+        const int col = nb * 8 + (lane % 4) * 2;
+        int2 kb2{0, 0}, kp2{0, 0};
+        if constexpr (decltype(masked)::value) {
+          kb2 = *reinterpret_cast<const int2*>(kbucket + col);
+          kp2 = *reinterpret_cast<const int2*>(kpos + col);
+        }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1, col = nb * 8 + (lane % 4) * 2 + (e & 1);
-        float x = s[nb][e] * scale_log2;
-        if (!all_allowed && !(rows[i].bucket == kbucket[col] && rows[i].pos >= kpos[col]))
-          x = -INFINITY;
-        s[nb][e] = x;
-        tile_max[i] = fmaxf(tile_max[i], x);
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1;
+          float x = s[nb][e] * scale_log2;
+          if constexpr (decltype(masked)::value) {
+            const bool ok = pair_allowed(rows[i].bucket, rows[i].pos, (e & 1) ? kb2.y : kb2.x,
+                                         (e & 1) ? kp2.y : kp2.x);
+            x = ok ? x : -INFINITY;
+          }
+          s[nb][e] = x;
+          tile_max[i] = fmaxf(tile_max[i], x);
+        }
       }
+    };
+    if (all_allowed)
+      scale_and_mask(std::false_type{});
+    else
+      scale_and_mask(std::true_type{});
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
       tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
       const float m_new = fmaxf(m[i], tile_max[i]);
       const float base = m_new == -INFINITY ? 0.f : m_new;  // rows with nothing allowed yet
-      const float correction = exp2f(m[i] - base);
+      const float correction = fast_exp2(m[i] - base);
       m[i] = m_new;
       l[i] *= correction;
 #pragma unroll
@@ -475,8 +506,8 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
       }
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb) {
-        s[nb][2 * i] = exp2f(s[nb][2 * i] - base);
-        s[nb][2 * i + 1] = exp2f(s[nb][2 * i + 1] - base);
+        s[nb][2 * i] = fast_exp2(s[nb][2 * i] - base);
+        s[nb][2 * i + 1] = fast_exp2(s[nb][2 * i + 1] - base);
         l[i] += s[nb][2 * i] + s[nb][2 * i + 1];
       }
     }
@@ -706,15 +737,33 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
         gemm_rows_tile_t<T, D>(s, kf, sQ, lane);
       else
         gemm_smem_rows_tile_t<T, D>(s, sK, warp * 16, sQ, lane);
+      auto probs = [&](auto masked) {  // P^T; masked pairs get exp2(-inf) = 0
 #pragma unroll
-      for (int nb = 0; nb < 8; ++nb)
+        for (int nb = 0; nb < 8; ++nb) {
+          const int col = nb * 8 + (lane % 4) * 2;
+          const float2 lse = *reinterpret_cast<const float2*>(sLse + col);
+          int2 qb2{0, 0}, qp2{0, 0};
+          if constexpr (decltype(masked)::value) {
+            qb2 = *reinterpret_cast<const int2*>(sQbucket + col);
+            qp2 = *reinterpret_cast<const int2*>(sQpos + col);
+          }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1, col = nb * 8 + (lane % 4) * 2 + (e & 1);
-          const bool ok = all_allowed ||
-                          (rows[i].bucket == sQbucket[col] && sQpos[col] >= rows[i].pos);
-          s[nb][e] = ok ? exp2f(s[nb][e] * scale_log2 - sLse[col]) : 0.f;  // P^T
+          for (int e = 0; e < 4; ++e) {
+            const int i = e >> 1;
+            float x = s[nb][e] * scale_log2 - ((e & 1) ? lse.y : lse.x);
+            if constexpr (decltype(masked)::value) {
+              const bool ok = pair_allowed((e & 1) ? qb2.y : qb2.x, (e & 1) ? qp2.y : qp2.x,
+                                           rows[i].bucket, rows[i].pos);
+              x = ok ? x : -INFINITY;
+            }
+            s[nb][e] = fast_exp2(x);
+          }
         }
+      };
+      if (all_allowed)
+        probs(std::false_type{});
+      else
+        probs(std::true_type{});
       gemm_acc_tile<T, D>(dv, s, sdO, lane);  // dV += P^T dO
 
       // dS^T = P^T * (V dO^T - delta), dK += dS^T Q, 16 * kJ query columns at a time.
@@ -741,12 +790,11 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
           }
         }
 #pragma unroll
-        for (int hb = 0; hb < 2 * kJ; ++hb)
+        for (int hb = 0; hb < 2 * kJ; ++hb) {
+          const float2 delta = *reinterpret_cast<const float2*>(sDelta + (2 * j0 + hb) * 8 + (lane % 4) * 2);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int col = (2 * j0 + hb) * 8 + (lane % 4) * 2 + (e & 1);
-            s[2 * j0 + hb][e] *= dp[hb][e] - sDelta[col];
-          }
+          for (int e = 0; e < 4; ++e) s[2 * j0 + hb][e] *= dp[hb][e] - ((e & 1) ? delta.y : delta.x);
+        }
 #pragma unroll
         for (int jj = 0; jj < kJ; ++jj) {
           const int j = j0 + jj;
@@ -934,16 +982,32 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       gemm_smem_rows_tile_t<T, D>(s, sQ, warp * 16, sK, lane);
       gemm_smem_rows_tile_t<T, D>(dp, sdO, warp * 16, sV, lane);
     }
+    auto grad_scores = [&](auto masked) {  // dS = P * (dP - delta)
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb)
+      for (int nb = 0; nb < 8; ++nb) {
+        const int col = nb * 8 + (lane % 4) * 2;
+        int2 kb2{0, 0}, kp2{0, 0};
+        if constexpr (decltype(masked)::value) {
+          kb2 = *reinterpret_cast<const int2*>(kbucket + col);
+          kp2 = *reinterpret_cast<const int2*>(kpos + col);
+        }
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1, col = nb * 8 + (lane % 4) * 2 + (e & 1);
-        const bool ok =
-            all_allowed || (rows[i].bucket == kbucket[col] && rows[i].pos >= kpos[col]);
-        const float prob = ok ? exp2f(s[nb][e] * scale_log2 - lse2[i]) : 0.f;
-        s[nb][e] = prob * (dp[nb][e] - delta[i]);  // dS
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1;
+          float x = s[nb][e] * scale_log2 - lse2[i];
+          if constexpr (decltype(masked)::value) {
+            const bool ok = pair_allowed(rows[i].bucket, rows[i].pos, (e & 1) ? kb2.y : kb2.x,
+                                         (e & 1) ? kp2.y : kp2.x);
+            x = ok ? x : -INFINITY;
+          }
+          s[nb][e] = fast_exp2(x) * (dp[nb][e] - delta[i]);
+        }
       }
+    };
+    if (all_allowed)
+      grad_scores(std::false_type{});
+    else
+      grad_scores(std::true_type{});
     gemm_acc_tile<T, D>(dq, s, sK, lane);  // dQ += dS K
 
     pipe.advance();
