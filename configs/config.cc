@@ -526,6 +526,8 @@ absl::Status validate_with(const Experiment& exp, const Origins& origins) {
   c.at_least("eval.interval", exp.eval().interval(), 0);
   c.at_least("eval.batches", exp.eval().batches(), 1);
   c.at_least("eval.sample_tokens", exp.eval().sample_tokens(), 0);
+  c.positive("distributed.bucket_mb", exp.distributed().bucket_mb());
+  c.at_least("distributed.timeout_s", exp.distributed().timeout_s(), 1);
   return c.status();
 }
 

@@ -27,6 +27,7 @@
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "launch/llama_commands.h"
+#include "launch/launcher.h"
 #include "nlohmann/json.hpp"
 #include "trainer/trainer.h"
 
@@ -102,10 +103,14 @@ int run_train(const Args& positional, const Args& overrides) {
     std::cout << config_to_text(*exp);
     return 0;
   }
+  // One of several workers when started by `sparseflash launch`, srun or mpirun.
+  auto world = launch::world_from_environment();
+  if (!world.ok()) return fail("train", std::string(world.status().message()));
   trainer::install_signal_handlers();
-  auto result = trainer::train(*exp);
+  auto result = trainer::train(*exp, {}, *world);
   if (!result.ok()) return fail("train", std::string(result.status().message()));
   if (result->interrupted_by) return 128 + result->interrupted_by;
+  if (world->rank != 0) return 0;  // rank 0 reports
   std::cout << absl::StrFormat(
       "final: step %d, val loss %.4f nats/token = %.4f bits/byte (unigram baseline %.4f "
       "bits/byte), %.0f tokens/s\n",
@@ -269,6 +274,21 @@ const std::vector<Command>& commands() {
        "      --include '*/Documentation/*.rst,*/Documentation/*.txt'",
        {"out", "include", "exclude", "val_fraction", "tokenizer", "shard_tokens", "max_bytes"},
        run_prepare},
+      {"launch",
+       "sparseflash launch --nproc-per-node N [--nnodes M --node-rank R --master-addr A "
+       "--master-port P] [--max-restarts K] -- train ...",
+       "start a data-parallel job: one worker per GPU (no torchrun)",
+       "Starts --nproc-per-node copies of this binary running the command after --, sets\n"
+       "RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT; rank 0\n"
+       "hosts the rendezvous (c10d::TCPStore). When a worker fails the others are stopped\n"
+       "(SIGTERM, then SIGKILL) and the launcher exits 1 naming the rank and the cause;\n"
+       "--max-restarts restarts them from the last checkpoint. SIGINT/SIGTERM are forwarded:\n"
+       "workers write a checkpoint and exit. Several nodes: run it on each with --nnodes,\n"
+       "--node-rank and node 0's --master-addr. Workers also start without it under srun or\n"
+       "mpirun (docs/distributed.md). Example:\n"
+       "  sparseflash launch --nproc-per-node 2 -- train --config preset:gpt2_small_hash8k",
+       {"nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port", "max_restarts"},
+       [](const Args& positional, const Args&) { return launch::run_launch_command(positional); }},
       {"sample", "sparseflash sample [--checkpoint PATH] [--prompt TEXT] [--tokens N]",
        "generate text from a checkpoint",
        "Continues --prompt with tokens sampled from the model (temperature, top-k).",
@@ -362,6 +382,7 @@ int dispatch(int argc, char** argv) {
   for (int i = 2; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "--") {
+      kept.push_back(arg);  // flags end here (launch's worker command follows)
       for (++i; i < argc; ++i) kept.push_back(argv[i]);
       break;
     }

@@ -74,8 +74,8 @@ void AdamW::save(torch::serialize::OutputArchive& archive) const {
     }
 }
 
-static absl::Status read_into(torch::serialize::InputArchive& archive, const std::string& key,
-                              Tensor& into) {
+absl::Status read_into(torch::serialize::InputArchive& archive, const std::string& key,
+                       Tensor& into) {
   Tensor t;
   if (!archive.try_read(key, t, /*is_buffer=*/true))
     return absl::NotFoundError(absl::StrCat("entry '", key, "' is missing"));
@@ -110,7 +110,7 @@ std::string checkpoint_path(const std::string& file_or_dir) {
 
 absl::Status save_checkpoint(const std::string& path, const config::Experiment& exp,
                              const std::string& tokenizer, model::GPT& model,
-                             const AdamW* optimizer, const TrainState& state) {
+                             const Optimizer* optimizer, const TrainState& state) {
   const std::string tmp = path + ".tmp";
   try {
     torch::serialize::OutputArchive archive;
@@ -179,7 +179,7 @@ absl::StatusOr<CheckpointInfo> read_checkpoint_info(const std::string& path) {
   return info;
 }
 
-absl::Status load_checkpoint(const std::string& path, model::GPT& model, AdamW* optimizer) {
+absl::Status load_checkpoint(const std::string& path, model::GPT& model, Optimizer* optimizer) {
   torch::serialize::InputArchive archive;
   if (auto s = open_archive(path, archive); !s.ok()) return s;
   auto wrap = [&](const absl::Status& s) {

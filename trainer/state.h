@@ -23,19 +23,38 @@ namespace sparseflash::trainer {
 using at::Tensor;
 
 // ---------------------------------------------------------------------------
-// AdamW
+// optimizers
+
+// What the loop and checkpoints need of an optimizer. Checkpoints hold the
+// whole state under optim/<parameter name>/{exp_avg,exp_avg_sq,step}, however
+// it is kept in memory (see ShardedAdamW in trainer/distributed.cc).
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  virtual void step(double lr) = 0;
+  virtual void zero_grad() = 0;
+  // A collective for sharded optimizers: every rank calls it before rank 0
+  // saves, so that save() can write the whole state. No-op otherwise.
+  virtual void gather_state() {}
+  virtual void save(torch::serialize::OutputArchive& archive) const = 0;
+  // Errors name the missing or mis-shaped state entry.
+  virtual absl::Status load(torch::serialize::InputArchive& archive) = 0;
+};
+
+// Reads `key` into `into` (same shape). Errors name the entry.
+absl::Status read_into(torch::serialize::InputArchive& archive, const std::string& key,
+                       Tensor& into);
 
 // AdamW with decoupled weight decay on matrices and embeddings (dim >= 2) and
 // none on biases and LayerNorm gains, stepped by PyTorch's fused multi-tensor
 // kernel (CPU and CUDA).
-class AdamW {
+class AdamW : public Optimizer {
  public:
   AdamW(const model::GPT& model, const config::Optimizer& options);
-  void step(double lr);
-  void zero_grad();
-  void save(torch::serialize::OutputArchive& archive) const;
-  // Errors name the missing or mis-shaped state entry.
-  absl::Status load(torch::serialize::InputArchive& archive);
+  void step(double lr) override;
+  void zero_grad() override;
+  void save(torch::serialize::OutputArchive& archive) const override;
+  absl::Status load(torch::serialize::InputArchive& archive) override;
 
  private:
   struct Group {
@@ -61,7 +80,7 @@ inline constexpr int64_t kCheckpointFormat = 1;
 // Errors name the path.
 absl::Status save_checkpoint(const std::string& path, const config::Experiment& exp,
                              const std::string& tokenizer, model::GPT& model,
-                             const AdamW* optimizer, const TrainState& state);
+                             const Optimizer* optimizer, const TrainState& state);
 
 struct CheckpointInfo {
   config::Experiment config;
@@ -74,7 +93,7 @@ absl::StatusOr<CheckpointInfo> read_checkpoint_info(const std::string& path);
 
 // Loads weights (and optimizer state and RNG states when `optimizer` is not
 // null) into an already-built model. Errors name the file and the entry.
-absl::Status load_checkpoint(const std::string& path, model::GPT& model, AdamW* optimizer);
+absl::Status load_checkpoint(const std::string& path, model::GPT& model, Optimizer* optimizer);
 
 // "runs/x" -> "runs/x/ckpt.pt"; a file path is returned as is.
 std::string checkpoint_path(const std::string& file_or_dir);

@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/cuda.h>
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/utils.h>
@@ -28,6 +29,7 @@
 #include "configs/config.h"
 #include "data/tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "trainer/distributed.h"
 #include "trainer/schedule.h"
 #include "trainer/state.h"
 
@@ -212,11 +214,24 @@ std::string format_duration(double seconds) {
 
 // ---------------------------------------------------------------------------
 // the run
+//
+// With several processes (world.world_size > 1) every rank runs this same
+// loop on its rows of the global batch; rank 0 alone writes files, logs,
+// evaluates and samples (trainer/distributed.h has the collectives).
 
-absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks) {
-  auto device_or = resolve_device(exp.train().device());
+static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const TrainHooks& hooks,
+                                             const World& world) {
+  // One GPU per local rank unless the config names one.
+  std::string device_name = exp.train().device();
+  if (world.distributed() && (device_name == "auto" || device_name == "cuda") &&
+      torch::cuda::is_available())
+    device_name = absl::StrCat("cuda:", world.local_rank);
+  auto device_or = resolve_device(device_name);
   if (!device_or.ok()) return device_or.status();
   const c10::Device device = *device_or;
+  if (device.is_cuda()) c10::impl::getDeviceGuardImpl(c10::kCUDA)->setDevice(device);
+  const bool rank0 = world.rank == 0;
+  const int world_size = world.world_size;
   const bool bf16 = exp.train().bf16() && device.is_cuda();
   if (exp.train().cpu_threads() > 0) at::set_num_threads(exp.train().cpu_threads());
 
@@ -236,15 +251,23 @@ absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks)
         meta.vocab_size, " in ", d.dir(), "/meta.json)"));
 
   const std::string out_dir = exp.checkpoint().out_dir();
-  if (auto s = prepare_out_dir(out_dir); !s.ok()) return s;
   const std::string ckpt = (fs::path(out_dir) / "ckpt.pt").string();
   const std::string metrics_path = (fs::path(out_dir) / "metrics.jsonl").string();
+  if (rank0) {
+    if (auto s = prepare_out_dir(out_dir); !s.ok()) return s;
+    std::cerr << "# resolved config\n" << config_to_text(exp) << std::flush;
+    if (auto s = write_text_atomically((fs::path(out_dir) / "config.txtpb").string(),
+                                       config_to_text(exp));
+        !s.ok())
+      return s;
+  }
 
-  std::cerr << "# resolved config\n" << config_to_text(exp) << std::flush;
-  if (auto s = write_text_atomically((fs::path(out_dir) / "config.txtpb").string(),
-                                     config_to_text(exp));
-      !s.ok())
-    return s;
+  std::unique_ptr<DataParallel> dp;
+  if (world.distributed()) {
+    auto connected = DataParallel::connect(world, exp.distributed(), device);
+    if (!connected.ok()) return connected.status();
+    dp = *std::move(connected);
+  }
 
   // Resume only into the same architecture and tokenizer.
   TrainState state;
@@ -266,37 +289,72 @@ absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks)
   torch::manual_seed(exp.train().seed());
   model::GPT model(exp, meta.vocab_size);
   model->to(device);
-  AdamW optimizer(model, exp.optim());
-  if (resuming) {
-    if (auto s = load_checkpoint(ckpt, model, &optimizer); !s.ok()) return s;
-    std::cerr << absl::StrFormat("resumed from %s at step %d\n", ckpt, state.step);
+  std::unique_ptr<Optimizer> optimizer;
+  if (dp) {
+    std::vector<std::pair<std::string, Tensor>> named;
+    for (const auto& item : model->named_parameters()) named.emplace_back(item.key(), item.value());
+    dp->attach(named);  // rank 0's initial weights everywhere, buckets, hooks
+    if (dp->zero1()) optimizer = dp->make_sharded_adamw(exp.optim());
   }
-  if (auto s = truncate_metrics(metrics_path, resuming ? state.step : -1); !s.ok()) return s;
-  Metrics metrics(metrics_path);
+  if (!optimizer) optimizer = std::make_unique<AdamW>(model, exp.optim());
+  if (resuming) {
+    if (auto s = load_checkpoint(ckpt, model, optimizer.get()); !s.ok()) return s;
+    if (rank0) std::cerr << absl::StrFormat("resumed from %s at step %d\n", ckpt, state.step);
+  }
+  // Only rank 0 writes metrics; the others append to /dev/null.
+  if (rank0)
+    if (auto s = truncate_metrics(metrics_path, resuming ? state.step : -1); !s.ok()) return s;
+  Metrics metrics(rank0 ? metrics_path : "/dev/null");
 
   const int B = d.batch_size(), N = d.seq_len(), accum = exp.train().grad_accum();
   const int64_t max_steps = exp.train().max_steps();
-  const int64_t tokens_per_step = static_cast<int64_t>(B) * N * accum;
-  std::cerr << absl::StrFormat(
+  const int64_t tokens_per_step = static_cast<int64_t>(B) * N * accum * world_size;
+  if (dp && rank0) {
+    std::cerr << absl::StrFormat(
+        "data parallel: %d ranks (%s), %s, %s; global batch %d ranks x %d sequences x %d "
+        "micro-steps; "
+        "all-reduce bus bandwidth %.2f GB/s (%.0f MB probe)\n",
+        world_size, world.launched_by, dp->backend_name(),
+        dp->zero1() ? "ZeRO-1 (sharded AdamW state)" : "all-reduce",
+        world_size, B, accum, dp->measure_all_reduce_gb_per_s(exp.distributed().bucket_mb(), 5),
+        exp.distributed().bucket_mb());
+  } else if (dp) {
+    dp->measure_all_reduce_gb_per_s(exp.distributed().bucket_mb(), 5);  // a collective: all ranks
+  }
+  if (rank0)
+    std::cerr << absl::StrFormat(
       "model: %d parameters, %d layers, d_model %d, attention %s; device %s%s\n"
       "data: %s, %d train / %d val tokens; %d tokens per step; unigram baseline %.3f bits/byte\n",
       model->num_parameters(), exp.model().n_layer(), exp.model().d_model(),
       config::Attention::Kind_Name(exp.attention().kind()), device.str(), bf16 ? " (bf16)" : "",
       d.dir(), meta.train_tokens, meta.val_tokens, tokens_per_step, meta.unigram_bits_per_byte);
 
-  auto save = [&]() {
-    return save_checkpoint(ckpt, exp, meta.tokenizer, model, &optimizer, state);
+  // Every rank calls save() (a sharded optimizer gathers its state first).
+  auto save = [&]() -> absl::Status {
+    optimizer->gather_state();
+    if (!rank0) return absl::OkStatus();
+    return save_checkpoint(ckpt, exp, meta.tokenizer, model, optimizer.get(), state);
   };
   RunResult result;
   result.unigram_bits_per_byte = meta.unigram_bits_per_byte;
-  const bool tty = isatty(STDERR_FILENO);
+  const bool tty = rank0 && isatty(STDERR_FILENO);
   const auto run_start = Clock::now();
   auto window_start = run_start;
-  int64_t window_tokens = 0, steps_this_run = 0;
+  int64_t window_tokens = 0, steps_this_run = 0, window_steps = 0;
   double last_loss = NAN;
+  CommStats window_comm;  // summed over the steps of the logging window
 
+  // Rank 0 only. Evaluation leaves the attention's random stream where it was,
+  // so that training draws the same patterns on every rank (and with any
+  // eval.interval).
   auto run_eval = [&](int64_t step) {
-    EvalResult e = evaluate(model, *val_data, exp.eval().batches(), B, device, bf16);
+    if (!rank0) return;
+    const Tensor rng = model->attention_generator().get_state();
+    // The windows one process evaluates with batch_size W B, in W times as
+    // many batches of B (equal-sized batches: the same mean).
+    EvalResult e =
+        evaluate(model, *val_data, exp.eval().batches() * world_size, B, device, bf16);
+    model->attention_generator().set_state(rng);
     result.val_loss = e.loss;
     result.val_bits_per_byte = e.bits_per_byte;
     metrics.write({{"step", step}, {"val_loss", e.loss}, {"val_bits_per_byte", e.bits_per_byte}});
@@ -310,9 +368,13 @@ absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks)
     const double lr = learning_rate(exp, state.step);
     at::Tensor step_loss = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
     for (int micro = 0; micro < accum; ++micro) {
+      // Rank r takes global rows [r B, (r + 1) B): the rows one process
+      // would read with batch_size W B, so W ranks train on the same data.
       Batch batch = make_batch(B, N, device, [&](int64_t* x, int64_t* y) {
-        train_data->sample(d.seed(), state.step, micro, /*first_row=*/0, B, x, y);
+        train_data->sample(d.seed(), state.step, micro, /*first_row=*/int64_t{world.rank} * B, B,
+                           x, y);
       });
+      if (dp) dp->begin_backward(/*last=*/micro == accum - 1);
       at::Tensor loss;
       {
         Autocast autocast(bf16);
@@ -321,10 +383,28 @@ absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks)
       (loss / accum).backward();
       step_loss += loss.detach() / accum;
     }
+    CommStats comm;
+    if (dp) comm = dp->finish_gradients();
     double grad_norm = 0;
     if (exp.optim().grad_clip() > 0)
-      grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), exp.optim().grad_clip());
-    const double loss_value = step_loss.item<double>();
+      grad_norm = dp ? dp->clip_grad_norm(exp.optim().grad_clip())
+                     : torch::nn::utils::clip_grad_norm_(model->parameters(),
+                                                         exp.optim().grad_clip());
+    double loss_value = step_loss.item<double>();
+    // The loss of the global batch, and whether any rank got a signal: all
+    // ranks must stop after the same step.
+    int stop_signal = pending_signal();
+    if (dp) {
+      std::vector<double> shared = {loss_value, static_cast<double>(stop_signal),
+                                    stop_signal ? 1.0 : 0.0};
+      dp->all_reduce_sum(shared, "all-reduce of the loss");
+      loss_value = shared[0] / world_size;
+      if (shared[2] > 0) stop_signal = static_cast<int>(std::lround(shared[1] / shared[2]));
+      dp->complete(comm);
+      window_comm.wait_ms += comm.wait_ms;
+      window_comm.comm_ms += comm.comm_ms;
+      window_comm.bytes += comm.bytes;
+    }
     if (!std::isfinite(loss_value)) {
       return absl::InternalError(absl::StrFormat(
           "step %d: training loss is %f (previous step %f); stopping without writing a "
@@ -332,11 +412,13 @@ absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks)
           "schedule.warmup_steps.",
           state.step, loss_value, last_loss, ckpt));
     }
-    optimizer.step(lr);
-    optimizer.zero_grad();
+    optimizer->step(lr);
+    if (dp) dp->zero_grad();  // keeps the .grad views into the buckets
+    else optimizer->zero_grad();
     last_loss = loss_value;
     ++state.step;
     ++steps_this_run;
+    ++window_steps;
     state.tokens += tokens_per_step;
     window_tokens += tokens_per_step;
     if (hooks.on_step) hooks.on_step(state.step, loss_value);
@@ -349,31 +431,53 @@ absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks)
       const double elapsed = std::chrono::duration<double>(now - run_start).count();
       const double tps = window_s > 0 ? window_tokens / window_s : 0;
       const double eta = elapsed / steps_this_run * (max_steps - state.step);
-      const std::string line = absl::StrFormat(
+      std::string line = absl::StrFormat(
           "step %d/%d  loss %.4f  lr %.2e  |g| %.3f  %.0f tok/s  elapsed %s  eta %s", state.step,
           max_steps, loss_value, lr, grad_norm, tps, format_duration(elapsed),
           format_duration(eta));
+      // Per step, over the window: time waiting for gradients after backward,
+      // time the gradient collectives ran, and their bus bandwidth.
+      const double n = std::max<int64_t>(1, window_steps);
+      const double comm_bw = window_comm.comm_ms > 0 ? window_comm.bytes *
+                                                           (dp && dp->zero1() ? 1.0 : 2.0) *
+                                                           (world_size - 1) / world_size /
+                                                           (window_comm.comm_ms * 1e6)
+                                                     : 0;
+      if (dp)
+        line += absl::StrFormat("  comm %.1f ms (wait %.1f ms, %.1f GB/s)",
+                                window_comm.comm_ms / n, window_comm.wait_ms / n, comm_bw);
       if (log_now) {
-        metrics.write({{"step", state.step}, {"loss", loss_value}, {"lr", lr},
-                       {"grad_norm", grad_norm}, {"tokens_per_s", tps}, {"tokens", state.tokens},
-                       {"elapsed_s", elapsed}});
+        nlohmann::json record = {{"step", state.step}, {"loss", loss_value}, {"lr", lr},
+                                 {"grad_norm", grad_norm}, {"tokens_per_s", tps},
+                                 {"tokens", state.tokens}, {"elapsed_s", elapsed}};
+        if (dp) {
+          record["world_size"] = world_size;
+          record["comm_ms"] = window_comm.comm_ms / n;
+          record["comm_wait_ms"] = window_comm.wait_ms / n;
+          record["comm_bus_gb_per_s"] = comm_bw;
+        }
+        metrics.write(record);
         result.tokens_per_second = tps;
         window_start = now;
         window_tokens = 0;
+        window_steps = 0;
+        window_comm = CommStats();
       }
       if (tty) std::cerr << "\r\033[K" << line << std::flush;
-      else if (log_now) std::cerr << line << "\n";
+      else if (log_now && rank0) std::cerr << line << "\n";
     }
 
     const bool last = state.step == max_steps;
     if (exp.eval().interval() > 0 && state.step % exp.eval().interval() == 0 && !last)
       run_eval(state.step);
-    if (const int signo = pending_signal()) {
+    if (const int signo = stop_signal) {
       if (auto s = save(); !s.ok()) return s;
-      std::cerr << (tty ? "\n" : "")
-                << absl::StrFormat("%s: checkpoint written at step %d to %s; rerun the same "
-                                   "command to resume\n",
-                                   strsignal(signo), state.step, ckpt);
+      if (dp) dp->barrier("barrier after the checkpoint");
+      if (rank0)
+        std::cerr << (tty ? "\n" : "")
+                  << absl::StrFormat("%s: checkpoint written at step %d to %s; rerun the same "
+                                     "command to resume\n",
+                                     strsignal(signo), state.step, ckpt);
       result.steps = state.step;
       result.interrupted_by = signo;
       g_signal.store(0);
@@ -387,13 +491,25 @@ absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks)
   if (steps_this_run > 0)
     if (auto s = save(); !s.ok()) return s;
   run_eval(state.step);
-  if (exp.eval().sample_tokens() > 0) {
+  if (rank0 && exp.eval().sample_tokens() > 0) {
     result.sample = sample_text(model, **tokenizer, exp.eval().sample_prompt(),
                                 exp.eval().sample_tokens(), /*temperature=*/0.8, /*top_k=*/40,
                                 exp.train().seed());
   }
   result.steps = state.step;
   return result;
+}
+
+absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks,
+                                const World& world) {
+  if (!world.distributed()) return train_ranks(std::move(exp), hooks, world);
+  // A failed collective throws from inside the step (possibly from an
+  // autograd hook): one error message naming the rank and the operation.
+  try {
+    return train_ranks(std::move(exp), hooks, world);
+  } catch (const CollectiveError& e) {
+    return absl::UnavailableError(e.what());
+  }
 }
 
 // ---------------------------------------------------------------------------

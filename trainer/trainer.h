@@ -17,6 +17,7 @@
 #include "data/loader.h"
 #include "data/tokenizer.h"
 #include "model/gpt.h"
+#include "trainer/distributed.h"
 
 namespace sparseflash::trainer {
 
@@ -46,7 +47,10 @@ struct TrainHooks {
   // Called after every optimizer step with the step number (1-based) and loss.
   std::function<void(int64_t step, double loss)> on_step;
 };
-absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks = {});
+// `world` says which process of a data-parallel job this is (see
+// trainer/distributed.h); the default is a single process.
+absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks = {},
+                                const World& world = {});
 
 struct EvalResult {
   double loss = 0;            // mean cross-entropy, nats per token

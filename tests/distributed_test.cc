@@ -1,0 +1,451 @@
+// Data parallelism and the launcher, on CPU with Gloo: 2 workers started by
+// `sparseflash launch` (or by SLURM-style variables) train exactly what one
+// process trains with the same global batch, with and without ZeRO-1; a
+// killed worker ends the job quickly with nothing left running; SIGINT leaves
+// a checkpoint that resumes. Also the environment parsing (SLURM, mpirun).
+#include <fcntl.h>
+#include <ftw.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include <gtest/gtest.h>
+#include <torch/serialize/archive.h>
+
+#include "data/prepare.h"
+#include "launch/launcher.h"
+#include "nlohmann/json.hpp"
+#include "trainer/trainer.h"
+
+extern char** environ;
+
+namespace sparseflash {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+void remove_tree(const std::string& path) {
+  nftw(
+      path.c_str(),
+      [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
+      FTW_DEPTH | FTW_PHYS);
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// ---------------------------------------------------------------------------
+// processes
+
+// Starts `sparseflash args...` with the environment plus `extra` (and without
+// any job variables of the test's own environment), output to `log`.
+pid_t spawn(const std::vector<std::string>& args, const std::string& log,
+            const std::map<std::string, std::string>& extra = {}) {
+  std::vector<std::string> env;
+  for (char** e = environ; *e; ++e) {
+    const std::string entry = *e;
+    const std::string name = entry.substr(0, entry.find('='));
+    if (name == "RANK" || name == "WORLD_SIZE" || name.rfind("SLURM_", 0) == 0 ||
+        name.rfind("OMPI_", 0) == 0 || extra.count(name))
+      continue;
+    env.push_back(entry);
+  }
+  for (const auto& [k, v] : extra) env.push_back(k + "=" + v);
+  std::vector<std::string> argv_strings = {SF_BINARY};
+  argv_strings.insert(argv_strings.end(), args.begin(), args.end());
+  std::vector<char*> argv, envp;
+  for (auto& a : argv_strings) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  for (auto& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(fd, STDOUT_FILENO);
+    dup2(fd, STDERR_FILENO);
+    execve(argv[0], argv.data(), envp.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+// Exit status (128 + signal for a signal), or -1 after `timeout_s`.
+int wait_for(pid_t pid, double timeout_s) {
+  const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
+  while (Clock::now() < deadline) {
+    int status = 0;
+    if (waitpid(pid, &status, WNOHANG) == pid)
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return -1;
+}
+
+// Direct children of `pid`, from /proc/*/stat.
+std::vector<pid_t> children_of(pid_t pid) {
+  std::vector<pid_t> found;
+  for (const auto& entry : fs::directory_iterator("/proc")) {
+    const std::string name = entry.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string stat = read_file(entry.path().string() + "/stat");
+    const size_t close = stat.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(stat.substr(close + 2));
+    char state;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    if (ppid == pid) found.push_back(std::stoi(name));
+  }
+  return found;
+}
+
+bool process_exists(pid_t pid) {
+  // A zombie still has a /proc entry; it is gone once reaped.
+  return fs::exists("/proc/" + std::to_string(pid));
+}
+
+// Losses by step from a run's metrics.jsonl.
+std::map<int64_t, double> losses(const std::string& run_dir) {
+  std::map<int64_t, double> out;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    if (j.is_object() && j.contains("loss")) out[j["step"].get<int64_t>()] = j["loss"].get<double>();
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// fixture
+
+class DistributedTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    // Parameterised test names hold a '/'.
+    std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    std::replace(name.begin(), name.end(), '/', '_');
+    root_ = (fs::temp_directory_path() / ("sf_distributed_" + name)).string();
+    remove_tree(root_);
+    fs::create_directories(root_ + "/text");
+    std::mt19937 rng(std::random_device{}());
+    const char* words[] = {"the ", "kernel ", "driver ", "maps ", "memory ", "and ", "calls ",
+                           "a ", "function ", "returns ", "zero.\n"};
+    for (int doc = 0; doc < 30; ++doc) {
+      std::ofstream out(root_ + "/text/doc" + std::to_string(doc) + ".txt");
+      for (int w = 0; w < 400; ++w) out << words[rng() % 11];
+    }
+    data::PrepareOptions o;
+    o.inputs = {root_ + "/text"};
+    o.out_dir = root_ + "/data";
+    o.val_fraction = 0.2;
+    ASSERT_TRUE(data::prepare(o).ok());
+    // A port per test and process, so that runs in parallel do not meet.
+    port_ = 20000 + (getpid() * 7 + ::testing::UnitTest::GetInstance()->random_seed()) % 20000;
+  }
+  void TearDown() override { remove_tree(root_); }
+
+  std::vector<std::string> train_args(const std::string& run, int batch_size, int steps,
+                                      std::vector<std::string> extra = {}) {
+    std::vector<std::string> a = {"train", "--config", "preset:tiny_test"};
+    for (const std::string& s :
+         {"data.dir=" + root_ + "/data", "checkpoint.out_dir=" + root_ + "/" + run,
+          "data.batch_size=" + std::to_string(batch_size), "train.max_steps=" + std::to_string(steps),
+          std::string("train.cpu_threads=1"), std::string("logging.interval=1"),
+          std::string("eval.sample_tokens=0"), std::string("eval.interval=4"),
+          std::string("checkpoint.interval=0"), std::string("distributed.timeout_s=30")}) {
+      a.push_back("--set");
+      a.push_back(s);
+    }
+    for (auto& s : extra) {
+      a.push_back("--set");
+      a.push_back(s);
+    }
+    return a;
+  }
+
+  std::vector<std::string> launch_args(int nproc, const std::vector<std::string>& worker) {
+    std::vector<std::string> a = {"launch", "--nproc-per-node", std::to_string(nproc),
+                                  "--master-port", std::to_string(port_), "--"};
+    a.insert(a.end(), worker.begin(), worker.end());
+    return a;
+  }
+
+  int run(const std::vector<std::string>& args, const std::string& log, double timeout_s = 120) {
+    const int rc = wait_for(spawn(args, root_ + "/" + log), timeout_s);
+    if (rc != 0) ADD_FAILURE() << log << ":\n" << read_file(root_ + "/" + log);
+    return rc;
+  }
+
+  // Waits until the run has logged `step` (or the process ended).
+  bool wait_for_step(const std::string& run, int64_t step, double timeout_s) {
+    const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
+    while (Clock::now() < deadline) {
+      auto l = losses(root_ + "/" + run);
+      if (!l.empty() && l.rbegin()->first >= step) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
+
+  std::string root_;
+  int port_ = 29500;
+};
+
+// Same losses at every step, same weights and AdamW state at the end.
+void expect_same_run(const std::string& one, const std::string& two, int steps) {
+  const auto a = losses(one), b = losses(two);
+  ASSERT_EQ(a.size(), static_cast<size_t>(steps));
+  ASSERT_EQ(b.size(), static_cast<size_t>(steps));
+  for (const auto& [step, loss] : a) {
+    EXPECT_NEAR(b.at(step), loss, 2e-5 * std::abs(loss)) << "step " << step;
+  }
+  torch::serialize::InputArchive ca, cb;
+  ca.load_from(one + "/ckpt.pt");
+  cb.load_from(two + "/ckpt.pt");
+  auto m = trainer::load_model(one, "cpu");
+  ASSERT_TRUE(m.ok()) << m.status();
+  int compared = 0;
+  for (const auto& item : m->model->named_parameters()) {
+    for (const std::string key : {"model/" + item.key(), "optim/" + item.key() + "/exp_avg",
+                                  "optim/" + item.key() + "/exp_avg_sq"}) {
+      at::Tensor x, y;
+      ASSERT_TRUE(ca.try_read(key, x, key[0] == 'o')) << key;
+      ASSERT_TRUE(cb.try_read(key, y, key[0] == 'o')) << key;
+      ASSERT_EQ(x.sizes(), y.sizes()) << key;
+      const double scale = x.abs().max().item<double>() + 1e-12;
+      EXPECT_LT((x - y).abs().max().item<double>(), 1e-4 * scale) << key;
+      ++compared;
+    }
+  }
+  EXPECT_GT(compared, 10);
+}
+
+class DataParallelMatches : public DistributedTest,
+                            public ::testing::WithParamInterface<bool> {};
+
+TEST_P(DataParallelMatches, TwoLaunchedWorkersEqualOneProcess) {
+  const bool zero1 = GetParam();
+  const int steps = 8;
+  const std::vector<std::string> common = {"train.grad_accum=2",
+                                           std::string("distributed.zero1=") +
+                                               (zero1 ? "true" : "false")};
+  ASSERT_EQ(run(train_args("one", /*batch_size=*/8, steps, common), "one.log"), 0);
+  ASSERT_EQ(run(launch_args(2, train_args("two", /*batch_size=*/4, steps, common)), "two.log"), 0);
+  const std::string log = read_file(root_ + "/two.log");
+  EXPECT_NE(log.find("data parallel: 2 ranks (sparseflash launch), gloo"), std::string::npos)
+      << log;
+  EXPECT_NE(log.find(zero1 ? "ZeRO-1" : "all-reduce;"), std::string::npos) << log;
+  EXPECT_NE(log.find("comm "), std::string::npos) << log;
+  expect_same_run(root_ + "/one", root_ + "/two", steps);
+}
+
+INSTANTIATE_TEST_SUITE_P(Zero1, DataParallelMatches, ::testing::Bool(),
+                         [](const auto& info) { return info.param ? "Zero1" : "AllReduce"; });
+
+TEST_F(DistributedTest, SlurmStartedWorkersJoinWithoutLauncher) {
+  const int steps = 6;
+  ASSERT_EQ(run(train_args("one", 8, steps), "one.log"), 0);
+  std::vector<pid_t> pids;
+  for (int rank = 0; rank < 2; ++rank) {
+    pids.push_back(spawn(train_args("two", 4, steps), root_ + "/slurm" + std::to_string(rank) + ".log",
+                         {{"SLURM_PROCID", std::to_string(rank)},
+                          {"SLURM_NTASKS", "2"},
+                          {"SLURM_LOCALID", std::to_string(rank)},
+                          {"SLURM_TASKS_PER_NODE", "2"},
+                          // compressed form; the first host is rank 0's
+                          {"SLURM_JOB_NODELIST", "127.0.0.[1-4]"},
+                          {"MASTER_PORT", std::to_string(port_)}}));
+  }
+  for (int rank = 0; rank < 2; ++rank)
+    EXPECT_EQ(wait_for(pids[rank], 120), 0)
+        << read_file(root_ + "/slurm" + std::to_string(rank) + ".log");
+  EXPECT_NE(read_file(root_ + "/slurm0.log").find("data parallel: 2 ranks (SLURM)"),
+            std::string::npos);
+  expect_same_run(root_ + "/one", root_ + "/two", steps);
+}
+
+TEST_F(DistributedTest, KilledWorkerEndsTheJobQuickly) {
+  const pid_t launcher =
+      spawn(launch_args(2, train_args("run", 4, 100000)), root_ + "/launch.log");
+  ASSERT_TRUE(wait_for_step("run", 3, 60)) << read_file(root_ + "/launch.log");
+  const std::vector<pid_t> workers = children_of(launcher);
+  ASSERT_EQ(workers.size(), 2u);
+  const auto killed_at = Clock::now();
+  kill(workers[1], SIGKILL);
+  const int rc = wait_for(launcher, 10);
+  const double seconds = std::chrono::duration<double>(Clock::now() - killed_at).count();
+  ASSERT_NE(rc, -1) << "the launcher is still running 10 s after a worker was killed";
+  if (rc == -1) kill(launcher, SIGKILL);
+  EXPECT_NE(rc, 0);
+  EXPECT_LT(seconds, 10);
+  const std::string log = read_file(root_ + "/launch.log");
+  EXPECT_NE(log.find("was killed by signal 9"), std::string::npos) << log;
+  EXPECT_NE(log.find("rank"), std::string::npos) << log;
+  for (pid_t w : workers) EXPECT_FALSE(process_exists(w)) << "worker " << w << " is left";
+  EXPECT_TRUE(children_of(launcher).empty());
+}
+
+TEST_F(DistributedTest, SigintToLauncherCheckpointsAndResumes) {
+  const pid_t launcher =
+      spawn(launch_args(2, train_args("run", 4, 100000)), root_ + "/launch.log");
+  ASSERT_TRUE(wait_for_step("run", 3, 60)) << read_file(root_ + "/launch.log");
+  const std::vector<pid_t> workers = children_of(launcher);
+  kill(launcher, SIGINT);
+  EXPECT_EQ(wait_for(launcher, 30), 128 + SIGINT) << read_file(root_ + "/launch.log");
+  for (pid_t w : workers) EXPECT_FALSE(process_exists(w));
+  auto info = trainer::load_model(root_ + "/run", "cpu");
+  ASSERT_TRUE(info.ok()) << info.status();
+  const int64_t stopped = info->step;
+  EXPECT_GE(stopped, 3);
+  // The same job, to a few steps further: it resumes at the checkpoint.
+  ASSERT_EQ(run(launch_args(2, train_args("run", 4, 100000,
+                                          {"train.max_steps=" + std::to_string(stopped + 3)})),
+                "resume.log"),
+            0);
+  const std::string log = read_file(root_ + "/resume.log");
+  EXPECT_NE(log.find("resumed from " + root_ + "/run/ckpt.pt at step " + std::to_string(stopped)),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find("final: step " + std::to_string(stopped + 3)), std::string::npos) << log;
+}
+
+TEST_F(DistributedTest, MaxRestartsResumesFromTheLastCheckpoint) {
+  const int steps = 60;
+  auto args = launch_args(2, train_args("run", 4, steps, {"checkpoint.interval=2"}));
+  args.insert(args.begin() + 1, {"--max-restarts", "1"});
+  const pid_t launcher = spawn(args, root_ + "/launch.log");
+  ASSERT_TRUE(wait_for_step("run", 3, 60)) << read_file(root_ + "/launch.log");
+  const std::vector<pid_t> workers = children_of(launcher);
+  ASSERT_EQ(workers.size(), 2u);
+  kill(workers[0], SIGKILL);
+  const int rc = wait_for(launcher, 120);
+  const std::string log = read_file(root_ + "/launch.log");
+  EXPECT_EQ(rc, 0) << log;
+  EXPECT_NE(log.find("restarting the workers (1 of 1)"), std::string::npos) << log;
+  EXPECT_NE(log.find("resumed from " + root_ + "/run/ckpt.pt at step"), std::string::npos) << log;
+  EXPECT_NE(log.find("final: step " + std::to_string(steps)), std::string::npos) << log;
+}
+
+TEST_F(DistributedTest, RestartsAreLimited) {
+  // A config error fails every attempt: one restart, then the launcher gives up.
+  auto args = launch_args(2, train_args("run", 4, 3, {"data.dir=" + root_ + "/nothing-here"}));
+  args.insert(args.begin() + 1, {"--max-restarts", "1"});
+  const int rc = wait_for(spawn(args, root_ + "/launch.log"), 60);
+  const std::string log = read_file(root_ + "/launch.log");
+  EXPECT_EQ(rc, 1) << log;
+  EXPECT_NE(log.find("restarting the workers (1 of 1)"), std::string::npos) << log;
+  EXPECT_NE(log.find("exited with status 1 (after 1 restart(s))"), std::string::npos) << log;
+  EXPECT_NE(log.find("nothing-here"), std::string::npos) << log;
+}
+
+// ---------------------------------------------------------------------------
+// the environment
+
+TEST(WorldFromEnvironment, Sources) {
+  using Env = std::map<std::string, std::string>;
+  Env none;
+  auto single = launch::world_from_environment(&none);
+  ASSERT_TRUE(single.ok());
+  EXPECT_FALSE(single->distributed());
+
+  Env launcher = {{"RANK", "3"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "1"},
+                  {"LOCAL_WORLD_SIZE", "2"}, {"MASTER_ADDR", "10.0.0.5"},
+                  {"MASTER_PORT", "1234"}, {"SPARSEFLASH_LAUNCHED", "1"}};
+  auto w = launch::world_from_environment(&launcher);
+  ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_EQ(w->rank, 3);
+  EXPECT_EQ(w->world_size, 4);
+  EXPECT_EQ(w->local_rank, 1);
+  EXPECT_EQ(w->master_addr, "10.0.0.5");
+  EXPECT_EQ(w->master_port, 1234);
+  EXPECT_EQ(w->launched_by, "sparseflash launch");
+
+  Env slurm = {{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"},
+               {"SLURM_TASKS_PER_NODE", "4(x2)"}, {"SLURM_JOB_NODELIST", "gpu[007-008],cpu1"}};
+  w = launch::world_from_environment(&slurm);
+  ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_EQ(w->rank, 5);
+  EXPECT_EQ(w->world_size, 8);
+  EXPECT_EQ(w->local_world_size, 4);
+  EXPECT_EQ(w->master_addr, "gpu007");
+  slurm["MASTER_ADDR"] = "head";
+  EXPECT_EQ(launch::world_from_environment(&slurm)->master_addr, "head");
+
+  Env mpi = {{"OMPI_COMM_WORLD_RANK", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"},
+             {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"}};
+  w = launch::world_from_environment(&mpi);
+  ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_EQ(w->rank, 1);
+  EXPECT_EQ(w->launched_by, "mpirun");
+  EXPECT_EQ(w->master_addr, "127.0.0.1");
+}
+
+TEST(WorldFromEnvironment, BadValuesNameTheVariable) {
+  using Env = std::map<std::string, std::string>;
+  for (const auto& [env, expected] : std::vector<std::pair<Env, std::string>>{
+           {{{"RANK", "x"}, {"WORLD_SIZE", "2"}}, "RANK=\"x\""},
+           {{{"RANK", "2"}, {"WORLD_SIZE", "2"}}, "outside [0, world size 2)"},
+           {{{"RANK", "0"}}, "RANK and WORLD_SIZE"},
+           {{{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "70000"}}, "MASTER_PORT"},
+           {{{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}}, "SLURM_NODELIST"},
+           {{{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "2"}, {"SLURM_NODELIST", "n[3-1]"}},
+            "bad range"},
+           {{{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "4"},
+             {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"}},
+            "MASTER_ADDR"},
+       }) {
+    auto w = launch::world_from_environment(&env);
+    ASSERT_FALSE(w.ok()) << expected;
+    EXPECT_NE(w.status().message().find(expected), std::string::npos) << w.status();
+  }
+}
+
+TEST(ExpandHostlist, CompressedForms) {
+  using V = std::vector<std::string>;
+  EXPECT_EQ(*launch::expand_hostlist("node[01-03,07],gpu-a"),
+            (V{"node01", "node02", "node03", "node07", "gpu-a"}));
+  EXPECT_EQ(*launch::expand_hostlist("a1,b[9-11]-ib"), (V{"a1", "b9-ib", "b10-ib", "b11-ib"}));
+  EXPECT_EQ(*launch::expand_hostlist("single"), (V{"single"}));
+  for (const char* bad : {"n[1-", "n]1", "n[]", "n[a-b]", "", "n[1-2][3-4]"})
+    EXPECT_FALSE(launch::expand_hostlist(bad).ok()) << bad;
+}
+
+TEST(WorkerEnvironment, RanksAndNcclSettings) {
+  launch::LaunchOptions o;
+  o.nproc_per_node = 4;
+  o.nnodes = 2;
+  o.node_rank = 1;
+  o.master_addr = "head";
+  o.master_port = 4242;
+  unsetenv("NCCL_NVLS_ENABLE");
+  setenv("NCCL_DEBUG", "WARN", 1);
+  auto env = launch::worker_environment(o, 2, 0);
+  EXPECT_EQ(env["RANK"], "6");
+  EXPECT_EQ(env["LOCAL_RANK"], "2");
+  EXPECT_EQ(env["WORLD_SIZE"], "8");
+  EXPECT_EQ(env["LOCAL_WORLD_SIZE"], "4");
+  EXPECT_EQ(env["MASTER_ADDR"], "head");
+  EXPECT_EQ(env["MASTER_PORT"], "4242");
+  EXPECT_EQ(env["NCCL_NVLS_ENABLE"], "0");
+  EXPECT_EQ(env["TORCH_SYMM_MEM_DISABLE_MULTICAST"], "1");
+  EXPECT_EQ(env["NVSHMEM_DISABLE_NVLS"], "1");
+  EXPECT_EQ(env["NCCL_DEBUG"], "WARN");  // the user's NCCL settings are kept
+}
+
+}  // namespace
+}  // namespace sparseflash
