@@ -461,9 +461,10 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
 
     // Mask, then the online softmax in the log2 domain.
     // Two copies of the loop (with and without the mask) keep the per-element
-    // work free of branches.
+    // work free of branches. Maxima are taken on the raw scores (m is raw too);
+    // the scale joins in the exponent's fused multiply-add.
     float tile_max[2] = {-INFINITY, -INFINITY};
-    auto scale_and_mask = [&](auto masked) {
+    auto mask_and_max = [&](auto masked) {
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb) {
         const int col = nb * 8 + (lane % 4) * 2;
@@ -475,28 +476,29 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = e >> 1;
-          float x = s[nb][e] * scale_log2;
+          float x = s[nb][e];
           if constexpr (decltype(masked)::value) {
             const bool ok = pair_allowed(rows[i].bucket, rows[i].pos, (e & 1) ? kb2.y : kb2.x,
                                          (e & 1) ? kp2.y : kp2.x);
             x = ok ? x : -INFINITY;
+            s[nb][e] = x;
           }
-          s[nb][e] = x;
           tile_max[i] = fmaxf(tile_max[i], x);
         }
       }
     };
     if (all_allowed)
-      scale_and_mask(std::false_type{});
+      mask_and_max(std::false_type{});
     else
-      scale_and_mask(std::true_type{});
+      mask_and_max(std::true_type{});
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
       tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
       const float m_new = fmaxf(m[i], tile_max[i]);
-      const float base = m_new == -INFINITY ? 0.f : m_new;  // rows with nothing allowed yet
-      const float correction = fast_exp2(m[i] - base);
+      // log2-domain offset; 0 for rows with nothing allowed yet (all -inf)
+      const float base = m_new == -INFINITY ? 0.f : m_new * scale_log2;
+      const float correction = fast_exp2(m[i] * scale_log2 - base);
       m[i] = m_new;
       l[i] *= correction;
 #pragma unroll
@@ -506,8 +508,8 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
       }
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb) {
-        s[nb][2 * i] = fast_exp2(s[nb][2 * i] - base);
-        s[nb][2 * i + 1] = fast_exp2(s[nb][2 * i + 1] - base);
+        s[nb][2 * i] = fast_exp2(fmaf(s[nb][2 * i], scale_log2, -base));
+        s[nb][2 * i + 1] = fast_exp2(fmaf(s[nb][2 * i + 1], scale_log2, -base));
         l[i] += s[nb][2 * i] + s[nb][2 * i + 1];
       }
     }
@@ -530,7 +532,7 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
     for (int i = 0; i < 2; ++i)
       if (valid[i])
         p.lse[static_cast<int64_t>(bh) * p.Nq + rows[i].orig] =
-            l[i] > 0.f ? (m[i] + log2f(l[i])) * kLn2 : -INFINITY;
+            l[i] > 0.f ? (m[i] * scale_log2 + log2f(l[i])) * kLn2 : -INFINITY;
   }
 }
 
@@ -557,8 +559,9 @@ __global__ void delta_kernel(const __grid_constant__ BackwardParams p) {
 // dK, dV for a block of kBwdKeys packed keys, 16 per warp: loops over the
 // query heads of its group and the query tiles that can meet the block
 // (binary search + ballot), Q and dO double buffered. A warp whose 16 keys
-// cannot meet a query tile skips it. dP^T is computed 16 * kJ query columns at
-// a time so that dK, dV and P^T stay in registers at D = 128.
+// cannot meet a query tile skips it. At D = 64, K and V stay in registers and
+// the four products run in two interleaved pairs (S^T with dP^T, dV with dK);
+// at D = 128 they come from shared memory and dP^T is done 32 columns at a time.
 //
 // kAtomicDq: dS of each query tile is also staged in shared memory and the
 // block adds dQ += dS K into an fp32 buffer with atomics (one pass, the
@@ -731,12 +734,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
     const bool all_allowed = cur.x == cur.y && wb_lo == wb_hi && wb_lo == cur.x &&
                              wpos_hi_full <= cur.z && (cqt + 1) * kRows <= f.Nq;
     if (active) {
-      // S^T = K Q^T: keys are this warp's rows, queries the columns.
       float s[8][4];
-      if constexpr (kKVInRegs)
-        gemm_rows_tile_t<T, D>(s, kf, sQ, lane);
-      else
-        gemm_smem_rows_tile_t<T, D>(s, sK, warp * 16, sQ, lane);
       auto probs = [&](auto masked) {  // P^T; masked pairs get exp2(-inf) = 0
 #pragma unroll
         for (int nb = 0; nb < 8; ++nb) {
@@ -760,62 +758,128 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
           }
         }
       };
-      if (all_allowed)
-        probs(std::false_type{});
-      else
-        probs(std::true_type{});
-      gemm_acc_tile<T, D>(dv, s, sdO, lane);  // dV += P^T dO
-
-      // dS^T = P^T * (V dO^T - delta), dK += dS^T Q, 16 * kJ query columns at a time.
-      constexpr int kJ = D == 64 ? 4 : 2;
+      auto apply_probs = [&] {
+        if (all_allowed)
+          probs(std::false_type{});
+        else
+          probs(std::true_type{});
+      };
+      if constexpr (kKVInRegs) {
+        // S^T = K Q^T and dP^T = V dO^T side by side: 16 independent
+        // accumulators hide the mma latency.
+        float dp[8][4];
 #pragma unroll
-      for (int j0 = 0; j0 < 4; j0 += kJ) {
-        float dp[2 * kJ][4];
+        for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int i = 0; i < 2 * kJ; ++i) dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+          for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
-          uint32_t a[4];
-          if constexpr (kKVInRegs) {
-            a[0] = vf[kk][0], a[1] = vf[kk][1], a[2] = vf[kk][2], a[3] = vf[kk][3];
-          } else {
+#pragma unroll
+          for (int nb2 = 0; nb2 < 4; ++nb2) {
+            uint32_t bq[4], bo[4];
+            ldmatrix_x4(bq, sQ.at(nb2 * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
+            ldmatrix_x4(bo, sdO.at(nb2 * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
+            mma_16816<T>(s[2 * nb2], kf[kk], bq[0], bq[1]);
+            mma_16816<T>(dp[2 * nb2], vf[kk], bo[0], bo[1]);
+            mma_16816<T>(s[2 * nb2 + 1], kf[kk], bq[2], bq[3]);
+            mma_16816<T>(dp[2 * nb2 + 1], vf[kk], bo[2], bo[3]);
+          }
+        }
+        apply_probs();
+        // P^T and dS^T = P^T * (dP^T - delta) as bf16/fp16 A fragments.
+        uint32_t pf[4][4], dsf[4][4];
+#pragma unroll
+        for (int hb = 0; hb < 8; ++hb) {
+          const float2 delta = *reinterpret_cast<const float2*>(sDelta + hb * 8 + (lane % 4) * 2);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dp[hb][e] = s[hb][e] * (dp[hb][e] - ((e & 1) ? delta.y : delta.x));
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          pf[j][0] = Pack2<T>::pack(s[2 * j][0], s[2 * j][1]);
+          pf[j][1] = Pack2<T>::pack(s[2 * j][2], s[2 * j][3]);
+          pf[j][2] = Pack2<T>::pack(s[2 * j + 1][0], s[2 * j + 1][1]);
+          pf[j][3] = Pack2<T>::pack(s[2 * j + 1][2], s[2 * j + 1][3]);
+          dsf[j][0] = Pack2<T>::pack(dp[2 * j][0], dp[2 * j][1]);
+          dsf[j][1] = Pack2<T>::pack(dp[2 * j][2], dp[2 * j][3]);
+          dsf[j][2] = Pack2<T>::pack(dp[2 * j + 1][0], dp[2 * j + 1][1]);
+          dsf[j][3] = Pack2<T>::pack(dp[2 * j + 1][2], dp[2 * j + 1][3]);
+          if constexpr (kAtomicDq) {  // dS^T rows of this warp's keys, for dQ below
+            const int r = warp * 16 + lane / 4, c = j * 16 + (lane % 4) * 2;
+            *reinterpret_cast<uint32_t*>(sdS.at(r, c)) = dsf[j][0];
+            *reinterpret_cast<uint32_t*>(sdS.at(r + 8, c)) = dsf[j][1];
+            *reinterpret_cast<uint32_t*>(sdS.at(r, c + 8)) = dsf[j][2];
+            *reinterpret_cast<uint32_t*>(sdS.at(r + 8, c + 8)) = dsf[j][3];
+          }
+        }
+        // dV += P^T dO and dK += dS^T Q side by side.
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int dn2 = 0; dn2 < D / 16; ++dn2) {
+            uint32_t bo[4], bq[4];
+            ldmatrix_x4_trans(bo, sdO.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
+            ldmatrix_x4_trans(bq, sQ.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
+            mma_16816<T>(dv[2 * dn2], pf[j], bo[0], bo[1]);
+            mma_16816<T>(dk[2 * dn2], dsf[j], bq[0], bq[1]);
+            mma_16816<T>(dv[2 * dn2 + 1], pf[j], bo[2], bo[3]);
+            mma_16816<T>(dk[2 * dn2 + 1], dsf[j], bq[2], bq[3]);
+          }
+        }
+      } else {
+        // S^T = K Q^T: keys are this warp's rows, queries the columns.
+        gemm_smem_rows_tile_t<T, D>(s, sK, warp * 16, sQ, lane);
+        apply_probs();
+        gemm_acc_tile<T, D>(dv, s, sdO, lane);  // dV += P^T dO
+
+        // dS^T = P^T * (V dO^T - delta), dK += dS^T Q, 32 query columns at a
+        // time (dK, dV, P^T and dP^T all in registers at D = 128 would spill).
+        constexpr int kJ = 2;
+#pragma unroll
+        for (int j0 = 0; j0 < 4; j0 += kJ) {
+          float dp[2 * kJ][4];
+#pragma unroll
+          for (int i = 0; i < 2 * kJ; ++i) dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.f;
+#pragma unroll
+          for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t a[4];
             ldmatrix_x4(a, sV.at(warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8, kk * 16 + (lane / 16) * 8));
+#pragma unroll
+            for (int jj = 0; jj < kJ; ++jj) {
+              uint32_t bb[4];
+              ldmatrix_x4(bb, sdO.at((j0 + jj) * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
+              mma_16816<T>(dp[2 * jj], a, bb[0], bb[1]);
+              mma_16816<T>(dp[2 * jj + 1], a, bb[2], bb[3]);
+            }
+          }
+#pragma unroll
+          for (int hb = 0; hb < 2 * kJ; ++hb) {
+            const float2 delta = *reinterpret_cast<const float2*>(sDelta + (2 * j0 + hb) * 8 + (lane % 4) * 2);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[2 * j0 + hb][e] *= dp[hb][e] - ((e & 1) ? delta.y : delta.x);
           }
 #pragma unroll
           for (int jj = 0; jj < kJ; ++jj) {
-            uint32_t bb[4];
-            ldmatrix_x4(bb, sdO.at((j0 + jj) * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
-            mma_16816<T>(dp[2 * jj], a, bb[0], bb[1]);
-            mma_16816<T>(dp[2 * jj + 1], a, bb[2], bb[3]);
-          }
-        }
+            const int j = j0 + jj;
+            uint32_t a[4];
+            a[0] = Pack2<T>::pack(s[2 * j][0], s[2 * j][1]);
+            a[1] = Pack2<T>::pack(s[2 * j][2], s[2 * j][3]);
+            a[2] = Pack2<T>::pack(s[2 * j + 1][0], s[2 * j + 1][1]);
+            a[3] = Pack2<T>::pack(s[2 * j + 1][2], s[2 * j + 1][3]);
+            if constexpr (kAtomicDq) {  // dS^T rows of this warp's keys, for dQ below
+              const int r = warp * 16 + lane / 4, c = j * 16 + (lane % 4) * 2;
+              *reinterpret_cast<uint32_t*>(sdS.at(r, c)) = a[0];
+              *reinterpret_cast<uint32_t*>(sdS.at(r + 8, c)) = a[1];
+              *reinterpret_cast<uint32_t*>(sdS.at(r, c + 8)) = a[2];
+              *reinterpret_cast<uint32_t*>(sdS.at(r + 8, c + 8)) = a[3];
+            }
 #pragma unroll
-        for (int hb = 0; hb < 2 * kJ; ++hb) {
-          const float2 delta = *reinterpret_cast<const float2*>(sDelta + (2 * j0 + hb) * 8 + (lane % 4) * 2);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[2 * j0 + hb][e] *= dp[hb][e] - ((e & 1) ? delta.y : delta.x);
-        }
-#pragma unroll
-        for (int jj = 0; jj < kJ; ++jj) {
-          const int j = j0 + jj;
-          uint32_t a[4];
-          a[0] = Pack2<T>::pack(s[2 * j][0], s[2 * j][1]);
-          a[1] = Pack2<T>::pack(s[2 * j][2], s[2 * j][3]);
-          a[2] = Pack2<T>::pack(s[2 * j + 1][0], s[2 * j + 1][1]);
-          a[3] = Pack2<T>::pack(s[2 * j + 1][2], s[2 * j + 1][3]);
-          if constexpr (kAtomicDq) {  // dS^T rows of this warp's keys, for dQ below
-            const int r = warp * 16 + lane / 4, c = j * 16 + (lane % 4) * 2;
-            *reinterpret_cast<uint32_t*>(sdS.at(r, c)) = a[0];
-            *reinterpret_cast<uint32_t*>(sdS.at(r + 8, c)) = a[1];
-            *reinterpret_cast<uint32_t*>(sdS.at(r, c + 8)) = a[2];
-            *reinterpret_cast<uint32_t*>(sdS.at(r + 8, c + 8)) = a[3];
-          }
-#pragma unroll
-          for (int dn2 = 0; dn2 < D / 16; ++dn2) {
-            uint32_t bq[4];
-            ldmatrix_x4_trans(bq, sQ.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
-            mma_16816<T>(dk[2 * dn2], a, bq[0], bq[1]);
-            mma_16816<T>(dk[2 * dn2 + 1], a, bq[2], bq[3]);
+            for (int dn2 = 0; dn2 < D / 16; ++dn2) {
+              uint32_t bq[4];
+              ldmatrix_x4_trans(bq, sQ.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
+              mma_16816<T>(dk[2 * dn2], a, bq[0], bq[1]);
+              mma_16816<T>(dk[2 * dn2 + 1], a, bq[2], bq[3]);
+            }
           }
         }
       }
