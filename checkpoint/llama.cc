@@ -13,10 +13,12 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <set>
 #include <sstream>
 #include <stdexcept>
 
 #include "checkpoint/gguf.h"
+#include "checkpoint/json_brief.h"
 #include "nlohmann/json.hpp"
 
 namespace sparseflash::checkpoint {
@@ -52,7 +54,7 @@ int64_t json_int(const std::string& path, const json& j, const std::string& key,
     return static_cast<int64_t>(v.get<uint64_t>());
   }
   if (v.is_number_integer()) return v.get<int64_t>();
-  fail(path, key, std::string("expected an integer, found ") + v.type_name() + " " + v.dump());
+  fail(path, key, std::string("expected an integer, found ") + v.type_name() + " " + json_brief(v));
 }
 
 double json_number(const std::string& path, const json& j, const std::string& key, double fallback) {
@@ -133,12 +135,12 @@ LlamaConfig llama_config_from_json(const std::string& path, const std::string& j
   }
   if (!j.is_object()) fail(path, "", "expected a JSON object");
   if (j.contains("model_type") && j["model_type"] != "llama") {
-    fail(path, "model_type", "expected \"llama\", found " + j["model_type"].dump());
+    fail(path, "model_type", "expected \"llama\", found " + json_brief(j["model_type"]));
   }
   if (json_bool(path, j, "attention_bias", false)) fail(path, "attention_bias", "biases are not supported");
   if (json_bool(path, j, "mlp_bias", false)) fail(path, "mlp_bias", "biases are not supported");
   if (j.contains("hidden_act") && j["hidden_act"] != "silu") {
-    fail(path, "hidden_act", "only silu is supported, found " + j["hidden_act"].dump());
+    fail(path, "hidden_act", "only silu is supported, found " + json_brief(j["hidden_act"]));
   }
   LlamaConfig c;
   c.vocab_size = json_int(path, j, "vocab_size", true, 0);
@@ -255,24 +257,14 @@ void validate_llama_tensors(const LlamaCheckpoint& ckpt) {
   const LlamaConfig& c = ckpt.config;
   const int64_t q_dim = c.num_attention_heads * c.head_dim;
   const int64_t kv_dim = c.num_key_value_heads * c.head_dim;
-  std::vector<std::pair<std::string, std::vector<int64_t>>> expected = {
-      {"model.embed_tokens.weight", {c.vocab_size, c.hidden_size}},
-      {"model.norm.weight", {c.hidden_size}}};
-  if (!c.tie_word_embeddings) expected.push_back({"lm_head.weight", {c.vocab_size, c.hidden_size}});
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    expected.push_back({llama_layer_tensor(i, "self_attn.q_proj.weight"), {q_dim, c.hidden_size}});
-    expected.push_back({llama_layer_tensor(i, "self_attn.k_proj.weight"), {kv_dim, c.hidden_size}});
-    expected.push_back({llama_layer_tensor(i, "self_attn.v_proj.weight"), {kv_dim, c.hidden_size}});
-    expected.push_back({llama_layer_tensor(i, "self_attn.o_proj.weight"), {c.hidden_size, q_dim}});
-    expected.push_back({llama_layer_tensor(i, "mlp.gate_proj.weight"), {c.intermediate_size, c.hidden_size}});
-    expected.push_back({llama_layer_tensor(i, "mlp.up_proj.weight"), {c.intermediate_size, c.hidden_size}});
-    expected.push_back({llama_layer_tensor(i, "mlp.down_proj.weight"), {c.hidden_size, c.intermediate_size}});
-    expected.push_back({llama_layer_tensor(i, "input_layernorm.weight"), {c.hidden_size}});
-    expected.push_back({llama_layer_tensor(i, "post_attention_layernorm.weight"), {c.hidden_size}});
-  }
-  for (const auto& [name, shape] : expected) {
+  // Checked one by one (no list of expected names first): a hostile config
+  // with millions of layers fails at the first missing tensor, and `seen`
+  // only holds tensors that exist.
+  std::set<std::string> seen;
+  auto check = [&](const std::string& name, const std::vector<int64_t>& shape) {
     auto it = ckpt.tensors.find(name);
     if (it == ckpt.tensors.end()) fail(ckpt.path, "tensor '" + name + "'", "missing");
+    seen.insert(name);
     const TensorInfo& t = it->second;
     if (t.shape != shape) {
       fail(ckpt.path, "tensor '" + name + "'",
@@ -282,10 +274,25 @@ void validate_llama_tensors(const LlamaCheckpoint& ckpt) {
     if (nbytes < 0 || static_cast<uint64_t>(nbytes) != t.nbytes) {
       fail(ckpt.path, "tensor '" + name + "'", std::string(dtype_name(t.dtype)) + " size mismatch");
     }
+  };
+  check("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
+  check("model.norm.weight", {c.hidden_size});
+  if (!c.tie_word_embeddings) check("lm_head.weight", {c.vocab_size, c.hidden_size});
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    check(llama_layer_tensor(i, "self_attn.q_proj.weight"), {q_dim, c.hidden_size});
+    check(llama_layer_tensor(i, "self_attn.k_proj.weight"), {kv_dim, c.hidden_size});
+    check(llama_layer_tensor(i, "self_attn.v_proj.weight"), {kv_dim, c.hidden_size});
+    check(llama_layer_tensor(i, "self_attn.o_proj.weight"), {c.hidden_size, q_dim});
+    check(llama_layer_tensor(i, "mlp.gate_proj.weight"), {c.intermediate_size, c.hidden_size});
+    check(llama_layer_tensor(i, "mlp.up_proj.weight"), {c.intermediate_size, c.hidden_size});
+    check(llama_layer_tensor(i, "mlp.down_proj.weight"), {c.hidden_size, c.intermediate_size});
+    check(llama_layer_tensor(i, "input_layernorm.weight"), {c.hidden_size});
+    check(llama_layer_tensor(i, "post_attention_layernorm.weight"), {c.hidden_size});
   }
-  if (ckpt.tensors.size() != expected.size()) {
-    fail(ckpt.path, "tensors", std::to_string(ckpt.tensors.size()) + " tensors where the config implies " +
-                                   std::to_string(expected.size()));
+  if (seen.size() != ckpt.tensors.size()) {
+    for (const auto& [name, t] : ckpt.tensors) {
+      if (seen.count(name) == 0) fail(ckpt.path, "tensor '" + name + "'", "not part of a Llama with this config");
+    }
   }
 }
 

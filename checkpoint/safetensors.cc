@@ -15,6 +15,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "checkpoint/json_brief.h"
 #include "nlohmann/json.hpp"
 
 namespace sparseflash::checkpoint {
@@ -138,7 +139,7 @@ std::shared_ptr<const SafetensorsFile> SafetensorsFile::parse(
     }
     const json& joff = entry["data_offsets"];
     if (!joff.is_array() || joff.size() != 2) {
-      fail(path, field + ".data_offsets", "expected [begin, end], found " + joff.dump());
+      fail(path, field + ".data_offsets", "expected [begin, end], found " + json_brief(joff));
     }
     uint64_t begin = json_index(path, field + ".data_offsets[0]", joff[0]);
     uint64_t end = json_index(path, field + ".data_offsets[1]", joff[1]);
@@ -317,7 +318,12 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
                       {"data_offsets", {offset, offset + t.nbytes}}};
     offset += t.nbytes;
   }
-  std::string text = header.dump();
+  std::string text;
+  try {
+    text = header.dump();
+  } catch (const json::exception& e) {  // names or metadata that are not UTF-8
+    fail(path, "header", std::string("cannot encode: ") + e.what());
+  }
   text.append((8 - text.size() % 8) % 8, ' ');
 
   std::string tmp = path + ".tmp." + std::to_string(getpid());

@@ -1022,6 +1022,14 @@ TEST(LlamaCorrupt, LoaderErrorsNameFileAndTensor) {
   expect_error([&] { load_llama_checkpoint(hf); }, {"model.safetensors", "sparseflash_format", "llama-v9"});
   write_safetensors(hf + "/model.safetensors", to_write, {});
   EXPECT_EQ(load_llama_checkpoint(hf).format, SourceFormat::kHfSafetensors);
+  // A tensor the config does not account for (a bias, a layer too many).
+  to_write.push_back({"model.layers.3.self_attn.q_proj.weight", DType::kF32, {24}, norm.data(), 96});
+  write_safetensors(hf + "/model.safetensors", to_write, {});
+  expect_error([&] { load_llama_checkpoint(hf); }, {hf, "tensor 'model.layers.3.self_attn.q_proj.weight'", "not part of"});
+  to_write.pop_back();
+  expect_error([&] { write_safetensors(hf + "/x.safetensors", to_write, {{"k", "\xff"}}); },
+               {"x.safetensors", "header", "cannot encode"});
+  write_safetensors(hf + "/model.safetensors", to_write, {});
   // config.json problems.
   write_file(hf + "/config.json", "\xff\xfe garbage");
   expect_error([&] { load_llama_checkpoint(hf); }, {hf + "/config.json", "invalid JSON"});
