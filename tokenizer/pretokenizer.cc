@@ -94,26 +94,43 @@ Splitter::Splitter(const std::string& hf_pattern) {
 Splitter::~Splitter() = default;
 Splitter::Splitter(Splitter&&) noexcept = default;
 
+namespace {
+// Whether text[start, end) is all whitespace, holds two characters or more, and is
+// followed by a non-space: the only case where `\s+(?!\S)` gives a character back.
+// Returns the start of the last character then, else 0.
+size_t give_back_position(std::string_view text, size_t start, size_t end) {
+  if (end >= text.size()) return 0;
+  size_t last = 0;
+  for (size_t pos = start; pos < end;) {
+    int32_t cp = -1;
+    const size_t n = utf8_char_length(text, pos, &cp);
+    if (!is_unicode_whitespace(cp)) return 0;
+    last = pos;
+    pos += n;
+  }
+  return last > start ? last : 0;
+}
+}  // namespace
+
 void Splitter::split(std::string_view text, std::vector<std::string_view>* out) const {
-  re2::StringPiece input(text.data(), text.size());
+  const re2::StringPiece input(text.data(), text.size());
   re2::StringPiece groups[2];
-  const int ngroups = has_whitespace_tail_ ? 2 : 1;
   size_t pos = 0;       // where the next search starts
   size_t emitted = 0;   // end of the last piece
-  while (pos < text.size() &&
-         re_->Match(input, pos, text.size(), RE2::UNANCHORED, groups, ngroups)) {
-    size_t start = groups[0].data() - text.data();
+  // One submatch (the whole match) lets RE2 use its DFAs only; group 1 is asked for
+  // only when a give-back is possible.
+  while (pos < text.size() && re_->Match(input, pos, text.size(), RE2::UNANCHORED, groups, 1)) {
+    const size_t start = groups[0].data() - text.data();
     size_t end = start + groups[0].size();
     if (end == start) {   // an empty match: step over one character
       pos = start + utf8_char_length(text, start);
       continue;
     }
-    if (has_whitespace_tail_ && groups[1].data() != nullptr && end < text.size()) {
-      // `\s+(?!\S)`: a run followed by a non-space leaves its last character to the next
-      // piece, unless it is a single character (then the plain `\s+` takes it).
-      size_t last = end - 1;
-      while (last > start && (static_cast<uint8_t>(text[last]) & 0xC0) == 0x80) --last;
-      if (last > start) end = last;
+    if (has_whitespace_tail_) {
+      const size_t last = give_back_position(text, start, end);
+      if (last > 0 && re_->Match(input, start, end, RE2::ANCHOR_BOTH, groups, 2) &&
+          groups[1].data() != nullptr)
+        end = last;
     }
     if (start > emitted) out->push_back(text.substr(emitted, start - emitted));
     out->push_back(text.substr(start, end - start));

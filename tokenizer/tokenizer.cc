@@ -7,10 +7,8 @@
 #include "tokenizer/bpe.h"
 #include "tokenizer/gguf_vocab.h"
 #include "tokenizer/hf_json.h"
-#include "tokenizer/spm.h"
-#ifdef SF_TOKENIZER_WITH_GGUF
 #include "checkpoint/gguf.h"
-#endif
+#include "tokenizer/spm.h"
 
 namespace sparseflash::tokenizer {
 
@@ -47,16 +45,12 @@ FileKind sniff(const std::string& path) {
 }
 
 std::unique_ptr<Tokenizer> load_gguf(const std::string& path) {
-#ifdef SF_TOKENIZER_WITH_GGUF
   const auto file = checkpoint::GgufFile::open(path);
   try {
     return make_gguf_tokenizer(read_gguf_vocab(*file), path);
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error(e.what());
   }
-#else
-  throw std::runtime_error(path + ": this build has no GGUF reader (checkpoint/gguf.cc)");
-#endif
 }
 
 std::unique_ptr<Tokenizer> load_json(const std::string& path) {

