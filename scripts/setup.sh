@@ -46,7 +46,8 @@ TORCH_VERSION=2.11.0
 
 APT_PACKAGES=(cmake ninja-build g++ ccache pkg-config libabsl-dev libprotobuf-dev
               protobuf-compiler libgtest-dev nlohmann-json3-dev libarchive-dev xz-utils
-              libre2-dev clang)
+              libre2-dev clang
+              libgloo-dev)  # headers for LibTorch's Gloo backend (CPU data parallelism)
 # The kernel source tarball is 140 MB and only the quickstart's corpus needs it.
 if $WITH_CORPUS; then APT_PACKAGES+=(linux-source-6.1); fi
 # Python is needed only to create .venv; ask apt for it in the same pass so that

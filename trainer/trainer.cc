@@ -368,11 +368,13 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
     const double lr = learning_rate(exp, state.step);
     at::Tensor step_loss = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
     for (int micro = 0; micro < accum; ++micro) {
-      // Rank r takes global rows [r B, (r + 1) B): the rows one process
-      // would read with batch_size W B, so W ranks train on the same data.
+      // The rows of a step are numbered micro-step-major over the ranks:
+      // micro-step m of rank r reads rows [(m W + r) B, (m W + r + 1) B).
+      // So W ranks read the rows one process reads with batch_size W B, or
+      // with grad_accum W A, and a step's data does not depend on the split.
+      const int64_t first_row = (int64_t{micro} * world_size + world.rank) * B;
       Batch batch = make_batch(B, N, device, [&](int64_t* x, int64_t* y) {
-        train_data->sample(d.seed(), state.step, micro, /*first_row=*/int64_t{world.rank} * B, B,
-                           x, y);
+        train_data->sample(d.seed(), state.step, /*micro_step=*/0, first_row, B, x, y);
       });
       if (dp) dp->begin_backward(/*last=*/micro == accum - 1);
       at::Tensor loss;
@@ -391,15 +393,11 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
                      : torch::nn::utils::clip_grad_norm_(model->parameters(),
                                                          exp.optim().grad_clip());
     double loss_value = step_loss.item<double>();
-    // The loss of the global batch, and whether any rank got a signal: all
-    // ranks must stop after the same step.
-    int stop_signal = pending_signal();
     if (dp) {
-      std::vector<double> shared = {loss_value, static_cast<double>(stop_signal),
-                                    stop_signal ? 1.0 : 0.0};
+      // The loss of the global batch.
+      std::vector<double> shared = {loss_value};
       dp->all_reduce_sum(shared, "all-reduce of the loss");
       loss_value = shared[0] / world_size;
-      if (shared[2] > 0) stop_signal = static_cast<int>(std::lround(shared[1] / shared[2]));
       dp->complete(comm);
       window_comm.wait_ms += comm.wait_ms;
       window_comm.comm_ms += comm.comm_ms;
@@ -470,6 +468,13 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
     const bool last = state.step == max_steps;
     if (exp.eval().interval() > 0 && state.step % exp.eval().interval() == 0 && !last)
       run_eval(state.step);
+    // Whether any rank got a signal: all ranks stop after the same step.
+    int stop_signal = pending_signal();
+    if (dp) {
+      std::vector<double> shared = {static_cast<double>(stop_signal), stop_signal ? 1.0 : 0.0};
+      dp->all_reduce_sum(shared, "all-reduce of the stop flag");
+      if (shared[1] > 0) stop_signal = static_cast<int>(std::lround(shared[0] / shared[1]));
+    }
     if (const int signo = stop_signal) {
       if (auto s = save(); !s.ok()) return s;
       if (dp) dp->barrier("barrier after the checkpoint");
