@@ -682,8 +682,15 @@ std::string llama2c_bytes(const LlamaConfig& c, int version,
 
 LlamaCheckpoint load_llama_checkpoint(const std::string& path) {
   LlamaCheckpoint ckpt;
+  auto ends_with = [&](const std::string& suffix) {
+    return path.size() >= suffix.size() && path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;
+  };
   if (is_directory(path)) {
     ckpt = load_hf_directory(path);
+  } else if (ends_with(".safetensors") || ends_with(".safetensors.index.json") || ends_with("/config.json")) {
+    // A file of an HF or native directory: load the directory.
+    size_t slash = path.find_last_of('/');
+    ckpt = load_hf_directory(slash == std::string::npos ? "." : path.substr(0, slash));
   } else {
     auto file = MappedFile::open(path);
     bool gguf = file->size() >= 4 && std::memcmp(file->data(), "GGUF", 4) == 0;

@@ -72,7 +72,9 @@ struct LlamaCheckpoint {
 };
 
 // path: HF dir (config.json + safetensors), a .gguf file, a llama2.c .bin,
-// or our native dir. Throws std::runtime_error naming the file and field.
+// or our native dir (a .safetensors, index or config.json file in such a
+// directory stands for the directory). GGUF is recognised by its magic,
+// anything else that is not a directory is read as llama2.c. Throws std::runtime_error naming the file and field.
 LlamaCheckpoint load_llama_checkpoint(const std::string& path);
 
 // The parsers behind load_llama_checkpoint, on bytes already in memory.

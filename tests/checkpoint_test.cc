@@ -614,6 +614,7 @@ TEST(Llama, NativeRoundTripAndIdentity) {
   EXPECT_EQ(load_llama_checkpoint(dir + "/native").identity, id);
   ASSERT_EQ(std::rename((dir + "/native").c_str(), (dir + "/moved").c_str()), 0);
   EXPECT_EQ(load_llama_checkpoint(dir + "/moved").identity, id);
+  EXPECT_EQ(load_llama_checkpoint(dir + "/moved/model.safetensors").identity, id);
   weights["model.norm.weight"][0] += 1.0f;
   write_native_llama(dir + "/changed", c, to_write);
   EXPECT_NE(load_llama_checkpoint(dir + "/changed").identity, id);
