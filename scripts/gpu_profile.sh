@@ -2,7 +2,7 @@
 # scripts/gpu_profile.sh: on the GPU host, build bench_attention and profile one
 # kernel of it with Nsight Compute (stall reasons, instruction mix, top stall
 # locations in the source).
-#   KERNEL=regex   kernel name regex (default dkdv_kernel)
+#   KERNEL=regex   kernel name regex (default dkdv_kernel); TAG: suffix of the report files
 #   BENCH_N / BENCH_D   the shape (default 16384 / 64); OUT=DIR for the report.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,8 +21,8 @@ metrics+="smsp__inst_executed_op_local_ld.sum,smsp__inst_executed_op_global_red.
 metrics+="smsp__inst_executed_pipe_xu.sum,smsp__inst_executed_pipe_fma.sum,smsp__inst_executed_pipe_alu.sum,"
 metrics+="smsp__inst_executed.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,gpu__time_duration.sum"
 ncu --kernel-name "regex:${KERNEL:-dkdv_kernel}" --launch-count 1 --import-source yes \
-  --section SourceCounters --metrics "$metrics" -o "$OUT/profile" \
+  --section SourceCounters --metrics "$metrics" -o "$OUT/profile${TAG:-}" \
   build-gpu/bench/bench_attention --n "${BENCH_N:-16384}" --d "${BENCH_D:-64}" --reps 1 >"$OUT/ncu_run.log" 2>&1
-ncu --import "$OUT/profile.ncu-rep" --print-units base --page details > "$OUT/details.txt" 2>&1
-ncu --import "$OUT/profile.ncu-rep" --page source --csv --print-source sass > "$OUT/source_sass.csv" 2>&1
-grep -E "stalled|inst_executed|bank_conflicts|duration" "$OUT/details.txt" | sed 's/  */ /g'
+ncu --import "$OUT/profile${TAG:-}.ncu-rep" --print-units base --page details > "$OUT/details${TAG:-}.txt" 2>&1
+ncu --import "$OUT/profile${TAG:-}.ncu-rep" --page source --csv --print-source sass > "$OUT/source_sass${TAG:-}.csv" 2>&1
+grep -E "stalled|inst_executed|bank_conflicts|duration" "$OUT/details${TAG:-}.txt" | sed 's/  */ /g'
