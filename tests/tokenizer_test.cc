@@ -181,6 +181,10 @@ void check_trained_tokenizer_json(const fs::path& dir, const json& result, bool 
   expect_cases(*tok, result.at("cases"), /*round_trip=*/true, /*check_bos=*/true);
   const BpeTokenizer bpe(read_hf_tokenizer_json(file), file);
   expect_pieces(bpe, result.at("cases"));
+  // The same vocabulary as a GGUF "gpt2" tokenizer (tokenizer.ggml.pre gpt2, llama-bpe
+  // or qwen2): the same ids.
+  const auto from_gguf = load_tokenizer((dir / "vocab.gguf").string(), "");
+  expect_cases(*from_gguf, result.at("cases"), /*round_trip=*/true, /*check_bos=*/true);
 }
 
 TEST_F(Reference, Gpt2StyleTokenizerJsonMatchesTokenizersLibrary) {
@@ -198,6 +202,13 @@ TEST_F(Reference, Llama3StyleTokenizerJsonMatchesTokenizersLibrary) {
   const auto tok = load_tokenizer("", (dir_ / "tokenizer.json").string());
   EXPECT_TRUE(tok->adds_bos());
   EXPECT_EQ(tok->bos_id(), 0);
+}
+
+TEST_F(Reference, Qwen2StyleTokenizerJsonMatchesTokenizersLibrary) {
+  run("qwen2");
+  if (!ok_) return;
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  check_trained_tokenizer_json(dir_, result_, /*by_dir=*/true);
 }
 
 TEST_F(Reference, SmolLM2GgufVocabularyMatchesTransformersWithSmolLM2PreTokenizer) {

@@ -117,7 +117,7 @@ void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>* ou
   if (piece.empty()) return;
   if (ignore_merges_) {
     const auto it = bytes_to_id_.find(std::string(piece));
-    if (it != bytes_to_id_.end() && !is_added_[it->second]) {
+    if (it != bytes_to_id_.end()) {
       out->push_back(it->second);
       return;
     }

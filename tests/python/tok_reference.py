@@ -1,7 +1,7 @@
 """Reference tokenizations for tests/tokenizer_test.cc.
 
 Usage: tok_reference.py KIND OUT_DIR SEED
-  KIND: gpt2 | llama3 | smollm | spm | llama2c
+  KIND: gpt2 | llama3 | qwen2 | smollm | spm | llama2c
 Builds the tokenizer files of KIND in OUT_DIR (training small models with the
 `tokenizers` and `sentencepiece` packages; nothing is downloaded) and writes
 OUT_DIR/cases.json: {"cases": [{"text", "ids", "pieces"?}], ...} with the ids the
@@ -90,6 +90,10 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def train_byte_level(kind, out_dir, seed):
     tokenizers = need("tokenizers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -99,8 +103,9 @@ def train_byte_level(kind, out_dir, seed):
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         specials = ["<|endoftext|>"]
     else:
+        pattern = LLAMA3_PATTERN if kind == "llama3" else QWEN2_PATTERN
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(tokenizers.Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
         specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>"]
@@ -123,7 +128,34 @@ def train_byte_level(kind, out_dir, seed):
         tok = Tokenizer.from_str(json.dumps(spec))
     with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(spec, f, ensure_ascii=False)
+    write_gpt2_gguf(kind, spec, os.path.join(out_dir, "vocab.gguf"))
     return tok
+
+
+def write_gpt2_gguf(kind, spec, path):
+    """The same vocabulary as a GGUF "gpt2" tokenizer, as llama.cpp's converter writes it."""
+    import gguf
+    vocab = spec["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for token, i in vocab.items():
+        tokens[i] = token
+    special_ids = {t["id"] for t in spec["added_tokens"] if t["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre({"gpt2": "gpt2", "llama3": "llama-bpe", "qwen2": "qwen2"}[kind])
+    w.add_token_list(tokens)
+    w.add_token_types([3 if i in special_ids else 1 for i in range(len(tokens))])
+    w.add_token_merges(merges)
+    if kind == "llama3":
+        w.add_bos_token_id(vocab["<|begin_of_text|>"])
+        w.add_add_bos_token(True)
+    else:
+        w.add_add_bos_token(False)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def byte_level_cases(kind, out_dir, seed):
@@ -295,7 +327,7 @@ def main():
         sys.exit(0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2)
     kind, out_dir, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     os.makedirs(out_dir, exist_ok=True)
-    if kind in ("gpt2", "llama3"):
+    if kind in ("gpt2", "llama3", "qwen2"):
         result = byte_level_cases(kind, out_dir, seed)
     elif kind == "smollm":
         result = smollm_cases(out_dir, seed)
