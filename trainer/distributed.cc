@@ -54,6 +54,13 @@ DataParallel::DataParallel(const World& world, const config::Distributed& option
 DataParallel::~DataParallel() {
   // Hooks hold a raw pointer to this object; remove them with it.
   for (auto& p : params_) torch::autograd::impl::set_post_acc_grad_hooks(p, nullptr);
+  // NCCL wants its communicators shut down before the process group goes.
+  if (group_) {
+    try {
+      group_->shutdown();
+    } catch (const std::exception&) {
+    }
+  }
 }
 
 absl::StatusOr<std::unique_ptr<DataParallel>> DataParallel::connect(

@@ -501,6 +501,8 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
                                 exp.eval().sample_tokens(), /*temperature=*/0.8, /*top_k=*/40,
                                 exp.train().seed());
   }
+  // The others wait for rank 0's evaluation, so that all leave the group together.
+  if (dp) dp->barrier("barrier at the end of the run");
   result.steps = state.step;
   return result;
 }
