@@ -248,8 +248,12 @@ int eval_impl() {
     source = absl::GetFlag(FLAGS_text);
     auto text = read_text_file(source, "--text");
     if (!text.ok()) return fail("eval", std::string(text.status().message()));
+    const auto start = std::chrono::steady_clock::now();
     auto encoded = l.tokenizer->encode(*text, /*add_bos=*/true);
     ids.assign(encoded.begin(), encoded.end());
+    std::cerr << absl::StrFormat(
+        "text: %s, %d bytes -> %d tokens (%.2f s)\n", source, text->size(), ids.size(),
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   } else {
     source = absl::GetFlag(FLAGS_data);
     auto read = read_shards(source, l.checkpoint.config.vocab_size);
@@ -573,6 +577,11 @@ int convert_impl() {
   if (output.empty()) return fail("convert", "--output is required");
   if (!fs::exists(input)) return fail("convert", absl::StrCat("--input: ", input, " does not exist"));
   absl::StatusOr<ConvertResult> r;
+  const bool gpt_run = fs::exists(fs::path(input) / "ckpt.pt") ||
+                      fs::path(input).extension() == ".pt";
+  if (to == "native" && gpt_run)
+    return fail("convert", absl::StrCat(input, " is a GPT run of ours, not a Llama checkpoint; "
+                                        "export it with --to hf-gpt2"));
   if (to == "native") {
     r = convert_llama_to_native(input, output, absl::GetFlag(FLAGS_dtype));
   } else if (to == "hf-gpt2") {

@@ -36,6 +36,10 @@ for cmd in train eval prepare sample; do
   expect "$cmd --help" 0 "usage: sparseflash $cmd" -- "$bin" "$cmd" --help
   expect "help $cmd" 0 "usage: sparseflash $cmd" -- "$bin" help "$cmd"
 done
+for cmd in generate convert; do
+  expect "$cmd --help" 0 "usage: sparseflash $cmd" -- "$bin" "$cmd" --help
+done
+expect "eval --help shows the --model form" 0 "eval --model PATH" -- "$bin" eval --help
 expect "train --help lists presets" 0 "presets: .*cpu_default" -- "$bin" train --help
 expect "unknown command" 2 "unknown command 'frobnicate'" -- "$bin" frobnicate
 expect "flag of another command" 2 "unknown flag '--prompt'" -- "$bin" train --prompt x
@@ -71,6 +75,24 @@ expect "train resumes finished run" 0 "resumed from .* at step 6" -- "$bin" trai
 expect "eval --json" 0 '"bits_per_byte"' -- "$bin" eval --checkpoint "$tmp/run" --batches 2 --json
 expect "sample" 0 "^hello" -- "$bin" sample --checkpoint "$tmp/run" --prompt hello --tokens 5
 expect "sample missing checkpoint" 1 "does not exist" -- "$bin" sample --checkpoint "$tmp/none.pt"
+
+# --- pretrained-model commands: bad input is named (tests/llama_test.cc runs real models)
+expect "eval --model missing file" 1 "none.gguf does not exist" -- \
+  "$bin" eval --model "$tmp/none.gguf" --text "$tmp/text/sub/doc1.txt"
+expect "eval --model needs --text or --data" 1 "exactly one of --text" -- "$bin" eval --model "$tmp/none.gguf"
+expect "eval --model bad stride" 1 "--stride must be in" -- \
+  "$bin" eval --model "$tmp/none.gguf" --text x --context 16 --stride 32
+expect "eval --model not a checkpoint" 1 "doc1.txt" -- \
+  "$bin" eval --model "$tmp/text/sub/doc1.txt" --text "$tmp/text/sub/doc1.txt"
+expect "generate needs --model" 1 "--model is required" -- "$bin" generate --prompt hi
+expect "generate bad top-p" 1 "--top-p must be in" -- "$bin" generate --model x --top-p 0
+expect "convert needs --input" 1 "--input is required" -- "$bin" convert --output "$tmp/conv"
+expect "convert --to unknown" 1 "expected native or hf-gpt2" -- \
+  "$bin" convert --input "$tmp/run" --output "$tmp/conv" --to onnx
+expect "convert GPT run to HF GPT-2 says it was sparse" 0 "trained with sparse attention" -- \
+  "$bin" convert --to hf-gpt2 --input "$tmp/run" --output "$tmp/run_hf"
+expect "convert a GPT run as a Llama points to hf-gpt2" 1 "export it with --to hf-gpt2" -- \
+  "$bin" convert --input "$tmp/run" --output "$tmp/conv"
 expect "resume into another architecture" 1 "model.n_layer" -- \
   "$bin" train "${common[@]}" --set model.n_layer=3
 

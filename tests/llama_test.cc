@@ -468,11 +468,12 @@ TEST(SmolLM2, LogitsAndPerplexityMatchTransformers) {
       "Unix-like operating system kernel. It was originally written in 1991 by Linus Torvalds "
       "for his i386-based PC.\n\nMemory management, scheduling and device drivers are among "
       "its largest subsystems; the scheduler decides which task runs next on each CPU, e.g. "
-      "`sched_setattr(2)` sets a policy for PID 4242.\n";
+      "`sched_setattr(2)` sets a policy for PID 4242.\n\n  1. first\n  2. second, 3.5%\n";
   std::ofstream(text_path) << text;
   const fs::path gguf(kSmolGguf);
   Reference ref = reference("--model " + quote(gguf.parent_path().string()) + " --gguf-file " +
-                                quote(gguf.filename().string()) + " --text " + quote(text_path),
+                                quote(gguf.filename().string()) + " --text " + quote(text_path) +
+                                " --smollm-digits",
                             {}, "--greedy 16 --context 48 --stride 24", "smollm2");
   ASSERT_TRUE(ref.logits.defined());
 

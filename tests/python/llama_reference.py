@@ -22,6 +22,18 @@ import json
 import torch
 
 
+
+def smollm_pretokenizer(tokenizer):
+    """SmolLM2's own tokenizer splits digits one by one before GPT-2's ByteLevel
+    regex (llama.cpp: tokenizer.ggml.pre "smollm"); transformers' GGUF loader
+    ignores tokenizer.ggml.pre and leaves that step out (docs/llama.md,
+    Tokenizers). Put it back so the ids are SmolLM2's."""
+    from tokenizers import pre_tokenizers
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    return tokenizer
+
 def load(args):
     if args.gpt2:
         from transformers import GPT2LMHeadModel
@@ -54,6 +66,8 @@ def main():
     ap.add_argument("--gguf-file", default="")
     ap.add_argument("--ids", default="")
     ap.add_argument("--text", default="")
+    ap.add_argument("--smollm-digits", action="store_true",
+                    help="with --text: SmolLM2's digit splitting (see smollm_pretokenizer)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--greedy", type=int, default=0)
     ap.add_argument("--context", type=int, default=0)
@@ -66,6 +80,8 @@ def main():
         from transformers import AutoTokenizer
         kwargs = {"gguf_file": args.gguf_file} if args.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(args.model, **kwargs)
+        if args.smollm_digits:
+            smollm_pretokenizer(tokenizer)
         with open(args.text, encoding="utf-8") as f:
             ids = tokenizer(f.read())["input_ids"]
     else:
