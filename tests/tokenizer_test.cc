@@ -563,6 +563,12 @@ TEST(Corrupt, TokenizerJsonErrorsNameTheFileAndField) {
   j["model"]["vocab"]["b"] = -3;
   expect_bad(j, {"model.vocab[\"b\"]"});
   j = good;
+  j["model"]["vocab"]["b"] = 2000000000;
+  expect_bad(j, {"model.vocab", "id 2000000000 is far beyond"});
+  j = good;
+  j["pre_tokenizer"] = nullptr;
+  expect_bad(j, {"pre_tokenizer", "not a byte-level BPE"});
+  j = good;
   j["added_tokens"][0]["id"] = "x";
   expect_bad(j, {"added_tokens[0].id"});
   j = good;

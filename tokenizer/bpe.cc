@@ -60,12 +60,10 @@ BpeTokenizer::BpeTokenizer(BpeVocab vocab, const std::string& source)
     const int32_t merged = id_of(a + b, rank, "result");
     merges_.emplace(pair_key(left, right), Merge{static_cast<int32_t>(rank), merged});   // first rank wins
   }
-  is_added_.assign(vocab.tokens.size(), false);
   for (const AddedToken& t : vocab.added) {
     if (t.id < 0 || t.id >= vocab_size_)
       fail("added token \"" + t.content + "\" has id " + std::to_string(t.id) +
            " outside the vocabulary (size " + std::to_string(vocab_size_) + ")");
-    is_added_[t.id] = true;
     // Its text is what it decodes to, whatever the vocabulary spells.
     id_to_bytes_[t.id] = t.content;
   }

@@ -58,7 +58,6 @@ class BpeTokenizer final : public Tokenizer {
   };
   std::unordered_map<uint64_t, Merge> merges_;   // (left id << 32 | right id) -> merge
   AddedTokenSplitter added_;
-  std::vector<bool> is_added_;
   PreTokenizer pre_;
   bool add_prefix_space_ = false;
   bool ignore_merges_ = false;

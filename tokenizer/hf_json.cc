@@ -182,7 +182,9 @@ BpeVocab read_hf_tokenizer_json(const std::string& path) {
   }
 
   PreTokenizerSpec pre;
-  read_pre_tokenizer(r, r.need(root, "pre_tokenizer", "(top level)"), "pre_tokenizer", &pre);
+  const json& pre_tokenizer = r.need(root, "pre_tokenizer", "(top level)");
+  if (pre_tokenizer.is_null()) r.fail("pre_tokenizer", "null: not a byte-level BPE tokenizer");
+  read_pre_tokenizer(r, pre_tokenizer, "pre_tokenizer", &pre);
   if (!pre.byte_level) r.fail("pre_tokenizer", "no ByteLevel step: not a byte-level BPE tokenizer");
   vocab.split_patterns = pre.patterns;
   vocab.add_prefix_space = pre.add_prefix_space;
@@ -228,6 +230,11 @@ BpeVocab read_hf_tokenizer_json(const std::string& path) {
     }
   }
   if (by_id.empty()) r.fail("model.vocab", "empty");
+  // Ids may leave holes, but not so many that a hostile file makes us allocate gigabytes.
+  const size_t max_id = static_cast<size_t>(by_id.rbegin()->first);
+  if (max_id >= 4 * by_id.size() + 65536)
+    r.fail("model.vocab", "id " + std::to_string(max_id) + " is far beyond the " +
+                              std::to_string(by_id.size()) + " tokens given");
   vocab.tokens.resize(static_cast<size_t>(by_id.rbegin()->first) + 1);   // holes stay "" (never produced)
   for (auto& [id, token] : by_id) vocab.tokens[id] = std::move(token);
   if (model.contains("unk_token") && model.at("unk_token").is_string()) {
