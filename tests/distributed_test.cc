@@ -256,6 +256,18 @@ TEST_P(DataParallelMatches, TwoLaunchedWorkersEqualOneProcess) {
   EXPECT_NE(log.find(zero1 ? "ZeRO-1" : "all-reduce;"), std::string::npos) << log;
   EXPECT_NE(log.find("comm "), std::string::npos) << log;
   expect_same_run(root_ + "/one", root_ + "/two", steps);
+
+  // The 2-rank checkpoint resumes in one process (ZeRO-1's too: checkpoints
+  // hold the whole optimizer state): both runs go on identically.
+  std::vector<std::string> more = common;
+  more.push_back("train.max_steps=" + std::to_string(steps + 2));
+  ASSERT_EQ(run(train_args("one", 8, steps, more), "one_more.log"), 0);
+  ASSERT_EQ(run(train_args("two", 8, steps, more), "two_more.log"), 0);
+  const auto a = losses(root_ + "/one"), b = losses(root_ + "/two");
+  for (int64_t step : {steps + 1, steps + 2}) {
+    ASSERT_TRUE(a.count(step) && b.count(step)) << "step " << step;
+    EXPECT_NEAR(b.at(step), a.at(step), 2e-5 * a.at(step)) << "step " << step;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Zero1, DataParallelMatches, ::testing::Bool(),
@@ -302,6 +314,24 @@ TEST_F(DistributedTest, KilledWorkerEndsTheJobQuickly) {
   EXPECT_NE(log.find("rank"), std::string::npos) << log;
   for (pid_t w : workers) EXPECT_FALSE(process_exists(w)) << "worker " << w << " is left";
   EXPECT_TRUE(children_of(launcher).empty());
+}
+
+TEST_F(DistributedTest, CollectiveTimeoutIsAClearError) {
+  const pid_t launcher = spawn(
+      launch_args(2, train_args("run", 4, 100000, {"distributed.timeout_s=3"})),
+      root_ + "/launch.log");
+  ASSERT_TRUE(wait_for_step("run", 3, 60)) << read_file(root_ + "/launch.log");
+  const std::vector<pid_t> workers = children_of(launcher);
+  ASSERT_EQ(workers.size(), 2u);
+  kill(workers[1], SIGSTOP);  // alive but silent: rank 0 waits in a collective
+  const int rc = wait_for(launcher, 3 + 15);
+  if (rc == -1) kill(launcher, SIGKILL);
+  const std::string log = read_file(root_ + "/launch.log");
+  EXPECT_EQ(rc, 1) << log;
+  EXPECT_NE(log.find("rank 0 of 2: "), std::string::npos) << log;
+  EXPECT_NE(log.find("distributed.timeout_s = 3 s"), std::string::npos) << log;
+  EXPECT_NE(log.find("worker rank 0 (local rank 0"), std::string::npos) << log;
+  for (pid_t w : workers) EXPECT_FALSE(process_exists(w)) << "worker " << w << " is left";
 }
 
 TEST_F(DistributedTest, SigintToLauncherCheckpointsAndResumes) {
