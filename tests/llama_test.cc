@@ -25,6 +25,7 @@
 
 #include "checkpoint/llama.h"
 #include "configs/config.h"
+#include "data/shard.h"
 #include "model/gpt.h"
 #include "model/llama.h"
 #include "nlohmann/json.hpp"
@@ -389,6 +390,44 @@ TEST(Convert, BadArgumentsFailWithMessages) {
                 log),
             1 << 8);
   EXPECT_NE(read_file(log).find("--to"), std::string::npos) << read_file(log);
+}
+
+// `sparseflash eval --model --data` on token shards gives the library's windowed NLL.
+TEST(EvalCommand, ShardsGiveTheLibraryPerplexity) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  const std::string dir = (tiny_models() / "odd_sizes").string();
+  auto m = load(dir);
+  std::mt19937 rng(std::random_device{}());
+  auto a = random_ids(70, m->config().vocab_size, rng), b = random_ids(45, m->config().vocab_size, rng);
+  const std::string shard_a = (scratch() / "a.bin").string(), shard_b = (scratch() / "b.bin").string();
+  ASSERT_TRUE(data::write_shard(shard_a, std::vector<int32_t>(a.begin(), a.end()),
+                                static_cast<int>(m->config().vocab_size), 1).ok());
+  ASSERT_TRUE(data::write_shard(shard_b, std::vector<int32_t>(b.begin(), b.end()),
+                                static_cast<int>(m->config().vocab_size), 1).ok());
+  const std::string json_path = (scratch() / "eval.json").string();
+  const std::string log = (scratch() / "eval.log").string();
+  ASSERT_EQ(run(quote(kBinary) + " eval --model " + quote(dir) + " --data " +
+                    quote(shard_a + "," + shard_b) + " --context 16 --stride 6 --device cpu" +
+                    " --json-file " + quote(json_path),
+                log),
+            0)
+      << read_file(log);
+  json j = json::parse(read_file(json_path));
+  std::vector<int64_t> all = a;
+  all.insert(all.end(), b.begin(), b.end());
+  auto expected = model::sliding_window_nll(m, all, 16, 6);
+  EXPECT_EQ(j["tokens"].get<int64_t>(), 114);
+  EXPECT_EQ(j["windows"].get<int64_t>(), expected.windows);
+  EXPECT_NEAR(j["mean_nll"].get<double>(), expected.mean_nll(), 1e-9);
+  EXPECT_NE(read_file(log).find("perplexity:"), std::string::npos) << read_file(log);
+
+  // Shards of a larger vocabulary than the model's are refused by name.
+  const std::string wide = (scratch() / "wide.bin").string();
+  ASSERT_TRUE(data::write_shard(wide, {1, 2, 3}, 256, 1).ok());
+  EXPECT_EQ(run(quote(kBinary) + " eval --model " + quote(dir) + " --data " + quote(wide), log),
+            1 << 8);
+  EXPECT_NE(read_file(log).find("wide.bin holds ids of a vocabulary of 256"), std::string::npos)
+      << read_file(log);
 }
 
 // Our GPT, saved as a training checkpoint and exported, against GPT2LMHeadModel.
