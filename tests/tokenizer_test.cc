@@ -230,6 +230,16 @@ TEST_F(Reference, SmolLM2GgufVocabularyMatchesTransformersWithSmolLM2PreTokenize
     ++differ;
     EXPECT_TRUE(has_number) << "differs from transformers' GGUF tokenizer without a digit: " << escaped(text);
   }
+  // With LoadOptions::gguf_pre_as_transformers, every string gives transformers' ids.
+  LoadOptions like_transformers;
+  like_transformers.gguf_pre_as_transformers = true;
+  const auto compat = load_tokenizer(result_.at("gguf").get<std::string>(), "", like_transformers);
+  int compat_failures = 0;
+  for (const json& c : result_.at("cases")) {
+    const std::string text = c.at("text").get<std::string>();
+    if (compat->encode(text, false) != ids_of(c.at("ids_transformers_gguf")) && ++compat_failures <= 5)
+      ADD_FAILURE() << "gguf_pre_as_transformers: differs from transformers on " << escaped(text);
+  }
   std::printf("SmolLM2: %d of %zu strings (%d with number characters) tokenize differently in "
               "transformers' GGUF loader, which ignores tokenizer.ggml.pre\n",
               differ, result_.at("cases").size(), with_numbers);

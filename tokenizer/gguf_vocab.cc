@@ -7,7 +7,8 @@
 
 namespace sparseflash::tokenizer {
 
-std::unique_ptr<Tokenizer> make_gguf_tokenizer(const GgufVocab& v, const std::string& source) {
+std::unique_ptr<Tokenizer> make_gguf_tokenizer(const GgufVocab& v, const std::string& source,
+                                               bool pre_as_transformers) {
   const auto fail = [&](const std::string& what) { throw std::invalid_argument(source + ": " + what); };
   if (v.tokens.empty()) fail("tokenizer.ggml.tokens is missing or empty");
   if (!v.types.empty() && v.types.size() != v.tokens.size())
@@ -16,7 +17,7 @@ std::unique_ptr<Tokenizer> make_gguf_tokenizer(const GgufVocab& v, const std::st
   if (v.model == "gpt2") {
     BpeVocab bpe;
     bpe.tokens = v.tokens;
-    set_gguf_pre_tokenizer(v.pre.empty() ? "default" : v.pre, &bpe, source);
+    set_gguf_pre_tokenizer(pre_as_transformers || v.pre.empty() ? "default" : v.pre, &bpe, source);
     bpe.merges.reserve(v.merges.size());
     for (size_t i = 0; i < v.merges.size(); ++i) {
       const std::string& m = v.merges[i];

@@ -29,7 +29,9 @@ struct GgufVocab {
 };
 
 // Throws std::invalid_argument starting with `source` and naming the key at fault.
-std::unique_ptr<Tokenizer> make_gguf_tokenizer(const GgufVocab& vocab, const std::string& source);
+// pre_as_transformers: see LoadOptions::gguf_pre_as_transformers.
+std::unique_ptr<Tokenizer> make_gguf_tokenizer(const GgufVocab& vocab, const std::string& source,
+                                               bool pre_as_transformers = false);
 
 // Throws std::runtime_error naming the file and the key.
 GgufVocab read_gguf_vocab(const checkpoint::GgufFile& file);

@@ -44,10 +44,10 @@ FileKind sniff(const std::string& path) {
   return FileKind::kOther;
 }
 
-std::unique_ptr<Tokenizer> load_gguf(const std::string& path) {
+std::unique_ptr<Tokenizer> load_gguf(const std::string& path, const LoadOptions& options) {
   const auto file = checkpoint::GgufFile::open(path);
   try {
-    return make_gguf_tokenizer(read_gguf_vocab(*file), path);
+    return make_gguf_tokenizer(read_gguf_vocab(*file), path, options.gguf_pre_as_transformers);
   } catch (const std::invalid_argument& e) {
     throw std::runtime_error(e.what());
   }
@@ -62,9 +62,9 @@ std::unique_ptr<Tokenizer> load_json(const std::string& path) {
 }
 
 // A tokenizer file whose kind is told by its contents.
-std::unique_ptr<Tokenizer> load_file(const std::string& path) {
+std::unique_ptr<Tokenizer> load_file(const std::string& path, const LoadOptions& options) {
   switch (sniff(path)) {
-    case FileKind::kGguf: return load_gguf(path);
+    case FileKind::kGguf: return load_gguf(path, options);
     case FileKind::kJson: return load_json(path);
     case FileKind::kOther: break;
   }
@@ -83,17 +83,18 @@ std::unique_ptr<Tokenizer> load_from_dir(const fs::path& dir) {
 }
 }  // namespace
 
-std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_path, const std::string& tokenizer_path) {
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_path, const std::string& tokenizer_path,
+                                          const LoadOptions& options) {
   if (!tokenizer_path.empty()) {
     if (fs::is_directory(tokenizer_path)) return load_from_dir(tokenizer_path);
     if (!fs::exists(tokenizer_path)) throw std::runtime_error(tokenizer_path + ": no such tokenizer file");
-    return load_file(tokenizer_path);
+    return load_file(tokenizer_path, options);
   }
   if (model_path.empty()) throw std::runtime_error("load_tokenizer: neither a model nor a tokenizer path given");
   if (fs::is_directory(model_path)) return load_from_dir(model_path);
   if (!fs::exists(model_path)) throw std::runtime_error(model_path + ": no such file or directory");
   switch (sniff(model_path)) {
-    case FileKind::kGguf: return load_gguf(model_path);
+    case FileKind::kGguf: return load_gguf(model_path, options);
     case FileKind::kJson: return load_json(model_path);
     case FileKind::kOther: break;
   }

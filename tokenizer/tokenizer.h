@@ -52,11 +52,19 @@ class Tokenizer {
   bool adds_bos_ = false;
 };
 
+struct LoadOptions {
+  // GGUF "gpt2" vocabularies: ignore tokenizer.ggml.pre and split with GPT-2's regex,
+  // as transformers' GGUF loader does. Off by default: the model's own tokenizer is what
+  // tokenizer.ggml.pre names (SmolLM2 splits digits one by one; docs/llama.md).
+  bool gguf_pre_as_transformers = false;
+};
+
 // model_path: an HF model directory (tokenizer.json inside), a .gguf file (its embedded
 // vocabulary), a llama2.c checkpoint .bin (tokenizer.bin beside it), or a tokenizer.json.
 // tokenizer_path, when not empty, wins: a tokenizer.json, a directory holding one, a
 // .gguf file, or a llama2.c tokenizer.bin (the kind is detected from the contents).
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_path,
-                                          const std::string& tokenizer_path);
+                                          const std::string& tokenizer_path,
+                                          const LoadOptions& options = {});
 
 }  // namespace sparseflash::tokenizer
