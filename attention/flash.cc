@@ -21,6 +21,10 @@ namespace sparseflash::attention {
 #ifndef SPARSEFLASH_WITH_CUDA
 
 bool flash_supported(const Tensor&, const Tensor&, const Tensor&) { return false; }
+bool flash_lsh_supported(const Tensor&, const Tensor&) { return false; }
+Tensor flash_lsh_buckets(const Tensor&, const Tensor&) {
+  TORCH_CHECK(false, "flash_lsh_buckets: this build has no CUDA kernels (nvcc was not found)");
+}
 Tensor flash_attention(const Tensor&, const Tensor&, const Tensor&, const Pattern&, double, bool) {
   TORCH_CHECK(false, "flash_attention: this build has no CUDA kernels (nvcc was not found)");
 }
@@ -49,6 +53,7 @@ namespace {
 void check_cuda(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "flash_attention: ", what, " failed: ", cudaGetErrorString(e));
 }
+
 
 void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(q.dim() == 4, "flash_attention: q must be [B, H, Nq, D], got ", q.sizes());
@@ -224,6 +229,37 @@ struct FlashAttention : public torch::autograd::Function<FlashAttention> {
 };
 
 }  // namespace
+
+bool flash_lsh_supported(const Tensor& x, const Tensor& rotations) {
+  const auto dt = x.scalar_type();
+  if (!x.is_cuda() || x.dim() != 4 || (dt != at::kBFloat16 && dt != at::kHalf)) return false;
+  const int64_t D = x.size(3);
+  if (D % 8 != 0 || D > 256 || x.stride(3) != 1) return false;
+  if (rotations.dim() != 3 || rotations.size(1) != D || rotations.size(0) <= 0 ||
+      x.size(1) % rotations.size(0) != 0 || D * rotations.size(2) * 4 > 96 * 1024)
+    return false;
+  const auto addr = reinterpret_cast<uintptr_t>(x.data_ptr());
+  return addr % 16 == 0 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0;
+}
+
+Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations) {
+  TORCH_CHECK(flash_lsh_supported(x, rotations), "flash_lsh_buckets: unsupported x ", x.sizes(),
+              " (", x.scalar_type(), ", strides ", x.strides(), ") or rotations ",
+              rotations.sizes());
+  c10::cuda::CUDAGuard guard(x.device());
+  Tensor r = rotations.to(x.device(), at::kFloat).contiguous();
+  Tensor out = at::empty({x.size(0), x.size(1), x.size(2)}, x.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  check_cuda(sk::lsh_bucket_ids(x.scalar_type() == at::kBFloat16 ? sk::DType::kBF16 : sk::DType::kFP16,
+                                x.data_ptr(), {x.stride(0), x.stride(1), x.stride(2)},
+                                static_cast<int>(x.size(0)), static_cast<int>(x.size(1)),
+                                static_cast<int>(x.size(2)), static_cast<int>(x.size(3)),
+                                r.data_ptr<float>(), static_cast<int>(r.size(0)),
+                                static_cast<int>(r.size(2)), out.data_ptr<int64_t>(),
+                                at::cuda::getCurrentCUDAStream()),
+             "LSH bucket ids");
+  return out;
+}
 
 Tensor flash_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern,
                        double scale, bool deterministic) {

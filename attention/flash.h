@@ -20,6 +20,15 @@ bool flash_supported(const Tensor& q, const Tensor& k, const Tensor& v);
 Tensor flash_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern,
                        double scale = 0, bool deterministic = false);
 
+// LSH bucket ids on the GPU in one kernel (no float copy of x, no [.., nb]
+// intermediate): the same function as lsh_buckets (argmax([xR, -xR]), first
+// maximum wins), projections accumulated in float32 in another order, so rows
+// whose two best projections are within float rounding may pick the other one.
+// flash_lsh_supported: CUDA, bf16/fp16, head dim a multiple of 8 up to 256,
+// contiguous head dim, strides and start 16-byte aligned.
+bool flash_lsh_supported(const Tensor& x, const Tensor& rotations);
+Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations);
+
 // Forward only, with the log-sum-exp ([B, H, Nq] float32): for tests.
 std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor& q, const Tensor& k,
                                                    const Tensor& v, const Pattern& pattern,

@@ -54,6 +54,8 @@ Tensor lsh_buckets(const Tensor& x, const Tensor& rotations) {
   const int64_t heads = x.size(1), rot_heads = rotations.size(0);
   TORCH_CHECK(heads % rot_heads == 0, "lsh_buckets: ", heads,
               " heads is not a multiple of ", rot_heads, " rotations");
+  // On the GPU one fused kernel (attention/kernels) does it without copies.
+  if (flash_lsh_supported(x, rotations)) return flash_lsh_buckets(x, rotations);
   // Head h uses rotation h / group: expand the rotations to one per head.
   Tensor r = rotations.to(x.device(), at::kFloat).repeat_interleave(heads / rot_heads, 0);
   Tensor proj = at::matmul(x.to(at::kFloat), r.unsqueeze(0));  // [B, H, N, nb/2]

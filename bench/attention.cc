@@ -96,7 +96,7 @@ struct Ours {
     ktiles = at::empty({B * H, sk::num_tiles(N), 4}, i32);
     ws_bytes = sk::pack_workspace_bytes(B * H, N);
     ws = at::empty({static_cast<int64_t>(ws_bytes)}, o.dtype(at::kByte));
-    if (mode == "hash") rot = at::randn({H, D, static_cast<int64_t>(param) / 2}, o);
+    if (mode == "hash") rot = at::randn({H, D, static_cast<int64_t>(param) / 2}, o.dtype(at::kFloat));
     fwd.dtype = sk::DType::kBF16;
     fwd.B = B, fwd.H = H, fwd.Hkv = H, fwd.Nq = N, fwd.Nk = N, fwd.D = D;
     fwd.scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -124,9 +124,14 @@ struct Ours {
   void pack() {
     cudaStream_t s = at::cuda::getCurrentCUDAStream();
     if (mode == "hash") {
+      // As training does (attention::lsh_buckets on CUDA): the fused kernel
+      // writes int64 ids, the wrapper narrows them for the sort.
       auto ids = [&](const Tensor& x) {
-        Tensor proj = at::matmul(x, rot.unsqueeze(0));
-        return at::cat({proj, -proj}, -1).argmax(-1).to(at::kInt);
+        Tensor out = at::empty({B, H, N}, x.options().dtype(at::kLong));
+        CUDA_OK(sk::lsh_bucket_ids(sk::DType::kBF16, x.data_ptr(), layout_of(x), B, H, N, D,
+                                   rot.data_ptr<float>(), H, static_cast<int>(param) / 2,
+                                   out.data_ptr<int64_t>(), s));
+        return out.to(at::kInt);
       };
       qb = ids(q), kb = ids(k);
     } else if (mode == "drop") {

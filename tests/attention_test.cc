@@ -159,6 +159,29 @@ TEST(LshBuckets, InRangeScaleInvariantAndSharedWithNormalisedKeys) {
   EXPECT_GT(std::get<0>(at::_unique(b)).numel(), 4) << "buckets are not spread";
 }
 
+// On CUDA (bf16/fp16) lsh_buckets runs the fused kernel: the same buckets as
+// the CPU path on the same rounded inputs, except rows whose two best
+// projections tie within float rounding.
+TEST(LshBuckets, CudaKernelMatchesCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  at::manual_seed(3);
+  for (auto dtype : {at::kBFloat16, at::kHalf}) {
+    Tensor x = at::randn({2, 4, 777, 64}).to(dtype);
+    Tensor r = at::randn({2, 64, 8});
+    Tensor cuda = x.cuda();
+    ASSERT_TRUE(flash_lsh_supported(cuda, r));
+    Tensor got = lsh_buckets(cuda, r).cpu();
+    Tensor want = lsh_buckets(x.to(at::kFloat), r);
+    const int64_t same = got.eq(want).sum().item<int64_t>();
+    EXPECT_GE(same, want.numel() - want.numel() / 200) << "of " << want.numel() << " rows";
+    // Wherever they differ, both picks are maxima up to rounding.
+    Tensor proj = at::matmul(x.to(at::kDouble), r.to(at::kDouble).repeat_interleave(2, 0).unsqueeze(0));
+    Tensor v = at::cat({proj, -proj}, -1);
+    Tensor gap = v.gather(-1, want.unsqueeze(-1)) - v.gather(-1, got.unsqueeze(-1));
+    EXPECT_LT(gap.abs().max().item<double>(), 1e-3);
+  }
+}
+
 TEST(HashAttention, QueryAttendsOnlyToEarlierKeysOfItsBucket) {
   const int64_t N = 40, D = 8;
   Inputs in = random_inputs(1, 2, 2, N, N, D, 21);

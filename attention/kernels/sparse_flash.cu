@@ -62,6 +62,52 @@ __global__ void tile_ranges_kernel(const int* perm, const int* bucket, int rows,
   tiles[idx] = r;
 }
 
+// One thread per row: the row is read 16 bytes at a time and projected on the
+// rotation columns (staged in shared memory, read as broadcasts) in groups of 8.
+constexpr int kLshThreads = 128, kLshGroup = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kLshThreads)
+    lsh_kernel(const T* x, Layout layout, int H, int N, int D, const float* rotations, int Hr,
+               int half, int64_t* out) {
+  extern __shared__ float sR[];  // [D][half]
+  const int bh = blockIdx.y, b = bh / H, h = bh % H, hr = h / (H / Hr);
+  const float* R = rotations + static_cast<int64_t>(hr) * D * half;
+  for (int i = threadIdx.x; i < D * half; i += blockDim.x) sR[i] = R[i];
+  __syncthreads();
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const T* row = x + b * layout.b + h * layout.h + n * layout.n;
+  float best = -INFINITY;
+  int best_pos = 0, best_neg = 0;
+  float best_neg_val = -INFINITY;
+  for (int j0 = 0; j0 < half; j0 += kLshGroup) {
+    float acc[kLshGroup];
+#pragma unroll
+    for (int j = 0; j < kLshGroup; ++j) acc[j] = 0.f;
+    for (int d0 = 0; d0 < D; d0 += 8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row + d0);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float xv = Pack2<T>::to_float(e[i]);
+        const float* r = sR + (d0 + i) * half + j0;
+#pragma unroll
+        for (int j = 0; j < kLshGroup; ++j)
+          if (j0 + j < half) acc[j] = fmaf(xv, r[j], acc[j]);
+      }
+    }
+    // argmax over [p, -p]: all +p columns come first, then the -p ones.
+#pragma unroll
+    for (int j = 0; j < kLshGroup; ++j) {
+      if (j0 + j >= half) break;
+      if (acc[j] > best) best = acc[j], best_pos = j0 + j;
+      if (-acc[j] > best_neg_val) best_neg_val = -acc[j], best_neg = j0 + j;
+    }
+  }
+  out[static_cast<int64_t>(bh) * N + n] = best_neg_val > best ? half + best_neg : best_pos;
+}
+
 // ---------------------------------------------------------------------------
 // shared pieces of the passes
 
@@ -618,7 +664,6 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
       start_head(g);
     }
   };
-  const bool k_block_full = k0 + kBwdKeys <= f.Nk;
   auto issue = [&](int gg, int qt, int bf) {
     const int bh = b * f.H + hk * group + gg;
     const int* qperm = f.q_pack.perm ? f.q_pack.perm + static_cast<int64_t>(bh) * f.Nq : nullptr;
@@ -1086,15 +1131,15 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 
 constexpr int kFwdWarps = 8, kDqWarps = 4;
 
-template <typename P, typename Kernel>
+template <typename Kernel, typename... Args>
 cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                          const P& params) {
+                          const Args&... args) {
   if (smem > 48 * 1024) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem));
     if (e != cudaSuccess) return e;
   }
-  kernel<<<grid, threads, smem, stream>>>(params);
+  kernel<<<grid, threads, smem, stream>>>(args...);
   return cudaGetLastError();
 }
 
@@ -1187,6 +1232,23 @@ cudaError_t pack_by_bucket(const int* bucket_in, int rows, int n, int sort_bits,
   return cub::DeviceSegmentedRadixSort::SortPairs(cub_ws, cub_bytes, bucket_in, bucket_out, iota,
                                                   perm_out, items, rows, offsets, offsets + 1, 0,
                                                   sort_bits, stream);
+}
+
+cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int H, int N, int D,
+                           const float* rotations, int Hr, int half, int64_t* out,
+                           cudaStream_t stream) {
+  if (B <= 0 || H <= 0 || N <= 0 || Hr <= 0 || H % Hr != 0 || half <= 0 || D <= 0 || D % 8 != 0 ||
+      D > 256 || static_cast<size_t>(D) * half * sizeof(float) > 96 * 1024 ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0 || layout.b % 8 || layout.h % 8 || layout.n % 8)
+    return cudaErrorInvalidValue;
+  const size_t smem = static_cast<size_t>(D) * half * sizeof(float);
+  const dim3 grid((N + kLshThreads - 1) / kLshThreads, B * H);
+  if (dtype == DType::kBF16)
+    return launch_kernel(lsh_kernel<__nv_bfloat16>, grid, kLshThreads, smem, stream,
+                         static_cast<const __nv_bfloat16*>(x), layout, H, N, D, rotations, Hr,
+                         half, out);
+  return launch_kernel(lsh_kernel<__half>, grid, kLshThreads, smem, stream,
+                       static_cast<const __half*>(x), layout, H, N, D, rotations, Hr, half, out);
 }
 
 cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, int n,

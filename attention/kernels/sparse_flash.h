@@ -80,6 +80,15 @@ struct BackwardParams {
   float* dq_accum = nullptr;
 };
 
+// Angular LSH bucket ids: bucket = argmax([x R, -x R]) (first maximum wins,
+// as torch.argmax) for every row of x ([B, H, N, D] with `layout`, D contiguous,
+// any D <= 256 that is a multiple of 8), with R = rotations[h / (H / Hr)]
+// ([Hr, D, half] float32, contiguous; nb = 2 * half buckets). Projections are
+// accumulated in float32. out: int64 [B, H, N] contiguous, original order.
+cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int H, int N, int D,
+                           const float* rotations, int Hr, int half, int64_t* out,
+                           cudaStream_t stream);
+
 // Bits a radix sort must look at for bucket ids in [0, num_buckets) plus the
 // drop sentinels.
 int bucket_sort_bits(bool with_drop_sentinels, int num_buckets);

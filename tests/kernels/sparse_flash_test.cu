@@ -1048,6 +1048,86 @@ TEST(SparseFlash, BackwardIsDeterministic) {
 }
 
 // ---------------------------------------------------------------------------
+// GPU: LSH bucket ids against a float64 projection of the same rounded inputs.
+// The kernel sums in float32, so a row may pick another bucket only when its
+// best two of [xR, -xR] are within rounding of each other; such rows must be
+// rare, and every pick must be a maximum up to that rounding.
+
+TEST(SparseFlash, LshBucketIds) {
+  SF_SKIP_WITHOUT_GPU();
+  struct LshCase {
+    int B, H, Hr, N, D, half;
+    bool bnhd;
+  };
+  for (const LshCase& c : {LshCase{2, 4, 2, 1000, 64, 8, false}, LshCase{1, 3, 3, 517, 128, 16, true},
+                           LshCase{1, 2, 1, 300, 24, 1, false}, LshCase{2, 2, 2, 257, 64, 12, true}}) {
+    for (DType dtype : {DType::kBF16, DType::kFP16}) {
+      SCOPED_TRACE(::testing::Message() << dtype_name(dtype) << " B" << c.B << " H" << c.H << " Hr"
+                                        << c.Hr << " N" << c.N << " D" << c.D << " half" << c.half);
+      std::mt19937 gen(c.N * 31 + c.D * 7 + c.half + int(dtype));
+      std::normal_distribution<float> normal(0.f, 1.f);
+      const sfk::Layout l = make_layout(c.H, c.N, c.D, c.bnhd);
+      const size_t elems = size_t(c.B) * c.H * c.N * c.D;
+      std::vector<uint16_t> xb(elems);
+      std::vector<double> xr(elems);  // rounded values, reference layout [B, H, N, D]
+      for (int b = 0; b < c.B; ++b)
+        for (int h = 0; h < c.H; ++h)
+          for (int n = 0; n < c.N; ++n)
+            for (int d = 0; d < c.D; ++d) {
+              const uint16_t bits = to_bits(dtype, normal(gen));
+              xb[b * l.b + h * l.h + n * l.n + d] = bits;
+              xr[((size_t(b) * c.H + h) * c.N + n) * c.D + d] = from_bits(dtype, bits);
+            }
+      std::vector<float> R(size_t(c.Hr) * c.D * c.half);
+      for (float& r : R) r = normal(gen);
+      DeviceBuffer<uint16_t> x(elems);
+      DeviceBuffer<float> rot(R.size());
+      DeviceBuffer<int64_t> out(size_t(c.B) * c.H * c.N);
+      x.upload(xb);
+      rot.upload(R);
+      Stream stream;
+      out.poison(stream.get());
+      SF_CUDA_CHECK(sfk::lsh_bucket_ids(dtype, x.get(), l, c.B, c.H, c.N, c.D, rot.get(), c.Hr,
+                                        c.half, out.get(), stream.get()));
+      stream.sync("lsh_bucket_ids");
+      const std::vector<int64_t> got = out.download();
+      int exact = 0, not_max = 0;
+      for (int b = 0; b < c.B; ++b)
+        for (int h = 0; h < c.H; ++h)
+          for (int n = 0; n < c.N; ++n) {
+            const size_t row = (size_t(b) * c.H + h) * c.N + n;
+            const float* Rh = R.data() + size_t(h / (c.H / c.Hr)) * c.D * c.half;
+            std::vector<double> v(2 * c.half);
+            double scale = 0;
+            for (int j = 0; j < c.half; ++j) {
+              double p = 0;
+              for (int d = 0; d < c.D; ++d) {
+                p += xr[row * c.D + d] * Rh[d * c.half + j];
+                scale += std::abs(xr[row * c.D + d] * Rh[d * c.half + j]);
+              }
+              v[j] = p;
+              v[c.half + j] = -p;
+            }
+            const int want = int(std::max_element(v.begin(), v.end()) - v.begin());
+            const int64_t g = got[row];
+            ASSERT_GE(g, 0);
+            ASSERT_LT(g, 2 * c.half);
+            if (g == want) {
+              ++exact;
+            } else if (v[g] < v[want] - 1e-5 * scale) {
+              if (not_max++ == 0)
+                ADD_FAILURE() << "row " << row << ": bucket " << g << " (" << v[g]
+                              << ") is not a maximum; " << want << " has " << v[want];
+            }
+          }
+      const int rows = c.B * c.H * c.N;
+      EXPECT_EQ(not_max, 0);
+      EXPECT_GE(exact, rows - std::max(1, rows / 200)) << "rows with another (tied) bucket";
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
 // GPU: packing and tile ranges on their own.
 
 struct PackCase {
