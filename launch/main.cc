@@ -325,7 +325,7 @@ void print_general_help() {
   std::cout << "sparseflash: GPT training with sparse flash attention\n\n"
                "usage: sparseflash <command> [flags]\n\ncommands:\n";
   for (const auto& c : commands()) std::cout << absl::StrFormat("  %-9s %s\n", c.name, c.summary);
-  std::cout << "\nmore to come: launch, saap, bench\n"
+  std::cout << "\nmore to come: saap, bench\n"
                "`sparseflash <command> --help` explains a command and its flags.\n";
 }
 

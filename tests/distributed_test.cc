@@ -387,6 +387,25 @@ TEST_F(DistributedTest, RestartsAreLimited) {
   EXPECT_NE(log.find("nothing-here"), std::string::npos) << log;
 }
 
+TEST_F(DistributedTest, LauncherHelpAndUsageErrors) {
+  EXPECT_EQ(run({"launch", "--help"}, "help.log"), 0);
+  EXPECT_NE(read_file(root_ + "/help.log").find("usage: sparseflash launch --nproc-per-node N"),
+            std::string::npos);
+  EXPECT_NE(read_file(root_ + "/help.log").find("--max-restarts"), std::string::npos);
+  for (const auto& [args, expected] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"launch", "--nproc-per-node", "2"}, "no worker command"},
+           {{"launch", "--nproc-per-node", "0", "--", "train"}, "--nproc-per-node must be >= 1"},
+           {{"launch", "--nnodes", "2", "--node-rank", "2", "--", "train"}, "--node-rank 2"},
+           {{"launch", "--master-port", "70000", "--", "train"}, "--master-port 70000"},
+           {{"launch", "--prompt", "x", "--", "train"}, "unknown flag '--prompt'"},
+       }) {
+    const int rc = wait_for(spawn(args, root_ + "/usage.log"), 30);
+    EXPECT_EQ(rc, 2) << expected;
+    EXPECT_NE(read_file(root_ + "/usage.log").find(expected), std::string::npos)
+        << read_file(root_ + "/usage.log");
+  }
+}
+
 // ---------------------------------------------------------------------------
 // the environment
 
