@@ -81,6 +81,37 @@ Tensor RMSNormImpl::forward(const Tensor& x) {
 }
 
 // ---------------------------------------------------------------------------
+// fused projections
+
+// Concatenates the weights along rows and makes each a view of the result.
+static Tensor fuse_rows(const std::vector<Tensor*>& weights) {
+  torch::NoGradGuard no_grad;
+  std::vector<Tensor> parts;
+  for (Tensor* w : weights) parts.push_back(*w);
+  Tensor fused = at::cat(parts, 0);
+  int64_t row = 0;
+  for (Tensor* w : weights) {
+    const int64_t n = w->size(0);
+    w->set_data(fused.narrow(0, row, n));
+    row += n;
+  }
+  return fused;
+}
+
+// True when `fused` may stand for `weights`: inference (autograd off), and the
+// weights are still its rows (to() or a load may have replaced them).
+static bool can_use_fused(const Tensor& fused, const std::vector<Tensor>& weights) {
+  if (!fused.defined() || at::GradMode::is_enabled()) return false;
+  int64_t row = 0;
+  for (const Tensor& w : weights) {
+    if (!w.is_alias_of(fused) || w.data_ptr() != fused.narrow(0, row, w.size(0)).data_ptr())
+      return false;
+    row += w.size(0);
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------------------
 // attention
 
 LlamaAttentionImpl::LlamaAttentionImpl(const checkpoint::LlamaConfig& c,
@@ -106,9 +137,18 @@ Tensor LlamaAttentionImpl::forward(const Tensor& x, const Tensor& cos, const Ten
   auto heads = [&](const Tensor& t, int64_t h) {  // [B, N, h * D] -> [B, h, N, D]
     return t.view({B, N, h, head_dim_}).transpose(1, 2);
   };
-  Tensor q = apply_rope(heads(q_proj->forward(x), heads_), cos, sin);
-  Tensor k = apply_rope(heads(k_proj->forward(x), kv_heads_), cos, sin);
-  Tensor v = heads(v_proj->forward(x), kv_heads_);
+  Tensor q, k, v;
+  if (can_use_fused(qkv_weight_, {q_proj->weight, k_proj->weight, v_proj->weight})) {
+    auto parts = F::linear(x, qkv_weight_)
+                     .split_with_sizes({heads_ * head_dim_, kv_heads_ * head_dim_,
+                                        kv_heads_ * head_dim_}, -1);
+    q = parts[0], k = parts[1], v = parts[2];
+  } else {
+    q = q_proj->forward(x), k = k_proj->forward(x), v = v_proj->forward(x);
+  }
+  q = apply_rope(heads(q, heads_), cos, sin);
+  k = apply_rope(heads(k, kv_heads_), cos, sin);
+  v = heads(v, kv_heads_);
   if (cache) {
     Tensor& ck = cache->k[layer_];
     Tensor& cv = cache->v[layer_];
@@ -123,6 +163,10 @@ Tensor LlamaAttentionImpl::forward(const Tensor& x, const Tensor& cos, const Ten
   // them bottom-right), which is what the cache needs.
   Tensor y = attention.forward(q.contiguous(), k.contiguous(), v.contiguous(), generator);
   return o_proj->forward(y.transpose(1, 2).reshape({B, N, heads_ * head_dim_}));
+}
+
+void LlamaAttentionImpl::fuse_projections() {
+  qkv_weight_ = fuse_rows({&q_proj->weight, &k_proj->weight, &v_proj->weight});
 }
 
 // ---------------------------------------------------------------------------
@@ -147,7 +191,19 @@ Tensor LlamaLayerImpl::forward(const Tensor& x, const Tensor& cos, const Tensor&
                                KVCache* cache, at::Generator& generator) {
   Tensor h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, cache, generator);
   Tensor m = post_attention_layernorm->forward(h);
-  return h + down_proj->forward(at::silu(gate_proj->forward(m)) * up_proj->forward(m));
+  Tensor gate, up;
+  if (can_use_fused(gate_up_weight_, {gate_proj->weight, up_proj->weight})) {
+    auto parts = F::linear(m, gate_up_weight_).chunk(2, -1);
+    gate = parts[0], up = parts[1];
+  } else {
+    gate = gate_proj->forward(m), up = up_proj->forward(m);
+  }
+  return h + down_proj->forward(at::silu(gate) * up);
+}
+
+void LlamaLayerImpl::fuse_projections() {
+  self_attn->fuse_projections();
+  gate_up_weight_ = fuse_rows({&gate_proj->weight, &up_proj->weight});
 }
 
 // ---------------------------------------------------------------------------
@@ -243,6 +299,10 @@ void LlamaImpl::set_rope_frequency_factors(const std::vector<float>& factors) {
   unscaled.rope_scaling = checkpoint::RopeScaling{};
   Tensor f = at::tensor(factors, at::TensorOptions().dtype(at::kFloat));
   inv_freq_ = (rope_inverse_frequencies(unscaled) / f).to(inv_freq_.device());
+}
+
+void LlamaImpl::fuse_projections() {
+  for (auto& layer : *layers) layer->as<LlamaLayer>()->fuse_projections();
 }
 
 int64_t LlamaImpl::num_parameters() const {
@@ -383,6 +443,7 @@ Llama load_llama(const checkpoint::LlamaCheckpoint& ckpt, const LlamaLoadOptions
                              "); the checkpoint has features it lacks (e.g. attention biases)");
   }
   model->to(options.device, options.dtype);
+  model->fuse_projections();
   model->eval();
   return model;
 }

@@ -67,8 +67,12 @@ class LlamaAttentionImpl : public torch::nn::Module {
                  at::Generator& generator);
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   attention::Attention attention;
+  // One [q; k; v] matrix whose rows the three weights become views of: one GEMM
+  // instead of three in inference (autograd off); training uses the modules.
+  void fuse_projections();
 
  private:
+  Tensor qkv_weight_;
   int64_t heads_, kv_heads_, head_dim_;
   int layer_;
 };
@@ -82,6 +86,11 @@ class LlamaLayerImpl : public torch::nn::Module {
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   LlamaAttention self_attn{nullptr};
   torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  // As LlamaAttention::fuse_projections, for [gate; up].
+  void fuse_projections();
+
+ private:
+  Tensor gate_up_weight_;
 };
 TORCH_MODULE(LlamaLayer);
 
@@ -124,6 +133,10 @@ class LlamaImpl : public torch::nn::Module {
   // GGUF's rope_freqs.weight (llama.cpp's form of llama3 scaling): inverse
   // frequencies become the unscaled ones divided by these [head_dim / 2] factors.
   void set_rope_frequency_factors(const std::vector<float>& factors);
+  // Fuses each layer's q/k/v and gate/up weights (see LlamaAttention); call
+  // after the last to(): moving the module afterwards unfuses nothing but
+  // copies the views apart, and inference then falls back to the modules.
+  void fuse_projections();
 
   Tensor embed_tokens;  // [vocab, d]
   torch::nn::ModuleList layers{nullptr};

@@ -220,6 +220,22 @@ TEST(Llama, CachedDecodingMatchesFullForward) {
   EXPECT_LE(max_abs_diff(at::cat(parts, 0), full), 1e-5);
 }
 
+// Inference runs fused [q; k; v] and [gate; up] GEMMs; with autograd on the
+// separate modules run. Both give the same logits, and the weights are views.
+TEST(Llama, FusedProjectionsMatchTheModules) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  auto m = load((tiny_models() / "gqa_llama3_sharded").string());
+  std::mt19937 rng(std::random_device{}());
+  auto ids = random_ids(19, m->config().vocab_size, rng);
+  Tensor fused = our_logits(m, ids);
+  Tensor separate = m->forward(at::tensor(ids, at::kLong).view({1, -1}))[0];
+  EXPECT_TRUE(separate.requires_grad());
+  EXPECT_LE(max_abs_diff(fused, separate.detach()), 1e-5);
+  auto layer = m->layers[1]->as<model::LlamaLayer>();
+  EXPECT_TRUE(layer->self_attn->k_proj->weight.is_alias_of(layer->self_attn->q_proj->weight));
+  EXPECT_TRUE(layer->up_proj->weight.is_alias_of(layer->gate_proj->weight));
+}
+
 // A checkpoint whose Q/K rows are stored interleaved (as GGUF and llama2.c
 // store them) loads to the same model once qk_interleaved is set.
 TEST(Llama, InterleavedQkRowsArePermutedAtLoad) {
