@@ -9,6 +9,7 @@
 #   acc:  1 GPU, data.batch_size 2, train.grad_accum 2: the same rows and the
 #         same per-GPU micro-batch as 2gpu (rotations are drawn per forward, so
 #         they differ): the scaling check, what data parallelism costs
+#   zero1: as 2gpu with distributed.zero1 (sharded AdamW state; ZERO1=0 skips it)
 # Prints the loss of every step, tokens/s, the scaling efficiency (2-GPU
 # tokens/s / (2 x 1-GPU tokens/s)) against both 1-GPU runs, the time per step
 # in gradient all-reduce and its bus bandwidth; writes $OUT/distributed.json.
@@ -18,7 +19,7 @@
 # and prepares a small corpus unless /tmp/pycorpus exists.
 #
 # Environment: OUT (default ./gpu-out), STEPS (default 25), WARMUP (steps left
-# out of tokens/s and communication figures, default 5).
+# out of tokens/s and communication figures, default 5), ZERO1 (default 1).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 SECONDS=0
@@ -63,7 +64,7 @@ common=(train --config preset:gpt2_small_hash8k --set "data.dir=$CORPUS"
         --set "train.max_steps=$STEPS" --set logging.interval=1 --set eval.interval=0
         --set eval.batches=1 --set eval.sample_tokens=0 --set checkpoint.interval=0
         --set data.batch_size=2)
-rm -rf /tmp/dp_run_2gpu /tmp/dp_run_b4 /tmp/dp_run_acc "$OUT"/metrics_*.jsonl
+rm -rf /tmp/dp_run_2gpu /tmp/dp_run_b4 /tmp/dp_run_acc /tmp/dp_run_zero1 "$OUT"/metrics_*.jsonl
 run() {  # NAME COMMAND...: one run; log and metrics into $OUT
   local name=$1 rc
   shift
@@ -79,6 +80,10 @@ run 2gpu "$BIN" launch --nproc-per-node 2 --master-port 29731 -- "${common[@]}" 
 run b4 env CUDA_VISIBLE_DEVICES=0 "$BIN" "${common[@]}" --set data.batch_size=4
 run acc env CUDA_VISIBLE_DEVICES=0 "$BIN" "${common[@]}" --set train.grad_accum=2 ||
   die "the 1-GPU run failed (log: $OUT/train_acc.log)"
+if [ "${ZERO1:-1}" = 1 ]; then
+  run zero1 "$BIN" launch --nproc-per-node 2 --master-port 29732 -- "${common[@]}" \
+    --set distributed.zero1=true
+fi
 
 # --- the table
 python3 - "$OUT" "$WARMUP" "$SECONDS" <<'PY'
@@ -102,7 +107,7 @@ def mean(rs, key):
 def cell(x, fmt):
     return "n/a" if x is None else format(x, fmt)
 
-two = load("2gpu")
+two, zero1 = load("2gpu"), load("zero1")
 ones = {"1gpu_batch4": load("b4"), "1gpu_batch2_accum2": load("acc")}
 log2 = open(f"{out}/train_2gpu.log").read()
 probe = re.search(r"all-reduce bus bandwidth ([0-9.]+) GB/s \(([0-9.]+) MB probe\)", log2)
@@ -120,6 +125,11 @@ result = {
     "allreduce_wait_ms_per_step": mean(two, "comm_wait_ms"),
     "allreduce_bus_gb_per_s": mean(two, "comm_bus_gb_per_s"),
     "probe_bus_gb_per_s": float(probe.group(1)) if probe else None,
+    "zero1": None if not zero1 else {
+        "loss": [r["loss"] for r in zero1], "tokens_per_s": throughput(zero1),
+        "max_abs_loss_diff_vs_2gpu": max(abs(a["loss"] - b["loss"]) for a, b in zip(two, zero1)),
+        "reduce_scatter_ms_per_step": mean(zero1, "comm_ms"),
+        "reduce_scatter_bus_gb_per_s": mean(zero1, "comm_bus_gb_per_s")},
     "step_ms_2gpu": 1000 * (two[-1]["elapsed_s"] - two[warmup - 1]["elapsed_s"]) / (len(two) - warmup),
     "script_seconds": seconds,
 }
@@ -151,5 +161,10 @@ print(f"{'  not overlapped with backward, ms':36}{result['allreduce_wait_ms_per_
 print(f"{'  bus bandwidth, GB/s':36}{result['allreduce_bus_gb_per_s']:>12.1f}")
 if probe:
     print(f"{'probe all-reduce (%s MB), GB/s' % probe.group(2):36}{float(probe.group(1)):>12.1f}")
+z = result["zero1"]
+if z:
+    print(f"\nZeRO-1, 2 GPUs: {z['tokens_per_s']:,.0f} tokens/s, max |loss diff| against 2 GPUs "
+          f"{z['max_abs_loss_diff_vs_2gpu']:.4f}, gradient reduce-scatter "
+          f"{z['reduce_scatter_ms_per_step']:.2f} ms per step at {z['reduce_scatter_bus_gb_per_s']:.1f} GB/s")
 print(f"\n{out}/distributed.json; script time {seconds} s")
 PY
