@@ -14,7 +14,6 @@
 #include <fstream>
 #include <limits>
 #include <set>
-#include <sstream>
 #include <stdexcept>
 
 #include "checkpoint/gguf.h"
@@ -26,19 +25,6 @@ namespace sparseflash::checkpoint {
 namespace {
 
 using nlohmann::json;
-
-bool is_directory(const std::string& path) {
-  struct stat st;
-  return stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path, "", std::string("cannot open: ") + std::strerror(errno));
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // --- config.json fields ---
 
@@ -195,7 +181,7 @@ LlamaConfig llama_config_from_json(const std::string& path, const std::string& j
 }
 
 LlamaConfig parse_hf_llama_config(const std::string& config_json_path) {
-  return llama_config_from_json(config_json_path, read_text(config_json_path));
+  return llama_config_from_json(config_json_path, read_text_file(config_json_path));
 }
 
 std::string llama_config_to_json(const LlamaConfig& c) {
@@ -682,19 +668,16 @@ std::string llama2c_bytes(const LlamaConfig& c, int version,
 
 LlamaCheckpoint load_llama_checkpoint(const std::string& path) {
   LlamaCheckpoint ckpt;
-  auto ends_with = [&](const std::string& suffix) {
-    return path.size() >= suffix.size() && path.compare(path.size() - suffix.size(), suffix.size(), suffix) == 0;
-  };
   if (is_directory(path)) {
     ckpt = load_hf_directory(path);
-  } else if (ends_with(".safetensors") || ends_with(".safetensors.index.json") || ends_with("/config.json")) {
+  } else if (ends_with(path, ".safetensors") || ends_with(path, ".safetensors.index.json") ||
+             ends_with(path, "/config.json")) {
     // A file of an HF or native directory: load the directory.
-    size_t slash = path.find_last_of('/');
-    ckpt = load_hf_directory(slash == std::string::npos ? "." : path.substr(0, slash));
+    ckpt = load_hf_directory(dirname_of(path));
   } else {
     auto file = MappedFile::open(path);
     bool gguf = file->size() >= 4 && std::memcmp(file->data(), "GGUF", 4) == 0;
-    if (gguf || (path.size() >= 5 && path.compare(path.size() - 5, 5, ".gguf") == 0)) {
+    if (gguf || ends_with(path, ".gguf")) {
       ckpt = gguf_llama_from(GgufFile::parse(file));
     } else {
       ckpt = parse_llama2c(file);

@@ -68,6 +68,14 @@ class ByteReader {
   size_t pos_;
 };
 
+// Small path helpers shared by the readers.
+bool is_directory(const std::string& path);
+bool is_regular_file(const std::string& path);
+bool ends_with(const std::string& s, const std::string& suffix);
+std::string dirname_of(const std::string& path);  // "." when there is no slash
+// The whole file as a string; throws naming the path when it cannot be read.
+std::string read_text_file(const std::string& path);
+
 // Throws std::runtime_error("<file>: <field>: <what>").
 [[noreturn]] void fail(const std::string& file, const std::string& field, const std::string& what);
 

@@ -9,10 +9,8 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <set>
-#include <sstream>
 #include <stdexcept>
 
 #include "checkpoint/json_brief.h"
@@ -194,34 +192,10 @@ const TensorInfo* SafetensorsFile::find(const std::string& name) const {
 
 namespace {
 
-bool is_directory(const std::string& path) {
-  struct stat st;
-  return stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-bool is_file(const std::string& path) {
-  struct stat st;
-  return stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
-
-std::string dirname_of(const std::string& path) {
-  size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
-}
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 json read_json_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path, "", "cannot open");
-  std::stringstream buffer;
-  buffer << in.rdbuf();
+  std::string text = read_text_file(path);
   try {
-    return json::parse(buffer.str());
+    return json::parse(text);
   } catch (const json::exception& e) {
     fail(path, "", std::string("invalid JSON: ") + e.what());
   }
@@ -233,9 +207,9 @@ std::shared_ptr<const SafetensorsModel> SafetensorsModel::open(const std::string
   std::string index_path;
   std::string single_path;
   if (is_directory(path)) {
-    if (is_file(path + "/model.safetensors.index.json")) {
+    if (is_regular_file(path + "/model.safetensors.index.json")) {
       index_path = path + "/model.safetensors.index.json";
-    } else if (is_file(path + "/model.safetensors")) {
+    } else if (is_regular_file(path + "/model.safetensors")) {
       single_path = path + "/model.safetensors";
     } else {
       fail(path, "", "holds neither model.safetensors nor model.safetensors.index.json");
