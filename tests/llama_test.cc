@@ -21,8 +21,10 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 #include <torch/utils.h>
 
+#include "attention/flash.h"
 #include "checkpoint/llama.h"
 #include "configs/config.h"
 #include "data/shard.h"
@@ -201,7 +203,8 @@ TEST_P(TinyLlamaParity, LogitsGreedyAndWindowedNllMatchTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Variants, TinyLlamaParity,
-                         ::testing::Values("gqa_llama3_sharded", "tied_linear", "odd_sizes"));
+                         ::testing::Values("gqa_llama3_sharded", "tied_linear", "odd_sizes",
+                                           "head_dim_64"));
 
 // The KV cache gives the logits of a full forward pass.
 TEST(Llama, CachedDecodingMatchesFullForward) {
@@ -335,6 +338,37 @@ TEST(Llama, SamplingIsSeededAndTopPNarrowsToGreedy) {
   auto stopped = m->generate(prompt, 20, greedy);
   EXPECT_EQ(stopped.back(), g[3]);
   EXPECT_LE(stopped.size(), 4u);
+}
+
+// On a GPU: float32 (reference attention on CUDA) equals the CPU model, and
+// bf16 through the CUDA kernels (head dim 64) stays close to it.
+TEST(LlamaGpu, CudaFloat32AndBf16KernelsMatchTheCpuModel) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  const std::string dir = (tiny_models() / "head_dim_64").string();
+  auto cpu = load(dir);
+  std::mt19937 rng(std::random_device{}());
+  auto ids = random_ids(300, cpu->config().vocab_size, rng);
+  Tensor expected = our_logits(cpu, ids);
+  model::LlamaLoadOptions o;
+  o.device = at::Device(at::kCUDA);
+  auto f32 = load(dir, o);
+  EXPECT_LE(max_abs_diff(our_logits(f32, ids).cpu(), expected), 1e-4);
+
+  o.dtype = at::kBFloat16;
+  auto bf16 = load(dir, o);
+  auto opts = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  Tensor q = at::randn({1, 4, 8, 64}, opts), kv = at::randn({1, 2, 8, 64}, opts);
+  EXPECT_TRUE(attention::flash_supported(q, kv, kv)) << "bf16 would not use the kernels";
+  Tensor got = our_logits(bf16, ids).cpu();
+  EXPECT_LE(max_abs_diff(got, expected), 0.03 * expected.abs().max().item<double>());
+  model::SamplingOptions greedy;
+  EXPECT_EQ(bf16->generate(ids, 8, greedy).size(), 8u);
+
+  o.attention[0].kind = attention::Kind::kHash;
+  o.attention[0].num_buckets = 4;
+  auto hashed = load(dir, o);
+  EXPECT_TRUE(our_logits(hashed, ids).isfinite().all().item<bool>());
 }
 
 // ---------------------------------------------------------------------------

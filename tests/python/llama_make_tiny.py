@@ -9,6 +9,7 @@ chosen to exercise what differs between Llama checkpoints:
   tied_linear         tied embeddings/head, linear rope scaling, theta 30000
   odd_sizes           odd hidden/intermediate/vocab sizes, head_dim not hidden/heads,
                       MQA (1 key-value head), theta 500000, no scaling
+  head_dim_64         head_dim 64 (what the CUDA kernels take), GQA, tied, theta 100000
 Weights are drawn wider than the HF initialisation (and norms are random) so
 logits are far apart and greedy continuations are not decided by ties.
 Prints the variant names, one per line.
@@ -39,6 +40,12 @@ VARIANTS = {
                     num_attention_heads=3, num_key_value_heads=1, head_dim=10,
                     max_position_embeddings=300, rms_norm_eps=1e-5, tie_word_embeddings=False,
                     rope_parameters=dict(rope_type="default", rope_theta=500000.0)),
+        shard=None),
+    "head_dim_64": dict(
+        config=dict(vocab_size=89, hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                    max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                    rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
         shard=None),
 }
 
