@@ -93,7 +93,7 @@ def main():
               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
 
     model = load(args.gguf, DTYPES[args.dtype], args.device)
-    result["attn_implementation"] = model.config._attn_implementation
+    result["attn_implementation"] = getattr(model.config, "_attn_implementation", "?")
     total, count, windows, seconds = perplexity(model, ids, args.context, args.stride,
                                                 args.device)
     result.update(tokens=count, windows=windows, mean_nll=total / count,
