@@ -273,27 +273,40 @@ TEST_P(DataParallelMatches, TwoLaunchedWorkersEqualOneProcess) {
 INSTANTIATE_TEST_SUITE_P(Zero1, DataParallelMatches, ::testing::Bool(),
                          [](const auto& info) { return info.param ? "Zero1" : "AllReduce"; });
 
-TEST_F(DistributedTest, SlurmStartedWorkersJoinWithoutLauncher) {
+// Workers started by srun or mpirun (simulated by their variables), no launcher.
+class WithoutLauncher : public DistributedTest,
+                        public ::testing::WithParamInterface<std::string> {};
+
+TEST_P(WithoutLauncher, WorkersJoinAndMatchOneProcess) {
+  const std::string source = GetParam();
   const int steps = 6;
   ASSERT_EQ(run(train_args("one", 8, steps), "one.log"), 0);
   std::vector<pid_t> pids;
   for (int rank = 0; rank < 2; ++rank) {
-    pids.push_back(spawn(train_args("two", 4, steps), root_ + "/slurm" + std::to_string(rank) + ".log",
-                         {{"SLURM_PROCID", std::to_string(rank)},
-                          {"SLURM_NTASKS", "2"},
-                          {"SLURM_LOCALID", std::to_string(rank)},
-                          {"SLURM_TASKS_PER_NODE", "2"},
-                          // compressed form; the first host is rank 0's
-                          {"SLURM_JOB_NODELIST", "127.0.0.[1-4]"},
-                          {"MASTER_PORT", std::to_string(port_)}}));
+    std::map<std::string, std::string> env = {{"MASTER_PORT", std::to_string(port_)}};
+    const std::string r = std::to_string(rank);
+    if (source == "SLURM") {
+      env.insert({{"SLURM_PROCID", r}, {"SLURM_NTASKS", "2"}, {"SLURM_LOCALID", r},
+                  {"SLURM_TASKS_PER_NODE", "2"},
+                  // compressed form; the first host is rank 0's
+                  {"SLURM_JOB_NODELIST", "127.0.0.[1-4]"}});
+    } else {
+      env.insert({{"OMPI_COMM_WORLD_RANK", r}, {"OMPI_COMM_WORLD_SIZE", "2"},
+                  {"OMPI_COMM_WORLD_LOCAL_RANK", r}, {"OMPI_COMM_WORLD_LOCAL_SIZE", "2"}});
+    }
+    pids.push_back(spawn(train_args("two", 4, steps), root_ + "/worker" + r + ".log", env));
   }
   for (int rank = 0; rank < 2; ++rank)
     EXPECT_EQ(wait_for(pids[rank], 120), 0)
-        << read_file(root_ + "/slurm" + std::to_string(rank) + ".log");
-  EXPECT_NE(read_file(root_ + "/slurm0.log").find("data parallel: 2 ranks (SLURM)"),
-            std::string::npos);
+        << read_file(root_ + "/worker" + std::to_string(rank) + ".log");
+  EXPECT_NE(read_file(root_ + "/worker0.log").find("data parallel: 2 ranks (" + source + ")"),
+            std::string::npos)
+      << read_file(root_ + "/worker0.log");
   expect_same_run(root_ + "/one", root_ + "/two", steps);
 }
+
+INSTANTIATE_TEST_SUITE_P(Sources, WithoutLauncher, ::testing::Values("SLURM", "mpirun"),
+                         [](const auto& info) { return info.param; });
 
 TEST_F(DistributedTest, KilledWorkerEndsTheJobQuickly) {
   const pid_t launcher =
