@@ -204,7 +204,8 @@ TEST_P(TinyLlamaParity, LogitsGreedyAndWindowedNllMatchTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Variants, TinyLlamaParity,
                          ::testing::Values("gqa_llama3_sharded", "tied_linear", "odd_sizes",
-                                           "head_dim_64"));
+                                           "head_dim_64"),
+                         [](const auto& info) { return info.param; });
 
 // The KV cache gives the logits of a full forward pass.
 TEST(Llama, CachedDecodingMatchesFullForward) {
