@@ -362,7 +362,7 @@ TEST(LlamaGpu, CudaFloat32AndBf16KernelsMatchTheCpuModel) {
   Tensor q = at::randn({1, 4, 8, 64}, opts), kv = at::randn({1, 2, 8, 64}, opts);
   EXPECT_TRUE(attention::flash_supported(q, kv, kv)) << "bf16 would not use the kernels";
   Tensor got = our_logits(bf16, ids).cpu();
-  EXPECT_LE(max_abs_diff(got, expected), 0.03 * expected.abs().max().item<double>());
+  EXPECT_LE(max_abs_diff(got, expected), 0.05 * expected.abs().max().item<double>());
   model::SamplingOptions greedy;
   EXPECT_EQ(bf16->generate(ids, 8, greedy).size(), 8u);
 
