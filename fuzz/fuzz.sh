@@ -18,7 +18,8 @@ Prints runs and runs/s per fuzzer.
   --seconds N      time per fuzzer (libFuzzer -max_total_time)
   --only NAME      run only this fuzzer (safetensors, gguf or llama2c)
   --no-run         build and write seeds only
-Environment: CXX_FUZZ (default clang++), FUZZ_FLAGS (extra libFuzzer flags).
+Environment: CXX_FUZZ (default clang++), FUZZ_FLAGS (extra libFuzzer flags),
+SPARSEFLASH_ALLOW_NO_FUZZ=1 (exit 77, a ctest skip, when the compiler is missing).
 USAGE
 }
 
@@ -40,6 +41,12 @@ done
 
 CXX="${CXX_FUZZ:-clang++}"
 if ! command -v "$CXX" >/dev/null; then
+  # Machines set up by scripts/setup.sh (CI included) have clang and must run
+  # the fuzzers; elsewhere (the offline GPU host) ctest reports a skip.
+  if [ "${SPARSEFLASH_ALLOW_NO_FUZZ:-0}" = 1 ]; then
+    echo "fuzz.sh: $CXX not found; skipped (SPARSEFLASH_ALLOW_NO_FUZZ=1)" >&2
+    exit 77
+  fi
   echo "fuzz.sh: $CXX not found (scripts/setup.sh installs clang)" >&2
   exit 1
 fi

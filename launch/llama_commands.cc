@@ -3,6 +3,7 @@
 // flags, shared loading, eval, generate, convert.
 #include "launch/llama_commands.h"
 
+#include <dirent.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -197,10 +198,17 @@ absl::StatusOr<std::string> read_text_file(const std::string& path, const char* 
 absl::StatusOr<std::vector<int64_t>> read_shards(const std::string& spec, int64_t vocab) {
   std::vector<std::string> paths;
   if (fs::is_directory(spec)) {
-    for (const auto& e : fs::directory_iterator(spec)) {
-      const std::string name = e.path().filename().string();
-      if (name.rfind("val_", 0) == 0 && e.path().extension() == ".bin") paths.push_back(e.path());
+    // POSIX listing: std::filesystem's iterators are also exported by
+    // libtorch.so, and binding to its copy crashed on the GPU host.
+    DIR* dir = opendir(spec.c_str());
+    if (dir == nullptr) return absl::NotFoundError(absl::StrCat("--data: cannot list ", spec));
+    while (const dirent* e = readdir(dir)) {
+      const std::string name = e->d_name;
+      if (name.rfind("val_", 0) == 0 && name.size() > 8 &&
+          name.compare(name.size() - 4, 4, ".bin") == 0)
+        paths.push_back((fs::path(spec) / name).string());
     }
+    closedir(dir);
     std::sort(paths.begin(), paths.end());
     if (paths.empty()) return absl::NotFoundError(absl::StrCat("--data: no val_*.bin in ", spec));
   } else {

@@ -183,7 +183,8 @@ phase_build() {
 }
 
 phase_ctest() {
-  ctest --test-dir "$B" --output-on-failure 2>&1 | tee "$OUT/ctest.log"
+  # The host has no clang: the fuzz test skips instead of failing.
+  SPARSEFLASH_ALLOW_NO_FUZZ=1 ctest --test-dir "$B" --output-on-failure 2>&1 | tee "$OUT/ctest.log"
 }
 
 phase_prepare() {

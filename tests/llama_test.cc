@@ -5,6 +5,7 @@
 //
 // The Python side (tests/python/llama_*.py) runs with SF_PYTHON; tests that
 // need it skip when that Python lacks transformers.
+#include <ftw.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -100,9 +101,15 @@ const fs::path& tiny_models() {
   return dir;
 }
 
+// rm -rf. Not std::filesystem::remove_all: libtorch.so exports its own copy
+// of std::filesystem, and on the GPU host this binary crashed at exit in it.
 void RemoveScratch::TearDown() {
-  std::error_code ec;
-  fs::remove_all(fs::temp_directory_path() / ("sf_llama_test_" + std::to_string(getpid())), ec);
+  const std::string root =
+      (fs::temp_directory_path() / ("sf_llama_test_" + std::to_string(getpid()))).string();
+  nftw(
+      root.c_str(),
+      [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
+      FTW_DEPTH | FTW_PHYS);
 }
 [[maybe_unused]] ::testing::Environment* const kRemoveScratch =
     ::testing::AddGlobalTestEnvironment(new RemoveScratch);

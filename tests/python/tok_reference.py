@@ -134,7 +134,7 @@ def train_byte_level(kind, out_dir, seed):
 
 def write_gpt2_gguf(kind, spec, path):
     """The same vocabulary as a GGUF "gpt2" tokenizer, as llama.cpp's converter writes it."""
-    import gguf
+    gguf = need("gguf")
     vocab = spec["model"]["vocab"]
     tokens = [None] * len(vocab)
     for token, i in vocab.items():
@@ -238,23 +238,20 @@ def spm_cases(out_dir, seed):
              "bos_id": sp.bos_id(), "eos_id": sp.eos_id(), "unk_id": sp.unk_id()}
     with open(os.path.join(out_dir, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump(vocab, f, ensure_ascii=False)
-    try:
-        import gguf
-        w = gguf.GGUFWriter(os.path.join(out_dir, "vocab.gguf"), "llama")
-        w.add_tokenizer_model("llama")
-        w.add_token_list(vocab["tokens"])
-        w.add_token_scores(vocab["scores"])
-        w.add_token_types(vocab["types"])
-        w.add_bos_token_id(vocab["bos_id"])
-        w.add_eos_token_id(vocab["eos_id"])
-        w.add_unk_token_id(vocab["unk_id"])
-        w.add_add_bos_token(True)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-    except ImportError:
-        pass
+    gguf = need("gguf")
+    w = gguf.GGUFWriter(os.path.join(out_dir, "vocab.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(vocab["tokens"])
+    w.add_token_scores(vocab["scores"])
+    w.add_token_types(vocab["types"])
+    w.add_bos_token_id(vocab["bos_id"])
+    w.add_eos_token_id(vocab["eos_id"])
+    w.add_unk_token_id(vocab["unk_id"])
+    w.add_add_bos_token(True)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     cases = []
     for text in TRICKY + random_strings(seed, 300):
         if "<|endoftext|>" in text or "\u2581" in text:
