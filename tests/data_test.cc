@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "tests/test_util.h"
 #include "data/loader.h"
 #include "data/prepare.h"
 #include "data/shard.h"
@@ -47,9 +48,7 @@ class TempDir {
           return 0;
         },
         16, FTW_PHYS);
-    ::nftw(
-        path_.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); },
-        16, FTW_DEPTH | FTW_PHYS);
+    test_util::remove_tree(path_);
   }
   const std::string& path() const { return path_; }
   std::string operator/(const std::string& name) const { return path_ + "/" + name; }

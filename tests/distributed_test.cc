@@ -21,6 +21,7 @@
 #include <gtest/gtest.h>
 #include <torch/serialize/archive.h>
 
+#include "tests/test_util.h"
 #include "data/prepare.h"
 #include "launch/launcher.h"
 #include "nlohmann/json.hpp"
@@ -34,12 +35,7 @@ namespace {
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
-void remove_tree(const std::string& path) {
-  nftw(
-      path.c_str(),
-      [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-      FTW_DEPTH | FTW_PHYS);
-}
+using test_util::remove_tree;
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path);

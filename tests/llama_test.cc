@@ -5,7 +5,6 @@
 //
 // The Python side (tests/python/llama_*.py) runs with SF_PYTHON; tests that
 // need it skip when that Python lacks transformers.
-#include <ftw.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -25,6 +24,7 @@
 #include <torch/cuda.h>
 #include <torch/utils.h>
 
+#include "tests/test_util.h"
 #include "attention/flash.h"
 #include "checkpoint/llama.h"
 #include "configs/config.h"
@@ -101,15 +101,9 @@ const fs::path& tiny_models() {
   return dir;
 }
 
-// rm -rf. Not std::filesystem::remove_all: libtorch.so exports its own copy
-// of std::filesystem, and on the GPU host this binary crashed at exit in it.
 void RemoveScratch::TearDown() {
-  const std::string root =
-      (fs::temp_directory_path() / ("sf_llama_test_" + std::to_string(getpid()))).string();
-  nftw(
-      root.c_str(),
-      [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-      FTW_DEPTH | FTW_PHYS);
+  test_util::remove_tree(
+      (fs::temp_directory_path() / ("sf_llama_test_" + std::to_string(getpid()))).string());
 }
 [[maybe_unused]] ::testing::Environment* const kRemoveScratch =
     ::testing::AddGlobalTestEnvironment(new RemoveScratch);

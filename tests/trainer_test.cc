@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/test_util.h"
 #include "configs/config.h"
 #include "data/prepare.h"
 #include "trainer/state.h"
@@ -20,14 +21,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// rm -rf. Not std::filesystem::remove_all: libtorch.so exports its own copy
-// of std::filesystem, and on the GPU host the test bound to it and crashed.
-void remove_tree(const std::string& path) {
-  nftw(
-      path.c_str(),
-      [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 16,
-      FTW_DEPTH | FTW_PHYS);
-}
+using test_util::remove_tree;
 
 // A corpus with structure a small model learns in a few dozen steps.
 std::string make_corpus(const std::string& root) {
