@@ -1,0 +1,214 @@
+// Reading and writing SAAP index files. See index.h for the layout.
+#include "saap/index.h"
+
+#include <exception>
+
+#include <ATen/ATen.h>
+
+#include "absl/strings/escaping.h"
+#include "absl/strings/str_cat.h"
+#include "checkpoint/safetensors.h"
+
+namespace sparseflash::saap {
+
+namespace {
+
+struct NamedTensor {
+  std::string suffix;
+  Tensor SaapLayer::*member;
+};
+
+const std::vector<NamedTensor>& layer_tensors() {
+  static const std::vector<NamedTensor> names = {
+      {"centroids", &SaapLayer::centroids},        {"classifier.in_mean", &SaapLayer::in_mean},
+      {"classifier.in_std", &SaapLayer::in_std},   {"classifier.w1", &SaapLayer::w1},
+      {"classifier.b1", &SaapLayer::b1},           {"classifier.w2", &SaapLayer::w2},
+      {"classifier.b2", &SaapLayer::b2},
+  };
+  return names;
+}
+
+std::string tensor_name(size_t layer, const std::string& suffix) {
+  return absl::StrCat("layers.", layer, ".", suffix);
+}
+
+// The shape each tensor must have under `h`.
+std::vector<int64_t> expected_shape(const SaapHeader& h, const std::string& suffix) {
+  const int64_t kv = h.num_kv_heads(), q = h.num_query_heads(), d = h.head_dim(),
+                c = h.partitions(), hidden = h.classifier_hidden();
+  if (suffix == "centroids") return {kv, c, d};
+  if (suffix == "classifier.in_mean" || suffix == "classifier.in_std") return {q, d};
+  if (suffix == "classifier.w1") return {q, d, hidden};
+  if (suffix == "classifier.b1") return {q, hidden};
+  if (suffix == "classifier.w2") return {q, hidden, c};
+  return {q, c};  // classifier.b2
+}
+
+std::string shape_text(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) absl::StrAppend(&s, i ? ", " : "", shape[i]);
+  return s + "]";
+}
+
+absl::Status validate_header(const SaapHeader& h, const std::string& where) {
+  if (h.format_version() != kSaapFormatVersion) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": format_version ", h.format_version(),
+                                                   ", this build reads ", kSaapFormatVersion));
+  }
+  if (h.model_identity().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(where, ": model_identity is empty"));
+  }
+  const std::pair<const char*, int64_t> positive[] = {
+      {"num_layers", h.num_layers()},     {"num_query_heads", h.num_query_heads()},
+      {"num_kv_heads", h.num_kv_heads()}, {"head_dim", h.head_dim()},
+      {"classifier_hidden", h.classifier_hidden()}};
+  for (const auto& [field, value] : positive) {
+    if (value < 1) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, ": ", field, " must be positive, got ", value));
+    }
+  }
+  if (h.partitions() < 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": partitions must be >= 2, got ", h.partitions()));
+  }
+  if (h.num_query_heads() % h.num_kv_heads() != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": num_query_heads ", h.num_query_heads(),
+                     " is not a multiple of num_kv_heads ", h.num_kv_heads()));
+  }
+  if (h.local_window() < 0 || h.sink_tokens() < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": local_window and sink_tokens must be >= 0, got ",
+                     h.local_window(), " and ", h.sink_tokens()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status validate_saap_index(const SaapIndex& index) {
+  const SaapHeader& h = index.header;
+  if (absl::Status s = validate_header(h, "SAAP index header"); !s.ok()) return s;
+  if (index.layers.size() != static_cast<size_t>(h.num_layers())) {
+    return absl::InvalidArgumentError(absl::StrCat("SAAP index: header says ", h.num_layers(),
+                                                   " layers, found ", index.layers.size()));
+  }
+  for (size_t i = 0; i < index.layers.size(); ++i) {
+    for (const NamedTensor& t : layer_tensors()) {
+      const Tensor& value = index.layers[i].*t.member;
+      const std::vector<int64_t> want = expected_shape(h, t.suffix);
+      if (!value.defined() || value.sizes() != at::IntArrayRef(want)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "SAAP index: ", tensor_name(i, t.suffix), " must be ", shape_text(want), ", got ",
+            value.defined() ? shape_text(value.sizes()) : "undefined"));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status write_saap_index(const std::string& path, const SaapIndex& index) {
+  if (absl::Status s = validate_saap_index(index); !s.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", s.message()));
+  }
+  std::vector<Tensor> keep;  // CPU float32 copies the writer reads from
+  std::vector<checkpoint::TensorToWrite> tensors;
+  for (size_t i = 0; i < index.layers.size(); ++i) {
+    for (const NamedTensor& t : layer_tensors()) {
+      Tensor value = (index.layers[i].*t.member).detach().to(at::kCPU, at::kFloat).contiguous();
+      keep.push_back(value);
+      tensors.push_back({tensor_name(i, t.suffix), checkpoint::DType::kF32, value.sizes().vec(),
+                         value.data_ptr(), static_cast<size_t>(value.nbytes())});
+    }
+  }
+  std::string header_bytes;
+  if (!index.header.SerializeToString(&header_bytes)) {
+    return absl::InternalError(absl::StrCat(path, ": cannot serialise the SAAP header"));
+  }
+  try {
+    checkpoint::write_safetensors(path, tensors,
+                                  {{kSaapFormatKey, kSaapFormatValue},
+                                   {kSaapHeaderKey, absl::Base64Escape(header_bytes)}});
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(e.what());
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SaapIndex> read_saap_index(const std::string& path) {
+  std::shared_ptr<const checkpoint::SafetensorsFile> file;
+  try {
+    file = checkpoint::SafetensorsFile::open(path);
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(e.what());
+  }
+  const auto& meta = file->metadata();
+  auto format = meta.find(kSaapFormatKey);
+  if (format == meta.end() || format->second != kSaapFormatValue) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": not a SAAP index (metadata ", kSaapFormatKey, " is ",
+        format == meta.end() ? "missing" : "\"" + format->second + "\"", ", expected \"",
+        kSaapFormatValue, "\")"));
+  }
+  auto encoded = meta.find(kSaapHeaderKey);
+  std::string header_bytes;
+  SaapIndex index;
+  if (encoded == meta.end() || !absl::Base64Unescape(encoded->second, &header_bytes) ||
+      !index.header.ParseFromString(header_bytes)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        path, ": metadata ", kSaapHeaderKey, " is missing or not a base64 SaapHeader protobuf"));
+  }
+  if (absl::Status s = validate_header(index.header, absl::StrCat(path, ": header"));
+      !s.ok()) {
+    return s;
+  }
+  const size_t expected_count = index.header.num_layers() * layer_tensors().size();
+  if (file->tensors().size() != expected_count) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", file->tensors().size(),
+                                                   " tensors, the header implies ",
+                                                   expected_count));
+  }
+  index.layers.resize(index.header.num_layers());
+  for (size_t i = 0; i < index.layers.size(); ++i) {
+    for (const NamedTensor& t : layer_tensors()) {
+      const std::string name = tensor_name(i, t.suffix);
+      const checkpoint::TensorInfo* info = file->find(name);
+      const std::vector<int64_t> want = expected_shape(index.header, t.suffix);
+      if (info == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", name, " is missing"));
+      }
+      if (info->dtype != checkpoint::DType::kF32 || info->shape != want) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            path, ": tensor ", name, " must be F32 ", shape_text(want), ", found ",
+            checkpoint::dtype_name(info->dtype), " ", checkpoint::shape_string(info->shape)));
+      }
+      Tensor value = at::empty(want, at::kFloat);
+      checkpoint::to_float32(*info, value.data_ptr<float>());
+      if (!at::isfinite(value).all().item<bool>()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ": tensor ", name, " holds NaN or Inf"));
+      }
+      if (t.suffix == "classifier.in_std" && !(value > 0).all().item<bool>()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ": tensor ", name, " must be positive (it divides the queries)"));
+      }
+      index.layers[i].*t.member = value;
+    }
+  }
+  return index;
+}
+
+absl::StatusOr<SaapIndex> load_saap_index(const std::string& path,
+                                          const std::string& model_identity) {
+  absl::StatusOr<SaapIndex> index = read_saap_index(path);
+  if (!index.ok()) return index.status();
+  if (index->header.model_identity() != model_identity) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        path, ": SAAP index was fitted on model ", index->header.model_identity(),
+        " but the loaded model is ", model_identity, "; fit an index for this model"));
+  }
+  return index;
+}
+
+}  // namespace sparseflash::saap

@@ -1,0 +1,381 @@
+// SAAP foundations on CPU: batched k-means, the per-head query classifiers
+// and the index file. Fresh random data every run; every check can fail.
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <limits>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+#include <torch/torch.h>
+
+#include "absl/strings/escaping.h"
+#include "checkpoint/safetensors.h"
+#include "saap/classifier.h"
+#include "saap/index.h"
+#include "saap/kmeans.h"
+
+namespace sparseflash::saap {
+namespace {
+
+uint64_t fresh_seed() { return std::random_device{}(); }
+
+// Blobs: `clusters` centres per head at scale `spread`, `per_cluster` points
+// of noise `noise` around each, shuffled. Returns points [H, n, d] and the
+// true cluster of every point [H, n].
+std::pair<torch::Tensor, torch::Tensor> blobs(int64_t heads, int64_t clusters, int64_t per_cluster,
+                                              int64_t dim, double spread, double noise,
+                                              torch::Tensor* centers_out = nullptr) {
+  torch::Tensor centers = torch::randn({heads, clusters, dim}) * spread;
+  torch::Tensor label = torch::arange(clusters).repeat_interleave(per_cluster);  // [n]
+  torch::Tensor labels = torch::stack(
+      std::vector<torch::Tensor>(heads, label)).contiguous();  // [H, n]
+  for (int64_t h = 0; h < heads; ++h) {
+    labels[h] = label.index_select(0, torch::randperm(label.size(0)));
+  }
+  torch::Tensor x = centers.gather(1, labels.unsqueeze(-1).expand({heads, labels.size(1), dim})) +
+                    torch::randn({heads, labels.size(1), dim}) * noise;
+  if (centers_out != nullptr) *centers_out = centers;
+  return {x, labels};
+}
+
+// True when, in every head, the found assignment is a relabelling of the
+// true one (one found cluster per true cluster and vice versa).
+void expect_same_partition(const torch::Tensor& found, const torch::Tensor& truth,
+                           int64_t clusters) {
+  for (int64_t h = 0; h < found.size(0); ++h) {
+    std::set<int64_t> used;
+    for (int64_t c = 0; c < clusters; ++c) {
+      torch::Tensor members = found[h].masked_select(truth[h] == c);
+      ASSERT_GT(members.numel(), 0);
+      const int64_t first = members[0].item<int64_t>();
+      EXPECT_TRUE((members == first).all().item<bool>()) << "head " << h << " true cluster " << c
+                                                         << " is split";
+      used.insert(first);
+    }
+    EXPECT_EQ(used.size(), static_cast<size_t>(clusters)) << "head " << h << " merges clusters";
+  }
+}
+
+// The mean of the points of each found cluster equals its centroid.
+void expect_centroids_are_means(const torch::Tensor& x, const KMeansResult& r) {
+  const int64_t heads = x.size(0), clusters = r.centroids.size(1);
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t c = 0; c < clusters; ++c) {
+      torch::Tensor mask = r.assignments[h] == c;
+      torch::Tensor mean = x[h].index({mask}).mean(0);
+      EXPECT_TRUE(torch::allclose(r.centroids[h][c], mean, 1e-4, 1e-3))
+          << "head " << h << " cluster " << c;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// k-means
+
+TEST(KMeans, RecoversSeparatedClustersInEveryHead) {
+  torch::manual_seed(fresh_seed());
+  // Centres ~ N(0, 100^2) in 8 dimensions, noise 0.5: D^2 sampling picks a
+  // second seed inside an already-seeded cluster with probability ~1e-4.
+  auto [x, truth] = blobs(/*heads=*/3, /*clusters=*/6, /*per_cluster=*/200, /*dim=*/8, 100.0, 0.5);
+  KMeansOptions options;
+  options.num_clusters = 6;
+  options.seed = fresh_seed();
+  KMeansResult r = batched_kmeans(x, options);
+  ASSERT_EQ(r.centroids.sizes(), torch::IntArrayRef({3, 6, 8}));
+  ASSERT_EQ(r.assignments.sizes(), torch::IntArrayRef({3, 1200}));
+  EXPECT_TRUE(r.converged);
+  expect_same_partition(r.assignments, truth, 6);
+  expect_centroids_are_means(x, r);
+  // Inertia is the within-cluster scatter: about n * d * noise^2.
+  EXPECT_NEAR(r.inertia.mean().item<double>(), 1200 * 8 * 0.25, 1200 * 8 * 0.25 * 0.15);
+}
+
+TEST(KMeans, ReseedsAnEmptyClusterFromTheFarthestPoint) {
+  torch::manual_seed(fresh_seed());
+  torch::Tensor centers;
+  auto [x, truth] = blobs(2, 3, 100, 4, 50.0, 0.3, &centers);
+  // Start with two true centres and one centroid far from every point: the
+  // third blob joins one of the first two, the far centroid gets no points.
+  KMeansOptions options;
+  options.num_clusters = 3;
+  options.initial_centroids = centers.clone();
+  options.initial_centroids.select(1, 2).fill_(1e4);
+  KMeansResult r = batched_kmeans(x, options);
+  EXPECT_GE(r.reseeded, 2);  // at least once per head
+  EXPECT_TRUE(r.converged);
+  expect_same_partition(r.assignments, truth, 3);
+  expect_centroids_are_means(x, r);
+}
+
+TEST(KMeans, SphericalGroupsByDirectionWhateverTheNorm) {
+  torch::manual_seed(fresh_seed());
+  torch::Tensor dirs;
+  auto [x, truth] = blobs(2, 4, 150, 16, 1.0, 0.0, &dirs);
+  torch::Tensor unit = torch::nn::functional::normalize(
+      x + torch::randn_like(x) * 0.03 * x.norm(2, -1, true),
+      torch::nn::functional::NormalizeFuncOptions().dim(-1));
+  torch::Tensor points = unit * (torch::rand({2, 600, 1}) * 10 + 0.1);  // norms 0.1 .. 10
+  KMeansOptions options;
+  options.num_clusters = 4;
+  options.metric = KMeansMetric::kSpherical;
+  options.seed = fresh_seed();
+  KMeansResult r = batched_kmeans(points, options);
+  expect_same_partition(r.assignments, truth, 4);
+  EXPECT_TRUE(torch::allclose(r.centroids.norm(2, -1), torch::ones({2, 4}), 1e-5, 1e-5));
+  // Assigning the same points again reproduces the result.
+  EXPECT_TRUE(torch::equal(assign_to_centroids(points, r.centroids, KMeansMetric::kSpherical),
+                           r.assignments));
+}
+
+TEST(KMeans, SameSeedSameResultAndChunkingDoesNotMatter) {
+  torch::manual_seed(fresh_seed());
+  torch::Tensor x = torch::randn({2, 500, 6});
+  KMeansOptions options;
+  options.num_clusters = 7;
+  options.init = KMeansInit::kRandomSample;
+  options.seed = fresh_seed();
+  KMeansResult a = batched_kmeans(x, options);
+  options.chunk_size = 37;
+  KMeansResult b = batched_kmeans(x, options);
+  EXPECT_TRUE(torch::allclose(a.centroids, b.centroids, 1e-5, 1e-5));
+  EXPECT_TRUE(torch::equal(a.assignments, b.assignments));
+  // Lloyd never leaves a point with a nearer centroid than its own.
+  EXPECT_TRUE(torch::equal(assign_to_centroids(x, a.centroids, KMeansMetric::kEuclidean),
+                           a.assignments));
+}
+
+TEST(KMeans, RejectsBadArguments) {
+  KMeansOptions options;
+  options.num_clusters = 8;
+  EXPECT_THROW(batched_kmeans(torch::randn({2, 5, 3}), options), c10::Error);  // n < C
+  EXPECT_THROW(batched_kmeans(torch::randn({20, 3}), options), c10::Error);    // not 3-D
+  torch::Tensor bad = torch::randn({1, 20, 3});
+  bad[0][4][1] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW(batched_kmeans(bad, options), c10::Error);
+  options.initial_centroids = torch::randn({1, 7, 3});
+  EXPECT_THROW(batched_kmeans(torch::randn({1, 20, 3}), options), c10::Error);
+}
+
+TEST(KMeans, CudaMatchesCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(fresh_seed());
+  auto [x, truth] = blobs(4, 8, 300, 64, 300.0, 1.0);
+  KMeansOptions options;
+  options.num_clusters = 8;
+  options.seed = fresh_seed();
+  KMeansResult cpu = batched_kmeans(x, options);
+  KMeansResult gpu = batched_kmeans(x.cuda(), options);
+  ASSERT_TRUE(gpu.centroids.is_cuda());
+  // Float rounding may order the k-means++ draws differently, so compare
+  // partitions up to relabelling, and the within-cluster scatter.
+  gpu.centroids = gpu.centroids.cpu();
+  gpu.assignments = gpu.assignments.cpu();
+  expect_same_partition(cpu.assignments, truth, 8);
+  expect_same_partition(gpu.assignments, truth, 8);
+  expect_centroids_are_means(x, gpu);
+  EXPECT_TRUE(torch::allclose(cpu.inertia, gpu.inertia.cpu(), 1e-3, 1e-2));
+}
+
+// ---------------------------------------------------------------------------
+// classifier
+
+TEST(Classifier, RecallAtLOnAKnownExample) {
+  // One head, two queries, four partitions.
+  torch::Tensor targets = torch::tensor({0.5f, 0.3f, 0.2f, 0.0f, 0.1f, 0.1f, 0.1f, 0.7f})
+                              .reshape({1, 2, 4}) * 3;  // unnormalised on purpose
+  torch::Tensor scores = torch::tensor({0.f, 2.f, 1.f, 3.f, 9.f, 8.f, 7.f, 6.f}).reshape({1, 2, 4});
+  // l=1: query 0 picks partition 3 (mass 0), query 1 partition 0 (0.1).
+  EXPECT_NEAR(recall_at_l(scores, targets, 1).item<double>(), (0.0 + 0.1) / 2, 1e-6);
+  EXPECT_NEAR(recall_at_l(scores, targets, 2).item<double>(), (0.3 + 0.2) / 2, 1e-6);
+  EXPECT_NEAR(recall_at_l(scores, targets, 4).item<double>(), 1.0, 1e-6);
+  EXPECT_NEAR(recall_at_l(targets, targets, 1).item<double>(), (0.5 + 0.7) / 2, 1e-6);
+  EXPECT_THROW(recall_at_l(scores, targets, 5), c10::Error);
+}
+
+TEST(Classifier, LearnsASyntheticRoutingTask) {
+  const uint64_t seed = fresh_seed();
+  torch::manual_seed(seed);
+  const int64_t heads = 4, dim = 16, partitions = 8, n = 6000;
+  // Each head routes a query by |q . w_c| over unit directions w_c, shifted
+  // by a per-head offset (as Llama queries share a mean): not linear in q, so
+  // the hidden layer has to work. Targets are the softmax of 3 |q . w_c|.
+  torch::Tensor w = torch::nn::functional::normalize(
+      torch::randn({heads, dim, partitions}), torch::nn::functional::NormalizeFuncOptions().dim(1));
+  torch::Tensor offset = torch::randn({heads, 1, dim}) * 5;
+  torch::Tensor z = torch::randn({heads, n, dim});
+  torch::Tensor q = z + offset;
+  torch::Tensor targets = torch::softmax(3 * torch::bmm(z, w).abs(), -1);
+
+  QueryClassifier model(heads, dim, /*hidden=*/64, partitions, seed);
+  ClassifierTrainOptions options;
+  options.steps = 1500;
+  options.batch_size = 256;
+  options.seed = seed;
+  options.recall_at = {1, 2, partitions};
+  ClassifierReport report = train_classifier(model, q, targets, options);
+  std::printf("held-out: recall@1 %.3f (oracle %.3f), recall@2 %.3f (oracle %.3f), KL %.4f, "
+              "%.1f s\n",
+              report.recall[0], report.oracle_recall[0], report.recall[1],
+              report.oracle_recall[1], report.holdout_kl, report.seconds);
+  EXPECT_EQ(report.holdout_queries, 600);
+  // Chance is 1/C of the mass per partition (0.125 at l=1). A classifier
+  // that learned the routing function comes within a few percent of the
+  // oracle's top-1 mass; 90% of it leaves room for the held-out noise of 600
+  // queries and the finite training, and is far above what a wrong or
+  // half-learned routing gets (a random permutation of the partitions scores
+  // about 0.125).
+  EXPECT_GT(report.recall[0], 0.9 * report.oracle_recall[0]);
+  EXPECT_GT(report.recall[1], 0.9 * report.oracle_recall[1]);
+  EXPECT_NEAR(report.recall[2], 1.0, 1e-5);
+  EXPECT_NEAR(report.oracle_recall[2], 1.0, 1e-5);
+  // Held-out KL well below that of predicting the uniform distribution.
+  torch::Tensor uniform = torch::zeros({heads, n, partitions});
+  EXPECT_LT(report.holdout_kl, 0.3 * soft_target_kl(uniform, targets).item<double>());
+}
+
+TEST(Classifier, RejectsBadTargets) {
+  QueryClassifier model(2, 4, 8, 3);
+  torch::Tensor q = torch::randn({2, 50, 4});
+  torch::Tensor t = torch::rand({2, 50, 3});
+  ClassifierTrainOptions options;
+  options.steps = 2;
+  torch::Tensor negative = t.clone();
+  negative[1][3][2] = -0.5;
+  EXPECT_THROW(train_classifier(model, q, negative, options), c10::Error);
+  torch::Tensor massless = t.clone();
+  massless[0][7].zero_();
+  EXPECT_THROW(train_classifier(model, q, massless, options), c10::Error);
+  EXPECT_THROW(train_classifier(model, q, t.narrow(2, 0, 2), options), c10::Error);
+  options.recall_at = {4};
+  EXPECT_THROW(train_classifier(model, q, t, options), c10::Error);
+}
+
+// ---------------------------------------------------------------------------
+// index file
+
+std::string temp_path(const std::string& name) {
+  return testing::TempDir() + "saap_test_" + std::to_string(fresh_seed()) + "_" + name;
+}
+
+SaapIndex random_index(const std::string& identity) {
+  SaapIndex index;
+  SaapHeader& h = index.header;
+  h.set_format_version(kSaapFormatVersion);
+  h.set_model_identity(identity);
+  h.set_num_layers(2);
+  h.set_num_query_heads(6);
+  h.set_num_kv_heads(2);
+  h.set_head_dim(8);
+  h.set_partitions(5);
+  h.set_classifier_hidden(12);
+  h.set_local_window(64);
+  h.set_sink_tokens(4);
+  h.set_key_metric(SaapHeader::EUCLIDEAN);
+  h.set_calibration_context(8192);
+  h.set_calibration_data("synthetic");
+  for (int i = 0; i < 2; ++i) {
+    QueryClassifier c(6, 8, 12, 5, fresh_seed());
+    c->fit_input_scaling(torch::randn({6, 40, 8}) * 3 + 1);
+    index.layers.push_back({torch::randn({2, 5, 8}), c->in_mean.clone(), c->in_std.clone(),
+                            c->w1.detach().clone(), c->b1.detach().clone(),
+                            c->w2.detach().clone(), c->b2.detach().clone()});
+  }
+  return index;
+}
+
+TEST(SaapIndex, RoundTripsExactly) {
+  SaapIndex index = random_index("fnv1a64:0123456789abcdef");
+  const std::string path = temp_path("round_trip.safetensors");
+  ASSERT_TRUE(write_saap_index(path, index).ok());
+  absl::StatusOr<SaapIndex> back = load_saap_index(path, "fnv1a64:0123456789abcdef");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->header.SerializeAsString(), index.header.SerializeAsString());
+  ASSERT_EQ(back->layers.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    const SaapLayer& a = index.layers[i];
+    const SaapLayer& b = back->layers[i];
+    EXPECT_TRUE(torch::equal(a.centroids, b.centroids));
+    EXPECT_TRUE(torch::equal(a.in_mean, b.in_mean));
+    EXPECT_TRUE(torch::equal(a.in_std, b.in_std));
+    EXPECT_TRUE(torch::equal(a.w1, b.w1));
+    EXPECT_TRUE(torch::equal(a.b1, b.b1));
+    EXPECT_TRUE(torch::equal(a.w2, b.w2));
+    EXPECT_TRUE(torch::equal(a.b2, b.b2));
+  }
+  std::remove(path.c_str());
+}
+
+TEST(SaapIndex, RefusesAnotherModelNamingBothIdentities) {
+  const std::string path = temp_path("identity.safetensors");
+  ASSERT_TRUE(write_saap_index(path, random_index("fnv1a64:aaaaaaaaaaaaaaaa")).ok());
+  absl::StatusOr<SaapIndex> back = load_saap_index(path, "fnv1a64:bbbbbbbbbbbbbbbb");
+  ASSERT_FALSE(back.ok());
+  EXPECT_EQ(back.status().code(), absl::StatusCode::kFailedPrecondition);
+  const std::string message(back.status().message());
+  EXPECT_NE(message.find("fnv1a64:aaaaaaaaaaaaaaaa"), std::string::npos) << message;
+  EXPECT_NE(message.find("fnv1a64:bbbbbbbbbbbbbbbb"), std::string::npos) << message;
+  EXPECT_NE(message.find(path), std::string::npos) << message;
+  std::remove(path.c_str());
+}
+
+TEST(SaapIndex, RefusesCorruptOrInconsistentFiles) {
+  const std::string path = temp_path("corrupt.safetensors");
+  SaapIndex index = random_index("fnv1a64:0000000000000001");
+  float dummy[4] = {1, 2, 3, 4};
+  auto expect_refused = [&](const std::map<std::string, std::string>& metadata,
+                            const std::string& expected_text) {
+    checkpoint::write_safetensors(path, {{"x", checkpoint::DType::kF32, {4}, dummy, 16}},
+                                  metadata);
+    absl::StatusOr<SaapIndex> back = read_saap_index(path);
+    ASSERT_FALSE(back.ok()) << expected_text;
+    EXPECT_NE(std::string(back.status().message()).find(expected_text), std::string::npos)
+        << back.status();
+  };
+  // Not a SAAP index at all, a header that is not base64, base64 of garbage.
+  expect_refused({}, "not a SAAP index");
+  expect_refused({{kSaapFormatKey, kSaapFormatValue}, {kSaapHeaderKey, "%%% not base64"}},
+                 "saap_header");
+  expect_refused({{kSaapFormatKey, kSaapFormatValue},
+                  {kSaapHeaderKey, absl::Base64Escape(std::string("\xff\xff\xff\x07garbage"))}},
+                 "saap_header");
+  // A well-formed header that disagrees with the tensors.
+  expect_refused({{kSaapFormatKey, kSaapFormatValue},
+                  {kSaapHeaderKey, absl::Base64Escape(index.header.SerializeAsString())}},
+                 "tensors, the header implies");
+  SaapHeader zero_heads = index.header;
+  zero_heads.set_num_kv_heads(0);
+  expect_refused({{kSaapFormatKey, kSaapFormatValue},
+                  {kSaapHeaderKey, absl::Base64Escape(zero_heads.SerializeAsString())}},
+                 "num_kv_heads");
+
+  // A valid file with its bytes damaged: truncated, and a flipped header byte.
+  ASSERT_TRUE(write_saap_index(path, index).ok());
+  std::string bytes;
+  {
+    std::ifstream in(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes.substr(0, bytes.size() - 7);
+  EXPECT_FALSE(read_saap_index(path).ok());
+  std::string flipped = bytes;
+  flipped[12] = '}';
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << flipped;
+  EXPECT_FALSE(read_saap_index(path).ok());
+  EXPECT_FALSE(read_saap_index(path + ".missing").ok());
+
+  // Writing refuses an index whose tensors disagree with its header.
+  SaapIndex wrong = index;
+  wrong.layers[1].w2 = torch::randn({6, 12, 4});
+  absl::Status s = write_saap_index(path, wrong);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(std::string(s.message()).find("layers.1.classifier.w2"), std::string::npos) << s;
+  std::remove(path.c_str());
+}
+
+}  // namespace
+}  // namespace sparseflash::saap
