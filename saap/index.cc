@@ -87,6 +87,36 @@ absl::Status validate_header(const SaapHeader& h, const std::string& where) {
 
 }  // namespace
 
+void store_classifier(const QueryClassifier& classifier, SaapLayer* layer) {
+  auto copy = [](const Tensor& t) { return t.detach().to(at::kCPU, at::kFloat).clone(); };
+  layer->in_mean = copy(classifier->in_mean);
+  layer->in_std = copy(classifier->in_std);
+  layer->w1 = copy(classifier->w1);
+  layer->b1 = copy(classifier->b1);
+  layer->w2 = copy(classifier->w2);
+  layer->b2 = copy(classifier->b2);
+}
+
+QueryClassifier load_classifier(const SaapLayer& layer, torch::Device device) {
+  TORCH_CHECK(layer.w1.defined() && layer.w1.dim() == 3 && layer.w2.defined() &&
+                  layer.w2.dim() == 3,
+              "load_classifier: the layer has no classifier weights");
+  QueryClassifier classifier(layer.w1.size(0), layer.w1.size(1), layer.w1.size(2),
+                             layer.w2.size(2), /*seed=*/0, device);
+  torch::NoGradGuard no_grad;
+  const std::pair<Tensor*, const Tensor*> pairs[] = {
+      {&classifier->in_mean, &layer.in_mean}, {&classifier->in_std, &layer.in_std},
+      {&classifier->w1, &layer.w1},           {&classifier->b1, &layer.b1},
+      {&classifier->w2, &layer.w2},           {&classifier->b2, &layer.b2}};
+  for (const auto& [to, from] : pairs) {
+    TORCH_CHECK(from->sizes() == to->sizes(), "load_classifier: tensor of shape ", from->sizes(),
+                " where ", to->sizes(), " is expected");
+    to->copy_(*from);
+  }
+  classifier->eval();
+  return classifier;
+}
+
 absl::Status validate_saap_index(const SaapIndex& index) {
   const SaapHeader& h = index.header;
   if (absl::Status s = validate_header(h, "SAAP index header"); !s.ok()) return s;

@@ -21,6 +21,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "saap/classifier.h"
 #include "saap/saap_index.pb.h"
 
 namespace sparseflash::saap {
@@ -41,6 +42,11 @@ struct SaapIndex {
   SaapHeader header;
   std::vector<SaapLayer> layers;  // header.num_layers() of them
 };
+
+// A layer's classifier tensors from a trained classifier (detached CPU
+// copies), and a classifier (on `device`, eval mode) from a layer's tensors.
+void store_classifier(const QueryClassifier& classifier, SaapLayer* layer);
+QueryClassifier load_classifier(const SaapLayer& layer, torch::Device device = torch::kCPU);
 
 // Checks the header fields (positive counts, query heads a multiple of KV
 // heads, version) and every tensor's shape against them.

@@ -53,74 +53,11 @@ Tensor random_sample(const Tensor& x, int64_t num_clusters, at::Generator& gen) 
   return gather_rows(x, idx);
 }
 
-}  // namespace
-
-const char* kmeans_metric_name(KMeansMetric metric) {
-  return metric == KMeansMetric::kSpherical ? "spherical" : "euclidean";
-}
-
-Tensor assign_to_centroids(const Tensor& x_in, const Tensor& centroids_in, KMeansMetric metric,
-                           int64_t chunk_size, Tensor* min_distance) {
-  TORCH_CHECK(x_in.dim() == 3, "assign_to_centroids: x must be [heads, n, d], got ", x_in.sizes());
-  TORCH_CHECK(centroids_in.dim() == 3 && centroids_in.size(0) == x_in.size(0) &&
-                  centroids_in.size(2) == x_in.size(2),
-              "assign_to_centroids: centroids must be [heads=", x_in.size(0), ", C, d=",
-              x_in.size(2), "], got ", centroids_in.sizes());
-  TORCH_CHECK(chunk_size > 0, "assign_to_centroids: chunk_size must be positive, got ", chunk_size);
-  Tensor x = x_in.to(at::kFloat);
-  if (metric == KMeansMetric::kSpherical) x = normalize_rows(x);
-  Tensor centroids = centroids_in.to(x.device(), at::kFloat).contiguous();
-  Tensor c_sq = centroids.pow(2).sum(-1);
-  const int64_t n = x.size(1);
-  std::vector<Tensor> ids, dists;
-  for (int64_t start = 0; start < n; start += chunk_size) {
-    Tensor xc = x.narrow(1, start, std::min(chunk_size, n - start));
-    auto [d, i] = squared_distances(xc, xc.pow(2).sum(-1), centroids, c_sq).min(-1);
-    ids.push_back(i);
-    dists.push_back(d);
-  }
-  if (min_distance != nullptr) *min_distance = at::cat(dists, 1);
-  return at::cat(ids, 1);
-}
-
-KMeansResult batched_kmeans(const Tensor& x_in, const KMeansOptions& options) {
-  TORCH_CHECK(x_in.defined() && x_in.dim() == 3,
-              "batched_kmeans: x must be [heads, n, d], got ",
-              x_in.defined() ? x_in.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "batched_kmeans: x must be floating point, got ",
-              x_in.scalar_type());
-  const int64_t heads = x_in.size(0), n = x_in.size(1), dim = x_in.size(2);
-  const int64_t num_clusters = options.num_clusters;
-  TORCH_CHECK(heads > 0 && dim > 0, "batched_kmeans: x has an empty dimension: ", x_in.sizes());
-  TORCH_CHECK(num_clusters >= 1, "batched_kmeans: num_clusters must be >= 1, got ", num_clusters);
-  TORCH_CHECK(n >= num_clusters, "batched_kmeans: need at least num_clusters=", num_clusters,
-              " points per head, got n=", n);
-  TORCH_CHECK(options.max_iterations >= 1, "batched_kmeans: max_iterations must be >= 1, got ",
-              options.max_iterations);
-  TORCH_CHECK(options.tolerance >= 0, "batched_kmeans: tolerance must be >= 0, got ",
-              options.tolerance);
-  TORCH_CHECK(options.chunk_size > 0, "batched_kmeans: chunk_size must be positive, got ",
-              options.chunk_size);
-
+// Lloyd iterations from `centroids` (already normalised for kSpherical, as x is).
+KMeansResult lloyd(const Tensor& x, Tensor centroids, const KMeansOptions& options) {
+  const int64_t heads = x.size(0), n = x.size(1), dim = x.size(2);
+  const int64_t num_clusters = centroids.size(1);
   const bool spherical = options.metric == KMeansMetric::kSpherical;
-  Tensor x = x_in.to(at::kFloat).contiguous();
-  TORCH_CHECK(at::isfinite(x).all().item<bool>(), "batched_kmeans: x holds NaN or Inf");
-  if (spherical) x = normalize_rows(x);
-
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
-  Tensor centroids;
-  if (options.initial_centroids.defined()) {
-    TORCH_CHECK(options.initial_centroids.sizes() == at::IntArrayRef({heads, num_clusters, dim}),
-                "batched_kmeans: initial_centroids must be [", heads, ", ", num_clusters, ", ",
-                dim, "], got ", options.initial_centroids.sizes());
-    centroids = options.initial_centroids.to(x.device(), at::kFloat).clone();
-  } else if (options.init == KMeansInit::kPlusPlus) {
-    centroids = kmeans_plus_plus(x, num_clusters, gen);
-  } else {
-    centroids = random_sample(x, num_clusters, gen);
-  }
-  if (spherical) centroids = normalize_rows(centroids);
-
   // scikit-learn's scale for the tolerance: mean per-dimension variance.
   Tensor shift_limit = x.var(1, /*unbiased=*/false).mean(-1) * options.tolerance;  // [H]
   KMeansResult result;
@@ -171,6 +108,95 @@ KMeansResult batched_kmeans(const Tensor& x_in, const KMeansOptions& options) {
   result.inertia = distance.sum(1);
   result.centroids = centroids;
   return result;
+}
+
+}  // namespace
+
+const char* kmeans_metric_name(KMeansMetric metric) {
+  return metric == KMeansMetric::kSpherical ? "spherical" : "euclidean";
+}
+
+Tensor assign_to_centroids(const Tensor& x_in, const Tensor& centroids_in, KMeansMetric metric,
+                           int64_t chunk_size, Tensor* min_distance) {
+  TORCH_CHECK(x_in.dim() == 3, "assign_to_centroids: x must be [heads, n, d], got ", x_in.sizes());
+  TORCH_CHECK(centroids_in.dim() == 3 && centroids_in.size(0) == x_in.size(0) &&
+                  centroids_in.size(2) == x_in.size(2),
+              "assign_to_centroids: centroids must be [heads=", x_in.size(0), ", C, d=",
+              x_in.size(2), "], got ", centroids_in.sizes());
+  TORCH_CHECK(chunk_size > 0, "assign_to_centroids: chunk_size must be positive, got ", chunk_size);
+  Tensor x = x_in.to(at::kFloat);
+  if (metric == KMeansMetric::kSpherical) x = normalize_rows(x);
+  Tensor centroids = centroids_in.to(x.device(), at::kFloat).contiguous();
+  Tensor c_sq = centroids.pow(2).sum(-1);
+  const int64_t n = x.size(1);
+  std::vector<Tensor> ids, dists;
+  for (int64_t start = 0; start < n; start += chunk_size) {
+    Tensor xc = x.narrow(1, start, std::min(chunk_size, n - start));
+    auto [d, i] = squared_distances(xc, xc.pow(2).sum(-1), centroids, c_sq).min(-1);
+    ids.push_back(i);
+    dists.push_back(d);
+  }
+  if (min_distance != nullptr) *min_distance = at::cat(dists, 1);
+  return at::cat(ids, 1);
+}
+
+KMeansResult batched_kmeans(const Tensor& x_in, const KMeansOptions& options) {
+  TORCH_CHECK(x_in.defined() && x_in.dim() == 3,
+              "batched_kmeans: x must be [heads, n, d], got ",
+              x_in.defined() ? x_in.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(at::isFloatingType(x_in.scalar_type()), "batched_kmeans: x must be floating point, got ",
+              x_in.scalar_type());
+  const int64_t heads = x_in.size(0), n = x_in.size(1), dim = x_in.size(2);
+  const int64_t num_clusters = options.num_clusters;
+  TORCH_CHECK(heads > 0 && dim > 0, "batched_kmeans: x has an empty dimension: ", x_in.sizes());
+  TORCH_CHECK(num_clusters >= 1, "batched_kmeans: num_clusters must be >= 1, got ", num_clusters);
+  TORCH_CHECK(n >= num_clusters, "batched_kmeans: need at least num_clusters=", num_clusters,
+              " points per head, got n=", n);
+  TORCH_CHECK(options.max_iterations >= 1, "batched_kmeans: max_iterations must be >= 1, got ",
+              options.max_iterations);
+  TORCH_CHECK(options.tolerance >= 0, "batched_kmeans: tolerance must be >= 0, got ",
+              options.tolerance);
+  TORCH_CHECK(options.num_init >= 1, "batched_kmeans: num_init must be >= 1, got ",
+              options.num_init);
+  TORCH_CHECK(options.num_init == 1 || !options.initial_centroids.defined(),
+              "batched_kmeans: num_init must be 1 when initial_centroids are given");
+  TORCH_CHECK(options.chunk_size > 0, "batched_kmeans: chunk_size must be positive, got ",
+              options.chunk_size);
+
+  const bool spherical = options.metric == KMeansMetric::kSpherical;
+  Tensor x = x_in.to(at::kFloat).contiguous();
+  TORCH_CHECK(at::isfinite(x).all().item<bool>(), "batched_kmeans: x holds NaN or Inf");
+  if (spherical) x = normalize_rows(x);
+
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(options.seed);
+  KMeansResult best;
+  for (int64_t run = 0; run < options.num_init; ++run) {
+    Tensor centroids;
+    if (options.initial_centroids.defined()) {
+      TORCH_CHECK(options.initial_centroids.sizes() == at::IntArrayRef({heads, num_clusters, dim}),
+                  "batched_kmeans: initial_centroids must be [", heads, ", ", num_clusters, ", ",
+                  dim, "], got ", options.initial_centroids.sizes());
+      centroids = options.initial_centroids.to(x.device(), at::kFloat).clone();
+    } else if (options.init == KMeansInit::kPlusPlus) {
+      centroids = kmeans_plus_plus(x, num_clusters, gen);
+    } else {
+      centroids = random_sample(x, num_clusters, gen);
+    }
+    if (spherical) centroids = normalize_rows(centroids);
+    KMeansResult r = lloyd(x, centroids, options);
+    if (run == 0) {
+      best = r;
+      continue;
+    }
+    Tensor better = r.inertia < best.inertia;  // [H]
+    best.centroids = at::where(better.view({heads, 1, 1}), r.centroids, best.centroids);
+    best.assignments = at::where(better.view({heads, 1}), r.assignments, best.assignments);
+    best.inertia = at::where(better, r.inertia, best.inertia);
+    best.iterations = std::max(best.iterations, r.iterations);
+    best.converged = best.converged && r.converged;
+    best.reseeded += r.reseeded;
+  }
+  return best;
 }
 
 }  // namespace sparseflash::saap

@@ -35,6 +35,9 @@ struct KMeansOptions {
   uint64_t seed = 1234;  // all random draws come from a CPU generator seeded here
   // Points per assignment chunk: bounds the [heads, chunk, C] distance block.
   int64_t chunk_size = 16384;
+  // Independent runs (each from its own draw of `init`); every head keeps
+  // the run with its lowest inertia, as scikit-learn's n_init does.
+  int64_t num_init = 1;
   // [heads, C, d]: start from these instead of `init` (normalised for kSpherical).
   Tensor initial_centroids;
 };
@@ -43,8 +46,8 @@ struct KMeansResult {
   Tensor centroids;    // float32 [heads, C, d], on x's device
   Tensor assignments;  // int64 [heads, n]
   Tensor inertia;      // float32 [heads]: summed distance of points to their centroid
-  int64_t iterations = 0;
-  bool converged = false;
+  int64_t iterations = 0;  // the most any run took
+  bool converged = false;  // every run converged
   int64_t reseeded = 0;  // empty clusters re-seeded, over all heads and iterations
 };
 
