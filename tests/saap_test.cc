@@ -1,5 +1,6 @@
 // SAAP foundations on CPU: batched k-means, the per-head query classifiers
 // and the index file. Fresh random data every run; every check can fail.
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
@@ -18,6 +19,7 @@
 #include "saap/classifier.h"
 #include "saap/index.h"
 #include "saap/kmeans.h"
+#include "saap/targets.h"
 
 namespace sparseflash::saap {
 namespace {
@@ -265,6 +267,55 @@ TEST(Classifier, RejectsBadTargets) {
   EXPECT_THROW(train_classifier(model, q, t.narrow(2, 0, 2), options), c10::Error);
   options.recall_at = {4};
   EXPECT_THROW(train_classifier(model, q, t, options), c10::Error);
+}
+
+// ---------------------------------------------------------------------------
+// attention-mass targets
+
+TEST(Targets, PartitionMassMatchesABruteForceLoop) {
+  torch::manual_seed(fresh_seed());
+  const int64_t hq = 6, hkv = 2, nk = 40, nq = 11, d = 8, c = 5;
+  torch::Tensor q = torch::randn({hq, nq, d}, torch::kDouble) * 2;
+  torch::Tensor k = torch::randn({hkv, nk, d}, torch::kDouble) * 2;
+  torch::Tensor pos = torch::randint(nk, {nq}, torch::kLong);
+  pos[0] = 3;  // inside window + sinks: no routed mass
+  torch::Tensor part = torch::randint(c, {hkv, nk}, torch::kLong);
+  MassOptions options;
+  options.local_window = 6;
+  options.sink_tokens = 2;
+  options.chunk_size = 4;  // several chunks, the last one short
+  torch::Tensor mass = partition_attention_mass(q, k, pos, part, c, options);
+  ASSERT_EQ(mass.sizes(), torch::IntArrayRef({hq, nq, c}));
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  for (int64_t h = 0; h < hq; ++h) {
+    const int64_t kv = h / (hq / hkv);
+    for (int64_t i = 0; i < nq; ++i) {
+      const int64_t p = pos[i].item<int64_t>();
+      std::vector<double> w(p + 1);
+      double total = 0;
+      for (int64_t j = 0; j <= p; ++j) {
+        w[j] = std::exp(scale * q[h][i].dot(k[kv][j]).item<double>());
+        total += w[j];
+      }
+      std::vector<double> want(c, 0.0);
+      double kept = 0;
+      for (int64_t j = 0; j <= p; ++j) {
+        const bool routed = j >= options.sink_tokens && j <= p - options.local_window;
+        if (routed) want[part[kv][j].item<int64_t>()] += w[j] / total;
+        if (!routed) kept += w[j] / total;
+      }
+      for (int64_t x = 0; x < c; ++x) {
+        EXPECT_NEAR(mass[h][i][x].item<double>(), want[x], 1e-5)
+            << "head " << h << " query " << i << " partition " << x;
+      }
+      EXPECT_NEAR(mass[h][i].sum().item<double>() + kept, 1.0, 1e-5);
+    }
+  }
+  EXPECT_EQ(mass.select(1, 0).abs().sum().item<double>(), 0.0);
+  // Bad arguments are refused.
+  EXPECT_THROW(partition_attention_mass(q, k, pos, part, 3, options), c10::Error);
+  EXPECT_THROW(partition_attention_mass(q, k, pos + nk, part, c, options), c10::Error);
+  EXPECT_THROW(partition_attention_mass(q.narrow(0, 0, 5), k, pos, part, c, options), c10::Error);
 }
 
 // ---------------------------------------------------------------------------
