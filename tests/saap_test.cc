@@ -16,6 +16,7 @@
 
 #include "absl/strings/escaping.h"
 #include "checkpoint/safetensors.h"
+#include "saap/baselines.h"
 #include "saap/classifier.h"
 #include "saap/index.h"
 #include "saap/kmeans.h"
@@ -316,6 +317,42 @@ TEST(Targets, PartitionMassMatchesABruteForceLoop) {
   EXPECT_THROW(partition_attention_mass(q, k, pos, part, 3, options), c10::Error);
   EXPECT_THROW(partition_attention_mass(q, k, pos + nk, part, c, options), c10::Error);
   EXPECT_THROW(partition_attention_mass(q.narrow(0, 0, 5), k, pos, part, c, options), c10::Error);
+}
+
+// ---------------------------------------------------------------------------
+// baselines
+
+TEST(Baselines, CentroidScoresRankAsTheirDefinitions) {
+  torch::manual_seed(fresh_seed());
+  const int64_t hq = 6, hkv = 3, n = 9, d = 5, c = 7;
+  torch::Tensor q = torch::randn({hq, n, d});
+  torch::Tensor cents = torch::randn({hkv, c, d}) * 2;
+  torch::Tensor near = centroid_scores(q, cents, CentroidScore::kNegativeDistance);
+  torch::Tensor dot = centroid_scores(q, cents, CentroidScore::kDotProduct);
+  ASSERT_EQ(near.sizes(), torch::IntArrayRef({hq, n, c}));
+  for (int64_t h = 0; h < hq; ++h) {
+    torch::Tensor mine = cents[h / 2];  // 2 query heads per KV head
+    torch::Tensor dist = (q[h].unsqueeze(1) - mine.unsqueeze(0)).pow(2).sum(-1);  // [n, C]
+    // Scores differ from -distance by |q|^2 only: same order, same differences.
+    torch::Tensor shifted = near[h] - q[h].pow(2).sum(-1, true);
+    EXPECT_TRUE(torch::allclose(shifted, -dist, 1e-4, 1e-4)) << "head " << h;
+    EXPECT_TRUE(torch::allclose(dot[h], q[h].matmul(mine.t()), 1e-5, 1e-5)) << "head " << h;
+  }
+  EXPECT_THROW(centroid_scores(q.narrow(0, 0, 4), cents, CentroidScore::kDotProduct), c10::Error);
+}
+
+TEST(Baselines, RandomPartitionsAreUniformAndSeeded) {
+  const uint64_t seed = fresh_seed();
+  torch::Tensor a = random_partitions(2, 16000, 16, seed);
+  ASSERT_EQ(a.sizes(), torch::IntArrayRef({2, 16000}));
+  EXPECT_GE(a.min().item<int64_t>(), 0);
+  EXPECT_LT(a.max().item<int64_t>(), 16);
+  // 1000 expected per partition and head; the standard deviation is ~31.
+  torch::Tensor counts = torch::zeros({2, 16}, torch::kLong).scatter_add_(1, a, torch::ones_like(a));
+  EXPECT_GT(counts.min().item<int64_t>(), 800);
+  EXPECT_LT(counts.max().item<int64_t>(), 1200);
+  EXPECT_TRUE(torch::equal(a, random_partitions(2, 16000, 16, seed)));
+  EXPECT_FALSE(torch::equal(a, random_partitions(2, 16000, 16, seed + 1)));
 }
 
 // ---------------------------------------------------------------------------
