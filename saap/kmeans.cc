@@ -2,6 +2,7 @@
 // docs/saap.md for why SAAP uses the Euclidean variant on pre-RoPE keys.
 #include "saap/kmeans.h"
 
+#include <algorithm>
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Exception.h>
@@ -102,10 +103,20 @@ KMeansResult lloyd(const Tensor& x, Tensor centroids, const KMeansOptions& optio
     }
   }
 
-  Tensor distance;
   result.assignments = assign_to_centroids(x, centroids, KMeansMetric::kEuclidean,
-                                           options.chunk_size, &distance);
-  result.inertia = distance.sum(1);
+                                           options.chunk_size, nullptr);
+  // The inertia from the distances themselves (|x - c|^2), not from the
+  // |x|^2 - 2 x.c + |c|^2 expansion the assignment uses: with a large common
+  // offset (keys of one head share one) the expansion cancels catastrophically
+  // in float32, and the inertia picks the best of the restarts.
+  // Chunked over the points, as the assignment is, to bound memory.
+  result.inertia = at::zeros({heads}, x.options());
+  const int64_t step = std::max<int64_t>(1, options.chunk_size);
+  for (int64_t i = 0; i < n; i += step) {
+    const int64_t len = std::min(step, n - i);
+    Tensor own = gather_rows(centroids, result.assignments.narrow(1, i, len));  // [H, len, d]
+    result.inertia += (x.narrow(1, i, len) - own).pow(2).sum({1, 2});
+  }
   result.centroids = centroids;
   return result;
 }
