@@ -214,6 +214,19 @@ __device__ __forceinline__ bool pair_allowed(int qb, int qp, int kb, int kp) {
   return (qb == kb) & (qp >= kp);
 }
 
+// Bucket and position of the two adjacent columns (col, col + 1) that an mma
+// accumulator fragment holds, read once from a tile's row metadata in shared
+// memory; b(e) and p(e) pick the column of fragment element e.
+struct ColumnPair {
+  int2 bucket{0, 0}, pos{0, 0};
+  __device__ __forceinline__ int b(int e) const { return (e & 1) ? bucket.y : bucket.x; }
+  __device__ __forceinline__ int p(int e) const { return (e & 1) ? pos.y : pos.x; }
+};
+
+__device__ __forceinline__ ColumnPair column_pair(const int* bucket, const int* pos, int col) {
+  return {*reinterpret_cast<const int2*>(bucket + col), *reinterpret_cast<const int2*>(pos + col)};
+}
+
 // dst[0] += x, dst[1] += y (dst 8-byte aligned); one vector atomic on sm_90.
 __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -514,19 +527,14 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb) {
         const int col = nb * 8 + (lane % 4) * 2;
-        int2 kb2{0, 0}, kp2{0, 0};
-        if constexpr (decltype(masked)::value) {
-          kb2 = *reinterpret_cast<const int2*>(kbucket + col);
-          kp2 = *reinterpret_cast<const int2*>(kpos + col);
-        }
+        ColumnPair kc;
+        if constexpr (decltype(masked)::value) kc = column_pair(kbucket, kpos, col);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = e >> 1;
           float x = s[nb][e];
           if constexpr (decltype(masked)::value) {
-            const bool ok = pair_allowed(rows[i].bucket, rows[i].pos, (e & 1) ? kb2.y : kb2.x,
-                                         (e & 1) ? kp2.y : kp2.x);
-            x = ok ? x : -INFINITY;
+            x = pair_allowed(rows[i].bucket, rows[i].pos, kc.b(e), kc.p(e)) ? x : -INFINITY;
             s[nb][e] = x;
           }
           tile_max[i] = fmaxf(tile_max[i], x);
@@ -785,19 +793,14 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
         for (int nb = 0; nb < 8; ++nb) {
           const int col = nb * 8 + (lane % 4) * 2;
           const float2 lse = *reinterpret_cast<const float2*>(sLse + col);
-          int2 qb2{0, 0}, qp2{0, 0};
-          if constexpr (decltype(masked)::value) {
-            qb2 = *reinterpret_cast<const int2*>(sQbucket + col);
-            qp2 = *reinterpret_cast<const int2*>(sQpos + col);
-          }
+          ColumnPair qc;
+          if constexpr (decltype(masked)::value) qc = column_pair(sQbucket, sQpos, col);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int i = e >> 1;
             float x = s[nb][e] * scale_log2 - ((e & 1) ? lse.y : lse.x);
             if constexpr (decltype(masked)::value) {
-              const bool ok = pair_allowed((e & 1) ? qb2.y : qb2.x, (e & 1) ? qp2.y : qp2.x,
-                                           rows[i].bucket, rows[i].pos);
-              x = ok ? x : -INFINITY;
+              x = pair_allowed(qc.b(e), qc.p(e), rows[i].bucket, rows[i].pos) ? x : -INFINITY;
             }
             s[nb][e] = fast_exp2(x);
           }
@@ -1095,19 +1098,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb) {
         const int col = nb * 8 + (lane % 4) * 2;
-        int2 kb2{0, 0}, kp2{0, 0};
-        if constexpr (decltype(masked)::value) {
-          kb2 = *reinterpret_cast<const int2*>(kbucket + col);
-          kp2 = *reinterpret_cast<const int2*>(kpos + col);
-        }
+        ColumnPair kc;
+        if constexpr (decltype(masked)::value) kc = column_pair(kbucket, kpos, col);
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = e >> 1;
           float x = s[nb][e] * scale_log2 - lse2[i];
           if constexpr (decltype(masked)::value) {
-            const bool ok = pair_allowed(rows[i].bucket, rows[i].pos, (e & 1) ? kb2.y : kb2.x,
-                                         (e & 1) ? kp2.y : kp2.x);
-            x = ok ? x : -INFINITY;
+            x = pair_allowed(rows[i].bucket, rows[i].pos, kc.b(e), kc.p(e)) ? x : -INFINITY;
           }
           s[nb][e] = fast_exp2(x) * (dp[nb][e] - delta[i]);
         }
