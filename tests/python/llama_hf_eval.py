@@ -22,20 +22,11 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+# Shared with the CPU parity tests (the same folder, so importable as a module).
+from llama_reference import smollm_pretokenizer
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
-
-
-def smollm_pretokenizer(tokenizer):
-    """SmolLM2's own tokenizer splits digits one by one before GPT-2's ByteLevel
-    regex (llama.cpp: tokenizer.ggml.pre "smollm"); transformers' GGUF loader
-    ignores tokenizer.ggml.pre and leaves that step out (docs/llama.md,
-    Tokenizers). Put it back so the ids are SmolLM2's."""
-    from tokenizers import pre_tokenizers
-    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
-    return tokenizer
 
 def load(path, dtype, device):
     folder, name = os.path.split(os.path.abspath(path))
