@@ -391,7 +391,7 @@ std::pair<std::array<int64_t, 2>, std::array<int64_t, 2>> dense_ranges(
 
 void check_decode_inputs(const Tensor& q, const Tensor& selected, int64_t batch, int64_t kv_heads,
                          int64_t head_dim, int64_t num_partitions, int64_t length,
-                         const at::Device& device) {
+                         const at::Device& device, bool check_ids) {
   const char* what = "PartitionedKVCache::decode";
   TORCH_CHECK(length >= 1, what, ": the cache is empty; append the new token first");
   TORCH_CHECK(q.defined() && q.dim() == 3 && q.size(0) == batch && q.size(2) == head_dim &&
@@ -409,7 +409,7 @@ void check_decode_inputs(const Tensor& q, const Tensor& selected, int64_t batch,
   TORCH_CHECK(q.device() == device && selected.device() == device, what, ": q_rope (",
               q.device(), ") and selected (", selected.device(), ") must be on the cache's device ",
               device);
-  check_id_range(selected, -1, num_partitions, what, "selected");
+  if (check_ids) check_id_range(selected, -1, num_partitions, what, "selected");
 }
 
 }  // namespace
@@ -417,7 +417,7 @@ void check_decode_inputs(const Tensor& q, const Tensor& selected, int64_t batch,
 Tensor PartitionedKVCache::decode_reference(const Tensor& q, const Tensor& selected,
                                             SaapVisitStats* stats) const {
   check_decode_inputs(q, selected, batch_, kv_heads_, head_dim_, num_partitions_, length_,
-                      device_);
+                      device_, /*check_ids=*/true);
   const at::ScalarType ct = compute_type(q);
   const int64_t hq = q.size(1), group = hq / kv_heads_, rows = batch_ * kv_heads_;
   const int64_t capacity = k_part_.size(2);
@@ -505,8 +505,10 @@ Tensor PartitionedKVCache::decode(const Tensor& q, const Tensor& selected,
     return out;
   }
 #ifdef SF_SAAP_WITH_KERNELS
+  // No id check here: it would cost a device sync per layer and step, and
+  // the kernel skips ids outside [0, C) rather than reading them.
   check_decode_inputs(q, selected, batch_, kv_heads_, head_dim_, num_partitions_, length_,
-                      device_);
+                      device_, /*check_ids=*/false);
   if (stats != nullptr) *stats = decode_stats(selected);
   namespace sk = sparseflash::saap::kernels;
   c10::cuda::CUDAGuard guard(device_);

@@ -106,7 +106,9 @@ class PartitionedKVCache {
   // Returns [B, Hq, D] in q's dtype. On CUDA with bf16/fp16 q and cache and
   // D in {64, 128} it runs the decode kernel; otherwise a torch reference
   // reading the same rows of the partition buffers. `stats`, when given,
-  // receives decode_stats(selected).
+  // receives decode_stats(selected) (a device sync). The kernel path does no
+  // device sync: it does not check the values of `selected` (ids outside
+  // [0, C) are skipped by the kernel); the reference path refuses them.
   Tensor decode(const Tensor& q_rope, const Tensor& selected,
                 SaapVisitStats* stats = nullptr) const;
   // The torch reference of decode, whatever the device (tests compare).

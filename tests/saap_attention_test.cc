@@ -4,6 +4,7 @@
 // decode = full-sequence path on the last position); the CUDA versions of
 // both (skip without a GPU). Fresh random inputs on every run.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <functional>
 #include <random>
@@ -541,6 +542,50 @@ TEST(SaapAttentionCuda, MatchesCpu) {
   EXPECT_ERROR_NAMING(saap_attention(cuda(q), cuda(k), cuda(v), part, sel, o), "key_partition");
 }
 
+// SmolLM2-135M's attention at the eval context (9 query heads on 3 KV heads,
+// D = 64, 8192 tokens, C = 256, bf16): l = C equals PyTorch's causal SDPA;
+// prints the time of one layer's call at l = 16.
+TEST(SaapAttentionCuda, EvalShapeEqualsSdpaAtAllPartitionsAndIsTimed) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(fresh_seed());
+  const int64_t hq = 9, hkv = 3, n = 8192, d = 64, num_partitions = 256;
+  auto bf16 = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  auto ids = torch::TensorOptions().dtype(torch::kLong).device(torch::kCUDA);
+  Tensor q = torch::randn({1, hq, n, d}, bf16), k = torch::randn({1, hkv, n, d}, bf16);
+  Tensor v = torch::randn({1, hkv, n, d}, bf16);
+  Tensor part = torch::randint(num_partitions, {1, hkv, n}, ids);
+  SaapAttentionOptions o;
+  o.num_partitions = num_partitions;
+  o.local_window = 64;
+  o.sink_tokens = 4;
+  o.chunk_size = 512;
+  Tensor all = torch::rand({1, hq, n, num_partitions}, bf16.dtype(torch::kFloat)).argsort(/*dim=*/-1, /*descending=*/false);
+  SaapVisitStats stats;
+  Tensor out = saap_attention(q, k, v, part, all, o, &stats);
+  Tensor expected = at::scaled_dot_product_attention(q, k.repeat_interleave(hq / hkv, 1),
+                                                     v.repeat_interleave(hq / hkv, 1), {}, 0.0,
+                                                     /*is_causal=*/true);
+  EXPECT_LT(max_abs_diff(out, expected), 2e-2);
+  EXPECT_EQ(stats.visited_pairs, stats.causal_pairs);
+
+  Tensor sel = torch::randint(num_partitions, {1, hq, n, 16}, ids);
+  saap_attention(q, k, v, part, sel, o);  // warm-up
+  torch::cuda::synchronize();
+  const int repeats = 10;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < repeats; ++i) saap_attention(q, k, v, part, sel, o);
+  torch::cuda::synchronize();
+  const double ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() /
+      repeats;
+  saap_attention(q, k, v, part, sel, o, &stats);
+  std::printf("saap_attention 1 x %ld heads x %ld tokens, C = %ld, l = 16, bf16: %.2f ms per "
+              "layer (x 30 layers = %.1f ms); keys visited %.4f, routed %.4f\n",
+              static_cast<long>(hq), static_cast<long>(n), static_cast<long>(num_partitions), ms,
+              30 * ms, stats.visited_fraction(), stats.routed_fraction());
+  RecordProperty("ms_per_layer", std::to_string(ms));
+}
+
 class PartitionedKVCacheCuda : public ::testing::TestWithParam<int64_t> {};
 
 TEST_P(PartitionedKVCacheCuda, KernelDecodeMatchesReferenceAndCpu) {
@@ -589,6 +634,49 @@ TEST_P(PartitionedKVCacheCuda, KernelDecodeMatchesReferenceAndCpu) {
 }
 
 INSTANTIATE_TEST_SUITE_P(HeadDims, PartitionedKVCacheCuda, ::testing::Values(64, 128));
+
+// A generation step at SmolLM2's shape after an 8192-token prompt: the kernel
+// decode equals the reference; prints the time of append + decode per layer.
+TEST(PartitionedKVCacheCuda, EvalShapeDecodeStepIsTimed) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  torch::manual_seed(fresh_seed());
+  const int64_t hq = 9, hkv = 3, n = 8192, d = 64, num_partitions = 256, l = 16;
+  auto bf16 = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  SaapAttentionOptions o;
+  o.local_window = 64;
+  o.sink_tokens = 4;
+  Tensor centroids = torch::randn({hkv, num_partitions, d}, bf16.dtype(torch::kFloat));
+  PartitionedKVCache cache(centroids, 1, o, torch::kBFloat16, torch::kCUDA);
+  cache.reserve(n + 64);
+  cache.append(torch::randn({1, hkv, n, d}, bf16), torch::randn({1, hkv, n, d}, bf16),
+               torch::randn({1, hkv, n, d}, bf16));
+  Tensor sel = torch::randint(num_partitions, {1, hq, l}, bf16.dtype(torch::kLong));
+  Tensor q = torch::randn({1, hq, d}, bf16);
+  EXPECT_LT(max_abs_diff(cache.decode(q, sel).cpu(), cache.decode_reference(q, sel).cpu()), 2e-2);
+  const int steps = 50;
+  std::vector<Tensor> k_new, q_new;
+  for (int i = 0; i < steps; ++i) {
+    k_new.push_back(torch::randn({1, hkv, 1, d}, bf16));
+    q_new.push_back(torch::randn({1, hq, d}, bf16));
+  }
+  torch::cuda::synchronize();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < steps; ++i) {
+    cache.append(k_new[i], k_new[i], k_new[i]);
+    cache.decode(q_new[i], sel);
+  }
+  torch::cuda::synchronize();
+  const double us =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() /
+      steps;
+  SaapVisitStats stats = cache.decode_stats(sel);
+  std::printf("PartitionedKVCache step at T = %ld, 1 x %ld heads, C = %ld, l = %ld, bf16: "
+              "append + decode %.1f us per layer; keys visited %.4f; %ld rebuilds\n",
+              static_cast<long>(cache.length()), static_cast<long>(hq),
+              static_cast<long>(num_partitions), static_cast<long>(l), us,
+              stats.visited_fraction(), static_cast<long>(cache.rebuilds()));
+  RecordProperty("us_per_step", std::to_string(us));
+}
 
 }  // namespace
 }  // namespace sparseflash::saap
