@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# scripts/gpu_saap_decode.sh: on the GPU host, build the SAAP decode kernel's
+# test and benchmark only (saap_decode_test, bench_saap_decode in build-gpu),
+# run the test, then time one decode step against SDPA over the full cache
+# (Llama-3.1-8B attention shapes, N = 128k/256k/512k, batch 1 and 8). Uses
+# scripts/gpu_host.sh's set-up (carry .deps). Logs and the bench JSON go to
+# $OUT; the bench table is printed last.
+#   SAAP_DECODE_BENCH_ARGS: more bench_saap_decode flags (e.g. "--n 131072 --batch 1").
+#   SAAP_DECODE_TEST_FILTER: a gtest filter for saap_decode_test.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+ME=scripts/gpu_saap_decode.sh
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
+
+GPU_PHASES="deps configure build" GPU_BUILD_TARGETS="saap_decode_test bench_saap_decode" \
+  OUT=/tmp/sf-saap-decode-host bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 ||
+  { tail -n 40 "$OUT/setup.log"; die "build failed (log above)"; }
+cp /tmp/sf-saap-decode-host/build.log "$OUT/build.log" 2>/dev/null
+export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+
+status=0
+SF_KERNEL_TEST_VERBOSE=1 build-gpu/tests/saap_decode_test --gtest_brief=1 \
+  ${SAAP_DECODE_TEST_FILTER:+--gtest_filter=$SAAP_DECODE_TEST_FILTER} 2>&1 |
+  tee "$OUT/saap_decode_test.log" | tail -n 40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
+mkdir -p bench/results
+json="bench/results/saap-decode-${gpu:-gpu}.json"
+# shellcheck disable=SC2086  # SAAP_DECODE_BENCH_ARGS is a list of flags
+build-gpu/bench/bench_saap_decode --json "$json" ${SAAP_DECODE_BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ||
+  status=1
+cp "$json" "$OUT/" 2>/dev/null || status=1
+# The table last: from the line "GPU: ..." on (the set-up progress lines come before it).
+sed -n '/^GPU: /,$p' "$OUT/bench.log"
+[ -s "$OUT/bench.log" ] && ! grep -q '^GPU: ' "$OUT/bench.log" && tail -n 30 "$OUT/bench.log"
+printf '%s: test %s; results in %s\n' "$ME" "$([ $status -eq 0 ] && echo ok || echo 'FAILED (see logs)')" "$OUT"
+exit $status
