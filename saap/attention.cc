@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <tuple>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -302,22 +303,27 @@ std::pair<Tensor, Tensor> rank_within_partition(const Tensor& ids, int64_t num_p
 void PartitionedKVCache::insert(int64_t begin, int64_t end) {
   const int64_t rows = batch_ * kv_heads_, n = end - begin;
   Tensor ids = part_time_.narrow(2, begin, n).reshape({rows, n});
-  auto [rank, counts] = rank_within_partition(ids, num_partitions_);
-  Tensor len = len_.view({rows, num_partitions_}).to(at::kLong);
+  Tensor start = start_.view({rows, num_partitions_}), len = len_.view({rows, num_partitions_});
+  // One token per step (decode): its rank within its partition is 0.
+  Tensor rank, counts;
+  if (n > 1) std::tie(rank, counts) = rank_within_partition(ids, num_partitions_);
   if (n > min_slack_) {
     // The new keys could overfill a partition: check (one sync), and lay
     // every partition out anew (new keys included) when one would.
-    Tensor cap = cap_.view({rows, num_partitions_}).to(at::kLong);
-    if ((len + counts > cap).any().item<bool>()) {
+    if (!counts.defined()) {
+      counts = at::zeros({rows, num_partitions_}, ids.options())
+                   .scatter_add_(1, ids, at::ones_like(ids));
+    }
+    if ((len + counts > cap_.view({rows, num_partitions_})).any().item<bool>()) {
       routed_end_ = end;
       rebuild();
       return;
     }
   }
-  Tensor row = start_.view({rows, num_partitions_}).to(at::kLong).gather(1, ids) +
-               len.gather(1, ids) + rank;  // [R, n]
+  Tensor row = (start.gather(1, ids) + len.gather(1, ids)).to(at::kLong);  // [R, n]
+  if (rank.defined()) row += rank;
   write_rows(row, begin);
-  len_.view({rows, num_partitions_}).add_(counts.to(at::kInt));
+  len.scatter_add_(1, ids, at::ones_like(ids, len.options()));
   routed_end_ = end;
   if (n > min_slack_) {
     refresh_slack();
