@@ -85,7 +85,7 @@ struct Shape {
 struct SpanList {
   int64_t* prefix;  // [n + 1]: keys of spans before span i
   int64_t* row;     // [n]: first row of span i in its tensor
-  int32_t* len;     // [n]
+  int64_t* len;     // [n]
   int32_t* ids;     // [top_l]: selected ids, -1 where skipped
   float* group_m;   // [kGroups]
   float* group_l;   // [kGroups]
@@ -98,7 +98,7 @@ template <int D>
 __host__ __device__ inline size_t split_smem_bytes(int top_l) {
   const int n = top_l + 2;
   return align16(sizeof(int64_t) * (n + 1)) + align16(sizeof(int64_t) * n) +
-         align16(sizeof(int32_t) * n) + align16(sizeof(int32_t) * (top_l > 0 ? top_l : 1)) +
+         align16(sizeof(int64_t) * n) + align16(sizeof(int32_t) * (top_l > 0 ? top_l : 1)) +
          align16(sizeof(float) * Shape<D>::kGroups * 2) +
          align16(sizeof(float) * Shape<D>::kGroups * D);
 }
@@ -111,8 +111,8 @@ __device__ SpanList carve(char* smem, int top_l) {
   smem += align16(sizeof(int64_t) * (n + 1));
   s.row = reinterpret_cast<int64_t*>(smem);
   smem += align16(sizeof(int64_t) * n);
-  s.len = reinterpret_cast<int32_t*>(smem);
-  smem += align16(sizeof(int32_t) * n);
+  s.len = reinterpret_cast<int64_t*>(smem);
+  smem += align16(sizeof(int64_t) * n);
   s.ids = reinterpret_cast<int32_t*>(smem);
   smem += align16(sizeof(int32_t) * (top_l > 0 ? top_l : 1));
   s.group_m = reinterpret_cast<float*>(smem);
@@ -185,7 +185,7 @@ __device__ void build_spans(const DecodeParams& p, int b, int h, const SpanList&
       hi = p.dense_end[i - top_l];
     }
     s.row[i] = lo;
-    s.len[i] = static_cast<int32_t>(hi > lo ? hi - lo : 0);
+    s.len[i] = hi > lo ? hi - lo : 0;
   }
   __syncthreads();
   // Exclusive scan of len by warp 0, 32 spans at a time.
@@ -206,6 +206,46 @@ __device__ void build_spans(const DecodeParams& p, int b, int h, const SpanList&
   }
   __syncthreads();
 }
+
+// The span holding virtual key v (the first span whose end is past v; spans
+// of length 0 are passed over). v < prefix[n] unless the chunk is empty.
+__device__ inline int first_span(const SpanList& s, int n, int64_t v) {
+  int lo = 0, hi = n - 1;  // answer in [lo, hi]
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (s.prefix[mid + 1] > v) hi = mid;
+    else lo = mid + 1;
+  }
+  return lo;
+}
+
+// Row addresses of one lane's keys, visited in increasing virtual order: the
+// span index only moves forward. The pointers include the lane's 8 columns.
+template <typename T, int D>
+struct KeyCursor {
+  __device__ KeyCursor(const SpanList& s, int top_l, int span, const T* k_part, const T* v_part,
+                       const T* k_dense, const T* v_dense)
+      : spans(s), top_l(top_l), span(span), k_part(k_part), v_part(v_part), k_dense(k_dense),
+        v_dense(v_dense) {}
+
+  // Loads key v's slices of K and V, or zeros when v >= end (no memory access).
+  __device__ __forceinline__ void load(int64_t v, int64_t end, uint4& k, uint4& val) {
+    if (v >= end) {
+      k = val = make_uint4(0, 0, 0, 0);
+      return;
+    }
+    while (spans.prefix[span + 1] <= v) ++span;
+    const int64_t row = (spans.row[span] + (v - spans.prefix[span])) * D;
+    const bool dense = span >= top_l;
+    k = __ldg(reinterpret_cast<const uint4*>((dense ? k_dense : k_part) + row));
+    val = __ldg(reinterpret_cast<const uint4*>((dense ? v_dense : v_part) + row));
+  }
+
+  const SpanList& spans;
+  const int top_l;
+  int span;
+  const T *k_part, *v_part, *k_dense, *v_dense;
+};
 
 // ---------------------------------------------------------------------------
 // Split kernel: grid (splits, q_heads, batch).
@@ -240,51 +280,39 @@ decode_split_kernel(const __grid_constant__ KernelArgs args) {
   for (int j = 0; j < 8; ++j) acc[j] = 0.f;
 
   const int64_t kv = static_cast<int64_t>(b) * p.kv_heads + g;
-  const T* k_part = static_cast<const T*>(p.k_part) + kv * p.part_capacity * D + lane * 8;
-  const T* v_part = static_cast<const T*>(p.v_part) + kv * p.part_capacity * D + lane * 8;
-  const T* k_dense = static_cast<const T*>(p.k_dense) + kv * p.dense_capacity * D + lane * 8;
-  const T* v_dense = static_cast<const T*>(p.v_dense) + kv * p.dense_capacity * D + lane * 8;
-
-  for (int i = 0; i < n; ++i) {
-    const int64_t lo = max(chunk_begin, spans.prefix[i]);
-    const int64_t hi = min(chunk_end, spans.prefix[i + 1]);
-    if (spans.prefix[i] >= chunk_end) break;
-    if (lo >= hi) continue;
-    const bool dense = i >= p.top_l;
-    const T* K = dense ? k_dense : k_part;
-    const T* V = dense ? v_dense : v_part;
-    const int64_t r0 = spans.row[i] + (lo - spans.prefix[i]);
-    const int64_t r1 = r0 + (hi - lo);
-    // Every thread runs the same number of steps (the shuffles need the whole warp).
-    for (int64_t base = r0; base < r1; base += S::kRowsPerStep) {
-      uint4 kr[kKeysPerGroup], vr[kKeysPerGroup];
+  KeyCursor<T, D> cursor(spans, p.top_l, first_span(spans, n, chunk_begin),
+                         static_cast<const T*>(p.k_part) + kv * p.part_capacity * D + lane * 8,
+                         static_cast<const T*>(p.v_part) + kv * p.part_capacity * D + lane * 8,
+                         static_cast<const T*>(p.k_dense) + kv * p.dense_capacity * D + lane * 8,
+                         static_cast<const T*>(p.v_dense) + kv * p.dense_capacity * D + lane * 8);
+  // Software pipeline: the loads of step t + 1 are issued before step t is
+  // reduced. Every thread runs the same number of steps (the shuffles need
+  // the whole warp); keys past the chunk's end load nothing and score -inf.
+  uint4 kr[kKeysPerGroup], vr[kKeysPerGroup];
 #pragma unroll
-      for (int u = 0; u < kKeysPerGroup; ++u) {
-        const int64_t r = base + u * S::kGroups + group;
-        if (r < r1) {
-          kr[u] = __ldg(reinterpret_cast<const uint4*>(K + r * D));
-          vr[u] = __ldg(reinterpret_cast<const uint4*>(V + r * D));
-        } else {
-          kr[u] = make_uint4(0, 0, 0, 0);
-          vr[u] = make_uint4(0, 0, 0, 0);
-        }
-      }
-      float s[kKeysPerGroup];
+  for (int u = 0; u < kKeysPerGroup; ++u)
+    cursor.load(chunk_begin + u * S::kGroups + group, chunk_end, kr[u], vr[u]);
+  for (int64_t base = chunk_begin; base < chunk_end; base += S::kRowsPerStep) {
+    uint4 kn[kKeysPerGroup], vn[kKeysPerGroup];
 #pragma unroll
-      for (int u = 0; u < kKeysPerGroup; ++u) {
-        float k[8];
-        unpack8<T>(kr[u], k);
-        float d = 0.f;
+    for (int u = 0; u < kKeysPerGroup; ++u)
+      cursor.load(base + S::kRowsPerStep + u * S::kGroups + group, chunk_end, kn[u], vn[u]);
+    float s[kKeysPerGroup];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) d = fmaf(q[j], k[j], d);
+    for (int u = 0; u < kKeysPerGroup; ++u) {
+      float k[8];
+      unpack8<T>(kr[u], k);
+      float d = 0.f;
 #pragma unroll
-        for (int o = S::kLanesPerKey / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-        s[u] = base + u * S::kGroups + group < r1 ? d : -INFINITY;
-      }
-      float mx = m;
+      for (int j = 0; j < 8; ++j) d = fmaf(q[j], k[j], d);
 #pragma unroll
-      for (int u = 0; u < kKeysPerGroup; ++u) mx = fmaxf(mx, s[u]);
-      if (mx == -INFINITY) continue;  // none of this group's rows were in range
+      for (int o = S::kLanesPerKey / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+      s[u] = base + u * S::kGroups + group < chunk_end ? d : -INFINITY;
+    }
+    float mx = m;
+#pragma unroll
+    for (int u = 0; u < kKeysPerGroup; ++u) mx = fmaxf(mx, s[u]);
+    if (mx != -INFINITY) {  // (else none of this group's keys of the step were in the chunk)
       const float factor = exp2f(m - mx);
       l *= factor;
 #pragma unroll
@@ -300,6 +328,8 @@ decode_split_kernel(const __grid_constant__ KernelArgs args) {
       }
       m = mx;
     }
+#pragma unroll
+    for (int u = 0; u < kKeysPerGroup; ++u) kr[u] = kn[u], vr[u] = vn[u];
   }
 
   // Merge the groups of this CTA.
