@@ -22,6 +22,7 @@
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
 #include "absl/status/status.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -30,6 +31,8 @@
 #include "checkpoint/safetensors.h"
 #include "data/shard.h"
 #include "model/llama.h"
+#include "saap/index.h"
+#include "saap/inference.h"
 #include "nlohmann/json.hpp"
 #include "tokenizer/tokenizer.h"
 #include "trainer/trainer.h"
@@ -53,8 +56,17 @@ ABSL_FLAG(int64_t, stride, 0,
           "0 = context / 2.");
 ABSL_FLAG(int64_t, max_tokens, 0, "eval --model: score only the first N tokens (0 = all).");
 ABSL_FLAG(std::string, attention, "dense",
-          "Attention kind of every layer: dense, hash (LSH buckets) or drop (random query/key "
-          "dropping).");
+          "Attention kind of every layer: dense, hash (LSH buckets), drop (random query/key "
+          "dropping) or saap (key partitions routed by the classifiers of --saap-index).");
+ABSL_FLAG(std::string, saap_index, "",
+          "SAAP index file (`sparseflash saap fit` writes it; --attention saap reads it). It must "
+          "have been fitted on this model.");
+ABSL_FLAG(std::string, top_l, "16",
+          "--attention saap: partitions each query attends to (saap eval: a comma-separated "
+          "list).");
+ABSL_FLAG(std::string, saap_routing, "classifier",
+          "--attention saap: how queries choose partitions: classifier (SAAP), symmetric (the "
+          "nearest key centroids, a baseline) or all (every partition: dense, for checks).");
 ABSL_FLAG(int32_t, num_buckets, 16, "--attention hash: buckets per layer (even).");
 ABSL_FLAG(double, drop_prob, 0.5, "--attention drop: probability of dropping a query or key.");
 ABSL_FLAG(std::string, dtype, "auto",
@@ -101,12 +113,12 @@ absl::StatusOr<at::ScalarType> parse_dtype(const std::string& name, const at::De
 absl::StatusOr<attention::Options> attention_from_flags() {
   attention::Options o;
   const std::string kind = absl::GetFlag(FLAGS_attention);
-  if (kind == "dense") o.kind = attention::Kind::kDense;
+  if (kind == "dense" || kind == "saap") o.kind = attention::Kind::kDense;
   else if (kind == "hash") o.kind = attention::Kind::kHash;
   else if (kind == "drop") o.kind = attention::Kind::kDrop;
   else
     return absl::InvalidArgumentError(
-        absl::StrCat("--attention: expected dense, hash or drop, got \"", kind, "\""));
+        absl::StrCat("--attention: expected dense, hash, drop or saap, got \"", kind, "\""));
   o.num_buckets = absl::GetFlag(FLAGS_num_buckets);
   o.drop_prob = absl::GetFlag(FLAGS_drop_prob);
   if (o.kind == attention::Kind::kHash && (o.num_buckets < 2 || o.num_buckets % 2 != 0))
@@ -121,14 +133,50 @@ absl::StatusOr<attention::Options> attention_from_flags() {
 // ---------------------------------------------------------------------------
 // shared loading
 
-struct Loaded {
-  checkpoint::LlamaCheckpoint checkpoint;
-  model::Llama model{nullptr};
-  std::unique_ptr<tokenizer::Tokenizer> tokenizer;  // null when not needed
-  at::Device device{at::kCPU};
-  at::ScalarType dtype = at::kFloat;
-  std::string attention;
-};
+using Loaded = LoadedModel;
+
+// --top-l as a list of positive integers.
+absl::StatusOr<std::vector<int64_t>> parse_top_l(const std::string& text) {
+  std::vector<int64_t> out;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    int64_t v = 0;
+    if (!absl::SimpleAtoi(part, &v) || v < 1)
+      return absl::InvalidArgumentError(
+          absl::StrCat("--top-l: expected positive integers, got \"", text, "\""));
+    out.push_back(v);
+  }
+  if (out.empty()) return absl::InvalidArgumentError("--top-l: no value given");
+  return out;
+}
+
+// --attention saap: the index (refused when fitted on another model) and the hook.
+absl::StatusOr<std::shared_ptr<saap::SaapAttentionHook>> saap_hook_from_flags(const Loaded& l) {
+  const std::string path = absl::GetFlag(FLAGS_saap_index);
+  if (path.empty()) return absl::InvalidArgumentError("--attention saap needs --saap-index FILE");
+  auto index = saap::load_saap_index(path, l.checkpoint.identity);
+  if (!index.ok()) return index.status();
+  auto top_l = parse_top_l(absl::GetFlag(FLAGS_top_l));
+  if (!top_l.ok()) return top_l.status();
+  if (top_l->size() != 1)
+    return absl::InvalidArgumentError("--top-l: give one value with --attention saap");
+  saap::SaapInferenceOptions o;
+  o.top_l = (*top_l)[0];
+  const std::string routing = absl::GetFlag(FLAGS_saap_routing);
+  if (routing == "classifier") o.routing = saap::Routing::kClassifier;
+  else if (routing == "symmetric") o.routing = saap::Routing::kSymmetric;
+  else if (routing == "all") o.routing = saap::Routing::kAll;
+  else
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--saap-routing: expected classifier, symmetric or all, got \"", routing, "\""));
+  if (o.top_l > index->header.partitions())
+    return absl::InvalidArgumentError(absl::StrCat("--top-l ", o.top_l, " exceeds the index's ",
+                                                   index->header.partitions(), " partitions"));
+  try {
+    return std::make_shared<saap::SaapAttentionHook>(*index, o, l.device);
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", what_of(e)));
+  }
+}
 
 // Throws (std::exception) on unreadable checkpoints; returns a status for bad flags.
 absl::StatusOr<Loaded> load(bool need_tokenizer) {
@@ -152,6 +200,12 @@ absl::StatusOr<Loaded> load(bool need_tokenizer) {
   o.device = l.device;
   o.attention_seed = absl::GetFlag(FLAGS_seed);
   l.model = model::load_llama(l.checkpoint, o);
+  if (l.attention == "saap") {
+    auto hook = saap_hook_from_flags(l);
+    if (!hook.ok()) return hook.status();
+    l.saap = *hook;
+    l.model->set_attention_hook(l.saap);
+  }
   if (need_tokenizer) {
     // main.cc's --tokenizer is shared with prepare, whose default is "byte".
     std::string tok = absl::GetFlag(FLAGS_tokenizer);
@@ -175,7 +229,12 @@ std::string describe(const Loaded& l) {
       "%s (%s): %d layers, d %d, %d/%d heads, vocab %d, %.1fM parameters; %s on %s, %s attention",
       l.checkpoint.path, format_name(l.checkpoint.format), c.num_hidden_layers, c.hidden_size,
       c.num_attention_heads, c.num_key_value_heads, c.vocab_size,
-      l.model->num_parameters() / 1e6, dtype_label(l.dtype), l.device.str(), l.attention);
+      l.model->num_parameters() / 1e6, dtype_label(l.dtype), l.device.str(),
+      l.saap ? absl::StrFormat("saap (%s, top-l %d of %d partitions, window %d, sinks %d)",
+                               saap::routing_name(l.saap->options().routing),
+                               l.saap->options().top_l, l.saap->header().partitions(),
+                               l.saap->header().local_window(), l.saap->header().sink_tokens())
+             : l.attention);
 }
 
 absl::Status write_text_file(const std::string& path, const std::string& text) {
@@ -229,10 +288,42 @@ absl::StatusOr<std::vector<int64_t>> read_shards(const std::string& spec, int64_
   return ids;
 }
 
+// The tokens of --text (encoded with the model's tokenizer, BOS first) or of
+// --data shards, cut to --max-tokens; `source` names where they came from.
+absl::StatusOr<std::vector<int64_t>> read_input(const Loaded& l, std::string* source) {
+  const bool from_text = !absl::GetFlag(FLAGS_text).empty();
+  const bool from_data = !absl::GetFlag(FLAGS_data).empty();
+  if (from_text == from_data)
+    return absl::InvalidArgumentError("give exactly one of --text FILE or --data SHARDS");
+  std::vector<int64_t> ids;
+  if (from_text) {
+    *source = absl::GetFlag(FLAGS_text);
+    auto text = read_text_file(*source, "--text");
+    if (!text.ok()) return text.status();
+    if (!l.tokenizer) return absl::InternalError("--text needs the model's tokenizer loaded");
+    const auto start = std::chrono::steady_clock::now();
+    auto encoded = l.tokenizer->encode(*text, /*add_bos=*/true);
+    ids.assign(encoded.begin(), encoded.end());
+    std::cerr << absl::StrFormat(
+        "text: %s, %d bytes -> %d tokens (%.2f s)\n", *source, text->size(), ids.size(),
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  } else {
+    *source = absl::GetFlag(FLAGS_data);
+    auto read = read_shards(*source, l.checkpoint.config.vocab_size);
+    if (!read.ok()) return read.status();
+    ids = std::move(*read);
+  }
+  const int64_t max_tokens = absl::GetFlag(FLAGS_max_tokens);
+  if (max_tokens > 0 && static_cast<int64_t>(ids.size()) > max_tokens) ids.resize(max_tokens);
+  return ids;
+}
+
 // ---------------------------------------------------------------------------
 // eval --model
 
 int eval_impl() {
+  if (!absl::GetFlag(FLAGS_saap_index).empty() && absl::GetFlag(FLAGS_attention) != "saap")
+    return fail("eval", "--saap-index is used with --attention saap only");
   const bool from_text = !absl::GetFlag(FLAGS_text).empty();
   const bool from_data = !absl::GetFlag(FLAGS_data).empty();
   if (from_text == from_data) return fail("eval", "give exactly one of --text FILE or --data SHARDS");
@@ -250,26 +341,10 @@ int eval_impl() {
     std::cerr << "warning: --context " << context << " exceeds the model's max_position_embeddings "
               << l.checkpoint.config.max_position_embeddings << "\n";
 
-  std::vector<int64_t> ids;
   std::string source;
-  if (from_text) {
-    source = absl::GetFlag(FLAGS_text);
-    auto text = read_text_file(source, "--text");
-    if (!text.ok()) return fail("eval", std::string(text.status().message()));
-    const auto start = std::chrono::steady_clock::now();
-    auto encoded = l.tokenizer->encode(*text, /*add_bos=*/true);
-    ids.assign(encoded.begin(), encoded.end());
-    std::cerr << absl::StrFormat(
-        "text: %s, %d bytes -> %d tokens (%.2f s)\n", source, text->size(), ids.size(),
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-  } else {
-    source = absl::GetFlag(FLAGS_data);
-    auto read = read_shards(source, l.checkpoint.config.vocab_size);
-    if (!read.ok()) return fail("eval", std::string(read.status().message()));
-    ids = std::move(*read);
-  }
-  const int64_t max_tokens = absl::GetFlag(FLAGS_max_tokens);
-  if (max_tokens > 0 && static_cast<int64_t>(ids.size()) > max_tokens) ids.resize(max_tokens);
+  auto input = read_input(l, &source);
+  if (!input.ok()) return fail("eval", std::string(input.status().message()));
+  std::vector<int64_t> ids = std::move(*input);
   if (ids.size() < 2)
     return fail("eval", absl::StrCat(source, " gives ", ids.size(), " token(s); need at least 2"));
 
@@ -301,6 +376,20 @@ int eval_impl() {
             {"dtype", dtype_label(l.dtype)},
             {"device", l.device.str()},
             {"attention", l.attention}};
+  if (l.saap) {
+    const auto& st = l.saap->stats();
+    j["saap"] = {{"index", absl::GetFlag(FLAGS_saap_index)},
+                 {"routing", saap::routing_name(l.saap->options().routing)},
+                 {"top_l", l.saap->options().top_l},
+                 {"partitions", l.saap->header().partitions()},
+                 {"local_window", l.saap->header().local_window()},
+                 {"sink_tokens", l.saap->header().sink_tokens()},
+                 {"keys_visited", st.visited_fraction()},
+                 {"routed_keys_visited", st.routed_fraction()}};
+    std::cerr << absl::StrFormat(
+        "saap: %.2f%% of causal (query, key) pairs visited, %.2f%% of the routable ones\n",
+        100 * st.visited_fraction(), 100 * st.routed_fraction());
+  }
   if (!absl::GetFlag(FLAGS_json_file).empty()) {
     auto s = write_text_file(absl::GetFlag(FLAGS_json_file), j.dump(2) + "\n");
     if (!s.ok()) return fail("eval", std::string(s.message()));
@@ -321,6 +410,8 @@ int eval_impl() {
 // generate
 
 int generate_impl() {
+  if (!absl::GetFlag(FLAGS_saap_index).empty() && absl::GetFlag(FLAGS_attention) != "saap")
+    return fail("generate", "--saap-index is used with --attention saap only");
   const int64_t max_new = absl::GetFlag(FLAGS_max_new_tokens);
   const double temperature = absl::GetFlag(FLAGS_temperature);
   const double top_p = absl::GetFlag(FLAGS_top_p);
@@ -365,6 +456,11 @@ int generate_impl() {
             {"seed", s.seed},
             {"seconds", seconds},
             {"tokens_per_second", seconds > 0 ? ids.size() / seconds : 0.0}};
+  if (l.saap) {
+    j["saap"] = {{"top_l", l.saap->options().top_l},
+                 {"routing", saap::routing_name(l.saap->options().routing)},
+                 {"keys_visited", l.saap->stats().visited_fraction()}};
+  }
   if (print_json) std::cout << j.dump() << "\n";
   else std::cout << "\n";
   std::cerr << absl::StrFormat("%d tokens in %.2f s (%.1f tokens/s)%s\n", ids.size(), seconds,
@@ -621,14 +717,16 @@ int guarded(const char* command, int (*body)()) {
 const std::vector<std::string>& eval_flags() {
   static const std::vector<std::string> f = {
       "model", "tokenizer", "text", "data", "context", "stride", "max_tokens", "attention",
-      "num_buckets", "drop_prob", "dtype", "device", "seed", "json", "json_file"};
+      "num_buckets", "drop_prob", "saap_index", "top_l", "saap_routing", "dtype", "device",
+      "seed", "json", "json_file"};
   return f;
 }
 
 const std::vector<std::string>& generate_flags() {
   static const std::vector<std::string> f = {
       "model", "tokenizer", "prompt", "max_new_tokens", "temperature", "top_p", "seed",
-      "attention", "num_buckets", "drop_prob", "dtype", "device", "json", "json_file"};
+      "attention", "num_buckets", "drop_prob", "saap_index", "top_l", "saap_routing", "dtype",
+      "device", "json", "json_file"};
   return f;
 }
 
@@ -638,6 +736,20 @@ const std::vector<std::string>& convert_flags() {
 }
 
 bool eval_model_given() { return !absl::GetFlag(FLAGS_model).empty(); }
+
+absl::StatusOr<LoadedModel> load_model(bool need_tokenizer) { return load(need_tokenizer); }
+std::string describe_model(const LoadedModel& l) { return describe(l); }
+absl::StatusOr<std::vector<int64_t>> read_input_tokens(const LoadedModel& l, std::string* source) {
+  return read_input(l, source);
+}
+absl::StatusOr<std::vector<int64_t>> parse_top_l_flag() {
+  return parse_top_l(absl::GetFlag(FLAGS_top_l));
+}
+int command_error(const char* command, const std::string& message) { return fail(command, message); }
+std::string error_message(const std::exception& e) { return what_of(e); }
+absl::Status write_file(const std::string& path, const std::string& text) {
+  return write_text_file(path, text);
+}
 
 int run_eval(const std::vector<std::string>& positional) {
   if (!positional.empty())

@@ -8,7 +8,21 @@
 #include <string>
 #include <vector>
 
+#include <exception>
+#include <memory>
+
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
+
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "checkpoint/llama.h"
+#include "model/llama.h"
+#include "tokenizer/tokenizer.h"
+
+namespace sparseflash::saap {
+class SaapAttentionHook;
+}
 
 namespace sparseflash::llama_commands {
 
@@ -17,6 +31,33 @@ namespace sparseflash::llama_commands {
 const std::vector<std::string>& eval_flags();      // the --model form only
 const std::vector<std::string>& generate_flags();
 const std::vector<std::string>& convert_flags();
+
+// ---------------------------------------------------------------------------
+// shared with the saap commands (launch/saap_commands.cc)
+
+struct LoadedModel {
+  checkpoint::LlamaCheckpoint checkpoint;
+  model::Llama model{nullptr};
+  std::unique_ptr<tokenizer::Tokenizer> tokenizer;  // null when not needed
+  at::Device device{at::kCPU};
+  at::ScalarType dtype = at::kFloat;
+  std::string attention;
+  std::shared_ptr<saap::SaapAttentionHook> saap;  // --attention saap: installed in the model
+};
+
+// The model of --model on --device in --dtype with --attention (saap:
+// --saap-index, --top-l, --saap-routing); the tokenizer too when asked.
+// Throws on unreadable checkpoints; returns a status for bad flags.
+absl::StatusOr<LoadedModel> load_model(bool need_tokenizer);
+std::string describe_model(const LoadedModel& l);
+// Tokens of --text or --data (exactly one), cut to --max-tokens.
+absl::StatusOr<std::vector<int64_t>> read_input_tokens(const LoadedModel& l, std::string* source);
+absl::StatusOr<std::vector<int64_t>> parse_top_l_flag();
+// Prints "sparseflash <command>: error: <message>" and returns 1.
+int command_error(const char* command, const std::string& message);
+// An exception's message without LibTorch's C++ backtrace.
+std::string error_message(const std::exception& e);
+absl::Status write_file(const std::string& path, const std::string& text);
 
 // True when --model was given: `eval` then takes the Llama path.
 bool eval_model_given();

@@ -27,6 +27,7 @@
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "launch/llama_commands.h"
+#include "launch/saap_commands.h"
 #include "launch/launcher.h"
 #include "nlohmann/json.hpp"
 #include "trainer/trainer.h"
@@ -317,6 +318,26 @@ const std::vector<Command>& commands() {
        "(the command says so); shared_qk runs cannot be exported.",
        llama_commands::convert_flags(),
        run_convert},
+      {"saap",
+       "sparseflash saap fit --model PATH (--text FILE | --data SHARDS) --saap-index OUT\n"
+       "                         [--context L] [--partitions C] [--key-space pre-rope|rope] ...\n"
+       "       sparseflash saap eval --model PATH --text FILE --saap-index FILE [--rope-index FILE]\n"
+       "                         [--context L] [--top-l 4,8,16,32] [--noperplexity] [--noneedle]",
+       "fit SAAP key partitions and query classifiers; measure them",
+       "fit: runs the model over windows of --context tokens of calibration text, clusters\n"
+       "every KV head's pre-RoPE keys (batched k-means on the device) into --partitions\n"
+       "partitions, computes for sampled queries the exact attention mass per partition\n"
+       "outside the local window and sinks, trains one MLP classifier per query head on it\n"
+       "(KL loss) and writes the index (protobuf header + safetensors, with the model's\n"
+       "identity). Progress and time per phase go to stderr. --key-space rope fits the\n"
+       "RoPE'd-keys baseline instead.\n"
+       "eval: on held-out text, recall@l of the attention mass and keys visited for SAAP and\n"
+       "the baselines (symmetric k-means, RoPE'd k-means with --rope-index, random, oracle);\n"
+       "perplexity dense vs SAAP at each l; a pass-key retrieval check. Prints a table;\n"
+       "--json-file writes everything. To run SAAP in eval/generate: --attention saap\n"
+       "--saap-index FILE --top-l L. See docs/saap.md.",
+       saap_commands::saap_flags(),
+       [](const Args& positional, const Args&) { return saap_commands::run_saap(positional); }},
   };
   return all;
 }
@@ -325,7 +346,7 @@ void print_general_help() {
   std::cout << "sparseflash: GPT training with sparse flash attention\n\n"
                "usage: sparseflash <command> [flags]\n\ncommands:\n";
   for (const auto& c : commands()) std::cout << absl::StrFormat("  %-9s %s\n", c.name, c.summary);
-  std::cout << "\nmore to come: saap, bench\n"
+  std::cout << "\n"
                "`sparseflash <command> --help` explains a command and its flags.\n";
 }
 

@@ -146,9 +146,11 @@ Tensor LlamaAttentionImpl::forward(const Tensor& x, const Tensor& cos, const Ten
   } else {
     q = q_proj->forward(x), k = k_proj->forward(x), v = v_proj->forward(x);
   }
-  q = apply_rope(heads(q, heads_), cos, sin);
-  k = apply_rope(heads(k, kv_heads_), cos, sin);
+  Tensor q_pre = heads(q, heads_), k_pre = heads(k, kv_heads_);
+  q = apply_rope(q_pre, cos, sin);
+  k = apply_rope(k_pre, cos, sin);
   v = heads(v, kv_heads_);
+  const int64_t offset = cache ? cache->length : 0;
   if (cache) {
     Tensor& ck = cache->k[layer_];
     Tensor& cv = cache->v[layer_];
@@ -161,7 +163,24 @@ Tensor LlamaAttentionImpl::forward(const Tensor& x, const Tensor& cos, const Ten
   }
   // Queries sit at the last N of the key positions (the interface aligns
   // them bottom-right), which is what the cache needs.
-  Tensor y = attention.forward(q.contiguous(), k.contiguous(), v.contiguous(), generator);
+  Tensor y;
+  if (hook) {
+    AttentionCall call;
+    call.layer = layer_;
+    call.offset = offset;
+    call.with_cache = cache != nullptr;
+    call.q_pre = q_pre;
+    call.k_pre = k_pre;
+    call.q = q;
+    call.k = k;
+    call.v = v;
+    y = hook->attend(call);
+    if (y.defined())
+      TORCH_CHECK(y.sizes() == q.sizes(), "Llama: the attention hook returned ", y.sizes(),
+                  " for queries ", q.sizes());
+  }
+  if (!y.defined())
+    y = attention.forward(q.contiguous(), k.contiguous(), v.contiguous(), generator);
   return o_proj->forward(y.transpose(1, 2).reshape({B, N, heads_ * head_dim_}));
 }
 
@@ -299,6 +318,11 @@ void LlamaImpl::set_rope_frequency_factors(const std::vector<float>& factors) {
   unscaled.rope_scaling = checkpoint::RopeScaling{};
   Tensor f = at::tensor(factors, at::TensorOptions().dtype(at::kFloat));
   inv_freq_ = (rope_inverse_frequencies(unscaled) / f).to(inv_freq_.device());
+}
+
+void LlamaImpl::set_attention_hook(std::shared_ptr<AttentionHook> hook) {
+  hook_ = std::move(hook);
+  for (auto& layer : *layers) layer->as<LlamaLayer>()->self_attn->hook = hook_.get();
 }
 
 void LlamaImpl::fuse_projections() {

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,26 @@ struct KVCache {
   int64_t length = 0;  // T: the position of the next token
 };
 
+// What one layer's attention sees in one forward call, for hooks that record
+// it (SAAP calibration) or attend differently (SAAP inference).
+struct AttentionCall {
+  int layer = 0;
+  int64_t offset = 0;      // position of the first new token (cache length before the call)
+  bool with_cache = false; // the call extends a KVCache (generation); k, v include it
+  Tensor q_pre, k_pre;     // [B, H, N, D], [B, Hkv, N, D]: the new tokens before RoPE
+  Tensor q;                // [B, H, N, D] RoPE'd
+  Tensor k, v;             // [B, Hkv, T, D] RoPE'd keys and values of every position 0 .. T-1
+};
+
+// Installed with LlamaImpl::set_attention_hook. attend() returns the
+// attention output [B, H, N, D] (q's dtype) to use in place of the layer's
+// own attention, or an undefined tensor to let the layer attend as usual.
+class AttentionHook {
+ public:
+  virtual ~AttentionHook() = default;
+  virtual Tensor attend(const AttentionCall& call) = 0;
+};
+
 class RMSNormImpl : public torch::nn::Module {
  public:
   RMSNormImpl(int64_t dim, double eps);
@@ -67,6 +88,7 @@ class LlamaAttentionImpl : public torch::nn::Module {
                  at::Generator& generator);
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   attention::Attention attention;
+  AttentionHook* hook = nullptr;  // not owned; see LlamaImpl::set_attention_hook
   // One [q; k; v] matrix whose rows the three weights become views of: one GEMM
   // instead of three in inference (autograd off); training uses the modules.
   void fuse_projections();
@@ -133,6 +155,10 @@ class LlamaImpl : public torch::nn::Module {
   // GGUF's rope_freqs.weight (llama.cpp's form of llama3 scaling): inverse
   // frequencies become the unscaled ones divided by these [head_dim / 2] factors.
   void set_rope_frequency_factors(const std::vector<float>& factors);
+  // Every layer's attention goes through `hook` (null: none) until it is
+  // replaced; the model keeps it alive.
+  void set_attention_hook(std::shared_ptr<AttentionHook> hook);
+  const std::shared_ptr<AttentionHook>& attention_hook() const { return hook_; }
   // Fuses each layer's q/k/v and gate/up weights (see LlamaAttention); call
   // after the last to(): moving the module afterwards unfuses nothing but
   // copies the views apart, and inference then falls back to the modules.
@@ -147,6 +173,7 @@ class LlamaImpl : public torch::nn::Module {
   checkpoint::LlamaConfig config_;
   Tensor inv_freq_;  // float32 on the model's device
   at::Generator attention_generator_;
+  std::shared_ptr<AttentionHook> hook_;
 };
 TORCH_MODULE(Llama);
 

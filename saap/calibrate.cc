@@ -1,0 +1,487 @@
+// Fitting a SAAP index on a loaded Llama, and measuring routing quality.
+// Reading order: helpers (windows, the recording hook, checks), fitting
+// (keys -> k-means -> targets -> classifiers -> index), routing evaluation.
+#include "saap/calibrate.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <map>
+#include <stdexcept>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/util/Exception.h>
+#include <torch/cuda.h>
+#include <torch/utils.h>
+
+#include "absl/strings/str_format.h"
+#include "saap/baselines.h"
+#include "saap/kmeans.h"
+#include "saap/targets.h"
+
+namespace sparseflash::saap {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+void say(const Log& log, const std::string& line) {
+  if (log) log(line);
+}
+
+// Calls `record` with every layer's attention inputs and lets the layer
+// attend as usual. Installed for one forward pass by RecordingScope.
+class RecordingHook : public model::AttentionHook {
+ public:
+  explicit RecordingHook(std::function<void(const model::AttentionCall&)> record)
+      : record_(std::move(record)) {}
+  Tensor attend(const model::AttentionCall& call) override {
+    record_(call);
+    return {};
+  }
+
+ private:
+  std::function<void(const model::AttentionCall&)> record_;
+};
+
+// Runs the model over one window with `record` installed, then puts the
+// model's previous hook back (also when `record` throws).
+void run_recording(model::Llama& model, const std::vector<int64_t>& window,
+                   std::function<void(const model::AttentionCall&)> record) {
+  struct Restore {
+    model::Llama& model;
+    std::shared_ptr<model::AttentionHook> previous;
+    ~Restore() { model->set_attention_hook(previous); }
+  } restore{model, model->attention_hook()};
+  model->set_attention_hook(std::make_shared<RecordingHook>(std::move(record)));
+  torch::NoGradGuard no_grad;
+  Tensor ids = at::tensor(window, at::TensorOptions().dtype(at::kLong)).view({1, -1});
+  model->hidden_states(ids.to(model->device()));
+}
+
+// `count` distinct positions drawn uniformly from [lo, hi), sorted, as int64 on `device`.
+Tensor sample_positions(int64_t lo, int64_t hi, int64_t count, at::Generator& gen,
+                        const at::Device& device) {
+  Tensor p = at::randperm(hi - lo, gen, at::kLong).narrow(0, 0, std::min(count, hi - lo));
+  return std::get<0>((p + lo).sort()).to(device);
+}
+
+void check_model_matches(const checkpoint::LlamaConfig& c, const SaapHeader& h,
+                         const char* which) {
+  if (h.num_layers() != c.num_hidden_layers || h.num_query_heads() != c.num_attention_heads ||
+      h.num_kv_heads() != c.num_key_value_heads || h.head_dim() != c.head_dim)
+    throw std::invalid_argument(absl::StrFormat(
+        "%s: the index has %d layers, %d/%d heads, head dim %d; the model %d layers, %d/%d "
+        "heads, head dim %d",
+        which, h.num_layers(), h.num_query_heads(), h.num_kv_heads(), h.head_dim(),
+        c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim));
+}
+
+// Windows must leave routable queries: positions >= sinks + window.
+void check_windows(const std::vector<std::vector<int64_t>>& windows, int64_t local_window,
+                   int64_t sink_tokens, const char* what) {
+  if (windows.empty()) throw std::invalid_argument(absl::StrFormat("%s: the text has no tokens", what));
+  for (const auto& w : windows) {
+    if (static_cast<int64_t>(w.size()) <= local_window + sink_tokens)
+      throw std::invalid_argument(absl::StrFormat(
+          "%s: a window of %d tokens has no query beyond the local window (%d) and the sinks "
+          "(%d); give more text or a longer --context",
+          what, w.size(), local_window, sink_tokens));
+  }
+}
+
+}  // namespace
+
+std::vector<std::vector<int64_t>> token_windows(const std::vector<int64_t>& ids, int64_t context,
+                                                int64_t max_windows) {
+  if (context < 2) throw std::invalid_argument(absl::StrFormat("context must be >= 2, got %d", context));
+  std::vector<std::vector<int64_t>> windows;
+  const int64_t n = static_cast<int64_t>(ids.size());
+  for (int64_t at = 0; at + context <= n; at += context) {
+    if (max_windows > 0 && static_cast<int64_t>(windows.size()) >= max_windows) break;
+    windows.emplace_back(ids.begin() + at, ids.begin() + at + context);
+  }
+  if (windows.empty() && n > 0) windows.push_back(ids);
+  return windows;
+}
+
+// ---------------------------------------------------------------------------
+// fitting
+
+SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
+                         const std::vector<int64_t>& ids, const FitOptions& o, FitReport* report,
+                         const Log& log) {
+  const auto start = Clock::now();
+  const checkpoint::LlamaConfig& cfg = model->config();
+  const int64_t layers = cfg.num_hidden_layers, hq = cfg.num_attention_heads,
+                hkv = cfg.num_key_value_heads, d = cfg.head_dim, C = o.partitions;
+  if (C < 2) throw std::invalid_argument(absl::StrFormat("partitions must be >= 2, got %d", C));
+  if (o.hidden < 1) throw std::invalid_argument("hidden must be >= 1");
+  if (o.local_window < 1 || o.sink_tokens < 0)
+    throw std::invalid_argument(absl::StrFormat(
+        "local window must be >= 1 (a query always sees itself) and sinks >= 0, got %d and %d",
+        o.local_window, o.sink_tokens));
+  if (o.kmeans_keys < C)
+    throw std::invalid_argument(absl::StrFormat(
+        "kmeans keys per head (%d) must be at least the partitions (%d)", o.kmeans_keys, C));
+  if (o.queries_per_window < 1) throw std::invalid_argument("queries per window must be >= 1");
+  const auto windows = token_windows(ids, o.context, o.max_windows);
+  check_windows(windows, o.local_window, o.sink_tokens, "saap fit");
+  const int64_t W = static_cast<int64_t>(windows.size());
+  const at::Device device = model->device();
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  FitReport r;
+  r.windows = W;
+  for (const auto& w : windows) r.tokens += static_cast<int64_t>(w.size());
+  const char* key_space = o.pre_rope_keys ? "pre-RoPE" : "RoPE'd";
+
+  // 1. keys: a uniform sample per window (the sinks are always attended and
+  // never routed, so they are left out), all layers' KV heads side by side.
+  auto phase = Clock::now();
+  const int64_t per_window = (o.kmeans_keys + W - 1) / W;
+  std::vector<std::vector<Tensor>> keys(layers);
+  for (int64_t w = 0; w < W; ++w) {
+    const int64_t len = static_cast<int64_t>(windows[w].size());
+    Tensor pos = sample_positions(o.sink_tokens, len, per_window, gen, device);
+    run_recording(model, windows[w], [&](const model::AttentionCall& c) {
+      const Tensor& k = o.pre_rope_keys ? c.k_pre : c.k;
+      keys[c.layer].push_back(k[0].index_select(1, pos).to(at::kFloat));
+    });
+    say(log, absl::StrFormat("[keys] window %d/%d: %d %s keys per head (%.1f s)", w + 1, W,
+                             pos.size(0), key_space, seconds_since(phase)));
+  }
+  std::vector<Tensor> per_layer;
+  for (auto& k : keys) per_layer.push_back(at::cat(k, 1));
+  keys.clear();
+  Tensor x = at::cat(per_layer, 0);  // [layers * hkv, n, d]
+  per_layer.clear();
+  r.keys_per_head = x.size(1);
+  if (r.keys_per_head < C)
+    throw std::invalid_argument(absl::StrFormat(
+        "saap fit: %d keys per head for %d partitions; give more text", r.keys_per_head, C));
+  r.capture_seconds = seconds_since(phase);
+
+  phase = Clock::now();
+  KMeansOptions ko;
+  ko.num_clusters = C;
+  ko.metric = KMeansMetric::kEuclidean;
+  ko.init = KMeansInit::kPlusPlus;
+  ko.max_iterations = o.kmeans_iterations;
+  ko.num_init = o.kmeans_init;
+  ko.seed = o.seed;
+  say(log, absl::StrFormat("[kmeans] %d heads x %d keys x %d dims into %d partitions on %s",
+                           x.size(0), x.size(1), d, C, device.str()));
+  KMeansResult km = batched_kmeans(x, ko);
+  Tensor sizes = at::zeros({x.size(0), C}, x.options().dtype(at::kLong))
+                     .scatter_add_(1, km.assignments, at::ones_like(km.assignments));
+  r.smallest_partition = sizes.min().item<int64_t>();
+  r.largest_partition = sizes.max().item<int64_t>();
+  r.kmeans_iterations = km.iterations;
+  r.kmeans_converged = km.converged;
+  r.kmeans_inertia_per_key = (km.inertia / static_cast<double>(x.size(1))).mean().item<double>();
+  Tensor centroids = km.centroids.view({layers, hkv, C, d});
+  x = Tensor();
+  km = KMeansResult();
+  if (device.is_cuda()) torch::cuda::synchronize();
+  r.kmeans_seconds = seconds_since(phase);
+  say(log, absl::StrFormat(
+               "[kmeans] %d iterations%s, inertia per key %.4g, partition sizes %d..%d (%.1f s)",
+               r.kmeans_iterations, r.kmeans_converged ? " (converged)" : "",
+               r.kmeans_inertia_per_key, r.smallest_partition, r.largest_partition,
+               r.kmeans_seconds));
+
+  // 2. targets: sampled queries, their attention mass per partition.
+  phase = Clock::now();
+  std::vector<int64_t> counts;
+  for (const auto& w : windows)
+    counts.push_back(std::min<int64_t>(o.queries_per_window,
+                                       static_cast<int64_t>(w.size()) - o.local_window - o.sink_tokens));
+  int64_t n_queries = 0;
+  for (int64_t c : counts) n_queries += c;
+  auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+  Tensor queries = at::empty({layers * hq, n_queries, d}, f32);
+  Tensor targets = at::empty({layers * hq, n_queries, C}, f32);
+  MassOptions mo;
+  mo.local_window = o.local_window;
+  mo.sink_tokens = o.sink_tokens;
+  int64_t filled = 0;
+  for (int64_t w = 0; w < W; ++w) {
+    const int64_t len = static_cast<int64_t>(windows[w].size());
+    Tensor pos = sample_positions(o.local_window + o.sink_tokens, len, counts[w], gen, device);
+    run_recording(model, windows[w], [&](const model::AttentionCall& c) {
+      Tensor k = c.k[0].to(at::kFloat);
+      Tensor key_repr = o.pre_rope_keys ? c.k_pre[0].to(at::kFloat) : k;
+      Tensor part = assign_to_centroids(key_repr, centroids[c.layer], KMeansMetric::kEuclidean);
+      Tensor q = c.q[0].index_select(1, pos).to(at::kFloat);
+      Tensor mass = partition_attention_mass(q, k, pos, part, C, mo);
+      Tensor q_in = o.pre_rope_keys ? c.q_pre[0].index_select(1, pos).to(at::kFloat) : q;
+      queries.narrow(0, c.layer * hq, hq).narrow(1, filled, pos.size(0)).copy_(q_in);
+      targets.narrow(0, c.layer * hq, hq).narrow(1, filled, pos.size(0)).copy_(mass);
+    });
+    filled += pos.size(0);
+    say(log, absl::StrFormat("[targets] window %d/%d: %d queries per head (%.1f s)", w + 1, W,
+                             pos.size(0), seconds_since(phase)));
+  }
+  // A query whose routed mass underflowed to 0 in float32 (a head that looks
+  // only at its sinks and window) gets a uniform target; 1e-9 / C per
+  // partition changes no other row measurably.
+  targets.add_(1e-9 / static_cast<double>(C));
+  r.queries_per_head = n_queries;
+  if (device.is_cuda()) torch::cuda::synchronize();
+  r.targets_seconds = seconds_since(phase);
+
+  // 3. classifiers: every query head of every layer, trained together.
+  phase = Clock::now();
+  say(log, absl::StrFormat("[classifier] %d heads, %d queries each, hidden %d, %d steps",
+                           layers * hq, n_queries, o.hidden, o.train.steps));
+  QueryClassifier clf(layers * hq, d, o.hidden, C, o.seed, device);
+  r.classifier = train_classifier(clf, queries, targets, o.train);
+  queries = Tensor();
+  targets = Tensor();
+  r.train_seconds = seconds_since(phase);
+  std::string recall;
+  for (size_t i = 0; i < r.classifier.recall_at.size(); ++i)
+    recall += absl::StrFormat("%s@%d %.3f (oracle %.3f)", i ? ", " : "", r.classifier.recall_at[i],
+                              r.classifier.recall[i], r.classifier.oracle_recall[i]);
+  say(log, absl::StrFormat("[classifier] held-out KL %.4f, recall %s (%.1f s)",
+                           r.classifier.holdout_kl, recall, r.train_seconds));
+
+  // 4. the index.
+  SaapIndex index;
+  SaapHeader& h = index.header;
+  h.set_format_version(kSaapFormatVersion);
+  h.set_model_identity(model_identity);
+  h.set_num_layers(static_cast<int32_t>(layers));
+  h.set_num_query_heads(static_cast<int32_t>(hq));
+  h.set_num_kv_heads(static_cast<int32_t>(hkv));
+  h.set_head_dim(static_cast<int32_t>(d));
+  h.set_partitions(static_cast<int32_t>(C));
+  h.set_classifier_hidden(static_cast<int32_t>(o.hidden));
+  h.set_local_window(static_cast<int32_t>(o.local_window));
+  h.set_sink_tokens(static_cast<int32_t>(o.sink_tokens));
+  h.set_key_metric(SaapHeader::EUCLIDEAN);
+  h.set_pre_rope_keys(o.pre_rope_keys);
+  h.set_calibration_context(static_cast<int32_t>(o.context));
+  h.set_calibration_data(o.calibration_data);
+  auto cpu = [](const Tensor& t) { return t.detach().to(at::kCPU, at::kFloat).contiguous().clone(); };
+  for (int64_t l = 0; l < layers; ++l) {
+    SaapLayer layer;
+    layer.centroids = cpu(centroids[l]);
+    layer.in_mean = cpu(clf->in_mean.narrow(0, l * hq, hq));
+    layer.in_std = cpu(clf->in_std.narrow(0, l * hq, hq));
+    layer.w1 = cpu(clf->w1.narrow(0, l * hq, hq));
+    layer.b1 = cpu(clf->b1.narrow(0, l * hq, hq));
+    layer.w2 = cpu(clf->w2.narrow(0, l * hq, hq));
+    layer.b2 = cpu(clf->b2.narrow(0, l * hq, hq));
+    index.layers.push_back(std::move(layer));
+  }
+  r.total_seconds = seconds_since(start);
+  if (report) *report = r;
+  return index;
+}
+
+// ---------------------------------------------------------------------------
+// routing evaluation
+
+namespace {
+
+// Sums over queries of one method at each l, kept on the device until the end.
+struct Sums {
+  Tensor recall, valid, selected_mass, routed_mass, kept, visited, routed_visited, queries;
+};
+
+class RoutingAccumulator {
+ public:
+  RoutingAccumulator(std::vector<int64_t> top_l, const at::Device& device)
+      : top_l_(std::move(top_l)), device_(device) {}
+
+  // mass [Hq, nq, C] routed attention per partition; counts [Hq, nq, C]
+  // routable keys per partition; scores [Hq, nq, C]; pos int64 [nq].
+  void add(const std::string& method, const Tensor& mass, const Tensor& counts,
+           const Tensor& scores, const Tensor& pos, int64_t always, int64_t local_window,
+           int64_t sink_tokens) {
+    const int64_t lmax = *std::max_element(top_l_.begin(), top_l_.end());
+    Tensor top = std::get<1>(scores.topk(lmax, -1));
+    Tensor routed = mass.sum(-1);
+    Tensor causal = (pos + 1).to(at::kFloat).view({1, -1});
+    Tensor routable = (pos - local_window + 1 - sink_tokens).to(at::kFloat).view({1, -1});
+    for (int64_t l : top_l_) {
+      Tensor sel = top.narrow(-1, 0, l);
+      Tensor sel_mass = mass.gather(-1, sel).sum(-1);
+      Tensor sel_keys = counts.gather(-1, sel).sum(-1);
+      Tensor valid = routed > 0;
+      Sums& s = sums_[{method, l}];
+      auto acc = [&](Tensor& into, const Tensor& value) {
+        Tensor v = value.to(at::kDouble).sum();
+        into = into.defined() ? into + v : v;
+      };
+      acc(s.recall, at::where(valid, sel_mass / routed.clamp_min(1e-30), at::zeros_like(routed)));
+      acc(s.valid, valid);
+      acc(s.selected_mass, sel_mass);
+      acc(s.routed_mass, routed);
+      acc(s.kept, 1 - routed + sel_mass);
+      acc(s.visited, (sel_keys + static_cast<double>(always)) / causal);
+      acc(s.routed_visited, sel_keys / routable);
+      acc(s.queries, at::ones_like(routed));
+    }
+    if (!order_.count(method)) order_[method] = static_cast<int>(order_.size());
+  }
+
+  std::vector<RoutingRow> rows() const {
+    std::vector<std::pair<int, RoutingRow>> out;
+    for (const auto& [key, s] : sums_) {
+      RoutingRow r;
+      r.method = key.first;
+      r.l = key.second;
+      const double n = s.queries.item<double>();
+      r.recall = s.recall.item<double>() / std::max(1.0, s.valid.item<double>());
+      r.recall_weighted = s.selected_mass.item<double>() / std::max(1e-30, s.routed_mass.item<double>());
+      r.attention_kept = s.kept.item<double>() / n;
+      r.keys_visited = s.visited.item<double>() / n;
+      r.routed_keys_visited = s.routed_visited.item<double>() / n;
+      out.push_back({order_.at(r.method), r});
+    }
+    std::stable_sort(out.begin(), out.end(), [](const auto& a, const auto& b) {
+      return a.first != b.first ? a.first < b.first : a.second.l < b.second.l;
+    });
+    std::vector<RoutingRow> rows;
+    for (auto& [_, r] : out) rows.push_back(r);
+    return rows;
+  }
+
+ private:
+  std::vector<int64_t> top_l_;
+  at::Device device_;
+  std::map<std::pair<std::string, int64_t>, Sums> sums_;
+  std::map<std::string, int> order_;
+};
+
+// Routable keys per partition for each query: counts [Hkv, nq, C] of keys j
+// with sinks <= j <= pos - window in each partition.
+Tensor routable_counts(const Tensor& part, int64_t C, const Tensor& pos, int64_t local_window,
+                       int64_t sink_tokens) {
+  Tensor onehot = at::zeros({part.size(0), part.size(1), C}, part.options().dtype(at::kFloat))
+                      .scatter_(2, part.unsqueeze(-1), 1.0);
+  Tensor cum = onehot.cumsum(1);  // keys 0..j per partition
+  Tensor upto = cum.index_select(1, pos - local_window);
+  if (sink_tokens == 0) return upto;
+  return upto - cum.select(1, sink_tokens - 1).unsqueeze(1);
+}
+
+}  // namespace
+
+RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
+                                   const SaapIndex* rope_index, const std::vector<int64_t>& ids,
+                                   const RoutingEvalOptions& o, const Log& log) {
+  const auto start = Clock::now();
+  const checkpoint::LlamaConfig& cfg = model->config();
+  const SaapHeader& h = index.header;
+  check_model_matches(cfg, h, "saap eval --index");
+  if (!h.pre_rope_keys())
+    throw std::invalid_argument("saap eval: --index was fitted on RoPE'd keys; give it as --rope-index");
+  if (rope_index) {
+    check_model_matches(cfg, rope_index->header, "saap eval --rope-index");
+    if (rope_index->header.pre_rope_keys())
+      throw std::invalid_argument("saap eval: --rope-index was fitted on pre-RoPE keys (fit it with --key-space rope)");
+    if (rope_index->header.local_window() != h.local_window() ||
+        rope_index->header.sink_tokens() != h.sink_tokens())
+      throw std::invalid_argument("saap eval: --index and --rope-index differ in local window or sinks");
+  }
+  if (o.top_l.empty()) throw std::invalid_argument("saap eval: give at least one l");
+  const int64_t C = h.partitions();
+  for (int64_t l : o.top_l) {
+    if (l < 1 || l > C || (rope_index && l > rope_index->header.partitions()))
+      throw std::invalid_argument(absl::StrFormat("saap eval: l = %d outside [1, partitions = %d]", l, C));
+  }
+  const int64_t hq = cfg.num_attention_heads, hkv = cfg.num_key_value_heads,
+                group = hq / hkv, window = h.local_window(), sinks = h.sink_tokens();
+  const auto windows = token_windows(ids, o.context, o.max_windows);
+  check_windows(windows, window, sinks, "saap eval");
+  const at::Device device = model->device();
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+
+  struct LayerRouting {
+    Tensor centroids;
+    QueryClassifier classifier{nullptr};
+  };
+  auto load_layers = [&](const SaapIndex& idx) {
+    std::vector<LayerRouting> out;
+    for (const SaapLayer& layer : idx.layers)
+      out.push_back({layer.centroids.to(device), load_classifier(layer, device)});
+    return out;
+  };
+  std::vector<LayerRouting> pre = load_layers(index);
+  std::vector<LayerRouting> rope = rope_index ? load_layers(*rope_index) : std::vector<LayerRouting>{};
+
+  RoutingAccumulator acc(o.top_l, device);
+  MassOptions mo;
+  mo.local_window = window;
+  mo.sink_tokens = sinks;
+  const int64_t always = window + sinks;
+  RoutingEvalReport report;
+  report.local_window = window;
+  report.sink_tokens = sinks;
+  report.partitions = C;
+  Tensor routed_sum;
+  int64_t routed_n = 0;
+  for (size_t w = 0; w < windows.size(); ++w) {
+    const int64_t len = static_cast<int64_t>(windows[w].size());
+    Tensor pos = sample_positions(always, len, o.queries_per_window, gen, device);
+    const int64_t nq = pos.size(0);
+    run_recording(model, windows[w], [&](const model::AttentionCall& c) {
+      torch::NoGradGuard no_grad;
+      const int l = c.layer;
+      Tensor k = c.k[0].to(at::kFloat);
+      Tensor q = c.q[0].index_select(1, pos).to(at::kFloat);
+      Tensor q_pre = c.q_pre[0].index_select(1, pos).to(at::kFloat);
+      auto routing = [&](const Tensor& centroids, const Tensor& key_repr, int64_t parts,
+                         Tensor* mass, Tensor* counts) {
+        Tensor part = assign_to_centroids(key_repr, centroids, KMeansMetric::kEuclidean);
+        *mass = partition_attention_mass(q, k, pos, part, parts, mo);
+        *counts = routable_counts(part, parts, pos, window, sinks).repeat_interleave(group, 0);
+      };
+      Tensor mass, counts;
+      routing(pre[l].centroids, c.k_pre[0].to(at::kFloat), C, &mass, &counts);
+      Tensor routed = mass.sum(-1);
+      routed_sum = routed_sum.defined() ? routed_sum + routed.to(at::kDouble).sum()
+                                        : routed.to(at::kDouble).sum();
+      routed_n += routed.numel();
+      auto add = [&](const char* method, const Tensor& m, const Tensor& n, const Tensor& scores) {
+        acc.add(method, m, n, scores, pos, always, window, sinks);
+      };
+      add("saap", mass, counts, pre[l].classifier->forward(q_pre));
+      add("symmetric", mass, counts,
+          centroid_scores(q_pre, pre[l].centroids, CentroidScore::kNegativeDistance));
+      add("symmetric_dot", mass, counts,
+          centroid_scores(q_pre, pre[l].centroids, CentroidScore::kDotProduct));
+      if (rope_index) {
+        Tensor rmass, rcounts;
+        routing(rope[l].centroids, k, rope_index->header.partitions(), &rmass, &rcounts);
+        add("rope_kmeans", rmass, rcounts,
+            centroid_scores(q, rope[l].centroids, CentroidScore::kNegativeDistance));
+        add("rope_saap", rmass, rcounts, rope[l].classifier->forward(q));
+      }
+      {
+        Tensor part = random_partitions(hkv, len, C, o.seed + 7919 * (w + 1) + l).to(device);
+        Tensor rmass = partition_attention_mass(q, k, pos, part, C, mo);
+        Tensor rcounts = routable_counts(part, C, pos, window, sinks).repeat_interleave(group, 0);
+        add("random", rmass, rcounts, at::rand({hq, nq, C}, gen).to(device));
+      }
+      add("oracle", mass, counts, mass);
+    });
+    say(log, absl::StrFormat("[eval] window %d/%d: %d queries per head (%.1f s)", w + 1,
+                             windows.size(), nq, seconds_since(start)));
+    report.queries_per_head += nq;
+  }
+  report.windows = static_cast<int64_t>(windows.size());
+  report.mean_routed_mass = routed_sum.item<double>() / std::max<int64_t>(1, routed_n);
+  report.rows = acc.rows();
+  report.seconds = seconds_since(start);
+  return report;
+}
+
+}  // namespace sparseflash::saap

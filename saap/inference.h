@@ -1,0 +1,66 @@
+// SAAP at inference inside a Llama: an attention hook (model::AttentionHook)
+// that routes every query of every layer to its top-l key partitions and
+// attends exactly over those partitions, the local window and the sinks.
+//
+// Without a KV cache (evaluation, prefill of a whole text window) each call
+// assigns the window's keys to their nearest centroid (pre-RoPE) and runs
+// saap_attention. With a KV cache (generation) each layer keeps a
+// PartitionedKVCache next to the model's own cache: a multi-token call
+// (the prompt) appends to it and attends with saap_attention, a one-token
+// call appends and runs its decode (the CUDA kernel on GPUs).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "model/llama.h"
+#include "saap/attention.h"
+#include "saap/classifier.h"
+#include "saap/index.h"
+
+namespace sparseflash::saap {
+
+// How a query chooses its partitions.
+enum class Routing {
+  kClassifier,  // SAAP: the index's classifier on the un-rotated query
+  kSymmetric,   // baseline: the key centroids nearest to the un-rotated query
+  kAll,         // every partition (equals dense attention; for checks)
+};
+
+struct SaapInferenceOptions {
+  int64_t top_l = 16;  // partitions per query, in [1, C]
+  Routing routing = Routing::kClassifier;
+  int64_t chunk_size = 512;  // saap_attention's queries per chunk
+};
+
+class SaapAttentionHook : public model::AttentionHook {
+ public:
+  // The index must have been fitted on pre-RoPE keys and match the model's
+  // shapes (the caller checks the model identity with load_saap_index).
+  SaapAttentionHook(const SaapIndex& index, const SaapInferenceOptions& options,
+                    at::Device device);
+  Tensor attend(const model::AttentionCall& call) override;
+
+  // Partition scores [B, Hq, N, C] of un-rotated queries q_pre [B, Hq, N, D].
+  Tensor scores(int layer, const Tensor& q_pre) const;
+
+  // Keys visited over every call since the last reset, all layers.
+  const SaapVisitStats& stats() const { return stats_; }
+  void reset_stats() { stats_ = SaapVisitStats{}; }
+  const SaapInferenceOptions& options() const { return options_; }
+  const SaapHeader& header() const { return header_; }
+
+ private:
+  SaapHeader header_;
+  SaapInferenceOptions options_;
+  SaapAttentionOptions attention_;
+  std::vector<Tensor> centroids_;  // per layer, float32 [Hkv, C, D] on the device
+  mutable std::vector<QueryClassifier> classifiers_;  // forward() is not const
+  std::vector<std::unique_ptr<PartitionedKVCache>> caches_;  // per layer, generation only
+  SaapVisitStats stats_;
+};
+
+const char* routing_name(Routing routing);
+
+}  // namespace sparseflash::saap
