@@ -5,6 +5,10 @@
 #                                     /usr/src/linux-source-6.1.tar.xz, concatenated in
 #                                     archive order, cut at a line end to LLAMA_TEXT_BYTES
 #                                     (default 640000 bytes, ~150k SmolLM2 tokens)
+#   .deps/saap/calibration.txt,     SAAP's calibration and held-out text (scripts/gpu_saap_llama.sh):
+#   .deps/saap/heldout.txt          the same Documentation/*.rst stream, its first
+#                                   SAAP_CALIBRATION_BYTES (760000) and the next
+#                                   SAAP_HELDOUT_BYTES (440000), cut at line ends
 #   .deps/llama/gguf-*.whl            the gguf package (transformers needs it to read GGUF;
 #                                     the host has everything else, accelerate included)
 #   .deps/llama/SmolLM2.sha256        checksum of the GGUF file
@@ -63,5 +67,27 @@ open(".deps/llama/linux_docs.txt", "wb").write(data)
 os.remove(".deps/llama/linux_docs.txt.tmp")
 PY
   echo "wrote    .deps/llama/linux_docs.txt ($(wc -c <.deps/llama/linux_docs.txt) bytes)"
+fi
+CAL_BYTES=${SAAP_CALIBRATION_BYTES:-760000}
+HELD_BYTES=${SAAP_HELDOUT_BYTES:-440000}
+mkdir -p .deps/saap
+if [ -f .deps/saap/calibration.txt ] && [ -f .deps/saap/heldout.txt ]; then
+  echo "have     .deps/saap/calibration.txt, heldout.txt"
+else
+  [ -f "$TAR" ] || die "$TAR not found (apt-get install linux-source-6.1)"
+  (tar -xJf "$TAR" --wildcards '*/Documentation/*.rst' -O 2>/dev/null || true) |
+    head -c "$((CAL_BYTES + HELD_BYTES))" >.deps/saap/stream.tmp
+  "$PY" - "$CAL_BYTES" <<'PY'
+import os, sys
+data = open(".deps/saap/stream.tmp", "rb").read()
+cut = data.rfind(b"\n", 0, int(sys.argv[1])) + 1   # calibration ends at a line end
+end = data.rfind(b"\n") + 1
+for name, part in (("calibration", data[:cut]), ("heldout", data[cut:end])):
+    part.decode("utf-8")
+    open(f".deps/saap/{name}.txt", "wb").write(part)
+os.remove(".deps/saap/stream.tmp")
+PY
+  echo "wrote    .deps/saap/calibration.txt ($(wc -c <.deps/saap/calibration.txt) bytes)," \
+       "heldout.txt ($(wc -c <.deps/saap/heldout.txt) bytes)"
 fi
 du -sh .deps .deps-gguf/part1 .deps-gguf/part2

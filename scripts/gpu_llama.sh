@@ -27,8 +27,6 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 
-STAGE=build-gpu/llama
-GGUF=$STAGE/SmolLM2-135M-Instruct.Q4_1.gguf
 TEXT=.deps/llama/linux_docs.txt
 BIN=build-gpu/launch/sparseflash
 CONTEXT=${LLAMA_CONTEXT:-8192}
@@ -37,29 +35,9 @@ GREEDY=${LLAMA_GREEDY:-64}
 PROMPT="The Linux kernel's memory management subsystem"
 
 # --- the model: stage the halves, join them once both are here
-mkdir -p "$STAGE"
-want_sha=$(cat .deps/llama/SmolLM2.sha256 2>/dev/null || true)
-if [ ! -f "$GGUF" ]; then
-  for p in part1 part2; do
-    if [ -f ".deps-gguf/$p" ]; then cp ".deps-gguf/$p" "$STAGE/$p" && echo "staged $p"; fi
-  done
-  if [ -f "$STAGE/part1" ] && [ -f "$STAGE/part2" ]; then
-    cat "$STAGE/part1" "$STAGE/part2" >"$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF" &&
-      rm -f "$STAGE/part1" "$STAGE/part2"
-    echo "joined $GGUF"
-  else
-    missing=$(for p in part1 part2; do [ -f "$STAGE/$p" ] || printf '%s ' ".deps-gguf/$p"; done)
-    echo "$ME: the model is not complete on this host yet; carry ${missing}in the next call" \
-         "(with .deps)" >&2
-    exit 3
-  fi
-fi
-[ -n "$want_sha" ] || die ".deps/llama/SmolLM2.sha256 missing: carry .deps (scripts/fetch_gpu_llama.sh)"
-have_sha=$(sha256sum "$GGUF" | awk '{print $1}')
-if [ "$have_sha" != "$want_sha" ]; then
-  rm -f "$GGUF"
-  die "$GGUF has sha256 $have_sha, expected $want_sha (removed; carry both halves again)"
-fi
+# shellcheck source=scripts/stage_smollm2.sh
+. scripts/stage_smollm2.sh
+stage_smollm2 || exit $?
 [ -f "$TEXT" ] || die "$TEXT missing: carry .deps (scripts/fetch_gpu_llama.sh)"
 
 # --- transformers needs the gguf package to read the file
