@@ -416,6 +416,41 @@ TEST(PartitionedKVCache, EveryRoutedKeyInItsNearestPartitionOnceThroughRebuilds)
   EXPECT_GE(cache.rebuilds(), 2);
 }
 
+// Single-token appends with steady routing: after a rebuild at T0 every
+// partition has room for a quarter more keys (and 16), so the next one comes
+// only after the cache grew by a good fraction of T0: O(log T) rebuilds, each
+// O(T), amortised O(1) per token.
+TEST(PartitionedKVCache, RebuildsAreLogarithmicInTheLength) {
+  torch::manual_seed(fresh_seed());
+  const int64_t hkv = 2, d = 8, num_partitions = 16, steps = 2000;
+  SaapAttentionOptions o;
+  o.local_window = 4;
+  o.sink_tokens = 1;
+  Tensor centroids = torch::randn({hkv, num_partitions, d}) * 3;
+  Sequence s = random_sequence(centroids, 1, steps);
+  PartitionedKVCache cache(centroids, 1, o, torch::kFloat, torch::kCPU);
+  std::vector<int64_t> rebuilt_at;
+  for (int64_t t = 0; t < steps; ++t) {
+    const int64_t before = cache.rebuilds();
+    cache.append(s.k_pre.narrow(2, t, 1), s.k_rope.narrow(2, t, 1), s.v.narrow(2, t, 1));
+    if (cache.rebuilds() > before) rebuilt_at.push_back(t + 1);
+  }
+  std::string at;
+  for (int64_t t : rebuilt_at) at += " " + std::to_string(t);
+  // From T = 16 * C on, each rebuild needs the cache to grow by >= 5% (a
+  // partition of share p fills after 0.25 * T0 + 16 / p more tokens, less
+  // the fluctuations of its arrivals).
+  for (size_t i = 1; i < rebuilt_at.size(); ++i) {
+    if (rebuilt_at[i - 1] >= 16 * num_partitions) {
+      EXPECT_GE(rebuilt_at[i], rebuilt_at[i - 1] * 21 / 20) << "rebuilds at" << at;
+    }
+  }
+  EXPECT_LE(static_cast<int64_t>(rebuilt_at.size()), 30) << "rebuilds at" << at;
+  std::printf("%zu rebuilds over %ld single-token appends (C = %ld) at T =%s\n",
+              rebuilt_at.size(), static_cast<long>(steps), static_cast<long>(num_partitions),
+              at.c_str());
+}
+
 TEST(PartitionedKVCache, DecodeEqualsSaapAttentionOnTheLastPosition) {
   torch::manual_seed(fresh_seed());
   CacheSetup setup;
