@@ -172,14 +172,14 @@ Tensor saap_attention(const Tensor& q, const Tensor& k, const Tensor& v, const T
     // Allowed pairs: causal, and (sink or window or key in a selected partition).
     Tensor member = membership(selected.narrow(2, start, m), num_partitions)
                         .reshape({batch, hkv, group * m, num_partitions + 1});
-    Tensor in_selected = member.gather(
+    Tensor allowed = member.gather(
         3, partition.narrow(2, 0, n).unsqueeze(2).expand({batch, hkv, group * m, n}));
     Tensor pos = (at::arange(m, index_options) + (offset + start)).repeat({group});  // [g*m]
     Tensor key = at::arange(n, index_options).unsqueeze(0);                         // [1, n]
     Tensor query = pos.unsqueeze(1);                                                // [g*m, 1]
     Tensor causal = key <= query;
     Tensor always = (key < o.sink_tokens) | (key > query - o.local_window);
-    Tensor allowed = (in_selected | always) & causal;
+    allowed.logical_or_(always).logical_and_(causal);  // in place: the largest tensor
     scores.masked_fill_(allowed.logical_not(), kNegInf);
     Tensor weights = at::softmax(scores, -1);
     out.narrow(2, start, m)
