@@ -1,5 +1,6 @@
 // Torch-free tests of the SAAP decode kernel (saap/kernels/decode.h) against
-// a float64 CPU reference computed from the same bf16 / fp16 inputs.
+// a float64 CPU reference computed from the same bf16 / fp16 inputs, and of
+// the top-l selection kernel (saap/kernels/top_l.h) against a CPU sort.
 //
 // GPU tests skip themselves without a GPU; the SaapDecodeParams.* tests
 // (validation and workspace sizing) never touch the device and always run.
@@ -28,6 +29,7 @@
 #include <gtest/gtest.h>
 
 #include "saap/kernels/decode.h"
+#include "saap/kernels/top_l.h"
 
 namespace sparseflash::saap::kernels_test {
 namespace {
@@ -609,6 +611,143 @@ TEST(SaapDecodeParams, SplitsAndWorkspace) {
   // Llama-3.1-8B decode at 128k, 5% of the keys, batch 1: enough CTAs to fill an H100.
   p.batch = 1, p.part_capacity = 131072, p.num_partitions = 512, p.top_l = 26;
   EXPECT_GE(sk::decode_splits(p) * 32, 256);
+}
+
+// ---------------------------------------------------------------------------
+// Top-l selection.
+
+// The order the kernel promises: larger score first, lower id first among
+// equal scores (compared as the kernel's unsigned keys, so -0 < +0).
+uint32_t order_key(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+struct TopLCase {
+  std::string name;
+  sk::ScoreType dtype = sk::ScoreType::kFloat32;
+  int outer = 32, inner = 1, C = 512, l = 26;
+  bool transpose = true;
+  bool ties = false;  // scores on a coarse grid: many equal scores, also at the l-th
+  uint64_t seed = 1;
+};
+
+void run_top_l_case(const TopLCase& c) {
+  std::mt19937_64 rng(c.seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const size_t rows = static_cast<size_t>(c.outer) * c.inner;
+  std::vector<float> score(rows * c.C);
+  std::vector<uint16_t> bits(score.size());
+  for (size_t k = 0; k < score.size(); ++k) {
+    float x = c.ties ? std::round(normal(rng) * 2.f) / 2.f + 0.25f : normal(rng) * 3.f;
+    if (c.dtype == sk::ScoreType::kBF16) {
+      bits[k] = to_bits(DType::kBF16, x);
+      x = static_cast<float>(from_bits(DType::kBF16, bits[k]));
+    }
+    score[k] = x;
+  }
+  DeviceBuffer<float> s32(c.dtype == sk::ScoreType::kFloat32 ? score : std::vector<float>());
+  DeviceBuffer<uint16_t> s16(c.dtype == sk::ScoreType::kBF16 ? bits : std::vector<uint16_t>());
+  DeviceBuffer<int32_t> out(std::vector<int32_t>(rows * c.l, -7));
+  sk::TopLParams p;
+  p.dtype = c.dtype;
+  p.scores = c.dtype == sk::ScoreType::kFloat32 ? static_cast<const void*>(s32.get()) : s16.get();
+  p.outer = c.outer, p.inner = c.inner, p.num_partitions = c.C, p.top_l = c.l, p.transpose = c.transpose;
+  p.out = out.get();
+  sk::launch_top_l(p);
+  const std::vector<int32_t> got = out.download();
+  int bad = 0;
+  for (int o = 0; o < c.outer; ++o)
+    for (int i = 0; i < c.inner; ++i) {
+      const size_t row = static_cast<size_t>(o) * c.inner + i;
+      std::vector<int> ids(c.C);
+      for (int j = 0; j < c.C; ++j) ids[j] = j;
+      std::stable_sort(ids.begin(), ids.end(), [&](int a, int b) {
+        return order_key(score[row * c.C + a]) > order_key(score[row * c.C + b]);
+      });
+      ids.resize(c.l);
+      std::sort(ids.begin(), ids.end());
+      const size_t out_row = c.transpose ? static_cast<size_t>(i) * c.outer + o : row;
+      const std::vector<int32_t> mine(got.begin() + out_row * c.l, got.begin() + (out_row + 1) * c.l);
+      if (std::vector<int32_t>(ids.begin(), ids.end()) != mine && bad++ < 3) {
+        std::string a, b;
+        for (int k = 0; k < std::min(c.l, 12); ++k) a += std::to_string(ids[k]) + " ", b += std::to_string(mine[k]) + " ";
+        ADD_FAILURE() << c.name << ": row (" << o << ", " << i << "): expected " << a << "... got " << b << "...";
+      }
+    }
+  EXPECT_EQ(bad, 0) << c.name << ": rows with a wrong selection";
+}
+
+std::vector<TopLCase> top_l_cases() {
+  std::vector<TopLCase> v;
+  uint64_t seed = 500;
+  for (auto t : {sk::ScoreType::kFloat32, sk::ScoreType::kBF16})
+    for (bool ties : {false, true}) {
+      const std::string tn = std::string(t == sk::ScoreType::kFloat32 ? "f32" : "bf16") + (ties ? "_ties" : "");
+      auto add = [&](const std::string& name, int outer, int inner, int C, int l, bool transpose) {
+        TopLCase c;
+        c.name = tn + "_" + name, c.dtype = t, c.ties = ties, c.outer = outer, c.inner = inner, c.C = C, c.l = l;
+        c.transpose = transpose, c.seed = ++seed;
+        v.push_back(c);
+      };
+      add("llama_128k_b1", 32, 1, 512, 26, true);
+      add("llama_512k_b8", 32, 8, 2048, 102, true);
+      add("all_of_7", 4, 3, 7, 7, false);
+      add("one_of_one", 2, 2, 1, 1, true);
+      add("one_of_3000", 3, 5, 3000, 1, false);
+      add("half_of_300", 5, 2, 300, 150, true);
+    }
+  return v;
+}
+
+class SaapTopL : public ::testing::TestWithParam<TopLCase> {};
+
+TEST_P(SaapTopL, MatchesSortedReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA GPU";
+  run_top_l_case(GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, SaapTopL, ::testing::ValuesIn(top_l_cases()),
+                         [](const ::testing::TestParamInfo<TopLCase>& i) { return i.param.name; });
+
+TEST(SaapTopLParams, BadFieldsAreNamed) {
+  alignas(16) static char fake[64];
+  auto valid = [&] {
+    sk::TopLParams p;
+    p.scores = fake, p.out = reinterpret_cast<int32_t*>(fake);
+    p.outer = 32, p.inner = 2, p.num_partitions = 512, p.top_l = 26;
+    return p;
+  };
+  auto rejected = [](const sk::TopLParams& p, const std::string& field) {
+    try {
+      sk::launch_top_l(p);
+      ADD_FAILURE() << "accepted bad " << field;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
+    }
+  };
+  sk::TopLParams p = valid();
+  p.dtype = static_cast<sk::ScoreType>(5);
+  rejected(p, "dtype");
+  p = valid(), p.outer = 0;
+  rejected(p, "outer");
+  p = valid(), p.inner = -1;
+  rejected(p, "inner");
+  p = valid(), p.num_partitions = 0;
+  rejected(p, "num_partitions");
+  p = valid(), p.top_l = 0;
+  rejected(p, "top_l");
+  p = valid(), p.top_l = 513;
+  rejected(p, "top_l");
+  p = valid(), p.scores = nullptr;
+  rejected(p, "scores");
+  p = valid(), p.scores = fake + 2;
+  rejected(p, "scores");
+  p = valid(), p.out = nullptr;
+  rejected(p, "out");
+  p = valid(), p.out = reinterpret_cast<int32_t*>(fake + 2);
+  rejected(p, "out");
 }
 
 }  // namespace
