@@ -7,6 +7,8 @@
 # $OUT; the bench table is printed last.
 #   SAAP_DECODE_BENCH_ARGS: more bench_saap_decode flags (e.g. "--n 131072 --batch 1").
 #   SAAP_DECODE_TEST_FILTER: a gtest filter for saap_decode_test.
+#   SAAP_DECODE_PHASES: any of "build test bench" (default all three), e.g. "build" in
+#   one call and "test bench" in the next (the build tree stays on a warm host).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ME=scripts/gpu_saap_decode.sh
@@ -15,17 +17,31 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 
-GPU_PHASES="deps configure build" GPU_BUILD_TARGETS="saap_decode_test bench_saap_decode" \
+PHASES=" ${SAAP_DECODE_PHASES:-build test bench} "
+for p in $PHASES; do
+  case $p in build | test | bench) ;; *) die "unknown phase '$p' in SAAP_DECODE_PHASES (build test bench)" ;; esac
+done
+wanted() { [[ $PHASES == *" $1 "* ]]; }
+
+# deps always runs (seconds): the binaries need the unpacked libraries at run time.
+if wanted build; then gpu_phases="deps configure build"; else gpu_phases="deps"; fi
+GPU_PHASES="$gpu_phases" GPU_BUILD_TARGETS="saap_decode_test bench_saap_decode" \
   OUT=/tmp/sf-saap-decode-host bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 ||
-  { tail -n 40 "$OUT/setup.log"; die "build failed (log above)"; }
+  { tail -n 40 "$OUT/setup.log"; die "set-up or build failed (log above)"; }
 cp /tmp/sf-saap-decode-host/build.log "$OUT/build.log" 2>/dev/null
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 status=0
-SF_KERNEL_TEST_VERBOSE=1 build-gpu/tests/saap_decode_test --gtest_brief=1 \
-  ${SAAP_DECODE_TEST_FILTER:+--gtest_filter=$SAAP_DECODE_TEST_FILTER} 2>&1 |
-  tee "$OUT/saap_decode_test.log" | tail -n 40
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if wanted test; then
+  SF_KERNEL_TEST_VERBOSE=1 build-gpu/tests/saap_decode_test --gtest_brief=1 \
+    ${SAAP_DECODE_TEST_FILTER:+--gtest_filter=$SAAP_DECODE_TEST_FILTER} 2>&1 |
+    tee "$OUT/saap_decode_test.log" | tail -n 40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if ! wanted bench; then
+  printf '%s: phases%s: %s\n' "$ME" "$PHASES" "$([ $status -eq 0 ] && echo ok || echo 'FAILED (see logs)')"
+  exit $status
+fi
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 mkdir -p bench/results
@@ -37,5 +53,5 @@ cp "$json" "$OUT/" 2>/dev/null || status=1
 # The table last: from the line "GPU: ..." on (the set-up progress lines come before it).
 sed -n '/^GPU: /,$p' "$OUT/bench.log"
 [ -s "$OUT/bench.log" ] && ! grep -q '^GPU: ' "$OUT/bench.log" && tail -n 30 "$OUT/bench.log"
-printf '%s: test %s; results in %s\n' "$ME" "$([ $status -eq 0 ] && echo ok || echo 'FAILED (see logs)')" "$OUT"
+printf '%s: %s; results in %s\n' "$ME" "$([ $status -eq 0 ] && echo ok || echo 'FAILED (see logs)')" "$OUT"
 exit $status
