@@ -214,9 +214,10 @@ struct Step {
       selected.copy_(idx.transpose(0, 1));
       return;
     }
+    logits = logits.contiguous();  // (a fresh baddbmm result already is: no copy)
     sk::TopLParams t;
     t.dtype = logits.scalar_type() == at::kFloat ? sk::ScoreType::kFloat32 : sk::ScoreType::kBF16;
-    t.scores = logits.data_ptr();  // [32, B, C], contiguous (a fresh baddbmm result)
+    t.scores = logits.data_ptr();  // [32, B, C]
     t.outer = static_cast<int>(kQHeads), t.inner = static_cast<int>(B);
     t.num_partitions = static_cast<int>(cache->C), t.top_l = static_cast<int>(l);
     t.transpose = true;  // -> [B, 32, l]
