@@ -29,8 +29,14 @@ namespace {
 
 constexpr int kThreads = 128;      // 4 warps per CTA
 constexpr int kKeysPerGroup = 4;   // keys a group loads before it reduces
-constexpr int kTargetCtas = 512;   // ~4 resident CTAs per SM on an H100 (132 SMs)
-constexpr int kMinKeysPerSplit = 256;
+// Splits: about 4 waves of CTAs on an H100 (132 SMs x 4 resident CTAs at
+// ~116 registers). Heads differ in their number of keys (the selected
+// partitions differ in size), so one wave of equal-count chunks would leave
+// the SMs of light heads idle while the heaviest head finishes; several
+// waves of smaller chunks let the block scheduler even that out, and a
+// CTA's start-up latency (span list) is hidden by the other resident CTAs.
+constexpr int kTargetCtas = 2048;
+constexpr int kMinKeysPerSplit = 128;
 constexpr int kMaxSplits = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
