@@ -85,6 +85,7 @@ ABSL_FLAG(int64_t, hidden, 256, "classifier hidden width");
 ABSL_FLAG(int64_t, reps, 20, "timed repetitions per figure (median; at least 20)");
 ABSL_FLAG(uint64_t, seed, 1234, "seed of the synthetic cache, queries and classifier");
 ABSL_FLAG(bool, graph, true, "also time the step as one CUDA graph");
+ABSL_FLAG(bool, sweep_splits, true, "also time the kernel alone with 1, 2, 4, ..., 64 chunks per head");
 ABSL_FLAG(bool, check, true, "check our output against masked SDPA math (not timed)");
 ABSL_FLAG(std::string, sdpa, "flash,cudnn,efficient,math", "SDPA backends to time, comma separated");
 ABSL_FLAG(std::string, json, "", "JSON output (default bench/results/saap-decode-<gpu>.json)");
@@ -277,7 +278,10 @@ void point_step(Step& s) {
   p.dense_begin[0] = 0, p.dense_end[0] = c.sinks;
   p.dense_begin[1] = c.N - c.window, p.dense_end[1] = c.N;
   p.out = s.out.data_ptr(), p.lse = s.lse.data_ptr<float>();
+  // Room for any split count (the --sweep_splits timings force them).
+  p.num_splits = sk::kMaxSplits;
   const size_t ws = sk::decode_workspace_bytes(p);
+  p.num_splits = 0;
   s.workspace = at::empty({static_cast<int64_t>(std::max<size_t>(ws, 16))}, bf16.dtype(at::kByte));
   p.workspace = s.workspace.data_ptr(), p.workspace_bytes = ws;
 }
@@ -397,6 +401,15 @@ std::vector<Backend> sdpa_backends(const std::string& list) {
 using AddRow = std::function<void(const std::string& impl, double us, const std::string& note)>;
 
 // Times a step: eagerly, its three parts alone, and as one CUDA graph.
+// The kernel alone with each forced split count (rows saap_kernel_splits_<S>).
+void sweep_splits(Step& step, int reps, const AddRow& add) {
+  for (int splits = 1; splits <= sk::kMaxSplits; splits *= 2) {
+    step.params.num_splits = splits;
+    add("saap_kernel_splits_" + std::to_string(splits), median_us([&] { step.attend(); }, reps), "");
+  }
+  step.params.num_splits = 0;
+}
+
 void time_step(Step& step, const std::string& suffix, int reps, bool graph_too, const AddRow& add) {
   add("saap_eager" + suffix, median_us([&] { step.run(); }, reps), "");
   add("saap_classifier" + suffix, median_us([&] { step.classify(); }, reps), "");
@@ -528,6 +541,7 @@ int main(int argc, char** argv) {
           rows.push_back({impl, N, B, C, l, visited, us, note});
         };
         time_step(step, "", reps, absl::GetFlag(FLAGS_graph), add);
+        if (absl::GetFlag(FLAGS_sweep_splits)) sweep_splits(step, reps, add);
         // The same step with a bf16 classifier: its own rows, visited fraction and
         // agreement with the float32 selection.
         Step fast = with_bf16_classifier(step);
@@ -553,7 +567,8 @@ int main(int argc, char** argv) {
         checks.push_back({{"N", N}, {"B", B}, {"max_abs_diff_vs_masked_sdpa", check},
                           {"classifier_fold_max_abs_diff", fold_err},
                           {"bf16_classifier_selection_agreement", agreement},
-                        {"top_l_kernel_agreement_with_topk", top_l_agreement}});
+                        {"top_l_kernel_agreement_with_topk", top_l_agreement},
+                        {"splits", sk::decode_splits(step.params)}});
 
         // SDPA over the full cache, the same tensors.
         Tensor k = cache.k_dense.slice(0, 0, B), v = cache.v_dense.slice(0, 0, B);
@@ -619,6 +634,22 @@ int main(int argc, char** argv) {
   std::printf("(ours: the graph replay where capture worked, else eager; cls: classifier weights; select: "
               "launch_top_l, (topk): at::topk + int32 copy for comparison; speedup = fastest SDPA / ours, "
               "the target is >= 2.5x)\n");
+  if (absl::GetFlag(FLAGS_sweep_splits)) {
+    std::printf("\nkernel alone (f32 classifier's selection) by chunks per head, us:\n");
+    for (int64_t N : ns)
+      for (int64_t B : batches) {
+        std::string line;
+        for (const auto& r : rows)
+          if (r.N == N && r.B == B && r.impl.rfind("saap_kernel_splits_", 0) == 0)
+            line += absl::StrFormat("  %s: %.1f", r.impl.substr(19), r.us);
+        int chosen = 0;
+        for (const auto& c : checks)
+          if (c["N"] == N && c["B"] == B) chosen = c["splits"].get<int>();
+        if (!line.empty())
+          std::printf("  N=%-7lld B=%lld%s   (chosen: %d)\n", static_cast<long long>(N), static_cast<long long>(B),
+                      line.c_str(), chosen);
+      }
+  }
   std::printf("\nSDPA backends (us; skipped ones with their reason):\n");
   for (const auto& r : rows)
     if (r.impl.rfind("sdpa_", 0) == 0)

@@ -37,7 +37,6 @@ constexpr int kKeysPerGroup = 4;   // keys a group loads before it reduces
 // CTA's start-up latency (span list) is hidden by the other resident CTAs.
 constexpr int kTargetCtas = 2048;
 constexpr int kMinKeysPerSplit = 128;
-constexpr int kMaxSplits = 64;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -442,11 +441,14 @@ void validate_shapes(const DecodeParams& p) {
   if (both && p.dense_begin[0] < p.dense_end[1] && p.dense_begin[1] < p.dense_end[0])
     invalid("dense_begin/dense_end", "ranges 0 and 1 overlap (a key would count twice)");
   if (!std::isfinite(p.scale)) invalid("scale", "is not finite");
+  if (p.num_splits < 0 || p.num_splits > kMaxSplits)
+    invalid("num_splits", "must be in [0, " + std::to_string(kMaxSplits) + "], got " + std::to_string(p.num_splits));
 }
 
 }  // namespace
 
 int decode_splits(const DecodeParams& p) {
+  if (p.num_splits > 0) return std::min(p.num_splits, kMaxSplits);
   const int64_t heads = int64_t{p.batch} * p.q_heads;
   if (heads <= 0) return 1;
   // Expected keys of a head: top_l partitions of average size plus the dense rows.

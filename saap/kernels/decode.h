@@ -61,10 +61,14 @@ struct DecodeParams {
   void* workspace = nullptr;
   size_t workspace_bytes = 0;  // >= decode_workspace_bytes(params)
   cudaStream_t stream = nullptr;
+  int num_splits = 0;  // chunks per (batch, query head), 1..kMaxSplits; 0: decode_splits chooses
 };
 
-// Chunks per (batch, query head); depends on the shapes only (not on the
-// device or on the contents of part_len), so workspace sizes are stable.
+inline constexpr int kMaxSplits = 64;
+
+// Chunks per (batch, query head): num_splits when set, else a choice from
+// the shapes only (not from the device or the contents of part_len), so
+// workspace sizes are stable.
 int decode_splits(const DecodeParams& p);
 
 // Workspace a launch needs (0 when decode_splits(p) == 1); 16-byte aligned.

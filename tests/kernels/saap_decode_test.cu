@@ -283,7 +283,7 @@ Reference reference(const Case& c, const Inputs& in) {
 // (NaN), and the params that point at them.
 
 struct DeviceCase {
-  DeviceCase(const Case& c, const Inputs& in)
+  DeviceCase(const Case& c, const Inputs& in, int num_splits = 0)
       : q(in.q), k_part(in.k_part), v_part(in.v_part), k_dense(in.k_dense), v_dense(in.v_dense),
         part_start(in.part_start), part_len(in.part_len), selected(in.selected),
         out(std::vector<uint16_t>(static_cast<size_t>(c.batch) * c.q_heads * c.head_dim, 0xFFFF)),
@@ -296,6 +296,7 @@ struct DeviceCase {
     p.k_dense = k_dense.get(), p.v_dense = v_dense.get(), p.dense_capacity = in.dense_capacity;
     for (int r = 0; r < 2; ++r) p.dense_begin[r] = in.dense_begin[r], p.dense_end[r] = in.dense_end[r];
     p.scale = c.scale;
+    p.num_splits = num_splits;
     p.out = out.get(), p.lse = lse.get();
     workspace = std::make_unique<DeviceBuffer<uint8_t>>(std::vector<uint8_t>(sk::decode_workspace_bytes(p), 0xFF));
     p.workspace_bytes = sk::decode_workspace_bytes(p);
@@ -310,10 +311,10 @@ struct DeviceCase {
 };
 
 // Runs the kernel on one case and compares.
-void run_case(const Case& c) {
+void run_case(const Case& c, int num_splits = 0) {
   const Inputs in = make_inputs(c);
   const Reference ref = reference(c, in);
-  DeviceCase dev(c, in);
+  DeviceCase dev(c, in, num_splits);
   const sk::DecodeParams& p = dev.p;
   sk::launch_saap_decode(p);
   SF_CUDA_CHECK(cudaDeviceSynchronize());
@@ -477,6 +478,19 @@ TEST_P(SaapDecode, MatchesFloat64Reference) {
 INSTANTIATE_TEST_SUITE_P(Shapes, SaapDecode, ::testing::ValuesIn(cases()),
                          [](const ::testing::TestParamInfo<Case>& i) { return i.param.name; });
 
+// Forced split counts give the same result, also with more chunks than keys
+// (empty chunks) and with one chunk.
+TEST(SaapDecodeSplits, ForcedSplitCountsMatchTheReference) {
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA GPU";
+  for (int splits : {1, 3, 64}) {
+    Case c;
+    c.name = "forced_splits_" + std::to_string(splits);
+    c.batch = 2, c.q_heads = 8, c.kv_heads = 2, c.num_partitions = 12, c.top_l = 3, c.routed = 40;
+    c.sinks = 1, c.window = 2, c.seed = 40 + splits;
+    run_case(c, splits);
+  }
+}
+
 // The same inputs twice give the same bits (no atomics, fixed split order).
 TEST(SaapDecodeRepeat, BitIdenticalRuns) {
   if (!have_gpu()) GTEST_SKIP() << "no CUDA GPU";
@@ -546,6 +560,8 @@ TEST(SaapDecodeParams, BadFieldsAreNamed) {
       {"overlap", [](sk::DecodeParams& p, const void*) { p.dense_begin[1] = 2; }},
       {"scale", [](sk::DecodeParams& p, const void*) { p.scale = std::numeric_limits<float>::quiet_NaN(); }},
       {"scale", [](sk::DecodeParams& p, const void*) { p.scale = std::numeric_limits<float>::infinity(); }},
+      {"num_splits", [](sk::DecodeParams& p, const void*) { p.num_splits = -1; }},
+      {"num_splits", [](sk::DecodeParams& p, const void*) { p.num_splits = sk::kMaxSplits + 1; }},
       {"q", [](sk::DecodeParams& p, const void*) { p.q = nullptr; }},
       {"q", [](sk::DecodeParams& p, const void* m) { p.q = m; }},
       {"out", [](sk::DecodeParams& p, const void*) { p.out = nullptr; }},
