@@ -48,6 +48,9 @@ ABSL_FLAG(int64_t, kmeans_iterations, 25, "saap fit: Lloyd iterations at most.")
 ABSL_FLAG(int64_t, queries_per_window, 1024,
           "saap fit / eval: query positions sampled per window (every head and layer).");
 ABSL_FLAG(int64_t, classifier_steps, 2000, "saap fit: AdamW steps of the classifiers.");
+ABSL_FLAG(bool, weight_by_mass, true,
+          "saap fit: weight each query's loss by the attention mass it sends beyond the local "
+          "window and sinks.");
 ABSL_FLAG(int64_t, windows, 0,
           "saap fit / eval: windows of --context tokens used at most (0 = all the text gives).");
 ABSL_FLAG(std::string, key_space, "pre-rope",
@@ -105,6 +108,7 @@ int fit() {
   o.queries_per_window = absl::GetFlag(FLAGS_queries_per_window);
   o.pre_rope_keys = key_space == "pre-rope";
   o.train.steps = absl::GetFlag(FLAGS_classifier_steps);
+  o.train.weight_by_mass = absl::GetFlag(FLAGS_weight_by_mass);
   o.train.recall_at = {4, 8, 16, 32};
   o.seed = absl::GetFlag(FLAGS_seed);
   o.train.seed = o.seed;
@@ -156,6 +160,7 @@ int fit() {
             {"partition_sizes", {r.smallest_partition, r.largest_partition}},
             {"queries_per_head", r.queries_per_head},
             {"classifier_steps", o.train.steps},
+            {"weight_by_mass", o.train.weight_by_mass},
             {"train_kl", r.classifier.train_kl},
             {"holdout_kl", r.classifier.holdout_kl},
             {"holdout_recall", recall},
@@ -422,7 +427,8 @@ const std::vector<std::string>& saap_flags() {
   static const std::vector<std::string> f = {
       "model", "tokenizer", "text", "data", "max_tokens", "context", "stride", "saap_index",
       "rope_index", "partitions", "classifier_hidden", "local_window", "sink_tokens",
-      "kmeans_keys", "kmeans_iterations", "queries_per_window", "classifier_steps", "windows",
+      "kmeans_keys", "kmeans_iterations", "queries_per_window", "classifier_steps",
+      "weight_by_mass", "windows",
       "key_space", "top_l", "perplexity", "perplexity_tokens", "needle", "needle_depths",
       "needle_trials", "dtype", "device", "seed", "json_file"};
   return f;

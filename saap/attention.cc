@@ -228,6 +228,9 @@ PartitionedKVCache::PartitionedKVCache(const Tensor& centroids, int64_t batch,
   batch_ = batch;
   options_.num_partitions = num_partitions_;
   centroids_ = centroids.to(device, at::kFloat).contiguous();
+  // "cuda" names no index; the tensors' device does ("cuda:0"), and appends
+  // compare against it.
+  device_ = centroids_.device();
   TORCH_CHECK(at::isfinite(centroids_).all().item<bool>(), what,
               ": centroids contain NaN or Inf");
   auto f = at::TensorOptions().dtype(dtype_).device(device_);

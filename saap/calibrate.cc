@@ -94,6 +94,18 @@ void check_windows(const std::vector<std::vector<int64_t>>& windows, int64_t loc
   }
 }
 
+// Routable keys per partition for each query: counts [Hkv, nq, C] of keys j
+// with sinks <= j <= pos - window in each partition.
+Tensor routable_counts(const Tensor& part, int64_t C, const Tensor& pos, int64_t local_window,
+                       int64_t sink_tokens) {
+  Tensor onehot = at::zeros({part.size(0), part.size(1), C}, part.options().dtype(at::kFloat))
+                      .scatter_(2, part.unsqueeze(-1), 1.0);
+  Tensor cum = onehot.cumsum(1);  // keys 0..j per partition
+  Tensor upto = cum.index_select(1, pos - local_window);
+  if (sink_tokens == 0) return upto;
+  return upto - cum.select(1, sink_tokens - 1).unsqueeze(1);
+}
+
 }  // namespace
 
 std::vector<std::vector<int64_t>> token_windows(const std::vector<int64_t>& ids, int64_t context,
@@ -205,6 +217,8 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
   auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
   Tensor queries = at::empty({layers * hq, n_queries, d}, f32);
   Tensor targets = at::empty({layers * hq, n_queries, C}, f32);
+  Tensor offsets = o.count_prior ? at::empty({layers * hq, n_queries, C}, f32) : Tensor();
+  const int64_t group = hq / hkv;
   MassOptions mo;
   mo.local_window = o.local_window;
   mo.sink_tokens = o.sink_tokens;
@@ -221,6 +235,12 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
       Tensor q_in = o.pre_rope_keys ? c.q_pre[0].index_select(1, pos).to(at::kFloat) : q;
       queries.narrow(0, c.layer * hq, hq).narrow(1, filled, pos.size(0)).copy_(q_in);
       targets.narrow(0, c.layer * hq, hq).narrow(1, filled, pos.size(0)).copy_(mass);
+      if (o.count_prior) {
+        Tensor counts = routable_counts(part, C, pos, o.local_window, o.sink_tokens);
+        offsets.narrow(0, c.layer * hq, hq)
+            .narrow(1, filled, pos.size(0))
+            .copy_(log_count_prior(counts.repeat_interleave(group, 0)));
+      }
     });
     filled += pos.size(0);
     say(log, absl::StrFormat("[targets] window %d/%d: %d queries per head (%.1f s)", w + 1, W,
@@ -239,9 +259,10 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
   say(log, absl::StrFormat("[classifier] %d heads, %d queries each, hidden %d, %d steps",
                            layers * hq, n_queries, o.hidden, o.train.steps));
   QueryClassifier clf(layers * hq, d, o.hidden, C, o.seed, device);
-  r.classifier = train_classifier(clf, queries, targets, o.train);
+  r.classifier = train_classifier(clf, queries, targets, o.train, offsets);
   queries = Tensor();
   targets = Tensor();
+  offsets = Tensor();
   r.train_seconds = seconds_since(phase);
   std::string recall;
   for (size_t i = 0; i < r.classifier.recall_at.size(); ++i)
@@ -265,6 +286,7 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
   h.set_sink_tokens(static_cast<int32_t>(o.sink_tokens));
   h.set_key_metric(SaapHeader::EUCLIDEAN);
   h.set_pre_rope_keys(o.pre_rope_keys);
+  h.set_count_prior(o.count_prior);
   h.set_calibration_context(static_cast<int32_t>(o.context));
   h.set_calibration_data(o.calibration_data);
   auto cpu = [](const Tensor& t) { return t.detach().to(at::kCPU, at::kFloat).contiguous().clone(); };
@@ -360,18 +382,6 @@ class RoutingAccumulator {
   std::map<std::string, int> order_;
 };
 
-// Routable keys per partition for each query: counts [Hkv, nq, C] of keys j
-// with sinks <= j <= pos - window in each partition.
-Tensor routable_counts(const Tensor& part, int64_t C, const Tensor& pos, int64_t local_window,
-                       int64_t sink_tokens) {
-  Tensor onehot = at::zeros({part.size(0), part.size(1), C}, part.options().dtype(at::kFloat))
-                      .scatter_(2, part.unsqueeze(-1), 1.0);
-  Tensor cum = onehot.cumsum(1);  // keys 0..j per partition
-  Tensor upto = cum.index_select(1, pos - local_window);
-  if (sink_tokens == 0) return upto;
-  return upto - cum.select(1, sink_tokens - 1).unsqueeze(1);
-}
-
 }  // namespace
 
 RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
@@ -453,7 +463,14 @@ RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
       auto add = [&](const char* method, const Tensor& m, const Tensor& n, const Tensor& scores) {
         acc.add(method, m, n, scores, pos, always, window, sinks);
       };
-      add("saap", mass, counts, pre[l].classifier->forward(q_pre));
+      // Count-aware classifiers score attention per key; the keys each
+      // partition holds for the query scale it (as at inference).
+      auto classifier_scores = [&](LayerRouting& r, const SaapIndex& idx, const Tensor& x,
+                                   const Tensor& n) {
+        Tensor s = r.classifier->forward(x);
+        return idx.header.count_prior() ? s + log_count_prior(n) : s;
+      };
+      add("saap", mass, counts, classifier_scores(pre[l], index, q_pre, counts));
       add("symmetric", mass, counts,
           centroid_scores(q_pre, pre[l].centroids, CentroidScore::kNegativeDistance));
       add("symmetric_dot", mass, counts,
@@ -463,7 +480,7 @@ RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
         routing(rope[l].centroids, k, rope_index->header.partitions(), &rmass, &rcounts);
         add("rope_kmeans", rmass, rcounts,
             centroid_scores(q, rope[l].centroids, CentroidScore::kNegativeDistance));
-        add("rope_saap", rmass, rcounts, rope[l].classifier->forward(q));
+        add("rope_saap", rmass, rcounts, classifier_scores(rope[l], *rope_index, q, rcounts));
       }
       {
         Tensor part = random_partitions(hkv, len, C, o.seed + 7919 * (w + 1) + l).to(device);

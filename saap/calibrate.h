@@ -48,6 +48,9 @@ struct FitOptions {
   // false: the RoPE'd-keys baseline: keys clustered after RoPE and the
   // classifier fed RoPE'd queries (header pre_rope_keys = false).
   bool pre_rope_keys = true;
+  // Train the classifiers with log(routable keys per partition) added to
+  // their logits (header count_prior; see train_classifier).
+  bool count_prior = true;
   ClassifierTrainOptions train;
   uint64_t seed = 1234;
   std::string calibration_data;  // provenance, stored in the header

@@ -66,12 +66,21 @@ Tensor normalized_targets(const Tensor& targets) {
 
 }  // namespace
 
-Tensor soft_target_kl(const Tensor& logits, const Tensor& targets) {
-  Tensor t = normalized_targets(targets.to(logits.device(), at::kFloat));
+Tensor log_count_prior(const Tensor& counts) {
+  return counts.to(at::kFloat).clamp_min(1e-6).log();
+}
+
+Tensor soft_target_kl(const Tensor& logits, const Tensor& targets, bool weight_by_mass) {
+  Tensor raw = targets.to(logits.device(), at::kFloat);
+  Tensor t = normalized_targets(raw);
   Tensor log_p = torch::log_softmax(logits, -1);
   // sum t (log t - log p), with 0 log 0 = 0.
   Tensor t_log_t = at::xlogy(t, t);
-  return (t_log_t - t * log_p).sum(-1).mean();
+  Tensor kl = (t_log_t - t * log_p).sum(-1);
+  if (!weight_by_mass) return kl.mean();
+  // Rows weighted by their mass, the weights averaging 1 in each head.
+  Tensor mass = raw.sum(-1);
+  return (kl * mass / mass.mean(1, /*keepdim=*/true).clamp_min(1e-30)).mean();
 }
 
 Tensor recall_at_l(const Tensor& scores, const Tensor& targets, int64_t l) {
@@ -89,7 +98,8 @@ Tensor recall_at_l(const Tensor& scores, const Tensor& targets, int64_t l) {
 // training
 
 ClassifierReport train_classifier(QueryClassifier& model, const Tensor& queries,
-                                  const Tensor& targets, const ClassifierTrainOptions& options) {
+                                  const Tensor& targets, const ClassifierTrainOptions& options,
+                                  const Tensor& logit_offsets) {
   const auto start = std::chrono::steady_clock::now();
   const int64_t heads = model->heads(), partitions = model->partitions();
   TORCH_CHECK(queries.dim() == 3 && queries.size(0) == heads && queries.size(2) == model->dim(),
@@ -126,6 +136,21 @@ ClassifierReport train_classifier(QueryClassifier& model, const Tensor& queries,
   Tensor t_train = t.index_select(1, order.narrow(0, 0, train));
   Tensor q_held = q.index_select(1, order.narrow(0, train, holdout));
   Tensor t_held = t.index_select(1, order.narrow(0, train, holdout));
+  Tensor o_train, o_held;
+  if (logit_offsets.defined()) {
+    TORCH_CHECK(logit_offsets.sizes() == t.sizes(), "train_classifier: logit_offsets must be [",
+                heads, ", ", n, ", ", partitions, "], got ", logit_offsets.sizes());
+    Tensor o = logit_offsets.to(device, at::kFloat);
+    TORCH_CHECK(!at::isnan(o).any().item<bool>() && !at::isinf(o).any().item<bool>(),
+                "train_classifier: logit_offsets hold NaN or Inf");
+    o_train = o.index_select(1, order.narrow(0, 0, train));
+    o_held = o.index_select(1, order.narrow(0, train, holdout));
+  }
+  // The classifier's logits plus the offsets of the same queries, if any.
+  auto scores = [&](const Tensor& q_rows, const Tensor& offsets) {
+    Tensor logits = model->forward(q_rows);
+    return offsets.defined() ? logits + offsets : logits;
+  };
 
   model->fit_input_scaling(q_train);
   model->train();
@@ -143,8 +168,10 @@ ClassifierReport train_classifier(QueryClassifier& model, const Tensor& queries,
       static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
     }
     Tensor idx = at::randint(train, {batch}, gen, at::kLong).to(device);
-    Tensor loss = soft_target_kl(model->forward(q_train.index_select(1, idx)),
-                                 t_train.index_select(1, idx));
+    Tensor loss = soft_target_kl(
+        scores(q_train.index_select(1, idx),
+               o_train.defined() ? o_train.index_select(1, idx) : Tensor()),
+        t_train.index_select(1, idx), options.weight_by_mass);
     optimizer.zero_grad();
     loss.backward();
     optimizer.step();
@@ -164,7 +191,7 @@ ClassifierReport train_classifier(QueryClassifier& model, const Tensor& queries,
   report.train_queries = train;
   report.holdout_queries = holdout;
   torch::NoGradGuard no_grad;
-  Tensor logits = model->forward(q_held);
+  Tensor logits = scores(q_held, o_held);
   report.holdout_kl = soft_target_kl(logits, t_held).item<double>();
   report.recall_at = options.recall_at;
   for (int64_t l : options.recall_at) {

@@ -53,6 +53,10 @@ struct ClassifierTrainOptions {
   uint64_t seed = 1234;
   std::vector<int64_t> recall_at = {1, 2, 4};  // l values reported on held-out queries
   int64_t log_every = 0;  // > 0: print the training loss every this many steps
+  // Weight each query's KL by its target mass (the attention it sends to the
+  // routed keys; rows are unnormalised targets), so the queries whose routing
+  // changes the output most count most. The reported KL stays unweighted.
+  bool weight_by_mass = false;
 };
 
 struct ClassifierReport {
@@ -69,11 +73,23 @@ struct ClassifierReport {
 // queries [heads, n, dim]; targets [heads, n, C], non-negative, every row with
 // positive mass (rows are normalised to distributions here). Trains `model`
 // in place on the non-held-out queries (fit_input_scaling included).
+// logit_offsets (optional, finite, [heads, n, C]) are added to the logits
+// in training and in the held-out report: SAAP passes the log of the number
+// of keys each partition holds for that query, so the classifier learns the
+// attention per key and the cache's counts scale it at inference.
 ClassifierReport train_classifier(QueryClassifier& model, const Tensor& queries,
-                                  const Tensor& targets, const ClassifierTrainOptions& options);
+                                  const Tensor& targets, const ClassifierTrainOptions& options,
+                                  const Tensor& logit_offsets = Tensor());
 
-// Mean KL(target || softmax(logits)) over heads and queries; targets normalised per row.
-Tensor soft_target_kl(const Tensor& logits, const Tensor& targets);
+// The logit offsets of count-aware classifiers (header count_prior): the log
+// of each partition's number of routable keys, float32, with empty
+// partitions at log(1e-6) (finite, so no NaN reaches the softmax).
+Tensor log_count_prior(const Tensor& counts);
+
+// Mean KL(target || softmax(logits)) over heads and queries; targets normalised
+// per row. weight_by_mass: each row's KL weighted by its unnormalised mass
+// (weights averaging 1 per head).
+Tensor soft_target_kl(const Tensor& logits, const Tensor& targets, bool weight_by_mass = false);
 
 // Fraction of each query's attention mass held by its top-l scored
 // partitions, per head: scores, targets [heads, n, C] -> float32 [heads].

@@ -58,18 +58,50 @@ Tensor SaapAttentionHook::scores(int layer, const Tensor& q_pre) const {
   return s.view({H, B, N, C}).permute({1, 0, 2, 3});
 }
 
+namespace {
+
+// Routable keys per partition for queries at the last N of T positions:
+// key_partition int64 [B, Hkv, T] -> float32 [B, Hkv, N, C], counting keys j
+// with sinks <= j <= position - window.
+Tensor routable_counts_per_query(const Tensor& key_partition, int64_t C, int64_t N,
+                                 int64_t window, int64_t sinks) {
+  const int64_t B = key_partition.size(0), H = key_partition.size(1), T = key_partition.size(2);
+  Tensor cum = at::zeros({B, H, T, C}, key_partition.options().dtype(at::kFloat))
+                   .scatter_(3, key_partition.unsqueeze(-1), 1.0)
+                   .cumsum(2);
+  Tensor last = at::arange(T - N, T, key_partition.options()) - window;  // last routable key
+  Tensor valid = last.ge(sinks).to(at::kFloat).view({1, 1, N, 1});
+  Tensor counts = cum.index_select(2, last.clamp_min(0));
+  if (sinks > 0) counts = counts - cum.select(2, std::min(sinks, T) - 1).unsqueeze(2);
+  return counts * valid;
+}
+
+}  // namespace
+
 Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
   const int layer = call.layer;
   TORCH_CHECK(layer >= 0 && layer < static_cast<int>(centroids_.size()),
               "SAAP attention: layer ", layer, " but the index has ", centroids_.size());
-  const int64_t N = call.q.size(2), T = call.k.size(2);
-  const int64_t l = options_.routing == Routing::kAll ? header_.partitions() : options_.top_l;
-  Tensor selected = select_partitions(scores(layer, call.q_pre), l);
+  const int64_t N = call.q.size(2), T = call.k.size(2), C = header_.partitions();
+  const int64_t group = call.q.size(1) / call.k.size(1);
+  const int64_t l = options_.routing == Routing::kAll ? C : options_.top_l;
+  const bool count_prior =
+      header_.count_prior() && options_.routing == Routing::kClassifier;
+  // Partition scores, scaled by the keys each partition holds for the query
+  // when the classifiers were trained that way.
+  auto select = [&](const Tensor& counts /* [B, Hkv, N, C] */) {
+    Tensor s = scores(layer, call.q_pre);
+    if (count_prior) s = s + log_count_prior(counts.repeat_interleave(group, 1));
+    return select_partitions(s, l);
+  };
   SaapVisitStats st;
   Tensor out;
   if (!call.with_cache) {
     Tensor part = assign_key_partitions(call.k_pre, centroids_[layer]);
-    out = saap_attention(call.q, call.k, call.v, part, selected, attention_, &st);
+    Tensor counts = count_prior ? routable_counts_per_query(part, C, N, attention_.local_window,
+                                                            attention_.sink_tokens)
+                                : Tensor();
+    out = saap_attention(call.q, call.k, call.v, part, select(counts), attention_, &st);
   } else {
     auto& cache = caches_[layer];
     if (call.offset == 0) {
@@ -82,10 +114,18 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
                 " (a generation must start at position 0 with this hook installed)");
     cache->append(call.k_pre, call.k.narrow(2, T - N, N), call.v.narrow(2, T - N, N));
     if (N == 1) {
-      out = cache->decode(call.q.select(2, 0), selected.select(2, 0), &st).unsqueeze(2);
+      // The cache's partitions hold exactly the new query's routable keys.
+      Tensor counts = count_prior ? cache->partition_length().unsqueeze(2) : Tensor();
+      Tensor selected = select(counts);
+      out = cache->decode(call.q.select(2, 0), selected.select(2, 0),
+                          options_.collect_stats ? &st : nullptr)
+                .unsqueeze(2);
     } else {
-      out = saap_attention(call.q, call.k, call.v, cache->key_partition(), selected, attention_,
-                           &st);
+      Tensor part = cache->key_partition();
+      Tensor counts = count_prior ? routable_counts_per_query(part, C, N, attention_.local_window,
+                                                              attention_.sink_tokens)
+                                  : Tensor();
+      out = saap_attention(call.q, call.k, call.v, part, select(counts), attention_, &st);
     }
   }
   stats_ += st;

@@ -32,6 +32,9 @@ struct SaapInferenceOptions {
   int64_t top_l = 16;  // partitions per query, in [1, C]
   Routing routing = Routing::kClassifier;
   int64_t chunk_size = 512;  // saap_attention's queries per chunk
+  // Count keys visited in one-token decode steps too (a device sync per
+  // layer and step; prefill calls always count).
+  bool collect_stats = false;
 };
 
 class SaapAttentionHook : public model::AttentionHook {

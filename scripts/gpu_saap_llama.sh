@@ -12,7 +12,8 @@
 #
 # Environment: OUT (default ./gpu-out); SAAP_PHASES (default "build tests fit eval"; the
 # index files stay in build-gpu/saap-run/ between calls on the same host);
-# SAAP_FIT_ARGS / SAAP_EVAL_ARGS: more flags for saap fit / saap eval.
+# SAAP_FIT_ARGS / SAAP_EVAL_ARGS: more flags for saap fit / saap eval; SAAP_SPACES (default
+# "pre-rope rope"): the indexes to fit; SAAP_TAG: a name for this configuration's index files.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 ME=scripts/gpu_saap_llama.sh
@@ -32,6 +33,7 @@ HELD=.deps/saap/heldout.txt
 [ -f "$CAL" ] && [ -f "$HELD" ] || die "$CAL / $HELD missing: carry .deps (scripts/fetch_gpu_llama.sh)"
 BIN=build-gpu/launch/sparseflash
 RUN=build-gpu/saap-run
+TAG=${SAAP_TAG:-smollm2}
 mkdir -p "$RUN"
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 status=0
@@ -55,29 +57,40 @@ fi
 
 COMMON=(--model "$GGUF" --context 8192 --device cuda --dtype bfloat16)
 if want fit; then
-  for space in pre-rope rope; do
+  for space in ${SAAP_SPACES:-pre-rope rope}; do
     # shellcheck disable=SC2086  # SAAP_FIT_ARGS is a list of flags
     "$BIN" saap fit "${COMMON[@]}" --text "$CAL" --key-space "$space" \
-        --saap-index "$RUN/smollm2-$space.saap" --json-file "$OUT/fit-$space.json" \
-        ${SAAP_FIT_ARGS:-} >"$OUT/fit-$space.log" 2>&1 ||
-      { tail -n 20 "$OUT/fit-$space.log"; die "saap fit --key-space $space failed"; }
-    echo "[${SECONDS}s] fit $space:"; tail -n 6 "$OUT/fit-$space.log"
+        --saap-index "$RUN/$TAG-$space.saap" --json-file "$OUT/fit-$TAG-$space.json" \
+        ${SAAP_FIT_ARGS:-} >"$OUT/fit-$TAG-$space.log" 2>&1 ||
+      { tail -n 20 "$OUT/fit-$TAG-$space.log"; die "saap fit --key-space $space failed"; }
+    echo "[${SECONDS}s] fit $TAG $space:"; tail -n 6 "$OUT/fit-$TAG-$space.log"
   done
+fi
+
+if want routing; then  # routing only, no perplexity or needle: quick comparisons
+  # shellcheck disable=SC2086
+  "$BIN" saap eval "${COMMON[@]}" --text "$HELD" --saap-index "$RUN/$TAG-pre-rope.saap" \
+      --top-l 4,8,16,32 --windows 2 --queries-per-window 512 --noneedle --perplexity-tokens 32768 \
+      --json-file "$OUT/routing-$TAG.json" ${SAAP_EVAL_ARGS:-} >"$OUT/routing-$TAG.txt" \
+      2>"$OUT/routing-$TAG.log" || { tail -n 20 "$OUT/routing-$TAG.log"; die "saap eval failed"; }
+  echo "[${SECONDS}s] routing $TAG:"; grep -v "^symmetric_dot\|^random" "$OUT/routing-$TAG.txt"
 fi
 
 if want eval; then
   # shellcheck disable=SC2086  # SAAP_EVAL_ARGS is a list of flags
-  "$BIN" saap eval "${COMMON[@]}" --text "$HELD" --saap-index "$RUN/smollm2-pre-rope.saap" \
-      --rope-index "$RUN/smollm2-rope.saap" --top-l 4,8,16,32 --windows 4 \
+  ROPE=()
+  [ -f "$RUN/$TAG-rope.saap" ] && ROPE=(--rope-index "$RUN/$TAG-rope.saap")
+  "$BIN" saap eval "${COMMON[@]}" --text "$HELD" --saap-index "$RUN/$TAG-pre-rope.saap" \
+      "${ROPE[@]}" --top-l 4,8,16,32 --windows 4 \
       --queries-per-window 512 --json-file "$OUT/eval.json" ${SAAP_EVAL_ARGS:-} \
       >"$OUT/eval.txt" 2>"$OUT/eval.log" ||
     { tail -n 20 "$OUT/eval.log"; die "saap eval failed"; }
   echo "[${SECONDS}s] saap eval done"
   # The same SAAP attention through the ordinary commands.
   "$BIN" eval "${COMMON[@]}" --text "$HELD" --stride 4096 --max-tokens 65536 --attention saap \
-      --saap-index "$RUN/smollm2-pre-rope.saap" --top-l 16 --json-file "$OUT/eval-saap16.json" \
+      --saap-index "$RUN/$TAG-pre-rope.saap" --top-l 16 --json-file "$OUT/eval-saap16.json" \
       >"$OUT/eval-saap16.txt" 2>"$OUT/eval-saap16.log" || status=1
-  "$BIN" generate "${COMMON[@]}" --attention saap --saap-index "$RUN/smollm2-pre-rope.saap" \
+  "$BIN" generate --model "$GGUF" --device cuda --dtype bfloat16 --attention saap --saap-index "$RUN/$TAG-pre-rope.saap" \
       --top-l 16 --prompt "The Linux kernel's memory management subsystem" --max-new-tokens 48 \
       --temperature 0 --json-file "$OUT/generate-saap16.json" >"$OUT/generate-saap16.txt" \
       2>"$OUT/generate-saap16.log" || status=1

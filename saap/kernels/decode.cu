@@ -29,14 +29,17 @@ namespace {
 
 constexpr int kThreads = 128;      // 4 warps per CTA
 constexpr int kKeysPerGroup = 4;   // keys a group loads before it reduces
-// Splits: about 4 waves of CTAs on an H100 (132 SMs x 4 resident CTAs at
-// ~116 registers). Heads differ in their number of keys (the selected
-// partitions differ in size), so one wave of equal-count chunks would leave
-// the SMs of light heads idle while the heaviest head finishes; several
-// waves of smaller chunks let the block scheduler even that out, and a
-// CTA's start-up latency (span list) is hidden by the other resident CTAs.
-constexpr int kTargetCtas = 2048;
-constexpr int kMinKeysPerSplit = 128;
+// Splits: chunks of about 512 keys, up to 8 waves of CTAs (an H100 has 132
+// SMs x 4 resident CTAs at ~116 registers). Heads differ in their number of
+// keys (the selected partitions differ in size), so several waves of smaller
+// chunks let the block scheduler even that out; but each chunk adds a
+// start-up (span list) and a partial result to combine. Measured on an H100
+// (bench_saap_decode's sweep of chunks per head, Llama-3.1-8B shapes, 5% of
+// keys): the kernel was fastest at 16 chunks per head for 128k keys and at
+// 16-32 for 256k and 512k, at batch 1 and 8 alike, i.e. at 400-800 keys
+// per chunk; 128 keys per chunk (64 chunks) cost 15-25% more at batch 1.
+constexpr int kTargetCtas = 4096;
+constexpr int kMinKeysPerSplit = 512;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
