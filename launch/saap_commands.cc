@@ -51,6 +51,9 @@ ABSL_FLAG(int64_t, classifier_steps, 2000, "saap fit: AdamW steps of the classif
 ABSL_FLAG(bool, weight_by_mass, true,
           "saap fit: weight each query's loss by the attention mass it sends beyond the local "
           "window and sinks.");
+ABSL_FLAG(bool, count_prior, true,
+          "saap fit: classifiers score attention per key; the log of each partition's key "
+          "count is added to their logits (in training and at inference).");
 ABSL_FLAG(int64_t, windows, 0,
           "saap fit / eval: windows of --context tokens used at most (0 = all the text gives).");
 ABSL_FLAG(std::string, key_space, "pre-rope",
@@ -109,6 +112,7 @@ int fit() {
   o.pre_rope_keys = key_space == "pre-rope";
   o.train.steps = absl::GetFlag(FLAGS_classifier_steps);
   o.train.weight_by_mass = absl::GetFlag(FLAGS_weight_by_mass);
+  o.count_prior = absl::GetFlag(FLAGS_count_prior);
   o.train.recall_at = {4, 8, 16, 32};
   o.seed = absl::GetFlag(FLAGS_seed);
   o.train.seed = o.seed;
@@ -161,6 +165,7 @@ int fit() {
             {"queries_per_head", r.queries_per_head},
             {"classifier_steps", o.train.steps},
             {"weight_by_mass", o.train.weight_by_mass},
+            {"count_prior", o.count_prior},
             {"train_kl", r.classifier.train_kl},
             {"holdout_kl", r.classifier.holdout_kl},
             {"holdout_recall", recall},
@@ -428,7 +433,7 @@ const std::vector<std::string>& saap_flags() {
       "model", "tokenizer", "text", "data", "max_tokens", "context", "stride", "saap_index",
       "rope_index", "partitions", "classifier_hidden", "local_window", "sink_tokens",
       "kmeans_keys", "kmeans_iterations", "queries_per_window", "classifier_steps",
-      "weight_by_mass", "windows",
+      "weight_by_mass", "count_prior", "windows",
       "key_space", "top_l", "perplexity", "perplexity_tokens", "needle", "needle_depths",
       "needle_trials", "dtype", "device", "seed", "json_file"};
   return f;
