@@ -297,6 +297,7 @@ int eval() {
   for (const auto& r : routing.rows)
     rows.push_back({{"method", r.method},
                     {"l", r.l},
+                    {"key_budget", r.key_budget},
                     {"recall", r.recall},
                     {"recall_weighted", r.recall_weighted},
                     {"attention_kept", r.attention_kept},
@@ -406,10 +407,12 @@ int eval() {
       "%d; mean routed mass %.3f\n",
       source, routing.windows, context, routing.queries_per_head, routing.partitions,
       routing.local_window, routing.sink_tokens, routing.mean_routed_mass);
-  std::cout << absl::StrFormat("%-14s %4s %8s %9s %8s %9s %9s\n", "method", "l", "recall",
+  std::cout << absl::StrFormat("%-14s %6s %8s %9s %8s %9s %9s\n", "method", "l|kb", "recall",
                                "recall_w", "kept", "visited", "routed_v");
   for (const auto& r : routing.rows)
-    std::cout << absl::StrFormat("%-14s %4d %8.4f %9.4f %8.4f %8.2f%% %8.2f%%\n", r.method, r.l,
+    std::cout << absl::StrFormat("%-14s %6s %8.4f %9.4f %8.4f %8.2f%% %8.2f%%\n", r.method,
+                                 r.l > 0 ? absl::StrCat(r.l)
+                                         : absl::StrFormat("%.1f%%", 100 * r.key_budget),
                                  r.recall, r.recall_weighted, r.attention_kept,
                                  100 * r.keys_visited, 100 * r.routed_keys_visited);
   for (const auto& row : ppl)

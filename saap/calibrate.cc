@@ -318,25 +318,23 @@ struct Sums {
 
 class RoutingAccumulator {
  public:
-  RoutingAccumulator(std::vector<int64_t> top_l, const at::Device& device)
-      : top_l_(std::move(top_l)), device_(device) {}
+  RoutingAccumulator(std::vector<int64_t> top_l, std::vector<double> budgets,
+                     const at::Device& device)
+      : top_l_(std::move(top_l)), budgets_(std::move(budgets)), device_(device) {}
 
   // mass [Hq, nq, C] routed attention per partition; counts [Hq, nq, C]
   // routable keys per partition; scores [Hq, nq, C]; pos int64 [nq].
   void add(const std::string& method, const Tensor& mass, const Tensor& counts,
-           const Tensor& scores, const Tensor& pos, int64_t always, int64_t local_window,
-           int64_t sink_tokens) {
+           const Tensor& scores, const Tensor& density, const Tensor& pos, int64_t always,
+           int64_t local_window, int64_t sink_tokens) {
     const int64_t lmax = *std::max_element(top_l_.begin(), top_l_.end());
     Tensor top = std::get<1>(scores.topk(lmax, -1));
     Tensor routed = mass.sum(-1);
     Tensor causal = (pos + 1).to(at::kFloat).view({1, -1});
     Tensor routable = (pos - local_window + 1 - sink_tokens).to(at::kFloat).view({1, -1});
-    for (int64_t l : top_l_) {
-      Tensor sel = top.narrow(-1, 0, l);
-      Tensor sel_mass = mass.gather(-1, sel).sum(-1);
-      Tensor sel_keys = counts.gather(-1, sel).sum(-1);
+    auto accumulate = [&](int64_t key, const Tensor& sel_mass, const Tensor& sel_keys) {
       Tensor valid = routed > 0;
-      Sums& s = sums_[{method, l}];
+      Sums& s = sums_[{method, key}];
       auto acc = [&](Tensor& into, const Tensor& value) {
         Tensor v = value.to(at::kDouble).sum();
         into = into.defined() ? into + v : v;
@@ -349,6 +347,22 @@ class RoutingAccumulator {
       acc(s.visited, (sel_keys + static_cast<double>(always)) / causal);
       acc(s.routed_visited, sel_keys / routable);
       acc(s.queries, at::ones_like(routed));
+    };
+    for (int64_t l : top_l_) {
+      Tensor sel = top.narrow(-1, 0, l);
+      accumulate(l, mass.gather(-1, sel).sum(-1), counts.gather(-1, sel).sum(-1));
+    }
+    // Key budgets: partitions in decreasing `density` until the selected
+    // routable keys reach budget x the query's routable keys (the partition
+    // that crosses it is taken).
+    Tensor order = std::get<1>(density.sort(-1, /*descending=*/true));
+    Tensor sorted_keys = counts.gather(-1, order);
+    Tensor sorted_mass = mass.gather(-1, order);
+    Tensor before = sorted_keys.cumsum(-1) - sorted_keys;
+    for (size_t b = 0; b < budgets_.size(); ++b) {
+      Tensor take = before.lt(routable.unsqueeze(-1) * budgets_[b]).to(at::kFloat);
+      accumulate(-static_cast<int64_t>(b) - 1, (sorted_mass * take).sum(-1),
+                 (sorted_keys * take).sum(-1));
     }
     if (!order_.count(method)) order_[method] = static_cast<int>(order_.size());
   }
@@ -358,7 +372,8 @@ class RoutingAccumulator {
     for (const auto& [key, s] : sums_) {
       RoutingRow r;
       r.method = key.first;
-      r.l = key.second;
+      if (key.second > 0) r.l = key.second;
+      else r.key_budget = budgets_[-key.second - 1];
       const double n = s.queries.item<double>();
       r.recall = s.recall.item<double>() / std::max(1.0, s.valid.item<double>());
       r.recall_weighted = s.selected_mass.item<double>() / std::max(1e-30, s.routed_mass.item<double>());
@@ -368,7 +383,10 @@ class RoutingAccumulator {
       out.push_back({order_.at(r.method), r});
     }
     std::stable_sort(out.begin(), out.end(), [](const auto& a, const auto& b) {
-      return a.first != b.first ? a.first < b.first : a.second.l < b.second.l;
+      if (a.first != b.first) return a.first < b.first;
+      if ((a.second.l > 0) != (b.second.l > 0)) return a.second.l > 0;
+      return a.second.l != b.second.l ? a.second.l < b.second.l
+                                      : a.second.key_budget < b.second.key_budget;
     });
     std::vector<RoutingRow> rows;
     for (auto& [_, r] : out) rows.push_back(r);
@@ -377,6 +395,7 @@ class RoutingAccumulator {
 
  private:
   std::vector<int64_t> top_l_;
+  std::vector<double> budgets_;
   at::Device device_;
   std::map<std::pair<std::string, int64_t>, Sums> sums_;
   std::map<std::string, int> order_;
@@ -427,7 +446,7 @@ RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
   std::vector<LayerRouting> pre = load_layers(index);
   std::vector<LayerRouting> rope = rope_index ? load_layers(*rope_index) : std::vector<LayerRouting>{};
 
-  RoutingAccumulator acc(o.top_l, device);
+  RoutingAccumulator acc(o.top_l, o.key_budgets, device);
   MassOptions mo;
   mo.local_window = window;
   mo.sink_tokens = sinks;
@@ -460,35 +479,47 @@ RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
       routed_sum = routed_sum.defined() ? routed_sum + routed.to(at::kDouble).sum()
                                         : routed.to(at::kDouble).sum();
       routed_n += routed.numel();
-      auto add = [&](const char* method, const Tensor& m, const Tensor& n, const Tensor& scores) {
-        acc.add(method, m, n, scores, pos, always, window, sinks);
+      // density: the order of the key-budget rows, attention per key where
+      // the method knows it (count-aware classifiers score it directly).
+      auto add = [&](const char* method, const Tensor& m, const Tensor& n, const Tensor& scores,
+                     const Tensor& density) {
+        acc.add(method, m, n, scores, density, pos, always, window, sinks);
       };
-      // Count-aware classifiers score attention per key; the keys each
-      // partition holds for the query scale it (as at inference).
       auto classifier_scores = [&](LayerRouting& r, const SaapIndex& idx, const Tensor& x,
-                                   const Tensor& n) {
+                                   const Tensor& n, Tensor* density) {
         Tensor s = r.classifier->forward(x);
-        return idx.header.count_prior() ? s + log_count_prior(n) : s;
+        Tensor log_n = log_count_prior(n);
+        if (idx.header.count_prior()) {
+          *density = s;
+          return s + log_n;
+        }
+        *density = s - log_n;
+        return s;
       };
-      add("saap", mass, counts, classifier_scores(pre[l], index, q_pre, counts));
-      add("symmetric", mass, counts,
-          centroid_scores(q_pre, pre[l].centroids, CentroidScore::kNegativeDistance));
-      add("symmetric_dot", mass, counts,
-          centroid_scores(q_pre, pre[l].centroids, CentroidScore::kDotProduct));
+      Tensor density;
+      Tensor saap = classifier_scores(pre[l], index, q_pre, counts, &density);
+      add("saap", mass, counts, saap, density);
+      Tensor sym = centroid_scores(q_pre, pre[l].centroids, CentroidScore::kNegativeDistance);
+      add("symmetric", mass, counts, sym, sym);
+      Tensor dot = centroid_scores(q_pre, pre[l].centroids, CentroidScore::kDotProduct);
+      add("symmetric_dot", mass, counts, dot, dot);
       if (rope_index) {
         Tensor rmass, rcounts;
         routing(rope[l].centroids, k, rope_index->header.partitions(), &rmass, &rcounts);
-        add("rope_kmeans", rmass, rcounts,
-            centroid_scores(q, rope[l].centroids, CentroidScore::kNegativeDistance));
-        add("rope_saap", rmass, rcounts, classifier_scores(rope[l], *rope_index, q, rcounts));
+        Tensor rk = centroid_scores(q, rope[l].centroids, CentroidScore::kNegativeDistance);
+        add("rope_kmeans", rmass, rcounts, rk, rk);
+        Tensor rs = classifier_scores(rope[l], *rope_index, q, rcounts, &density);
+        add("rope_saap", rmass, rcounts, rs, density);
       }
       {
         Tensor part = random_partitions(hkv, len, C, o.seed + 7919 * (w + 1) + l).to(device);
         Tensor rmass = partition_attention_mass(q, k, pos, part, C, mo);
         Tensor rcounts = routable_counts(part, C, pos, window, sinks).repeat_interleave(group, 0);
-        add("random", rmass, rcounts, at::rand({hq, nq, C}, gen).to(device));
+        Tensor r = at::rand({hq, nq, C}, gen).to(device);
+        add("random", rmass, rcounts, r, r);
       }
-      add("oracle", mass, counts, mass);
+      // The oracle: true top-l masses; for budgets, the most mass per key first.
+      add("oracle", mass, counts, mass, mass.clamp_min(1e-30).log() - log_count_prior(counts));
     });
     say(log, absl::StrFormat("[eval] window %d/%d: %d queries per head (%.1f s)", w + 1,
                              windows.size(), nq, seconds_since(start)));

@@ -87,13 +87,17 @@ struct RoutingEvalOptions {
   int64_t max_windows = 0;
   int64_t queries_per_window = 512;
   std::vector<int64_t> top_l = {4, 8, 16, 32};
+  // Also select by key budget: partitions in decreasing attention per key
+  // until these fractions of the query's routable keys are selected.
+  std::vector<double> key_budgets = {0.025, 0.05, 0.1, 0.2};
   uint64_t seed = 4321;  // query positions and the random baseline
 };
 
 // One method at one l, averaged over layers, heads and sampled queries.
 struct RoutingRow {
   std::string method;  // saap, symmetric, symmetric_dot, rope_kmeans, rope_saap, random, oracle
-  int64_t l = 0;
+  int64_t l = 0;            // top-l rows; 0 for a key-budget row
+  double key_budget = 0;    // key-budget rows: the fraction of routable keys asked for
   // Mean over queries of (mass in the selected partitions) / (routed mass):
   // the classifier's task, the paper's recall.
   double recall = 0;
