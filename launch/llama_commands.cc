@@ -64,6 +64,9 @@ ABSL_FLAG(std::string, saap_index, "",
 ABSL_FLAG(std::string, top_l, "16",
           "--attention saap: partitions each query attends to (saap eval: a comma-separated "
           "list).");
+ABSL_FLAG(double, key_budget, 0,
+          "--attention saap: > 0 selects partitions by key budget instead of --top-l: in "
+          "decreasing attention per key until this fraction of the routable keys.");
 ABSL_FLAG(std::string, saap_routing, "classifier",
           "--attention saap: how queries choose partitions: classifier (SAAP), symmetric (the "
           "nearest key centroids, a baseline) or all (every partition: dense, for checks).");
@@ -161,6 +164,10 @@ absl::StatusOr<std::shared_ptr<saap::SaapAttentionHook>> saap_hook_from_flags(co
     return absl::InvalidArgumentError("--top-l: give one value with --attention saap");
   saap::SaapInferenceOptions o;
   o.top_l = (*top_l)[0];
+  o.key_budget = absl::GetFlag(FLAGS_key_budget);
+  if (!(o.key_budget >= 0 && o.key_budget <= 1))
+    return absl::InvalidArgumentError(absl::StrCat("--key-budget must be in [0, 1], got ",
+                                                   o.key_budget));
   const std::string routing = absl::GetFlag(FLAGS_saap_routing);
   if (routing == "classifier") o.routing = saap::Routing::kClassifier;
   else if (routing == "symmetric") o.routing = saap::Routing::kSymmetric;
@@ -168,7 +175,7 @@ absl::StatusOr<std::shared_ptr<saap::SaapAttentionHook>> saap_hook_from_flags(co
   else
     return absl::InvalidArgumentError(absl::StrCat(
         "--saap-routing: expected classifier, symmetric or all, got \"", routing, "\""));
-  if (o.top_l > index->header.partitions())
+  if (o.key_budget == 0 && o.top_l > index->header.partitions())
     return absl::InvalidArgumentError(absl::StrCat("--top-l ", o.top_l, " exceeds the index's ",
                                                    index->header.partitions(), " partitions"));
   try {
@@ -230,9 +237,12 @@ std::string describe(const Loaded& l) {
       l.checkpoint.path, format_name(l.checkpoint.format), c.num_hidden_layers, c.hidden_size,
       c.num_attention_heads, c.num_key_value_heads, c.vocab_size,
       l.model->num_parameters() / 1e6, dtype_label(l.dtype), l.device.str(),
-      l.saap ? absl::StrFormat("saap (%s, top-l %d of %d partitions, window %d, sinks %d)",
+      l.saap ? absl::StrFormat("saap (%s, %s of %d partitions, window %d, sinks %d)",
                                saap::routing_name(l.saap->options().routing),
-                               l.saap->options().top_l, l.saap->header().partitions(),
+                               l.saap->options().key_budget > 0
+                                   ? absl::StrFormat("key budget %g", l.saap->options().key_budget)
+                                   : absl::StrCat("top-l ", l.saap->options().top_l),
+                               l.saap->header().partitions(),
                                l.saap->header().local_window(), l.saap->header().sink_tokens())
              : l.attention);
 }
@@ -381,6 +391,7 @@ int eval_impl() {
     j["saap"] = {{"index", absl::GetFlag(FLAGS_saap_index)},
                  {"routing", saap::routing_name(l.saap->options().routing)},
                  {"top_l", l.saap->options().top_l},
+                 {"key_budget", l.saap->options().key_budget},
                  {"partitions", l.saap->header().partitions()},
                  {"local_window", l.saap->header().local_window()},
                  {"sink_tokens", l.saap->header().sink_tokens()},
@@ -717,16 +728,16 @@ int guarded(const char* command, int (*body)()) {
 const std::vector<std::string>& eval_flags() {
   static const std::vector<std::string> f = {
       "model", "tokenizer", "text", "data", "context", "stride", "max_tokens", "attention",
-      "num_buckets", "drop_prob", "saap_index", "top_l", "saap_routing", "dtype", "device",
-      "seed", "json", "json_file"};
+      "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "saap_routing", "dtype",
+      "device", "seed", "json", "json_file"};
   return f;
 }
 
 const std::vector<std::string>& generate_flags() {
   static const std::vector<std::string> f = {
       "model", "tokenizer", "prompt", "max_new_tokens", "temperature", "top_p", "seed",
-      "attention", "num_buckets", "drop_prob", "saap_index", "top_l", "saap_routing", "dtype",
-      "device", "json", "json_file"};
+      "attention", "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "saap_routing",
+      "dtype", "device", "json", "json_file"};
   return f;
 }
 

@@ -63,6 +63,9 @@ ABSL_FLAG(std::string, rope_index, "",
           "saap eval: an index fitted with --key-space rope, for the RoPE'd k-means baseline.");
 ABSL_FLAG(bool, perplexity, true,
           "saap eval: also sliding-window perplexity, dense and with SAAP at each --top-l.");
+ABSL_FLAG(std::string, key_budgets, "0.025,0.05,0.1,0.2",
+          "saap eval: also select by these key budgets (fractions of the routable keys, "
+          "partitions in decreasing attention per key), in the routing table and perplexity.");
 ABSL_FLAG(int64_t, perplexity_tokens, 65536, "saap eval: tokens scored for perplexity (0 = all).");
 ABSL_FLAG(bool, needle, true,
           "saap eval: also the pass-key retrieval check, dense and with SAAP at each --top-l.");
@@ -254,6 +257,14 @@ int eval() {
       return command_error(cmd, "--needle-depths: expected fractions in [0, 1]");
     depths.push_back(d);
   }
+  std::vector<double> budgets;
+  for (absl::string_view part :
+       absl::StrSplit(absl::GetFlag(FLAGS_key_budgets), ',', absl::SkipWhitespace())) {
+    double b = 0;
+    if (!absl::SimpleAtod(part, &b) || !(b > 0 && b <= 1))
+      return command_error(cmd, "--key-budgets: expected fractions in (0, 1]");
+    budgets.push_back(b);
+  }
   const int64_t context = absl::GetFlag(FLAGS_context);
   int64_t stride = absl::GetFlag(FLAGS_stride);
   if (stride == 0) stride = std::max<int64_t>(1, context / 2);
@@ -290,6 +301,7 @@ int eval() {
   ro.max_windows = absl::GetFlag(FLAGS_windows);
   ro.queries_per_window = absl::GetFlag(FLAGS_queries_per_window);
   ro.top_l = *top_l;
+  ro.key_budgets = budgets;
   ro.seed = absl::GetFlag(FLAGS_seed);
   auto routing = saap::evaluate_routing(l.model, *index, rope_index ? &*rope_index : nullptr,
                                         *ids, ro, log_line);
@@ -326,7 +338,7 @@ int eval() {
     std::vector<int64_t> scored = *ids;
     const int64_t cap = absl::GetFlag(FLAGS_perplexity_tokens);
     if (cap > 0 && static_cast<int64_t>(scored.size()) > cap) scored.resize(cap);
-    auto run = [&](const char* routing_name, int64_t l_value,
+    auto run = [&](const std::string& routing_name, int64_t l_value,
                    std::shared_ptr<saap::SaapAttentionHook> hook) {
       l.model->set_attention_hook(hook);
       const auto t = std::chrono::steady_clock::now();
@@ -339,7 +351,7 @@ int eval() {
         row["keys_visited"] = hook->stats().visited_fraction();
         row["routed_keys_visited"] = hook->stats().routed_fraction();
       }
-      log_line(absl::StrFormat("[perplexity] %s%s: %.4f over %d tokens%s", routing_name,
+      log_line(absl::StrFormat("[perplexity] %s%s: %.4f over %d tokens%s", routing_name.c_str(),
                                l_value ? absl::StrCat(" l=", l_value) : "", r.perplexity(),
                                r.tokens,
                                hook ? absl::StrFormat(", %.2f%% of keys visited",
@@ -348,6 +360,12 @@ int eval() {
       ppl.push_back(row);
     };
     run("dense", 0, nullptr);
+    for (double b : budgets) {
+      saap::SaapInferenceOptions so;
+      so.key_budget = b;
+      run(absl::StrFormat("saap@%g", b).c_str(), 0,
+          std::make_shared<saap::SaapAttentionHook>(*index, so, l.device));
+    }
     for (saap::Routing routing_kind : {saap::Routing::kClassifier, saap::Routing::kSymmetric}) {
       for (int64_t v : *top_l) {
         saap::SaapInferenceOptions so;
@@ -437,7 +455,7 @@ const std::vector<std::string>& saap_flags() {
       "rope_index", "partitions", "classifier_hidden", "local_window", "sink_tokens",
       "kmeans_keys", "kmeans_iterations", "queries_per_window", "classifier_steps",
       "weight_by_mass", "count_prior", "windows",
-      "key_space", "top_l", "perplexity", "perplexity_tokens", "needle", "needle_depths",
+      "key_space", "top_l", "perplexity", "perplexity_tokens", "key_budgets", "needle", "needle_depths",
       "needle_trials", "dtype", "device", "seed", "json_file"};
   return f;
 }

@@ -28,7 +28,10 @@ SaapAttentionHook::SaapAttentionHook(const SaapIndex& index, const SaapInference
     throw std::invalid_argument(
         "SAAP attention: the index was fitted on RoPE'd keys (a baseline); inference needs "
         "one fitted on pre-RoPE keys");
-  if (options_.top_l < 1 || options_.top_l > C)
+  if (!(options_.key_budget >= 0 && options_.key_budget <= 1))
+    throw std::invalid_argument(absl::StrFormat(
+        "SAAP attention: key budget must be in [0, 1], got %g", options_.key_budget));
+  if (options_.key_budget == 0 && (options_.top_l < 1 || options_.top_l > C))
     throw std::invalid_argument(absl::StrFormat(
         "SAAP attention: top-l must be in [1, partitions = %d], got %d", C, options_.top_l));
   attention_.local_window = header_.local_window();
@@ -89,16 +92,28 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
       header_.count_prior() && options_.routing == Routing::kClassifier;
   // Partition scores, scaled by the keys each partition holds for the query
   // when the classifiers were trained that way.
+  const bool budget = options_.key_budget > 0 && options_.routing != Routing::kAll;
+  const bool need_counts = count_prior || budget;
   auto select = [&](const Tensor& counts /* [B, Hkv, N, C] */) {
     Tensor s = scores(layer, call.q_pre);
-    if (count_prior) s = s + log_count_prior(counts.repeat_interleave(group, 1));
-    return select_partitions(s, l);
+    if (!need_counts) return select_partitions(s, l);
+    Tensor n = counts.repeat_interleave(group, 1);
+    if (!budget) return select_partitions(s + log_count_prior(n), l);
+    // Attention per key: count-aware logits as they are, others less log n.
+    Tensor density = (count_prior || options_.routing != Routing::kClassifier)
+                         ? s
+                         : s - log_count_prior(n);
+    Tensor order = std::get<1>(density.sort(-1, /*descending=*/true));
+    Tensor keys = n.gather(-1, order);
+    Tensor before = keys.cumsum(-1) - keys;
+    Tensor take = before.lt(n.sum(-1, /*keepdim=*/true) * options_.key_budget);
+    return at::where(take, order, at::full({}, -1, order.options()));
   };
   SaapVisitStats st;
   Tensor out;
   if (!call.with_cache) {
     Tensor part = assign_key_partitions(call.k_pre, centroids_[layer]);
-    Tensor counts = count_prior ? routable_counts_per_query(part, C, N, attention_.local_window,
+    Tensor counts = need_counts ? routable_counts_per_query(part, C, N, attention_.local_window,
                                                             attention_.sink_tokens)
                                 : Tensor();
     out = saap_attention(call.q, call.k, call.v, part, select(counts), attention_, &st);
@@ -115,14 +130,14 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
     cache->append(call.k_pre, call.k.narrow(2, T - N, N), call.v.narrow(2, T - N, N));
     if (N == 1) {
       // The cache's partitions hold exactly the new query's routable keys.
-      Tensor counts = count_prior ? cache->partition_length().unsqueeze(2) : Tensor();
+      Tensor counts = need_counts ? cache->partition_length().unsqueeze(2) : Tensor();
       Tensor selected = select(counts);
       out = cache->decode(call.q.select(2, 0), selected.select(2, 0),
                           options_.collect_stats ? &st : nullptr)
                 .unsqueeze(2);
     } else {
       Tensor part = cache->key_partition();
-      Tensor counts = count_prior ? routable_counts_per_query(part, C, N, attention_.local_window,
+      Tensor counts = need_counts ? routable_counts_per_query(part, C, N, attention_.local_window,
                                                               attention_.sink_tokens)
                                   : Tensor();
       out = saap_attention(call.q, call.k, call.v, part, select(counts), attention_, &st);

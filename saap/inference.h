@@ -30,6 +30,10 @@ enum class Routing {
 
 struct SaapInferenceOptions {
   int64_t top_l = 16;  // partitions per query, in [1, C]
+  // > 0: select by key budget instead of top-l: partitions in decreasing
+  // attention per key (count-aware classifier logits) until this fraction of
+  // the query's routable keys is selected (the crossing partition included).
+  double key_budget = 0;
   Routing routing = Routing::kClassifier;
   int64_t chunk_size = 512;  // saap_attention's queries per chunk
   // Count keys visited in one-token decode steps too (a device sync per
