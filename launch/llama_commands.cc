@@ -190,6 +190,8 @@ absl::StatusOr<Loaded> load(bool need_tokenizer) {
   Loaded l;
   const std::string path = absl::GetFlag(FLAGS_model);
   if (path.empty()) return absl::InvalidArgumentError("--model is required");
+  if (absl::GetFlag(FLAGS_attention) == "saap" && absl::GetFlag(FLAGS_saap_index).empty())
+    return absl::InvalidArgumentError("--attention saap needs --saap-index FILE");
   if (!fs::exists(path)) return absl::NotFoundError(absl::StrCat("--model: ", path, " does not exist"));
   auto device = trainer::resolve_device(absl::GetFlag(FLAGS_device));
   if (!device.ok()) return device.status();

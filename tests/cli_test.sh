@@ -36,9 +36,20 @@ for cmd in train eval prepare sample; do
   expect "$cmd --help" 0 "usage: sparseflash $cmd" -- "$bin" "$cmd" --help
   expect "help $cmd" 0 "usage: sparseflash $cmd" -- "$bin" help "$cmd"
 done
-for cmd in generate convert; do
+for cmd in generate convert saap; do
   expect "$cmd --help" 0 "usage: sparseflash $cmd" -- "$bin" "$cmd" --help
 done
+expect "saap needs fit or eval" 1 "expected .saap fit. or .saap eval." -- "$bin" saap
+expect "saap fit needs --saap-index" 1 "--saap-index FILE .the index to write. is required" -- \
+  "$bin" saap fit --model x
+expect "saap fit bad --key-space" 1 "--key-space: expected pre-rope or rope" -- \
+  "$bin" saap fit --model x --saap-index "$tmp/i.saap" --key-space sideways
+expect "saap eval bad --top-l" 1 "--top-l: expected positive integers" -- \
+  "$bin" saap eval --model x --saap-index "$tmp/i.saap" --top-l 0
+expect "eval --attention saap needs an index" 1 "--attention saap needs --saap-index" -- \
+  "$bin" eval --model x --text x --attention saap
+expect "--saap-index without --attention saap" 1 "used with --attention saap only" -- \
+  "$bin" eval --model x --text x --saap-index "$tmp/i.saap"
 expect "eval --help shows the --model form" 0 "eval --model PATH" -- "$bin" eval --help
 expect "train --help lists presets" 0 "presets: .*cpu_default" -- "$bin" train --help
 expect "unknown command" 2 "unknown command 'frobnicate'" -- "$bin" frobnicate
