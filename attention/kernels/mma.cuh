@@ -64,15 +64,19 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
-  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+// Shared-space (32-bit) address of a pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// addr: this lane's row address (shared space), as SmemTile::ldm gives it.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
 
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
-  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -89,16 +93,71 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n"); }
 
 // ---------------------------------------------------------------------------
-// shared-memory tiles: kTileRows rows of D elements, 16-byte chunks XOR-swizzled
+// shared-memory tiles: rows of W 2-byte elements, 16-byte chunks XOR-swizzled
 // by row so that ldmatrix over 8 consecutive rows hits 8 different bank groups.
+
+// Byte offset of element (row, col) in such a tile.
+template <int W>
+__host__ __device__ constexpr uint32_t swizzled_offset(int row, int col) {
+  return static_cast<uint32_t>(row * 2 * W + (((col >> 3) ^ (row & 7)) << 4) + 2 * (col & 7));
+}
+
+// A lane's fixed part of its swizzled addresses. Every access pattern of the
+// kernels is "block origin (r0, c0) + the lane's own (row, col) inside the
+// block" with row, col < 16 and r0 % 8 == 0: the row swizzle (row & 7) then
+// does not depend on r0, so once per kernel
+//   lane = swizzled_offset(row, col)
+// and per access one XOR with a compile-time constant (none when c0 % 64 == 0)
+// and one add that folds into the load's immediate offset:
+//   swizzled_offset(r0 + row, c0 + col) == at(r0, c0).
+// Needs c0 % 8 == 0, and c0 % 16 == 0 when col >= 8 (so that adding col to c0
+// carries into no chunk bit that the swizzle touches).
+template <int W>
+struct SwizzledLane {
+  static_assert(W % 64 == 0, "the swizzle pattern spans 8 chunks of 16 bytes");
+  uint32_t lane;
+  __host__ __device__ constexpr uint32_t at(int r0, int c0) const {
+    return (lane ^ static_cast<uint32_t>((c0 & 56) << 1)) +
+           static_cast<uint32_t>(r0 * 2 * W + (c0 & ~63) * 2);
+  }
+};
+
+// The two ldmatrix_x4 lane patterns over a 16 x 16 block (lane l gives the
+// address of one 8-element row of one of the four 8 x 8 matrices):
+//   "a": matrices (rows 0-7, cols 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15):
+//        an A operand, or a B operand read with .trans;
+//   "b": matrices (0-7, 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15):
+//        two B operands (n-blocks of 8 rows) from a row-major [n][k] tile.
+template <int W>
+__host__ __device__ constexpr SwizzledLane<W> ldm_lane_a(int lane) {
+  return {swizzled_offset<W>(lane % 16, (lane / 16) * 8)};
+}
+template <int W>
+__host__ __device__ constexpr SwizzledLane<W> ldm_lane_b(int lane) {
+  return {swizzled_offset<W>(lane % 8 + (lane / 16) * 8, ((lane / 8) % 2) * 8)};
+}
+// An accumulator fragment's pair of columns (row lane / 4, cols 2 (lane % 4), +1):
+// at(r0, c0) for its element (r0 + lane / 4, c0 + 2 (lane % 4)).
+template <int W>
+__host__ __device__ constexpr SwizzledLane<W> acc_lane(int lane) {
+  return {swizzled_offset<W>(lane / 4, (lane % 4) * 2)};
+}
 
 template <typename T, int D>
 struct SmemTile {
-  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static_assert(sizeof(T) == 2, "2-byte elements");
+  static constexpr uint32_t kRowBytes = 2 * D;
   T* base;
   __device__ __forceinline__ T* at(int row, int col) const {
-    const int chunk = (col >> 3) ^ (row & 7);
-    return base + row * D + chunk * 8 + (col & 7);
+    return reinterpret_cast<T*>(reinterpret_cast<char*>(base) + swizzled_offset<D>(row, col));
+  }
+  // Shared-space address of this lane's part of the block at (r0, c0).
+  __device__ __forceinline__ uint32_t ldm(SwizzledLane<D> l, int r0, int c0) const {
+    return smem_u32(base) + l.at(r0, c0);
+  }
+  // This lane's pair of elements of an accumulator fragment at (r0, c0), as one word.
+  __device__ __forceinline__ uint32_t* pair(SwizzledLane<D> l, int r0, int c0) const {
+    return reinterpret_cast<uint32_t*>(reinterpret_cast<char*>(base) + l.at(r0, c0));
   }
 };
 

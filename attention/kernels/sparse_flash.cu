@@ -353,7 +353,7 @@ struct KeyPipeline {
 // S (16 x 64 per warp) = A_rows(16 x D, from fragments) * B_tile^T (64 rows x D in smem).
 template <typename T, int D>
 __device__ __forceinline__ void gemm_rows_tile_t(float (&s)[8][4], const uint32_t (&a)[D / 16][4],
-                                                 SmemTile<T, D> b_tile, int lane) {
+                                                 SmemTile<T, D> b_tile, SwizzledLane<D> lb) {
 #pragma unroll
   for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
@@ -361,7 +361,7 @@ __device__ __forceinline__ void gemm_rows_tile_t(float (&s)[8][4], const uint32_
 #pragma unroll
     for (int nb2 = 0; nb2 < 4; ++nb2) {
       uint32_t b[4];
-      ldmatrix_x4(b, b_tile.at(nb2 * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
+      ldmatrix_x4(b, b_tile.ldm(lb, nb2 * 16, kk * 16));
       mma_16816<T>(s[2 * nb2], a[kk], b[0], b[1]);
       mma_16816<T>(s[2 * nb2 + 1], a[kk], b[2], b[3]);
     }
@@ -371,17 +371,18 @@ __device__ __forceinline__ void gemm_rows_tile_t(float (&s)[8][4], const uint32_
 // Same, with A read from a smem tile (rows a_row0 .. a_row0 + 15).
 template <typename T, int D>
 __device__ __forceinline__ void gemm_smem_rows_tile_t(float (&s)[8][4], SmemTile<T, D> a_tile,
-                                                      int a_row0, SmemTile<T, D> b_tile, int lane) {
+                                                      int a_row0, SmemTile<T, D> b_tile,
+                                                      SwizzledLane<D> la, SwizzledLane<D> lb) {
 #pragma unroll
   for (int i = 0; i < 8; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[4];
-    ldmatrix_x4(a, a_tile.at(a_row0 + (lane % 8) + ((lane / 8) % 2) * 8, kk * 16 + (lane / 16) * 8));
+    ldmatrix_x4(a, a_tile.ldm(la, a_row0, kk * 16));
 #pragma unroll
     for (int nb2 = 0; nb2 < 4; ++nb2) {
       uint32_t b[4];
-      ldmatrix_x4(b, b_tile.at(nb2 * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
+      ldmatrix_x4(b, b_tile.ldm(lb, nb2 * 16, kk * 16));
       mma_16816<T>(s[2 * nb2], a, b[0], b[1]);
       mma_16816<T>(s[2 * nb2 + 1], a, b[2], b[3]);
     }
@@ -391,7 +392,7 @@ __device__ __forceinline__ void gemm_smem_rows_tile_t(float (&s)[8][4], SmemTile
 // acc (16 x D per warp) += P (16 x 64, accumulator layout) * B_tile (64 rows x D in smem).
 template <typename T, int D>
 __device__ __forceinline__ void gemm_acc_tile(float (&acc)[D / 8][4], const float (&p)[8][4],
-                                              SmemTile<T, D> b_tile, int lane) {
+                                              SmemTile<T, D> b_tile, SwizzledLane<D> la) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     uint32_t a[4];
@@ -402,7 +403,7 @@ __device__ __forceinline__ void gemm_acc_tile(float (&acc)[D / 8][4], const floa
 #pragma unroll
     for (int dn2 = 0; dn2 < D / 16; ++dn2) {
       uint32_t b[4];
-      ldmatrix_x4_trans(b, b_tile.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
+      ldmatrix_x4_trans(b, b_tile.ldm(la, j * 16, dn2 * 16));
       mma_16816<T>(acc[2 * dn2], a, b[0], b[1]);
       mma_16816<T>(acc[2 * dn2 + 1], a, b[2], b[3]);
     }
@@ -411,10 +412,9 @@ __device__ __forceinline__ void gemm_acc_tile(float (&acc)[D / 8][4], const floa
 
 template <typename T, int D>
 __device__ __forceinline__ void load_a_fragments(uint32_t (&a)[D / 16][4], SmemTile<T, D> tile,
-                                                 int row0, int lane) {
+                                                 int row0, SwizzledLane<D> la) {
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(a[kk], tile.at(row0 + (lane % 8) + ((lane / 8) % 2) * 8, kk * 16 + (lane / 16) * 8));
+  for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(a[kk], tile.ldm(la, row0, kk * 16));
 }
 
 // Writes a warp's 16 x D accumulator rows (times `scale`) to original rows.
@@ -478,6 +478,7 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   const int* qperm = p.q_pack.perm ? p.q_pack.perm + q_base : nullptr;
   const int* kperm = p.k_pack.perm ? p.k_pack.perm + k_base : nullptr;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const SwizzledLane<D> la = ldm_lane_a<D>(lane), lb = ldm_lane_b<D>(lane);
 
   load_rows_async<T, D, kT, kBR>(sQ, 0, q, p.q_layout.n, qperm, q0, p.Nq);
 
@@ -505,7 +506,7 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   cp_async_wait_all();
   __syncthreads();
   uint32_t qf[kQInRegs ? D / 16 : 1][4];
-  if constexpr (kQInRegs) load_a_fragments<T, D>(qf, sQ, warp * 16, lane);
+  if constexpr (kQInRegs) load_a_fragments<T, D>(qf, sQ, warp * 16, la);
 
   while (pipe.kt >= 0) {
     pipe.wait_and_prefetch(lane);
@@ -514,9 +515,9 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
     const bool all_allowed = pipe.all_allowed;
     float s[8][4];
     if constexpr (kQInRegs)
-      gemm_rows_tile_t<T, D>(s, qf, sK, lane);
+      gemm_rows_tile_t<T, D>(s, qf, sK, lb);
     else
-      gemm_smem_rows_tile_t<T, D>(s, sQ, warp * 16, sK, lane);
+      gemm_smem_rows_tile_t<T, D>(s, sQ, warp * 16, sK, la, lb);
 
     // Mask, then the online softmax in the log2 domain.
     // Two copies of the loop (with and without the mask) keep the per-element
@@ -567,7 +568,7 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
         l[i] += s[nb][2 * i] + s[nb][2 * i + 1];
       }
     }
-    gemm_acc_tile<T, D>(o, s, sV, lane);
+    gemm_acc_tile<T, D>(o, s, sV, la);
 
     pipe.advance();
   }
@@ -648,6 +649,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
                                       kperm, k0, f.Nk);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const SwizzledLane<D> la = ldm_lane_a<D>(lane), lb = ldm_lane_b<D>(lane);
+  // dS^T tile (kRows columns): stores of accumulator pairs, B-pattern loads.
+  const SwizzledLane<kRows> ds_acc = acc_lane<kRows>(lane), ds_lb = ldm_lane_b<kRows>(lane);
   const TileRange* qtiles0 = f.q_pack.tiles + static_cast<int64_t>(b * f.H + hk * group) * nqt;
   const bool q_identity = f.q_pack.perm == nullptr;
   int g = 0;
@@ -757,8 +761,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   __syncthreads();
   uint32_t kf[kKVInRegs ? D / 16 : 1][4], vf[kKVInRegs ? D / 16 : 1][4];
   if constexpr (kKVInRegs) {
-    load_a_fragments<T, D>(kf, sK, warp * 16, lane);
-    load_a_fragments<T, D>(vf, sV, warp * 16, lane);
+    load_a_fragments<T, D>(kf, sK, warp * 16, la);
+    load_a_fragments<T, D>(vf, sV, warp * 16, la);
   }
 
   int bf = 0;
@@ -825,8 +829,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
 #pragma unroll
           for (int nb2 = 0; nb2 < 4; ++nb2) {
             uint32_t bq[4], bo[4];
-            ldmatrix_x4(bq, sQ.at(nb2 * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
-            ldmatrix_x4(bo, sdO.at(nb2 * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
+            ldmatrix_x4(bq, sQ.ldm(lb, nb2 * 16, kk * 16));
+            ldmatrix_x4(bo, sdO.ldm(lb, nb2 * 16, kk * 16));
             mma_16816<T>(s[2 * nb2], kf[kk], bq[0], bq[1]);
             mma_16816<T>(dp[2 * nb2], vf[kk], bo[0], bo[1]);
             mma_16816<T>(s[2 * nb2 + 1], kf[kk], bq[2], bq[3]);
@@ -853,11 +857,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
           dsf[j][2] = Pack2<T>::pack(dp[2 * j + 1][0], dp[2 * j + 1][1]);
           dsf[j][3] = Pack2<T>::pack(dp[2 * j + 1][2], dp[2 * j + 1][3]);
           if constexpr (kAtomicDq) {  // dS^T rows of this warp's keys, for dQ below
-            const int r = warp * 16 + lane / 4, c = j * 16 + (lane % 4) * 2;
-            *reinterpret_cast<uint32_t*>(sdS.at(r, c)) = dsf[j][0];
-            *reinterpret_cast<uint32_t*>(sdS.at(r + 8, c)) = dsf[j][1];
-            *reinterpret_cast<uint32_t*>(sdS.at(r, c + 8)) = dsf[j][2];
-            *reinterpret_cast<uint32_t*>(sdS.at(r + 8, c + 8)) = dsf[j][3];
+            *sdS.pair(ds_acc, warp * 16, j * 16) = dsf[j][0];
+            *sdS.pair(ds_acc, warp * 16 + 8, j * 16) = dsf[j][1];
+            *sdS.pair(ds_acc, warp * 16, j * 16 + 8) = dsf[j][2];
+            *sdS.pair(ds_acc, warp * 16 + 8, j * 16 + 8) = dsf[j][3];
           }
         }
         // dV += P^T dO and dK += dS^T Q side by side.
@@ -866,8 +869,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
 #pragma unroll
           for (int dn2 = 0; dn2 < D / 16; ++dn2) {
             uint32_t bo[4], bq[4];
-            ldmatrix_x4_trans(bo, sdO.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
-            ldmatrix_x4_trans(bq, sQ.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
+            ldmatrix_x4_trans(bo, sdO.ldm(la, j * 16, dn2 * 16));
+            ldmatrix_x4_trans(bq, sQ.ldm(la, j * 16, dn2 * 16));
             mma_16816<T>(dv[2 * dn2], pf[j], bo[0], bo[1]);
             mma_16816<T>(dk[2 * dn2], dsf[j], bq[0], bq[1]);
             mma_16816<T>(dv[2 * dn2 + 1], pf[j], bo[2], bo[3]);
@@ -876,9 +879,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
         }
       } else {
         // S^T = K Q^T: keys are this warp's rows, queries the columns.
-        gemm_smem_rows_tile_t<T, D>(s, sK, warp * 16, sQ, lane);
+        gemm_smem_rows_tile_t<T, D>(s, sK, warp * 16, sQ, la, lb);
         apply_probs();
-        gemm_acc_tile<T, D>(dv, s, sdO, lane);  // dV += P^T dO
+        gemm_acc_tile<T, D>(dv, s, sdO, la);  // dV += P^T dO
 
         // dS^T = P^T * (V dO^T - delta), dK += dS^T Q, 32 query columns at a
         // time (dK, dV, P^T and dP^T all in registers at D = 128 would spill).
@@ -891,11 +894,11 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
 #pragma unroll
           for (int kk = 0; kk < D / 16; ++kk) {
             uint32_t a[4];
-            ldmatrix_x4(a, sV.at(warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8, kk * 16 + (lane / 16) * 8));
+            ldmatrix_x4(a, sV.ldm(la, warp * 16, kk * 16));
 #pragma unroll
             for (int jj = 0; jj < kJ; ++jj) {
               uint32_t bb[4];
-              ldmatrix_x4(bb, sdO.at((j0 + jj) * 16 + (lane % 8) + (lane / 16) * 8, kk * 16 + ((lane / 8) % 2) * 8));
+              ldmatrix_x4(bb, sdO.ldm(lb, (j0 + jj) * 16, kk * 16));
               mma_16816<T>(dp[2 * jj], a, bb[0], bb[1]);
               mma_16816<T>(dp[2 * jj + 1], a, bb[2], bb[3]);
             }
@@ -915,16 +918,15 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
             a[2] = Pack2<T>::pack(s[2 * j + 1][0], s[2 * j + 1][1]);
             a[3] = Pack2<T>::pack(s[2 * j + 1][2], s[2 * j + 1][3]);
             if constexpr (kAtomicDq) {  // dS^T rows of this warp's keys, for dQ below
-              const int r = warp * 16 + lane / 4, c = j * 16 + (lane % 4) * 2;
-              *reinterpret_cast<uint32_t*>(sdS.at(r, c)) = a[0];
-              *reinterpret_cast<uint32_t*>(sdS.at(r + 8, c)) = a[1];
-              *reinterpret_cast<uint32_t*>(sdS.at(r, c + 8)) = a[2];
-              *reinterpret_cast<uint32_t*>(sdS.at(r + 8, c + 8)) = a[3];
+              *sdS.pair(ds_acc, warp * 16, j * 16) = a[0];
+              *sdS.pair(ds_acc, warp * 16 + 8, j * 16) = a[1];
+              *sdS.pair(ds_acc, warp * 16, j * 16 + 8) = a[2];
+              *sdS.pair(ds_acc, warp * 16 + 8, j * 16 + 8) = a[3];
             }
 #pragma unroll
             for (int dn2 = 0; dn2 < D / 16; ++dn2) {
               uint32_t bq[4];
-              ldmatrix_x4_trans(bq, sQ.at(j * 16 + (lane % 8) + ((lane / 8) % 2) * 8, dn2 * 16 + (lane / 16) * 8));
+              ldmatrix_x4_trans(bq, sQ.ldm(la, j * 16, dn2 * 16));
               mma_16816<T>(dk[2 * dn2], a, bq[0], bq[1]);
               mma_16816<T>(dk[2 * dn2 + 1], a, bq[2], bq[3]);
             }
@@ -944,22 +946,31 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
       float dq[kCols / 8][4];
 #pragma unroll
       for (int i = 0; i < kCols / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
-      bool any = false;
+      unsigned active_warps = 0;  // bit kk: warp kk's keys met the query tile
 #pragma unroll
-      for (int kk = 0; kk < kBwdWarps; ++kk) {
-        if (!warp_active[kk]) continue;
-        any = true;
+      for (int kk = 0; kk < kBwdWarps; ++kk) active_warps |= warp_active[kk] ? 1u << kk : 0u;
+      // This lane's addresses for the keys of warp 0; warp kk's are 16 kk rows
+      // on. A rolled loop over the active warps keeps them in registers (the
+      // unrolled, skippable steps had them recomputed from the lane index in
+      // every step).
+      const uint32_t ds_addr = sdS.ldm(ds_lb, 0, qr0);
+      uint32_t k_addr[kCols / 16];
+#pragma unroll
+      for (int dn2 = 0; dn2 < kCols / 16; ++dn2) k_addr[dn2] = sK.ldm(la, 0, c0 + dn2 * 16);
+#pragma unroll 1
+      for (unsigned m = active_warps; m != 0; m &= m - 1) {
+        const int kk = __ffs(m) - 1;
         uint32_t a[4];
-        ldmatrix_x4_trans(a, sdS.at(kk * 16 + (lane % 8) + (lane / 16) * 8, qr0 + ((lane / 8) % 2) * 8));
+        ldmatrix_x4_trans(a, ds_addr + kk * 16 * sdS.kRowBytes);
 #pragma unroll
         for (int dn2 = 0; dn2 < kCols / 16; ++dn2) {
           uint32_t bk[4];
-          ldmatrix_x4_trans(bk, sK.at(kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8, c0 + dn2 * 16 + (lane / 16) * 8));
+          ldmatrix_x4_trans(bk, k_addr[dn2] + kk * 16 * sK.kRowBytes);
           mma_16816<T>(dq[2 * dn2], a, bk[0], bk[1]);
           mma_16816<T>(dq[2 * dn2 + 1], a, bk[2], bk[3]);
         }
       }
-      if (any) {
+      if (active_warps != 0) {
         const int bh = b * f.H + hk * group + cg;
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -1044,6 +1055,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const T* k = head_ptr<T>(f.k, f.k_layout, b, hk);
   const T* v = head_ptr<T>(f.v, f.v_layout, b, hk);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const SwizzledLane<D> la = ldm_lane_a<D>(lane), lb = ldm_lane_b<D>(lane);
 
   load_rows_async<T, D, kT, kBR>(sQ, 0, head_ptr<T>(f.q, f.q_layout, b, h), f.q_layout.n, qperm,
                                  q0, f.Nq);
@@ -1074,8 +1086,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   __syncthreads();
   uint32_t qf[kQInRegs ? D / 16 : 1][4], dof[kQInRegs ? D / 16 : 1][4];
   if constexpr (kQInRegs) {
-    load_a_fragments<T, D>(qf, sQ, warp * 16, lane);
-    load_a_fragments<T, D>(dof, sdO, warp * 16, lane);
+    load_a_fragments<T, D>(qf, sQ, warp * 16, la);
+    load_a_fragments<T, D>(dof, sdO, warp * 16, la);
   }
   float dq[D / 8][4];
 #pragma unroll
@@ -1088,11 +1100,11 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     const bool all_allowed = pipe.all_allowed;
     float s[8][4], dp[8][4];
     if constexpr (kQInRegs) {
-      gemm_rows_tile_t<T, D>(s, qf, sK, lane);    // S = Q K^T
-      gemm_rows_tile_t<T, D>(dp, dof, sV, lane);  // dP = dO V^T
+      gemm_rows_tile_t<T, D>(s, qf, sK, lb);    // S = Q K^T
+      gemm_rows_tile_t<T, D>(dp, dof, sV, lb);  // dP = dO V^T
     } else {
-      gemm_smem_rows_tile_t<T, D>(s, sQ, warp * 16, sK, lane);
-      gemm_smem_rows_tile_t<T, D>(dp, sdO, warp * 16, sV, lane);
+      gemm_smem_rows_tile_t<T, D>(s, sQ, warp * 16, sK, la, lb);
+      gemm_smem_rows_tile_t<T, D>(dp, sdO, warp * 16, sV, la, lb);
     }
     auto grad_scores = [&](auto masked) {  // dS = P * (dP - delta)
 #pragma unroll
@@ -1115,7 +1127,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       grad_scores(std::false_type{});
     else
       grad_scores(std::true_type{});
-    gemm_acc_tile<T, D>(dq, s, sK, lane);  // dQ += dS K
+    gemm_acc_tile<T, D>(dq, s, sK, la);  // dQ += dS K
 
     pipe.advance();
   }

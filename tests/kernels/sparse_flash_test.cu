@@ -45,6 +45,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include "attention/kernels/mma.cuh"
 #include "attention/kernels/sparse_flash.h"
 #include "tests/kernels/cpu_reference.h"
 
@@ -1177,6 +1178,83 @@ INSTANTIATE_TEST_SUITE_P(
         << "_off" << c.position_offset;
       return s.str();
     });
+
+// ---------------------------------------------------------------------------
+// CPU: the swizzled shared-memory addressing of the kernels (attention/kernels/mma.cuh).
+// The kernels precompute one per-lane offset and add compile-time block
+// offsets (SwizzledLane); these tests check that this equals the tile layout,
+// element by element, for every lane, block origin and pattern the kernels use.
+
+// The tile layout written out: rows of W 2-byte elements, the 16-byte chunk
+// index XORed with row % 8.
+template <int W>
+uint32_t reference_offset(int row, int col) {
+  const int chunk = (col / 8) ^ (row % 8);
+  return static_cast<uint32_t>(2 * (row * W + chunk * 8 + col % 8));
+}
+
+// Lane l's own (row, col) inside a block, for each access pattern.
+struct LanePattern {
+  const char* name;
+  int (*row)(int), (*col)(int);
+  int col_step;  // block origins c0 are multiples of this
+};
+const LanePattern kLanePatterns[] = {
+    {"ldmatrix a", [](int l) { return l % 16; }, [](int l) { return (l / 16) * 8; }, 16},
+    {"ldmatrix b", [](int l) { return l % 8 + (l / 16) * 8; }, [](int l) { return ((l / 8) % 2) * 8; }, 16},
+    {"accumulator pair", [](int l) { return l / 4; }, [](int l) { return (l % 4) * 2; }, 8},
+};
+
+template <int W>
+sfk::SwizzledLane<W> lane_offsets(int pattern, int lane) {
+  if (pattern == 0) return sfk::ldm_lane_a<W>(lane);
+  if (pattern == 1) return sfk::ldm_lane_b<W>(lane);
+  return sfk::acc_lane<W>(lane);
+}
+
+template <int W>
+void check_swizzled_lanes() {
+  constexpr int kTileRows = 128;  // the largest tile (dK/dV keys)
+  // The layout is a permutation of the tile: no two elements share bytes.
+  std::vector<int> owner(2 * kTileRows * W, 0);
+  for (int r = 0; r < kTileRows; ++r)
+    for (int c = 0; c < W; ++c) {
+      ASSERT_EQ(sfk::swizzled_offset<W>(r, c), reference_offset<W>(r, c)) << "row " << r << " col " << c;
+      ++owner[reference_offset<W>(r, c) / 2];
+    }
+  EXPECT_EQ(std::count(owner.begin(), owner.end(), 1), kTileRows * W);
+
+  int64_t checked = 0;
+  for (int pi = 0; pi < 3; ++pi) {
+    const LanePattern& pat = kLanePatterns[pi];
+    for (int lane = 0; lane < 32; ++lane) {
+      const sfk::SwizzledLane<W> l = lane_offsets<W>(pi, lane);
+      for (int r0 = 0; r0 + 16 <= kTileRows; r0 += 8)
+        for (int c0 = 0; c0 + pat.col_step <= W; c0 += pat.col_step) {
+          const int row = r0 + pat.row(lane), col = c0 + pat.col(lane);
+          ASSERT_EQ(l.at(r0, c0), reference_offset<W>(row, col))
+              << pat.name << " W " << W << " lane " << lane << " r0 " << r0 << " c0 " << c0;
+          // Moving the block down by 16 rows is a plain add (the dQ loop's
+          // addresses for key warp kk are 16 kk rows on from warp 0's).
+          if (r0 + 32 <= kTileRows)
+            ASSERT_EQ(l.at(r0 + 16, c0), l.at(r0, c0) + 16 * 2 * W) << pat.name << " lane " << lane;
+          ++checked;
+        }
+    }
+  }
+  // The accumulator pattern stores two adjacent elements as one word.
+  for (int lane = 0; lane < 32; ++lane)
+    for (int r0 = 0; r0 + 16 <= kTileRows; r0 += 8)
+      for (int c0 = 0; c0 + 8 <= W; c0 += 8)
+        ASSERT_EQ(reference_offset<W>(r0 + lane / 4, c0 + (lane % 4) * 2 + 1),
+                  sfk::acc_lane<W>(lane).at(r0, c0) + 2);
+  EXPECT_GT(checked, 0);
+}
+
+TEST(SwizzledLane, MatchesTileLayoutForEveryLaneAndBlock) {
+  check_swizzled_lanes<64>();
+  check_swizzled_lanes<128>();
+}
 
 }  // namespace
 }  // namespace sparseflash::kernels_test
