@@ -175,7 +175,8 @@ absl::StatusOr<std::shared_ptr<saap::SaapAttentionHook>> saap_hook_from_flags(co
   else
     return absl::InvalidArgumentError(absl::StrCat(
         "--saap-routing: expected classifier, symmetric or all, got \"", routing, "\""));
-  if (o.key_budget == 0 && o.top_l > index->header.partitions())
+  if (o.key_budget == 0 && o.routing != saap::Routing::kAll &&
+      o.top_l > index->header.partitions())
     return absl::InvalidArgumentError(absl::StrCat("--top-l ", o.top_l, " exceeds the index's ",
                                                    index->header.partitions(), " partitions"));
   try {

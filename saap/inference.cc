@@ -31,7 +31,8 @@ SaapAttentionHook::SaapAttentionHook(const SaapIndex& index, const SaapInference
   if (!(options_.key_budget >= 0 && options_.key_budget <= 1))
     throw std::invalid_argument(absl::StrFormat(
         "SAAP attention: key budget must be in [0, 1], got %g", options_.key_budget));
-  if (options_.key_budget == 0 && (options_.top_l < 1 || options_.top_l > C))
+  if (options_.key_budget == 0 && options_.routing != Routing::kAll &&
+      (options_.top_l < 1 || options_.top_l > C))
     throw std::invalid_argument(absl::StrFormat(
         "SAAP attention: top-l must be in [1, partitions = %d], got %d", C, options_.top_l));
   attention_.local_window = header_.local_window();

@@ -1,0 +1,217 @@
+// SAAP on a (tiny, random) Llama: fitting an index through the model's
+// attention hook, the routing evaluation, and the inference hook, which with
+// every partition selected must reproduce the dense model exactly (logits and
+// greedy generation through the partitioned decode cache).
+#include <gtest/gtest.h>
+
+#include <stdlib.h>
+
+#include <cmath>
+#include <map>
+#include <random>
+
+#include <ATen/ATen.h>
+#include <torch/torch.h>
+
+#include "model/llama.h"
+#include "saap/calibrate.h"
+#include "saap/index.h"
+#include "saap/inference.h"
+#include "tests/test_util.h"
+
+namespace sparseflash::saap {
+namespace {
+
+checkpoint::LlamaConfig tiny_config() {
+  checkpoint::LlamaConfig c;
+  c.vocab_size = 97;
+  c.hidden_size = 64;
+  c.intermediate_size = 96;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 16;
+  c.max_position_embeddings = 1024;
+  c.rope_theta = 5000;
+  return c;
+}
+
+// Fresh random weights (seeded from the test's random device, printed on failure).
+model::Llama random_llama(uint64_t seed) {
+  torch::manual_seed(seed);
+  model::Llama m(tiny_config(), std::vector<attention::Options>{attention::Options{}});
+  torch::NoGradGuard no_grad;
+  for (auto& p : m->named_parameters()) {
+    if (p.key().find("norm") != std::string::npos) p.value().copy_(1 + 0.1 * torch::randn_like(p.value()));
+    else p.value().normal_(0, 0.3);
+  }
+  m->eval();
+  return m;
+}
+
+std::vector<int64_t> random_ids(int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int64_t> ids(n);
+  for (auto& id : ids) id = static_cast<int64_t>(rng() % 97);
+  return ids;
+}
+
+FitOptions small_fit() {
+  FitOptions o;
+  o.context = 160;
+  o.partitions = 8;
+  o.hidden = 16;
+  o.local_window = 8;
+  o.sink_tokens = 2;
+  o.kmeans_keys = 256;
+  o.kmeans_iterations = 10;
+  o.queries_per_window = 96;
+  o.train.steps = 60;
+  o.train.batch_size = 64;
+  o.train.recall_at = {1, 2, 4};
+  return o;
+}
+
+class SaapLlama : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    seed_ = std::random_device{}();
+    RecordProperty("seed", std::to_string(seed_));
+    model_ = random_llama(seed_);
+    ids_ = random_ids(480, seed_ + 1);
+  }
+  uint64_t seed_ = 0;
+  model::Llama model_{nullptr};
+  std::vector<int64_t> ids_;
+};
+
+TEST_F(SaapLlama, FitWritesAConsistentIndexThatRoundTrips) {
+  FitReport report;
+  SaapIndex index = fit_saap_index(model_, "fnv1a64:tiny", ids_, small_fit(), &report);
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  EXPECT_EQ(report.windows, 3);
+  EXPECT_EQ(report.tokens, 480);
+  EXPECT_EQ(report.queries_per_head, 3 * 96);
+  EXPECT_GE(report.keys_per_head, 8);
+  ASSERT_EQ(index.layers.size(), 2u);
+  EXPECT_TRUE(index.header.pre_rope_keys());
+  EXPECT_TRUE(index.header.count_prior());
+  EXPECT_EQ(index.header.local_window(), 8);
+  EXPECT_EQ(index.header.sink_tokens(), 2);
+  EXPECT_TRUE(validate_saap_index(index).ok());
+  for (size_t i = 0; i < report.classifier.recall_at.size(); ++i) {
+    EXPECT_GT(report.classifier.recall[i], 0);
+    EXPECT_LE(report.classifier.recall[i], report.classifier.oracle_recall[i] + 1e-6);
+  }
+  char dir_template[] = "/tmp/saap_llama_test_XXXXXX";
+  ASSERT_NE(mkdtemp(dir_template), nullptr);
+  const std::string dir = dir_template;
+  const std::string path = dir + "/tiny.saap";
+  ASSERT_TRUE(write_saap_index(path, index).ok());
+  auto back = load_saap_index(path, "fnv1a64:tiny");
+  ASSERT_TRUE(back.ok()) << back.status();
+  for (size_t l = 0; l < index.layers.size(); ++l) {
+    EXPECT_TRUE(back->layers[l].centroids.equal(index.layers[l].centroids));
+    EXPECT_TRUE(back->layers[l].w2.equal(index.layers[l].w2));
+  }
+  EXPECT_FALSE(load_saap_index(path, "fnv1a64:other").ok());
+  test_util::remove_tree(dir);
+}
+
+TEST_F(SaapLlama, AllPartitionsReproduceTheDenseModel) {
+  SaapIndex index = fit_saap_index(model_, "id", ids_, small_fit(), nullptr);
+  torch::NoGradGuard no_grad;
+  Tensor x = at::tensor(std::vector<int64_t>(ids_.begin(), ids_.begin() + 200)).view({1, -1});
+  Tensor dense = model_->forward(x);
+  SaapInferenceOptions all;
+  all.routing = Routing::kAll;
+  auto hook = std::make_shared<SaapAttentionHook>(index, all, at::kCPU);
+  model_->set_attention_hook(hook);
+  Tensor saap = model_->forward(x);
+  EXPECT_LT((saap - dense).abs().max().item<double>(), 1e-4) << "seed " << seed_;
+  EXPECT_NEAR(hook->stats().visited_fraction(), 1.0, 1e-12);
+
+  // Greedy generation: prompt prefill, then one-token steps through the
+  // partitioned decode cache (CPU reference path), with rebuilds on the way.
+  std::vector<int64_t> prompt(ids_.begin(), ids_.begin() + 40);
+  model::SamplingOptions greedy;
+  auto with_hook = model_->generate(prompt, 24, greedy);
+  model_->set_attention_hook(nullptr);
+  auto without = model_->generate(prompt, 24, greedy);
+  EXPECT_EQ(with_hook, without) << "seed " << seed_;
+}
+
+TEST_F(SaapLlama, FewPartitionsVisitFewerKeysAndChangeTheOutput) {
+  SaapIndex index = fit_saap_index(model_, "id", ids_, small_fit(), nullptr);
+  torch::NoGradGuard no_grad;
+  Tensor x = at::tensor(std::vector<int64_t>(ids_.begin(), ids_.begin() + 300)).view({1, -1});
+  Tensor dense = model_->forward(x);
+  SaapInferenceOptions two;
+  two.top_l = 2;
+  auto hook = std::make_shared<SaapAttentionHook>(index, two, at::kCPU);
+  model_->set_attention_hook(hook);
+  Tensor saap = model_->forward(x);
+  model_->set_attention_hook(nullptr);
+  EXPECT_TRUE(at::isfinite(saap).all().item<bool>());
+  EXPECT_GT((saap - dense).abs().max().item<double>(), 1e-4);
+  EXPECT_LT(hook->stats().visited_fraction(), 0.9);
+  EXPECT_GT(hook->stats().routed_fraction(), 0.0);
+  EXPECT_LT(hook->stats().routed_fraction(), 0.9);
+  SaapInferenceOptions bad;
+  bad.top_l = 9;  // C = 8
+  EXPECT_THROW(SaapAttentionHook(index, bad, at::kCPU), std::invalid_argument);
+}
+
+TEST_F(SaapLlama, RoutingEvaluationRanksTheOracleFirst) {
+  SaapIndex index = fit_saap_index(model_, "id", ids_, small_fit(), nullptr);
+  FitOptions rope_fit = small_fit();
+  rope_fit.pre_rope_keys = false;
+  SaapIndex rope = fit_saap_index(model_, "id", ids_, rope_fit, nullptr);
+  RoutingEvalOptions o;
+  o.context = 160;
+  o.queries_per_window = 64;
+  o.top_l = {1, 2, 4};
+  o.key_budgets = {0.25, 0.5};
+  auto report = evaluate_routing(model_, index, &rope, ids_, o);
+  std::map<std::pair<std::string, int64_t>, RoutingRow> rows;
+  for (const auto& r : report.rows)
+    if (r.l > 0) rows[{r.method, r.l}] = r;
+  for (const char* m : {"saap", "symmetric", "symmetric_dot", "rope_kmeans", "rope_saap", "random",
+                        "oracle"})
+    for (int64_t l : o.top_l) ASSERT_TRUE(rows.count({m, l})) << m << " l=" << l;
+  for (int64_t l : o.top_l) {
+    for (const char* m : {"saap", "symmetric", "random"}) {
+      const auto& r = rows[{m, l}];
+      const double oracle = rows[{"oracle", l}].recall;
+      EXPECT_LE(r.recall, oracle + 1e-9) << m << " l=" << l;
+      EXPECT_GE(r.recall, 0);
+      EXPECT_GT(r.keys_visited, 0);
+      EXPECT_LE(r.keys_visited, 1 + 1e-9);
+      EXPECT_LE(r.attention_kept, 1 + 1e-6);
+    }
+    if (l > 1) {
+      const double now = rows[{"saap", l}].recall, before = rows[{"saap", l / 2}].recall;
+      EXPECT_GE(now, before - 1e-9) << "l=" << l;
+    }
+  }
+  EXPECT_EQ(report.windows, 3);
+  EXPECT_GT(report.mean_routed_mass, 0);
+  EXPECT_LT(report.mean_routed_mass, 1);
+  // Budget rows select at most about the budget (plus the crossing partition).
+  int budget_rows = 0;
+  for (const auto& r : report.rows)
+    if (r.l == 0) {
+      ++budget_rows;
+      EXPECT_GE(r.routed_keys_visited, 0) << r.method;
+      EXPECT_LE(r.routed_keys_visited, 1 + 1e-9) << r.method;
+    }
+  EXPECT_EQ(budget_rows, 7 * 2);
+  // An index of another shape is refused.
+  SaapIndex wrong = index;
+  wrong.header.set_num_kv_heads(4);
+  EXPECT_THROW(evaluate_routing(model_, wrong, nullptr, ids_, o), std::invalid_argument);
+  EXPECT_THROW(evaluate_routing(model_, rope, nullptr, ids_, o), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace sparseflash::saap
