@@ -67,6 +67,9 @@ ABSL_FLAG(std::string, top_l, "16",
 ABSL_FLAG(double, key_budget, 0,
           "--attention saap: > 0 selects partitions by key budget instead of --top-l: in "
           "decreasing attention per key until this fraction of the routable keys.");
+ABSL_FLAG(double, mass_threshold, 0,
+          "--attention saap: > 0 selects, per query, the fewest partitions whose predicted share "
+          "of the routed attention reaches this value (overrides --top-l and --key-budget).");
 ABSL_FLAG(std::string, saap_routing, "classifier",
           "--attention saap: how queries choose partitions: classifier (SAAP), symmetric (the "
           "nearest key centroids, a baseline) or all (every partition: dense, for checks).");
@@ -165,6 +168,10 @@ absl::StatusOr<std::shared_ptr<saap::SaapAttentionHook>> saap_hook_from_flags(co
   saap::SaapInferenceOptions o;
   o.top_l = (*top_l)[0];
   o.key_budget = absl::GetFlag(FLAGS_key_budget);
+  o.mass_threshold = absl::GetFlag(FLAGS_mass_threshold);
+  if (!(o.mass_threshold >= 0 && o.mass_threshold <= 1))
+    return absl::InvalidArgumentError(absl::StrCat("--mass-threshold must be in [0, 1], got ",
+                                                   o.mass_threshold));
   if (!(o.key_budget >= 0 && o.key_budget <= 1))
     return absl::InvalidArgumentError(absl::StrCat("--key-budget must be in [0, 1], got ",
                                                    o.key_budget));
@@ -175,7 +182,7 @@ absl::StatusOr<std::shared_ptr<saap::SaapAttentionHook>> saap_hook_from_flags(co
   else
     return absl::InvalidArgumentError(absl::StrCat(
         "--saap-routing: expected classifier, symmetric or all, got \"", routing, "\""));
-  if (o.key_budget == 0 && o.routing != saap::Routing::kAll &&
+  if (o.key_budget == 0 && o.mass_threshold == 0 && o.routing != saap::Routing::kAll &&
       o.top_l > index->header.partitions())
     return absl::InvalidArgumentError(absl::StrCat("--top-l ", o.top_l, " exceeds the index's ",
                                                    index->header.partitions(), " partitions"));
@@ -395,6 +402,7 @@ int eval_impl() {
                  {"routing", saap::routing_name(l.saap->options().routing)},
                  {"top_l", l.saap->options().top_l},
                  {"key_budget", l.saap->options().key_budget},
+                 {"mass_threshold", l.saap->options().mass_threshold},
                  {"partitions", l.saap->header().partitions()},
                  {"local_window", l.saap->header().local_window()},
                  {"sink_tokens", l.saap->header().sink_tokens()},
@@ -731,16 +739,16 @@ int guarded(const char* command, int (*body)()) {
 const std::vector<std::string>& eval_flags() {
   static const std::vector<std::string> f = {
       "model", "tokenizer", "text", "data", "context", "stride", "max_tokens", "attention",
-      "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "saap_routing", "dtype",
-      "device", "seed", "json", "json_file"};
+      "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "mass_threshold",
+      "saap_routing", "dtype", "device", "seed", "json", "json_file"};
   return f;
 }
 
 const std::vector<std::string>& generate_flags() {
   static const std::vector<std::string> f = {
       "model", "tokenizer", "prompt", "max_new_tokens", "temperature", "top_p", "seed",
-      "attention", "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "saap_routing",
-      "dtype", "device", "json", "json_file"};
+      "attention", "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "mass_threshold",
+      "saap_routing", "dtype", "device", "json", "json_file"};
   return f;
 }
 

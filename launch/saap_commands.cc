@@ -66,6 +66,9 @@ ABSL_FLAG(bool, perplexity, true,
 ABSL_FLAG(std::string, key_budgets, "0.025,0.05,0.1,0.2",
           "saap eval: also select by these key budgets (fractions of the routable keys, "
           "partitions in decreasing attention per key), in the routing table and perplexity.");
+ABSL_FLAG(std::string, mass_thresholds, "0.5,0.7,0.9",
+          "saap eval: also perplexity with SAAP selecting, per query, the fewest partitions whose "
+          "predicted share of the routed attention reaches each of these values.");
 ABSL_FLAG(int64_t, perplexity_tokens, 65536, "saap eval: tokens scored for perplexity (0 = all).");
 ABSL_FLAG(bool, needle, true,
           "saap eval: also the pass-key retrieval check, dense and with SAAP at each --top-l.");
@@ -265,6 +268,14 @@ int eval() {
       return command_error(cmd, "--key-budgets: expected fractions in (0, 1]");
     budgets.push_back(b);
   }
+  std::vector<double> thresholds;
+  for (absl::string_view part :
+       absl::StrSplit(absl::GetFlag(FLAGS_mass_thresholds), ',', absl::SkipWhitespace())) {
+    double t = 0;
+    if (!absl::SimpleAtod(part, &t) || !(t > 0 && t <= 1))
+      return command_error(cmd, "--mass-thresholds: expected fractions in (0, 1]");
+    thresholds.push_back(t);
+  }
   const int64_t context = absl::GetFlag(FLAGS_context);
   int64_t stride = absl::GetFlag(FLAGS_stride);
   if (stride == 0) stride = std::max<int64_t>(1, context / 2);
@@ -366,6 +377,12 @@ int eval() {
       run(absl::StrFormat("saap@%g", b).c_str(), 0,
           std::make_shared<saap::SaapAttentionHook>(*index, so, l.device));
     }
+    for (double t : thresholds) {
+      saap::SaapInferenceOptions so;
+      so.mass_threshold = t;
+      run(absl::StrFormat("saap-p%g", t), 0,
+          std::make_shared<saap::SaapAttentionHook>(*index, so, l.device));
+    }
     for (saap::Routing routing_kind : {saap::Routing::kClassifier, saap::Routing::kSymmetric}) {
       for (int64_t v : *top_l) {
         saap::SaapInferenceOptions so;
@@ -455,7 +472,7 @@ const std::vector<std::string>& saap_flags() {
       "rope_index", "partitions", "classifier_hidden", "local_window", "sink_tokens",
       "kmeans_keys", "kmeans_iterations", "queries_per_window", "classifier_steps",
       "weight_by_mass", "count_prior", "windows",
-      "key_space", "top_l", "perplexity", "perplexity_tokens", "key_budgets", "needle", "needle_depths",
+      "key_space", "top_l", "perplexity", "perplexity_tokens", "key_budgets", "mass_thresholds", "needle", "needle_depths",
       "needle_trials", "dtype", "device", "seed", "json_file"};
   return f;
 }

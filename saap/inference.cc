@@ -31,7 +31,11 @@ SaapAttentionHook::SaapAttentionHook(const SaapIndex& index, const SaapInference
   if (!(options_.key_budget >= 0 && options_.key_budget <= 1))
     throw std::invalid_argument(absl::StrFormat(
         "SAAP attention: key budget must be in [0, 1], got %g", options_.key_budget));
-  if (options_.key_budget == 0 && options_.routing != Routing::kAll &&
+  if (!(options_.mass_threshold >= 0 && options_.mass_threshold <= 1))
+    throw std::invalid_argument(absl::StrFormat(
+        "SAAP attention: mass threshold must be in [0, 1], got %g", options_.mass_threshold));
+  if (options_.key_budget == 0 && options_.mass_threshold == 0 &&
+      options_.routing != Routing::kAll &&
       (options_.top_l < 1 || options_.top_l > C))
     throw std::invalid_argument(absl::StrFormat(
         "SAAP attention: top-l must be in [1, partitions = %d], got %d", C, options_.top_l));
@@ -94,9 +98,18 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
   // Partition scores, scaled by the keys each partition holds for the query
   // when the classifiers were trained that way.
   const bool budget = options_.key_budget > 0 && options_.routing != Routing::kAll;
+  const bool nucleus = options_.mass_threshold > 0 && options_.routing == Routing::kClassifier;
   const bool need_counts = count_prior || budget;
   auto select = [&](const Tensor& counts /* [B, Hkv, N, C] */) {
     Tensor s = scores(layer, call.q_pre);
+    if (nucleus) {
+      // The smallest set of partitions whose predicted share of the routed
+      // attention reaches the threshold (the crossing partition included).
+      Tensor logits = count_prior ? s + log_count_prior(counts.repeat_interleave(group, 1)) : s;
+      auto [p, order] = at::softmax(logits, -1).sort(-1, /*descending=*/true);
+      Tensor take = (p.cumsum(-1) - p).lt(options_.mass_threshold);
+      return at::where(take, order, at::full({}, -1, order.options()));
+    }
     if (!need_counts) return select_partitions(s, l);
     Tensor n = counts.repeat_interleave(group, 1);
     if (!budget) return select_partitions(s + log_count_prior(n), l);
@@ -114,7 +127,7 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
   Tensor out;
   if (!call.with_cache) {
     Tensor part = assign_key_partitions(call.k_pre, centroids_[layer]);
-    Tensor counts = need_counts ? routable_counts_per_query(part, C, N, attention_.local_window,
+    Tensor counts = (need_counts || nucleus) ? routable_counts_per_query(part, C, N, attention_.local_window,
                                                             attention_.sink_tokens)
                                 : Tensor();
     out = saap_attention(call.q, call.k, call.v, part, select(counts), attention_, &st);
@@ -131,14 +144,15 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
     cache->append(call.k_pre, call.k.narrow(2, T - N, N), call.v.narrow(2, T - N, N));
     if (N == 1) {
       // The cache's partitions hold exactly the new query's routable keys.
-      Tensor counts = need_counts ? cache->partition_length().unsqueeze(2) : Tensor();
+      Tensor counts =
+          (need_counts || nucleus) ? cache->partition_length().unsqueeze(2) : Tensor();
       Tensor selected = select(counts);
       out = cache->decode(call.q.select(2, 0), selected.select(2, 0),
                           options_.collect_stats ? &st : nullptr)
                 .unsqueeze(2);
     } else {
       Tensor part = cache->key_partition();
-      Tensor counts = need_counts ? routable_counts_per_query(part, C, N, attention_.local_window,
+      Tensor counts = (need_counts || nucleus) ? routable_counts_per_query(part, C, N, attention_.local_window,
                                                               attention_.sink_tokens)
                                   : Tensor();
       out = saap_attention(call.q, call.k, call.v, part, select(counts), attention_, &st);

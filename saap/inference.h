@@ -34,6 +34,10 @@ struct SaapInferenceOptions {
   // attention per key (count-aware classifier logits) until this fraction of
   // the query's routable keys is selected (the crossing partition included).
   double key_budget = 0;
+  // > 0 (classifier routing): select, per query, the fewest partitions whose
+  // predicted share of the routed attention (softmax of the count-aware
+  // scores) reaches this threshold; overrides top-l and the key budget.
+  double mass_threshold = 0;
   Routing routing = Routing::kClassifier;
   int64_t chunk_size = 512;  // saap_attention's queries per chunk
   // Count keys visited in one-token decode steps too (a device sync per
