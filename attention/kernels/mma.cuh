@@ -116,9 +116,14 @@ template <int W>
 struct SwizzledLane {
   static_assert(W % 64 == 0, "the swizzle pattern spans 8 chunks of 16 bytes");
   uint32_t lane;
-  __host__ __device__ constexpr uint32_t at(int r0, int c0) const {
-    return (lane ^ static_cast<uint32_t>((c0 & 56) << 1)) +
-           static_cast<uint32_t>(r0 * 2 * W + (c0 & ~63) * 2);
+  __host__ __device__ constexpr uint32_t at(int r0, int c0) const { return xored(c0) + block(r0, c0); }
+  // The two terms of at(): the lane's offset with the block's swizzle bits,
+  // and the (compile-time) rest of the block's offset.
+  __host__ __device__ constexpr uint32_t xored(int c0) const {
+    return lane ^ static_cast<uint32_t>((c0 & 56) << 1);
+  }
+  __host__ __device__ static constexpr uint32_t block(int r0, int c0) {
+    return static_cast<uint32_t>(r0 * 2 * W + (c0 & ~63) * 2);
   }
 };
 
@@ -151,9 +156,12 @@ struct SmemTile {
   __device__ __forceinline__ T* at(int row, int col) const {
     return reinterpret_cast<T*>(reinterpret_cast<char*>(base) + swizzled_offset<D>(row, col));
   }
-  // Shared-space address of this lane's part of the block at (r0, c0).
+  // Shared-space address of this lane's part of the block at (r0, c0). The
+  // base is added before the block offset so that the latter stays an add
+  // (folded into the ldmatrix immediate): added to the lane offset alone, the
+  // compiler, knowing the bits are disjoint, turns it into an OR.
   __device__ __forceinline__ uint32_t ldm(SwizzledLane<D> l, int r0, int c0) const {
-    return smem_u32(base) + l.at(r0, c0);
+    return (smem_u32(base) + l.xored(c0)) + SwizzledLane<D>::block(r0, c0);
   }
   // This lane's pair of elements of an accumulator fragment at (r0, c0), as one word.
   __device__ __forceinline__ uint32_t* pair(SwizzledLane<D> l, int r0, int c0) const {

@@ -634,7 +634,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   // dS^T of the current query tile, [key][query] (kAtomicDq only).
   SmemTile<T, kRows> sdS{qdo + 4 * kRows * D};
   int* meta = reinterpret_cast<int*>(qdo + 4 * kRows * D + (kAtomicDq ? kBwdKeys * kRows : 0));
-  // meta: [2 buffers][pos, bucket, lse, delta, orig][kRows], then one flag per warp.
+  // meta: [2 buffers][pos, bucket, lse, delta, orig][kRows], then per warp 1 << warp if
+  // its keys met the query tile, else 0.
   int* warp_active = meta + 2 * 5 * kRows;
 
   const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
@@ -939,7 +940,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
       // dQ (kRows x D) += dS (kRows x kBwdKeys) K: warp w takes query rows
       // 16 (w % 4) .. +15 and columns (D / 2) (w / 4) .. +D/2 - 1, and skips
       // the keys of warps that had nothing to do.
-      if (lane == 0) warp_active[warp] = active;
+      if (lane == 0) warp_active[warp] = active ? 1 << warp : 0;
       __syncthreads();
       constexpr int kCols = D / 2;
       const int qr0 = (warp % 4) * 16, c0 = (warp / 4) * kCols;
@@ -948,7 +949,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
       for (int i = 0; i < kCols / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
       unsigned active_warps = 0;  // bit kk: warp kk's keys met the query tile
 #pragma unroll
-      for (int kk = 0; kk < kBwdWarps; ++kk) active_warps |= warp_active[kk] ? 1u << kk : 0u;
+      for (int kk = 0; kk < kBwdWarps; ++kk) active_warps |= warp_active[kk];
       // This lane's addresses for the keys of warp 0; warp kk's are 16 kk rows
       // on. A rolled loop over the active warps keeps them in registers (the
       // unrolled, skippable steps had them recomputed from the lane index in
