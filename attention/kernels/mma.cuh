@@ -116,7 +116,9 @@ template <int W>
 struct SwizzledLane {
   static_assert(W % 64 == 0, "the swizzle pattern spans 8 chunks of 16 bytes");
   uint32_t lane;
-  __host__ __device__ constexpr uint32_t at(int r0, int c0) const { return xored(c0) + block(r0, c0); }
+  __host__ __device__ constexpr uint32_t at(int r0, int c0) const {
+    return xored(c0) + block(r0, c0);
+  }
   // The two terms of at(): the lane's offset with the block's swizzle bits,
   // and the (compile-time) rest of the block's offset.
   __host__ __device__ constexpr uint32_t xored(int c0) const {

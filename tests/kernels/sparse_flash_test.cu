@@ -1201,7 +1201,8 @@ struct LanePattern {
 };
 const LanePattern kLanePatterns[] = {
     {"ldmatrix a", [](int l) { return l % 16; }, [](int l) { return (l / 16) * 8; }, 16},
-    {"ldmatrix b", [](int l) { return l % 8 + (l / 16) * 8; }, [](int l) { return ((l / 8) % 2) * 8; }, 16},
+    {"ldmatrix b", [](int l) { return l % 8 + (l / 16) * 8; },
+     [](int l) { return ((l / 8) % 2) * 8; }, 16},
     {"accumulator pair", [](int l) { return l / 4; }, [](int l) { return (l % 4) * 2; }, 8},
 };
 
@@ -1219,7 +1220,8 @@ void check_swizzled_lanes() {
   std::vector<int> owner(2 * kTileRows * W, 0);
   for (int r = 0; r < kTileRows; ++r)
     for (int c = 0; c < W; ++c) {
-      ASSERT_EQ(sfk::swizzled_offset<W>(r, c), reference_offset<W>(r, c)) << "row " << r << " col " << c;
+      ASSERT_EQ(sfk::swizzled_offset<W>(r, c), reference_offset<W>(r, c))
+          << "row " << r << " col " << c;
       ++owner[reference_offset<W>(r, c) / 2];
     }
   EXPECT_EQ(std::count(owner.begin(), owner.end(), 1), kTileRows * W);
