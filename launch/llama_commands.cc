@@ -72,7 +72,8 @@ ABSL_FLAG(double, mass_threshold, 0,
           "of the routed attention reaches this value (overrides --top-l and --key-budget).");
 ABSL_FLAG(std::string, saap_routing, "classifier",
           "--attention saap: how queries choose partitions: classifier (SAAP), symmetric (the "
-          "nearest key centroids, a baseline) or all (every partition: dense, for checks).");
+          "nearest key centroids, a baseline), all (every partition: dense, for checks) or "
+          "oracle (the true attention mass; eval only, the bound of any router).");
 ABSL_FLAG(int32_t, num_buckets, 16, "--attention hash: buckets per layer (even).");
 ABSL_FLAG(double, drop_prob, 0.5, "--attention drop: probability of dropping a query or key.");
 ABSL_FLAG(std::string, dtype, "auto",
@@ -179,9 +180,10 @@ absl::StatusOr<std::shared_ptr<saap::SaapAttentionHook>> saap_hook_from_flags(co
   if (routing == "classifier") o.routing = saap::Routing::kClassifier;
   else if (routing == "symmetric") o.routing = saap::Routing::kSymmetric;
   else if (routing == "all") o.routing = saap::Routing::kAll;
+  else if (routing == "oracle") o.routing = saap::Routing::kOracle;
   else
     return absl::InvalidArgumentError(absl::StrCat(
-        "--saap-routing: expected classifier, symmetric or all, got \"", routing, "\""));
+        "--saap-routing: expected classifier, symmetric, all or oracle, got \"", routing, "\""));
   if (o.key_budget == 0 && o.mass_threshold == 0 && o.routing != saap::Routing::kAll &&
       o.top_l > index->header.partitions())
     return absl::InvalidArgumentError(absl::StrCat("--top-l ", o.top_l, " exceeds the index's ",

@@ -377,6 +377,13 @@ int eval() {
       run(absl::StrFormat("saap@%g", b).c_str(), 0,
           std::make_shared<saap::SaapAttentionHook>(*index, so, l.device));
     }
+    for (double b : budgets) {
+      saap::SaapInferenceOptions so;
+      so.key_budget = b;
+      so.routing = saap::Routing::kOracle;
+      run(absl::StrFormat("oracle@%g", b), 0,
+          std::make_shared<saap::SaapAttentionHook>(*index, so, l.device));
+    }
     for (double t : thresholds) {
       saap::SaapInferenceOptions so;
       so.mass_threshold = t;

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_format.h"
 #include "saap/baselines.h"
+#include "saap/targets.h"
 
 namespace sparseflash::saap {
 
@@ -16,6 +17,7 @@ const char* routing_name(Routing routing) {
     case Routing::kClassifier: return "classifier";
     case Routing::kSymmetric: return "symmetric";
     case Routing::kAll: return "all";
+    case Routing::kOracle: return "oracle";
   }
   return "?";
 }
@@ -62,6 +64,8 @@ Tensor SaapAttentionHook::scores(int layer, const Tensor& q_pre) const {
       s = centroid_scores(q, centroids_[layer], CentroidScore::kNegativeDistance);
       break;
     case Routing::kAll: s = at::zeros({H, B * N, C}, q.options()); break;
+    case Routing::kOracle:
+      throw std::logic_error("SAAP attention: oracle scores come from the attention itself");
   }
   return s.view({H, B, N, C}).permute({1, 0, 2, 3});
 }
@@ -100,8 +104,27 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
   const bool budget = options_.key_budget > 0 && options_.routing != Routing::kAll;
   const bool nucleus = options_.mass_threshold > 0 && options_.routing == Routing::kClassifier;
   const bool need_counts = count_prior || budget;
+  const bool oracle = options_.routing == Routing::kOracle;
+  TORCH_CHECK(!oracle || !call.with_cache,
+              "SAAP attention: oracle routing needs the whole attention; it runs without a KV "
+              "cache only (eval, not generate)");
+  Tensor oracle_part;  // set before select() in the oracle case
   auto select = [&](const Tensor& counts /* [B, Hkv, N, C] */) {
-    Tensor s = scores(layer, call.q_pre);
+    Tensor s;
+    if (oracle) {
+      // log of the routed mass per partition, per batch row.
+      std::vector<Tensor> rows;
+      MassOptions mo;
+      mo.local_window = attention_.local_window;
+      mo.sink_tokens = attention_.sink_tokens;
+      Tensor pos = at::arange(T - N, T, call.q.options().dtype(at::kLong));
+      for (int64_t b = 0; b < call.q.size(0); ++b)
+        rows.push_back(partition_attention_mass(call.q[b].to(at::kFloat), call.k[b].to(at::kFloat),
+                                                pos, oracle_part[b], C, mo));
+      s = at::stack(rows).clamp_min(1e-30).log();
+    } else {
+      s = scores(layer, call.q_pre);
+    }
     if (nucleus) {
       // The smallest set of partitions whose predicted share of the routed
       // attention reaches the threshold (the crossing partition included).
@@ -114,9 +137,9 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
     Tensor n = counts.repeat_interleave(group, 1);
     if (!budget) return select_partitions(s + log_count_prior(n), l);
     // Attention per key: count-aware logits as they are, others less log n.
-    Tensor density = (count_prior || options_.routing != Routing::kClassifier)
-                         ? s
-                         : s - log_count_prior(n);
+    const bool mass_scores =
+        (options_.routing == Routing::kClassifier && !count_prior) || oracle;
+    Tensor density = mass_scores ? s - log_count_prior(n) : s;
     Tensor order = std::get<1>(density.sort(-1, /*descending=*/true));
     Tensor keys = n.gather(-1, order);
     Tensor before = keys.cumsum(-1) - keys;
@@ -127,6 +150,7 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
   Tensor out;
   if (!call.with_cache) {
     Tensor part = assign_key_partitions(call.k_pre, centroids_[layer]);
+    oracle_part = part;
     Tensor counts = (need_counts || nucleus) ? routable_counts_per_query(part, C, N, attention_.local_window,
                                                             attention_.sink_tokens)
                                 : Tensor();

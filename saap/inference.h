@@ -26,6 +26,10 @@ enum class Routing {
   kClassifier,  // SAAP: the index's classifier on the un-rotated query
   kSymmetric,   // baseline: the key centroids nearest to the un-rotated query
   kAll,         // every partition (equals dense attention; for checks)
+  // The true routed attention mass of each partition, from the full
+  // attention (evaluation only, no KV cache): the upper bound of any router
+  // over these partitions. Top-l by mass; key budgets by mass per key.
+  kOracle,
 };
 
 struct SaapInferenceOptions {

@@ -157,6 +157,21 @@ TEST_F(SaapLlama, FewPartitionsVisitFewerKeysAndChangeTheOutput) {
   EXPECT_LT(hook->stats().visited_fraction(), 0.9);
   EXPECT_GT(hook->stats().routed_fraction(), 0.0);
   EXPECT_LT(hook->stats().routed_fraction(), 0.9);
+  // The oracle (true attention mass per partition) at every partition is
+  // dense; at two partitions it is a valid selection too; it has no decode path.
+  SaapInferenceOptions oracle_all;
+  oracle_all.routing = Routing::kOracle;
+  oracle_all.top_l = 8;
+  model_->set_attention_hook(std::make_shared<SaapAttentionHook>(index, oracle_all, at::kCPU));
+  EXPECT_LT((model_->forward(x) - dense).abs().max().item<double>(), 1e-4) << "seed " << seed_;
+  SaapInferenceOptions oracle_two = oracle_all;
+  oracle_two.top_l = 2;
+  auto oracle_hook = std::make_shared<SaapAttentionHook>(index, oracle_two, at::kCPU);
+  model_->set_attention_hook(oracle_hook);
+  EXPECT_TRUE(at::isfinite(model_->forward(x)).all().item<bool>());
+  EXPECT_LT(oracle_hook->stats().visited_fraction(), 0.9);
+  EXPECT_THROW(model_->generate({1, 2, 3}, 2, model::SamplingOptions{}), c10::Error);
+  model_->set_attention_hook(nullptr);
   SaapInferenceOptions bad;
   bad.top_l = 9;  // C = 8
   EXPECT_THROW(SaapAttentionHook(index, bad, at::kCPU), std::invalid_argument);
