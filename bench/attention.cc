@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 #include <torch/cuda.h>
 
+#include "bench/cuda_timing.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
@@ -44,27 +45,7 @@ namespace {
     }                                                                                   \
   } while (0)
 
-double median_ms(const std::function<void()>& fn, int reps) {
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  for (int i = 0; i < 3; ++i) fn();
-  std::vector<float> times;
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  for (int i = 0; i < reps; ++i) {
-    cudaEventRecord(a, stream);
-    fn();
-    cudaEventRecord(b, stream);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    times.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
+using sparseflash::bench::median_ms;
 
 sk::Layout layout_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 

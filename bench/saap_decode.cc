@@ -58,6 +58,7 @@
 #include <cuda_runtime.h>
 #include <torch/cuda.h>
 
+#include "bench/cuda_timing.h"
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
@@ -102,25 +103,7 @@ constexpr int64_t kQHeads = 32, kKvHeads = 8, kDim = 128;
 constexpr double kCheckTolerance = 2e-2;
 
 double median_us(const std::function<void()>& fn, int reps) {
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  for (int i = 0; i < 3; ++i) fn();
-  std::vector<float> times;
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  for (int i = 0; i < reps; ++i) {
-    cudaEventRecord(a, stream);
-    fn();
-    cudaEventRecord(b, stream);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    times.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(times.begin(), times.end());
-  return 1e3 * times[times.size() / 2];
+  return 1e3 * sparseflash::bench::median_ms(fn, reps);
 }
 
 std::vector<int64_t> parse_list(const std::vector<std::string>& items, const char* flag) {

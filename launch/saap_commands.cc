@@ -88,6 +88,21 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 
 void log_line(const std::string& line) { std::cerr << line << "\n" << std::flush; }
 
+// A comma-separated list of fractions in [lo, 1] (lo excluded when open).
+absl::StatusOr<std::vector<double>> parse_fractions(const std::string& text, const char* flag,
+                                                    bool zero_allowed) {
+  std::vector<double> out;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    double v = 0;
+    if (!absl::SimpleAtod(part, &v) || !(zero_allowed ? v >= 0 : v > 0) || !(v <= 1))
+      return absl::InvalidArgumentError(absl::StrCat(
+          flag, ": expected fractions in ", zero_allowed ? "[0, 1]" : "(0, 1]", ", got \"", text,
+          "\""));
+    out.push_back(v);
+  }
+  return out;
+}
+
 absl::Status write_json(const json& j) {
   const std::string path = absl::GetFlag(FLAGS_json_file);
   if (path.empty()) return absl::OkStatus();
@@ -252,30 +267,12 @@ int eval() {
   if (index_path.empty()) return command_error(cmd, "--saap-index FILE is required");
   auto top_l = llama_commands::parse_top_l_flag();
   if (!top_l.ok()) return command_error(cmd, std::string(top_l.status().message()));
-  std::vector<double> depths;
-  for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_needle_depths), ',',
-                                               absl::SkipWhitespace())) {
-    double d = 0;
-    if (!absl::SimpleAtod(part, &d) || !(d >= 0 && d <= 1))
-      return command_error(cmd, "--needle-depths: expected fractions in [0, 1]");
-    depths.push_back(d);
-  }
-  std::vector<double> budgets;
-  for (absl::string_view part :
-       absl::StrSplit(absl::GetFlag(FLAGS_key_budgets), ',', absl::SkipWhitespace())) {
-    double b = 0;
-    if (!absl::SimpleAtod(part, &b) || !(b > 0 && b <= 1))
-      return command_error(cmd, "--key-budgets: expected fractions in (0, 1]");
-    budgets.push_back(b);
-  }
-  std::vector<double> thresholds;
-  for (absl::string_view part :
-       absl::StrSplit(absl::GetFlag(FLAGS_mass_thresholds), ',', absl::SkipWhitespace())) {
-    double t = 0;
-    if (!absl::SimpleAtod(part, &t) || !(t > 0 && t <= 1))
-      return command_error(cmd, "--mass-thresholds: expected fractions in (0, 1]");
-    thresholds.push_back(t);
-  }
+  auto depths = parse_fractions(absl::GetFlag(FLAGS_needle_depths), "--needle-depths", true);
+  auto budgets = parse_fractions(absl::GetFlag(FLAGS_key_budgets), "--key-budgets", false);
+  auto thresholds =
+      parse_fractions(absl::GetFlag(FLAGS_mass_thresholds), "--mass-thresholds", false);
+  for (const auto* list : {&depths, &budgets, &thresholds})
+    if (!list->ok()) return command_error(cmd, std::string(list->status().message()));
   const int64_t context = absl::GetFlag(FLAGS_context);
   int64_t stride = absl::GetFlag(FLAGS_stride);
   if (stride == 0) stride = std::max<int64_t>(1, context / 2);
@@ -312,7 +309,7 @@ int eval() {
   ro.max_windows = absl::GetFlag(FLAGS_windows);
   ro.queries_per_window = absl::GetFlag(FLAGS_queries_per_window);
   ro.top_l = *top_l;
-  ro.key_budgets = budgets;
+  ro.key_budgets = *budgets;
   ro.seed = absl::GetFlag(FLAGS_seed);
   auto routing = saap::evaluate_routing(l.model, *index, rope_index ? &*rope_index : nullptr,
                                         *ids, ro, log_line);
@@ -371,20 +368,20 @@ int eval() {
       ppl.push_back(row);
     };
     run("dense", 0, nullptr);
-    for (double b : budgets) {
+    for (double b : *budgets) {
       saap::SaapInferenceOptions so;
       so.key_budget = b;
       run(absl::StrFormat("saap@%g", b).c_str(), 0,
           std::make_shared<saap::SaapAttentionHook>(*index, so, l.device));
     }
-    for (double b : budgets) {
+    for (double b : *budgets) {
       saap::SaapInferenceOptions so;
       so.key_budget = b;
       so.routing = saap::Routing::kOracle;
       run(absl::StrFormat("oracle@%g", b), 0,
           std::make_shared<saap::SaapAttentionHook>(*index, so, l.device));
     }
-    for (double t : thresholds) {
+    for (double t : *thresholds) {
       saap::SaapInferenceOptions so;
       so.mass_threshold = t;
       run(absl::StrFormat("saap-p%g", t), 0,
@@ -418,7 +415,7 @@ int eval() {
       l.model->set_attention_hook(hook);
       int found = 0, total = 0;
       json trials = json::array();
-      for (double d : depths) {
+      for (double d : *depths) {
         for (const auto& key : keys) {
           auto t = needle_trial(l, filler, filler_tokens, d, key);
           found += t.found;
@@ -478,8 +475,8 @@ const std::vector<std::string>& saap_flags() {
       "model", "tokenizer", "text", "data", "max_tokens", "context", "stride", "saap_index",
       "rope_index", "partitions", "classifier_hidden", "local_window", "sink_tokens",
       "kmeans_keys", "kmeans_iterations", "queries_per_window", "classifier_steps",
-      "weight_by_mass", "count_prior", "windows",
-      "key_space", "top_l", "perplexity", "perplexity_tokens", "key_budgets", "mass_thresholds", "needle", "needle_depths",
+      "weight_by_mass", "count_prior", "windows", "key_space", "top_l", "perplexity",
+      "perplexity_tokens", "key_budgets", "mass_thresholds", "needle", "needle_depths",
       "needle_trials", "dtype", "device", "seed", "json_file"};
   return f;
 }
