@@ -219,12 +219,6 @@ int fit() {
 // ---------------------------------------------------------------------------
 // eval
 
-// Perplexity of the first `tokens` ids with the model's current attention.
-model::PerplexityResult perplexity(llama_commands::LoadedModel& l, const std::vector<int64_t>& ids,
-                                   int64_t context, int64_t stride) {
-  return model::sliding_window_nll(l.model, ids, context, stride);
-}
-
 struct NeedleTrial {
   double depth = 0;
   std::string key;
@@ -350,7 +344,7 @@ int eval() {
                    std::shared_ptr<saap::SaapAttentionHook> hook) {
       l.model->set_attention_hook(hook);
       const auto t = std::chrono::steady_clock::now();
-      auto r = perplexity(l, scored, context, stride);
+      auto r = model::sliding_window_nll(l.model, scored, context, stride);
       l.model->set_attention_hook(nullptr);
       json row = {{"routing", routing_name}, {"l", l_value},       {"tokens", r.tokens},
                   {"perplexity", r.perplexity()}, {"mean_nll", r.mean_nll()},

@@ -94,18 +94,6 @@ void check_windows(const std::vector<std::vector<int64_t>>& windows, int64_t loc
   }
 }
 
-// Routable keys per partition for each query: counts [Hkv, nq, C] of keys j
-// with sinks <= j <= pos - window in each partition.
-Tensor routable_counts(const Tensor& part, int64_t C, const Tensor& pos, int64_t local_window,
-                       int64_t sink_tokens) {
-  Tensor onehot = at::zeros({part.size(0), part.size(1), C}, part.options().dtype(at::kFloat))
-                      .scatter_(2, part.unsqueeze(-1), 1.0);
-  Tensor cum = onehot.cumsum(1);  // keys 0..j per partition
-  Tensor upto = cum.index_select(1, pos - local_window);
-  if (sink_tokens == 0) return upto;
-  return upto - cum.select(1, sink_tokens - 1).unsqueeze(1);
-}
-
 }  // namespace
 
 std::vector<std::vector<int64_t>> token_windows(const std::vector<int64_t>& ids, int64_t context,
@@ -236,7 +224,7 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
       queries.narrow(0, c.layer * hq, hq).narrow(1, filled, pos.size(0)).copy_(q_in);
       targets.narrow(0, c.layer * hq, hq).narrow(1, filled, pos.size(0)).copy_(mass);
       if (o.count_prior) {
-        Tensor counts = routable_counts(part, C, pos, o.local_window, o.sink_tokens);
+        Tensor counts = routable_key_counts(part, C, pos, o.local_window, o.sink_tokens);
         offsets.narrow(0, c.layer * hq, hq)
             .narrow(1, filled, pos.size(0))
             .copy_(log_count_prior(counts.repeat_interleave(group, 0)));
@@ -471,7 +459,7 @@ RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
                          Tensor* mass, Tensor* counts) {
         Tensor part = assign_to_centroids(key_repr, centroids, KMeansMetric::kEuclidean);
         *mass = partition_attention_mass(q, k, pos, part, parts, mo);
-        *counts = routable_counts(part, parts, pos, window, sinks).repeat_interleave(group, 0);
+        *counts = routable_key_counts(part, parts, pos, window, sinks).repeat_interleave(group, 0);
       };
       Tensor mass, counts;
       routing(pre[l].centroids, c.k_pre[0].to(at::kFloat), C, &mass, &counts);
@@ -514,7 +502,7 @@ RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
       {
         Tensor part = random_partitions(hkv, len, C, o.seed + 7919 * (w + 1) + l).to(device);
         Tensor rmass = partition_attention_mass(q, k, pos, part, C, mo);
-        Tensor rcounts = routable_counts(part, C, pos, window, sinks).repeat_interleave(group, 0);
+        Tensor rcounts = routable_key_counts(part, C, pos, window, sinks).repeat_interleave(group, 0);
         Tensor r = at::rand({hq, nq, C}, gen).to(device);
         add("random", rmass, rcounts, r, r);
       }

@@ -70,26 +70,6 @@ Tensor SaapAttentionHook::scores(int layer, const Tensor& q_pre) const {
   return s.view({H, B, N, C}).permute({1, 0, 2, 3});
 }
 
-namespace {
-
-// Routable keys per partition for queries at the last N of T positions:
-// key_partition int64 [B, Hkv, T] -> float32 [B, Hkv, N, C], counting keys j
-// with sinks <= j <= position - window.
-Tensor routable_counts_per_query(const Tensor& key_partition, int64_t C, int64_t N,
-                                 int64_t window, int64_t sinks) {
-  const int64_t B = key_partition.size(0), H = key_partition.size(1), T = key_partition.size(2);
-  Tensor cum = at::zeros({B, H, T, C}, key_partition.options().dtype(at::kFloat))
-                   .scatter_(3, key_partition.unsqueeze(-1), 1.0)
-                   .cumsum(2);
-  Tensor last = at::arange(T - N, T, key_partition.options()) - window;  // last routable key
-  Tensor valid = last.ge(sinks).to(at::kFloat).view({1, 1, N, 1});
-  Tensor counts = cum.index_select(2, last.clamp_min(0));
-  if (sinks > 0) counts = counts - cum.select(2, std::min(sinks, T) - 1).unsqueeze(2);
-  return counts * valid;
-}
-
-}  // namespace
-
 Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
   const int layer = call.layer;
   TORCH_CHECK(layer >= 0 && layer < static_cast<int>(centroids_.size()),
@@ -109,6 +89,13 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
               "SAAP attention: oracle routing needs the whole attention; it runs without a KV "
               "cache only (eval, not generate)");
   Tensor oracle_part;  // set before select() in the oracle case
+  // Routable keys per partition for the call's queries (the last N of T
+  // positions): key_partition [B, Hkv, T] -> [B, Hkv, N, C].
+  auto query_counts = [&](const Tensor& key_partition) {
+    return routable_key_counts(key_partition, C,
+                               at::arange(T - N, T, key_partition.options().dtype(at::kLong)),
+                               attention_.local_window, attention_.sink_tokens);
+  };
   auto select = [&](const Tensor& counts /* [B, Hkv, N, C] */) {
     Tensor s;
     if (oracle) {
@@ -151,9 +138,7 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
   if (!call.with_cache) {
     Tensor part = assign_key_partitions(call.k_pre, centroids_[layer]);
     oracle_part = part;
-    Tensor counts = (need_counts || nucleus) ? routable_counts_per_query(part, C, N, attention_.local_window,
-                                                            attention_.sink_tokens)
-                                : Tensor();
+    Tensor counts = (need_counts || nucleus) ? query_counts(part) : Tensor();
     out = saap_attention(call.q, call.k, call.v, part, select(counts), attention_, &st);
   } else {
     auto& cache = caches_[layer];
@@ -176,9 +161,7 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
                 .unsqueeze(2);
     } else {
       Tensor part = cache->key_partition();
-      Tensor counts = (need_counts || nucleus) ? routable_counts_per_query(part, C, N, attention_.local_window,
-                                                              attention_.sink_tokens)
-                                  : Tensor();
+      Tensor counts = (need_counts || nucleus) ? query_counts(part) : Tensor();
       out = saap_attention(call.q, call.k, call.v, part, select(counts), attention_, &st);
     }
   }

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -64,6 +65,27 @@ Tensor partition_attention_mass(const Tensor& q, const Tensor& k, const Tensor& 
     result.narrow(1, start, m).copy_(mass.reshape({hq, m, num_partitions}));
   }
   return result;
+}
+
+Tensor routable_key_counts(const Tensor& partition, int64_t num_partitions, const Tensor& q_pos,
+                           int64_t local_window, int64_t sink_tokens) {
+  TORCH_CHECK(partition.dim() >= 1 && q_pos.dim() == 1,
+              "routable_key_counts: partition must be [..., T] and q_pos [nq], got ",
+              partition.sizes(), " and ", q_pos.sizes());
+  const int64_t dim = partition.dim() - 1, T = partition.size(dim);
+  std::vector<int64_t> shape(partition.sizes().begin(), partition.sizes().end());
+  shape.push_back(num_partitions);
+  // cum[..., j, c]: keys 0..j in partition c.
+  Tensor cum = at::zeros(shape, partition.options().dtype(at::kFloat))
+                   .scatter_(-1, partition.unsqueeze(-1), 1.0)
+                   .cumsum(dim);
+  Tensor last = q_pos.to(partition.device()) - local_window;  // last routable key
+  Tensor counts = cum.index_select(dim, last.clamp(0, T - 1));
+  if (sink_tokens > 0)
+    counts = counts - cum.select(dim, std::min(sink_tokens, T) - 1).unsqueeze(dim);
+  std::vector<int64_t> valid_shape(shape.size(), 1);
+  valid_shape[dim] = q_pos.size(0);
+  return counts * last.ge(sink_tokens).to(at::kFloat).view(valid_shape);
 }
 
 }  // namespace sparseflash::saap

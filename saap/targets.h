@@ -31,4 +31,12 @@ Tensor partition_attention_mass(const Tensor& q, const Tensor& k, const Tensor& 
                                 const Tensor& partition, int64_t num_partitions,
                                 const MassOptions& options);
 
+// Routable keys per partition for queries at positions q_pos: partition
+// int64 [..., T] (each key's partition in [0, C)), q_pos int64 [nq] ->
+// float32 [..., nq, C], the number of keys j of each partition with
+// sink_tokens <= j <= q_pos - local_window (0 where that range is empty).
+// What a query at q_pos can route to; scores use its log (count prior).
+Tensor routable_key_counts(const Tensor& partition, int64_t num_partitions, const Tensor& q_pos,
+                           int64_t local_window, int64_t sink_tokens);
+
 }  // namespace sparseflash::saap
