@@ -67,6 +67,11 @@ ABSL_FLAG(std::string, top_l, "16",
 ABSL_FLAG(double, key_budget, 0,
           "--attention saap: > 0 selects partitions by key budget instead of --top-l: in "
           "decreasing attention per key until this fraction of the routable keys.");
+ABSL_FLAG(bool, per_head_budgets, false,
+          "--attention saap with --key-budget: split the budget over the query heads of all "
+          "layers by the index's budget curves (least attention lost in total; the mean over "
+          "heads stays --key-budget). saap eval: also perplexity with per-head budgets at each "
+          "--key-budgets value.");
 ABSL_FLAG(double, mass_threshold, 0,
           "--attention saap: > 0 selects, per query, the fewest partitions whose predicted share "
           "of the routed attention reaches this value (overrides --top-l and --key-budget).");
@@ -170,6 +175,9 @@ absl::StatusOr<std::shared_ptr<saap::SaapAttentionHook>> saap_hook_from_flags(co
   o.top_l = (*top_l)[0];
   o.key_budget = absl::GetFlag(FLAGS_key_budget);
   o.mass_threshold = absl::GetFlag(FLAGS_mass_threshold);
+  o.per_head_budgets = absl::GetFlag(FLAGS_per_head_budgets);
+  if (o.per_head_budgets && o.key_budget <= 0)
+    return absl::InvalidArgumentError("--per-head-budgets splits a key budget: give --key-budget");
   if (!(o.mass_threshold >= 0 && o.mass_threshold <= 1))
     return absl::InvalidArgumentError(absl::StrCat("--mass-threshold must be in [0, 1], got ",
                                                    o.mass_threshold));
@@ -252,7 +260,11 @@ std::string describe(const Loaded& l) {
       l.saap ? absl::StrFormat("saap (%s, %s of %d partitions, window %d, sinks %d)",
                                saap::routing_name(l.saap->options().routing),
                                l.saap->options().key_budget > 0
-                                   ? absl::StrFormat("key budget %g", l.saap->options().key_budget)
+                                   ? absl::StrFormat("key budget %g%s",
+                                                     l.saap->options().key_budget,
+                                                     l.saap->options().per_head_budgets
+                                                         ? " split per head"
+                                                         : "")
                                    : absl::StrCat("top-l ", l.saap->options().top_l),
                                l.saap->header().partitions(),
                                l.saap->header().local_window(), l.saap->header().sink_tokens())
@@ -405,6 +417,7 @@ int eval_impl() {
                  {"top_l", l.saap->options().top_l},
                  {"key_budget", l.saap->options().key_budget},
                  {"mass_threshold", l.saap->options().mass_threshold},
+                 {"per_head_budgets", l.saap->head_budgets()},
                  {"partitions", l.saap->header().partitions()},
                  {"local_window", l.saap->header().local_window()},
                  {"sink_tokens", l.saap->header().sink_tokens()},
@@ -741,7 +754,7 @@ int guarded(const char* command, int (*body)()) {
 const std::vector<std::string>& eval_flags() {
   static const std::vector<std::string> f = {
       "model", "tokenizer", "text", "data", "context", "stride", "max_tokens", "attention",
-      "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "mass_threshold",
+      "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "per_head_budgets", "mass_threshold",
       "saap_routing", "dtype", "device", "seed", "json", "json_file"};
   return f;
 }
@@ -749,7 +762,7 @@ const std::vector<std::string>& eval_flags() {
 const std::vector<std::string>& generate_flags() {
   static const std::vector<std::string> f = {
       "model", "tokenizer", "prompt", "max_new_tokens", "temperature", "top_p", "seed",
-      "attention", "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "mass_threshold",
+      "attention", "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "per_head_budgets", "mass_threshold",
       "saap_routing", "dtype", "device", "json", "json_file"};
   return f;
 }

@@ -37,6 +37,7 @@ ABSL_DECLARE_FLAG(std::string, json_file);
 ABSL_DECLARE_FLAG(std::string, text);
 ABSL_DECLARE_FLAG(std::string, data);
 ABSL_DECLARE_FLAG(uint64_t, seed);
+ABSL_DECLARE_FLAG(bool, per_head_budgets);
 
 ABSL_FLAG(int64_t, partitions, 256, "saap fit: key partitions (k-means centroids) per KV head.");
 ABSL_FLAG(int64_t, classifier_hidden, 256, "saap fit: hidden width of each query head's MLP.");
@@ -54,6 +55,10 @@ ABSL_FLAG(bool, weight_by_mass, true,
 ABSL_FLAG(bool, count_prior, true,
           "saap fit: classifiers score attention per key; the log of each partition's key "
           "count is added to their logits (in training and at inference).");
+ABSL_FLAG(std::string, budget_grid, "0,0.005,0.01,0.02,0.035,0.05,0.075,0.1,0.15,0.2,0.3,0.45,0.7,1",
+          "saap fit: fractions of the routable keys (ascending) at which each query head's lost "
+          "attention is measured on held-out queries and stored, for --per-head-budgets at "
+          "inference; \"none\" stores no curves.");
 ABSL_FLAG(int64_t, windows, 0,
           "saap fit / eval: windows of --context tokens used at most (0 = all the text gives).");
 ABSL_FLAG(std::string, key_space, "pre-rope",
@@ -143,6 +148,16 @@ int fit() {
                           o.train.recall_at.end());
   if (o.train.recall_at.empty()) o.train.recall_at = {1};
   if (o.train.steps < 1) return command_error(cmd, "--classifier-steps must be >= 1");
+  if (absl::GetFlag(FLAGS_budget_grid) == "none") {
+    o.budget_grid.clear();
+  } else {
+    auto grid = parse_fractions(absl::GetFlag(FLAGS_budget_grid), "--budget-grid", true);
+    if (!grid.ok()) return command_error(cmd, std::string(grid.status().message()));
+    for (size_t i = 1; i < grid->size(); ++i)
+      if (!((*grid)[i] > (*grid)[i - 1]))
+        return command_error(cmd, "--budget-grid: the fractions must ascend strictly");
+    o.budget_grid = *grid;
+  }
 
   const auto start = std::chrono::steady_clock::now();
   auto loaded = llama_commands::load_model(!absl::GetFlag(FLAGS_text).empty());
@@ -190,12 +205,14 @@ int fit() {
             {"train_kl", r.classifier.train_kl},
             {"holdout_kl", r.classifier.holdout_kl},
             {"holdout_recall", recall},
+            {"budget_grid", o.budget_grid},
             {"seconds",
              {{"load", load_seconds},
               {"capture_keys", r.capture_seconds},
               {"kmeans", r.kmeans_seconds},
               {"targets", r.targets_seconds},
               {"classifiers", r.train_seconds},
+              {"budget_curves", r.budget_seconds},
               {"fit_total", r.total_seconds}}}};
   st = write_json(j);
   if (!st.ok()) return command_error(cmd, std::string(st.message()));
@@ -375,6 +392,32 @@ int eval() {
       run(absl::StrFormat("oracle@%g", b), 0,
           std::make_shared<saap::SaapAttentionHook>(*index, so, l.device));
     }
+    if (absl::GetFlag(FLAGS_per_head_budgets)) {
+      if (index->header.budget_grid_size() == 0)
+        return command_error(cmd, "--per-head-budgets: the index has no budget curves; refit it");
+      for (saap::Routing routing_kind : {saap::Routing::kClassifier, saap::Routing::kOracle}) {
+        for (double b : *budgets) {
+          saap::SaapInferenceOptions so;
+          so.key_budget = b;
+          so.per_head_budgets = true;
+          so.routing = routing_kind;
+          auto hook = std::make_shared<saap::SaapAttentionHook>(*index, so, l.device);
+          int dense = 0, none = 0;
+          for (double v : hook->head_budgets()) {
+            dense += v >= 1;
+            none += v <= 0;
+          }
+          log_line(absl::StrFormat(
+              "[perplexity] per-head budgets at %g: %d of %d heads dense, %d with no routed "
+              "keys, %.2f%% of routable keys planned",
+              b, dense, hook->head_budgets().size(), none, 100 * hook->planned_key_fraction()));
+          run(absl::StrFormat("%s-ph@%g",
+                              routing_kind == saap::Routing::kOracle ? "oracle" : "saap", b),
+              0, hook);
+          ppl.back()["head_budgets"] = hook->head_budgets();
+        }
+      }
+    }
     for (double t : *thresholds) {
       saap::SaapInferenceOptions so;
       so.mass_threshold = t;
@@ -470,7 +513,7 @@ const std::vector<std::string>& saap_flags() {
       "rope_index", "partitions", "classifier_hidden", "local_window", "sink_tokens",
       "kmeans_keys", "kmeans_iterations", "queries_per_window", "classifier_steps",
       "weight_by_mass", "count_prior", "windows", "key_space", "top_l", "perplexity",
-      "perplexity_tokens", "key_budgets", "mass_thresholds", "needle", "needle_depths",
+      "perplexity_tokens", "key_budgets", "per_head_budgets", "budget_grid", "mass_thresholds", "needle", "needle_depths",
       "needle_trials", "dtype", "device", "seed", "json_file"};
   return f;
 }

@@ -129,6 +129,12 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
     throw std::invalid_argument(absl::StrFormat(
         "kmeans keys per head (%d) must be at least the partitions (%d)", o.kmeans_keys, C));
   if (o.queries_per_window < 1) throw std::invalid_argument("queries per window must be >= 1");
+  for (size_t i = 0; i < o.budget_grid.size(); ++i)
+    if (!(o.budget_grid[i] >= 0 && o.budget_grid[i] <= 1) ||
+        (i > 0 && !(o.budget_grid[i] > o.budget_grid[i - 1])))
+      throw std::invalid_argument(absl::StrFormat(
+          "budget grid must ascend strictly within [0, 1], got %g at position %d",
+          o.budget_grid[i], i));
   const auto windows = token_windows(ids, o.context, o.max_windows);
   check_windows(windows, o.local_window, o.sink_tokens, "saap fit");
   const int64_t W = static_cast<int64_t>(windows.size());
@@ -205,7 +211,11 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
   auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
   Tensor queries = at::empty({layers * hq, n_queries, d}, f32);
   Tensor targets = at::empty({layers * hq, n_queries, C}, f32);
-  Tensor offsets = o.count_prior ? at::empty({layers * hq, n_queries, C}, f32) : Tensor();
+  // log(routable keys per partition): the count prior's logit offsets, and
+  // the key counts of the budget curves.
+  const bool budget_curves = !o.budget_grid.empty();
+  Tensor offsets = o.count_prior || budget_curves ? at::empty({layers * hq, n_queries, C}, f32)
+                                                  : Tensor();
   const int64_t group = hq / hkv;
   MassOptions mo;
   mo.local_window = o.local_window;
@@ -223,7 +233,7 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
       Tensor q_in = o.pre_rope_keys ? c.q_pre[0].index_select(1, pos).to(at::kFloat) : q;
       queries.narrow(0, c.layer * hq, hq).narrow(1, filled, pos.size(0)).copy_(q_in);
       targets.narrow(0, c.layer * hq, hq).narrow(1, filled, pos.size(0)).copy_(mass);
-      if (o.count_prior) {
+      if (offsets.defined()) {
         Tensor counts = routable_key_counts(part, C, pos, o.local_window, o.sink_tokens);
         offsets.narrow(0, c.layer * hq, hq)
             .narrow(1, filled, pos.size(0))
@@ -247,7 +257,32 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
   say(log, absl::StrFormat("[classifier] %d heads, %d queries each, hidden %d, %d steps",
                            layers * hq, n_queries, o.hidden, o.train.steps));
   QueryClassifier clf(layers * hq, d, o.hidden, C, o.seed, device);
-  r.classifier = train_classifier(clf, queries, targets, o.train, offsets);
+  r.classifier =
+      train_classifier(clf, queries, targets, o.train, o.count_prior ? offsets : Tensor());
+  BudgetCurves curves;
+  if (budget_curves) {
+    // On the held-out queries: the classifier's order (attention per key)
+    // against the true masses.
+    const auto budget_start = Clock::now();
+    torch::NoGradGuard no_grad;
+    const Tensor& held = r.classifier.holdout_index;
+    Tensor log_n = offsets.index_select(1, held);
+    std::vector<Tensor> scores;
+    for (int64_t at = 0; at < held.size(0); at += 1024) {
+      const int64_t len = std::min<int64_t>(1024, held.size(0) - at);
+      scores.push_back(clf->forward(queries.index_select(1, held.narrow(0, at, len))));
+    }
+    Tensor density = at::cat(scores, 1);
+    scores.clear();
+    if (!o.count_prior) density -= log_n;  // mass scores -> mass per key
+    Tensor counts = log_n.exp().round();   // empty partitions: exp(log 1e-6) -> 0
+    log_n = Tensor();
+    curves = measure_budget_curves(density, targets.index_select(1, held), counts, o.budget_grid);
+    r.budget_seconds = seconds_since(budget_start);
+    say(log, absl::StrFormat("[budgets] curves of %d heads at %d budgets on %d held-out queries "
+                             "(%.1f s)",
+                             layers * hq, o.budget_grid.size(), held.size(0), r.budget_seconds));
+  }
   queries = Tensor();
   targets = Tensor();
   offsets = Tensor();
@@ -277,6 +312,7 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
   h.set_count_prior(o.count_prior);
   h.set_calibration_context(static_cast<int32_t>(o.context));
   h.set_calibration_data(o.calibration_data);
+  for (double g : o.budget_grid) h.add_budget_grid(static_cast<float>(g));
   auto cpu = [](const Tensor& t) { return t.detach().to(at::kCPU, at::kFloat).contiguous().clone(); };
   for (int64_t l = 0; l < layers; ++l) {
     SaapLayer layer;
@@ -287,6 +323,10 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
     layer.b1 = cpu(clf->b1.narrow(0, l * hq, hq));
     layer.w2 = cpu(clf->w2.narrow(0, l * hq, hq));
     layer.b2 = cpu(clf->b2.narrow(0, l * hq, hq));
+    if (budget_curves) {
+      layer.budget_lost_mass = cpu(curves.lost_mass.narrow(0, l * hq, hq));
+      layer.budget_keys = cpu(curves.keys.narrow(0, l * hq, hq));
+    }
     index.layers.push_back(std::move(layer));
   }
   r.total_seconds = seconds_since(start);

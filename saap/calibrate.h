@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "model/llama.h"
+#include "saap/budgets.h"
 #include "saap/classifier.h"
 #include "saap/index.h"
 
@@ -51,6 +52,10 @@ struct FitOptions {
   // Train the classifiers with log(routable keys per partition) added to
   // their logits (header count_prior; see train_classifier).
   bool count_prior = true;
+  // Fractions of routable keys at which each query head's lost routed
+  // attention is measured on the held-out queries (saap/budgets.h; stored in
+  // the index for per-head budgets). Empty: no curves.
+  std::vector<double> budget_grid = default_budget_grid();
   ClassifierTrainOptions train;
   uint64_t seed = 1234;
   std::string calibration_data;  // provenance, stored in the header
@@ -68,6 +73,7 @@ struct FitReport {
   int64_t smallest_partition = 0, largest_partition = 0;
   ClassifierReport classifier;   // held-out recall over all heads of all layers
   std::vector<double> layer_recall;  // per layer, held-out recall@recall_at[0] (index 0)
+  double budget_seconds = 0;         // measuring the budget curves (in train_seconds)
   double capture_seconds = 0, kmeans_seconds = 0, targets_seconds = 0, train_seconds = 0,
          total_seconds = 0;
 };

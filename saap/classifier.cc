@@ -190,6 +190,7 @@ ClassifierReport train_classifier(QueryClassifier& model, const Tensor& queries,
   report.train_kl = tail_sum / tail_count;
   report.train_queries = train;
   report.holdout_queries = holdout;
+  report.holdout_index = order.narrow(0, train, holdout);
   torch::NoGradGuard no_grad;
   Tensor logits = scores(q_held, o_held);
   report.holdout_kl = soft_target_kl(logits, t_held).item<double>();

@@ -67,6 +67,9 @@ struct ClassifierReport {
   std::vector<double> recall;
   std::vector<double> oracle_recall;  // the same l with the true top-l partitions
   int64_t train_queries = 0, holdout_queries = 0;
+  // The held-out queries' columns of `queries` (int64 [holdout_queries], on
+  // the classifier's device), for measurements on the same split.
+  Tensor holdout_index;
   double seconds = 0;
 };
 

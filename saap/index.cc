@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "checkpoint/safetensors.h"
 
@@ -28,6 +29,21 @@ const std::vector<NamedTensor>& layer_tensors() {
   return names;
 }
 
+// Present iff the header has a budget grid.
+const std::vector<NamedTensor>& budget_tensors() {
+  static const std::vector<NamedTensor> names = {
+      {"budget.lost_mass", &SaapLayer::budget_lost_mass}, {"budget.keys", &SaapLayer::budget_keys}};
+  return names;
+}
+
+// The tensors a layer holds under `h`.
+std::vector<NamedTensor> tensors_of(const SaapHeader& h) {
+  std::vector<NamedTensor> names = layer_tensors();
+  if (h.budget_grid_size() > 0)
+    names.insert(names.end(), budget_tensors().begin(), budget_tensors().end());
+  return names;
+}
+
 std::string tensor_name(size_t layer, const std::string& suffix) {
   return absl::StrCat("layers.", layer, ".", suffix);
 }
@@ -41,6 +57,7 @@ std::vector<int64_t> expected_shape(const SaapHeader& h, const std::string& suff
   if (suffix == "classifier.w1") return {q, d, hidden};
   if (suffix == "classifier.b1") return {q, hidden};
   if (suffix == "classifier.w2") return {q, hidden, c};
+  if (suffix == "budget.lost_mass" || suffix == "budget.keys") return {q, h.budget_grid_size()};
   return {q, c};  // classifier.b2
 }
 
@@ -81,6 +98,13 @@ absl::Status validate_header(const SaapHeader& h, const std::string& where) {
     return absl::InvalidArgumentError(
         absl::StrCat(where, ": local_window and sink_tokens must be >= 0, got ",
                      h.local_window(), " and ", h.sink_tokens()));
+  }
+  for (int i = 0; i < h.budget_grid_size(); ++i) {
+    const float g = h.budget_grid(i);
+    if (!(g >= 0 && g <= 1) || (i > 0 && !(g > h.budget_grid(i - 1)))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, ": budget_grid must ascend strictly within [0, 1], got ", g, " at ", i));
+    }
   }
   return absl::OkStatus();
 }
@@ -125,7 +149,7 @@ absl::Status validate_saap_index(const SaapIndex& index) {
                                                    " layers, found ", index.layers.size()));
   }
   for (size_t i = 0; i < index.layers.size(); ++i) {
-    for (const NamedTensor& t : layer_tensors()) {
+    for (const NamedTensor& t : tensors_of(h)) {
       const Tensor& value = index.layers[i].*t.member;
       const std::vector<int64_t> want = expected_shape(h, t.suffix);
       if (!value.defined() || value.sizes() != at::IntArrayRef(want)) {
@@ -133,6 +157,11 @@ absl::Status validate_saap_index(const SaapIndex& index) {
             "SAAP index: ", tensor_name(i, t.suffix), " must be ", shape_text(want), ", got ",
             value.defined() ? shape_text(value.sizes()) : "undefined"));
       }
+    }
+    if (h.budget_grid_size() == 0 &&
+        (index.layers[i].budget_lost_mass.defined() || index.layers[i].budget_keys.defined())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "SAAP index: layer ", i, " has budget curves but the header has no budget_grid"));
     }
   }
   return absl::OkStatus();
@@ -145,7 +174,7 @@ absl::Status write_saap_index(const std::string& path, const SaapIndex& index) {
   std::vector<Tensor> keep;  // CPU float32 copies the writer reads from
   std::vector<checkpoint::TensorToWrite> tensors;
   for (size_t i = 0; i < index.layers.size(); ++i) {
-    for (const NamedTensor& t : layer_tensors()) {
+    for (const NamedTensor& t : tensors_of(index.header)) {
       Tensor value = (index.layers[i].*t.member).detach().to(at::kCPU, at::kFloat).contiguous();
       keep.push_back(value);
       tensors.push_back({tensor_name(i, t.suffix), checkpoint::DType::kF32, value.sizes().vec(),
@@ -193,7 +222,8 @@ absl::StatusOr<SaapIndex> read_saap_index(const std::string& path) {
       !s.ok()) {
     return s;
   }
-  const size_t expected_count = index.header.num_layers() * layer_tensors().size();
+  const std::vector<NamedTensor> names = tensors_of(index.header);
+  const size_t expected_count = index.header.num_layers() * names.size();
   if (file->tensors().size() != expected_count) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", file->tensors().size(),
                                                    " tensors, the header implies ",
@@ -201,7 +231,7 @@ absl::StatusOr<SaapIndex> read_saap_index(const std::string& path) {
   }
   index.layers.resize(index.header.num_layers());
   for (size_t i = 0; i < index.layers.size(); ++i) {
-    for (const NamedTensor& t : layer_tensors()) {
+    for (const NamedTensor& t : names) {
       const std::string name = tensor_name(i, t.suffix);
       const checkpoint::TensorInfo* info = file->find(name);
       const std::vector<int64_t> want = expected_shape(index.header, t.suffix);
@@ -222,6 +252,10 @@ absl::StatusOr<SaapIndex> read_saap_index(const std::string& path) {
       if (t.suffix == "classifier.in_std" && !(value > 0).all().item<bool>()) {
         return absl::InvalidArgumentError(
             absl::StrCat(path, ": tensor ", name, " must be positive (it divides the queries)"));
+      }
+      if (absl::StartsWith(t.suffix, "budget.") && !(value >= 0).all().item<bool>()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(path, ": tensor ", name, " must be non-negative"));
       }
       index.layers[i].*t.member = value;
     }

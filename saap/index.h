@@ -12,6 +12,9 @@
 //   layers.{i}.classifier.b1        [query_heads, hidden]
 //   layers.{i}.classifier.w2        [query_heads, hidden, C]
 //   layers.{i}.classifier.b2        [query_heads, C]
+// and, when the header's budget_grid has G > 0 entries (saap/budgets.h),
+//   layers.{i}.budget.lost_mass     [query_heads, G]
+//   layers.{i}.budget.keys          [query_heads, G]
 #pragma once
 
 #include <string>
@@ -36,6 +39,8 @@ constexpr int kSaapFormatVersion = 1;
 struct SaapLayer {
   Tensor centroids;  // float32, CPU, shapes as in the file comment above
   Tensor in_mean, in_std, w1, b1, w2, b2;
+  // Budget curves (BudgetCurves), defined iff header.budget_grid is not empty.
+  Tensor budget_lost_mass, budget_keys;
 };
 
 struct SaapIndex {

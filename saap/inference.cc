@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_format.h"
 #include "saap/baselines.h"
+#include "saap/budgets.h"
 #include "saap/targets.h"
 
 namespace sparseflash::saap {
@@ -51,6 +52,36 @@ SaapAttentionHook::SaapAttentionHook(const SaapIndex& index, const SaapInference
     classifiers_.push_back(load_classifier(layer, device));
   }
   caches_.resize(index.layers.size());
+  if (options_.per_head_budgets) {
+    if (options_.key_budget <= 0 || options_.routing == Routing::kAll)
+      throw std::invalid_argument(
+          "SAAP attention: per-head budgets split a key budget; give one (--key-budget)");
+    if (header_.budget_grid_size() == 0)
+      throw std::invalid_argument(
+          "SAAP attention: the index has no budget curves (fitted by an older build or with "
+          "an empty budget grid); refit it for per-head budgets");
+    std::vector<Tensor> lost, keys;
+    for (const SaapLayer& layer : index.layers) {
+      lost.push_back(layer.budget_lost_mass);
+      keys.push_back(layer.budget_keys);
+    }
+    Tensor all_keys = at::cat(keys);
+    Tensor choice = allocate_head_budgets(at::cat(lost), all_keys, options_.key_budget);
+    const int64_t hq = header_.num_query_heads();
+    std::vector<float> grid(header_.budget_grid().begin(), header_.budget_grid().end());
+    double planned = 0;
+    for (int64_t i = 0; i < choice.size(0); ++i) {
+      const int64_t c = choice[i].item<int64_t>();
+      head_budgets_.push_back(grid[c]);
+      planned += all_keys[i][c].item<double>();
+    }
+    planned_key_fraction_ = planned / static_cast<double>(choice.size(0));
+    for (size_t layer = 0; layer < index.layers.size(); ++layer) {
+      std::vector<float> b(head_budgets_.begin() + layer * hq,
+                           head_budgets_.begin() + (layer + 1) * hq);
+      layer_budgets_.push_back(at::tensor(b).view({1, hq, 1, 1}).to(device));
+    }
+  }
 }
 
 Tensor SaapAttentionHook::scores(int layer, const Tensor& q_pre) const {
@@ -130,7 +161,9 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
     Tensor order = std::get<1>(density.sort(-1, /*descending=*/true));
     Tensor keys = n.gather(-1, order);
     Tensor before = keys.cumsum(-1) - keys;
-    Tensor take = before.lt(n.sum(-1, /*keepdim=*/true) * options_.key_budget);
+    Tensor total = n.sum(-1, /*keepdim=*/true);
+    Tensor take = layer_budgets_.empty() ? before.lt(total * options_.key_budget)
+                                         : before.lt(total * layer_budgets_[layer]);
     return at::where(take, order, at::full({}, -1, order.options()));
   };
   SaapVisitStats st;

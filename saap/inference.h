@@ -38,6 +38,11 @@ struct SaapInferenceOptions {
   // attention per key (count-aware classifier logits) until this fraction of
   // the query's routable keys is selected (the crossing partition included).
   double key_budget = 0;
+  // With key_budget > 0: split the budget over the query heads of all layers
+  // by the index's budget curves (saap/budgets.h) so that their mean is
+  // key_budget: heads that lose little attention get few keys (or none),
+  // heads whose attention spreads get many. Needs an index with curves.
+  bool per_head_budgets = false;
   // > 0 (classifier routing): select, per query, the fewest partitions whose
   // predicted share of the routed attention (softmax of the count-aware
   // scores) reaches this threshold; overrides top-l and the key budget.
@@ -65,6 +70,11 @@ class SaapAttentionHook : public model::AttentionHook {
   void reset_stats() { stats_ = SaapVisitStats{}; }
   const SaapInferenceOptions& options() const { return options_; }
   const SaapHeader& header() const { return header_; }
+  // Per-head budgets: the fraction of routable keys of every query head,
+  // layer-major [layers * Hq] (empty without per_head_budgets), and the mean
+  // selected fraction the curves predict for them.
+  const std::vector<double>& head_budgets() const { return head_budgets_; }
+  double planned_key_fraction() const { return planned_key_fraction_; }
 
  private:
   SaapHeader header_;
@@ -73,6 +83,9 @@ class SaapAttentionHook : public model::AttentionHook {
   std::vector<Tensor> centroids_;  // per layer, float32 [Hkv, C, D] on the device
   mutable std::vector<QueryClassifier> classifiers_;  // forward() is not const
   std::vector<std::unique_ptr<PartitionedKVCache>> caches_;  // per layer, generation only
+  std::vector<Tensor> layer_budgets_;  // per layer, float32 [1, Hq, 1, 1] on the device
+  std::vector<double> head_budgets_;
+  double planned_key_fraction_ = 0;
   SaapVisitStats stats_;
 };
 

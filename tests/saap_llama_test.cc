@@ -14,6 +14,7 @@
 #include <torch/torch.h>
 
 #include "model/llama.h"
+#include "saap/budgets.h"
 #include "saap/calibrate.h"
 #include "saap/index.h"
 #include "saap/inference.h"
@@ -175,6 +176,73 @@ TEST_F(SaapLlama, FewPartitionsVisitFewerKeysAndChangeTheOutput) {
   SaapInferenceOptions bad;
   bad.top_l = 9;  // C = 8
   EXPECT_THROW(SaapAttentionHook(index, bad, at::kCPU), std::invalid_argument);
+}
+
+TEST_F(SaapLlama, PerHeadBudgetsSplitTheKeyBudgetAndAtFullBudgetAreDense) {
+  SaapIndex index = fit_saap_index(model_, "id", ids_, small_fit(), nullptr);
+  FitOptions no_curves = small_fit();
+  no_curves.budget_grid.clear();
+  SaapIndex bare = fit_saap_index(model_, "id", ids_, no_curves, nullptr);
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  const int64_t G = static_cast<int64_t>(default_budget_grid().size());
+  ASSERT_EQ(index.header.budget_grid_size(), G);
+  for (const SaapLayer& layer : index.layers) {
+    ASSERT_EQ(layer.budget_lost_mass.sizes(), at::IntArrayRef({4, G}));
+    // No keys lose the whole routed attention, all keys lose none; the keys
+    // taken grow with the budget and never fall short of it.
+    EXPECT_TRUE((layer.budget_lost_mass.select(1, 0) >= layer.budget_lost_mass.select(1, G - 1))
+                    .all().item<bool>());
+    EXPECT_LT(layer.budget_lost_mass.select(1, G - 1).abs().max().item<double>(), 1e-5);
+    EXPECT_LT(layer.budget_keys.select(1, 0).abs().max().item<double>(), 1e-6);
+    EXPECT_NEAR(layer.budget_keys.select(1, G - 1).min().item<double>(), 1.0, 1e-5);
+    Tensor k = layer.budget_keys;
+    EXPECT_TRUE((k.narrow(1, 1, G - 1) >= k.narrow(1, 0, G - 1) - 1e-6).all().item<bool>());
+    for (int64_t g = 0; g < G; ++g)
+      EXPECT_GE(k.select(1, g).min().item<double>(), default_budget_grid()[g] - 1e-5);
+  }
+  torch::NoGradGuard no_grad;
+  Tensor x = at::tensor(std::vector<int64_t>(ids_.begin(), ids_.begin() + 300)).view({1, -1});
+  Tensor dense = model_->forward(x);
+
+  // The whole budget: every head gets every key, so the model is dense, in
+  // prefill and through the decode cache.
+  SaapInferenceOptions full;
+  full.key_budget = 1;
+  full.per_head_budgets = true;
+  auto hook = std::make_shared<SaapAttentionHook>(index, full, at::kCPU);
+  ASSERT_EQ(hook->head_budgets().size(), 8u);
+  for (double b : hook->head_budgets()) EXPECT_EQ(b, 1.0);
+  model_->set_attention_hook(hook);
+  EXPECT_LT((model_->forward(x) - dense).abs().max().item<double>(), 1e-4);
+  EXPECT_NEAR(hook->stats().visited_fraction(), 1.0, 1e-12);
+  std::vector<int64_t> prompt(ids_.begin(), ids_.begin() + 40);
+  auto with_hook = model_->generate(prompt, 16, model::SamplingOptions{});
+  model_->set_attention_hook(nullptr);
+  EXPECT_EQ(with_hook, model_->generate(prompt, 16, model::SamplingOptions{}));
+
+  // A quarter of the keys: the heads' mean planned fraction stays within
+  // it, some heads differ, and fewer keys are visited.
+  SaapInferenceOptions quarter = full;
+  quarter.key_budget = 0.25;
+  hook = std::make_shared<SaapAttentionHook>(index, quarter, at::kCPU);
+  EXPECT_LE(hook->planned_key_fraction(), 0.25 + 1e-6);
+  double mean = 0;
+  for (double b : hook->head_budgets()) mean += b / 8;
+  EXPECT_GT(mean, 0.0);
+  model_->set_attention_hook(hook);
+  Tensor sparse = model_->forward(x);
+  model_->set_attention_hook(nullptr);
+  EXPECT_TRUE(at::isfinite(sparse).all().item<bool>());
+  EXPECT_LT(hook->stats().visited_fraction(), 0.9);
+  EXPECT_LT(hook->stats().routed_fraction(), 0.5);
+
+  // Refused: no key budget to split, an index without curves.
+  SaapInferenceOptions no_budget;
+  no_budget.per_head_budgets = true;
+  EXPECT_THROW(SaapAttentionHook(index, no_budget, at::kCPU), std::invalid_argument);
+  EXPECT_EQ(bare.header.budget_grid_size(), 0);
+  EXPECT_FALSE(bare.layers[0].budget_keys.defined());
+  EXPECT_THROW(SaapAttentionHook(bare, quarter, at::kCPU), std::invalid_argument);
 }
 
 TEST_F(SaapLlama, RoutingEvaluationRanksTheOracleFirst) {

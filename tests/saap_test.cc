@@ -17,6 +17,7 @@
 #include "absl/strings/escaping.h"
 #include "checkpoint/safetensors.h"
 #include "saap/baselines.h"
+#include "saap/budgets.h"
 #include "saap/classifier.h"
 #include "saap/index.h"
 #include "saap/kmeans.h"
@@ -481,6 +482,106 @@ TEST(SaapIndex, RefusesCorruptOrInconsistentFiles) {
   EXPECT_FALSE(s.ok());
   EXPECT_NE(std::string(s.message()).find("layers.1.classifier.w2"), std::string::npos) << s;
   std::remove(path.c_str());
+}
+
+TEST(SaapIndex, RoundTripsBudgetCurvesAndRefusesThemHalfPresent) {
+  SaapIndex index = random_index("fnv1a64:00000000000000b1");
+  for (double g : {0.0, 0.1, 0.5, 1.0}) index.header.add_budget_grid(static_cast<float>(g));
+  for (SaapLayer& layer : index.layers) {
+    layer.budget_lost_mass = torch::rand({6, 4});
+    layer.budget_keys = torch::rand({6, 4});
+  }
+  const std::string path = temp_path("budgets.safetensors");
+  ASSERT_TRUE(write_saap_index(path, index).ok());
+  absl::StatusOr<SaapIndex> back = read_saap_index(path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_EQ(back->header.budget_grid_size(), 4);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_TRUE(torch::equal(back->layers[i].budget_lost_mass, index.layers[i].budget_lost_mass));
+    EXPECT_TRUE(torch::equal(back->layers[i].budget_keys, index.layers[i].budget_keys));
+  }
+  // Curves of the wrong width, curves without a grid, a grid without curves,
+  // a grid that does not ascend: all refused when writing, naming the problem.
+  SaapIndex wrong = index;
+  wrong.layers[0].budget_keys = torch::rand({6, 3});
+  absl::Status s = write_saap_index(path, wrong);
+  EXPECT_NE(std::string(s.message()).find("layers.0.budget.keys"), std::string::npos) << s;
+  wrong = index;
+  wrong.header.clear_budget_grid();
+  s = write_saap_index(path, wrong);
+  EXPECT_NE(std::string(s.message()).find("no budget_grid"), std::string::npos) << s;
+  wrong = index;
+  wrong.layers[1].budget_lost_mass = Tensor();
+  s = write_saap_index(path, wrong);
+  EXPECT_NE(std::string(s.message()).find("layers.1.budget.lost_mass"), std::string::npos) << s;
+  wrong = index;
+  wrong.header.set_budget_grid(2, 0.05f);
+  s = write_saap_index(path, wrong);
+  EXPECT_NE(std::string(s.message()).find("budget_grid must ascend"), std::string::npos) << s;
+  std::remove(path.c_str());
+}
+
+// One query, three partitions; by hand: order c0 (density 3), c2 (2), c1 (1);
+// keys 2, 4, 4 of 10; routed mass 0.3, 0.1, 0.2 of 0.6.
+TEST(Budgets, CurvesOnAHandComputedExample) {
+  Tensor density = torch::tensor({3.0f, 1.0f, 2.0f}).view({1, 1, 3});
+  Tensor counts = torch::tensor({2.0f, 4.0f, 4.0f}).view({1, 1, 3});
+  Tensor mass = torch::tensor({0.3f, 0.1f, 0.2f}).view({1, 1, 3});
+  BudgetCurves c = measure_budget_curves(density, mass, counts, {0, 0.1, 0.25, 0.5, 1});
+  const std::vector<double> lost = {0.6, 0.3, 0.1, 0.1, 0};
+  const std::vector<double> keys = {0, 0.2, 0.6, 0.6, 1};
+  ASSERT_EQ(c.lost_mass.sizes(), at::IntArrayRef({1, 5}));
+  for (int g = 0; g < 5; ++g) {
+    EXPECT_NEAR(c.lost_mass[0][g].item<double>(), lost[g], 1e-6) << g;
+    EXPECT_NEAR(c.keys[0][g].item<double>(), keys[g], 1e-6) << g;
+  }
+  // Two queries average; a second head is independent of the first.
+  Tensor d2 = torch::cat({density, density.flip(-1)}, 1).repeat({2, 1, 1});
+  Tensor c2 = counts.repeat({2, 2, 1});
+  Tensor m2 = mass.repeat({2, 2, 1});
+  m2[1].zero_();
+  BudgetCurves two = measure_budget_curves(d2, m2, c2, {0, 0.25, 1});
+  // Query 2 (densities 2, 1, 3) takes only c2 at 0.25: lost 0.4, keys 0.4.
+  EXPECT_NEAR(two.lost_mass[0][1].item<double>(), (0.1 + 0.4) / 2, 1e-6);
+  EXPECT_NEAR(two.keys[0][1].item<double>(), (0.6 + 0.4) / 2, 1e-6);
+  EXPECT_NEAR(two.lost_mass[1][0].item<double>(), 0, 1e-6);
+  EXPECT_THROW(measure_budget_curves(density, mass, counts, {0.5, 0.2}), std::invalid_argument);
+  EXPECT_THROW(measure_budget_curves(density, mass.view({1, 3, 1}), counts, {0, 1}),
+               std::invalid_argument);
+}
+
+TEST(Budgets, AllocationSpendsKeysWhereTheyKeepTheMostAttention) {
+  // Head 0 loses much attention without keys, head 1 little.
+  Tensor lost = torch::tensor({0.8f, 0.1f, 0.0f, 0.05f, 0.01f, 0.0f}).view({2, 3});
+  Tensor keys = torch::tensor({0.0f, 0.5f, 1.0f, 0.0f, 0.5f, 1.0f}).view({2, 3});
+  auto choice = [&](double budget) {
+    Tensor c = allocate_head_budgets(lost, keys, budget);
+    return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + 2);
+  };
+  EXPECT_EQ(choice(0), (std::vector<int64_t>{0, 0}));
+  EXPECT_EQ(choice(0.25), (std::vector<int64_t>{1, 0}));   // 0.7 saved for 0.5 keys
+  EXPECT_EQ(choice(0.5), (std::vector<int64_t>{2, 0}));    // then 0.1 over 0.04
+  EXPECT_EQ(choice(0.75), (std::vector<int64_t>{2, 1}));
+  EXPECT_EQ(choice(1), (std::vector<int64_t>{2, 2}));
+  // Random convex curves a_h (1 - g)^p_h on an even grid (where this greedy
+  // is optimal): the budget holds, and the split loses no more attention
+  // than giving every head the same grid point.
+  torch::manual_seed(fresh_seed());
+  const int64_t H = 40, G = 8;
+  Tensor grid = torch::linspace(0, 1, G);
+  Tensor l = torch::rand({H, 1}) * (1 - grid).view({1, G}).pow(1 + 3 * torch::rand({H, 1}));
+  Tensor k = grid.expand({H, G}).contiguous();
+  for (double budget : {0.05, 0.2, 0.4, 0.9}) {
+    Tensor c = allocate_head_budgets(l, k, budget);
+    Tensor spent = k.gather(1, c.view({H, 1})).mean();
+    EXPECT_LE(spent.item<double>(), budget + 1e-6);
+    const int64_t uniform = static_cast<int64_t>(std::floor(budget * (G - 1) + 1e-9));
+    EXPECT_LE(l.gather(1, c.view({H, 1})).sum().item<double>(),
+              l.select(1, uniform).sum().item<double>() + 1e-6)
+        << budget;
+  }
+  EXPECT_THROW(allocate_head_budgets(lost, keys, 1.5), std::invalid_argument);
+  EXPECT_THROW(allocate_head_budgets(lost, keys.view({3, 2}), 0.5), std::invalid_argument);
 }
 
 }  // namespace

@@ -1,0 +1,53 @@
+// Per-head key budgets.
+//
+// Query heads differ a lot in how much attention leaves the local window and
+// the sinks, and in how widely it spreads: one head loses nothing with no
+// routed keys at all, another needs a third of them. A uniform key budget
+// (every head selects the same fraction of its routable keys) spends keys on
+// the first and starves the second. Here the fit measures, per query head
+// and for a grid of budgets, the routed attention the classifier's selection
+// loses on held-out calibration queries (budget curves, stored in the
+// index), and inference splits a mean budget over the heads of all layers so
+// that the total lost attention is smallest (a multiple-choice knapsack,
+// solved greedily by lost attention saved per key).
+#pragma once
+
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace sparseflash::saap {
+
+using at::Tensor;
+
+// The default grid of the fit: fractions of a query's routable keys.
+const std::vector<double>& default_budget_grid();
+
+struct BudgetCurves {
+  // float32 [H, G], CPU. lost_mass[h][g]: mean over queries of the routed
+  // attention (absolute, as a share of the query's whole attention) outside
+  // the partitions selected at budget grid[g]. keys[h][g]: mean over queries
+  // of the selected keys / routable keys (at least grid[g], since the
+  // partition that crosses the budget is taken whole).
+  Tensor lost_mass, keys;
+};
+
+// density [H, n, C]: the score partitions are taken in, largest first
+// (attention per key); mass [H, n, C]: routed attention per partition (the
+// fit's targets); counts [H, n, C]: routable keys per partition. A budget g
+// takes partitions in decreasing density while the keys taken before are
+// fewer than g * (routable keys), as SaapAttentionHook does. grid ascending
+// in [0, 1]. Computed in float32 on the inputs' device, in chunks of queries.
+BudgetCurves measure_budget_curves(const Tensor& density, const Tensor& mass,
+                                   const Tensor& counts, const std::vector<double>& grid);
+
+// lost_mass, keys [H, G] (the curves of every head to share the budget,
+// e.g. all layers' heads stacked). Returns the grid index chosen per head
+// (int64 [H]) so that the mean over heads of keys[h][choice] is at most
+// mean_budget and the summed lost_mass is small: every head starts at grid
+// index 0, then the step (any head to any larger index) with the most lost
+// attention saved per key that still fits is taken until none fits or saves.
+// Throws std::invalid_argument on shapes or a budget outside [0, 1].
+Tensor allocate_head_budgets(const Tensor& lost_mass, const Tensor& keys, double mean_budget);
+
+}  // namespace sparseflash::saap
