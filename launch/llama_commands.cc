@@ -72,6 +72,10 @@ ABSL_FLAG(bool, per_head_budgets, false,
           "layers by the index's budget curves (least attention lost in total; the mean over "
           "heads stays --key-budget). saap eval: also perplexity with per-head budgets at each "
           "--key-budgets value.");
+ABSL_FLAG(std::string, budget_objective, "output",
+          "--per-head-budgets: what the split minimises over all heads: output (the squared "
+          "error of each head's attention output against dense) or attention (the routed "
+          "attention left out). saap eval: a comma-separated list.");
 ABSL_FLAG(double, mass_threshold, 0,
           "--attention saap: > 0 selects, per query, the fewest partitions whose predicted share "
           "of the routed attention reaches this value (overrides --top-l and --key-budget).");
@@ -162,6 +166,13 @@ absl::StatusOr<std::vector<int64_t>> parse_top_l(const std::string& text) {
 }
 
 // --attention saap: the index (refused when fitted on another model) and the hook.
+absl::StatusOr<saap::BudgetObjective> parse_budget_objective(const std::string& text) {
+  if (text == "output") return saap::BudgetObjective::kOutputError;
+  if (text == "attention") return saap::BudgetObjective::kLostAttention;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--budget-objective: expected output or attention, got \"", text, "\""));
+}
+
 absl::StatusOr<std::shared_ptr<saap::SaapAttentionHook>> saap_hook_from_flags(const Loaded& l) {
   const std::string path = absl::GetFlag(FLAGS_saap_index);
   if (path.empty()) return absl::InvalidArgumentError("--attention saap needs --saap-index FILE");
@@ -176,6 +187,9 @@ absl::StatusOr<std::shared_ptr<saap::SaapAttentionHook>> saap_hook_from_flags(co
   o.key_budget = absl::GetFlag(FLAGS_key_budget);
   o.mass_threshold = absl::GetFlag(FLAGS_mass_threshold);
   o.per_head_budgets = absl::GetFlag(FLAGS_per_head_budgets);
+  auto objective = parse_budget_objective(absl::GetFlag(FLAGS_budget_objective));
+  if (!objective.ok()) return objective.status();
+  o.budget_objective = *objective;
   if (o.per_head_budgets && o.key_budget <= 0)
     return absl::InvalidArgumentError("--per-head-budgets splits a key budget: give --key-budget");
   if (!(o.mass_threshold >= 0 && o.mass_threshold <= 1))
@@ -263,7 +277,11 @@ std::string describe(const Loaded& l) {
                                    ? absl::StrFormat("key budget %g%s",
                                                      l.saap->options().key_budget,
                                                      l.saap->options().per_head_budgets
-                                                         ? " split per head"
+                                                         ? absl::StrCat(
+                                                               " split per head by ",
+                                                               saap::objective_name(
+                                                                   l.saap->options()
+                                                                       .budget_objective))
                                                          : "")
                                    : absl::StrCat("top-l ", l.saap->options().top_l),
                                l.saap->header().partitions(),
@@ -418,6 +436,7 @@ int eval_impl() {
                  {"key_budget", l.saap->options().key_budget},
                  {"mass_threshold", l.saap->options().mass_threshold},
                  {"per_head_budgets", l.saap->head_budgets()},
+                 {"budget_objective", saap::objective_name(l.saap->options().budget_objective)},
                  {"partitions", l.saap->header().partitions()},
                  {"local_window", l.saap->header().local_window()},
                  {"sink_tokens", l.saap->header().sink_tokens()},
@@ -754,7 +773,7 @@ int guarded(const char* command, int (*body)()) {
 const std::vector<std::string>& eval_flags() {
   static const std::vector<std::string> f = {
       "model", "tokenizer", "text", "data", "context", "stride", "max_tokens", "attention",
-      "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "per_head_budgets", "mass_threshold",
+      "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "per_head_budgets", "budget_objective", "mass_threshold",
       "saap_routing", "dtype", "device", "seed", "json", "json_file"};
   return f;
 }
@@ -762,7 +781,7 @@ const std::vector<std::string>& eval_flags() {
 const std::vector<std::string>& generate_flags() {
   static const std::vector<std::string> f = {
       "model", "tokenizer", "prompt", "max_new_tokens", "temperature", "top_p", "seed",
-      "attention", "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "per_head_budgets", "mass_threshold",
+      "attention", "num_buckets", "drop_prob", "saap_index", "top_l", "key_budget", "per_head_budgets", "budget_objective", "mass_threshold",
       "saap_routing", "dtype", "device", "json", "json_file"};
   return f;
 }

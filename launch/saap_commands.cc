@@ -38,6 +38,7 @@ ABSL_DECLARE_FLAG(std::string, text);
 ABSL_DECLARE_FLAG(std::string, data);
 ABSL_DECLARE_FLAG(uint64_t, seed);
 ABSL_DECLARE_FLAG(bool, per_head_budgets);
+ABSL_DECLARE_FLAG(std::string, budget_objective);
 
 ABSL_FLAG(int64_t, partitions, 256, "saap fit: key partitions (k-means centroids) per KV head.");
 ABSL_FLAG(int64_t, classifier_hidden, 256, "saap fit: hidden width of each query head's MLP.");
@@ -206,6 +207,8 @@ int fit() {
             {"holdout_kl", r.classifier.holdout_kl},
             {"holdout_recall", recall},
             {"budget_grid", o.budget_grid},
+            {"budget_windows", o.budget_windows},
+            {"budget_queries_per_window", o.budget_queries_per_window},
             {"seconds",
              {{"load", load_seconds},
               {"capture_keys", r.capture_seconds},
@@ -284,6 +287,15 @@ int eval() {
       parse_fractions(absl::GetFlag(FLAGS_mass_thresholds), "--mass-thresholds", false);
   for (const auto* list : {&depths, &budgets, &thresholds})
     if (!list->ok()) return command_error(cmd, std::string(list->status().message()));
+  std::vector<saap::BudgetObjective> objectives;
+  for (absl::string_view part :
+       absl::StrSplit(absl::GetFlag(FLAGS_budget_objective), ',', absl::SkipWhitespace())) {
+    if (part == "output") objectives.push_back(saap::BudgetObjective::kOutputError);
+    else if (part == "attention") objectives.push_back(saap::BudgetObjective::kLostAttention);
+    else
+      return command_error(cmd, absl::StrCat("--budget-objective: expected output and/or "
+                                             "attention, got \"", part, "\""));
+  }
   const int64_t context = absl::GetFlag(FLAGS_context);
   int64_t stride = absl::GetFlag(FLAGS_stride);
   if (stride == 0) stride = std::max<int64_t>(1, context / 2);
@@ -395,26 +407,32 @@ int eval() {
     if (absl::GetFlag(FLAGS_per_head_budgets)) {
       if (index->header.budget_grid_size() == 0)
         return command_error(cmd, "--per-head-budgets: the index has no budget curves; refit it");
-      for (saap::Routing routing_kind : {saap::Routing::kClassifier, saap::Routing::kOracle}) {
-        for (double b : *budgets) {
-          saap::SaapInferenceOptions so;
-          so.key_budget = b;
-          so.per_head_budgets = true;
-          so.routing = routing_kind;
-          auto hook = std::make_shared<saap::SaapAttentionHook>(*index, so, l.device);
-          int dense = 0, none = 0;
-          for (double v : hook->head_budgets()) {
-            dense += v >= 1;
-            none += v <= 0;
+      for (const saap::BudgetObjective objective : objectives) {
+        for (saap::Routing routing_kind : {saap::Routing::kClassifier, saap::Routing::kOracle}) {
+          for (double b : *budgets) {
+            saap::SaapInferenceOptions so;
+            so.key_budget = b;
+            so.per_head_budgets = true;
+            so.budget_objective = objective;
+            so.routing = routing_kind;
+            auto hook = std::make_shared<saap::SaapAttentionHook>(*index, so, l.device);
+            int dense = 0, none = 0;
+            for (double v : hook->head_budgets()) {
+              dense += v >= 1;
+              none += v <= 0;
+            }
+            log_line(absl::StrFormat(
+                "[perplexity] per-head budgets (%s) at %g: %d of %d heads dense, %d with no routed "
+                "keys, %.2f%% of routable keys planned",
+                saap::objective_name(objective), b, dense, hook->head_budgets().size(), none,
+                100 * hook->planned_key_fraction()));
+            run(absl::StrFormat("%s-ph-%s@%g",
+                                routing_kind == saap::Routing::kOracle ? "oracle" : "saap",
+                                objective == saap::BudgetObjective::kOutputError ? "out" : "attn",
+                                b),
+                0, hook);
+            ppl.back()["head_budgets"] = hook->head_budgets();
           }
-          log_line(absl::StrFormat(
-              "[perplexity] per-head budgets at %g: %d of %d heads dense, %d with no routed "
-              "keys, %.2f%% of routable keys planned",
-              b, dense, hook->head_budgets().size(), none, 100 * hook->planned_key_fraction()));
-          run(absl::StrFormat("%s-ph@%g",
-                              routing_kind == saap::Routing::kOracle ? "oracle" : "saap", b),
-              0, hook);
-          ppl.back()["head_budgets"] = hook->head_budgets();
         }
       }
     }
@@ -513,7 +531,7 @@ const std::vector<std::string>& saap_flags() {
       "rope_index", "partitions", "classifier_hidden", "local_window", "sink_tokens",
       "kmeans_keys", "kmeans_iterations", "queries_per_window", "classifier_steps",
       "weight_by_mass", "count_prior", "windows", "key_space", "top_l", "perplexity",
-      "perplexity_tokens", "key_budgets", "per_head_budgets", "budget_grid", "mass_thresholds", "needle", "needle_depths",
+      "perplexity_tokens", "key_budgets", "per_head_budgets", "budget_objective", "budget_grid", "mass_thresholds", "needle", "needle_depths",
       "needle_trials", "dtype", "device", "seed", "json_file"};
   return f;
 }

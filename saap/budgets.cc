@@ -2,6 +2,7 @@
 #include "saap/budgets.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <stdexcept>
 
@@ -17,6 +18,93 @@ const std::vector<double>& default_budget_grid() {
   return grid;
 }
 
+const char* objective_name(BudgetObjective objective) {
+  return objective == BudgetObjective::kOutputError ? "output" : "attention";
+}
+
+namespace {
+
+void check_grid(const std::vector<double>& grid, const char* what) {
+  if (grid.empty()) throw std::invalid_argument(absl::StrFormat("%s: the grid is empty", what));
+  for (size_t i = 0; i < grid.size(); ++i)
+    if (!(grid[i] >= 0 && grid[i] <= 1) || (i > 0 && !(grid[i] > grid[i - 1])))
+      throw std::invalid_argument(absl::StrFormat(
+          "%s: the grid must ascend strictly within [0, 1], got %g at %d", what, grid[i], i));
+}
+
+// Partitions taken at budget g: [..., C] bool in partition order, from the
+// order (descending density), counts in that order and keys before each.
+Tensor taken(const Tensor& order, const Tensor& before, const Tensor& total, double g) {
+  return at::zeros(order.sizes(), order.options().dtype(at::kBool))
+      .scatter_(-1, order, before.lt(total * g));
+}
+
+}  // namespace
+
+Tensor budget_output_errors(const Tensor& q, const Tensor& k, const Tensor& v,
+                            const Tensor& partition, const Tensor& q_pos, const Tensor& density,
+                            const std::vector<double>& grid, const MassOptions& options) {
+  check_grid(grid, "budget_output_errors");
+  if (q.dim() != 3 || k.dim() != 3 || v.sizes() != k.sizes() || q.size(2) != k.size(2) ||
+      k.size(0) < 1 || q.size(0) % k.size(0) != 0)
+    throw std::invalid_argument(absl::StrFormat(
+        "budget_output_errors: q must be [Hq, nq, d] and k, v [Hkv, T, d] with Hkv dividing "
+        "Hq, got %s, %s and %s",
+        c10::str(q.sizes()), c10::str(k.sizes()), c10::str(v.sizes())));
+  const int64_t hq = q.size(0), nq = q.size(1), d = q.size(2), hkv = k.size(0), T = k.size(1);
+  const int64_t group = hq / hkv, G = static_cast<int64_t>(grid.size());
+  if (partition.sizes() != at::IntArrayRef({hkv, T}) || q_pos.dim() != 1 || q_pos.size(0) != nq ||
+      density.dim() != 3 || density.size(0) != hq || density.size(1) != nq)
+    throw std::invalid_argument(absl::StrFormat(
+        "budget_output_errors: partition must be [%d, %d], q_pos [%d] and density [%d, %d, C], "
+        "got %s, %s and %s",
+        hkv, T, nq, hq, nq, c10::str(partition.sizes()), c10::str(q_pos.sizes()),
+        c10::str(density.sizes())));
+  const int64_t C = density.size(2);
+  const double scale = options.scale > 0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(d));
+  const auto device = q.device();
+  Tensor keys = k.to(device, at::kFloat);
+  Tensor values = v.to(device, at::kFloat).repeat_interleave(group, 0);  // [Hq, T, d]
+  Tensor part = partition.to(device, at::kLong).repeat_interleave(group, 0);  // [Hq, T]
+  Tensor positions = q_pos.to(device, at::kLong);
+  Tensor key_index = at::arange(T, positions.options());
+  Tensor errors = at::zeros({hq, G}, q.options().dtype(at::kFloat));
+  const int64_t chunk = 64;
+  for (int64_t at = 0; at < nq; at += chunk) {
+    const int64_t m = std::min(chunk, nq - at);
+    Tensor pos = positions.narrow(0, at, m);
+    Tensor qc = q.narrow(1, at, m).to(at::kFloat).reshape({hkv, group * m, d});
+    Tensor scores = at::bmm(qc, keys.transpose(1, 2)).mul_(scale).reshape({hq, m, T});
+    Tensor causal = key_index.view({1, T}) <= pos.view({m, 1});  // [m, T]
+    scores.masked_fill_(causal.logical_not().unsqueeze(0), -std::numeric_limits<float>::infinity());
+    Tensor p = at::softmax(scores, -1);  // [Hq, m, T]
+    Tensor dense = at::bmm(p, values);   // [Hq, m, d]
+    Tensor routed = (key_index.view({1, T}) >= options.sink_tokens) &
+                    (key_index.view({1, T}) <= pos.view({m, 1}) - options.local_window);
+    Tensor fixed = (causal & routed.logical_not()).to(at::kFloat).unsqueeze(0);  // [1, m, T]
+    Tensor p_routed = p * routed.to(at::kFloat).unsqueeze(0);
+    Tensor p_fixed = p * fixed;
+    Tensor o_fixed = at::bmm(p_fixed, values);
+    Tensor m_fixed = p_fixed.sum(-1, /*keepdim=*/true);
+    // Selection order and keys per partition for these queries.
+    Tensor counts = routable_key_counts(partition.to(device, at::kLong), C, pos,
+                                        options.local_window, options.sink_tokens)
+                        .repeat_interleave(group, 0);  // [Hq, m, C]
+    Tensor order = std::get<1>(density.narrow(1, at, m).to(device, at::kFloat).sort(-1, true));
+    Tensor n = counts.gather(-1, order);
+    Tensor before = n.cumsum(-1) - n;
+    Tensor total = n.sum(-1, /*keepdim=*/true);
+    Tensor key_part = part.unsqueeze(1).expand({hq, m, T});
+    for (int64_t g = 0; g < G; ++g) {
+      Tensor sel = taken(order, before, total, grid[g]).gather(-1, key_part).to(at::kFloat);
+      Tensor w = p_routed * sel;
+      Tensor out = (o_fixed + at::bmm(w, values)) / (m_fixed + w.sum(-1, /*keepdim=*/true));
+      errors.select(1, g).add_((out - dense).pow(2).sum(-1).sum(1));
+    }
+  }
+  return errors;
+}
+
 BudgetCurves measure_budget_curves(const Tensor& density, const Tensor& mass,
                                    const Tensor& counts, const std::vector<double>& grid) {
   if (density.dim() != 3 || mass.sizes() != density.sizes() || counts.sizes() != density.sizes())
@@ -24,12 +112,7 @@ BudgetCurves measure_budget_curves(const Tensor& density, const Tensor& mass,
         "measure_budget_curves: density, mass and counts must be [H, n, C] of one shape, got "
         "%s, %s and %s",
         c10::str(density.sizes()), c10::str(mass.sizes()), c10::str(counts.sizes())));
-  if (grid.empty()) throw std::invalid_argument("measure_budget_curves: the grid is empty");
-  for (size_t i = 0; i < grid.size(); ++i)
-    if (!(grid[i] >= 0 && grid[i] <= 1) || (i > 0 && !(grid[i] > grid[i - 1])))
-      throw std::invalid_argument(absl::StrFormat(
-          "measure_budget_curves: the grid must ascend strictly within [0, 1], got %g at %d",
-          grid[i], i));
+  check_grid(grid, "measure_budget_curves");
   const int64_t H = density.size(0), n = density.size(1), G = static_cast<int64_t>(grid.size());
   auto f32 = density.options().dtype(at::kFloat);
   Tensor lost = at::zeros({H, G}, f32.dtype(at::kDouble));

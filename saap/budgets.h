@@ -16,9 +16,22 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "saap/targets.h"
+
 namespace sparseflash::saap {
 
 using at::Tensor;
+
+// What a head's budget curve measures, and the allocation minimises.
+enum class BudgetObjective {
+  kLostAttention,  // the routed attention outside the selection (budget.lost_mass)
+  // The squared error of the head's attention output against dense
+  // attention, the selection renormalised (budget.output_error): unlike the
+  // lost attention it sees whether the dropped keys' values differ from
+  // those kept.
+  kOutputError,
+};
+const char* objective_name(BudgetObjective objective);
 
 // The default grid of the fit: fractions of a query's routable keys.
 const std::vector<double>& default_budget_grid();
@@ -40,6 +53,18 @@ struct BudgetCurves {
 // in [0, 1]. Computed in float32 on the inputs' device, in chunks of queries.
 BudgetCurves measure_budget_curves(const Tensor& density, const Tensor& mass,
                                    const Tensor& counts, const std::vector<double>& grid);
+
+// Sums over one layer's sampled queries of the output error at each budget:
+// q [Hq, nq, d] and k, v [Hkv, T, d] as attention sees them (RoPE'd q, k),
+// keys at positions 0..T-1, query i at q_pos[i] (int64 [nq]); partition int64
+// [Hkv, T]; density [Hq, nq, C] the selection order (as in
+// measure_budget_curves); options: window, sinks, scale. Returns float32
+// [Hq, G] (on q's device): sum over queries of |o_g - o|^2, o the dense
+// causal attention output and o_g the output over the sinks, the window and
+// the partitions selected at grid[g] (keys in partitions the query can route).
+Tensor budget_output_errors(const Tensor& q, const Tensor& k, const Tensor& v,
+                            const Tensor& partition, const Tensor& q_pos, const Tensor& density,
+                            const std::vector<double>& grid, const MassOptions& options);
 
 // lost_mass, keys [H, G] (the curves of every head to share the budget,
 // e.g. all layers' heads stacked). Returns the grid index chosen per head

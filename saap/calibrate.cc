@@ -135,6 +135,10 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
       throw std::invalid_argument(absl::StrFormat(
           "budget grid must ascend strictly within [0, 1], got %g at position %d",
           o.budget_grid[i], i));
+  if (!o.budget_grid.empty() && (o.budget_windows < 1 || o.budget_queries_per_window < 1))
+    throw std::invalid_argument(absl::StrFormat(
+        "budget windows and queries per window must be >= 1, got %d and %d", o.budget_windows,
+        o.budget_queries_per_window));
   const auto windows = token_windows(ids, o.context, o.max_windows);
   check_windows(windows, o.local_window, o.sink_tokens, "saap fit");
   const int64_t W = static_cast<int64_t>(windows.size());
@@ -328,6 +332,43 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
       layer.budget_keys = cpu(curves.keys.narrow(0, l * hq, hq));
     }
     index.layers.push_back(std::move(layer));
+  }
+
+  // 5. output-error curves: a last pass through the trained classifiers.
+  if (budget_curves) {
+    phase = Clock::now();
+    torch::NoGradGuard no_grad;
+    std::vector<QueryClassifier> layer_clf;
+    for (const SaapLayer& layer : index.layers) layer_clf.push_back(load_classifier(layer, device));
+    const int64_t G = static_cast<int64_t>(o.budget_grid.size());
+    Tensor errors = at::zeros({layers, hq, G}, f32);
+    int64_t queries_seen = 0;
+    const int64_t passes = std::min(W, o.budget_windows);
+    for (int64_t w = 0; w < passes; ++w) {
+      const int64_t len = static_cast<int64_t>(windows[w].size());
+      Tensor pos = sample_positions(o.local_window + o.sink_tokens, len,
+                                    o.budget_queries_per_window, gen, device);
+      run_recording(model, windows[w], [&](const model::AttentionCall& c) {
+        Tensor key_repr = (o.pre_rope_keys ? c.k_pre[0] : c.k[0]).to(at::kFloat);
+        Tensor part = assign_to_centroids(key_repr, centroids[c.layer], KMeansMetric::kEuclidean);
+        Tensor q = c.q[0].index_select(1, pos).to(at::kFloat);
+        Tensor q_in = o.pre_rope_keys ? c.q_pre[0].index_select(1, pos).to(at::kFloat) : q;
+        Tensor density = layer_clf[c.layer]->forward(q_in);
+        if (!o.count_prior)
+          density -= log_count_prior(
+              routable_key_counts(part, C, pos, o.local_window, o.sink_tokens)
+                  .repeat_interleave(group, 0));
+        errors[c.layer].add_(budget_output_errors(q, c.k[0], c.v[0], part, pos, density,
+                                                  o.budget_grid, mo));
+      });
+      queries_seen += pos.size(0);
+    }
+    errors.div_(static_cast<double>(queries_seen));
+    Tensor e = errors.to(at::kCPU);
+    for (int64_t l = 0; l < layers; ++l) index.layers[l].budget_output_error = e[l].clone();
+    r.budget_seconds += seconds_since(phase);
+    say(log, absl::StrFormat("[budgets] output-error curves over %d windows x %d queries (%.1f s)",
+                             passes, queries_seen / passes, seconds_since(phase)));
   }
   r.total_seconds = seconds_since(start);
   if (report) *report = r;

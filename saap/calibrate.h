@@ -56,6 +56,11 @@ struct FitOptions {
   // attention is measured on the held-out queries (saap/budgets.h; stored in
   // the index for per-head budgets). Empty: no curves.
   std::vector<double> budget_grid = default_budget_grid();
+  // The output-error curves (budget.output_error) come from a last pass over
+  // this many calibration windows (the first ones) with this many fresh
+  // query positions each, through the trained classifiers.
+  int64_t budget_windows = 4;
+  int64_t budget_queries_per_window = 256;
   ClassifierTrainOptions train;
   uint64_t seed = 1234;
   std::string calibration_data;  // provenance, stored in the header
@@ -73,7 +78,9 @@ struct FitReport {
   int64_t smallest_partition = 0, largest_partition = 0;
   ClassifierReport classifier;   // held-out recall over all heads of all layers
   std::vector<double> layer_recall;  // per layer, held-out recall@recall_at[0] (index 0)
-  double budget_seconds = 0;         // measuring the budget curves (in train_seconds)
+  // Measuring the budget curves: the held-out part (inside train_seconds)
+  // and the output-error pass (not part of any other phase).
+  double budget_seconds = 0;
   double capture_seconds = 0, kmeans_seconds = 0, targets_seconds = 0, train_seconds = 0,
          total_seconds = 0;
 };

@@ -32,7 +32,9 @@ const std::vector<NamedTensor>& layer_tensors() {
 // Present iff the header has a budget grid.
 const std::vector<NamedTensor>& budget_tensors() {
   static const std::vector<NamedTensor> names = {
-      {"budget.lost_mass", &SaapLayer::budget_lost_mass}, {"budget.keys", &SaapLayer::budget_keys}};
+      {"budget.lost_mass", &SaapLayer::budget_lost_mass},
+      {"budget.keys", &SaapLayer::budget_keys},
+      {"budget.output_error", &SaapLayer::budget_output_error}};
   return names;
 }
 
@@ -57,7 +59,7 @@ std::vector<int64_t> expected_shape(const SaapHeader& h, const std::string& suff
   if (suffix == "classifier.w1") return {q, d, hidden};
   if (suffix == "classifier.b1") return {q, hidden};
   if (suffix == "classifier.w2") return {q, hidden, c};
-  if (suffix == "budget.lost_mass" || suffix == "budget.keys") return {q, h.budget_grid_size()};
+  if (absl::StartsWith(suffix, "budget.")) return {q, h.budget_grid_size()};
   return {q, c};  // classifier.b2
 }
 
@@ -159,7 +161,8 @@ absl::Status validate_saap_index(const SaapIndex& index) {
       }
     }
     if (h.budget_grid_size() == 0 &&
-        (index.layers[i].budget_lost_mass.defined() || index.layers[i].budget_keys.defined())) {
+        (index.layers[i].budget_lost_mass.defined() || index.layers[i].budget_keys.defined() ||
+         index.layers[i].budget_output_error.defined())) {
       return absl::InvalidArgumentError(absl::StrCat(
           "SAAP index: layer ", i, " has budget curves but the header has no budget_grid"));
     }

@@ -15,6 +15,7 @@
 // and, when the header's budget_grid has G > 0 entries (saap/budgets.h),
 //   layers.{i}.budget.lost_mass     [query_heads, G]
 //   layers.{i}.budget.keys          [query_heads, G]
+//   layers.{i}.budget.output_error  [query_heads, G]
 #pragma once
 
 #include <string>
@@ -40,7 +41,7 @@ struct SaapLayer {
   Tensor centroids;  // float32, CPU, shapes as in the file comment above
   Tensor in_mean, in_std, w1, b1, w2, b2;
   // Budget curves (BudgetCurves), defined iff header.budget_grid is not empty.
-  Tensor budget_lost_mass, budget_keys;
+  Tensor budget_lost_mass, budget_keys, budget_output_error;
 };
 
 struct SaapIndex {

@@ -62,7 +62,9 @@ SaapAttentionHook::SaapAttentionHook(const SaapIndex& index, const SaapInference
           "an empty budget grid); refit it for per-head budgets");
     std::vector<Tensor> lost, keys;
     for (const SaapLayer& layer : index.layers) {
-      lost.push_back(layer.budget_lost_mass);
+      lost.push_back(options_.budget_objective == BudgetObjective::kOutputError
+                         ? layer.budget_output_error
+                         : layer.budget_lost_mass);
       keys.push_back(layer.budget_keys);
     }
     Tensor all_keys = at::cat(keys);

@@ -16,6 +16,7 @@
 
 #include "model/llama.h"
 #include "saap/attention.h"
+#include "saap/budgets.h"
 #include "saap/classifier.h"
 #include "saap/index.h"
 
@@ -43,6 +44,8 @@ struct SaapInferenceOptions {
   // key_budget: heads that lose little attention get few keys (or none),
   // heads whose attention spreads get many. Needs an index with curves.
   bool per_head_budgets = false;
+  // Which of the index's curves the split minimises (summed over heads).
+  BudgetObjective budget_objective = BudgetObjective::kOutputError;
   // > 0 (classifier routing): select, per query, the fewest partitions whose
   // predicted share of the routed attention (softmax of the count-aware
   // scores) reaches this threshold; overrides top-l and the key budget.

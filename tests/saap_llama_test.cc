@@ -188,6 +188,9 @@ TEST_F(SaapLlama, PerHeadBudgetsSplitTheKeyBudgetAndAtFullBudgetAreDense) {
   ASSERT_EQ(index.header.budget_grid_size(), G);
   for (const SaapLayer& layer : index.layers) {
     ASSERT_EQ(layer.budget_lost_mass.sizes(), at::IntArrayRef({4, G}));
+    ASSERT_EQ(layer.budget_output_error.sizes(), at::IntArrayRef({4, G}));
+    EXPECT_GE(layer.budget_output_error.min().item<double>(), 0);
+    EXPECT_LT(layer.budget_output_error.select(1, G - 1).max().item<double>(), 1e-8);
     // No keys lose the whole routed attention, all keys lose none; the keys
     // taken grow with the budget and never fall short of it.
     EXPECT_TRUE((layer.budget_lost_mass.select(1, 0) >= layer.budget_lost_mass.select(1, G - 1))
@@ -224,6 +227,12 @@ TEST_F(SaapLlama, PerHeadBudgetsSplitTheKeyBudgetAndAtFullBudgetAreDense) {
   // it, some heads differ, and fewer keys are visited.
   SaapInferenceOptions quarter = full;
   quarter.key_budget = 0.25;
+  for (BudgetObjective objective : {BudgetObjective::kLostAttention, BudgetObjective::kOutputError}) {
+    SaapInferenceOptions o = quarter;
+    o.budget_objective = objective;
+    SaapAttentionHook h(index, o, at::kCPU);
+    EXPECT_LE(h.planned_key_fraction(), 0.25 + 1e-6) << objective_name(objective);
+  }
   hook = std::make_shared<SaapAttentionHook>(index, quarter, at::kCPU);
   EXPECT_LE(hook->planned_key_fraction(), 0.25 + 1e-6);
   double mean = 0;

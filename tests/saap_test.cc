@@ -490,6 +490,7 @@ TEST(SaapIndex, RoundTripsBudgetCurvesAndRefusesThemHalfPresent) {
   for (SaapLayer& layer : index.layers) {
     layer.budget_lost_mass = torch::rand({6, 4});
     layer.budget_keys = torch::rand({6, 4});
+    layer.budget_output_error = torch::rand({6, 4});
   }
   const std::string path = temp_path("budgets.safetensors");
   ASSERT_TRUE(write_saap_index(path, index).ok());
@@ -582,6 +583,68 @@ TEST(Budgets, AllocationSpendsKeysWhereTheyKeepTheMostAttention) {
   }
   EXPECT_THROW(allocate_head_budgets(lost, keys, 1.5), std::invalid_argument);
   EXPECT_THROW(allocate_head_budgets(lost, keys.view({3, 2}), 0.5), std::invalid_argument);
+}
+
+// budget_output_errors against a float64 loop over queries and keys.
+TEST(Budgets, OutputErrorsMatchABruteForceLoop) {
+  torch::manual_seed(fresh_seed());
+  const int64_t hq = 4, hkv = 2, T = 37, d = 8, C = 5, nq = 11, window = 3, sinks = 2;
+  Tensor q = torch::randn({hq, nq, d}), k = torch::randn({hkv, T, d}), v = torch::randn({hkv, T, d});
+  Tensor part = torch::randint(C, {hkv, T}, torch::kLong);
+  Tensor pos = std::get<0>(torch::randperm(T - window - sinks, torch::kLong).narrow(0, 0, nq).sort()) +
+               window + sinks;
+  Tensor density = torch::randn({hq, nq, C});
+  const std::vector<double> grid = {0, 0.2, 0.5, 1};
+  MassOptions mo;
+  mo.local_window = window;
+  mo.sink_tokens = sinks;
+  Tensor got = budget_output_errors(q, k, v, part, pos, density, grid, mo);
+  ASSERT_EQ(got.sizes(), at::IntArrayRef({hq, 4}));
+  Tensor qd = q.to(torch::kDouble), kd = k.to(torch::kDouble), vd = v.to(torch::kDouble);
+  const double scale = 1 / std::sqrt(static_cast<double>(d));
+  for (int64_t h = 0; h < hq; ++h) {
+    const int64_t g_kv = h / (hq / hkv);
+    for (size_t g = 0; g < grid.size(); ++g) {
+      double want = 0;
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t p = pos[i].item<int64_t>();
+        // Keys per partition the query can route, and the partitions taken.
+        std::vector<double> n(C, 0);
+        for (int64_t j = sinks; j <= p - window; ++j) n[part[g_kv][j].item<int64_t>()] += 1;
+        double total = 0;
+        for (double x : n) total += x;
+        std::vector<int64_t> order(C);
+        for (int64_t c = 0; c < C; ++c) order[c] = c;
+        std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+          return density[h][i][a].item<float>() > density[h][i][b].item<float>();
+        });
+        std::vector<bool> take(C, false);
+        double before = 0;
+        for (int64_t c : order) {
+          take[c] = before < total * grid[g];
+          before += n[c];
+        }
+        Tensor s = torch::zeros({p + 1}, torch::kDouble);
+        for (int64_t j = 0; j <= p; ++j) s[j] = (qd[h][i] * kd[g_kv][j]).sum() * scale;
+        Tensor w = torch::softmax(s, 0);
+        Tensor dense = torch::zeros({d}, torch::kDouble), sel = torch::zeros({d}, torch::kDouble);
+        double mass = 0;
+        for (int64_t j = 0; j <= p; ++j) {
+          dense += w[j] * vd[g_kv][j];
+          const bool routed = j >= sinks && j <= p - window;
+          if (!routed || take[part[g_kv][j].item<int64_t>()]) {
+            sel += w[j] * vd[g_kv][j];
+            mass += w[j].item<double>();
+          }
+        }
+        want += (sel / mass - dense).pow(2).sum().item<double>();
+      }
+      EXPECT_NEAR(got[h][g].item<double>(), want, 1e-4 * (1 + want)) << "h " << h << " g " << g;
+    }
+    EXPECT_LT(got[h][3].item<double>(), 1e-9);  // every partition: dense
+  }
+  EXPECT_THROW(budget_output_errors(q, k, v, part.narrow(1, 0, 5), pos, density, grid, mo),
+               std::invalid_argument);
 }
 
 }  // namespace
