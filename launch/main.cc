@@ -329,13 +329,16 @@ const std::vector<Command>& commands() {
        "partitions, computes for sampled queries the exact attention mass per partition\n"
        "outside the local window and sinks, trains one MLP classifier per query head on it\n"
        "(KL loss) and writes the index (protobuf header + safetensors, with the model's\n"
-       "identity). Progress and time per phase go to stderr. --key-space rope fits the\n"
-       "RoPE'd-keys baseline instead.\n"
+       "identity). It also stores per-head budget curves: the routed attention lost and the\n"
+       "attention-output error of every query head at each --budget-grid key budget.\n"
+       "Progress and time per phase go to stderr. --key-space rope fits the RoPE'd-keys\n"
+       "baseline instead.\n"
        "eval: on held-out text, recall@l of the attention mass and keys visited for SAAP and\n"
        "the baselines (symmetric k-means, RoPE'd k-means with --rope-index, random, oracle);\n"
        "perplexity dense vs SAAP at each l; a pass-key retrieval check. Prints a table;\n"
+       "--per-head-budgets adds perplexity with each key budget split over the heads.\n"
        "--json-file writes everything. To run SAAP in eval/generate: --attention saap\n"
-       "--saap-index FILE --top-l L. See docs/saap.md.",
+       "--saap-index FILE --top-l L (or --key-budget F [--per-head-budgets]). See docs/saap.md.",
        saap_commands::saap_flags(),
        [](const Args& positional, const Args&) { return saap_commands::run_saap(positional); }},
   };

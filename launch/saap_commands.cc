@@ -60,6 +60,11 @@ ABSL_FLAG(std::string, budget_grid, "0,0.005,0.01,0.02,0.035,0.05,0.075,0.1,0.15
           "saap fit: fractions of the routable keys (ascending) at which each query head's lost "
           "attention is measured on held-out queries and stored, for --per-head-budgets at "
           "inference; \"none\" stores no curves.");
+ABSL_FLAG(int64_t, budget_windows, 4,
+          "saap fit: calibration windows of the last pass that measures each head's "
+          "attention-output error at every --budget-grid value (through the trained classifiers).");
+ABSL_FLAG(int64_t, budget_queries_per_window, 256,
+          "saap fit: query positions sampled per window in that pass.");
 ABSL_FLAG(int64_t, windows, 0,
           "saap fit / eval: windows of --context tokens used at most (0 = all the text gives).");
 ABSL_FLAG(std::string, key_space, "pre-rope",
@@ -159,6 +164,10 @@ int fit() {
         return command_error(cmd, "--budget-grid: the fractions must ascend strictly");
     o.budget_grid = *grid;
   }
+  o.budget_windows = absl::GetFlag(FLAGS_budget_windows);
+  o.budget_queries_per_window = absl::GetFlag(FLAGS_budget_queries_per_window);
+  if (o.budget_windows < 1 || o.budget_queries_per_window < 1)
+    return command_error(cmd, "--budget-windows and --budget-queries-per-window must be >= 1");
 
   const auto start = std::chrono::steady_clock::now();
   auto loaded = llama_commands::load_model(!absl::GetFlag(FLAGS_text).empty());
@@ -531,7 +540,8 @@ const std::vector<std::string>& saap_flags() {
       "rope_index", "partitions", "classifier_hidden", "local_window", "sink_tokens",
       "kmeans_keys", "kmeans_iterations", "queries_per_window", "classifier_steps",
       "weight_by_mass", "count_prior", "windows", "key_space", "top_l", "perplexity",
-      "perplexity_tokens", "key_budgets", "per_head_budgets", "budget_objective", "budget_grid", "mass_thresholds", "needle", "needle_depths",
+      "perplexity_tokens", "key_budgets", "per_head_budgets", "budget_objective", "budget_grid",
+      "budget_windows", "budget_queries_per_window", "mass_thresholds", "needle", "needle_depths",
       "needle_trials", "dtype", "device", "seed", "json_file"};
   return f;
 }
