@@ -82,7 +82,8 @@ ABSL_FLAG(std::string, mass_thresholds, "0.5,0.7,0.9",
           "predicted share of the routed attention reaches each of these values.");
 ABSL_FLAG(int64_t, perplexity_tokens, 65536, "saap eval: tokens scored for perplexity (0 = all).");
 ABSL_FLAG(bool, needle, true,
-          "saap eval: also the pass-key retrieval check, dense and with SAAP at each --top-l.");
+          "saap eval: also the pass-key retrieval check, dense and with SAAP at each --top-l "
+          "(and each --key-budgets value with --per-head-budgets).");
 ABSL_FLAG(std::string, needle_depths, "0.1,0.3,0.5,0.7,0.9",
           "saap eval: where the pass key sits in the filler, as fractions of it.");
 ABSL_FLAG(int64_t, needle_trials, 3, "saap eval: pass keys tried at each depth.");
@@ -305,6 +306,7 @@ int eval() {
       return command_error(cmd, absl::StrCat("--budget-objective: expected output and/or "
                                              "attention, got \"", part, "\""));
   }
+  if (objectives.empty()) return command_error(cmd, "--budget-objective: give output or attention");
   const int64_t context = absl::GetFlag(FLAGS_context);
   int64_t stride = absl::GetFlag(FLAGS_stride);
   if (stride == 0) stride = std::max<int64_t>(1, context / 2);
@@ -498,6 +500,19 @@ int eval() {
       saap::SaapInferenceOptions so;
       so.top_l = v;
       run("saap", v, std::make_shared<saap::SaapAttentionHook>(*index, so, l.device));
+    }
+    if (absl::GetFlag(FLAGS_per_head_budgets)) {
+      // Per-head budgets with the first objective, at each key budget.
+      for (double b : *budgets) {
+        saap::SaapInferenceOptions so;
+        so.key_budget = b;
+        so.per_head_budgets = true;
+        so.budget_objective = objectives.front();
+        const std::string name = absl::StrFormat(
+            "saap-ph-%s@%g",
+            objectives.front() == saap::BudgetObjective::kOutputError ? "out" : "attn", b);
+        run(name.c_str(), 0, std::make_shared<saap::SaapAttentionHook>(*index, so, l.device));
+      }
     }
   }
   j["needle"] = needle;
