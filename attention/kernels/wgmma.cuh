@@ -36,6 +36,9 @@
 //   bytes, the step between groups of 8 k-rows; LBO = rows * 128 bytes, the
 //   step from one 64-wide block of N (one panel) to the next; it matters only
 //   when N > 64 (m64n128k16).
+// Both follow the PTX ISA's canonical 128B layouts (section "Major-ness supported
+// by Strides"; T = 8 bf16 per 16 bytes, in elements): K-major
+// ((8,m),(T,2k)):((8T,SBO),(1,T)), MN-major ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)).
 //
 // --- register fragments (per warp w = warp % 4 of the warpgroup, lane l,
 //     g = l / 4, t = l % 4; warp w owns rows 16w..16w+15 of the 64-row tile) -
@@ -73,9 +76,9 @@ namespace sparseflash::kernels::wgmma {
 // ---------------------------------------------------------------------------
 // layout
 
-constexpr int kPanelCols = 64;         // bf16 elements per 128-byte row
-constexpr int kAtomBytes = 1024;       // 8 rows x 128 bytes
-constexpr uint32_t kSwizzle128B = 1;   // descriptor bits 62-63: 0 none, 1 128B, 2 64B, 3 32B
+constexpr int kPanelCols = 64;        // bf16 elements per 128-byte row
+constexpr int kAtomBytes = 1024;      // 8 rows x 128 bytes
+constexpr uint32_t kSwizzle128B = 1;  // descriptor bits 62-63: 0 none, 1 128B, 2 64B, 3 32B
 
 // Element index (not bytes) of (row, col) in a [rows x cols] bf16 tile stored
 // as 128B-swizzled panels of 64 columns (see the top of this file).
@@ -111,7 +114,8 @@ __host__ __device__ constexpr uint64_t desc_k_major_sw128(uint32_t smem_addr) {
 // MN-major 128B-swizzled operand whose k16 slice starts at smem_addr (panel 0
 // base plus 128 bytes per k row); panel_bytes = rows * 128, the distance
 // between 64-wide MN blocks.
-__host__ __device__ constexpr uint64_t desc_mn_major_sw128(uint32_t smem_addr, uint32_t panel_bytes) {
+__host__ __device__ constexpr uint64_t desc_mn_major_sw128(uint32_t smem_addr,
+                                                           uint32_t panel_bytes) {
   return make_desc(smem_addr, panel_bytes, kAtomBytes, kSwizzle128B);
 }
 
@@ -177,7 +181,7 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 // m64n64k16, A and B from shared-memory descriptors.
 template <int ScaleA, int ScaleB, int TransA, int TransB>
 __device__ __forceinline__ void mma_ss_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
-                                               int scale_d) {
+                                                 int scale_d) {
 #if SF_WGMMA_ENABLED
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
@@ -185,10 +189,11 @@ __device__ __forceinline__ void mma_ss_m64n64k16(float (&d)[32], uint64_t desc_a
       "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,"
       "%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
       "}, %32, %33, p, %35, %36, %37, %38;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(ScaleA), "n"(ScaleB), "n"(TransA), "n"(TransB)
       : "memory");
 #else
@@ -196,10 +201,10 @@ __device__ __forceinline__ void mma_ss_m64n64k16(float (&d)[32], uint64_t desc_a
 #endif
 }
 
-// m64n64k16, A from registers (the A fragment below), B from a descriptor.
+// m64n64k16, A from registers (the fragment at the top of this file), B from a descriptor.
 template <int ScaleA, int ScaleB, int TransB>
 __device__ __forceinline__ void mma_rs_m64n64k16(float (&d)[32], const uint32_t (&a)[4],
-                                               uint64_t desc_b, int scale_d) {
+                                                 uint64_t desc_b, int scale_d) {
 #if SF_WGMMA_ENABLED
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
@@ -207,10 +212,11 @@ __device__ __forceinline__ void mma_rs_m64n64k16(float (&d)[32], const uint32_t 
       "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,"
       "%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
       "}, {%32,%33,%34,%35}, %36, p, %38, %39, %40;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(ScaleA),
         "n"(ScaleB), "n"(TransB)
       : "memory");
@@ -222,7 +228,7 @@ __device__ __forceinline__ void mma_rs_m64n64k16(float (&d)[32], const uint32_t 
 // m64n128k16, A and B from shared-memory descriptors.
 template <int ScaleA, int ScaleB, int TransA, int TransB>
 __device__ __forceinline__ void mma_ss_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                               int scale_d) {
+                                                  int scale_d) {
 #if SF_WGMMA_ENABLED
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -232,14 +238,16 @@ __device__ __forceinline__ void mma_ss_m64n128k16(float (&d)[64], uint64_t desc_
       "%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,"
       "%62,%63"
       "}, %64, %65, p, %67, %68, %69, %70;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
       : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(ScaleA), "n"(ScaleB), "n"(TransA), "n"(TransB)
       : "memory");
 #else
@@ -247,10 +255,10 @@ __device__ __forceinline__ void mma_ss_m64n128k16(float (&d)[64], uint64_t desc_
 #endif
 }
 
-// m64n128k16, A from registers (the A fragment below), B from a descriptor.
+// m64n128k16, A from registers (the fragment at the top of this file), B from a descriptor.
 template <int ScaleA, int ScaleB, int TransB>
 __device__ __forceinline__ void mma_rs_m64n128k16(float (&d)[64], const uint32_t (&a)[4],
-                                               uint64_t desc_b, int scale_d) {
+                                                  uint64_t desc_b, int scale_d) {
 #if SF_WGMMA_ENABLED
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
@@ -260,14 +268,16 @@ __device__ __forceinline__ void mma_rs_m64n128k16(float (&d)[64], const uint32_t
       "%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,"
       "%62,%63"
       "}, {%64,%65,%66,%67}, %68, p, %70, %71, %72;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),
+        "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+        "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+        "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),
+        "+f"(d[63])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d), "n"(ScaleA),
         "n"(ScaleB), "n"(TransB)
       : "memory");
@@ -281,15 +291,19 @@ template <int N, int ScaleA, int ScaleB, int TransA, int TransB>
 __device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                        int scale_d) {
   static_assert(N == 64 || N == 128, "mma_ss: N must be 64 or 128");
-  if constexpr (N == 64) mma_ss_m64n64k16<ScaleA, ScaleB, TransA, TransB>(d, desc_a, desc_b, scale_d);
-  else mma_ss_m64n128k16<ScaleA, ScaleB, TransA, TransB>(d, desc_a, desc_b, scale_d);
+  if constexpr (N == 64)
+    mma_ss_m64n64k16<ScaleA, ScaleB, TransA, TransB>(d, desc_a, desc_b, scale_d);
+  else
+    mma_ss_m64n128k16<ScaleA, ScaleB, TransA, TransB>(d, desc_a, desc_b, scale_d);
 }
 template <int N, int ScaleA, int ScaleB, int TransB>
 __device__ __forceinline__ void mma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b,
                                        int scale_d) {
   static_assert(N == 64 || N == 128, "mma_rs: N must be 64 or 128");
-  if constexpr (N == 64) mma_rs_m64n64k16<ScaleA, ScaleB, TransB>(d, a, desc_b, scale_d);
-  else mma_rs_m64n128k16<ScaleA, ScaleB, TransB>(d, a, desc_b, scale_d);
+  if constexpr (N == 64)
+    mma_rs_m64n64k16<ScaleA, ScaleB, TransB>(d, a, desc_b, scale_d);
+  else
+    mma_rs_m64n128k16<ScaleA, ScaleB, TransB>(d, a, desc_b, scale_d);
 }
 
 }  // namespace sparseflash::kernels::wgmma

@@ -46,8 +46,8 @@ namespace {
 namespace wg = ::sparseflash::kernels::wgmma;
 using bf16 = __nv_bfloat16;
 
-constexpr int kM = 64;          // rows of A and C: one warpgroup's m64
-constexpr int kThreads = 128;   // one warpgroup
+constexpr int kM = 64;         // rows of A and C: one warpgroup's m64
+constexpr int kThreads = 128;  // one warpgroup
 
 enum class BMajor { kK, kMN };  // B stored [N x K] (K-major) or [K x N] (MN-major)
 
@@ -61,7 +61,8 @@ __device__ __forceinline__ int tile_index(int row, int col, int rows) {
   if constexpr (kSwizzleStore) {
     return wg::sw128_index(row, col, rows);
   } else {
-    return (col / wg::kPanelCols) * rows * wg::kPanelCols + row * wg::kPanelCols + col % wg::kPanelCols;
+    return (col / wg::kPanelCols) * rows * wg::kPanelCols + row * wg::kPanelCols +
+           col % wg::kPanelCols;
   }
 }
 
@@ -74,11 +75,11 @@ __device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
 
 // a: [64 x K] row-major; b: [N x K] (kK) or [K x N] (kMN) row-major; c: [64 x N].
 template <int N, int K, bool kARegs, BMajor kB, bool kSwizzleStore, int kScaleA>
-__global__ void __launch_bounds__(kThreads) probe_kernel(const bf16* __restrict__ a,
-                                                         const bf16* __restrict__ b,
-                                                         float* __restrict__ c) {
+__global__ void __launch_bounds__(kThreads)
+    probe_kernel(const bf16* __restrict__ a, const bf16* __restrict__ b, float* __restrict__ c) {
 #if SF_WGMMA_ENABLED
-  static_assert(K % 64 == 0 && (N == 64 || N == 128), "probe shapes: K in {64, 128}, N in {64, 128}");
+  static_assert(K % 64 == 0 && (N == 64 || N == 128),
+                "probe shapes: K in {64, 128}, N in {64, 128}");
   constexpr int kTransB = kB == BMajor::kMN ? 1 : 0;
   extern __shared__ uint8_t smem_raw[];
   // Panels must start on a 1024-byte boundary of the shared window (the
@@ -90,7 +91,8 @@ __global__ void __launch_bounds__(kThreads) probe_kernel(const bf16* __restrict_
   const uint32_t sb_addr = wg::smem_addr(sb);
 
   const int tid = threadIdx.x;
-  for (int i = tid; i < kM * K; i += kThreads) sa[tile_index<kSwizzleStore>(i / K, i % K, kM)] = a[i];
+  for (int i = tid; i < kM * K; i += kThreads)
+    sa[tile_index<kSwizzleStore>(i / K, i % K, kM)] = a[i];
   for (int i = tid; i < N * K; i += kThreads) {
     if constexpr (kB == BMajor::kK) {
       sb[tile_index<kSwizzleStore>(i / K, i % K, N)] = b[i];  // rows n, columns k
@@ -119,7 +121,8 @@ __global__ void __launch_bounds__(kThreads) probe_kernel(const bf16* __restrict_
 
   float d[N / 2];
 #pragma unroll
-  for (int i = 0; i < N / 2; ++i) d[i] = __int_as_float(0x7fc00000);  // NaN: scale-d = 0 must ignore it
+  for (int i = 0; i < N / 2; ++i)
+    d[i] = __int_as_float(0x7fc00000);  // NaN: scale-d = 0 must ignore it
 
   wg::wgmma_fence();
 #pragma unroll
@@ -162,8 +165,8 @@ __global__ void __launch_bounds__(kThreads) probe_kernel(const bf16* __restrict_
 
 void check_cuda(cudaError_t e, const char* expr, const char* file, int line) {
   if (e != cudaSuccess)
-    throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": " + expr + " failed: " +
-                             cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+    throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": " + expr +
+                             " failed: " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
 }
 #define SF_CUDA_CHECK(expr) check_cuda((expr), #expr, __FILE__, __LINE__)
 
@@ -182,16 +185,18 @@ std::string why_no_sm90a() {
   return "";
 }
 
-#define SKIP_WITHOUT_SM90A()                      \
-  do {                                            \
-    const std::string why = why_no_sm90a();       \
-    if (!why.empty()) GTEST_SKIP() << why;        \
+#define SKIP_WITHOUT_SM90A()                \
+  do {                                      \
+    const std::string why = why_no_sm90a(); \
+    if (!why.empty()) GTEST_SKIP() << why;  \
   } while (0)
 
 template <typename T>
 class DeviceBuffer {
  public:
-  explicit DeviceBuffer(size_t n) : n_(n) { SF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), n * sizeof(T))); }
+  explicit DeviceBuffer(size_t n) : n_(n) {
+    SF_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), n * sizeof(T)));
+  }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   ~DeviceBuffer() { cudaFree(p_); }
@@ -212,8 +217,8 @@ class DeviceBuffer {
 
 struct Inputs {
   uint32_t seed;
-  std::vector<bf16> a, b;      // as uploaded
-  std::vector<float> af, bf;   // the same values as floats
+  std::vector<bf16> a, b;     // as uploaded
+  std::vector<float> af, bf;  // the same values as floats
 };
 
 Inputs random_inputs(int n, int k) {
@@ -241,7 +246,8 @@ std::vector<double> reference(const Inputs& in, int n, int k, BMajor bm, int sca
     for (int j = 0; j < n; ++j) {
       double s = 0.0;
       for (int kk = 0; kk < k; ++kk) {
-        const double bv = bm == BMajor::kK ? in.bf[static_cast<size_t>(j) * k + kk] : in.bf[static_cast<size_t>(kk) * n + j];
+        const double bv = bm == BMajor::kK ? in.bf[static_cast<size_t>(j) * k + kk]
+                                           : in.bf[static_cast<size_t>(kk) * n + j];
         s += static_cast<double>(in.af[static_cast<size_t>(i) * k + kk]) * bv;
       }
       ref[static_cast<size_t>(i) * n + j] = scale_a * s;
@@ -253,11 +259,11 @@ double tolerance(double ref) { return 1e-3 * (1.0 + std::fabs(ref)); }
 
 struct Outcome {
   uint32_t seed = 0;
-  int bad = 0;                 // elements outside tolerance (NaN counts)
+  int bad = 0;  // elements outside tolerance (NaN counts)
   int total = 0;
   double max_err = 0.0;
-  std::string first_bad;       // "C(i, j) = got, want ref"
-  double ref_abs_mean = 0.0;   // the reference is far from zero
+  std::string first_bad;      // "C(i, j) = got, want ref"
+  double ref_abs_mean = 0.0;  // the reference is far from zero
 };
 
 template <int N, int K, bool kARegs, BMajor kB, bool kSwizzleStore = true, int kScaleA = 1>
@@ -289,27 +295,30 @@ Outcome run_probe() {
       const bool ok = std::isfinite(got[at]) && err <= tolerance(ref[at]);
       if (!ok) {
         if (o.bad == 0)
-          o.first_bad = "C(" + std::to_string(i) + ", " + std::to_string(j) + ") = " + std::to_string(got[at]) +
-                        ", want " + std::to_string(ref[at]);
+          o.first_bad = "C(" + std::to_string(i) + ", " + std::to_string(j) +
+                        ") = " + std::to_string(got[at]) + ", want " + std::to_string(ref[at]);
         ++o.bad;
       }
-      if (std::isfinite(got[at])) o.max_err = std::max(o.max_err, err);
-      else o.max_err = std::numeric_limits<double>::infinity();
+      if (std::isfinite(got[at]))
+        o.max_err = std::max(o.max_err, err);
+      else
+        o.max_err = std::numeric_limits<double>::infinity();
     }
   return o;
 }
 
-#define EXPECT_PROBE_MATCHES(...)                                                                 \
-  do {                                                                                            \
-    SKIP_WITHOUT_SM90A();                                                                         \
-    const Outcome o = run_probe<__VA_ARGS__>();                                                   \
-    SCOPED_TRACE("seed " + std::to_string(o.seed));                                               \
-    EXPECT_GT(o.ref_abs_mean, 1.0) << "the reference should be far from zero";                    \
-    EXPECT_EQ(o.bad, 0) << o.bad << " of " << o.total << " elements outside 1e-3 (1 + |ref|); first: " \
-                        << o.first_bad << "; max |err| " << o.max_err;                            \
-    if (std::getenv("SF_KERNEL_TEST_VERBOSE"))                                                    \
-      std::printf("  seed %u: max |err| %.3g over %d elements, mean |ref| %.3g\n", o.seed, o.max_err, \
-                  o.total, o.ref_abs_mean);                                                       \
+#define EXPECT_PROBE_MATCHES(...)                                                          \
+  do {                                                                                     \
+    SKIP_WITHOUT_SM90A();                                                                  \
+    const Outcome o = run_probe<__VA_ARGS__>();                                            \
+    SCOPED_TRACE("seed " + std::to_string(o.seed));                                        \
+    EXPECT_GT(o.ref_abs_mean, 1.0) << "the reference should be far from zero";             \
+    EXPECT_EQ(o.bad, 0) << o.bad << " of " << o.total                                      \
+                        << " elements outside 1e-3 (1 + |ref|); first: " << o.first_bad    \
+                        << "; max |err| " << o.max_err;                                    \
+    if (std::getenv("SF_KERNEL_TEST_VERBOSE"))                                             \
+      std::printf("  seed %u: max |err| %.3g over %d elements, mean |ref| %.3g\n", o.seed, \
+                  o.max_err, o.total, o.ref_abs_mean);                                     \
   } while (0)
 
 // ---------------------------------------------------------------------------
@@ -332,7 +341,8 @@ TEST(WgmmaLayout, Sw128IndexIsAPermutationThatStaysInsideItsAtom) {
           EXPECT_EQ(idx % 8, c % 8);
           EXPECT_EQ(idx % 64 / 8, ((c % 64) / 8) ^ (r % 8));
         }
-      for (size_t i = 0; i < seen.size(); ++i) ASSERT_EQ(seen[i], 1) << "rows " << rows << ", cols " << cols;
+      for (size_t i = 0; i < seen.size(); ++i)
+        ASSERT_EQ(seen[i], 1) << "rows " << rows << ", cols " << cols;
     }
 }
 
@@ -372,7 +382,9 @@ TEST(WgmmaProbe, RsBKMajorN64K128) { EXPECT_PROBE_MATCHES(64, 128, true, BMajor:
 TEST(WgmmaProbe, RsBKMajorN128K128) { EXPECT_PROBE_MATCHES(128, 128, true, BMajor::kK); }
 // A from registers, B MN-major: the shape of dV += P^T dO.
 TEST(WgmmaProbe, RsBMnMajorN64K128) { EXPECT_PROBE_MATCHES(64, 128, true, BMajor::kMN); }
-TEST(WgmmaProbe, NegatedScaleAGivesMinusAB) { EXPECT_PROBE_MATCHES(64, 128, false, BMajor::kK, true, -1); }
+TEST(WgmmaProbe, NegatedScaleAGivesMinusAB) {
+  EXPECT_PROBE_MATCHES(64, 128, false, BMajor::kK, true, -1);
+}
 
 // Stored without the XOR but described as 128B-swizzled: only elements whose
 // row and column agree mod 8 see the same chunk permutation in A and B (so
@@ -381,9 +393,9 @@ TEST(WgmmaProbe, UnswizzledStoreDoesNotMatch) {
   SKIP_WITHOUT_SM90A();
   const Outcome o = run_probe<64, 64, false, BMajor::kK, false>();
   SCOPED_TRACE("seed " + std::to_string(o.seed));
-  EXPECT_GT(o.bad, o.total / 2) << "a tile stored without the swizzle XOR matched the reference in "
-                                << (o.total - o.bad) << " of " << o.total
-                                << " elements: the descriptor's 128B swizzle mode seems not applied";
+  EXPECT_GT(o.bad, o.total / 2)
+      << "a tile stored without the swizzle XOR matched the reference in " << (o.total - o.bad)
+      << " of " << o.total << " elements: the descriptor's 128B swizzle mode seems not applied";
 }
 
 }  // namespace
