@@ -98,6 +98,14 @@ ABSL_FLAG(std::string, to, "native",
           "run or ckpt.pt -> GPT2LMHeadModel's model.safetensors + config.json).");
 
 namespace sparseflash::llama_commands {
+
+absl::StatusOr<saap::BudgetObjective> parse_budget_objective(const std::string& text) {
+  if (text == "output") return saap::BudgetObjective::kOutputError;
+  if (text == "attention") return saap::BudgetObjective::kLostAttention;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--budget-objective: expected output or attention, got \"", text, "\""));
+}
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -166,13 +174,6 @@ absl::StatusOr<std::vector<int64_t>> parse_top_l(const std::string& text) {
 }
 
 // --attention saap: the index (refused when fitted on another model) and the hook.
-absl::StatusOr<saap::BudgetObjective> parse_budget_objective(const std::string& text) {
-  if (text == "output") return saap::BudgetObjective::kOutputError;
-  if (text == "attention") return saap::BudgetObjective::kLostAttention;
-  return absl::InvalidArgumentError(
-      absl::StrCat("--budget-objective: expected output or attention, got \"", text, "\""));
-}
-
 absl::StatusOr<std::shared_ptr<saap::SaapAttentionHook>> saap_hook_from_flags(const Loaded& l) {
   const std::string path = absl::GetFlag(FLAGS_saap_index);
   if (path.empty()) return absl::InvalidArgumentError("--attention saap needs --saap-index FILE");

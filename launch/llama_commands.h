@@ -22,6 +22,7 @@
 
 namespace sparseflash::saap {
 class SaapAttentionHook;
+enum class BudgetObjective;  // saap/budgets.h
 }
 
 namespace sparseflash::llama_commands {
@@ -53,6 +54,8 @@ std::string describe_model(const LoadedModel& l);
 // Tokens of --text or --data (exactly one), cut to --max-tokens.
 absl::StatusOr<std::vector<int64_t>> read_input_tokens(const LoadedModel& l, std::string* source);
 absl::StatusOr<std::vector<int64_t>> parse_top_l_flag();
+// One --budget-objective value: "output" or "attention".
+absl::StatusOr<saap::BudgetObjective> parse_budget_objective(const std::string& text);
 // Prints "sparseflash <command>: error: <message>" and returns 1.
 int command_error(const char* command, const std::string& message);
 // An exception's message without LibTorch's C++ backtrace.

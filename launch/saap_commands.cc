@@ -160,9 +160,11 @@ int fit() {
   } else {
     auto grid = parse_fractions(absl::GetFlag(FLAGS_budget_grid), "--budget-grid", true);
     if (!grid.ok()) return command_error(cmd, std::string(grid.status().message()));
-    for (size_t i = 1; i < grid->size(); ++i)
-      if (!((*grid)[i] > (*grid)[i - 1]))
-        return command_error(cmd, "--budget-grid: the fractions must ascend strictly");
+    try {
+      saap::check_budget_grid(*grid, "--budget-grid");
+    } catch (const std::invalid_argument& e) {
+      return command_error(cmd, e.what());
+    }
     o.budget_grid = *grid;
   }
   o.budget_windows = absl::GetFlag(FLAGS_budget_windows);
@@ -300,11 +302,9 @@ int eval() {
   std::vector<saap::BudgetObjective> objectives;
   for (absl::string_view part :
        absl::StrSplit(absl::GetFlag(FLAGS_budget_objective), ',', absl::SkipWhitespace())) {
-    if (part == "output") objectives.push_back(saap::BudgetObjective::kOutputError);
-    else if (part == "attention") objectives.push_back(saap::BudgetObjective::kLostAttention);
-    else
-      return command_error(cmd, absl::StrCat("--budget-objective: expected output and/or "
-                                             "attention, got \"", part, "\""));
+    auto objective = llama_commands::parse_budget_objective(std::string(part));
+    if (!objective.ok()) return command_error(cmd, std::string(objective.status().message()));
+    objectives.push_back(*objective);
   }
   if (objectives.empty()) return command_error(cmd, "--budget-objective: give output or attention");
   const int64_t context = absl::GetFlag(FLAGS_context);

@@ -22,29 +22,43 @@ const char* objective_name(BudgetObjective objective) {
   return objective == BudgetObjective::kOutputError ? "output" : "attention";
 }
 
-namespace {
-
-void check_grid(const std::vector<double>& grid, const char* what) {
-  if (grid.empty()) throw std::invalid_argument(absl::StrFormat("%s: the grid is empty", what));
+void check_budget_grid(const std::vector<double>& grid, const std::string& what) {
+  if (grid.empty())
+    throw std::invalid_argument(absl::StrFormat("%s: the budget grid is empty", what));
   for (size_t i = 0; i < grid.size(); ++i)
     if (!(grid[i] >= 0 && grid[i] <= 1) || (i > 0 && !(grid[i] > grid[i - 1])))
       throw std::invalid_argument(absl::StrFormat(
-          "%s: the grid must ascend strictly within [0, 1], got %g at %d", what, grid[i], i));
+          "%s: the budget grid must ascend strictly within [0, 1], got %g at position %d", what,
+          grid[i], i));
 }
 
-// Partitions taken at budget g: [..., C] bool in partition order, from the
-// order (descending density), counts in that order and keys before each.
-Tensor taken(const Tensor& order, const Tensor& before, const Tensor& total, double g) {
-  return at::zeros(order.sizes(), order.options().dtype(at::kBool))
-      .scatter_(-1, order, before.lt(total * g));
+namespace {
+
+// The key-budget selection order of some queries: partitions by descending
+// density, their routable keys in that order, the keys taken before each and
+// the total. Budget g takes the partitions with before < g * total.
+struct BudgetOrder {
+  Tensor order, keys, before, total;
+};
+
+BudgetOrder budget_order(const Tensor& density, const Tensor& counts) {
+  BudgetOrder o;
+  o.order = std::get<1>(density.to(at::kFloat).sort(-1, /*descending=*/true));
+  o.keys = counts.to(at::kFloat).gather(-1, o.order);
+  o.before = o.keys.cumsum(-1) - o.keys;
+  o.total = o.keys.sum(-1, /*keepdim=*/true);
+  return o;
 }
+
+// In sorted order: whether each partition is taken at budget g.
+Tensor taken_sorted(const BudgetOrder& o, double g) { return o.before.lt(o.total * g); }
 
 }  // namespace
 
 Tensor budget_output_errors(const Tensor& q, const Tensor& k, const Tensor& v,
                             const Tensor& partition, const Tensor& q_pos, const Tensor& density,
                             const std::vector<double>& grid, const MassOptions& options) {
-  check_grid(grid, "budget_output_errors");
+  check_budget_grid(grid, "budget_output_errors");
   if (q.dim() != 3 || k.dim() != 3 || v.sizes() != k.sizes() || q.size(2) != k.size(2) ||
       k.size(0) < 1 || q.size(0) % k.size(0) != 0)
     throw std::invalid_argument(absl::StrFormat(
@@ -90,13 +104,14 @@ Tensor budget_output_errors(const Tensor& q, const Tensor& k, const Tensor& v,
     Tensor counts = routable_key_counts(partition.to(device, at::kLong), C, pos,
                                         options.local_window, options.sink_tokens)
                         .repeat_interleave(group, 0);  // [Hq, m, C]
-    Tensor order = std::get<1>(density.narrow(1, at, m).to(device, at::kFloat).sort(-1, true));
-    Tensor n = counts.gather(-1, order);
-    Tensor before = n.cumsum(-1) - n;
-    Tensor total = n.sum(-1, /*keepdim=*/true);
+    const BudgetOrder o = budget_order(density.narrow(1, at, m).to(device), counts);
     Tensor key_part = part.unsqueeze(1).expand({hq, m, T});
     for (int64_t g = 0; g < G; ++g) {
-      Tensor sel = taken(order, before, total, grid[g]).gather(-1, key_part).to(at::kFloat);
+      // Taken partitions back in partition order, then per key.
+      Tensor sel = at::zeros(o.order.sizes(), o.order.options().dtype(at::kBool))
+                       .scatter_(-1, o.order, taken_sorted(o, grid[g]))
+                       .gather(-1, key_part)
+                       .to(at::kFloat);
       Tensor w = p_routed * sel;
       Tensor out = (o_fixed + at::bmm(w, values)) / (m_fixed + w.sum(-1, /*keepdim=*/true));
       errors.select(1, g).add_((out - dense).pow(2).sum(-1).sum(1));
@@ -112,7 +127,7 @@ BudgetCurves measure_budget_curves(const Tensor& density, const Tensor& mass,
         "measure_budget_curves: density, mass and counts must be [H, n, C] of one shape, got "
         "%s, %s and %s",
         c10::str(density.sizes()), c10::str(mass.sizes()), c10::str(counts.sizes())));
-  check_grid(grid, "measure_budget_curves");
+  check_budget_grid(grid, "measure_budget_curves");
   const int64_t H = density.size(0), n = density.size(1), G = static_cast<int64_t>(grid.size());
   auto f32 = density.options().dtype(at::kFloat);
   Tensor lost = at::zeros({H, G}, f32.dtype(at::kDouble));
@@ -120,17 +135,15 @@ BudgetCurves measure_budget_curves(const Tensor& density, const Tensor& mass,
   const int64_t chunk = 512;
   for (int64_t at = 0; at < n; at += chunk) {
     const int64_t len = std::min(chunk, n - at);
-    Tensor order = std::get<1>(density.narrow(1, at, len).to(at::kFloat).sort(-1, true));
-    Tensor c = counts.narrow(1, at, len).to(at::kFloat).gather(-1, order);
-    Tensor m = mass.narrow(1, at, len).to(at::kFloat).gather(-1, order);
-    Tensor before = c.cumsum(-1) - c;
-    Tensor total = c.sum(-1, /*keepdim=*/true);
+    const BudgetOrder o = budget_order(density.narrow(1, at, len), counts.narrow(1, at, len));
+    Tensor m = mass.narrow(1, at, len).to(at::kFloat).gather(-1, o.order);
     Tensor routed = m.sum(-1);
-    Tensor inv_total = at::where(total > 0, total.reciprocal(), at::zeros_like(total)).squeeze(-1);
+    Tensor inv_total =
+        at::where(o.total > 0, o.total.reciprocal(), at::zeros_like(o.total)).squeeze(-1);
     for (int64_t g = 0; g < G; ++g) {
-      Tensor take = before.lt(total * grid[g]).to(at::kFloat);
+      Tensor take = taken_sorted(o, grid[g]).to(at::kFloat);
       Tensor selected_mass = (m * take).sum(-1);
-      Tensor selected_keys = (c * take).sum(-1);
+      Tensor selected_keys = (o.keys * take).sum(-1);
       lost.select(1, g).add_((routed - selected_mass).clamp_min(0).sum(1).to(at::kDouble));
       keys.select(1, g).add_((selected_keys * inv_total).sum(1).to(at::kDouble));
     }

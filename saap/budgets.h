@@ -12,6 +12,7 @@
 // solved greedily by lost attention saved per key).
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -35,6 +36,10 @@ const char* objective_name(BudgetObjective objective);
 
 // The default grid of the fit: fractions of a query's routable keys.
 const std::vector<double>& default_budget_grid();
+
+// Throws std::invalid_argument, prefixed with `what`, unless the grid is
+// non-empty and ascends strictly within [0, 1].
+void check_budget_grid(const std::vector<double>& grid, const std::string& what);
 
 struct BudgetCurves {
   // float32 [H, G], CPU. lost_mass[h][g]: mean over queries of the routed

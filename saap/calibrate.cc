@@ -129,12 +129,7 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
     throw std::invalid_argument(absl::StrFormat(
         "kmeans keys per head (%d) must be at least the partitions (%d)", o.kmeans_keys, C));
   if (o.queries_per_window < 1) throw std::invalid_argument("queries per window must be >= 1");
-  for (size_t i = 0; i < o.budget_grid.size(); ++i)
-    if (!(o.budget_grid[i] >= 0 && o.budget_grid[i] <= 1) ||
-        (i > 0 && !(o.budget_grid[i] > o.budget_grid[i - 1])))
-      throw std::invalid_argument(absl::StrFormat(
-          "budget grid must ascend strictly within [0, 1], got %g at position %d",
-          o.budget_grid[i], i));
+  if (!o.budget_grid.empty()) check_budget_grid(o.budget_grid, "saap fit");
   if (!o.budget_grid.empty() && (o.budget_windows < 1 || o.budget_queries_per_window < 1))
     throw std::invalid_argument(absl::StrFormat(
         "budget windows and queries per window must be >= 1, got %d and %d", o.budget_windows,
