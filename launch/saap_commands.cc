@@ -29,6 +29,7 @@
 #include "saap/calibrate.h"
 #include "saap/index.h"
 #include "saap/inference.h"
+#include "saap/targets.h"
 
 ABSL_DECLARE_FLAG(std::string, saap_index);
 ABSL_DECLARE_FLAG(int64_t, context);
@@ -56,6 +57,10 @@ ABSL_FLAG(bool, weight_by_mass, true,
 ABSL_FLAG(bool, count_prior, true,
           "saap fit: classifiers score attention per key; the log of each partition's key "
           "count is added to their logits (in training and at inference).");
+ABSL_FLAG(std::string, recency_bands, "none",
+          "saap fit: ages (tokens beyond the local window, ascending) that cut the routable keys "
+          "into recency bands; the count prior then weights each band's keys by the attention "
+          "per key measured for it, per head (docs/saap.md). \"none\": the plain count prior.");
 ABSL_FLAG(std::string, budget_grid, "0,0.005,0.01,0.02,0.035,0.05,0.075,0.1,0.15,0.2,0.3,0.45,0.7,1",
           "saap fit: fractions of the routable keys (ascending) at which each query head's lost "
           "attention is measured on held-out queries and stored, for --per-head-budgets at "
@@ -171,6 +176,24 @@ int fit() {
   o.budget_queries_per_window = absl::GetFlag(FLAGS_budget_queries_per_window);
   if (o.budget_windows < 1 || o.budget_queries_per_window < 1)
     return command_error(cmd, "--budget-windows and --budget-queries-per-window must be >= 1");
+  if (absl::GetFlag(FLAGS_recency_bands) != "none") {
+    for (absl::string_view part :
+         absl::StrSplit(absl::GetFlag(FLAGS_recency_bands), ',', absl::SkipWhitespace())) {
+      int64_t e = 0;
+      if (!absl::SimpleAtoi(part, &e))
+        return command_error(cmd, absl::StrCat("--recency-bands: \"", part,
+                                               "\" is not a whole number of tokens"));
+      o.recency_edges.push_back(e);
+    }
+    if (o.recency_edges.empty())
+      return command_error(cmd, "--recency-bands: give band edges (for example 128,384,896) or none");
+    try {
+      saap::check_recency_edges(o.recency_edges, "--recency-bands");
+    } catch (const std::invalid_argument& e) {
+      return command_error(cmd, e.what());
+    }
+    if (!o.count_prior) return command_error(cmd, "--recency-bands needs --count_prior");
+  }
 
   const auto start = std::chrono::steady_clock::now();
   auto loaded = llama_commands::load_model(!absl::GetFlag(FLAGS_text).empty());
@@ -218,6 +241,14 @@ int fit() {
             {"train_kl", r.classifier.train_kl},
             {"holdout_kl", r.classifier.holdout_kl},
             {"holdout_recall", recall},
+            {"recency_bands", o.recency_edges},
+            {"recency_log_weights_mean",
+             r.recency_log_weights.defined()
+                 ? json(std::vector<float>(
+                       r.recency_log_weights.mean(0).data_ptr<float>(),
+                       r.recency_log_weights.mean(0).data_ptr<float>() +
+                           r.recency_log_weights.size(1)))
+                 : json(nullptr)},
             {"budget_grid", o.budget_grid},
             {"budget_windows", o.budget_windows},
             {"budget_queries_per_window", o.budget_queries_per_window},
@@ -554,7 +585,7 @@ const std::vector<std::string>& saap_flags() {
       "model", "tokenizer", "text", "data", "max_tokens", "context", "stride", "saap_index",
       "rope_index", "partitions", "classifier_hidden", "local_window", "sink_tokens",
       "kmeans_keys", "kmeans_iterations", "queries_per_window", "classifier_steps",
-      "weight_by_mass", "count_prior", "windows", "key_space", "top_l", "perplexity",
+      "weight_by_mass", "count_prior", "recency_bands", "windows", "key_space", "top_l", "perplexity",
       "perplexity_tokens", "key_budgets", "per_head_budgets", "budget_objective", "budget_grid",
       "budget_windows", "budget_queries_per_window", "mass_thresholds", "needle", "needle_depths",
       "needle_trials", "dtype", "device", "seed", "json_file"};

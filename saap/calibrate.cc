@@ -129,6 +129,18 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
     throw std::invalid_argument(absl::StrFormat(
         "kmeans keys per head (%d) must be at least the partitions (%d)", o.kmeans_keys, C));
   if (o.queries_per_window < 1) throw std::invalid_argument("queries per window must be >= 1");
+  const bool recency = !o.recency_edges.empty();
+  if (recency) {
+    check_recency_edges(o.recency_edges, "saap fit");
+    if (!o.count_prior)
+      throw std::invalid_argument("saap fit: recency bands weight the count prior; they need it");
+    if (o.context < o.local_window + o.sink_tokens + o.recency_edges.back() + 1)
+      throw std::invalid_argument(absl::StrFormat(
+          "saap fit: the oldest recency band starts %d keys behind the local window, so the "
+          "context (%d) must be at least local window + sinks + %d + 1 = %d to measure it",
+          o.recency_edges.back(), o.context, o.recency_edges.back(),
+          o.local_window + o.sink_tokens + o.recency_edges.back() + 1));
+  }
   if (!o.budget_grid.empty()) check_budget_grid(o.budget_grid, "saap fit");
   if (!o.budget_grid.empty() && (o.budget_windows < 1 || o.budget_queries_per_window < 1))
     throw std::invalid_argument(absl::StrFormat(
@@ -149,13 +161,38 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
   auto phase = Clock::now();
   const int64_t per_window = (o.kmeans_keys + W - 1) / W;
   std::vector<std::vector<Tensor>> keys(layers);
+  // Recency bands: routed attention and routable keys per band, summed over
+  // sampled queries, for the band weights.
+  const int64_t bands = static_cast<int64_t>(o.recency_edges.size()) + 1;
+  MassOptions mo;
+  mo.local_window = o.local_window;
+  mo.sink_tokens = o.sink_tokens;
+  Tensor band_mass, band_keys;
+  if (recency) {
+    band_mass = at::zeros({layers * hq, bands}, at::TensorOptions().dtype(at::kDouble).device(device));
+    band_keys = at::zeros({bands}, band_mass.options());
+  }
   for (int64_t w = 0; w < W; ++w) {
     const int64_t len = static_cast<int64_t>(windows[w].size());
     Tensor pos = sample_positions(o.sink_tokens, len, per_window, gen, device);
+    Tensor qpos = recency ? sample_positions(o.local_window + o.sink_tokens, len,
+                                             o.queries_per_window, gen, device)
+                          : Tensor();
     run_recording(model, windows[w], [&](const model::AttentionCall& c) {
       const Tensor& k = o.pre_rope_keys ? c.k_pre : c.k;
       keys[c.layer].push_back(k[0].index_select(1, pos).to(at::kFloat));
+      if (recency) {
+        Tensor q = c.q[0].index_select(1, qpos).to(at::kFloat);
+        band_mass.narrow(0, c.layer * hq, hq)
+            .add_(distance_band_mass(q, c.k[0].to(at::kFloat), qpos, o.recency_edges, mo)
+                      .sum(1)
+                      .to(at::kDouble));
+      }
     });
+    if (recency)
+      band_keys.add_(distance_band_counts(qpos, o.local_window, o.sink_tokens, o.recency_edges)
+                         .sum(0)
+                         .to(at::kDouble));
     say(log, absl::StrFormat("[keys] window %d/%d: %d %s keys per head (%.1f s)", w + 1, W,
                              pos.size(0), key_space, seconds_since(phase)));
   }
@@ -168,6 +205,16 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
   if (r.keys_per_head < C)
     throw std::invalid_argument(absl::StrFormat(
         "saap fit: %d keys per head for %d partitions; give more text", r.keys_per_head, C));
+  Tensor beta;  // [layers * hq, bands], the recency log weights
+  if (recency) {
+    beta = recency_log_weights(band_mass, band_keys);
+    r.recency_log_weights = beta.to(at::kCPU);
+    Tensor mean = r.recency_log_weights.mean(0);
+    std::string text;
+    for (int64_t b = 0; b < bands; ++b)
+      text += absl::StrFormat("%s%.2f", b ? " " : "", mean[b].item<float>());
+    say(log, absl::StrFormat("[recency] mean log weight per band (newest first): %s", text));
+  }
   r.capture_seconds = seconds_since(phase);
 
   phase = Clock::now();
@@ -210,15 +257,16 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
   auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
   Tensor queries = at::empty({layers * hq, n_queries, d}, f32);
   Tensor targets = at::empty({layers * hq, n_queries, C}, f32);
-  // log(routable keys per partition): the count prior's logit offsets, and
-  // the key counts of the budget curves.
+  // The count prior's logit offsets (log of the, possibly recency-weighted,
+  // routable keys per partition), and the exact key counts of the budget
+  // curves (int16 while they fit).
   const bool budget_curves = !o.budget_grid.empty();
-  Tensor offsets = o.count_prior || budget_curves ? at::empty({layers * hq, n_queries, C}, f32)
-                                                  : Tensor();
+  Tensor offsets = o.count_prior ? at::empty({layers * hq, n_queries, C}, f32) : Tensor();
+  Tensor key_counts =
+      budget_curves ? at::empty({layers * hq, n_queries, C},
+                                f32.dtype(o.context < 32768 ? at::kShort : at::kInt))
+                    : Tensor();
   const int64_t group = hq / hkv;
-  MassOptions mo;
-  mo.local_window = o.local_window;
-  mo.sink_tokens = o.sink_tokens;
   int64_t filled = 0;
   for (int64_t w = 0; w < W; ++w) {
     const int64_t len = static_cast<int64_t>(windows[w].size());
@@ -232,11 +280,21 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
       Tensor q_in = o.pre_rope_keys ? c.q_pre[0].index_select(1, pos).to(at::kFloat) : q;
       queries.narrow(0, c.layer * hq, hq).narrow(1, filled, pos.size(0)).copy_(q_in);
       targets.narrow(0, c.layer * hq, hq).narrow(1, filled, pos.size(0)).copy_(mass);
-      if (offsets.defined()) {
+      if (offsets.defined() || key_counts.defined()) {
         Tensor counts = routable_key_counts(part, C, pos, o.local_window, o.sink_tokens);
-        offsets.narrow(0, c.layer * hq, hq)
-            .narrow(1, filled, pos.size(0))
-            .copy_(log_count_prior(counts.repeat_interleave(group, 0)));
+        if (key_counts.defined())
+          key_counts.narrow(0, c.layer * hq, hq)
+              .narrow(1, filled, pos.size(0))
+              .copy_(counts.repeat_interleave(group, 0).round());
+        if (offsets.defined()) {
+          Tensor prior = recency ? recency_weighted_counts(counts, part, 0, pos, o.local_window,
+                                                           o.sink_tokens, o.recency_edges,
+                                                           beta.narrow(0, c.layer * hq, hq))
+                                 : counts.repeat_interleave(group, 0);
+          offsets.narrow(0, c.layer * hq, hq)
+              .narrow(1, filled, pos.size(0))
+              .copy_(log_count_prior(prior));
+        }
       }
     });
     filled += pos.size(0);
@@ -265,17 +323,17 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
     const auto budget_start = Clock::now();
     torch::NoGradGuard no_grad;
     const Tensor& held = r.classifier.holdout_index;
-    Tensor log_n = offsets.index_select(1, held);
     std::vector<Tensor> scores;
     for (int64_t at = 0; at < held.size(0); at += 1024) {
       const int64_t len = std::min<int64_t>(1024, held.size(0) - at);
       scores.push_back(clf->forward(queries.index_select(1, held.narrow(0, at, len))));
     }
-    Tensor density = at::cat(scores, 1);
+    Tensor logits = at::cat(scores, 1);
     scores.clear();
-    if (!o.count_prior) density -= log_n;  // mass scores -> mass per key
-    Tensor counts = log_n.exp().round();   // empty partitions: exp(log 1e-6) -> 0
-    log_n = Tensor();
+    if (o.count_prior) logits += offsets.index_select(1, held);
+    Tensor counts = key_counts.index_select(1, held).to(at::kFloat);
+    Tensor density = key_density(logits, counts);
+    logits = Tensor();
     curves = measure_budget_curves(density, targets.index_select(1, held), counts, o.budget_grid);
     r.budget_seconds = seconds_since(budget_start);
     say(log, absl::StrFormat("[budgets] curves of %d heads at %d budgets on %d held-out queries "
@@ -285,6 +343,7 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
   queries = Tensor();
   targets = Tensor();
   offsets = Tensor();
+  key_counts = Tensor();
   r.train_seconds = seconds_since(phase);
   std::string recall;
   for (size_t i = 0; i < r.classifier.recall_at.size(); ++i)
@@ -309,6 +368,7 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
   h.set_key_metric(SaapHeader::EUCLIDEAN);
   h.set_pre_rope_keys(o.pre_rope_keys);
   h.set_count_prior(o.count_prior);
+  for (int64_t e : o.recency_edges) h.add_recency_edges(static_cast<int32_t>(e));
   h.set_calibration_context(static_cast<int32_t>(o.context));
   h.set_calibration_data(o.calibration_data);
   for (double g : o.budget_grid) h.add_budget_grid(static_cast<float>(g));
@@ -326,6 +386,7 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
       layer.budget_lost_mass = cpu(curves.lost_mass.narrow(0, l * hq, hq));
       layer.budget_keys = cpu(curves.keys.narrow(0, l * hq, hq));
     }
+    if (recency) layer.recency = cpu(beta.narrow(0, l * hq, hq));
     index.layers.push_back(std::move(layer));
   }
 
@@ -348,11 +409,15 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
         Tensor part = assign_to_centroids(key_repr, centroids[c.layer], KMeansMetric::kEuclidean);
         Tensor q = c.q[0].index_select(1, pos).to(at::kFloat);
         Tensor q_in = o.pre_rope_keys ? c.q_pre[0].index_select(1, pos).to(at::kFloat) : q;
-        Tensor density = layer_clf[c.layer]->forward(q_in);
-        if (!o.count_prior)
-          density -= log_count_prior(
-              routable_key_counts(part, C, pos, o.local_window, o.sink_tokens)
-                  .repeat_interleave(group, 0));
+        Tensor counts = routable_key_counts(part, C, pos, o.local_window, o.sink_tokens);
+        Tensor logits = layer_clf[c.layer]->forward(q_in);
+        if (o.count_prior)
+          logits += log_count_prior(
+              recency ? recency_weighted_counts(counts, part, 0, pos, o.local_window,
+                                                o.sink_tokens, o.recency_edges,
+                                                beta.narrow(0, c.layer * hq, hq))
+                      : counts.repeat_interleave(group, 0));
+        Tensor density = key_density(logits, counts.repeat_interleave(group, 0));
         errors[c.layer].add_(budget_output_errors(q, c.k[0], c.v[0], part, pos, density,
                                                   o.budget_grid, mo));
       });
@@ -531,14 +596,25 @@ RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
       Tensor k = c.k[0].to(at::kFloat);
       Tensor q = c.q[0].index_select(1, pos).to(at::kFloat);
       Tensor q_pre = c.q_pre[0].index_select(1, pos).to(at::kFloat);
-      auto routing = [&](const Tensor& centroids, const Tensor& key_repr, int64_t parts,
-                         Tensor* mass, Tensor* counts) {
+      // counts: routable keys per partition, per query head; prior: the
+      // count prior of count-aware classifiers (recency-weighted where the
+      // index has bands).
+      auto routing = [&](const Tensor& centroids, const Tensor& key_repr, const SaapIndex& idx,
+                         int64_t idx_layer, Tensor* mass, Tensor* counts, Tensor* prior) {
+        const int64_t parts = idx.header.partitions();
         Tensor part = assign_to_centroids(key_repr, centroids, KMeansMetric::kEuclidean);
         *mass = partition_attention_mass(q, k, pos, part, parts, mo);
-        *counts = routable_key_counts(part, parts, pos, window, sinks).repeat_interleave(group, 0);
+        Tensor kv_counts = routable_key_counts(part, parts, pos, window, sinks);
+        *counts = kv_counts.repeat_interleave(group, 0);
+        const auto& e = idx.header.recency_edges();
+        *prior = log_count_prior(
+            e.empty() ? *counts
+                      : recency_weighted_counts(kv_counts, part, 0, pos, window, sinks,
+                                                std::vector<int64_t>(e.begin(), e.end()),
+                                                idx.layers[idx_layer].recency));
       };
-      Tensor mass, counts;
-      routing(pre[l].centroids, c.k_pre[0].to(at::kFloat), C, &mass, &counts);
+      Tensor mass, counts, prior;
+      routing(pre[l].centroids, c.k_pre[0].to(at::kFloat), index, l, &mass, &counts, &prior);
       Tensor routed = mass.sum(-1);
       routed_sum = routed_sum.defined() ? routed_sum + routed.to(at::kDouble).sum()
                                         : routed.to(at::kDouble).sum();
@@ -550,29 +626,25 @@ RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
         acc.add(method, m, n, scores, density, pos, always, window, sinks);
       };
       auto classifier_scores = [&](LayerRouting& r, const SaapIndex& idx, const Tensor& x,
-                                   const Tensor& n, Tensor* density) {
+                                   const Tensor& n, const Tensor& log_prior, Tensor* density) {
         Tensor s = r.classifier->forward(x);
-        Tensor log_n = log_count_prior(n);
-        if (idx.header.count_prior()) {
-          *density = s;
-          return s + log_n;
-        }
-        *density = s - log_n;
+        if (idx.header.count_prior()) s += log_prior;
+        *density = key_density(s, n);
         return s;
       };
       Tensor density;
-      Tensor saap = classifier_scores(pre[l], index, q_pre, counts, &density);
+      Tensor saap = classifier_scores(pre[l], index, q_pre, counts, prior, &density);
       add("saap", mass, counts, saap, density);
       Tensor sym = centroid_scores(q_pre, pre[l].centroids, CentroidScore::kNegativeDistance);
       add("symmetric", mass, counts, sym, sym);
       Tensor dot = centroid_scores(q_pre, pre[l].centroids, CentroidScore::kDotProduct);
       add("symmetric_dot", mass, counts, dot, dot);
       if (rope_index) {
-        Tensor rmass, rcounts;
-        routing(rope[l].centroids, k, rope_index->header.partitions(), &rmass, &rcounts);
+        Tensor rmass, rcounts, rprior;
+        routing(rope[l].centroids, k, *rope_index, l, &rmass, &rcounts, &rprior);
         Tensor rk = centroid_scores(q, rope[l].centroids, CentroidScore::kNegativeDistance);
         add("rope_kmeans", rmass, rcounts, rk, rk);
-        Tensor rs = classifier_scores(rope[l], *rope_index, q, rcounts, &density);
+        Tensor rs = classifier_scores(rope[l], *rope_index, q, rcounts, rprior, &density);
         add("rope_saap", rmass, rcounts, rs, density);
       }
       {
@@ -583,7 +655,7 @@ RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
         add("random", rmass, rcounts, r, r);
       }
       // The oracle: true top-l masses; for budgets, the most mass per key first.
-      add("oracle", mass, counts, mass, mass.clamp_min(1e-30).log() - log_count_prior(counts));
+      add("oracle", mass, counts, mass, key_density(mass.clamp_min(1e-30).log(), counts));
     });
     say(log, absl::StrFormat("[eval] window %d/%d: %d queries per head (%.1f s)", w + 1,
                              windows.size(), nq, seconds_since(start)));

@@ -52,6 +52,11 @@ struct FitOptions {
   // Train the classifiers with log(routable keys per partition) added to
   // their logits (header count_prior; see train_classifier).
   bool count_prior = true;
+  // Recency bands of the count prior (saap/targets.h; needs count_prior):
+  // empty for the plain count prior. The band weights are the attention per
+  // key of each band, measured per query head in the keys pass over
+  // queries_per_window sampled queries per window.
+  std::vector<int64_t> recency_edges;
   // Fractions of routable keys at which each query head's lost routed
   // attention is measured on the held-out queries (saap/budgets.h; stored in
   // the index for per-head budgets). Empty: no curves.
@@ -76,6 +81,9 @@ struct FitReport {
   double kmeans_inertia_per_key = 0;  // mean over heads of inertia / keys
   // Smallest and largest partition (keys of the k-means sample), over heads.
   int64_t smallest_partition = 0, largest_partition = 0;
+  // Recency bands: the log weights of every query head, layer-major
+  // [layers * Hq, B + 1] (CPU; undefined without bands).
+  Tensor recency_log_weights;
   ClassifierReport classifier;   // held-out recall over all heads of all layers
   std::vector<double> layer_recall;  // per layer, held-out recall@recall_at[0] (index 0)
   // Measuring the budget curves: the held-out part (inside train_seconds)

@@ -70,6 +70,10 @@ Tensor log_count_prior(const Tensor& counts) {
   return counts.to(at::kFloat).clamp_min(1e-6).log();
 }
 
+Tensor key_density(const Tensor& logits, const Tensor& counts) {
+  return logits - log_count_prior(counts);
+}
+
 Tensor soft_target_kl(const Tensor& logits, const Tensor& targets, bool weight_by_mass) {
   Tensor raw = targets.to(logits.device(), at::kFloat);
   Tensor t = normalized_targets(raw);

@@ -89,6 +89,12 @@ ClassifierReport train_classifier(QueryClassifier& model, const Tensor& queries,
 // partitions at log(1e-6) (finite, so no NaN reaches the softmax).
 Tensor log_count_prior(const Tensor& counts);
 
+// Predicted attention per key of each partition: logits that score a
+// partition's attention mass (count-aware classifier logits with their prior
+// added, or the log of true masses) less log_count_prior(counts), counts the
+// partition's routable keys. Key budgets take partitions in this order.
+Tensor key_density(const Tensor& logits, const Tensor& counts);
+
 // Mean KL(target || softmax(logits)) over heads and queries; targets normalised
 // per row. weight_by_mass: each row's KL weighted by its unnormalised mass
 // (weights averaging 1 per head).

@@ -43,6 +43,7 @@ std::vector<NamedTensor> tensors_of(const SaapHeader& h) {
   std::vector<NamedTensor> names = layer_tensors();
   if (h.budget_grid_size() > 0)
     names.insert(names.end(), budget_tensors().begin(), budget_tensors().end());
+  if (h.recency_edges_size() > 0) names.push_back({"recency", &SaapLayer::recency});
   return names;
 }
 
@@ -60,6 +61,7 @@ std::vector<int64_t> expected_shape(const SaapHeader& h, const std::string& suff
   if (suffix == "classifier.b1") return {q, hidden};
   if (suffix == "classifier.w2") return {q, hidden, c};
   if (absl::StartsWith(suffix, "budget.")) return {q, h.budget_grid_size()};
+  if (suffix == "recency") return {q, h.recency_edges_size() + 1};
   return {q, c};  // classifier.b2
 }
 
@@ -107,6 +109,17 @@ absl::Status validate_header(const SaapHeader& h, const std::string& where) {
       return absl::InvalidArgumentError(absl::StrCat(
           where, ": budget_grid must ascend strictly within [0, 1], got ", g, " at ", i));
     }
+  }
+  for (int i = 0; i < h.recency_edges_size(); ++i) {
+    const int32_t e = h.recency_edges(i);
+    if (e < 1 || (i > 0 && e <= h.recency_edges(i - 1))) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where, ": recency_edges must ascend strictly from >= 1, got ", e, " at ", i));
+    }
+  }
+  if (h.recency_edges_size() > 0 && !h.count_prior()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": recency_edges need count_prior (the bands weight its counts)"));
   }
   return absl::OkStatus();
 }
@@ -165,6 +178,10 @@ absl::Status validate_saap_index(const SaapIndex& index) {
          index.layers[i].budget_output_error.defined())) {
       return absl::InvalidArgumentError(absl::StrCat(
           "SAAP index: layer ", i, " has budget curves but the header has no budget_grid"));
+    }
+    if (h.recency_edges_size() == 0 && index.layers[i].recency.defined()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "SAAP index: layer ", i, " has recency weights but the header has no recency_edges"));
     }
   }
   return absl::OkStatus();

@@ -16,6 +16,8 @@
 //   layers.{i}.budget.lost_mass     [query_heads, G]
 //   layers.{i}.budget.keys          [query_heads, G]
 //   layers.{i}.budget.output_error  [query_heads, G]
+// and, when the header has B > 0 recency_edges (saap/targets.h),
+//   layers.{i}.recency              [query_heads, B + 1]
 #pragma once
 
 #include <string>
@@ -42,6 +44,8 @@ struct SaapLayer {
   Tensor in_mean, in_std, w1, b1, w2, b2;
   // Budget curves (BudgetCurves), defined iff header.budget_grid is not empty.
   Tensor budget_lost_mass, budget_keys, budget_output_error;
+  // Log weights of the recency bands, defined iff header.recency_edges is not empty.
+  Tensor recency;
 };
 
 struct SaapIndex {

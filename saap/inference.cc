@@ -50,7 +50,9 @@ SaapAttentionHook::SaapAttentionHook(const SaapIndex& index, const SaapInference
   for (const SaapLayer& layer : index.layers) {
     centroids_.push_back(layer.centroids.to(device, at::kFloat));
     classifiers_.push_back(load_classifier(layer, device));
+    if (header_.recency_edges_size() > 0) recency_.push_back(layer.recency.to(device, at::kFloat));
   }
+  recency_edges_.assign(header_.recency_edges().begin(), header_.recency_edges().end());
   caches_.resize(index.layers.size());
   if (options_.per_head_budgets) {
     if (options_.key_budget <= 0 || options_.routing == Routing::kAll)
@@ -129,7 +131,16 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
                                at::arange(T - N, T, key_partition.options().dtype(at::kLong)),
                                attention_.local_window, attention_.sink_tokens);
   };
-  auto select = [&](const Tensor& counts /* [B, Hkv, N, C] */) {
+  // The count prior of count-aware classifiers: log of the routable keys per
+  // partition [B, Hq, N, C], recency-weighted where the index has bands
+  // (`part` holds the partitions of the keys from position `first` on).
+  auto log_prior = [&](const Tensor& counts, const Tensor& part, int64_t first) {
+    if (recency_edges_.empty()) return log_count_prior(counts.repeat_interleave(group, 1));
+    return log_count_prior(recency_weighted_counts(
+        counts, part, first, at::arange(T - N, T, part.options().dtype(at::kLong)),
+        attention_.local_window, attention_.sink_tokens, recency_edges_, recency_[layer]));
+  };
+  auto select = [&](const Tensor& counts /* [B, Hkv, N, C] */, const Tensor& prior) {
     Tensor s;
     if (oracle) {
       // log of the routed mass per partition, per batch row.
@@ -148,18 +159,19 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
     if (nucleus) {
       // The smallest set of partitions whose predicted share of the routed
       // attention reaches the threshold (the crossing partition included).
-      Tensor logits = count_prior ? s + log_count_prior(counts.repeat_interleave(group, 1)) : s;
+      Tensor logits = count_prior ? s + prior : s;
       auto [p, order] = at::softmax(logits, -1).sort(-1, /*descending=*/true);
       Tensor take = (p.cumsum(-1) - p).lt(options_.mass_threshold);
       return at::where(take, order, at::full({}, -1, order.options()));
     }
     if (!need_counts) return select_partitions(s, l);
     Tensor n = counts.repeat_interleave(group, 1);
-    if (!budget) return select_partitions(s + log_count_prior(n), l);
-    // Attention per key: count-aware logits as they are, others less log n.
-    const bool mass_scores =
-        (options_.routing == Routing::kClassifier && !count_prior) || oracle;
-    Tensor density = mass_scores ? s - log_count_prior(n) : s;
+    if (!budget) return select_partitions(count_prior ? s + prior : s + log_count_prior(n), l);
+    // Attention per key: mass logits (count-aware ones with their prior)
+    // less log n; the symmetric baseline's scores as they are.
+    Tensor density = options_.routing == Routing::kSymmetric
+                         ? s
+                         : key_density(count_prior ? s + prior : s, n);
     Tensor order = std::get<1>(density.sort(-1, /*descending=*/true));
     Tensor keys = n.gather(-1, order);
     Tensor before = keys.cumsum(-1) - keys;
@@ -174,7 +186,8 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
     Tensor part = assign_key_partitions(call.k_pre, centroids_[layer]);
     oracle_part = part;
     Tensor counts = (need_counts || nucleus) ? query_counts(part) : Tensor();
-    out = saap_attention(call.q, call.k, call.v, part, select(counts), attention_, &st);
+    Tensor prior = count_prior ? log_prior(counts, part, 0) : Tensor();
+    out = saap_attention(call.q, call.k, call.v, part, select(counts, prior), attention_, &st);
   } else {
     auto& cache = caches_[layer];
     if (call.offset == 0) {
@@ -190,14 +203,23 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
       // The cache's partitions hold exactly the new query's routable keys.
       Tensor counts =
           (need_counts || nucleus) ? cache->partition_length().unsqueeze(2) : Tensor();
-      Tensor selected = select(counts);
+      // The recency bands need only the keys of the recent bands.
+      const int64_t first =
+          recency_edges_.empty()
+              ? 0
+              : std::max<int64_t>(0, T - attention_.local_window - recency_edges_.back());
+      Tensor prior = count_prior ? log_prior(counts, cache->key_partition().narrow(2, first, T - first),
+                                             first)
+                                 : Tensor();
+      Tensor selected = select(counts, prior);
       out = cache->decode(call.q.select(2, 0), selected.select(2, 0),
                           options_.collect_stats ? &st : nullptr)
                 .unsqueeze(2);
     } else {
       Tensor part = cache->key_partition();
       Tensor counts = (need_counts || nucleus) ? query_counts(part) : Tensor();
-      out = saap_attention(call.q, call.k, call.v, part, select(counts), attention_, &st);
+      Tensor prior = count_prior ? log_prior(counts, part, 0) : Tensor();
+      out = saap_attention(call.q, call.k, call.v, part, select(counts, prior), attention_, &st);
     }
   }
   stats_ += st;

@@ -86,6 +86,8 @@ class SaapAttentionHook : public model::AttentionHook {
   std::vector<Tensor> centroids_;  // per layer, float32 [Hkv, C, D] on the device
   mutable std::vector<QueryClassifier> classifiers_;  // forward() is not const
   std::vector<std::unique_ptr<PartitionedKVCache>> caches_;  // per layer, generation only
+  std::vector<Tensor> recency_;        // per layer, float32 [Hq, B + 1] on the device (bands only)
+  std::vector<int64_t> recency_edges_;  // the header's recency_edges
   std::vector<Tensor> layer_budgets_;  // per layer, float32 [1, Hq, 1, 1] on the device
   std::vector<double> head_budgets_;
   double planned_key_fraction_ = 0;

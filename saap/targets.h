@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -38,5 +39,56 @@ Tensor partition_attention_mass(const Tensor& q, const Tensor& k, const Tensor& 
 // What a query at q_pos can route to; scores use its log (count prior).
 Tensor routable_key_counts(const Tensor& partition, int64_t num_partitions, const Tensor& q_pos,
                            int64_t local_window, int64_t sink_tokens);
+
+
+// ---------------------------------------------------------------------------
+// Recency bands.
+//
+// Pre-RoPE keys do not carry where they sit in time, yet Llama attention
+// leans on recent keys. A recency-aware count prior weights each partition's
+// routable keys by how far they lie behind the query: with edges
+// e_1 < ... < e_B, a routable key j of a query at q_pos (last routable key
+// r = q_pos - local_window) is in band 0 when r - e_1 < j <= r, in band b
+// when r - e_{b+1} < j <= r - e_b, and in band B when j <= r - e_B. Each
+// query head h has log weights beta[h, 0..B]; the prior of partition c is
+// log sum_b exp(beta[h, b]) * (keys of c in band b).
+
+// Throws std::invalid_argument (naming `what`) unless the edges ascend
+// strictly from >= 1.
+void check_recency_edges(const std::vector<int64_t>& edges, const char* what);
+
+// Routed attention per recency band: q, k, q_pos as in
+// partition_attention_mass -> float32 [Hq, nq, B + 1] (a row sums to the
+// query's routed mass).
+Tensor distance_band_mass(const Tensor& q, const Tensor& k, const Tensor& q_pos,
+                          const std::vector<int64_t>& edges, const MassOptions& options);
+
+// Routable keys per recency band for queries at q_pos (int64 [nq]) ->
+// float32 [nq, B + 1].
+Tensor distance_band_counts(const Tensor& q_pos, int64_t local_window, int64_t sink_tokens,
+                            const std::vector<int64_t>& edges);
+
+// Recency-weighted routable key counts, per query head:
+//   routable [..., Hkv, nq, C]: routable_key_counts of the queries (all
+//     routable keys, whatever their age);
+//   partition [..., Hkv, T']: the partitions of the keys at positions
+//     first_position .. first_position + T' - 1, which must include every
+//     routable key of bands 0 .. B-1 of every query (a decode step passes
+//     only the cache's recent keys);
+//   log_weights [Hq, B + 1] (Hq a multiple of Hkv; query head h reads KV
+//     head h / (Hq / Hkv)).
+// Returns float32 [..., Hq, nq, C]: sum_b exp(beta[h, b]) * keys of band b,
+// the oldest band being routable minus the younger bands.
+Tensor recency_weighted_counts(const Tensor& routable, const Tensor& partition,
+                               int64_t first_position, const Tensor& q_pos,
+                               int64_t local_window, int64_t sink_tokens,
+                               const std::vector<int64_t>& edges, const Tensor& log_weights);
+
+// The log weights from calibration sums: band_mass [Hq, B + 1] (routed
+// attention summed over queries), band_keys [B + 1] (routable keys summed
+// over the same queries, every band > 0) -> float32 [Hq, B + 1]: the log of
+// the attention per key of each band, less that of the oldest band. A band
+// with no attention gets 1e-6 of the head's densest band.
+Tensor recency_log_weights(const Tensor& band_mass, const Tensor& band_keys);
 
 }  // namespace sparseflash::saap

@@ -254,6 +254,75 @@ TEST_F(SaapLlama, PerHeadBudgetsSplitTheKeyBudgetAndAtFullBudgetAreDense) {
   EXPECT_THROW(SaapAttentionHook(bare, quarter, at::kCPU), std::invalid_argument);
 }
 
+TEST_F(SaapLlama, RecencyBandsFitAndRouteTheSameInPrefillAndDecode) {
+  FitOptions o = small_fit();
+  o.recency_edges = {4, 12, 40};
+  FitReport report;
+  SaapIndex index = fit_saap_index(model_, "id", ids_, o, &report);
+  SCOPED_TRACE("seed " + std::to_string(seed_));
+  ASSERT_TRUE(validate_saap_index(index).ok());
+  ASSERT_EQ(index.header.recency_edges_size(), 3);
+  ASSERT_TRUE(report.recency_log_weights.defined());
+  for (size_t l = 0; l < index.layers.size(); ++l) {
+    const Tensor& beta = index.layers[l].recency;
+    ASSERT_EQ(beta.sizes(), at::IntArrayRef({4, 4}));
+    EXPECT_TRUE(at::isfinite(beta).all().item<bool>());
+    EXPECT_EQ(beta.select(1, 3).abs().max().item<double>(), 0.0);  // relative to the oldest band
+    EXPECT_TRUE(beta.equal(report.recency_log_weights.narrow(0, 4 * l, 4)));
+  }
+  torch::NoGradGuard no_grad;
+  const int64_t n = 300, prefill = 240;
+  Tensor x = at::tensor(std::vector<int64_t>(ids_.begin(), ids_.begin() + n)).view({1, -1});
+  Tensor dense = model_->forward(x);
+  // All partitions: dense, with or without the bands.
+  SaapInferenceOptions all;
+  all.routing = Routing::kAll;
+  model_->set_attention_hook(std::make_shared<SaapAttentionHook>(index, all, at::kCPU));
+  EXPECT_LT((model_->forward(x) - dense).abs().max().item<double>(), 1e-4);
+
+  // Two partitions: the whole text at once (prefill path) and a prompt then
+  // one token at a time through the partitioned cache (decode path, which
+  // counts band keys from the recent keys only) give the same logits.
+  SaapInferenceOptions two;
+  two.top_l = 2;
+  auto hook = std::make_shared<SaapAttentionHook>(index, two, at::kCPU);
+  model_->set_attention_hook(hook);
+  Tensor whole = model_->forward(x);
+  EXPECT_GT((whole - dense).abs().max().item<double>(), 1e-4);
+  model_->set_attention_hook(std::make_shared<SaapAttentionHook>(index, two, at::kCPU));
+  model::KVCache cache;
+  Tensor first = model_->forward(x.narrow(1, 0, prefill), &cache);
+  EXPECT_LT((first - whole.narrow(1, 0, prefill)).abs().max().item<double>(), 1e-4);
+  double worst = 0;
+  for (int64_t t = prefill; t < n; ++t) {
+    Tensor step = model_->forward(x.narrow(1, t, 1), &cache);
+    worst = std::max(worst, (step - whole.narrow(1, t, 1)).abs().max().item<double>());
+  }
+  EXPECT_LT(worst, 1e-4);
+
+  // Zero band weights route exactly as the plain count prior.
+  SaapIndex flat = index;
+  for (SaapLayer& layer : flat.layers) layer.recency = at::zeros_like(layer.recency);
+  SaapIndex plain = index;
+  plain.header.clear_recency_edges();
+  for (SaapLayer& layer : plain.layers) layer.recency = Tensor();
+  model_->set_attention_hook(std::make_shared<SaapAttentionHook>(flat, two, at::kCPU));
+  Tensor a = model_->forward(x);
+  model_->set_attention_hook(std::make_shared<SaapAttentionHook>(plain, two, at::kCPU));
+  Tensor b = model_->forward(x);
+  model_->set_attention_hook(nullptr);
+  EXPECT_LT((a - b).abs().max().item<double>(), 1e-5);
+
+  // Bands the calibration context cannot measure, or without the count
+  // prior, are refused.
+  FitOptions too_old = o;
+  too_old.recency_edges = {4, 200};
+  EXPECT_THROW(fit_saap_index(model_, "id", ids_, too_old, nullptr), std::invalid_argument);
+  FitOptions no_prior = o;
+  no_prior.count_prior = false;
+  EXPECT_THROW(fit_saap_index(model_, "id", ids_, no_prior, nullptr), std::invalid_argument);
+}
+
 TEST_F(SaapLlama, RoutingEvaluationRanksTheOracleFirst) {
   SaapIndex index = fit_saap_index(model_, "id", ids_, small_fit(), nullptr);
   FitOptions rope_fit = small_fit();

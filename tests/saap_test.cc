@@ -320,6 +320,113 @@ TEST(Targets, PartitionMassMatchesABruteForceLoop) {
   EXPECT_THROW(partition_attention_mass(q.narrow(0, 0, 5), k, pos, part, c, options), c10::Error);
 }
 
+// Brute force: the recency band of key j for a query at p (-1: not routable).
+int64_t band_of(int64_t p, int64_t j, int64_t window, int64_t sinks,
+                const std::vector<int64_t>& edges) {
+  const int64_t last = p - window;
+  if (j < sinks || j > last) return -1;
+  int64_t b = 0;
+  while (b < static_cast<int64_t>(edges.size()) && last - j >= edges[b]) ++b;
+  return b;
+}
+
+TEST(Targets, RecencyBandsMatchABruteForceLoop) {
+  torch::manual_seed(fresh_seed());
+  const int64_t hq = 6, hkv = 2, nk = 60, nq = 13, d = 8, c = 5;
+  const std::vector<int64_t> edges = {3, 7, 20};
+  const int64_t bands = 4;
+  torch::Tensor q = torch::randn({hq, nq, d}, torch::kDouble) * 2;
+  torch::Tensor k = torch::randn({hkv, nk, d}, torch::kDouble) * 2;
+  torch::Tensor pos = torch::randint(nk, {nq}, torch::kLong);
+  pos[0] = 5;       // inside window + sinks: nothing routed
+  pos[1] = nk - 1;  // every band populated
+  MassOptions options;
+  options.local_window = 6;
+  options.sink_tokens = 2;
+  options.chunk_size = 4;
+  torch::Tensor mass = distance_band_mass(q, k, pos, edges, options);
+  torch::Tensor counts = distance_band_counts(pos, 6, 2, edges);
+  ASSERT_EQ(mass.sizes(), torch::IntArrayRef({hq, nq, bands}));
+  ASSERT_EQ(counts.sizes(), torch::IntArrayRef({nq, bands}));
+  // The band masses add up to the partition masses' total.
+  torch::Tensor part = torch::randint(c, {hkv, nk}, torch::kLong);
+  EXPECT_TRUE(torch::allclose(mass.sum(-1),
+                              partition_attention_mass(q, k, pos, part, c, options).sum(-1),
+                              1e-5, 1e-6));
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  torch::Tensor beta = torch::randn({hq, bands});
+  torch::Tensor routable = routable_key_counts(part, c, pos, 6, 2);  // [Hkv, nq, C]
+  torch::Tensor weighted = recency_weighted_counts(routable, part, 0, pos, 6, 2, edges, beta);
+  ASSERT_EQ(weighted.sizes(), torch::IntArrayRef({hq, nq, c}));
+  for (int64_t i = 0; i < nq; ++i) {
+    const int64_t p = pos[i].item<int64_t>();
+    std::vector<double> n(bands, 0.0);
+    for (int64_t j = 0; j <= p; ++j) {
+      const int64_t b = band_of(p, j, 6, 2, edges);
+      if (b >= 0) n[b] += 1;
+    }
+    for (int64_t b = 0; b < bands; ++b)
+      EXPECT_EQ(counts[i][b].item<double>(), n[b]) << "query " << i << " band " << b;
+    for (int64_t h = 0; h < hq; ++h) {
+      const int64_t kv = h / (hq / hkv);
+      std::vector<double> w(p + 1);
+      double total = 0;
+      for (int64_t j = 0; j <= p; ++j) {
+        w[j] = std::exp(scale * q[h][i].dot(k[kv][j]).item<double>());
+        total += w[j];
+      }
+      std::vector<double> want(bands, 0.0), want_w(c, 0.0);
+      for (int64_t j = 0; j <= p; ++j) {
+        const int64_t b = band_of(p, j, 6, 2, edges);
+        if (b < 0) continue;
+        want[b] += w[j] / total;
+        want_w[part[kv][j].item<int64_t>()] += std::exp(beta[h][b].item<double>());
+      }
+      for (int64_t b = 0; b < bands; ++b)
+        EXPECT_NEAR(mass[h][i][b].item<double>(), want[b], 1e-5)
+            << "head " << h << " query " << i << " band " << b;
+      for (int64_t x = 0; x < c; ++x)
+        EXPECT_NEAR(weighted[h][i][x].item<double>(), want_w[x], 1e-4 * (1 + want_w[x]))
+            << "head " << h << " query " << i << " partition " << x;
+    }
+  }
+  // Zero log weights give the plain counts; a slice holding the recent
+  // bands (a decode step) gives the same as the whole sequence.
+  EXPECT_TRUE(torch::allclose(
+      recency_weighted_counts(routable, part, 0, pos, 6, 2, edges, torch::zeros({hq, bands})),
+      routable.repeat_interleave(3, 0), 1e-5, 1e-5));
+  torch::Tensor one = pos.narrow(0, 1, 1);  // the query at nk - 1
+  torch::Tensor one_routable = routable_key_counts(part, c, one, 6, 2);
+  const int64_t first = nk - 1 - 6 - 20 + 1;
+  torch::Tensor sliced = recency_weighted_counts(
+      one_routable, part.narrow(1, first, nk - first), first, one, 6, 2, edges, beta);
+  EXPECT_TRUE(torch::allclose(sliced, weighted.narrow(1, 1, 1), 1e-5, 1e-5));
+  // A slice that misses part of the recent bands is refused, and so are
+  // edges that do not ascend.
+  EXPECT_THROW(recency_weighted_counts(one_routable, part.narrow(1, first + 1, nk - first - 1),
+                                       first + 1, one, 6, 2, edges, beta),
+               c10::Error);
+  EXPECT_THROW(distance_band_counts(pos, 6, 2, {3, 3}), std::invalid_argument);
+  EXPECT_THROW(distance_band_mass(q, k, pos, {0, 4}, options), std::invalid_argument);
+  EXPECT_THROW(recency_weighted_counts(routable, part, 0, pos, 6, 2, edges, beta.narrow(1, 0, 3)),
+               c10::Error);
+}
+
+TEST(Targets, RecencyLogWeightsAreTheAttentionPerKeyOfEachBand) {
+  // Two heads, three bands with 10, 20 and 70 keys.
+  torch::Tensor mass = torch::tensor({{0.5, 0.2, 0.7}, {0.0, 0.1, 0.7}}, torch::kDouble);
+  torch::Tensor keys = torch::tensor({10.0, 20.0, 70.0}, torch::kDouble);
+  torch::Tensor beta = recency_log_weights(mass, keys);
+  ASSERT_EQ(beta.sizes(), torch::IntArrayRef({2, 3}));
+  EXPECT_NEAR(beta[0][0].item<double>(), std::log(0.05 / 0.01), 1e-5);
+  EXPECT_NEAR(beta[0][1].item<double>(), std::log(0.01 / 0.01), 1e-5);
+  EXPECT_EQ(beta[0][2].item<double>(), 0.0);
+  // No attention in a band: 1e-6 of the densest band's.
+  EXPECT_NEAR(beta[1][0].item<double>(), std::log(1e-6 * 0.01 / 0.01), 1e-4);
+  EXPECT_NEAR(beta[1][1].item<double>(), std::log(0.005 / 0.01), 1e-5);
+  EXPECT_THROW(recency_log_weights(mass, torch::tensor({10.0, 0.0, 70.0})), c10::Error);
+}
+
 // ---------------------------------------------------------------------------
 // baselines
 
@@ -519,6 +626,38 @@ TEST(SaapIndex, RoundTripsBudgetCurvesAndRefusesThemHalfPresent) {
   wrong.header.set_budget_grid(2, 0.05f);
   s = write_saap_index(path, wrong);
   EXPECT_NE(std::string(s.message()).find("budget_grid must ascend"), std::string::npos) << s;
+  std::remove(path.c_str());
+}
+
+TEST(SaapIndex, RoundTripsRecencyWeightsAndRefusesThemInconsistent) {
+  SaapIndex index = random_index("fnv1a64:00000000000000c2");
+  index.header.set_count_prior(true);
+  for (int e : {64, 256}) index.header.add_recency_edges(e);
+  for (SaapLayer& layer : index.layers) layer.recency = torch::randn({6, 3});
+  const std::string path = temp_path("recency.safetensors");
+  ASSERT_TRUE(write_saap_index(path, index).ok());
+  absl::StatusOr<SaapIndex> back = read_saap_index(path);
+  ASSERT_TRUE(back.ok()) << back.status();
+  ASSERT_EQ(back->header.recency_edges_size(), 2);
+  EXPECT_EQ(back->header.recency_edges(1), 256);
+  for (size_t i = 0; i < 2; ++i)
+    EXPECT_TRUE(torch::equal(back->layers[i].recency, index.layers[i].recency));
+  SaapIndex wrong = index;
+  wrong.layers[1].recency = torch::randn({6, 2});
+  absl::Status s = write_saap_index(path, wrong);
+  EXPECT_NE(std::string(s.message()).find("layers.1.recency"), std::string::npos) << s;
+  wrong = index;
+  wrong.header.clear_recency_edges();
+  s = write_saap_index(path, wrong);
+  EXPECT_NE(std::string(s.message()).find("no recency_edges"), std::string::npos) << s;
+  wrong = index;
+  wrong.header.set_recency_edges(1, 64);
+  s = write_saap_index(path, wrong);
+  EXPECT_NE(std::string(s.message()).find("recency_edges must ascend"), std::string::npos) << s;
+  wrong = index;
+  wrong.header.set_count_prior(false);
+  s = write_saap_index(path, wrong);
+  EXPECT_NE(std::string(s.message()).find("need count_prior"), std::string::npos) << s;
   std::remove(path.c_str());
 }
 
