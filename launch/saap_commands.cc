@@ -212,6 +212,12 @@ int fit() {
   auto st = saap::write_saap_index(out, index);
   if (!st.ok()) return command_error(cmd, std::string(st.message()));
 
+  // Mean over heads of each band's log weight (newest band first).
+  json recency_mean = nullptr;
+  if (r.recency_log_weights.defined()) {
+    at::Tensor mean = r.recency_log_weights.mean(0).contiguous();
+    recency_mean = std::vector<float>(mean.data_ptr<float>(), mean.data_ptr<float>() + mean.numel());
+  }
   json recall = json::array();
   for (size_t i = 0; i < r.classifier.recall_at.size(); ++i)
     recall.push_back({{"l", r.classifier.recall_at[i]},
@@ -242,13 +248,7 @@ int fit() {
             {"holdout_kl", r.classifier.holdout_kl},
             {"holdout_recall", recall},
             {"recency_bands", o.recency_edges},
-            {"recency_log_weights_mean",
-             r.recency_log_weights.defined()
-                 ? json(std::vector<float>(
-                       r.recency_log_weights.mean(0).data_ptr<float>(),
-                       r.recency_log_weights.mean(0).data_ptr<float>() +
-                           r.recency_log_weights.size(1)))
-                 : json(nullptr)},
+            {"recency_log_weights_mean", recency_mean},
             {"budget_grid", o.budget_grid},
             {"budget_windows", o.budget_windows},
             {"budget_queries_per_window", o.budget_queries_per_window},

@@ -5,7 +5,7 @@
 //
 // Reading order: packing kernels, the tile loop shared by all passes
 // (masking, skipping), forward, backward (delta, dK/dV, dQ), launchers.
-// todo: wgmma/TMA on sm_90a.
+// On sm_90 the bf16 forward runs on warpgroup MMA (forward_kernel_wgmma).
 #include "attention/kernels/sparse_flash.h"
 
 #include <cub/device/device_segmented_radix_sort.cuh>
@@ -13,9 +13,11 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 
 #include "attention/kernels/mma.cuh"
+#include "attention/kernels/wgmma.cuh"
 
 namespace sparseflash::kernels {
 
@@ -273,7 +275,30 @@ __device__ __forceinline__ TileRange block_range(const TileRange* tiles, int nt,
 //     ... key_tile(), value_tile(), pos(), bucket(), all_allowed ...
 //     pipe.advance();
 //   }
-template <typename T, int D, int kT>
+// Loads kNumRows packed rows (first .. first + kNumRows - 1) into a
+// [kNumRows x D] tile stored as 128B-swizzled panels (wgmma::sw128_index; the
+// base 1024-byte aligned); rows at or past n are zero-filled.
+template <typename T, int D, int kThreads, int kNumRows>
+__device__ __forceinline__ void load_rows_async_sw128(T* base, const T* src, int64_t row_stride,
+                                                      const int* perm, int first, int n) {
+  constexpr int kChunks = D / 8;
+  static_assert((kNumRows * kChunks) % kThreads == 0, "whole rounds of 16-byte copies");
+#pragma unroll
+  for (int it = 0; it < kNumRows * kChunks / kThreads; ++it) {
+    const int idx = static_cast<int>(threadIdx.x) + it * kThreads;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int packed = first + r;
+    const bool valid = packed < n;
+    const int orig = valid ? (perm ? __ldg(perm + packed) : packed) : 0;
+    cp_async_16(base + wgmma::sw128_index(r, c * 8, kNumRows), src + orig * row_stride + c * 8,
+                valid);
+  }
+}
+
+// kPanels: tiles in the 128B-swizzled panel layout that wgmma descriptors
+// read (and a proxy fence before the barrier that publishes them), instead of
+// the ldmatrix layout of SmemTile.
+template <typename T, int D, int kT, bool kPanels = false>
 struct KeyPipeline {
   const TileRange* ktiles;
   TileRange qr;
@@ -293,10 +318,17 @@ struct KeyPipeline {
   RowInfo next_info{0, 0, 0};
 
   __device__ __forceinline__ void issue(int tile, int b) {
-    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * b) * kRows * D}, 0, k, k_stride,
-                                     kperm, tile * kRows, Nk);
-    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * b + 1) * kRows * D}, 0, v, v_stride,
-                                     kperm, tile * kRows, Nk);
+    if constexpr (kPanels) {
+      load_rows_async_sw128<T, D, kT, kRows>(kv + (2 * b) * kRows * D, k, k_stride, kperm,
+                                             tile * kRows, Nk);
+      load_rows_async_sw128<T, D, kT, kRows>(kv + (2 * b + 1) * kRows * D, v, v_stride, kperm,
+                                             tile * kRows, Nk);
+    } else {
+      load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * b) * kRows * D}, 0, k, k_stride,
+                                       kperm, tile * kRows, Nk);
+      load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * b + 1) * kRows * D}, 0, v,
+                                       v_stride, kperm, tile * kRows, Nk);
+    }
   }
   __device__ __forceinline__ bool all_allowed_for(int tile) const {
     return q_block_full && (tile + 1) * kRows <= Nk && tiles_all_allowed(qr, __ldg(&ktiles[tile]));
@@ -322,6 +354,7 @@ struct KeyPipeline {
   // Waits for tile kt and starts loading the next one into the other buffer.
   __device__ __forceinline__ void wait_and_prefetch(int lane) {
     cp_async_wait_all();
+    if constexpr (kPanels) wgmma::fence_proxy_async_shared();  // visible to wgmma
     __syncthreads();  // tile kt landed; everyone is done with the other buffer
     next_kt = it.next(lane);
     next_all = false;
@@ -332,6 +365,8 @@ struct KeyPipeline {
     }
     cp_async_commit();
   }
+  __device__ __forceinline__ T* key_base() const { return kv + (2 * buf) * kRows * D; }
+  __device__ __forceinline__ T* value_base() const { return kv + (2 * buf + 1) * kRows * D; }
   __device__ __forceinline__ SmemTile<T, D> key_tile() const { return {kv + (2 * buf) * kRows * D}; }
   __device__ __forceinline__ SmemTile<T, D> value_tile() const {
     return {kv + (2 * buf + 1) * kRows * D};
@@ -582,6 +617,189 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   }
   T* out = static_cast<T*>(p.out) + b * p.out_layout.b + h * p.out_layout.h;
   store_rows<T, D>(o, inv, out, p.out_layout.n, rows, valid, lane);
+  if (lane % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      if (valid[i])
+        p.lse[static_cast<int64_t>(bh) * p.Nq + rows[i].orig] =
+            l[i] > 0.f ? (m[i] * scale_log2 + log2f(l[i])) * kLn2 : -INFINITY;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// forward on Hopper (sm_90a, bf16): the same block, tile loop, masks and
+// online softmax as forward_kernel, with the two products on warpgroup MMA.
+// Two warpgroups of 4 warps own 64 query rows each (warp w: rows 16w..16w+15,
+// as in forward_kernel). Q, K and V sit in shared memory as 128B-swizzled
+// panels (wgmma.cuh):
+//   S [64 x 64] = Q K^T   wgmma SS, Q and K K-major, D / 16 k-steps;
+//   O [64 x D] += P V     wgmma RS, P packed to bf16 from the S accumulators
+//                         (their layout is the A fragment's), V MN-major.
+// The accumulators have the mma.sync m16n8 C layout per warp, so S[4 nb + e]
+// is forward_kernel's s[nb][e] and O[4 dn + e] its o[dn][e].
+
+constexpr int kWgFwdWarps = 8;  // two warpgroups
+
+template <int D>
+__global__ void __launch_bounds__(kWgFwdWarps * 32, D == 64 ? 2 : 1)
+    forward_kernel_wgmma(const __grid_constant__ ForwardParams p) {
+  using T = __nv_bfloat16;
+  constexpr int kT = kWgFwdWarps * 32, kBR = kWgFwdWarps * 16;
+  constexpr int kPanelBytes = kRows * 128;  // one [64 x 64] panel of a K or V tile
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  // Panels must start on 1024 bytes (the swizzle reads absolute address bits).
+  T* smem = reinterpret_cast<T*>(smem_raw + ((1024 - wgmma::smem_addr(smem_raw) % 1024) % 1024));
+  T* sQ = smem;            // [kBR x D] panels
+  T* kv = sQ + kBR * D;    // K0 V0 K1 V1, [kRows x D] panels each
+  int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);  // [2][kRows]
+  int* sKbucket = sKpos + 2 * kRows;                        // [2][kRows]
+
+  const int bh = blockIdx.y, qb = gridDim.x - 1 - blockIdx.x;
+  const int b = bh / p.H, h = bh % p.H;
+  const int hk = h / (p.H / p.Hkv), bhk = b * p.Hkv + hk;
+  const int nqt = num_tiles(p.Nq), nkt = num_tiles(p.Nk);
+  const int64_t q_base = static_cast<int64_t>(bh) * p.Nq, k_base = static_cast<int64_t>(bhk) * p.Nk;
+  const int q0 = qb * kBR;
+  const TileRange* qtiles = p.q_pack.tiles + static_cast<int64_t>(bh) * nqt;
+  const TileRange qr = block_range<kBR>(qtiles, nqt, q0);
+  const TileRange* ktiles = p.k_pack.tiles + static_cast<int64_t>(bhk) * nkt;
+  const T* q = head_ptr<T>(p.q, p.q_layout, b, h);
+  const T* k = head_ptr<T>(p.k, p.k_layout, b, hk);
+  const T* v = head_ptr<T>(p.v, p.v_layout, b, hk);
+  const int* qperm = p.q_pack.perm ? p.q_pack.perm + q_base : nullptr;
+  const int* kperm = p.k_pack.perm ? p.k_pack.perm + k_base : nullptr;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+
+  load_rows_async_sw128<T, D, kT, kBR>(sQ, q, p.q_layout.n, qperm, q0, p.Nq);
+
+  const IndexRange range = key_tile_range(ktiles, nkt, qr, kperm == nullptr, lane);
+  KeyPipeline<T, D, kT, true> pipe{ktiles, qr, MeetIter{ktiles, qr, range.lo, range.hi, 0u, true},
+                                   k, v, p.k_layout.n, p.v_layout.n, kperm, &p.k_pack, k_base,
+                                   p.Nk, kv, sKpos, sKbucket, q0 + kBR <= p.Nq};
+  pipe.start(lane);
+
+  RowInfo rows[2];
+  bool valid[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int packed = q0 + warp * 16 + lane / 4 + 8 * i;
+    valid[i] = packed < p.Nq;
+    rows[i] = row_info(p.q_pack, q_base, packed, p.Nq, p.Nk - p.Nq, kInvalidQueryBucket);
+  }
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const float scale_log2 = p.scale * kLog2e;
+  // This warpgroup's 64 rows of Q: panel pn at pn * kBR * 128 bytes, rows 64 wg on.
+  const uint32_t q_addr = wgmma::smem_addr(sQ) + wg * 64 * 128;
+
+  while (pipe.kt >= 0) {
+    pipe.wait_and_prefetch(lane);  // also publishes Q on the first tile
+    const uint32_t k_addr = wgmma::smem_addr(pipe.key_base());
+    const uint32_t v_addr = wgmma::smem_addr(pipe.value_base());
+    const int *kpos = pipe.pos(), *kbucket = pipe.bucket();
+    const bool all_allowed = pipe.all_allowed;
+
+    float s[32];
+    wgmma::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      const uint32_t step = 32 * (ks % 4);  // k16 step inside its panel
+      wgmma::mma_ss<64, 1, 1, 0, 0>(
+          s, wgmma::desc_k_major_sw128(q_addr + (ks / 4) * kBR * 128 + step),
+          wgmma::desc_k_major_sw128(k_addr + (ks / 4) * kPanelBytes + step), ks > 0);
+    }
+    wgmma::wgmma_commit();
+    wgmma::wgmma_wait<0>();
+    wgmma::fence_operands(s);
+
+    float tile_max[2] = {-INFINITY, -INFINITY};
+    auto mask_and_max = [&](auto masked) {
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb) {
+        const int col = nb * 8 + (lane % 4) * 2;
+        ColumnPair kc;
+        if constexpr (decltype(masked)::value) kc = column_pair(kbucket, kpos, col);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1;
+          float x = s[4 * nb + e];
+          if constexpr (decltype(masked)::value) {
+            x = pair_allowed(rows[i].bucket, rows[i].pos, kc.b(e), kc.p(e)) ? x : -INFINITY;
+            s[4 * nb + e] = x;
+          }
+          tile_max[i] = fmaxf(tile_max[i], x);
+        }
+      }
+    };
+    if (all_allowed)
+      mask_and_max(std::false_type{});
+    else
+      mask_and_max(std::true_type{});
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
+      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
+      const float m_new = fmaxf(m[i], tile_max[i]);
+      const float base = m_new == -INFINITY ? 0.f : m_new * scale_log2;
+      const float correction = fast_exp2(m[i] * scale_log2 - base);
+      m[i] = m_new;
+      l[i] *= correction;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        o[4 * dn + 2 * i] *= correction;
+        o[4 * dn + 2 * i + 1] *= correction;
+      }
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb) {
+        float& x0 = s[4 * nb + 2 * i];
+        float& x1 = s[4 * nb + 2 * i + 1];
+        x0 = fast_exp2(fmaf(x0, scale_log2, -base));
+        x1 = fast_exp2(fmaf(x1, scale_log2, -base));
+        l[i] += x0 + x1;
+      }
+    }
+
+    // O += P V: k-step j covers keys 16j..16j+15 (n-blocks 2j, 2j+1 of S).
+    wgmma::wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t a[4] = {Pack2<T>::pack(s[8 * j + 0], s[8 * j + 1]),
+                             Pack2<T>::pack(s[8 * j + 2], s[8 * j + 3]),
+                             Pack2<T>::pack(s[8 * j + 4], s[8 * j + 5]),
+                             Pack2<T>::pack(s[8 * j + 6], s[8 * j + 7])};
+      wgmma::mma_rs<D, 1, 1, 1>(o, a, wgmma::desc_mn_major_sw128(v_addr + 2048 * j, kPanelBytes),
+                                1);
+    }
+    wgmma::wgmma_commit();
+    wgmma::wgmma_wait<0>();
+    wgmma::fence_operands(o);
+
+    pipe.advance();
+  }
+  cp_async_wait_all();  // Q's copies when no key tile met the block
+
+  float inv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
+    inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
+  }
+  T* out = static_cast<T*>(p.out) + b * p.out_layout.b + h * p.out_layout.h;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (!valid[i]) continue;
+    T* dst = out + rows[i].orig * p.out_layout.n;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      const int col = dn * 8 + (lane % 4) * 2;
+      *reinterpret_cast<uint32_t*>(dst + col) =
+          Pack2<T>::pack(o[4 * dn + 2 * i] * inv[i], o[4 * dn + 2 * i + 1] * inv[i]);
+    }
+  }
   if (lane % 4 == 0) {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -1154,6 +1372,28 @@ cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cu
   return cudaGetLastError();
 }
 
+// The wgmma forward runs for bf16 on compute capability 9.0 (the sm_90a
+// build), unless SPARSEFLASH_NO_WGMMA is set (comparisons).
+bool wgmma_forward_enabled(DType dtype) {
+  static const bool disabled = std::getenv("SPARSEFLASH_NO_WGMMA") != nullptr;
+  if (dtype != DType::kBF16 || disabled) return false;
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+    return false;
+  return major == 9 && minor == 0;
+}
+
+template <int D>
+cudaError_t forward_wgmma(const ForwardParams& p, cudaStream_t stream) {
+  constexpr int kBR = kWgFwdWarps * 16;
+  const size_t smem =
+      1024 + (kBR + 4 * kRows) * D * sizeof(__nv_bfloat16) + 4 * kRows * sizeof(int);
+  dim3 grid((p.Nq + kBR - 1) / kBR, p.B * p.H);
+  return launch_kernel(forward_kernel_wgmma<D>, grid, kWgFwdWarps * 32, smem, stream, p);
+}
+
 template <typename T, int D>
 cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kFwdWarps * 16;
@@ -1270,8 +1510,12 @@ cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, in
   return cudaGetLastError();
 }
 
+bool forward_uses_wgmma(DType dtype) { return wgmma_forward_enabled(dtype); }
+
 cudaError_t attention_forward(const ForwardParams& p, cudaStream_t stream) {
   if (!valid_shape(p)) return cudaErrorInvalidValue;
+  if (wgmma_forward_enabled(p.dtype))
+    return p.D == 64 ? forward_wgmma<64>(p, stream) : forward_wgmma<128>(p, stream);
   if (p.dtype == DType::kBF16)
     return p.D == 64 ? forward_typed<__nv_bfloat16, 64>(p, stream)
                      : forward_typed<__nv_bfloat16, 128>(p, stream);

@@ -107,6 +107,11 @@ cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, in
                                 int position_offset, TileRange* tiles, cudaStream_t stream);
 
 cudaError_t attention_forward(const ForwardParams& p, cudaStream_t stream);
+// Whether attention_forward runs the Hopper warpgroup-MMA kernel for this
+// dtype on the current device: bf16 on compute capability 9.0, unless the
+// environment variable SPARSEFLASH_NO_WGMMA is set (then the mma.sync kernel,
+// which serves fp16 and other GPUs, runs everywhere).
+bool forward_uses_wgmma(DType dtype);
 // dK/dV per block of keys; dQ by atomics into dq_accum or, without it, by a
 // deterministic second pass over key tiles.
 cudaError_t attention_backward(const BackwardParams& p, cudaStream_t stream);
