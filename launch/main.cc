@@ -331,7 +331,7 @@ const std::vector<Command>& commands() {
        "(KL loss) and writes the index (protobuf header + safetensors, with the model's\n"
        "identity). It also stores per-head budget curves: the routed attention lost and the\n"
        "attention-output error of every query head at each --budget-grid key budget.\n"
-       "--recency-bands E1,E2,... weights each partition's keys in the count prior by their\n"
+       "--recency-bands (default auto) weights each partition's keys in the count prior by their\n"
        "age (the attention per key each head gives each age band, measured in the fit).\n"
        "Progress and time per phase go to stderr. --key-space rope fits the RoPE'd-keys\n"
        "baseline instead.\n"

@@ -57,10 +57,12 @@ ABSL_FLAG(bool, weight_by_mass, true,
 ABSL_FLAG(bool, count_prior, true,
           "saap fit: classifiers score attention per key; the log of each partition's key "
           "count is added to their logits (in training and at inference).");
-ABSL_FLAG(std::string, recency_bands, "none",
+ABSL_FLAG(std::string, recency_bands, "auto",
           "saap fit: ages (tokens beyond the local window, ascending) that cut the routable keys "
           "into recency bands; the count prior then weights each band's keys by the attention "
-          "per key measured for it, per head (docs/saap.md). \"none\": the plain count prior.");
+          "per key measured for it, per head (docs/saap.md). \"auto\": 32, 96, 224, 480, ... "
+          "(each band twice the previous one) while the calibration context can measure the "
+          "oldest band; \"none\": the plain count prior.");
 ABSL_FLAG(std::string, budget_grid, "0,0.005,0.01,0.02,0.035,0.05,0.075,0.1,0.15,0.2,0.3,0.45,0.7,1",
           "saap fit: fractions of the routable keys (ascending) at which each query head's lost "
           "attention is measured on held-out queries and stored, for --per-head-budgets at "
@@ -176,7 +178,13 @@ int fit() {
   o.budget_queries_per_window = absl::GetFlag(FLAGS_budget_queries_per_window);
   if (o.budget_windows < 1 || o.budget_queries_per_window < 1)
     return command_error(cmd, "--budget-windows and --budget-queries-per-window must be >= 1");
-  if (absl::GetFlag(FLAGS_recency_bands) != "none") {
+  const std::string bands = absl::GetFlag(FLAGS_recency_bands);
+  if (bands == "auto") {
+    if (o.count_prior) {
+      for (int64_t e = 32; e + o.local_window + o.sink_tokens + 1 <= o.context; e = 2 * e + 32)
+        o.recency_edges.push_back(e);
+    }
+  } else if (bands != "none") {
     for (absl::string_view part :
          absl::StrSplit(absl::GetFlag(FLAGS_recency_bands), ',', absl::SkipWhitespace())) {
       int64_t e = 0;

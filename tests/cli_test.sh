@@ -44,6 +44,10 @@ expect "saap fit needs --saap-index" 1 "--saap-index FILE .the index to write. i
   "$bin" saap fit --model x
 expect "saap fit bad --key-space" 1 "--key-space: expected pre-rope or rope" -- \
   "$bin" saap fit --model x --saap-index "$tmp/i.saap" --key-space sideways
+expect "saap fit bad --recency-bands" 1 "recency band edges must ascend strictly" -- \
+  "$bin" saap fit --model x --saap-index "$tmp/i.saap" --recency-bands 64,32
+expect "saap fit --recency-bands not a number" 1 "--recency-bands: \"soon\" is not a whole number" -- \
+  "$bin" saap fit --model x --saap-index "$tmp/i.saap" --recency-bands 32,soon
 expect "saap eval bad --top-l" 1 "--top-l: expected positive integers" -- \
   "$bin" saap eval --model x --saap-index "$tmp/i.saap" --top-l 0
 expect "eval --attention saap needs an index" 1 "--attention saap needs --saap-index" -- \
