@@ -1217,6 +1217,344 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
                    p.dv_layout.n, rows, valid, lane);
 }
 
+// ---------------------------------------------------------------------------
+// dK/dV on Hopper (sm_90a, bf16): dkdv_kernel's blocks of 128 keys and its
+// loop over the query tiles that meet them, with every product on warpgroup
+// MMA. Two warpgroups own 64 keys each (warp w: keys 16w..16w+15, as in
+// dkdv_kernel); K, V, Q, dO and dS^T sit in shared memory as 128B-swizzled
+// panels. Per query tile (64 queries):
+//   S^T  [64 x 64] = K Q^T      SS, K and Q K-major;
+//   dP^T [64 x 64] = V dO^T     SS, V and dO K-major;
+//   P^T, dS^T = P^T (dP^T - delta) in registers (dkdv_kernel's code);
+//   dV [64 x D] += P^T dO        RS, dO MN-major;
+//   dK [64 x D] += dS^T Q        RS, Q MN-major;
+//   dQ [64 x N] += dS K          SS, dS^T and K MN-major (dS^T stored to
+//     shared memory): at D = 128 warpgroup g takes columns 64g..64g+63 over
+//     all 128 keys, at D = 64 it takes its own 64 keys (two partial sums
+//     reach dq_accum). fp32 atomics, as in dkdv_kernel.
+// A warpgroup whose keys cannot meet the query tile skips its products.
+
+template <int D, bool kAtomicDq>
+__global__ void __launch_bounds__(kBwdWarps * 32, 1)
+    dkdv_kernel_wgmma(const __grid_constant__ BackwardParams p) {
+  using T = __nv_bfloat16;
+  const ForwardParams& f = p.fwd;
+  constexpr int kT = kBwdWarps * 32;
+  constexpr int kKPanel = kBwdKeys * 128;  // bytes of one 64-column panel of K, V, dS^T
+  constexpr int kQPanel = kRows * 128;     // of Q, dO
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw + ((1024 - wgmma::smem_addr(smem_raw) % 1024) % 1024));
+  T* sK = smem;                          // [kBwdKeys x D] panels
+  T* sV = sK + kBwdKeys * D;
+  T* qdo = sV + kBwdKeys * D;            // Q0 dO0 Q1 dO1, [kRows x D] panels each
+  T* sdS = qdo + 4 * kRows * D;          // dS^T [kBwdKeys x kRows], one panel
+  int* meta = reinterpret_cast<int*>(sdS + kBwdKeys * kRows);
+  // meta: [2 buffers][pos, bucket, lse, delta, orig][kRows], then per
+  // warpgroup 1 if its keys met the query tile.
+  int* wg_active = meta + 2 * 5 * kRows;
+
+  const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
+  const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
+  const int k0 = kb * kBwdKeys;
+  const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
+  const TileRange kr = block_range<kBwdKeys>(f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt, nkt, k0);
+  const int* kperm = f.k_pack.perm ? f.k_pack.perm + k_base : nullptr;
+  load_rows_async_sw128<T, D, kT, kBwdKeys>(sK, head_ptr<T>(f.k, f.k_layout, b, hk), f.k_layout.n,
+                                            kperm, k0, f.Nk);
+  load_rows_async_sw128<T, D, kT, kBwdKeys>(sV, head_ptr<T>(f.v, f.v_layout, b, hk), f.v_layout.n,
+                                            kperm, k0, f.Nk);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+  const TileRange* qtiles0 = f.q_pack.tiles + static_cast<int64_t>(b * f.H + hk * group) * nqt;
+  const bool q_identity = f.q_pack.perm == nullptr;
+  int g = 0;
+  MeetIter it;
+  auto start_head = [&](int gg) {
+    const TileRange* qt_ = qtiles0 + static_cast<int64_t>(gg) * nqt;
+    const IndexRange r = query_tile_range(qt_, nqt, kr, q_identity, lane);
+    it = MeetIter{qt_, kr, r.lo, r.hi, 0u, false};
+    it.fill(lane);
+  };
+  start_head(0);
+  auto next = [&](int& gg, int& qt) {
+    while (true) {
+      const int r = it.next(lane);
+      if (r >= 0) {
+        gg = g;
+        qt = r;
+        return true;
+      }
+      if (++g >= group) return false;
+      start_head(g);
+    }
+  };
+  auto issue = [&](int gg, int qt, int bf) {
+    const int bh = b * f.H + hk * group + gg;
+    const int* qperm = f.q_pack.perm ? f.q_pack.perm + static_cast<int64_t>(bh) * f.Nq : nullptr;
+    load_rows_async_sw128<T, D, kT, kRows>(qdo + (2 * bf) * kRows * D,
+                                           head_ptr<T>(f.q, f.q_layout, b, hk * group + gg),
+                                           f.q_layout.n, qperm, qt * kRows, f.Nq);
+    load_rows_async_sw128<T, D, kT, kRows>(qdo + (2 * bf + 1) * kRows * D,
+                                           head_ptr<T>(p.dout, p.dout_layout, b, hk * group + gg),
+                                           p.dout_layout.n, qperm, qt * kRows, f.Nq);
+  };
+  struct QMeta {
+    int pos, bucket;
+    float lse, delta;
+    int orig;
+  };
+  auto load_meta = [&](int gg, int qt) {
+    const int bh = b * f.H + hk * group + gg;
+    const int64_t q_base = static_cast<int64_t>(bh) * f.Nq;
+    const RowInfo qi = row_info(f.q_pack, q_base, qt * kRows + threadIdx.x, f.Nq, f.Nk - f.Nq,
+                                kInvalidQueryBucket);
+    const bool in = qt * kRows + static_cast<int>(threadIdx.x) < f.Nq;
+    const float lse = in ? f.lse[q_base + qi.orig] : -INFINITY;
+    return QMeta{qi.pos, qi.bucket, lse == -INFINITY ? 0.f : lse * kLog2e,
+                 in ? p.delta[q_base + qi.orig] : 0.f, in ? qi.orig : -1};
+  };
+  auto store_meta = [&](const QMeta& mt, int bf) {
+    int* m = meta + bf * 5 * kRows;
+    m[threadIdx.x] = mt.pos;
+    m[kRows + threadIdx.x] = mt.bucket;
+    reinterpret_cast<float*>(m)[2 * kRows + threadIdx.x] = mt.lse;
+    reinterpret_cast<float*>(m)[3 * kRows + threadIdx.x] = mt.delta;
+    m[4 * kRows + threadIdx.x] = mt.orig;
+  };
+  auto tile_of = [&](int gg, int qt) { return __ldg(&qtiles0[static_cast<int64_t>(gg) * nqt + qt]); };
+
+  int cg = 0, cqt = 0;
+  bool have = next(cg, cqt);
+  TileRange cur{0, -1, 0, -1};
+  if (have) {
+    issue(cg, cqt, 0);
+    cur = tile_of(cg, cqt);
+    if (threadIdx.x < kRows) store_meta(load_meta(cg, cqt), 0);
+  }
+  cp_async_commit();
+
+  // This thread's two keys, and the bucket and position ranges of the
+  // warpgroup's 64 keys (for skipping).
+  RowInfo rows[2];
+  bool valid[2];
+  int wb_lo = INT_MAX, wb_hi = INT_MIN, wpos_lo = INT_MAX, wpos_hi = INT_MIN;
+  bool all_valid = true;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int packed = k0 + warp * 16 + lane / 4 + 8 * i;
+    valid[i] = packed < f.Nk;
+    rows[i] = row_info(f.k_pack, k_base, packed, f.Nk, 0, kInvalidKeyBucket);
+    if (valid[i]) {
+      wb_lo = min(wb_lo, rows[i].bucket);
+      wb_hi = max(wb_hi, rows[i].bucket);
+      wpos_lo = min(wpos_lo, rows[i].pos);
+      wpos_hi = max(wpos_hi, rows[i].pos);
+    } else {
+      all_valid = false;
+    }
+  }
+  {
+    // Reduce over the warpgroup through shared memory (reusing wg_active's
+    // neighbours would race; a small dedicated area follows it).
+    int* red = wg_active + 2;  // [2 warpgroups][5]
+    if (threadIdx.x < 10) red[threadIdx.x] = (threadIdx.x % 5 == 0 || threadIdx.x % 5 == 2)
+                                                 ? INT_MAX
+                                                 : (threadIdx.x % 5 == 4 ? 1 : INT_MIN);
+    __syncthreads();
+    atomicMin(&red[wg * 5 + 0], wb_lo);
+    atomicMax(&red[wg * 5 + 1], wb_hi);
+    atomicMin(&red[wg * 5 + 2], wpos_lo);
+    atomicMax(&red[wg * 5 + 3], wpos_hi);
+    if (!all_valid) atomicAnd(&red[wg * 5 + 4], 0);
+    __syncthreads();
+    wb_lo = red[wg * 5 + 0];
+    wb_hi = red[wg * 5 + 1];
+    wpos_lo = red[wg * 5 + 2];
+    wpos_hi = red[wg * 5 + 3];
+    all_valid = red[wg * 5 + 4] != 0;
+  }
+  // Every pair of this warpgroup's keys with a complete query tile q is allowed.
+  const int wpos_hi_full = all_valid ? wpos_hi : INT_MAX;
+  const float scale_log2 = f.scale * kLog2e;
+
+  float dk[D / 2], dv[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
+  const uint32_t k_addr = wgmma::smem_addr(sK), v_addr = wgmma::smem_addr(sV);
+  const uint32_t ds_addr = wgmma::smem_addr(sdS);
+
+  int bf = 0;
+  while (have) {
+    cp_async_wait_all();
+    wgmma::fence_proxy_async_shared();
+    __syncthreads();  // tile in; the other buffers, sdS and the flags are free again
+    int ng = 0, nqt_ = 0;
+    const bool nhave = next(ng, nqt_);
+    TileRange ntile{0, -1, 0, -1};
+    QMeta nmeta{0, 0, 0.f, 0.f, -1};
+    if (nhave) {
+      issue(ng, nqt_, bf ^ 1);
+      ntile = tile_of(ng, nqt_);
+      if (threadIdx.x < kRows) nmeta = load_meta(ng, nqt_);
+    }
+    cp_async_commit();
+
+    const uint32_t q_addr = wgmma::smem_addr(qdo + (2 * bf) * kRows * D);
+    const uint32_t do_addr = wgmma::smem_addr(qdo + (2 * bf + 1) * kRows * D);
+    const int* sQpos = meta + bf * 5 * kRows;
+    const int* sQbucket = sQpos + kRows;
+    const float* sLse = reinterpret_cast<const float*>(sQpos + 2 * kRows);
+    const float* sDelta = sLse + kRows;
+    const int* sQorig = sQpos + 4 * kRows;
+
+    const bool active = wb_lo <= cur.y && wb_hi >= cur.x && wpos_lo <= cur.w;
+    const bool all_allowed = cur.x == cur.y && wb_lo == wb_hi && wb_lo == cur.x &&
+                             wpos_hi_full <= cur.z && (cqt + 1) * kRows <= f.Nq;
+    if (active) {
+      float s[32], dp[32];
+      wgmma::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const uint32_t a_off = (ks / 4) * kKPanel + wg * 64 * 128 + 32 * (ks % 4);
+        const uint32_t b_off = (ks / 4) * kQPanel + 32 * (ks % 4);
+        wgmma::mma_ss<64, 1, 1, 0, 0>(s, wgmma::desc_k_major_sw128(k_addr + a_off),
+                                      wgmma::desc_k_major_sw128(q_addr + b_off), ks > 0);
+        wgmma::mma_ss<64, 1, 1, 0, 0>(dp, wgmma::desc_k_major_sw128(v_addr + a_off),
+                                      wgmma::desc_k_major_sw128(do_addr + b_off), ks > 0);
+      }
+      wgmma::wgmma_commit();
+      wgmma::wgmma_wait<0>();
+      wgmma::fence_operands(s);
+      wgmma::fence_operands(dp);
+
+      auto probs = [&](auto masked) {  // P^T; masked pairs get exp2(-inf) = 0
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+          const int col = nb * 8 + (lane % 4) * 2;
+          const float2 lse = *reinterpret_cast<const float2*>(sLse + col);
+          ColumnPair qc;
+          if constexpr (decltype(masked)::value) qc = column_pair(sQbucket, sQpos, col);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = e >> 1;
+            float x = s[4 * nb + e] * scale_log2 - ((e & 1) ? lse.y : lse.x);
+            if constexpr (decltype(masked)::value) {
+              x = pair_allowed(qc.b(e), qc.p(e), rows[i].bucket, rows[i].pos) ? x : -INFINITY;
+            }
+            s[4 * nb + e] = fast_exp2(x);
+          }
+        }
+      };
+      if (all_allowed)
+        probs(std::false_type{});
+      else
+        probs(std::true_type{});
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb) {
+        const float2 delta = *reinterpret_cast<const float2*>(sDelta + nb * 8 + (lane % 4) * 2);
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          dp[4 * nb + e] = s[4 * nb + e] * (dp[4 * nb + e] - ((e & 1) ? delta.y : delta.x));
+      }
+      // P^T and dS^T as A fragments; dS^T also to shared memory for dQ.
+      uint32_t pf[4][4], dsf[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          pf[j][r] = Pack2<T>::pack(s[8 * j + 2 * r], s[8 * j + 2 * r + 1]);
+          dsf[j][r] = Pack2<T>::pack(dp[8 * j + 2 * r], dp[8 * j + 2 * r + 1]);
+        }
+        if constexpr (kAtomicDq) {
+          const int key = warp * 16 + lane / 4, q = j * 16 + (lane % 4) * 2;
+          uint32_t* base = reinterpret_cast<uint32_t*>(sdS);
+          base[wgmma::sw128_index(key, q, kBwdKeys) / 2] = dsf[j][0];
+          base[wgmma::sw128_index(key + 8, q, kBwdKeys) / 2] = dsf[j][1];
+          base[wgmma::sw128_index(key, q + 8, kBwdKeys) / 2] = dsf[j][2];
+          base[wgmma::sw128_index(key + 8, q + 8, kBwdKeys) / 2] = dsf[j][3];
+        }
+      }
+      wgmma::wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wgmma::mma_rs<D, 1, 1, 1>(dv, pf[j], wgmma::desc_mn_major_sw128(do_addr + 2048 * j, kQPanel),
+                                  1);
+        wgmma::mma_rs<D, 1, 1, 1>(dk, dsf[j], wgmma::desc_mn_major_sw128(q_addr + 2048 * j, kQPanel),
+                                  1);
+      }
+      wgmma::wgmma_commit();
+      // Retire them here: pf and dsf are read asynchronously, and their
+      // registers are free to the compiler once this scope ends.
+      wgmma::wgmma_wait<0>();
+      wgmma::fence_operands(dk);
+      wgmma::fence_operands(dv);
+    }
+
+    if constexpr (kAtomicDq) {
+      if (threadIdx.x % 128 == 0) wg_active[wg] = active ? 1 : 0;
+      wgmma::fence_proxy_async_shared();  // the dS^T stores, for wgmma
+      __syncthreads();
+      const bool act0 = wg_active[0] != 0, act1 = wg_active[1] != 0;
+      // D = 128: columns 64 wg.. over the keys of the active warpgroups;
+      // D = 64: this warpgroup's own keys, if active.
+      constexpr bool kSplitKeys = D == 64;
+      const bool any = kSplitKeys ? (wg == 0 ? act0 : act1) : (act0 || act1);
+      if (any) {
+        float dq[32];
+        wgmma::wgmma_fence();
+        int first = 1;
+#pragma unroll
+        for (int ks = 0; ks < kBwdKeys / 16; ++ks) {
+          const int kwg = ks / 4;  // the warpgroup whose keys this k-step covers
+          if constexpr (kSplitKeys) {
+            if (kwg != wg) continue;
+          } else {
+            if (!(kwg == 0 ? act0 : act1)) continue;
+          }
+          const uint32_t col_panel = kSplitKeys ? 0 : wg * kKPanel;
+          wgmma::mma_ss<64, 1, 1, 1, 1>(
+              dq, wgmma::desc_mn_major_sw128(ds_addr + 2048 * ks, kKPanel),
+              wgmma::desc_mn_major_sw128(k_addr + col_panel + 2048 * ks, kKPanel), !first);
+          first = 0;
+        }
+        wgmma::wgmma_commit();
+        wgmma::wgmma_wait<0>();
+        wgmma::fence_operands(dq);
+        const int bh = b * f.H + hk * group + cg;
+        const int c0 = kSplitKeys ? 0 : wg * 64;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int orig = sQorig[(warp % 4) * 16 + lane / 4 + 8 * i];
+          if (orig < 0) continue;
+          float* dst = p.dq_accum + (static_cast<int64_t>(bh) * f.Nq + orig) * D + c0 + (lane % 4) * 2;
+#pragma unroll
+          for (int dn = 0; dn < 8; ++dn) atomic_add2(dst + dn * 8, dq[4 * dn + 2 * i], dq[4 * dn + 2 * i + 1]);
+        }
+      }
+    }
+    if (nhave && threadIdx.x < kRows) store_meta(nmeta, bf ^ 1);
+    have = nhave;
+    cur = ntile;
+    cg = ng;
+    cqt = nqt_;
+    bf ^= 1;
+  }
+  cp_async_wait_all();
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (!valid[i]) continue;
+    T* dkd = static_cast<T*>(p.dk) + b * p.dk_layout.b + hk * p.dk_layout.h + rows[i].orig * p.dk_layout.n;
+    T* dvd = static_cast<T*>(p.dv) + b * p.dv_layout.b + hk * p.dv_layout.h + rows[i].orig * p.dv_layout.n;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      const int col = dn * 8 + (lane % 4) * 2;
+      *reinterpret_cast<uint32_t*>(dkd + col) =
+          Pack2<T>::pack(dk[4 * dn + 2 * i] * f.scale, dk[4 * dn + 2 * i + 1] * f.scale);
+      *reinterpret_cast<uint32_t*>(dvd + col) = Pack2<T>::pack(dv[4 * dn + 2 * i], dv[4 * dn + 2 * i + 1]);
+    }
+  }
+}
+
 // dq = scale * dq_accum, into the caller's layout (dq_accum is [B, H, Nq, D]),
 // 8 elements per thread; one 16-byte store each when `vec` (dq and its strides
 // 16-byte aligned).
@@ -1385,6 +1723,13 @@ bool wgmma_forward_enabled(DType dtype) {
   return major == 9 && minor == 0;
 }
 
+// The wgmma dK/dV kernel: as the forward, and SPARSEFLASH_NO_WGMMA_BWD turns
+// off the backward one alone.
+bool wgmma_backward_enabled(DType dtype) {
+  static const bool disabled = std::getenv("SPARSEFLASH_NO_WGMMA_BWD") != nullptr;
+  return !disabled && wgmma_forward_enabled(dtype);
+}
+
 template <int D>
 cudaError_t forward_wgmma(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kWgFwdWarps * 16;
@@ -1412,15 +1757,21 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
   const size_t smem_kv =
       (2 * kBwdKeys * D + 4 * kRows * D + (atomic_dq ? kBwdKeys * kRows : 0)) * sizeof(T) +
       (2 * 5 * kRows + kBwdWarps) * sizeof(int);
+  // The wgmma dK/dV kernel: panels 1024-byte aligned (slack), dS^T always
+  // present, flags and the warpgroup reduction after the metadata.
+  const size_t smem_kv_wgmma = 1024 + (2 * kBwdKeys * D + 4 * kRows * D + kBwdKeys * kRows) * sizeof(T) +
+                               (2 * 5 * kRows + 2 + 10) * sizeof(int);
+  const bool wgmma_bwd = std::is_same_v<T, __nv_bfloat16> && wgmma_backward_enabled(f.dtype);
   const dim3 grid_kv((f.Nk + kBwdKeys - 1) / kBwdKeys, f.B * f.Hkv);
   if (atomic_dq) {
     if (cudaError_t e = cudaMemsetAsync(p.dq_accum, 0, rows * D * sizeof(float), stream);
         e != cudaSuccess)
       return e;
-    if (cudaError_t e = launch_kernel(dkdv_kernel<T, D, true>, grid_kv, kBwdWarps * 32, smem_kv,
-                                      stream, p);
-        e != cudaSuccess)
-      return e;
+    cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, true>, grid_kv, kBwdWarps * 32,
+                                              smem_kv_wgmma, stream, p)
+                              : launch_kernel(dkdv_kernel<T, D, true>, grid_kv, kBwdWarps * 32,
+                                              smem_kv, stream, p);
+    if (e != cudaSuccess) return e;
     const int64_t chunks = rows * (D / 8);
     const bool vec = reinterpret_cast<uintptr_t>(p.dq) % 16 == 0 && p.dq_layout.b % 8 == 0 &&
                      p.dq_layout.h % 8 == 0 && p.dq_layout.n % 8 == 0;
@@ -1428,8 +1779,10 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
         <<<static_cast<unsigned>((chunks + 255) / 256), 256, 0, stream>>>(p, vec);
     return cudaGetLastError();
   }
-  if (cudaError_t e = launch_kernel(dkdv_kernel<T, D, false>, grid_kv, kBwdWarps * 32, smem_kv,
-                                    stream, p);
+  if (cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, false>, grid_kv,
+                                                kBwdWarps * 32, smem_kv_wgmma, stream, p)
+                                : launch_kernel(dkdv_kernel<T, D, false>, grid_kv, kBwdWarps * 32,
+                                                smem_kv, stream, p);
       e != cudaSuccess)
     return e;
   constexpr int kBR = kDqWarps * 16;
@@ -1511,6 +1864,7 @@ cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, in
 }
 
 bool forward_uses_wgmma(DType dtype) { return wgmma_forward_enabled(dtype); }
+bool backward_uses_wgmma(DType dtype) { return wgmma_backward_enabled(dtype); }
 
 cudaError_t attention_forward(const ForwardParams& p, cudaStream_t stream) {
   if (!valid_shape(p)) return cudaErrorInvalidValue;

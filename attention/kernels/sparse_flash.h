@@ -112,6 +112,9 @@ cudaError_t attention_forward(const ForwardParams& p, cudaStream_t stream);
 // environment variable SPARSEFLASH_NO_WGMMA is set (then the mma.sync kernel,
 // which serves fp16 and other GPUs, runs everywhere).
 bool forward_uses_wgmma(DType dtype);
+// The same for the dK/dV pass of attention_backward (also off with
+// SPARSEFLASH_NO_WGMMA_BWD).
+bool backward_uses_wgmma(DType dtype);
 // dK/dV per block of keys; dQ by atomics into dq_accum or, without it, by a
 // deterministic second pass over key tiles.
 cudaError_t attention_backward(const BackwardParams& p, cudaStream_t stream);

@@ -944,8 +944,8 @@ TEST_P(AttentionTest, MatchesReference) {
 
 INSTANTIATE_TEST_SUITE_P(SparseFlash, AttentionTest, ::testing::ValuesIn(all_cases()), case_name);
 
-// The bf16 forward runs on warpgroup MMA on Hopper (so the cases above test
-// that kernel there) and on mma.sync elsewhere and for fp16.
+// The bf16 forward and dK/dV passes run on warpgroup MMA on Hopper (so the
+// cases above test those kernels there) and on mma.sync elsewhere and for fp16.
 TEST(SparseFlash, ForwardKernelChoice) {
   SF_SKIP_WITHOUT_GPU();
   int device = 0, major = 0, minor = 0;
@@ -955,6 +955,9 @@ TEST(SparseFlash, ForwardKernelChoice) {
   const bool hopper = major == 9 && minor == 0 && std::getenv("SPARSEFLASH_NO_WGMMA") == nullptr;
   EXPECT_EQ(forward_uses_wgmma(DType::kBF16), hopper) << "compute capability " << major << "." << minor;
   EXPECT_FALSE(forward_uses_wgmma(DType::kFP16));
+  EXPECT_EQ(backward_uses_wgmma(DType::kBF16),
+            hopper && std::getenv("SPARSEFLASH_NO_WGMMA_BWD") == nullptr);
+  EXPECT_FALSE(backward_uses_wgmma(DType::kFP16));
 }
 
 // Strided inputs and outputs: [B, N, heads, D] memory seen as [B, heads, N, D].
