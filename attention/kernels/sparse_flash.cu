@@ -1228,10 +1228,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
 //   P^T, dS^T = P^T (dP^T - delta) in registers (dkdv_kernel's code);
 //   dV [64 x D] += P^T dO        RS, dO MN-major;
 //   dK [64 x D] += dS^T Q        RS, Q MN-major;
-//   dQ [64 x N] += dS K          SS, dS^T and K MN-major (dS^T stored to
-//     shared memory): at D = 128 warpgroup g takes columns 64g..64g+63 over
-//     all 128 keys, at D = 64 it takes its own 64 keys (two partial sums
-//     reach dq_accum). fp32 atomics, as in dkdv_kernel.
+//   dQ [64 x D] += dS K, from dS^T stored to shared memory, fp32 atomics as
+//     in dkdv_kernel: at D = 128 on wgmma SS (dS^T and K MN-major), warpgroup
+//     g taking columns 64g..64g+63; at D = 64 on dkdv_kernel's mma.sync code
+//     (a [128 x 64] panel is its SmemTile layout).
 // A warpgroup whose keys cannot meet the query tile skips its products.
 
 template <int D, bool kAtomicDq>
@@ -1495,43 +1495,84 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
       wgmma::fence_proxy_async_shared();  // the dS^T stores, for wgmma
       __syncthreads();
       const bool act0 = wg_active[0] != 0, act1 = wg_active[1] != 0;
-      // D = 128: columns 64 wg.. over the keys of the active warpgroups;
-      // D = 64: this warpgroup's own keys, if active.
-      constexpr bool kSplitKeys = D == 64;
-      const bool any = kSplitKeys ? (wg == 0 ? act0 : act1) : (act0 || act1);
-      if (any) {
-        float dq[32];
-        wgmma::wgmma_fence();
-        int first = 1;
+      if constexpr (D == 64) {
+        // At D = 64 a [128 x 64] panel is exactly dkdv_kernel's SmemTile<T, 64>
+        // layout, so dQ runs as there, on mma.sync: warp w takes query rows
+        // 16 (w % 4) .. +15 and columns 32 (w / 4) .. +31, one atomic per
+        // element (a wgmma dQ would need N = 32, or two partial sums).
+        constexpr int kCols = D / 2;
+        const SmemTile<T, kRows> ds_tile{sdS};
+        const SmemTile<T, D> k_tile{sK};
+        const SwizzledLane<kRows> ds_lb = ldm_lane_b<kRows>(lane);
+        const SwizzledLane<D> la = ldm_lane_a<D>(lane);
+        const int qr0 = (warp % 4) * 16, c0 = (warp / 4) * kCols;
+        float dq[kCols / 8][4];
 #pragma unroll
-        for (int ks = 0; ks < kBwdKeys / 16; ++ks) {
-          const int kwg = ks / 4;  // the warpgroup whose keys this k-step covers
-          if constexpr (kSplitKeys) {
-            if (kwg != wg) continue;
-          } else {
-            if (!(kwg == 0 ? act0 : act1)) continue;
+        for (int i = 0; i < kCols / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+        const unsigned active_warps = (act0 ? 0x0Fu : 0u) | (act1 ? 0xF0u : 0u);
+        const uint32_t ds_lane = ds_tile.ldm(ds_lb, 0, qr0);
+        uint32_t kaddr[kCols / 16];
+#pragma unroll
+        for (int dn2 = 0; dn2 < kCols / 16; ++dn2) kaddr[dn2] = k_tile.ldm(la, 0, c0 + dn2 * 16);
+#pragma unroll 1
+        for (unsigned m = active_warps; m != 0; m &= m - 1) {
+          const int kk = __ffs(m) - 1;
+          uint32_t a[4];
+          ldmatrix_x4_trans(a, ds_lane + kk * 16 * ds_tile.kRowBytes);
+#pragma unroll
+          for (int dn2 = 0; dn2 < kCols / 16; ++dn2) {
+            uint32_t bk[4];
+            ldmatrix_x4_trans(bk, kaddr[dn2] + kk * 16 * k_tile.kRowBytes);
+            mma_16816<T>(dq[2 * dn2], a, bk[0], bk[1]);
+            mma_16816<T>(dq[2 * dn2 + 1], a, bk[2], bk[3]);
           }
-          const uint32_t col_panel = kSplitKeys ? 0 : wg * kKPanel;
-          wgmma::mma_ss<64, 1, 1, 1, 1>(
-              dq, wgmma::desc_mn_major_sw128(ds_addr + 2048 * ks, kKPanel),
-              wgmma::desc_mn_major_sw128(k_addr + col_panel + 2048 * ks, kKPanel), !first);
-          first = 0;
         }
-        wgmma::wgmma_commit();
-        wgmma::wgmma_wait<0>();
-        wgmma::fence_operands(dq);
-        const int bh = b * f.H + hk * group + cg;
-        const int c0 = kSplitKeys ? 0 : wg * 64;
+        if (active_warps != 0) {
+          const int bh = b * f.H + hk * group + cg;
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int orig = sQorig[(warp % 4) * 16 + lane / 4 + 8 * i];
-          if (orig < 0) continue;
-          float* dst = p.dq_accum + (static_cast<int64_t>(bh) * f.Nq + orig) * D + c0 + (lane % 4) * 2;
+          for (int i = 0; i < 2; ++i) {
+            const int orig = sQorig[qr0 + lane / 4 + 8 * i];
+            if (orig < 0) continue;
+            float* dst = p.dq_accum + (static_cast<int64_t>(bh) * f.Nq + orig) * D + c0 + (lane % 4) * 2;
 #pragma unroll
-          for (int dn = 0; dn < 8; ++dn) atomic_add2(dst + dn * 8, dq[4 * dn + 2 * i], dq[4 * dn + 2 * i + 1]);
+            for (int dn = 0; dn < kCols / 8; ++dn)
+              atomic_add2(dst + dn * 8, dq[dn][2 * i], dq[dn][2 * i + 1]);
+          }
+        }
+      }
+      // D = 128: warpgroup g takes columns 64 g .. 64 g + 63 over the keys of
+      // the active warpgroups, on wgmma (dS^T and K MN-major).
+      if constexpr (D == 128) {
+        if (act0 || act1) {
+          float dq[32];
+          wgmma::wgmma_fence();
+          int first = 1;
+#pragma unroll
+          for (int ks = 0; ks < kBwdKeys / 16; ++ks) {
+            if (!(ks < 4 ? act0 : act1)) continue;  // keys of an idle warpgroup
+            wgmma::mma_ss<64, 1, 1, 1, 1>(
+                dq, wgmma::desc_mn_major_sw128(ds_addr + 2048 * ks, kKPanel),
+                wgmma::desc_mn_major_sw128(k_addr + wg * kKPanel + 2048 * ks, kKPanel), !first);
+            first = 0;
+          }
+          wgmma::wgmma_commit();
+          wgmma::wgmma_wait<0>();
+          wgmma::fence_operands(dq);
+          const int bh = b * f.H + hk * group + cg;
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const int orig = sQorig[(warp % 4) * 16 + lane / 4 + 8 * i];
+            if (orig < 0) continue;
+            float* dst = p.dq_accum + (static_cast<int64_t>(bh) * f.Nq + orig) * D + wg * 64 +
+                         (lane % 4) * 2;
+#pragma unroll
+            for (int dn = 0; dn < 8; ++dn)
+              atomic_add2(dst + dn * 8, dq[4 * dn + 2 * i], dq[4 * dn + 2 * i + 1]);
+          }
         }
       }
     }
+
     if (nhave && threadIdx.x < kRows) store_meta(nmeta, bf ^ 1);
     have = nhave;
     cur = ntile;
