@@ -180,6 +180,27 @@ Tensor recency_weighted_counts(const Tensor& routable, const Tensor& partition,
   const Tensor w_old = w.select(1, B);
   Tensor result = per_head(routable.to(at::kFloat), w_old);
   if (B == 0 || nq == 0 || T == 0) return result.view(rshape);
+  if (nq == 1) {
+    // One query (a decode step): count the slice's keys per (band, partition)
+    // with one scatter instead of prefix sums over [T', C].
+    Tensor key_pos = at::arange(first_position, first_position + T, pos.options());
+    Tensor age = pos.select(0, 0) - local_window - key_pos;  // [T']
+    Tensor band = at::bucketize(age, at::tensor(edges, pos.options()), /*out_int32=*/false,
+                                /*right=*/true);
+    Tensor in_band = (age >= 0) & (key_pos >= sink_tokens) & (band < B);  // [T']
+    std::vector<int64_t> flat(partition.sizes().begin(), partition.sizes().end());
+    flat.back() = B * C;
+    Tensor index = band.clamp_max(B - 1) * C + partition.to(at::kLong);  // [..., Hkv, T']
+    Tensor counts = at::zeros(flat, routable.options().dtype(at::kFloat))
+                        .scatter_add_(-1, index, in_band.to(at::kFloat).expand_as(index));
+    std::vector<int64_t> split(flat.begin(), flat.end() - 1);
+    split.push_back(B);
+    split.push_back(C);
+    counts = counts.view(split);  // [..., Hkv, B, C]
+    for (int64_t b = 0; b < B; ++b)
+      result += per_head(counts.select(-2, b).unsqueeze(-2), w.select(1, b) - w_old);
+    return result.clamp_min(0);
+  }
   // cum[..., t, c]: keys at positions first_position .. first_position + t in c.
   std::vector<int64_t> shape(partition.sizes().begin(), partition.sizes().end());
   shape.push_back(C);

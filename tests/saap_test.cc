@@ -395,6 +395,15 @@ TEST(Targets, RecencyBandsMatchABruteForceLoop) {
   EXPECT_TRUE(torch::allclose(
       recency_weighted_counts(routable, part, 0, pos, 6, 2, edges, torch::zeros({hq, bands})),
       routable.repeat_interleave(3, 0), 1e-5, 1e-5));
+  // One query at a time (the decode path counts by scatter, not prefix sums).
+  for (int64_t i = 0; i < nq; ++i) {
+    torch::Tensor qi = pos.narrow(0, i, 1);
+    EXPECT_TRUE(torch::allclose(
+        recency_weighted_counts(routable_key_counts(part, c, qi, 6, 2), part, 0, qi, 6, 2, edges,
+                                beta),
+        weighted.narrow(1, i, 1), 1e-5, 1e-5))
+        << "query " << i << " at " << qi.item<int64_t>();
+  }
   torch::Tensor one = pos.narrow(0, 1, 1);  // the query at nk - 1
   torch::Tensor one_routable = routable_key_counts(part, c, one, 6, 2);
   const int64_t first = nk - 1 - 6 - 20 + 1;
