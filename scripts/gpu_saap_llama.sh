@@ -68,9 +68,11 @@ if want fit; then
 fi
 
 if want routing; then  # routing only, no perplexity or needle: quick comparisons
+  ROPE=()
+  [ -f "$RUN/$TAG-rope.saap" ] && ROPE=(--rope-index "$RUN/$TAG-rope.saap")
   # shellcheck disable=SC2086
   "$BIN" saap eval "${COMMON[@]}" --text "$HELD" --saap-index "$RUN/$TAG-pre-rope.saap" \
-      --top-l 4,8,16,32 --windows 2 --queries-per-window 512 --noneedle --perplexity-tokens 32768 \
+      "${ROPE[@]}" --top-l 4,8,16,32 --windows 2 --queries-per-window 512 --noneedle --perplexity-tokens 32768 \
       --json-file "$OUT/routing-$TAG.json" ${SAAP_EVAL_ARGS:-} >"$OUT/routing-$TAG.txt" \
       2>"$OUT/routing-$TAG.log" || { tail -n 20 "$OUT/routing-$TAG.log"; die "saap eval failed"; }
   echo "[${SECONDS}s] routing $TAG:"; grep -v "^symmetric_dot\|^random" "$OUT/routing-$TAG.txt"
