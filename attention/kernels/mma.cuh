@@ -171,12 +171,12 @@ struct SmemTile {
   }
 };
 
-// Loads kNumRows packed rows (first .. first + kNumRows - 1) into rows
-// row0 .. row0 + kNumRows - 1 of a tile; rows at or past n are zero-filled.
-template <typename T, int D, int kThreads, int kNumRows>
-__device__ __forceinline__ void load_rows_async(SmemTile<T, D> tile, int row0, const T* src,
-                                                int64_t row_stride, const int* perm, int first,
-                                                int n) {
+// Loads kNumRows packed rows (first .. first + kNumRows - 1, gathered through
+// perm when given) into shared memory: chunk c (elements 8c..8c+7) of row r
+// goes to dst(r, c); rows at or past n are zero-filled.
+template <typename T, int D, int kThreads, int kNumRows, typename Dst>
+__device__ __forceinline__ void load_rows_async_to(Dst dst, const T* src, int64_t row_stride,
+                                                   const int* perm, int first, int n) {
   constexpr int kChunks = D / 8;
   static_assert((kNumRows * kChunks) % kThreads == 0, "whole rounds of 16-byte copies");
 #pragma unroll
@@ -186,8 +186,17 @@ __device__ __forceinline__ void load_rows_async(SmemTile<T, D> tile, int row0, c
     const int packed = first + r;
     const bool valid = packed < n;
     const int orig = valid ? (perm ? __ldg(perm + packed) : packed) : 0;
-    cp_async_16(tile.at(row0 + r, c * 8), src + orig * row_stride + c * 8, valid);
+    cp_async_16(dst(r, c), src + orig * row_stride + c * 8, valid);
   }
+}
+
+// The same into rows row0 .. row0 + kNumRows - 1 of an SmemTile.
+template <typename T, int D, int kThreads, int kNumRows>
+__device__ __forceinline__ void load_rows_async(SmemTile<T, D> tile, int row0, const T* src,
+                                                int64_t row_stride, const int* perm, int first,
+                                                int n) {
+  load_rows_async_to<T, D, kThreads, kNumRows>(
+      [&](int r, int c) { return tile.at(row0 + r, c * 8); }, src, row_stride, perm, first, n);
 }
 
 }  // namespace sparseflash::kernels

@@ -281,18 +281,9 @@ __device__ __forceinline__ TileRange block_range(const TileRange* tiles, int nt,
 template <typename T, int D, int kThreads, int kNumRows>
 __device__ __forceinline__ void load_rows_async_sw128(T* base, const T* src, int64_t row_stride,
                                                       const int* perm, int first, int n) {
-  constexpr int kChunks = D / 8;
-  static_assert((kNumRows * kChunks) % kThreads == 0, "whole rounds of 16-byte copies");
-#pragma unroll
-  for (int it = 0; it < kNumRows * kChunks / kThreads; ++it) {
-    const int idx = static_cast<int>(threadIdx.x) + it * kThreads;
-    const int r = idx / kChunks, c = idx % kChunks;
-    const int packed = first + r;
-    const bool valid = packed < n;
-    const int orig = valid ? (perm ? __ldg(perm + packed) : packed) : 0;
-    cp_async_16(base + wgmma::sw128_index(r, c * 8, kNumRows), src + orig * row_stride + c * 8,
-                valid);
-  }
+  load_rows_async_to<T, D, kThreads, kNumRows>(
+      [&](int r, int c) { return base + wgmma::sw128_index(r, c * 8, kNumRows); }, src, row_stride,
+      perm, first, n);
 }
 
 // kPanels: tiles in the 128B-swizzled panel layout that wgmma descriptors
@@ -475,6 +466,137 @@ __device__ __forceinline__ const T* head_ptr(const void* base, const Layout& l, 
   return static_cast<const T*>(base) + b * l.b + h * l.h;
 }
 
+// The forward kernels' per-tile softmax on one warp's accumulator fragments
+// (both kernels keep them in the mma.sync m16n8 C layout): s(nb, e) is score
+// element e of key columns 8nb..8nb+7, o(dn, e) output element e of columns
+// 8dn..8dn+7. Masks the scores (unless all_allowed), then runs the online
+// softmax in the log2 domain: maxima on the raw scores (m is raw too), the
+// scale joined in the exponent's fused multiply-add; s becomes P.
+template <int D, typename SAt, typename OAt>
+__device__ __forceinline__ void softmax_tile(SAt s, OAt o, bool all_allowed, const RowInfo (&rows)[2],
+                                             const int* kbucket, const int* kpos, float (&m)[2],
+                                             float (&l)[2], float scale_log2, int lane) {
+  float tile_max[2] = {-INFINITY, -INFINITY};
+  // Two copies of the loop (with and without the mask) keep the per-element
+  // work free of branches.
+  auto mask_and_max = [&](auto masked) {
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) {
+      const int col = nb * 8 + (lane % 4) * 2;
+      ColumnPair kc;
+      if constexpr (decltype(masked)::value) kc = column_pair(kbucket, kpos, col);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e >> 1;
+        float x = s(nb, e);
+        if constexpr (decltype(masked)::value) {
+          x = pair_allowed(rows[i].bucket, rows[i].pos, kc.b(e), kc.p(e)) ? x : -INFINITY;
+          s(nb, e) = x;
+        }
+        tile_max[i] = fmaxf(tile_max[i], x);
+      }
+    }
+  };
+  if (all_allowed)
+    mask_and_max(std::false_type{});
+  else
+    mask_and_max(std::true_type{});
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
+    tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
+    const float m_new = fmaxf(m[i], tile_max[i]);
+    // log2-domain offset; 0 for rows with nothing allowed yet (all -inf)
+    const float base = m_new == -INFINITY ? 0.f : m_new * scale_log2;
+    const float correction = fast_exp2(m[i] * scale_log2 - base);
+    m[i] = m_new;
+    l[i] *= correction;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      o(dn, 2 * i) *= correction;
+      o(dn, 2 * i + 1) *= correction;
+    }
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) {
+      s(nb, 2 * i) = fast_exp2(fmaf(s(nb, 2 * i), scale_log2, -base));
+      s(nb, 2 * i + 1) = fast_exp2(fmaf(s(nb, 2 * i + 1), scale_log2, -base));
+      l[i] += s(nb, 2 * i) + s(nb, 2 * i + 1);
+    }
+  }
+}
+
+// The forward kernels' epilogue: O / l to the rows' original places, and the
+// log-sum-exp (natural log; -inf for rows with no allowed key).
+template <typename T, int D, typename OAt>
+__device__ __forceinline__ void finish_rows(OAt o, float (&l)[2], const float (&m)[2],
+                                            float scale_log2, const ForwardParams& p, int b, int h,
+                                            int bh, const RowInfo (&rows)[2], const bool (&valid)[2],
+                                            int lane) {
+  float inv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
+    inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
+  }
+  T* out = static_cast<T*>(p.out) + b * p.out_layout.b + h * p.out_layout.h;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (!valid[i]) continue;
+    T* dst = out + rows[i].orig * p.out_layout.n;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      const int col = dn * 8 + (lane % 4) * 2;
+      *reinterpret_cast<uint32_t*>(dst + col) =
+          Pack2<T>::pack(o(dn, 2 * i) * inv[i], o(dn, 2 * i + 1) * inv[i]);
+    }
+  }
+  if (lane % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      if (valid[i])
+        p.lse[static_cast<int64_t>(bh) * p.Nq + rows[i].orig] =
+            l[i] > 0.f ? (m[i] * scale_log2 + log2f(l[i])) * kLn2 : -INFINITY;
+  }
+}
+
+// What a forward block works on: query block blockIdx.x (counted from the
+// end: long causal rows first; the blocks of one head are consecutive, so its
+// K/V stay in L2) of (batch, head) blockIdx.y, kBR packed rows.
+template <typename T>
+struct ForwardBlock {
+  int bh, b, h, hk, bhk, q0, nkt;
+  int64_t q_base, k_base;
+  TileRange qr;               // the union of the block's query tile ranges
+  const TileRange* ktiles;    // the KV head's key tiles
+  const T *q, *k, *v;         // this head's Q, K, V
+  const int *qperm, *kperm;   // nullptr: identity
+};
+
+template <typename T, int kBR>
+__device__ __forceinline__ ForwardBlock<T> forward_block(const ForwardParams& p) {
+  ForwardBlock<T> f;
+  f.bh = blockIdx.y;
+  const int qb = gridDim.x - 1 - blockIdx.x;
+  f.b = f.bh / p.H;
+  f.h = f.bh % p.H;
+  f.hk = f.h / (p.H / p.Hkv);
+  f.bhk = f.b * p.Hkv + f.hk;
+  const int nqt = num_tiles(p.Nq);
+  f.nkt = num_tiles(p.Nk);
+  f.q_base = static_cast<int64_t>(f.bh) * p.Nq;
+  f.k_base = static_cast<int64_t>(f.bhk) * p.Nk;
+  f.q0 = qb * kBR;
+  f.qr = block_range<kBR>(p.q_pack.tiles + static_cast<int64_t>(f.bh) * nqt, nqt, f.q0);
+  f.ktiles = p.k_pack.tiles + static_cast<int64_t>(f.bhk) * f.nkt;
+  f.q = head_ptr<T>(p.q, p.q_layout, f.b, f.h);
+  f.k = head_ptr<T>(p.k, p.k_layout, f.b, f.hk);
+  f.v = head_ptr<T>(p.v, p.v_layout, f.b, f.hk);
+  f.qperm = p.q_pack.perm ? p.q_pack.perm + f.q_base : nullptr;
+  f.kperm = p.k_pack.perm ? p.k_pack.perm + f.k_base : nullptr;
+  return f;
+}
+
 // ---------------------------------------------------------------------------
 // forward
 //
@@ -496,22 +618,13 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);  // [2][kRows]
   int* sKbucket = sKpos + 2 * kRows;                        // [2][kRows]
 
-  // Query blocks of one head are consecutive (its K/V stay in L2); long causal
-  // rows first.
-  const int bh = blockIdx.y, qb = gridDim.x - 1 - blockIdx.x;
-  const int b = bh / p.H, h = bh % p.H;
-  const int hk = h / (p.H / p.Hkv), bhk = b * p.Hkv + hk;
-  const int nqt = num_tiles(p.Nq), nkt = num_tiles(p.Nk);
-  const int64_t q_base = static_cast<int64_t>(bh) * p.Nq, k_base = static_cast<int64_t>(bhk) * p.Nk;
-  const int q0 = qb * kBR;
-  const TileRange* qtiles = p.q_pack.tiles + static_cast<int64_t>(bh) * nqt;
-  const TileRange qr = block_range<kBR>(qtiles, nqt, q0);
-  const TileRange* ktiles = p.k_pack.tiles + static_cast<int64_t>(bhk) * nkt;
-  const T* q = head_ptr<T>(p.q, p.q_layout, b, h);
-  const T* k = head_ptr<T>(p.k, p.k_layout, b, hk);
-  const T* v = head_ptr<T>(p.v, p.v_layout, b, hk);
-  const int* qperm = p.q_pack.perm ? p.q_pack.perm + q_base : nullptr;
-  const int* kperm = p.k_pack.perm ? p.k_pack.perm + k_base : nullptr;
+  const ForwardBlock<T> fb = forward_block<T, kBR>(p);
+  const int bh = fb.bh, b = fb.b, h = fb.h, q0 = fb.q0, nkt = fb.nkt;
+  const int64_t q_base = fb.q_base, k_base = fb.k_base;
+  const TileRange qr = fb.qr;
+  const TileRange* ktiles = fb.ktiles;
+  const T *q = fb.q, *k = fb.k, *v = fb.v;
+  const int *qperm = fb.qperm, *kperm = fb.kperm;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const SwizzledLane<D> la = ldm_lane_a<D>(lane), lb = ldm_lane_b<D>(lane);
 
@@ -554,76 +667,16 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
     else
       gemm_smem_rows_tile_t<T, D>(s, sQ, warp * 16, sK, la, lb);
 
-    // Mask, then the online softmax in the log2 domain.
-    // Two copies of the loop (with and without the mask) keep the per-element
-    // work free of branches. Maxima are taken on the raw scores (m is raw too);
-    // the scale joins in the exponent's fused multiply-add.
-    float tile_max[2] = {-INFINITY, -INFINITY};
-    auto mask_and_max = [&](auto masked) {
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb) {
-        const int col = nb * 8 + (lane % 4) * 2;
-        ColumnPair kc;
-        if constexpr (decltype(masked)::value) kc = column_pair(kbucket, kpos, col);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1;
-          float x = s[nb][e];
-          if constexpr (decltype(masked)::value) {
-            x = pair_allowed(rows[i].bucket, rows[i].pos, kc.b(e), kc.p(e)) ? x : -INFINITY;
-            s[nb][e] = x;
-          }
-          tile_max[i] = fmaxf(tile_max[i], x);
-        }
-      }
-    };
-    if (all_allowed)
-      mask_and_max(std::false_type{});
-    else
-      mask_and_max(std::true_type{});
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
-      const float m_new = fmaxf(m[i], tile_max[i]);
-      // log2-domain offset; 0 for rows with nothing allowed yet (all -inf)
-      const float base = m_new == -INFINITY ? 0.f : m_new * scale_log2;
-      const float correction = fast_exp2(m[i] * scale_log2 - base);
-      m[i] = m_new;
-      l[i] *= correction;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        o[dn][2 * i] *= correction;
-        o[dn][2 * i + 1] *= correction;
-      }
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb) {
-        s[nb][2 * i] = fast_exp2(fmaf(s[nb][2 * i], scale_log2, -base));
-        s[nb][2 * i + 1] = fast_exp2(fmaf(s[nb][2 * i + 1], scale_log2, -base));
-        l[i] += s[nb][2 * i] + s[nb][2 * i + 1];
-      }
-    }
+    softmax_tile<D>([&](int nb, int e) -> float& { return s[nb][e]; },
+                    [&](int dn, int e) -> float& { return o[dn][e]; }, all_allowed, rows, kbucket,
+                    kpos, m, l, scale_log2, lane);
     gemm_acc_tile<T, D>(o, s, sV, la);
 
     pipe.advance();
   }
 
-  float inv[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
-    inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
-  }
-  T* out = static_cast<T*>(p.out) + b * p.out_layout.b + h * p.out_layout.h;
-  store_rows<T, D>(o, inv, out, p.out_layout.n, rows, valid, lane);
-  if (lane % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-      if (valid[i])
-        p.lse[static_cast<int64_t>(bh) * p.Nq + rows[i].orig] =
-            l[i] > 0.f ? (m[i] * scale_log2 + log2f(l[i])) * kLn2 : -INFINITY;
-  }
+  finish_rows<T, D>([&](int dn, int e) -> float& { return o[dn][e]; }, l, m, scale_log2, p, b, h,
+                    bh, rows, valid, lane);
 }
 
 // ---------------------------------------------------------------------------
@@ -654,20 +707,13 @@ __global__ void __launch_bounds__(kWgFwdWarps * 32, D == 64 ? 2 : 1)
   int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);  // [2][kRows]
   int* sKbucket = sKpos + 2 * kRows;                        // [2][kRows]
 
-  const int bh = blockIdx.y, qb = gridDim.x - 1 - blockIdx.x;
-  const int b = bh / p.H, h = bh % p.H;
-  const int hk = h / (p.H / p.Hkv), bhk = b * p.Hkv + hk;
-  const int nqt = num_tiles(p.Nq), nkt = num_tiles(p.Nk);
-  const int64_t q_base = static_cast<int64_t>(bh) * p.Nq, k_base = static_cast<int64_t>(bhk) * p.Nk;
-  const int q0 = qb * kBR;
-  const TileRange* qtiles = p.q_pack.tiles + static_cast<int64_t>(bh) * nqt;
-  const TileRange qr = block_range<kBR>(qtiles, nqt, q0);
-  const TileRange* ktiles = p.k_pack.tiles + static_cast<int64_t>(bhk) * nkt;
-  const T* q = head_ptr<T>(p.q, p.q_layout, b, h);
-  const T* k = head_ptr<T>(p.k, p.k_layout, b, hk);
-  const T* v = head_ptr<T>(p.v, p.v_layout, b, hk);
-  const int* qperm = p.q_pack.perm ? p.q_pack.perm + q_base : nullptr;
-  const int* kperm = p.k_pack.perm ? p.k_pack.perm + k_base : nullptr;
+  const ForwardBlock<T> fb = forward_block<T, kBR>(p);
+  const int bh = fb.bh, b = fb.b, h = fb.h, q0 = fb.q0, nkt = fb.nkt;
+  const int64_t q_base = fb.q_base, k_base = fb.k_base;
+  const TileRange qr = fb.qr;
+  const TileRange* ktiles = fb.ktiles;
+  const T *q = fb.q, *k = fb.k, *v = fb.v;
+  const int *qperm = fb.qperm, *kperm = fb.kperm;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
 
   load_rows_async_sw128<T, D, kT, kBR>(sQ, q, p.q_layout.n, qperm, q0, p.Nq);
@@ -715,52 +761,9 @@ __global__ void __launch_bounds__(kWgFwdWarps * 32, D == 64 ? 2 : 1)
     wgmma::wgmma_wait<0>();
     wgmma::fence_operands(s);
 
-    float tile_max[2] = {-INFINITY, -INFINITY};
-    auto mask_and_max = [&](auto masked) {
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb) {
-        const int col = nb * 8 + (lane % 4) * 2;
-        ColumnPair kc;
-        if constexpr (decltype(masked)::value) kc = column_pair(kbucket, kpos, col);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1;
-          float x = s[4 * nb + e];
-          if constexpr (decltype(masked)::value) {
-            x = pair_allowed(rows[i].bucket, rows[i].pos, kc.b(e), kc.p(e)) ? x : -INFINITY;
-            s[4 * nb + e] = x;
-          }
-          tile_max[i] = fmaxf(tile_max[i], x);
-        }
-      }
-    };
-    if (all_allowed)
-      mask_and_max(std::false_type{});
-    else
-      mask_and_max(std::true_type{});
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 1));
-      tile_max[i] = fmaxf(tile_max[i], __shfl_xor_sync(0xffffffff, tile_max[i], 2));
-      const float m_new = fmaxf(m[i], tile_max[i]);
-      const float base = m_new == -INFINITY ? 0.f : m_new * scale_log2;
-      const float correction = fast_exp2(m[i] * scale_log2 - base);
-      m[i] = m_new;
-      l[i] *= correction;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        o[4 * dn + 2 * i] *= correction;
-        o[4 * dn + 2 * i + 1] *= correction;
-      }
-#pragma unroll
-      for (int nb = 0; nb < 8; ++nb) {
-        float& x0 = s[4 * nb + 2 * i];
-        float& x1 = s[4 * nb + 2 * i + 1];
-        x0 = fast_exp2(fmaf(x0, scale_log2, -base));
-        x1 = fast_exp2(fmaf(x1, scale_log2, -base));
-        l[i] += x0 + x1;
-      }
-    }
+    softmax_tile<D>([&](int nb, int e) -> float& { return s[4 * nb + e]; },
+                    [&](int dn, int e) -> float& { return o[4 * dn + e]; }, all_allowed, rows,
+                    kbucket, kpos, m, l, scale_log2, lane);
 
     // O += P V: k-step j covers keys 16j..16j+15 (n-blocks 2j, 2j+1 of S).
     wgmma::wgmma_fence();
@@ -781,36 +784,227 @@ __global__ void __launch_bounds__(kWgFwdWarps * 32, D == 64 ? 2 : 1)
   }
   cp_async_wait_all();  // Q's copies when no key tile met the block
 
-  float inv[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
-    inv[i] = l[i] > 0.f ? 1.f / l[i] : 0.f;
-  }
-  T* out = static_cast<T*>(p.out) + b * p.out_layout.b + h * p.out_layout.h;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    if (!valid[i]) continue;
-    T* dst = out + rows[i].orig * p.out_layout.n;
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      const int col = dn * 8 + (lane % 4) * 2;
-      *reinterpret_cast<uint32_t*>(dst + col) =
-          Pack2<T>::pack(o[4 * dn + 2 * i] * inv[i], o[4 * dn + 2 * i + 1] * inv[i]);
-    }
-  }
-  if (lane % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-      if (valid[i])
-        p.lse[static_cast<int64_t>(bh) * p.Nq + rows[i].orig] =
-            l[i] > 0.f ? (m[i] * scale_log2 + log2f(l[i])) * kLn2 : -INFINITY;
-  }
+  finish_rows<T, D>([&](int dn, int e) -> float& { return o[4 * dn + e]; }, l, m, scale_log2, p,
+                    b, h, bh, rows, valid, lane);
 }
 
 // ---------------------------------------------------------------------------
 // backward
+
+// dQ (kRows x D) += dS (kRows x kBwdKeys) K into dq_accum (fp32 atomics, one
+// per element), on mma.sync from dS^T ([kBwdKeys x kRows] SmemTile) and K
+// ([kBwdKeys x D] SmemTile): warp w takes query rows 16 (w % 4) .. +15 and
+// columns (D / 2) (w / 4) .. +D/2 - 1, over the 16-key row groups whose bit is
+// set in active_warps (bit kk: keys 16kk..16kk+15 met the query tile).
+template <typename T, int D>
+__device__ __forceinline__ void dq_atomic_mma_sync(SmemTile<T, kRows> sdS, SmemTile<T, D> sK,
+                                                   unsigned active_warps, const int* sQorig,
+                                                   float* dq_accum_head, int warp, int lane) {
+  constexpr int kCols = D / 2;
+  const SwizzledLane<D> la = ldm_lane_a<D>(lane);
+  const SwizzledLane<kRows> ds_lb = ldm_lane_b<kRows>(lane);
+  const int qr0 = (warp % 4) * 16, c0 = (warp / 4) * kCols;
+  float dq[kCols / 8][4];
+#pragma unroll
+  for (int i = 0; i < kCols / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+  // This lane's addresses for the keys of warp 0; warp kk's are 16 kk rows
+  // on. A rolled loop over the active warps keeps them in registers (the
+  // unrolled, skippable steps had them recomputed from the lane index in
+  // every step).
+  const uint32_t ds_addr = sdS.ldm(ds_lb, 0, qr0);
+  uint32_t k_addr[kCols / 16];
+#pragma unroll
+  for (int dn2 = 0; dn2 < kCols / 16; ++dn2) k_addr[dn2] = sK.ldm(la, 0, c0 + dn2 * 16);
+#pragma unroll 1
+  for (unsigned m = active_warps; m != 0; m &= m - 1) {
+    const int kk = __ffs(m) - 1;
+    uint32_t a[4];
+    ldmatrix_x4_trans(a, ds_addr + kk * 16 * sdS.kRowBytes);
+#pragma unroll
+    for (int dn2 = 0; dn2 < kCols / 16; ++dn2) {
+      uint32_t bk[4];
+      ldmatrix_x4_trans(bk, k_addr[dn2] + kk * 16 * sK.kRowBytes);
+      mma_16816<T>(dq[2 * dn2], a, bk[0], bk[1]);
+      mma_16816<T>(dq[2 * dn2 + 1], a, bk[2], bk[3]);
+    }
+  }
+  if (active_warps == 0) return;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int orig = sQorig[qr0 + lane / 4 + 8 * i];
+    if (orig < 0) continue;
+    float* dst = dq_accum_head + static_cast<int64_t>(orig) * D + c0 + (lane % 4) * 2;
+#pragma unroll
+    for (int dn = 0; dn < kCols / 8; ++dn) atomic_add2(dst + dn * 8, dq[dn][2 * i], dq[dn][2 * i + 1]);
+  }
+}
+
+// The dK/dV kernels' stream of (query head of the GQA group, query tile)
+// pairs that meet a block of keys, with Q and dO of each pair loaded into one
+// of two buffers (qdo: Q0 dO0 Q1 dO1, [kRows x D] each; kPanels: as wgmma
+// panels, else SmemTile layout) and the pair's per-row metadata.
+struct QMeta {
+  int pos, bucket;
+  float lse, delta;  // lse in the log2 domain (0 for rows with no key)
+  int orig;          // original row, -1 past Nq
+};
+
+template <typename T, int D, int kT, bool kPanels>
+struct QueryTileStream {
+  const BackwardParams& p;
+  int b, hk, group, nqt;
+  const TileRange* qtiles0;  // the group's first head's query tiles
+  TileRange kr;              // the key block's range
+  bool q_identity;
+  T* qdo;
+  int* meta;  // [2 buffers][pos, bucket, lse, delta, orig][kRows]
+  int g = 0;
+  MeetIter it;
+
+  __device__ __forceinline__ void start_head(int gg, int lane) {
+    const TileRange* qt = qtiles0 + static_cast<int64_t>(gg) * nqt;
+    const IndexRange r = query_tile_range(qt, nqt, kr, q_identity, lane);
+    it = MeetIter{qt, kr, r.lo, r.hi, 0u, false};
+    it.fill(lane);
+  }
+  // Next (head, query tile) pair; false when done.
+  __device__ __forceinline__ bool next(int& gg, int& qt, int lane) {
+    while (true) {
+      const int r = it.next(lane);
+      if (r >= 0) {
+        gg = g;
+        qt = r;
+        return true;
+      }
+      if (++g >= group) return false;
+      start_head(g, lane);
+    }
+  }
+  __device__ __forceinline__ void issue(int gg, int qt, int bf) const {
+    const ForwardParams& f = p.fwd;
+    const int bh = b * f.H + hk * group + gg;
+    const int* qperm = f.q_pack.perm ? f.q_pack.perm + static_cast<int64_t>(bh) * f.Nq : nullptr;
+    const T* q = head_ptr<T>(f.q, f.q_layout, b, hk * group + gg);
+    const T* dout = head_ptr<T>(p.dout, p.dout_layout, b, hk * group + gg);
+    if constexpr (kPanels) {
+      load_rows_async_sw128<T, D, kT, kRows>(qdo + (2 * bf) * kRows * D, q, f.q_layout.n, qperm,
+                                             qt * kRows, f.Nq);
+      load_rows_async_sw128<T, D, kT, kRows>(qdo + (2 * bf + 1) * kRows * D, dout,
+                                             p.dout_layout.n, qperm, qt * kRows, f.Nq);
+    } else {
+      load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{qdo + (2 * bf) * kRows * D}, 0, q,
+                                       f.q_layout.n, qperm, qt * kRows, f.Nq);
+      load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{qdo + (2 * bf + 1) * kRows * D}, 0, dout,
+                                       p.dout_layout.n, qperm, qt * kRows, f.Nq);
+    }
+  }
+  // Row threadIdx.x of the pair (threads < kRows).
+  __device__ __forceinline__ QMeta load_meta(int gg, int qt) const {
+    const ForwardParams& f = p.fwd;
+    const int bh = b * f.H + hk * group + gg;
+    const int64_t q_base = static_cast<int64_t>(bh) * f.Nq;
+    const RowInfo qi = row_info(f.q_pack, q_base, qt * kRows + threadIdx.x, f.Nq, f.Nk - f.Nq,
+                                kInvalidQueryBucket);
+    const bool in = qt * kRows + static_cast<int>(threadIdx.x) < f.Nq;
+    const float lse = in ? f.lse[q_base + qi.orig] : -INFINITY;
+    return QMeta{qi.pos, qi.bucket, lse == -INFINITY ? 0.f : lse * kLog2e,
+                 in ? p.delta[q_base + qi.orig] : 0.f, in ? qi.orig : -1};
+  }
+  __device__ __forceinline__ void store_meta(const QMeta& mt, int bf) const {
+    int* m = meta + bf * 5 * kRows;
+    m[threadIdx.x] = mt.pos;
+    m[kRows + threadIdx.x] = mt.bucket;
+    reinterpret_cast<float*>(m)[2 * kRows + threadIdx.x] = mt.lse;
+    reinterpret_cast<float*>(m)[3 * kRows + threadIdx.x] = mt.delta;
+    m[4 * kRows + threadIdx.x] = mt.orig;
+  }
+  __device__ __forceinline__ TileRange tile_of(int gg, int qt) const {
+    return __ldg(&qtiles0[static_cast<int64_t>(gg) * nqt + qt]);
+  }
+  // The pair being computed (buffer bf) and the one being loaded (bf ^ 1):
+  //   qs.begin(lane);
+  //   while (qs.have) {
+  //     cp_async_wait_all(); __syncthreads();
+  //     qs.prefetch(lane);      // next pair into the other buffer
+  //     ... qs.cur, qs.cg, qs.cqt, buffer qs.bf ...
+  //     qs.advance();           // publishes the next pair's metadata
+  //   }
+  bool have = false, nhave = false;
+  int cg = 0, cqt = 0, ng = 0, nqt_ = 0, bf = 0;
+  TileRange cur{0, -1, 0, -1}, ntile{0, -1, 0, -1};
+  QMeta nmeta{0, 0, 0.f, 0.f, -1};
+
+  // Finds the first pair and starts loading it (one cp.async group).
+  __device__ __forceinline__ void begin(int lane) {
+    start_head(0, lane);
+    have = next(cg, cqt, lane);
+    if (have) {
+      issue(cg, cqt, 0);
+      cur = tile_of(cg, cqt);
+      if (threadIdx.x < kRows) store_meta(load_meta(cg, cqt), 0);
+    }
+    cp_async_commit();
+  }
+  // Starts loading the next pair into the other buffer (one cp.async group).
+  __device__ __forceinline__ void prefetch(int lane) {
+    nhave = next(ng, nqt_, lane);
+    ntile = TileRange{0, -1, 0, -1};
+    if (nhave) {
+      issue(ng, nqt_, bf ^ 1);
+      ntile = tile_of(ng, nqt_);
+      if (threadIdx.x < kRows) nmeta = load_meta(ng, nqt_);
+    }
+    cp_async_commit();
+  }
+  __device__ __forceinline__ void advance() {
+    if (nhave && threadIdx.x < kRows) store_meta(nmeta, bf ^ 1);
+    have = nhave;
+    cur = ntile;
+    cg = ng;
+    cqt = nqt_;
+    bf ^= 1;
+  }
+  // Buffer bf's metadata.
+  __device__ __forceinline__ const int* pos(int bf) const { return meta + bf * 5 * kRows; }
+  __device__ __forceinline__ const int* bucket(int bf) const { return pos(bf) + kRows; }
+  __device__ __forceinline__ const float* lse(int bf) const {
+    return reinterpret_cast<const float*>(pos(bf) + 2 * kRows);
+  }
+  __device__ __forceinline__ const float* delta(int bf) const { return lse(bf) + kRows; }
+  __device__ __forceinline__ const int* orig(int bf) const { return pos(bf) + 4 * kRows; }
+};
+
+// P^T of one warp's keys (rows) against a query tile (columns), in place on
+// the S^T accumulators s(nb, e) (the m16n8 C layout): exp2(S^T scale_log2 -
+// lse), masked pairs 0.
+template <typename SAt>
+__device__ __forceinline__ void backward_probs(SAt s, bool all_allowed, const float* sLse,
+                                               const int* sQbucket, const int* sQpos,
+                                               const RowInfo (&rows)[2], float scale_log2,
+                                               int lane) {
+  auto probs = [&](auto masked) {
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) {
+      const int col = nb * 8 + (lane % 4) * 2;
+      const float2 lse = *reinterpret_cast<const float2*>(sLse + col);
+      ColumnPair qc;
+      if constexpr (decltype(masked)::value) qc = column_pair(sQbucket, sQpos, col);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e >> 1;
+        float x = s(nb, e) * scale_log2 - ((e & 1) ? lse.y : lse.x);
+        if constexpr (decltype(masked)::value) {
+          x = pair_allowed(qc.b(e), qc.p(e), rows[i].bucket, rows[i].pos) ? x : -INFINITY;
+        }
+        s(nb, e) = fast_exp2(x);
+      }
+    }
+  };
+  if (all_allowed)
+    probs(std::false_type{});
+  else
+    probs(std::true_type{});
+}
 
 // delta = rowsum(dout * out), one warp per row, original order.
 template <typename T, int D>
@@ -870,75 +1064,11 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const SwizzledLane<D> la = ldm_lane_a<D>(lane), lb = ldm_lane_b<D>(lane);
   // dS^T tile (kRows columns): stores of accumulator pairs, B-pattern loads.
-  const SwizzledLane<kRows> ds_acc = acc_lane<kRows>(lane), ds_lb = ldm_lane_b<kRows>(lane);
-  const TileRange* qtiles0 = f.q_pack.tiles + static_cast<int64_t>(b * f.H + hk * group) * nqt;
-  const bool q_identity = f.q_pack.perm == nullptr;
-  int g = 0;
-  MeetIter it;
-  auto start_head = [&](int gg) {
-    const TileRange* qt_ = qtiles0 + static_cast<int64_t>(gg) * nqt;
-    const IndexRange r = query_tile_range(qt_, nqt, kr, q_identity, lane);
-    it = MeetIter{qt_, kr, r.lo, r.hi, 0u, false};
-    it.fill(lane);
-  };
-  start_head(0);
-  // Next (head, query tile) pair; false when done.
-  auto next = [&](int& gg, int& qt) {
-    while (true) {
-      const int r = it.next(lane);
-      if (r >= 0) {
-        gg = g;
-        qt = r;
-        return true;
-      }
-      if (++g >= group) return false;
-      start_head(g);
-    }
-  };
-  auto issue = [&](int gg, int qt, int bf) {
-    const int bh = b * f.H + hk * group + gg;
-    const int* qperm = f.q_pack.perm ? f.q_pack.perm + static_cast<int64_t>(bh) * f.Nq : nullptr;
-    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{qdo + (2 * bf) * kRows * D}, 0,
-                                     head_ptr<T>(f.q, f.q_layout, b, hk * group + gg),
-                                     f.q_layout.n, qperm, qt * kRows, f.Nq);
-    load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{qdo + (2 * bf + 1) * kRows * D}, 0,
-                                     head_ptr<T>(p.dout, p.dout_layout, b, hk * group + gg),
-                                     p.dout_layout.n, qperm, qt * kRows, f.Nq);
-  };
-  struct QMeta {
-    int pos, bucket;
-    float lse, delta;
-    int orig;
-  };
-  auto load_meta = [&](int gg, int qt) {
-    const int bh = b * f.H + hk * group + gg;
-    const int64_t q_base = static_cast<int64_t>(bh) * f.Nq;
-    const RowInfo qi = row_info(f.q_pack, q_base, qt * kRows + threadIdx.x, f.Nq, f.Nk - f.Nq,
-                                kInvalidQueryBucket);
-    const bool in = qt * kRows + static_cast<int>(threadIdx.x) < f.Nq;
-    const float lse = in ? f.lse[q_base + qi.orig] : -INFINITY;
-    return QMeta{qi.pos, qi.bucket, lse == -INFINITY ? 0.f : lse * kLog2e,
-                 in ? p.delta[q_base + qi.orig] : 0.f, in ? qi.orig : -1};
-  };
-  auto store_meta = [&](const QMeta& mt, int bf) {
-    int* m = meta + bf * 5 * kRows;
-    m[threadIdx.x] = mt.pos;
-    m[kRows + threadIdx.x] = mt.bucket;
-    reinterpret_cast<float*>(m)[2 * kRows + threadIdx.x] = mt.lse;
-    reinterpret_cast<float*>(m)[3 * kRows + threadIdx.x] = mt.delta;
-    m[4 * kRows + threadIdx.x] = mt.orig;
-  };
-  auto tile_of = [&](int gg, int qt) { return __ldg(&qtiles0[static_cast<int64_t>(gg) * nqt + qt]); };
-
-  int cg = 0, cqt = 0;
-  bool have = next(cg, cqt);
-  TileRange cur{0, -1, 0, -1};
-  if (have) {
-    issue(cg, cqt, 0);
-    cur = tile_of(cg, cqt);
-    if (threadIdx.x < kRows) store_meta(load_meta(cg, cqt), 0);
-  }
-  cp_async_commit();
+  const SwizzledLane<kRows> ds_acc = acc_lane<kRows>(lane);
+  QueryTileStream<T, D, kT, false> qs{
+      p, b, hk, group, nqt, f.q_pack.tiles + static_cast<int64_t>(b * f.H + hk * group) * nqt, kr,
+      f.q_pack.perm == nullptr, qdo, meta};
+  qs.begin(lane);
 
   // This warp's 16 keys, and their bucket and position ranges (for skipping).
   RowInfo rows[2];
@@ -984,56 +1114,25 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
     load_a_fragments<T, D>(vf, sV, warp * 16, la);
   }
 
-  int bf = 0;
-  while (have) {
+  while (qs.have) {
     cp_async_wait_all();
     __syncthreads();  // tile in; the other buffers, sdS and the flags are free again
-    int ng = 0, nqt_ = 0;
-    const bool nhave = next(ng, nqt_);
-    TileRange ntile{0, -1, 0, -1};
-    QMeta nmeta{0, 0, 0.f, 0.f, -1};
-    if (nhave) {
-      issue(ng, nqt_, bf ^ 1);
-      ntile = tile_of(ng, nqt_);
-      if (threadIdx.x < kRows) nmeta = load_meta(ng, nqt_);
-    }
-    cp_async_commit();
+    qs.prefetch(lane);
+    const int bf = qs.bf, cg = qs.cg, cqt = qs.cqt;
+    const TileRange cur = qs.cur;
 
     const SmemTile<T, D> sQ{qdo + (2 * bf) * kRows * D}, sdO{qdo + (2 * bf + 1) * kRows * D};
-    const int* sQpos = meta + bf * 5 * kRows;
-    const int* sQbucket = sQpos + kRows;
-    const float* sLse = reinterpret_cast<const float*>(sQpos + 2 * kRows);
-    const float* sDelta = sLse + kRows;
-    const int* sQorig = sQpos + 4 * kRows;
+    const int *sQpos = qs.pos(bf), *sQbucket = qs.bucket(bf), *sQorig = qs.orig(bf);
+    const float *sLse = qs.lse(bf), *sDelta = qs.delta(bf);
 
     const bool active = wb_lo <= cur.y && wb_hi >= cur.x && wpos_lo <= cur.w;
     const bool all_allowed = cur.x == cur.y && wb_lo == wb_hi && wb_lo == cur.x &&
                              wpos_hi_full <= cur.z && (cqt + 1) * kRows <= f.Nq;
     if (active) {
       float s[8][4];
-      auto probs = [&](auto masked) {  // P^T; masked pairs get exp2(-inf) = 0
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-          const int col = nb * 8 + (lane % 4) * 2;
-          const float2 lse = *reinterpret_cast<const float2*>(sLse + col);
-          ColumnPair qc;
-          if constexpr (decltype(masked)::value) qc = column_pair(sQbucket, sQpos, col);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = e >> 1;
-            float x = s[nb][e] * scale_log2 - ((e & 1) ? lse.y : lse.x);
-            if constexpr (decltype(masked)::value) {
-              x = pair_allowed(qc.b(e), qc.p(e), rows[i].bucket, rows[i].pos) ? x : -INFINITY;
-            }
-            s[nb][e] = fast_exp2(x);
-          }
-        }
-      };
-      auto apply_probs = [&] {
-        if (all_allowed)
-          probs(std::false_type{});
-        else
-          probs(std::true_type{});
+      auto apply_probs = [&] {  // P^T; masked pairs get exp2(-inf) = 0
+        backward_probs([&](int nb, int e) -> float& { return s[nb][e]; }, all_allowed, sLse,
+                       sQbucket, sQpos, rows, scale_log2, lane);
       };
       if constexpr (kKVInRegs) {
         // S^T = K Q^T and dP^T = V dO^T side by side: 16 independent
@@ -1160,54 +1259,15 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
       // the keys of warps that had nothing to do.
       if (lane == 0) warp_active[warp] = active ? 1 << warp : 0;
       __syncthreads();
-      constexpr int kCols = D / 2;
-      const int qr0 = (warp % 4) * 16, c0 = (warp / 4) * kCols;
-      float dq[kCols / 8][4];
-#pragma unroll
-      for (int i = 0; i < kCols / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
       unsigned active_warps = 0;  // bit kk: warp kk's keys met the query tile
 #pragma unroll
       for (int kk = 0; kk < kBwdWarps; ++kk) active_warps |= warp_active[kk];
-      // This lane's addresses for the keys of warp 0; warp kk's are 16 kk rows
-      // on. A rolled loop over the active warps keeps them in registers (the
-      // unrolled, skippable steps had them recomputed from the lane index in
-      // every step).
-      const uint32_t ds_addr = sdS.ldm(ds_lb, 0, qr0);
-      uint32_t k_addr[kCols / 16];
-#pragma unroll
-      for (int dn2 = 0; dn2 < kCols / 16; ++dn2) k_addr[dn2] = sK.ldm(la, 0, c0 + dn2 * 16);
-#pragma unroll 1
-      for (unsigned m = active_warps; m != 0; m &= m - 1) {
-        const int kk = __ffs(m) - 1;
-        uint32_t a[4];
-        ldmatrix_x4_trans(a, ds_addr + kk * 16 * sdS.kRowBytes);
-#pragma unroll
-        for (int dn2 = 0; dn2 < kCols / 16; ++dn2) {
-          uint32_t bk[4];
-          ldmatrix_x4_trans(bk, k_addr[dn2] + kk * 16 * sK.kRowBytes);
-          mma_16816<T>(dq[2 * dn2], a, bk[0], bk[1]);
-          mma_16816<T>(dq[2 * dn2 + 1], a, bk[2], bk[3]);
-        }
-      }
-      if (active_warps != 0) {
-        const int bh = b * f.H + hk * group + cg;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int orig = sQorig[qr0 + lane / 4 + 8 * i];
-          if (orig < 0) continue;
-          float* dst = p.dq_accum + (static_cast<int64_t>(bh) * f.Nq + orig) * D + c0 + (lane % 4) * 2;
-#pragma unroll
-          for (int dn = 0; dn < kCols / 8; ++dn) atomic_add2(dst + dn * 8, dq[dn][2 * i], dq[dn][2 * i + 1]);
-        }
-      }
+      const int bh = b * f.H + hk * group + cg;
+      dq_atomic_mma_sync<T, D>(sdS, sK, active_warps, sQorig,
+                               p.dq_accum + static_cast<int64_t>(bh) * f.Nq * D, warp, lane);
     }
 
-    if (nhave && threadIdx.x < kRows) store_meta(nmeta, bf ^ 1);
-    have = nhave;
-    cur = ntile;
-    cg = ng;
-    cqt = nqt_;
-    bf ^= 1;
+    qs.advance();
   }
   const float one[2] = {1.f, 1.f}, scale[2] = {f.scale, f.scale};
   store_rows<T, D>(dk, scale,
@@ -1265,73 +1325,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
                                             kperm, k0, f.Nk);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
-  const TileRange* qtiles0 = f.q_pack.tiles + static_cast<int64_t>(b * f.H + hk * group) * nqt;
-  const bool q_identity = f.q_pack.perm == nullptr;
-  int g = 0;
-  MeetIter it;
-  auto start_head = [&](int gg) {
-    const TileRange* qt_ = qtiles0 + static_cast<int64_t>(gg) * nqt;
-    const IndexRange r = query_tile_range(qt_, nqt, kr, q_identity, lane);
-    it = MeetIter{qt_, kr, r.lo, r.hi, 0u, false};
-    it.fill(lane);
-  };
-  start_head(0);
-  auto next = [&](int& gg, int& qt) {
-    while (true) {
-      const int r = it.next(lane);
-      if (r >= 0) {
-        gg = g;
-        qt = r;
-        return true;
-      }
-      if (++g >= group) return false;
-      start_head(g);
-    }
-  };
-  auto issue = [&](int gg, int qt, int bf) {
-    const int bh = b * f.H + hk * group + gg;
-    const int* qperm = f.q_pack.perm ? f.q_pack.perm + static_cast<int64_t>(bh) * f.Nq : nullptr;
-    load_rows_async_sw128<T, D, kT, kRows>(qdo + (2 * bf) * kRows * D,
-                                           head_ptr<T>(f.q, f.q_layout, b, hk * group + gg),
-                                           f.q_layout.n, qperm, qt * kRows, f.Nq);
-    load_rows_async_sw128<T, D, kT, kRows>(qdo + (2 * bf + 1) * kRows * D,
-                                           head_ptr<T>(p.dout, p.dout_layout, b, hk * group + gg),
-                                           p.dout_layout.n, qperm, qt * kRows, f.Nq);
-  };
-  struct QMeta {
-    int pos, bucket;
-    float lse, delta;
-    int orig;
-  };
-  auto load_meta = [&](int gg, int qt) {
-    const int bh = b * f.H + hk * group + gg;
-    const int64_t q_base = static_cast<int64_t>(bh) * f.Nq;
-    const RowInfo qi = row_info(f.q_pack, q_base, qt * kRows + threadIdx.x, f.Nq, f.Nk - f.Nq,
-                                kInvalidQueryBucket);
-    const bool in = qt * kRows + static_cast<int>(threadIdx.x) < f.Nq;
-    const float lse = in ? f.lse[q_base + qi.orig] : -INFINITY;
-    return QMeta{qi.pos, qi.bucket, lse == -INFINITY ? 0.f : lse * kLog2e,
-                 in ? p.delta[q_base + qi.orig] : 0.f, in ? qi.orig : -1};
-  };
-  auto store_meta = [&](const QMeta& mt, int bf) {
-    int* m = meta + bf * 5 * kRows;
-    m[threadIdx.x] = mt.pos;
-    m[kRows + threadIdx.x] = mt.bucket;
-    reinterpret_cast<float*>(m)[2 * kRows + threadIdx.x] = mt.lse;
-    reinterpret_cast<float*>(m)[3 * kRows + threadIdx.x] = mt.delta;
-    m[4 * kRows + threadIdx.x] = mt.orig;
-  };
-  auto tile_of = [&](int gg, int qt) { return __ldg(&qtiles0[static_cast<int64_t>(gg) * nqt + qt]); };
-
-  int cg = 0, cqt = 0;
-  bool have = next(cg, cqt);
-  TileRange cur{0, -1, 0, -1};
-  if (have) {
-    issue(cg, cqt, 0);
-    cur = tile_of(cg, cqt);
-    if (threadIdx.x < kRows) store_meta(load_meta(cg, cqt), 0);
-  }
-  cp_async_commit();
+  QueryTileStream<T, D, kT, true> qs{
+      p, b, hk, group, nqt, f.q_pack.tiles + static_cast<int64_t>(b * f.H + hk * group) * nqt, kr,
+      f.q_pack.perm == nullptr, qdo, meta};
+  qs.begin(lane);
 
   // This thread's two keys, and the bucket and position ranges of the
   // warpgroup's 64 keys (for skipping).
@@ -1383,29 +1380,18 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   const uint32_t k_addr = wgmma::smem_addr(sK), v_addr = wgmma::smem_addr(sV);
   const uint32_t ds_addr = wgmma::smem_addr(sdS);
 
-  int bf = 0;
-  while (have) {
+  while (qs.have) {
     cp_async_wait_all();
     wgmma::fence_proxy_async_shared();
     __syncthreads();  // tile in; the other buffers, sdS and the flags are free again
-    int ng = 0, nqt_ = 0;
-    const bool nhave = next(ng, nqt_);
-    TileRange ntile{0, -1, 0, -1};
-    QMeta nmeta{0, 0, 0.f, 0.f, -1};
-    if (nhave) {
-      issue(ng, nqt_, bf ^ 1);
-      ntile = tile_of(ng, nqt_);
-      if (threadIdx.x < kRows) nmeta = load_meta(ng, nqt_);
-    }
-    cp_async_commit();
+    qs.prefetch(lane);
+    const int bf = qs.bf, cg = qs.cg, cqt = qs.cqt;
+    const TileRange cur = qs.cur;
 
     const uint32_t q_addr = wgmma::smem_addr(qdo + (2 * bf) * kRows * D);
     const uint32_t do_addr = wgmma::smem_addr(qdo + (2 * bf + 1) * kRows * D);
-    const int* sQpos = meta + bf * 5 * kRows;
-    const int* sQbucket = sQpos + kRows;
-    const float* sLse = reinterpret_cast<const float*>(sQpos + 2 * kRows);
-    const float* sDelta = sLse + kRows;
-    const int* sQorig = sQpos + 4 * kRows;
+    const int *sQpos = qs.pos(bf), *sQbucket = qs.bucket(bf), *sQorig = qs.orig(bf);
+    const float *sLse = qs.lse(bf), *sDelta = qs.delta(bf);
 
     const bool active = wb_lo <= cur.y && wb_hi >= cur.x && wpos_lo <= cur.w;
     const bool all_allowed = cur.x == cur.y && wb_lo == wb_hi && wb_lo == cur.x &&
@@ -1427,28 +1413,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
       wgmma::fence_operands(s);
       wgmma::fence_operands(dp);
 
-      auto probs = [&](auto masked) {  // P^T; masked pairs get exp2(-inf) = 0
-#pragma unroll
-        for (int nb = 0; nb < 8; ++nb) {
-          const int col = nb * 8 + (lane % 4) * 2;
-          const float2 lse = *reinterpret_cast<const float2*>(sLse + col);
-          ColumnPair qc;
-          if constexpr (decltype(masked)::value) qc = column_pair(sQbucket, sQpos, col);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int i = e >> 1;
-            float x = s[4 * nb + e] * scale_log2 - ((e & 1) ? lse.y : lse.x);
-            if constexpr (decltype(masked)::value) {
-              x = pair_allowed(qc.b(e), qc.p(e), rows[i].bucket, rows[i].pos) ? x : -INFINITY;
-            }
-            s[4 * nb + e] = fast_exp2(x);
-          }
-        }
-      };
-      if (all_allowed)
-        probs(std::false_type{});
-      else
-        probs(std::true_type{});
+      // P^T; masked pairs get exp2(-inf) = 0
+      backward_probs([&](int nb, int e) -> float& { return s[4 * nb + e]; }, all_allowed, sLse,
+                     sQbucket, sQpos, rows, scale_log2, lane);
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb) {
         const float2 delta = *reinterpret_cast<const float2*>(sDelta + nb * 8 + (lane % 4) * 2);
@@ -1500,45 +1467,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
         // layout, so dQ runs as there, on mma.sync: warp w takes query rows
         // 16 (w % 4) .. +15 and columns 32 (w / 4) .. +31, one atomic per
         // element (a wgmma dQ would need N = 32, or two partial sums).
-        constexpr int kCols = D / 2;
-        const SmemTile<T, kRows> ds_tile{sdS};
-        const SmemTile<T, D> k_tile{sK};
-        const SwizzledLane<kRows> ds_lb = ldm_lane_b<kRows>(lane);
-        const SwizzledLane<D> la = ldm_lane_a<D>(lane);
-        const int qr0 = (warp % 4) * 16, c0 = (warp / 4) * kCols;
-        float dq[kCols / 8][4];
-#pragma unroll
-        for (int i = 0; i < kCols / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
         const unsigned active_warps = (act0 ? 0x0Fu : 0u) | (act1 ? 0xF0u : 0u);
-        const uint32_t ds_lane = ds_tile.ldm(ds_lb, 0, qr0);
-        uint32_t kaddr[kCols / 16];
-#pragma unroll
-        for (int dn2 = 0; dn2 < kCols / 16; ++dn2) kaddr[dn2] = k_tile.ldm(la, 0, c0 + dn2 * 16);
-#pragma unroll 1
-        for (unsigned m = active_warps; m != 0; m &= m - 1) {
-          const int kk = __ffs(m) - 1;
-          uint32_t a[4];
-          ldmatrix_x4_trans(a, ds_lane + kk * 16 * ds_tile.kRowBytes);
-#pragma unroll
-          for (int dn2 = 0; dn2 < kCols / 16; ++dn2) {
-            uint32_t bk[4];
-            ldmatrix_x4_trans(bk, kaddr[dn2] + kk * 16 * k_tile.kRowBytes);
-            mma_16816<T>(dq[2 * dn2], a, bk[0], bk[1]);
-            mma_16816<T>(dq[2 * dn2 + 1], a, bk[2], bk[3]);
-          }
-        }
-        if (active_warps != 0) {
-          const int bh = b * f.H + hk * group + cg;
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const int orig = sQorig[qr0 + lane / 4 + 8 * i];
-            if (orig < 0) continue;
-            float* dst = p.dq_accum + (static_cast<int64_t>(bh) * f.Nq + orig) * D + c0 + (lane % 4) * 2;
-#pragma unroll
-            for (int dn = 0; dn < kCols / 8; ++dn)
-              atomic_add2(dst + dn * 8, dq[dn][2 * i], dq[dn][2 * i + 1]);
-          }
-        }
+        const int bh = b * f.H + hk * group + cg;
+        dq_atomic_mma_sync<T, D>(SmemTile<T, kRows>{sdS}, SmemTile<T, D>{sK}, active_warps, sQorig,
+                                 p.dq_accum + static_cast<int64_t>(bh) * f.Nq * D, warp, lane);
       }
       // D = 128: warpgroup g takes columns 64 g .. 64 g + 63 over the keys of
       // the active warpgroups, on wgmma (dS^T and K MN-major).
@@ -1573,12 +1505,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
       }
     }
 
-    if (nhave && threadIdx.x < kRows) store_meta(nmeta, bf ^ 1);
-    have = nhave;
-    cur = ntile;
-    cg = ng;
-    cqt = nqt_;
-    bf ^= 1;
+    qs.advance();
   }
   cp_async_wait_all();
 #pragma unroll
