@@ -285,7 +285,7 @@ SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
         if (key_counts.defined())
           key_counts.narrow(0, c.layer * hq, hq)
               .narrow(1, filled, pos.size(0))
-              .copy_(counts.repeat_interleave(group, 0).round());
+              .copy_(counts.repeat_interleave(group, 0));
         if (offsets.defined()) {
           Tensor prior = recency ? recency_weighted_counts(counts, part, 0, pos, o.local_window,
                                                            o.sink_tokens, o.recency_edges,

@@ -131,16 +131,12 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
                                at::arange(T - N, T, key_partition.options().dtype(at::kLong)),
                                attention_.local_window, attention_.sink_tokens);
   };
-  // The count prior of count-aware classifiers: log of the routable keys per
-  // partition [B, Hq, N, C], recency-weighted where the index has bands
-  // (`part` holds the partitions of the keys from position `first` on).
-  auto log_prior = [&](const Tensor& counts, const Tensor& part, int64_t first) {
-    if (recency_edges_.empty()) return log_count_prior(counts.repeat_interleave(group, 1));
-    return log_count_prior(recency_weighted_counts(
-        counts, part, first, at::arange(T - N, T, part.options().dtype(at::kLong)),
-        attention_.local_window, attention_.sink_tokens, recency_edges_, recency_[layer]));
-  };
-  auto select = [&](const Tensor& counts /* [B, Hkv, N, C] */, const Tensor& prior) {
+  // The query positions on the host: the recency counts check them there
+  // (no device sync) and copy them over.
+  const Tensor q_pos = at::arange(T - N, T, at::kLong);
+  // counts [B, Hkv, N, C]: routable keys per partition (defined when needed);
+  // part: the partitions of the keys from position `first` on (recency bands).
+  auto select = [&](const Tensor& counts, const Tensor& part, int64_t first) {
     Tensor s;
     if (oracle) {
       // log of the routed mass per partition, per batch row.
@@ -156,22 +152,33 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
     } else {
       s = scores(layer, call.q_pre);
     }
+    // Routable keys per query head [B, Hq, N, C], and the logits with the
+    // count prior of count-aware classifiers (recency-weighted where the
+    // index has bands).
+    Tensor n = counts.defined() ? counts.repeat_interleave(group, 1) : Tensor();
+    Tensor logits = s;
+    if (count_prior) {
+      logits = s + log_count_prior(
+                       recency_edges_.empty()
+                           ? n
+                           : recency_weighted_counts(counts, part, first, q_pos,
+                                                     attention_.local_window,
+                                                     attention_.sink_tokens, recency_edges_,
+                                                     recency_[layer]));
+    }
     if (nucleus) {
       // The smallest set of partitions whose predicted share of the routed
       // attention reaches the threshold (the crossing partition included).
-      Tensor logits = count_prior ? s + prior : s;
       auto [p, order] = at::softmax(logits, -1).sort(-1, /*descending=*/true);
       Tensor take = (p.cumsum(-1) - p).lt(options_.mass_threshold);
       return at::where(take, order, at::full({}, -1, order.options()));
     }
     if (!need_counts) return select_partitions(s, l);
-    Tensor n = counts.repeat_interleave(group, 1);
-    if (!budget) return select_partitions(count_prior ? s + prior : s + log_count_prior(n), l);
+    if (!budget) return select_partitions(count_prior ? logits : s + log_count_prior(n), l);
     // Attention per key: mass logits (count-aware ones with their prior)
     // less log n; the symmetric baseline's scores as they are.
-    Tensor density = options_.routing == Routing::kSymmetric
-                         ? s
-                         : key_density(count_prior ? s + prior : s, n);
+    Tensor density =
+        options_.routing == Routing::kSymmetric ? s : key_density(logits, n);
     Tensor order = std::get<1>(density.sort(-1, /*descending=*/true));
     Tensor keys = n.gather(-1, order);
     Tensor before = keys.cumsum(-1) - keys;
@@ -186,8 +193,7 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
     Tensor part = assign_key_partitions(call.k_pre, centroids_[layer]);
     oracle_part = part;
     Tensor counts = (need_counts || nucleus) ? query_counts(part) : Tensor();
-    Tensor prior = count_prior ? log_prior(counts, part, 0) : Tensor();
-    out = saap_attention(call.q, call.k, call.v, part, select(counts, prior), attention_, &st);
+    out = saap_attention(call.q, call.k, call.v, part, select(counts, part, 0), attention_, &st);
   } else {
     auto& cache = caches_[layer];
     if (call.offset == 0) {
@@ -208,18 +214,14 @@ Tensor SaapAttentionHook::attend(const model::AttentionCall& call) {
           recency_edges_.empty()
               ? 0
               : std::max<int64_t>(0, T - attention_.local_window - recency_edges_.back());
-      Tensor prior = count_prior ? log_prior(counts, cache->key_partition().narrow(2, first, T - first),
-                                             first)
-                                 : Tensor();
-      Tensor selected = select(counts, prior);
+      Tensor selected = select(counts, cache->key_partition().narrow(2, first, T - first), first);
       out = cache->decode(call.q.select(2, 0), selected.select(2, 0),
                           options_.collect_stats ? &st : nullptr)
                 .unsqueeze(2);
     } else {
       Tensor part = cache->key_partition();
       Tensor counts = (need_counts || nucleus) ? query_counts(part) : Tensor();
-      Tensor prior = count_prior ? log_prior(counts, part, 0) : Tensor();
-      out = saap_attention(call.q, call.k, call.v, part, select(counts, prior), attention_, &st);
+      out = saap_attention(call.q, call.k, call.v, part, select(counts, part, 0), attention_, &st);
     }
   }
   stats_ += st;

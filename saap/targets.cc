@@ -163,13 +163,14 @@ Tensor recency_weighted_counts(const Tensor& routable, const Tensor& partition,
               "] with Hq a multiple of ", hkv, ", got ", log_weights.sizes());
   TORCH_CHECK(first_position >= 0, "recency_weighted_counts: first_position must be >= 0");
   const int64_t group = log_weights.size(0) / hkv;
-  Tensor pos = q_pos.to(partition.device(), at::kLong);
+  // Checked where the caller keeps q_pos (a host copy spares a device sync).
   if (nq > 0 && B > 0) {
-    const int64_t oldest_needed = pos.min().item<int64_t>() - local_window - edges.back() + 1;
+    const int64_t oldest_needed = q_pos.min().item<int64_t>() - local_window - edges.back() + 1;
     TORCH_CHECK(first_position <= std::max(sink_tokens, oldest_needed),
                 "recency_weighted_counts: the partitions start at position ", first_position,
                 " but the recent bands reach back to ", std::max(sink_tokens, oldest_needed));
   }
+  Tensor pos = q_pos.to(partition.device(), at::kLong);
   std::vector<int64_t> rshape(routable.sizes().begin(), routable.sizes().end());
   rshape[rshape.size() - 3] *= group;
   // exp(beta) as [Hq, 1, 1] per band; result = w_B routable + sum_b<B (w_b - w_B) band_b.
@@ -185,8 +186,8 @@ Tensor recency_weighted_counts(const Tensor& routable, const Tensor& partition,
     // with one scatter instead of prefix sums over [T', C].
     Tensor key_pos = at::arange(first_position, first_position + T, pos.options());
     Tensor age = pos.select(0, 0) - local_window - key_pos;  // [T']
-    Tensor band = at::bucketize(age, at::tensor(edges, pos.options()), /*out_int32=*/false,
-                                /*right=*/true);
+    Tensor band = at::zeros_like(age);  // the edges at or below the age
+    for (int64_t e : edges) band += age.ge(e);
     Tensor in_band = (age >= 0) & (key_pos >= sink_tokens) & (band < B);  // [T']
     std::vector<int64_t> flat(partition.sizes().begin(), partition.sizes().end());
     flat.back() = B * C;

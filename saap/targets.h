@@ -77,6 +77,7 @@ Tensor distance_band_counts(const Tensor& q_pos, int64_t local_window, int64_t s
 //     only the cache's recent keys);
 //   log_weights [Hq, B + 1] (Hq a multiple of Hkv; query head h reads KV
 //     head h / (Hq / Hkv)).
+// q_pos may stay on the host (it is checked there and copied to the device).
 // Returns float32 [..., Hq, nq, C]: sum_b exp(beta[h, b]) * keys of band b,
 // the oldest band being routable minus the younger bands.
 Tensor recency_weighted_counts(const Tensor& routable, const Tensor& partition,
