@@ -8,7 +8,9 @@
 // FLOPs: forward 4*B*H*N^2*D / 2 (causal), forward+backward 3.5x that.
 //
 // usage: bench_attention [--n 2048,4096,...] [--d 64,128] [--reps 20] [--json FILE]
+//                        [--cases dense,hash:16,drop:0.7] [--nosdpa] [--deterministic]
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <functional>
@@ -146,6 +148,30 @@ struct Row {
   double pack_ms = 0;  // ours: bucket ids + sort + tile ranges alone
 };
 
+// "dense,hash:16,drop:0.7" -> cases; false on a malformed entry.
+struct Case {
+  std::string mode;
+  double param;
+};
+bool parse_cases(const std::string& s, std::vector<Case>& out) {
+  out.clear();
+  for (absl::string_view part : absl::StrSplit(s, ',')) {
+    std::vector<std::string> mp = absl::StrSplit(part, ':');
+    double prm = 0;
+    if (mp[0] == "dense" && mp.size() == 1) {
+      out.push_back({"dense", 0});
+    } else if ((mp[0] == "hash" || mp[0] == "drop") && mp.size() == 2 &&
+               absl::SimpleAtod(mp[1], &prm) &&
+               (mp[0] == "hash" ? prm >= 2 && prm == std::floor(prm) && static_cast<int>(prm) % 2 == 0
+                                : prm >= 0 && prm < 1)) {
+      out.push_back({mp[0], prm});
+    } else {
+      return false;
+    }
+  }
+  return !out.empty();
+}
+
 std::vector<int> parse_list(const std::string& s) {
   std::vector<int> out;
   for (auto part : absl::StrSplit(s, ',')) {
@@ -161,15 +187,25 @@ int main(int argc, char** argv) {
   std::vector<int> ns = {2048, 4096, 8192, 16384, 32768}, ds = {64, 128};
   int reps = 20;
   std::string json_path;
-  bool deterministic = false;
+  bool deterministic = false, sdpa = true;
+  std::vector<Case> cases = {{"dense", 0}, {"hash", 2}, {"hash", 8}, {"hash", 16}, {"hash", 32},
+                             {"drop", 0.3}, {"drop", 0.5}, {"drop", 0.7}};
   const char* usage =
       "usage: bench_attention [--n LIST] [--d LIST] [--reps R] [--json FILE] [--deterministic]\n"
+      "                       [--cases LIST] [--nosdpa]\n"
       "  --deterministic  our backward computes dQ by its second pass (bit-reproducible)\n"
-      "                   instead of fp32 atomics\n";
+      "                   instead of fp32 atomics\n"
+      "  --cases LIST     our cases, e.g. dense,hash:16,drop:0.7 (hash: even nb >= 2;\n"
+      "                   drop: the dropped fraction s in [0, 1)); default all eight\n"
+      "  --nosdpa         leave out the SDPA anchors (for profiling our kernels alone)\n";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--deterministic") {
       deterministic = true;
+      continue;
+    }
+    if (a == "--nosdpa") {
+      sdpa = false;
       continue;
     }
     if (a == "--help" || a == "-h") {
@@ -185,7 +221,12 @@ int main(int argc, char** argv) {
     else if (a == "--d") ds = parse_list(value);
     else if (a == "--reps") reps = std::atoi(value.c_str());
     else if (a == "--json") json_path = value;
-    else {
+    else if (a == "--cases") {
+      if (!parse_cases(value, cases)) {
+        std::cerr << "bench_attention: bad --cases " << value << "\n" << usage;
+        return 2;
+      }
+    } else {
       std::cerr << "bench_attention: unknown argument " << a << "\n" << usage;
       return 2;
     }
@@ -204,6 +245,7 @@ int main(int argc, char** argv) {
       const int H = D == 64 ? 12 : 8, B = std::max(1, 65536 / N);
       // SDPA backends through autograd, as a PyTorch user would call them.
       for (const char* impl : {"sdpa_flash", "sdpa_cudnn"}) {
+        if (!sdpa) break;
         const bool flash = std::string(impl) == "sdpa_flash";
         ctx.setSDPUseFlash(flash);
         ctx.setSDPUseCuDNN(!flash);
@@ -227,16 +269,13 @@ int main(int argc, char** argv) {
           std::cerr << impl << " N=" << N << " D=" << D << ": " << std::string(e.what()).substr(0, 200) << "\n";
         }
       }
-      struct Case { const char* mode; double param; };
-      std::vector<Case> cases = {{"dense", 0}, {"hash", 2}, {"hash", 8}, {"hash", 16}, {"hash", 32},
-                                 {"drop", 0.3}, {"drop", 0.5}, {"drop", 0.7}};
       for (const auto& c : cases) {
         Ours ours;
         ours.init(c.mode, c.param, B, H, N, D, deterministic);
         const double f = median_ms([&] { ours.pack(); ours.forward(); }, reps);
         const double fb = median_ms([&] { ours.pack(); ours.forward(); ours.backward(); }, reps);
         const double pk = median_ms([&] { ours.pack(); }, reps);
-        rows.push_back({"sparseflash", c.mode, c.param, std::string(c.mode) != "dense", N, D, B, H,
+        rows.push_back({"sparseflash", c.mode, c.param, c.mode != "dense", N, D, B, H,
                         f, fb - f, fb, pk});
       }
     }
