@@ -10,6 +10,7 @@
 // usage: bench_attention [--n 2048,4096,...] [--d 64,128] [--reps 20] [--json FILE]
 //                        [--cases dense,hash:16,drop:0.7] [--nosdpa] [--deterministic]
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -135,6 +136,48 @@ struct Ours {
     CUDA_OK(sk::compute_tile_ranges(fwd.k_pack.perm, fwd.k_pack.bucket, B * H, N, 0,
                                     reinterpret_cast<sk::TileRange*>(ktiles.data_ptr<int>()), s));
   }
+  // Tile pairs the kernels visit after tile skipping, counted on the host
+  // from this call's tile ranges: forward (128-row query blocks x 64-row key
+  // tiles) and dK/dV (128-row key blocks x 64-row query tiles), and the blocks
+  // that meet at least one tile. Needs pack() first.
+  struct Work {
+    int64_t fwd_pairs = 0, fwd_blocks = 0, bwd_pairs = 0, bwd_blocks = 0;
+  };
+  Work work() const {
+    const int nt = sk::num_tiles(N);
+    auto host = [&](const Tensor& t) {
+      Tensor c = t.cpu().contiguous();
+      const int* d = c.data_ptr<int>();
+      return std::vector<int>(d, d + c.numel());
+    };
+    const std::vector<int> qt = host(qtiles), kt = host(ktiles);
+    auto range = [](const std::vector<int>& v, int64_t i) {
+      return std::array<int, 4>{v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]};
+    };
+    auto meet = [](const std::array<int, 4>& q, const std::array<int, 4>& k) {
+      return k[0] <= q[1] && k[1] >= q[0] && k[2] <= q[3];
+    };
+    auto block = [&](const std::vector<int>& v, int64_t base, int t0) {
+      std::array<int, 4> r = range(v, base + t0);
+      if (t0 + 1 < nt) {
+        const auto o = range(v, base + t0 + 1);
+        r = {std::min(r[0], o[0]), std::max(r[1], o[1]), std::min(r[2], o[2]), std::max(r[3], o[3])};
+      }
+      return r;
+    };
+    Work w;
+    for (int64_t bh = 0; bh < int64_t{B} * H; ++bh)
+      for (int t0 = 0; t0 < nt; t0 += 2) {
+        const auto qb = block(qt, bh * nt, t0), kb = block(kt, bh * nt, t0);
+        int64_t f = 0, g = 0;
+        for (int t = 0; t < nt; ++t) {
+          f += meet(qb, range(kt, bh * nt + t));
+          g += meet(range(qt, bh * nt + t), kb);
+        }
+        w.fwd_pairs += f, w.fwd_blocks += f > 0, w.bwd_pairs += g, w.bwd_blocks += g > 0;
+      }
+    return w;
+  }
   void forward() { CUDA_OK(sk::attention_forward(fwd, at::cuda::getCurrentCUDAStream())); }
   void backward() { CUDA_OK(sk::attention_backward(bwd, at::cuda::getCurrentCUDAStream())); }
 };
@@ -146,6 +189,7 @@ struct Row {
   int N, D, B, H;
   double fwd_ms, bwd_ms, fwdbwd_ms;
   double pack_ms = 0;  // ours: bucket ids + sort + tile ranges alone
+  Ours::Work work;     // ours: tile pairs visited
 };
 
 // "dense,hash:16,drop:0.7" -> cases; false on a malformed entry.
@@ -276,7 +320,7 @@ int main(int argc, char** argv) {
         const double fb = median_ms([&] { ours.pack(); ours.forward(); ours.backward(); }, reps);
         const double pk = median_ms([&] { ours.pack(); }, reps);
         rows.push_back({"sparseflash", c.mode, c.param, c.mode != "dense", N, D, B, H,
-                        f, fb - f, fb, pk});
+                        f, fb - f, fb, pk, ours.work()});
       }
     }
 
@@ -289,17 +333,19 @@ int main(int argc, char** argv) {
     double fa2 = 0;
     for (const auto& o : rows)
       if (o.impl == "sdpa_flash" && o.N == r.N && o.D == r.D) fa2 = o.fwdbwd_ms;
-    std::cout << absl::StrFormat("%-12s %-6s %6s %6d %4d %12.3f %12.3f %12.3f %10.1f %9.3f %8.3f\n",
+    std::cout << absl::StrFormat("%-12s %-6s %6s %6d %4d %12.3f %12.3f %12.3f %10.1f %9.3f %8.3f %9d %9d\n",
                                  r.impl, r.mode, r.has_param ? absl::StrFormat("%g", r.param) : "-",
                                  r.N, r.D, r.fwd_ms, r.bwd_ms, r.fwdbwd_ms,
                                  flops / (r.fwdbwd_ms * 1e-3) / 1e12, fa2 > 0 ? r.fwdbwd_ms / fa2 : 0,
-                                 r.pack_ms);
+                                 r.pack_ms, r.work.fwd_pairs, r.work.bwd_pairs);
     nlohmann::json row = {{"impl", r.impl}, {"mode", r.mode}, {"N", r.N}, {"D", r.D},
                           {"B", r.B}, {"H", r.H}, {"fwd_ms", r.fwd_ms}, {"bwd_ms", r.bwd_ms},
                           {"fwdbwd_ms", r.fwdbwd_ms}};
     if (r.impl == "sparseflash") {
       row["pack_ms"] = r.pack_ms;
       row["deterministic"] = deterministic;
+      row["fwd_tile_pairs"] = r.work.fwd_pairs, row["fwd_blocks_met"] = r.work.fwd_blocks;
+      row["bwd_tile_pairs"] = r.work.bwd_pairs, row["bwd_blocks_met"] = r.work.bwd_blocks;
     }
     row["param"] = r.has_param ? nlohmann::json(r.param) : nlohmann::json(nullptr);
     j.push_back(row);
