@@ -89,6 +89,13 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* global, bool
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(global),
                "r"(bytes));
 }
+// One 4-byte copy (zero-filled when !valid).
+__device__ __forceinline__ void cp_async_4(void* smem, const void* global, bool valid) {
+  uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  int bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(addr), "l"(global),
+               "r"(bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n"); }
 
@@ -171,23 +178,55 @@ struct SmemTile {
   }
 };
 
+// The source rows of one thread's 16-byte copies of a kNumRows-row tile
+// (packed rows first .. first + kNumRows - 1, through perm when given; -1 past
+// n): read from the permutation (fetch), or from a [kNumRows] array in shared
+// memory that was filled a tile ahead (from_rows), which keeps the copies
+// from waiting on a dependent global load.
+template <int D, int kThreads, int kNumRows>
+struct RowGather {
+  static constexpr int kChunks = D / 8;
+  static constexpr int kPer = kNumRows * kChunks / kThreads;
+  static_assert((kNumRows * kChunks) % kThreads == 0, "whole rounds of 16-byte copies");
+  int orig[kPer];
+
+  __device__ __forceinline__ void fetch(const int* perm, int first, int n) {
+#pragma unroll
+    for (int it = 0; it < kPer; ++it) {
+      const int packed = first + (static_cast<int>(threadIdx.x) + it * kThreads) / kChunks;
+      orig[it] = packed < n ? (perm ? __ldg(perm + packed) : packed) : -1;
+    }
+  }
+  __device__ __forceinline__ void from_rows(const int* rows) {
+#pragma unroll
+    for (int it = 0; it < kPer; ++it)
+      orig[it] = rows[(static_cast<int>(threadIdx.x) + it * kThreads) / kChunks];
+  }
+};
+
+// Copies the rows of g into shared memory: chunk c (elements 8c..8c+7) of
+// row r goes to dst(r, c); rows past n are zero-filled.
+template <typename T, int D, int kThreads, int kNumRows, typename Dst>
+__device__ __forceinline__ void load_rows_gathered_to(Dst dst, const T* src, int64_t row_stride,
+                                                      const RowGather<D, kThreads, kNumRows>& g) {
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int it = 0; it < RowGather<D, kThreads, kNumRows>::kPer; ++it) {
+    const int idx = static_cast<int>(threadIdx.x) + it * kThreads;
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool valid = g.orig[it] >= 0;
+    cp_async_16(dst(r, c), src + (valid ? g.orig[it] : 0) * row_stride + c * 8, valid);
+  }
+}
+
 // Loads kNumRows packed rows (first .. first + kNumRows - 1, gathered through
-// perm when given) into shared memory: chunk c (elements 8c..8c+7) of row r
-// goes to dst(r, c); rows at or past n are zero-filled.
+// perm when given) into shared memory, as load_rows_gathered_to.
 template <typename T, int D, int kThreads, int kNumRows, typename Dst>
 __device__ __forceinline__ void load_rows_async_to(Dst dst, const T* src, int64_t row_stride,
                                                    const int* perm, int first, int n) {
-  constexpr int kChunks = D / 8;
-  static_assert((kNumRows * kChunks) % kThreads == 0, "whole rounds of 16-byte copies");
-#pragma unroll
-  for (int it = 0; it < kNumRows * kChunks / kThreads; ++it) {
-    const int idx = static_cast<int>(threadIdx.x) + it * kThreads;
-    const int r = idx / kChunks, c = idx % kChunks;
-    const int packed = first + r;
-    const bool valid = packed < n;
-    const int orig = valid ? (perm ? __ldg(perm + packed) : packed) : 0;
-    cp_async_16(dst(r, c), src + orig * row_stride + c * 8, valid);
-  }
+  RowGather<D, kThreads, kNumRows> g;
+  g.fetch(perm, first, n);
+  load_rows_gathered_to<T, D, kThreads, kNumRows>(dst, src, row_stride, g);
 }
 
 // The same into rows row0 .. row0 + kNumRows - 1 of an SmemTile.

@@ -266,15 +266,6 @@ __device__ __forceinline__ TileRange block_range(const TileRange* tiles, int nt,
   return qr;
 }
 
-// The key tiles a query block meets, streamed through two shared-memory
-// buffers (K0 V0 K1 V1, plus each row's position and bucket). The forward and
-// dQ passes both run:
-//   pipe.start(lane);
-//   while (pipe.kt >= 0) {
-//     pipe.wait_and_prefetch(lane);   // tile kt is in; tile kt+1 is on its way
-//     ... key_tile(), value_tile(), pos(), bucket(), all_allowed ...
-//     pipe.advance();
-//   }
 // Loads kNumRows packed rows (first .. first + kNumRows - 1) into a
 // [kNumRows x D] tile stored as 128B-swizzled panels (wgmma::sw128_index; the
 // base 1024-byte aligned); rows at or past n are zero-filled.
@@ -285,6 +276,41 @@ __device__ __forceinline__ void load_rows_async_sw128(T* base, const T* src, int
       [&](int r, int c) { return base + wgmma::sw128_index(r, c * 8, kNumRows); }, src, row_stride,
       perm, first, n);
 }
+
+// The same from rows read ahead (RowGather).
+template <typename T, int D, int kThreads, int kNumRows>
+__device__ __forceinline__ void load_rows_gathered_sw128(T* base, const T* src, int64_t row_stride,
+                                                         const RowGather<D, kThreads, kNumRows>& g) {
+  load_rows_gathered_to<T, D, kThreads, kNumRows>(
+      [&](int r, int c) { return base + wgmma::sw128_index(r, c * 8, kNumRows); }, src, row_stride,
+      g);
+}
+
+// Copies the rows of g into one [kNumRows x D] buffer: wgmma panels when
+// kPanels, else the SmemTile layout.
+template <typename T, int D, int kThreads, int kNumRows, bool kPanels>
+__device__ __forceinline__ void load_tile_gathered(T* base, const T* src, int64_t row_stride,
+                                                   const RowGather<D, kThreads, kNumRows>& g) {
+  if constexpr (kPanels)
+    load_rows_gathered_sw128<T, D, kThreads, kNumRows>(base, src, row_stride, g);
+  else
+    load_rows_gathered_to<T, D, kThreads, kNumRows>(
+        [&](int r, int c) { return SmemTile<T, D>{base}.at(r, c * 8); }, src, row_stride, g);
+}
+
+// The key tiles a query block meets, streamed through two shared-memory
+// buffers (K0 V0 K1 V1, plus each row's position and bucket). The forward and
+// dQ passes both run:
+//   pipe.start(lane);
+//   while (pipe.kt >= 0) {
+//     pipe.wait_and_prefetch(lane);   // tile kt is in; tile kt+1 is on its way
+//     ... key_tile(), value_tile(), pos(), bucket(), all_allowed ...
+//     pipe.advance();
+//   }
+// The source rows of the tile after next are read one iteration ahead
+// (RowGather), so the copies never wait on the permutation.
+// Shared-memory ints of a KeyPipeline: positions, buckets, source rows ahead.
+constexpr int kKeyPipelineInts = 6 * kRows;
 
 // kPanels: tiles in the 128B-swizzled panel layout that wgmma descriptors
 // read (and a proxy fence before the barrier that publishes them), instead of
@@ -301,25 +327,20 @@ struct KeyPipeline {
   int64_t k_base;
   int Nk;
   T* kv;
-  int *sKpos, *sKbucket;  // [2][kRows] each
+  int *sKpos, *sKbucket;  // [2][kRows] each, then sAhead [2][kRows] (kKeyPipelineInts in all)
   bool q_block_full;
   // state
-  int kt = -1, buf = 0, next_kt = -1;
+  int kt = -1, buf = 0, next_kt = -1, ahead_kt = -1;
   bool all_allowed = false, next_all = false;
   RowInfo next_info{0, 0, 0};
+  RowInfo ahead_info{0, 0, 0};  // row threadIdx.x of tile ahead_kt (threads < kRows)
 
-  __device__ __forceinline__ void issue(int tile, int b) {
-    if constexpr (kPanels) {
-      load_rows_async_sw128<T, D, kT, kRows>(kv + (2 * b) * kRows * D, k, k_stride, kperm,
-                                             tile * kRows, Nk);
-      load_rows_async_sw128<T, D, kT, kRows>(kv + (2 * b + 1) * kRows * D, v, v_stride, kperm,
-                                             tile * kRows, Nk);
-    } else {
-      load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * b) * kRows * D}, 0, k, k_stride,
-                                       kperm, tile * kRows, Nk);
-      load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{kv + (2 * b + 1) * kRows * D}, 0, v,
-                                       v_stride, kperm, tile * kRows, Nk);
-    }
+  // The source rows of the tile after next, [2][kRows] by buffer parity:
+  // written at advance(), read by the next wait_and_prefetch.
+  __device__ __forceinline__ int* ahead_rows(int b) const { return sKbucket + (2 + b) * kRows; }
+  __device__ __forceinline__ void issue(const RowGather<D, kT, kRows>& g, int b) {
+    load_tile_gathered<T, D, kT, kRows, kPanels>(kv + (2 * b) * kRows * D, k, k_stride, g);
+    load_tile_gathered<T, D, kT, kRows, kPanels>(kv + (2 * b + 1) * kRows * D, v, v_stride, g);
   }
   __device__ __forceinline__ bool all_allowed_for(int tile) const {
     return q_block_full && (tile + 1) * kRows <= Nk && tiles_all_allowed(qr, __ldg(&ktiles[tile]));
@@ -327,18 +348,31 @@ struct KeyPipeline {
   __device__ __forceinline__ RowInfo key_row(int tile) const {
     return row_info(*k_pack, k_base, tile * kRows + threadIdx.x, Nk, 0, kInvalidKeyBucket);
   }
+  // Finds the next meeting tile and reads its rows' data (loads in flight).
+  __device__ __forceinline__ void look_ahead(int lane) {
+    ahead_kt = it.next(lane);
+    if (ahead_kt >= 0 && threadIdx.x < kRows) ahead_info = key_row(ahead_kt);
+  }
+  __device__ __forceinline__ void store_ahead(int b) const {
+    if (threadIdx.x < kRows)
+      ahead_rows(b)[threadIdx.x] = ahead_kt * kRows + static_cast<int>(threadIdx.x) < Nk ? ahead_info.orig : -1;
+  }
   // Finds the first tile and starts loading it (one cp.async group).
   __device__ __forceinline__ void start(int lane) {
     it.fill(lane);
     kt = it.next(lane);
     if (kt >= 0) {
-      issue(kt, 0);
+      RowGather<D, kT, kRows> g;
+      g.fetch(kperm, kt * kRows, Nk);
+      issue(g, 0);
       all_allowed = all_allowed_for(kt);
       if (threadIdx.x < kRows) {
         const RowInfo ki = key_row(kt);
         sKpos[threadIdx.x] = ki.pos;
         sKbucket[threadIdx.x] = ki.bucket;
       }
+      look_ahead(lane);
+      if (ahead_kt >= 0) store_ahead(1);
     }
     cp_async_commit();
   }
@@ -347,12 +381,15 @@ struct KeyPipeline {
     cp_async_wait_all();
     if constexpr (kPanels) wgmma::fence_proxy_async_shared();  // visible to wgmma
     __syncthreads();  // tile kt landed; everyone is done with the other buffer
-    next_kt = it.next(lane);
+    next_kt = ahead_kt;
     next_all = false;
     if (next_kt >= 0) {
-      issue(next_kt, buf ^ 1);
+      RowGather<D, kT, kRows> g;
+      g.from_rows(ahead_rows(buf ^ 1));
+      issue(g, buf ^ 1);
       next_all = all_allowed_for(next_kt);
-      if (threadIdx.x < kRows) next_info = key_row(next_kt);
+      next_info = ahead_info;
+      look_ahead(lane);
     }
     cp_async_commit();
   }
@@ -370,6 +407,7 @@ struct KeyPipeline {
       sKpos[(buf ^ 1) * kRows + threadIdx.x] = next_info.pos;
       sKbucket[(buf ^ 1) * kRows + threadIdx.x] = next_info.bucket;
     }
+    if (ahead_kt >= 0) store_ahead(buf);
     kt = next_kt;
     all_allowed = next_all;
     buf ^= 1;
@@ -615,8 +653,8 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   T* smem = reinterpret_cast<T*>(smem_raw);
   SmemTile<T, D> sQ{smem};
   T* kv = smem + kBR * D;  // K0 V0 K1 V1
-  int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);  // [2][kRows]
-  int* sKbucket = sKpos + 2 * kRows;                        // [2][kRows]
+  int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);  // kKeyPipelineInts
+  int* sKbucket = sKpos + 2 * kRows;
 
   const ForwardBlock<T> fb = forward_block<T, kBR>(p);
   const int bh = fb.bh, b = fb.b, h = fb.h, q0 = fb.q0, nkt = fb.nkt;
@@ -704,8 +742,8 @@ __global__ void __launch_bounds__(kWgFwdWarps * 32, D == 64 ? 2 : 1)
   T* smem = reinterpret_cast<T*>(smem_raw + ((1024 - wgmma::smem_addr(smem_raw) % 1024) % 1024));
   T* sQ = smem;            // [kBR x D] panels
   T* kv = sQ + kBR * D;    // K0 V0 K1 V1, [kRows x D] panels each
-  int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);  // [2][kRows]
-  int* sKbucket = sKpos + 2 * kRows;                        // [2][kRows]
+  int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);  // kKeyPipelineInts
+  int* sKbucket = sKpos + 2 * kRows;
 
   const ForwardBlock<T> fb = forward_block<T, kBR>(p);
   const int bh = fb.bh, b = fb.b, h = fb.h, q0 = fb.q0, nkt = fb.nkt;
@@ -716,13 +754,15 @@ __global__ void __launch_bounds__(kWgFwdWarps * 32, D == 64 ? 2 : 1)
   const int *qperm = fb.qperm, *kperm = fb.kperm;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
 
-  load_rows_async_sw128<T, D, kT, kBR>(sQ, q, p.q_layout.n, qperm, q0, p.Nq);
-
   const IndexRange range = key_tile_range(ktiles, nkt, qr, kperm == nullptr, lane);
   KeyPipeline<T, D, kT, true> pipe{ktiles, qr, MeetIter{ktiles, qr, range.lo, range.hi, 0u, true},
                                    k, v, p.k_layout.n, p.v_layout.n, kperm, &p.k_pack, k_base,
                                    p.Nk, kv, sKpos, sKbucket, q0 + kBR <= p.Nq};
   pipe.start(lane);
+  // Q only when a key tile meets the block (with dropping most blocks meet
+  // none and just write zeros).
+  if (pipe.kt >= 0) load_rows_async_sw128<T, D, kT, kBR>(sQ, q, p.q_layout.n, qperm, q0, p.Nq);
+  cp_async_commit();
 
   RowInfo rows[2];
   bool valid[2];
@@ -782,7 +822,6 @@ __global__ void __launch_bounds__(kWgFwdWarps * 32, D == 64 ? 2 : 1)
 
     pipe.advance();
   }
-  cp_async_wait_all();  // Q's copies when no key tile met the block
 
   finish_rows<T, D>([&](int dn, int e) -> float& { return o[4 * dn + e]; }, l, m, scale_log2, p,
                     b, h, bh, rows, valid, lane);
@@ -843,13 +882,10 @@ __device__ __forceinline__ void dq_atomic_mma_sync(SmemTile<T, kRows> sdS, SmemT
 // pairs that meet a block of keys, with Q and dO of each pair loaded into one
 // of two buffers (qdo: Q0 dO0 Q1 dO1, [kRows x D] each; kPanels: as wgmma
 // panels, else SmemTile layout) and the pair's per-row metadata.
-struct QMeta {
-  int pos, bucket;
-  float lse, delta;  // lse in the log2 domain (0 for rows with no key)
-  int orig;          // original row, -1 past Nq
-};
+// Shared-memory ints of a QueryTileStream's metadata.
+constexpr int kQueryStreamInts = 2 * 6 * kRows;
 
-template <typename T, int D, int kT, bool kPanels>
+template <typename T, int D, int kT, bool kPanels, bool kLookAhead = true>
 struct QueryTileStream {
   const BackwardParams& p;
   int b, hk, group, nqt;
@@ -857,7 +893,9 @@ struct QueryTileStream {
   TileRange kr;              // the key block's range
   bool q_identity;
   T* qdo;
-  int* meta;  // [2 buffers][pos, bucket, lse, delta, orig][kRows]
+  // [2 buffers][pos, bucket, lse, delta, orig, rows ahead][kRows] (kQueryStreamInts):
+  // lse is the forward's (natural log, -inf for rows with no key), orig -1 past Nq.
+  int* meta;
   int g = 0;
   MeetIter it;
 
@@ -880,43 +918,40 @@ struct QueryTileStream {
       start_head(g, lane);
     }
   }
-  __device__ __forceinline__ void issue(int gg, int qt, int bf) const {
+  __device__ __forceinline__ const int* qperm_of(int gg) const {
     const ForwardParams& f = p.fwd;
     const int bh = b * f.H + hk * group + gg;
-    const int* qperm = f.q_pack.perm ? f.q_pack.perm + static_cast<int64_t>(bh) * f.Nq : nullptr;
+    return f.q_pack.perm ? f.q_pack.perm + static_cast<int64_t>(bh) * f.Nq : nullptr;
+  }
+  // Starts the copies of Q and dO of head gg's rows in g into buffer bf.
+  __device__ __forceinline__ void issue(int gg, const RowGather<D, kT, kRows>& g, int bf) const {
+    const ForwardParams& f = p.fwd;
     const T* q = head_ptr<T>(f.q, f.q_layout, b, hk * group + gg);
     const T* dout = head_ptr<T>(p.dout, p.dout_layout, b, hk * group + gg);
-    if constexpr (kPanels) {
-      load_rows_async_sw128<T, D, kT, kRows>(qdo + (2 * bf) * kRows * D, q, f.q_layout.n, qperm,
-                                             qt * kRows, f.Nq);
-      load_rows_async_sw128<T, D, kT, kRows>(qdo + (2 * bf + 1) * kRows * D, dout,
-                                             p.dout_layout.n, qperm, qt * kRows, f.Nq);
-    } else {
-      load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{qdo + (2 * bf) * kRows * D}, 0, q,
-                                       f.q_layout.n, qperm, qt * kRows, f.Nq);
-      load_rows_async<T, D, kT, kRows>(SmemTile<T, D>{qdo + (2 * bf + 1) * kRows * D}, 0, dout,
-                                       p.dout_layout.n, qperm, qt * kRows, f.Nq);
-    }
+    load_tile_gathered<T, D, kT, kRows, kPanels>(qdo + (2 * bf) * kRows * D, q, f.q_layout.n, g);
+    load_tile_gathered<T, D, kT, kRows, kPanels>(qdo + (2 * bf + 1) * kRows * D, dout,
+                                                 p.dout_layout.n, g);
   }
-  // Row threadIdx.x of the pair (threads < kRows).
-  __device__ __forceinline__ QMeta load_meta(int gg, int qt) const {
+  // Row threadIdx.x of the pair (threads < kRows): its packed-row data.
+  __device__ __forceinline__ RowInfo meta_row(int gg, int qt) const {
     const ForwardParams& f = p.fwd;
-    const int bh = b * f.H + hk * group + gg;
-    const int64_t q_base = static_cast<int64_t>(bh) * f.Nq;
-    const RowInfo qi = row_info(f.q_pack, q_base, qt * kRows + threadIdx.x, f.Nq, f.Nk - f.Nq,
-                                kInvalidQueryBucket);
-    const bool in = qt * kRows + static_cast<int>(threadIdx.x) < f.Nq;
-    const float lse = in ? f.lse[q_base + qi.orig] : -INFINITY;
-    return QMeta{qi.pos, qi.bucket, lse == -INFINITY ? 0.f : lse * kLog2e,
-                 in ? p.delta[q_base + qi.orig] : 0.f, in ? qi.orig : -1};
+    const int64_t q_base = static_cast<int64_t>(b * f.H + hk * group + gg) * f.Nq;
+    return row_info(f.q_pack, q_base, qt * kRows + threadIdx.x, f.Nq, f.Nk - f.Nq,
+                    kInvalidQueryBucket);
   }
-  __device__ __forceinline__ void store_meta(const QMeta& mt, int bf) const {
-    int* m = meta + bf * 5 * kRows;
-    m[threadIdx.x] = mt.pos;
-    m[kRows + threadIdx.x] = mt.bucket;
-    reinterpret_cast<float*>(m)[2 * kRows + threadIdx.x] = mt.lse;
-    reinterpret_cast<float*>(m)[3 * kRows + threadIdx.x] = mt.delta;
-    m[4 * kRows + threadIdx.x] = mt.orig;
+  // Row threadIdx.x's metadata into buffer bf (threads < kRows): position,
+  // bucket and original row from qi, lse and delta by cp.async (in the pair's
+  // copy group), so nothing waits on a load here.
+  __device__ __forceinline__ void store_meta(int gg, int qt, const RowInfo& qi, int bf) const {
+    const ForwardParams& f = p.fwd;
+    const int64_t q_base = static_cast<int64_t>(b * f.H + hk * group + gg) * f.Nq;
+    const bool in = qt * kRows + static_cast<int>(threadIdx.x) < f.Nq;
+    int* m = meta + bf * 6 * kRows;
+    m[threadIdx.x] = qi.pos;
+    m[kRows + threadIdx.x] = qi.bucket;
+    cp_async_4(m + 2 * kRows + threadIdx.x, f.lse + q_base + qi.orig, in);
+    cp_async_4(m + 3 * kRows + threadIdx.x, p.delta + q_base + qi.orig, in);
+    m[4 * kRows + threadIdx.x] = in ? qi.orig : -1;
   }
   __device__ __forceinline__ TileRange tile_of(int gg, int qt) const {
     return __ldg(&qtiles0[static_cast<int64_t>(gg) * nqt + qt]);
@@ -927,37 +962,73 @@ struct QueryTileStream {
   //     cp_async_wait_all(); __syncthreads();
   //     qs.prefetch(lane);      // next pair into the other buffer
   //     ... qs.cur, qs.cg, qs.cqt, buffer qs.bf ...
-  //     qs.advance();           // publishes the next pair's metadata
+  //     qs.advance();
   //   }
-  bool have = false, nhave = false;
-  int cg = 0, cqt = 0, ng = 0, nqt_ = 0, bf = 0;
+  // The pair after next is found one iteration ahead and its source rows and
+  // packed-row data read then (loads in flight), so that neither the copies
+  // nor the metadata loads wait on the permutation.
+  bool have = false, nhave = false, ahave = false;
+  int cg = 0, cqt = 0, ng = 0, nqt_ = 0, ag = 0, aqt = 0, bf = 0;
   TileRange cur{0, -1, 0, -1}, ntile{0, -1, 0, -1};
-  QMeta nmeta{0, 0, 0.f, 0.f, -1};
+  RowInfo arow{0, 0, 0};  // row threadIdx.x of pair (ag, aqt) (threads < kRows)
 
+  // Its source rows, [kRows] in buffer b's metadata: written at advance(),
+  // read by the next prefetch.
+  __device__ __forceinline__ int* ahead_rows(int b) const { return meta + b * 6 * kRows + 5 * kRows; }
+  __device__ __forceinline__ void look_ahead(int lane) {
+    ahave = next(ag, aqt, lane);
+    if (ahave && threadIdx.x < kRows) arow = meta_row(ag, aqt);
+  }
+  __device__ __forceinline__ void store_ahead(int b) const {
+    if (threadIdx.x < kRows)
+      ahead_rows(b)[threadIdx.x] =
+          aqt * kRows + static_cast<int>(threadIdx.x) < p.fwd.Nq ? arow.orig : -1;
+  }
   // Finds the first pair and starts loading it (one cp.async group).
   __device__ __forceinline__ void begin(int lane) {
     start_head(0, lane);
     have = next(cg, cqt, lane);
     if (have) {
-      issue(cg, cqt, 0);
+      RowGather<D, kT, kRows> g;
+      g.fetch(qperm_of(cg), cqt * kRows, p.fwd.Nq);
+      issue(cg, g, 0);
       cur = tile_of(cg, cqt);
-      if (threadIdx.x < kRows) store_meta(load_meta(cg, cqt), 0);
+      if (threadIdx.x < kRows) store_meta(cg, cqt, meta_row(cg, cqt), 0);
+      if constexpr (kLookAhead) {
+        look_ahead(lane);
+        if (ahave) store_ahead(1);
+      }
     }
     cp_async_commit();
   }
   // Starts loading the next pair into the other buffer (one cp.async group).
   __device__ __forceinline__ void prefetch(int lane) {
-    nhave = next(ng, nqt_, lane);
     ntile = TileRange{0, -1, 0, -1};
-    if (nhave) {
-      issue(ng, nqt_, bf ^ 1);
-      ntile = tile_of(ng, nqt_);
-      if (threadIdx.x < kRows) nmeta = load_meta(ng, nqt_);
+    if constexpr (kLookAhead) {
+      nhave = ahave;
+      if (nhave) {
+        ng = ag, nqt_ = aqt;
+        RowGather<D, kT, kRows> g;
+        g.from_rows(ahead_rows(bf ^ 1));
+        issue(ng, g, bf ^ 1);
+        ntile = tile_of(ng, nqt_);
+        if (threadIdx.x < kRows) store_meta(ng, nqt_, arow, bf ^ 1);
+        look_ahead(lane);
+      }
+    } else {
+      nhave = next(ng, nqt_, lane);
+      if (nhave) {
+        RowGather<D, kT, kRows> g;
+        g.fetch(qperm_of(ng), nqt_ * kRows, p.fwd.Nq);
+        issue(ng, g, bf ^ 1);
+        ntile = tile_of(ng, nqt_);
+        if (threadIdx.x < kRows) store_meta(ng, nqt_, meta_row(ng, nqt_), bf ^ 1);
+      }
     }
     cp_async_commit();
   }
   __device__ __forceinline__ void advance() {
-    if (nhave && threadIdx.x < kRows) store_meta(nmeta, bf ^ 1);
+    if (kLookAhead && ahave) store_ahead(bf);
     have = nhave;
     cur = ntile;
     cg = ng;
@@ -965,7 +1036,7 @@ struct QueryTileStream {
     bf ^= 1;
   }
   // Buffer bf's metadata.
-  __device__ __forceinline__ const int* pos(int bf) const { return meta + bf * 5 * kRows; }
+  __device__ __forceinline__ const int* pos(int bf) const { return meta + bf * 6 * kRows; }
   __device__ __forceinline__ const int* bucket(int bf) const { return pos(bf) + kRows; }
   __device__ __forceinline__ const float* lse(int bf) const {
     return reinterpret_cast<const float*>(pos(bf) + 2 * kRows);
@@ -976,7 +1047,9 @@ struct QueryTileStream {
 
 // P^T of one warp's keys (rows) against a query tile (columns), in place on
 // the S^T accumulators s(nb, e) (the m16n8 C layout): exp2(S^T scale_log2 -
-// lse), masked pairs 0.
+// lse log2(e)) with the forward's natural-log lse, masked pairs 0. A row with
+// no allowed key (lse -inf) is masked in every pair, so its +inf never
+// survives the mask, and an all-allowed tile has no such row.
 template <typename SAt>
 __device__ __forceinline__ void backward_probs(SAt s, bool all_allowed, const float* sLse,
                                                const int* sQbucket, const int* sQpos,
@@ -987,12 +1060,13 @@ __device__ __forceinline__ void backward_probs(SAt s, bool all_allowed, const fl
     for (int nb = 0; nb < 8; ++nb) {
       const int col = nb * 8 + (lane % 4) * 2;
       const float2 lse = *reinterpret_cast<const float2*>(sLse + col);
+      const float lse2x = lse.x * kLog2e, lse2y = lse.y * kLog2e;
       ColumnPair qc;
       if constexpr (decltype(masked)::value) qc = column_pair(sQbucket, sQpos, col);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int i = e >> 1;
-        float x = s(nb, e) * scale_log2 - ((e & 1) ? lse.y : lse.x);
+        float x = fmaf(s(nb, e), scale_log2, -((e & 1) ? lse2y : lse2x));
         if constexpr (decltype(masked)::value) {
           x = pair_allowed(qc.b(e), qc.p(e), rows[i].bucket, rows[i].pos) ? x : -INFINITY;
         }
@@ -1046,9 +1120,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   // dS^T of the current query tile, [key][query] (kAtomicDq only).
   SmemTile<T, kRows> sdS{qdo + 4 * kRows * D};
   int* meta = reinterpret_cast<int*>(qdo + 4 * kRows * D + (kAtomicDq ? kBwdKeys * kRows : 0));
-  // meta: [2 buffers][pos, bucket, lse, delta, orig][kRows], then per warp 1 << warp if
+  // meta: the query stream's kQueryStreamInts, then per warp 1 << warp if
   // its keys met the query tile, else 0.
-  int* warp_active = meta + 2 * 5 * kRows;
+  int* warp_active = meta + kQueryStreamInts;
 
   const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
@@ -1065,7 +1139,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   const SwizzledLane<D> la = ldm_lane_a<D>(lane), lb = ldm_lane_b<D>(lane);
   // dS^T tile (kRows columns): stores of accumulator pairs, B-pattern loads.
   const SwizzledLane<kRows> ds_acc = acc_lane<kRows>(lane);
-  QueryTileStream<T, D, kT, false> qs{
+  QueryTileStream<T, D, kT, false, D == 64> qs{
       p, b, hk, group, nqt, f.q_pack.tiles + static_cast<int64_t>(b * f.H + hk * group) * nqt, kr,
       f.q_pack.perm == nullptr, qdo, meta};
   qs.begin(lane);
@@ -1309,9 +1383,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   T* qdo = sV + kBwdKeys * D;            // Q0 dO0 Q1 dO1, [kRows x D] panels each
   T* sdS = qdo + 4 * kRows * D;          // dS^T [kBwdKeys x kRows], one panel
   int* meta = reinterpret_cast<int*>(sdS + kBwdKeys * kRows);
-  // meta: [2 buffers][pos, bucket, lse, delta, orig][kRows], then per
+  // meta: the query stream's kQueryStreamInts, then per
   // warpgroup 1 if its keys met the query tile.
-  int* wg_active = meta + 2 * 5 * kRows;
+  int* wg_active = meta + kQueryStreamInts;
 
   const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
@@ -1319,16 +1393,22 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
   const TileRange kr = block_range<kBwdKeys>(f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt, nkt, k0);
   const int* kperm = f.k_pack.perm ? f.k_pack.perm + k_base : nullptr;
-  load_rows_async_sw128<T, D, kT, kBwdKeys>(sK, head_ptr<T>(f.k, f.k_layout, b, hk), f.k_layout.n,
-                                            kperm, k0, f.Nk);
-  load_rows_async_sw128<T, D, kT, kBwdKeys>(sV, head_ptr<T>(f.v, f.v_layout, b, hk), f.v_layout.n,
-                                            kperm, k0, f.Nk);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
-  QueryTileStream<T, D, kT, true> qs{
+  // At D = 128 the look-ahead's registers would spill in the loop.
+  QueryTileStream<T, D, kT, true, D == 64> qs{
       p, b, hk, group, nqt, f.q_pack.tiles + static_cast<int64_t>(b * f.H + hk * group) * nqt, kr,
       f.q_pack.perm == nullptr, qdo, meta};
   qs.begin(lane);
+  // K and V only when a query tile meets the block (with dropping most blocks
+  // meet none and just write zeros).
+  if (qs.have) {
+    load_rows_async_sw128<T, D, kT, kBwdKeys>(sK, head_ptr<T>(f.k, f.k_layout, b, hk),
+                                              f.k_layout.n, kperm, k0, f.Nk);
+    load_rows_async_sw128<T, D, kT, kBwdKeys>(sV, head_ptr<T>(f.v, f.v_layout, b, hk),
+                                              f.v_layout.n, kperm, k0, f.Nk);
+  }
+  cp_async_commit();
 
   // This thread's two keys, and the bucket and position ranges of the
   // warpgroup's 64 keys (for skipping).
@@ -1702,7 +1782,7 @@ template <int D>
 cudaError_t forward_wgmma(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kWgFwdWarps * 16;
   const size_t smem =
-      1024 + (kBR + 4 * kRows) * D * sizeof(__nv_bfloat16) + 4 * kRows * sizeof(int);
+      1024 + (kBR + 4 * kRows) * D * sizeof(__nv_bfloat16) + kKeyPipelineInts * sizeof(int);
   dim3 grid((p.Nq + kBR - 1) / kBR, p.B * p.H);
   return launch_kernel(forward_kernel_wgmma<D>, grid, kWgFwdWarps * 32, smem, stream, p);
 }
@@ -1710,7 +1790,7 @@ cudaError_t forward_wgmma(const ForwardParams& p, cudaStream_t stream) {
 template <typename T, int D>
 cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kFwdWarps * 16;
-  const size_t smem = (kBR + 4 * kRows) * D * sizeof(T) + 4 * kRows * sizeof(int);
+  const size_t smem = (kBR + 4 * kRows) * D * sizeof(T) + kKeyPipelineInts * sizeof(int);
   dim3 grid((p.Nq + kBR - 1) / kBR, p.B * p.H);
   return launch_kernel(forward_kernel<T, D, kFwdWarps>, grid, kFwdWarps * 32, smem, stream, p);
 }
@@ -1724,11 +1804,11 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
   const bool atomic_dq = p.dq_accum != nullptr;
   const size_t smem_kv =
       (2 * kBwdKeys * D + 4 * kRows * D + (atomic_dq ? kBwdKeys * kRows : 0)) * sizeof(T) +
-      (2 * 5 * kRows + kBwdWarps) * sizeof(int);
+      (kQueryStreamInts + kBwdWarps) * sizeof(int);
   // The wgmma dK/dV kernel: panels 1024-byte aligned (slack), dS^T always
   // present, flags and the warpgroup reduction after the metadata.
   const size_t smem_kv_wgmma = 1024 + (2 * kBwdKeys * D + 4 * kRows * D + kBwdKeys * kRows) * sizeof(T) +
-                               (2 * 5 * kRows + 2 + 10) * sizeof(int);
+                               (kQueryStreamInts + 2 + 10) * sizeof(int);
   const bool wgmma_bwd = std::is_same_v<T, __nv_bfloat16> && wgmma_backward_enabled(f.dtype);
   const dim3 grid_kv((f.Nk + kBwdKeys - 1) / kBwdKeys, f.B * f.Hkv);
   if (atomic_dq) {
@@ -1754,7 +1834,7 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
       e != cudaSuccess)
     return e;
   constexpr int kBR = kDqWarps * 16;
-  const size_t smem_q = (2 * kBR + 4 * kRows) * D * sizeof(T) + 4 * kRows * sizeof(int);
+  const size_t smem_q = (2 * kBR + 4 * kRows) * D * sizeof(T) + kKeyPipelineInts * sizeof(int);
   return launch_kernel(dq_kernel<T, D, kDqWarps>, dim3((f.Nq + kBR - 1) / kBR, f.B * f.H),
                        kDqWarps * 32, smem_q, stream, p);
 }
