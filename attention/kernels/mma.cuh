@@ -29,6 +29,12 @@ struct Pack2<__nv_bfloat16> {
   }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  // The two values of a packed pair (low half first).
+  static __device__ __forceinline__ float2 unpack(uint32_t w) {
+    __nv_bfloat162 v;
+    *reinterpret_cast<uint32_t*>(&v) = w;
+    return __bfloat1622float2(v);
+  }
 };
 template <>
 struct Pack2<__half> {
@@ -38,6 +44,11 @@ struct Pack2<__half> {
   }
   static __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ float2 unpack(uint32_t w) {
+    __half2 v;
+    *reinterpret_cast<uint32_t*>(&v) = w;
+    return __half22float2(v);
+  }
 };
 
 template <typename T>

@@ -354,7 +354,7 @@ struct KeyPipeline {
     if (ahead_kt >= 0 && threadIdx.x < kRows) ahead_info = key_row(ahead_kt);
   }
   __device__ __forceinline__ void store_ahead(int b) const {
-    if (threadIdx.x < kRows)
+    if (kperm && threadIdx.x < kRows)
       ahead_rows(b)[threadIdx.x] = ahead_kt * kRows + static_cast<int>(threadIdx.x) < Nk ? ahead_info.orig : -1;
   }
   // Finds the first tile and starts loading it (one cp.async group).
@@ -385,7 +385,10 @@ struct KeyPipeline {
     next_all = false;
     if (next_kt >= 0) {
       RowGather<D, kT, kRows> g;
-      g.from_rows(ahead_rows(buf ^ 1));
+      if (kperm)
+        g.from_rows(ahead_rows(buf ^ 1));
+      else
+        g.fetch(nullptr, next_kt * kRows, Nk);  // identity: nothing to wait for
       issue(g, buf ^ 1);
       next_all = all_allowed_for(next_kt);
       next_info = ahead_info;
@@ -980,7 +983,7 @@ struct QueryTileStream {
     if (ahave && threadIdx.x < kRows) arow = meta_row(ag, aqt);
   }
   __device__ __forceinline__ void store_ahead(int b) const {
-    if (threadIdx.x < kRows)
+    if (!q_identity && threadIdx.x < kRows)
       ahead_rows(b)[threadIdx.x] =
           aqt * kRows + static_cast<int>(threadIdx.x) < p.fwd.Nq ? arow.orig : -1;
   }
@@ -1009,7 +1012,10 @@ struct QueryTileStream {
       if (nhave) {
         ng = ag, nqt_ = aqt;
         RowGather<D, kT, kRows> g;
-        g.from_rows(ahead_rows(bf ^ 1));
+        if (q_identity)
+          g.fetch(nullptr, nqt_ * kRows, p.fwd.Nq);  // nothing to wait for
+        else
+          g.from_rows(ahead_rows(bf ^ 1));
         issue(ng, g, bf ^ 1);
         ntile = tile_of(ng, nqt_);
         if (threadIdx.x < kRows) store_meta(ng, nqt_, arow, bf ^ 1);
@@ -1080,21 +1086,44 @@ __device__ __forceinline__ void backward_probs(SAt s, bool all_allowed, const fl
     probs(std::true_type{});
 }
 
-// delta = rowsum(dout * out), one warp per row, original order.
+// delta = rowsum(dout * out), original order, D / 8 threads per row with 8
+// elements each (16-byte loads when `vec`: out and dout 16-byte aligned, their
+// strides multiples of 8). Rows with no allowed key (lse -inf; their output is
+// 0) get delta 0 without being read. With atomic dQ it also zeroes the rows of
+// dq_accum that dQ will be read from (dq_finalize_kernel writes 0 for the rest).
 template <typename T, int D>
-__global__ void delta_kernel(const __grid_constant__ BackwardParams p) {
+__global__ void delta_kernel(const __grid_constant__ BackwardParams p, bool vec) {
+  constexpr int kPerRow = D / 8;
   const ForwardParams& f = p.fwd;
-  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= static_cast<int64_t>(f.B) * f.H * f.Nq) return;
-  const int i = row % f.Nq, bh = row / f.Nq, b = bh / f.H, h = bh % f.H;
-  const T* o = head_ptr<T>(f.out, f.out_layout, b, h) + i * f.out_layout.n;
-  const T* d = head_ptr<T>(p.dout, p.dout_layout, b, h) + i * p.dout_layout.n;
+  const int64_t row = blockIdx.x * int64_t(blockDim.x / kPerRow) + threadIdx.x / kPerRow;
+  const int c = (threadIdx.x % kPerRow) * 8;
+  if (row >= static_cast<int64_t>(f.B) * f.H * f.Nq) return;  // whole rows: kPerRow divides 32
+  const bool live = f.lse[row] != -INFINITY;
   float sum = 0.f;
-  for (int c = lane; c < D; c += 32) sum += Pack2<T>::to_float(o[c]) * Pack2<T>::to_float(d[c]);
+  if (live) {
+    const int i = row % f.Nq, bh = row / f.Nq, b = bh / f.H, h = bh % f.H;
+    const T* o = head_ptr<T>(f.out, f.out_layout, b, h) + i * f.out_layout.n + c;
+    const T* d = head_ptr<T>(p.dout, p.dout_layout, b, h) + i * p.dout_layout.n + c;
+    if (vec) {
+      const uint4 ov = *reinterpret_cast<const uint4*>(o), dv = *reinterpret_cast<const uint4*>(d);
+      const uint32_t ow[4] = {ov.x, ov.y, ov.z, ov.w}, dw[4] = {dv.x, dv.y, dv.z, dv.w};
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffff, sum, off);
-  if (lane == 0) p.delta[row] = sum;
+      for (int e = 0; e < 4; ++e) {
+        const float2 a = Pack2<T>::unpack(ow[e]), g = Pack2<T>::unpack(dw[e]);
+        sum = fmaf(a.x, g.x, fmaf(a.y, g.y, sum));
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum += Pack2<T>::to_float(o[e]) * Pack2<T>::to_float(d[e]);
+    }
+    if (p.dq_accum != nullptr) {
+      float4* z = reinterpret_cast<float4*>(p.dq_accum + row * D + c);
+      z[0] = z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+#pragma unroll
+  for (int off = kPerRow / 2; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffff, sum, off);
+  if (c == 0) p.delta[row] = sum;
 }
 
 // dK, dV for a block of kBwdKeys packed keys, 16 per warp: loops over the
@@ -1614,8 +1643,11 @@ __global__ void dq_finalize_kernel(const __grid_constant__ BackwardParams p, boo
   const int64_t row = chunk / (D / 8);
   const int c = static_cast<int>(chunk % (D / 8)) * 8;
   const int i = row % f.Nq, bh = row / f.Nq, b = bh / f.H, h = bh % f.H;
+  // Rows with no allowed key have dQ 0, and delta_kernel left their dq_accum alone.
+  const bool live = f.lse[row] != -INFINITY;
   const float4* src = reinterpret_cast<const float4*>(p.dq_accum + row * D + c);
-  const float4 x = src[0], y = src[1];
+  const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+  const float4 x = live ? src[0] : zero, y = live ? src[1] : zero;
   T* dst = static_cast<T*>(p.dq) + b * p.dq_layout.b + h * p.dq_layout.h + i * p.dq_layout.n + c;
   if (vec) {
     uint4 out;
@@ -1799,7 +1831,14 @@ template <typename T, int D>
 cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
   const ForwardParams& f = p.fwd;
   const int64_t rows = static_cast<int64_t>(f.B) * f.H * f.Nq;
-  delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);
+  const bool delta_vec = reinterpret_cast<uintptr_t>(f.out) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(p.dout) % 16 == 0 && f.out_layout.b % 8 == 0 &&
+                         f.out_layout.h % 8 == 0 && f.out_layout.n % 8 == 0 &&
+                         p.dout_layout.b % 8 == 0 && p.dout_layout.h % 8 == 0 &&
+                         p.dout_layout.n % 8 == 0;
+  constexpr int kDeltaRows = 256 / (D / 8);
+  delta_kernel<T, D><<<static_cast<unsigned>((rows + kDeltaRows - 1) / kDeltaRows), 256, 0, stream>>>(
+      p, delta_vec);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   const bool atomic_dq = p.dq_accum != nullptr;
   const size_t smem_kv =
@@ -1812,9 +1851,7 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
   const bool wgmma_bwd = std::is_same_v<T, __nv_bfloat16> && wgmma_backward_enabled(f.dtype);
   const dim3 grid_kv((f.Nk + kBwdKeys - 1) / kBwdKeys, f.B * f.Hkv);
   if (atomic_dq) {
-    if (cudaError_t e = cudaMemsetAsync(p.dq_accum, 0, rows * D * sizeof(float), stream);
-        e != cudaSuccess)
-      return e;
+    // dq_accum was zeroed by delta_kernel (the rows that dQ reaches).
     cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, true>, grid_kv, kBwdWarps * 32,
                                               smem_kv_wgmma, stream, p)
                               : launch_kernel(dkdv_kernel<T, D, true>, grid_kv, kBwdWarps * 32,
