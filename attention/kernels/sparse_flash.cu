@@ -1410,11 +1410,23 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   T* sK = smem;                          // [kBwdKeys x D] panels
   T* sV = sK + kBwdKeys * D;
   T* qdo = sV + kBwdKeys * D;            // Q0 dO0 Q1 dO1, [kRows x D] panels each
-  T* sdS = qdo + 4 * kRows * D;          // dS^T [kBwdKeys x kRows], one panel
-  int* meta = reinterpret_cast<int*>(sdS + kBwdKeys * kRows);
-  // meta: the query stream's kQueryStreamInts, then per
-  // warpgroup 1 if its keys met the query tile.
+  // dS^T [kBwdKeys x kRows], one panel each; two when dQ is deferred (below).
+  T* sdS = qdo + 4 * kRows * D;
+  int* meta = reinterpret_cast<int*>(sdS + 2 * kBwdKeys * kRows);
+  // meta: the query stream's kQueryStreamInts, then per dS^T buffer and
+  // warpgroup 1 if its keys met the query tile ([2][2]), a reduction area
+  // ([2][5]) and per dS^T buffer the query tile's original rows ([2][kRows]).
   int* wg_active = meta + kQueryStreamInts;
+  int* dq_orig = wg_active + 4 + 10;
+  // D = 64: the dQ of query tile i runs in iteration i + 1, while
+  // that iteration's S^T / dP^T wgmma are in flight; its dS^T, flags and
+  // original rows are double-buffered and published by the iteration's first
+  // barrier, so the loop has one block barrier per tile instead of two.
+  // At D = 64 a [128 x 64] dS^T panel is exactly dkdv_kernel's SmemTile<T, 64>
+  // layout, so that dQ runs on its mma.sync code: warp w takes query rows
+  // 16 (w % 4) .. +15 and columns 32 (w / 4) .. +31, one atomic per element
+  // (a wgmma dQ would need N = 32, or two partial sums).
+  constexpr bool kDeferDq = kAtomicDq && D == 64;
 
   const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
@@ -1462,7 +1474,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   {
     // Reduce over the warpgroup through shared memory (reusing wg_active's
     // neighbours would race; a small dedicated area follows it).
-    int* red = wg_active + 2;  // [2 warpgroups][5]
+    int* red = wg_active + 4;  // [2 warpgroups][5]
     if (threadIdx.x < 10) red[threadIdx.x] = (threadIdx.x % 5 == 0 || threadIdx.x % 5 == 2)
                                                  ? INT_MAX
                                                  : (threadIdx.x % 5 == 4 ? 1 : INT_MIN);
@@ -1489,6 +1501,19 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   const uint32_t k_addr = wgmma::smem_addr(sK), v_addr = wgmma::smem_addr(sV);
   const uint32_t ds_addr = wgmma::smem_addr(sdS);
 
+  int dsb = 0;              // this tile's dS^T buffer (kDeferDq)
+  bool dq_pending = false;  // the previous tile's dQ is still to do
+  int dq_cg = 0;            // its query head in the group
+  // dQ += dS K of the tile whose dS^T is in buffer db (kDeferDq).
+  auto deferred_dq = [&](int db, int gg) {
+    const int* fl = wg_active + 2 * db;
+    const unsigned active_warps = (fl[0] ? 0x0Fu : 0u) | (fl[1] ? 0xF0u : 0u);
+    const int bh = b * f.H + hk * group + gg;
+    dq_atomic_mma_sync<T, D>(SmemTile<T, kRows>{sdS + db * kBwdKeys * kRows}, SmemTile<T, D>{sK},
+                             active_warps, dq_orig + db * kRows,
+                             p.dq_accum + static_cast<int64_t>(bh) * f.Nq * D, warp, lane);
+  };
+
   while (qs.have) {
     cp_async_wait_all();
     wgmma::fence_proxy_async_shared();
@@ -1505,8 +1530,12 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
     const bool active = wb_lo <= cur.y && wb_hi >= cur.x && wpos_lo <= cur.w;
     const bool all_allowed = cur.x == cur.y && wb_lo == wb_hi && wb_lo == cur.x &&
                              wpos_hi_full <= cur.z && (cqt + 1) * kRows <= f.Nq;
-    if (active) {
-      float s[32], dp[32];
+    // With dQ deferred, S^T and dP^T are issued whether or not this
+    // warpgroup's keys meet the tile (a branch around wgmma that overlaps the
+    // dQ code makes ptxas serialize every wgmma); an idle warpgroup discards them.
+    const bool issue_sdp = kDeferDq || active;
+    float s[32], dp[32];
+    if (issue_sdp) {
       wgmma::wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < D / 16; ++ks) {
@@ -1518,9 +1547,16 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
                                       wgmma::desc_k_major_sw128(do_addr + b_off), ks > 0);
       }
       wgmma::wgmma_commit();
+    }
+    // The previous tile's dQ while S^T and dP^T are computed.
+    if constexpr (kDeferDq)
+      if (dq_pending) deferred_dq(dsb ^ 1, dq_cg);
+    if (issue_sdp) {
       wgmma::wgmma_wait<0>();
       wgmma::fence_operands(s);
       wgmma::fence_operands(dp);
+    }
+    if (active) {
 
       // P^T; masked pairs get exp2(-inf) = 0
       backward_probs([&](int nb, int e) -> float& { return s[4 * nb + e]; }, all_allowed, sLse,
@@ -1543,7 +1579,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
         }
         if constexpr (kAtomicDq) {
           const int key = warp * 16 + lane / 4, q = j * 16 + (lane % 4) * 2;
-          uint32_t* base = reinterpret_cast<uint32_t*>(sdS);
+          uint32_t* base = reinterpret_cast<uint32_t*>(sdS + (kDeferDq ? dsb * kBwdKeys * kRows : 0));
           base[wgmma::sw128_index(key, q, kBwdKeys) / 2] = dsf[j][0];
           base[wgmma::sw128_index(key + 8, q, kBwdKeys) / 2] = dsf[j][1];
           base[wgmma::sw128_index(key, q + 8, kBwdKeys) / 2] = dsf[j][2];
@@ -1566,24 +1602,21 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
       wgmma::fence_operands(dv);
     }
 
-    if constexpr (kAtomicDq) {
+    if constexpr (kDeferDq) {
+      // This tile's dQ runs next iteration (or after the loop), after the barrier.
+      if (threadIdx.x % 128 == 0) wg_active[2 * dsb + wg] = active ? 1 : 0;
+      if (threadIdx.x < kRows) dq_orig[dsb * kRows + threadIdx.x] = sQorig[threadIdx.x];
+      dq_pending = true;
+      dq_cg = cg;
+      dsb ^= 1;
+    } else if constexpr (kAtomicDq) {
       if (threadIdx.x % 128 == 0) wg_active[wg] = active ? 1 : 0;
       wgmma::fence_proxy_async_shared();  // the dS^T stores, for wgmma
       __syncthreads();
       const bool act0 = wg_active[0] != 0, act1 = wg_active[1] != 0;
-      if constexpr (D == 64) {
-        // At D = 64 a [128 x 64] panel is exactly dkdv_kernel's SmemTile<T, 64>
-        // layout, so dQ runs as there, on mma.sync: warp w takes query rows
-        // 16 (w % 4) .. +15 and columns 32 (w / 4) .. +31, one atomic per
-        // element (a wgmma dQ would need N = 32, or two partial sums).
-        const unsigned active_warps = (act0 ? 0x0Fu : 0u) | (act1 ? 0xF0u : 0u);
-        const int bh = b * f.H + hk * group + cg;
-        dq_atomic_mma_sync<T, D>(SmemTile<T, kRows>{sdS}, SmemTile<T, D>{sK}, active_warps, sQorig,
-                                 p.dq_accum + static_cast<int64_t>(bh) * f.Nq * D, warp, lane);
-      }
       // D = 128: warpgroup g takes columns 64 g .. 64 g + 63 over the keys of
       // the active warpgroups, on wgmma (dS^T and K MN-major).
-      if constexpr (D == 128) {
+      {
         if (act0 || act1) {
           float dq[32];
           wgmma::wgmma_fence();
@@ -1615,6 +1648,12 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
     }
 
     qs.advance();
+  }
+  if constexpr (kDeferDq) {
+    if (dq_pending) {
+      __syncthreads();  // the last tile's dS^T, flags and rows
+      deferred_dq(dsb ^ 1, dq_cg);
+    }
   }
   cp_async_wait_all();
 #pragma unroll
@@ -1846,8 +1885,9 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
       (kQueryStreamInts + kBwdWarps) * sizeof(int);
   // The wgmma dK/dV kernel: panels 1024-byte aligned (slack), dS^T always
   // present, flags and the warpgroup reduction after the metadata.
-  const size_t smem_kv_wgmma = 1024 + (2 * kBwdKeys * D + 4 * kRows * D + kBwdKeys * kRows) * sizeof(T) +
-                               (kQueryStreamInts + 2 + 10) * sizeof(int);
+  const size_t smem_kv_wgmma =
+      1024 + (2 * kBwdKeys * D + 4 * kRows * D + 2 * kBwdKeys * kRows) * sizeof(T) +
+      (kQueryStreamInts + 4 + 10 + 2 * kRows) * sizeof(int);
   const bool wgmma_bwd = std::is_same_v<T, __nv_bfloat16> && wgmma_backward_enabled(f.dtype);
   const dim3 grid_kv((f.Nk + kBwdKeys - 1) / kBwdKeys, f.B * f.Hkv);
   if (atomic_dq) {
