@@ -888,7 +888,7 @@ __device__ __forceinline__ void dq_atomic_mma_sync(SmemTile<T, kRows> sdS, SmemT
 // Shared-memory ints of a QueryTileStream's metadata.
 constexpr int kQueryStreamInts = 2 * 6 * kRows;
 
-template <typename T, int D, int kT, bool kPanels, bool kLookAhead = true>
+template <typename T, int D, int kT, bool kPanels, bool kLookAhead = true, int kQdoBufs = 2>
 struct QueryTileStream {
   const BackwardParams& p;
   int b, hk, group, nqt;
@@ -926,13 +926,13 @@ struct QueryTileStream {
     const int bh = b * f.H + hk * group + gg;
     return f.q_pack.perm ? f.q_pack.perm + static_cast<int64_t>(bh) * f.Nq : nullptr;
   }
-  // Starts the copies of Q and dO of head gg's rows in g into buffer bf.
-  __device__ __forceinline__ void issue(int gg, const RowGather<D, kT, kRows>& g, int bf) const {
+  // Starts the copies of Q and dO of head gg's rows in g into Q/dO buffer qb.
+  __device__ __forceinline__ void issue(int gg, const RowGather<D, kT, kRows>& g, int qb) const {
     const ForwardParams& f = p.fwd;
     const T* q = head_ptr<T>(f.q, f.q_layout, b, hk * group + gg);
     const T* dout = head_ptr<T>(p.dout, p.dout_layout, b, hk * group + gg);
-    load_tile_gathered<T, D, kT, kRows, kPanels>(qdo + (2 * bf) * kRows * D, q, f.q_layout.n, g);
-    load_tile_gathered<T, D, kT, kRows, kPanels>(qdo + (2 * bf + 1) * kRows * D, dout,
+    load_tile_gathered<T, D, kT, kRows, kPanels>(qdo + (2 * qb) * kRows * D, q, f.q_layout.n, g);
+    load_tile_gathered<T, D, kT, kRows, kPanels>(qdo + (2 * qb + 1) * kRows * D, dout,
                                                  p.dout_layout.n, g);
   }
   // Row threadIdx.x of the pair (threads < kRows): its packed-row data.
@@ -972,6 +972,9 @@ struct QueryTileStream {
   // nor the metadata loads wait on the permutation.
   bool have = false, nhave = false, ahave = false;
   int cg = 0, cqt = 0, ng = 0, nqt_ = 0, ag = 0, aqt = 0, bf = 0;
+  // Q/dO buffers (kQdoBufs of them, cycled): the current pair's and the next's.
+  // The metadata buffers are always two (bf).
+  int qbuf = 0, nqbuf = 0;
   TileRange cur{0, -1, 0, -1}, ntile{0, -1, 0, -1};
   RowInfo arow{0, 0, 0};  // row threadIdx.x of pair (ag, aqt) (threads < kRows)
 
@@ -1016,7 +1019,8 @@ struct QueryTileStream {
           g.fetch(nullptr, nqt_ * kRows, p.fwd.Nq);  // nothing to wait for
         else
           g.from_rows(ahead_rows(bf ^ 1));
-        issue(ng, g, bf ^ 1);
+        nqbuf = qbuf + 1 == kQdoBufs ? 0 : qbuf + 1;
+        issue(ng, g, nqbuf);
         ntile = tile_of(ng, nqt_);
         if (threadIdx.x < kRows) store_meta(ng, nqt_, arow, bf ^ 1);
         look_ahead(lane);
@@ -1026,7 +1030,8 @@ struct QueryTileStream {
       if (nhave) {
         RowGather<D, kT, kRows> g;
         g.fetch(qperm_of(ng), nqt_ * kRows, p.fwd.Nq);
-        issue(ng, g, bf ^ 1);
+        nqbuf = qbuf + 1 == kQdoBufs ? 0 : qbuf + 1;
+        issue(ng, g, nqbuf);
         ntile = tile_of(ng, nqt_);
         if (threadIdx.x < kRows) store_meta(ng, nqt_, meta_row(ng, nqt_), bf ^ 1);
       }
@@ -1040,6 +1045,7 @@ struct QueryTileStream {
     cg = ng;
     cqt = nqt_;
     bf ^= 1;
+    qbuf = nqbuf;
   }
   // Buffer bf's metadata.
   __device__ __forceinline__ const int* pos(int bf) const { return meta + bf * 6 * kRows; }
@@ -1224,7 +1230,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
     const int bf = qs.bf, cg = qs.cg, cqt = qs.cqt;
     const TileRange cur = qs.cur;
 
-    const SmemTile<T, D> sQ{qdo + (2 * bf) * kRows * D}, sdO{qdo + (2 * bf + 1) * kRows * D};
+    const SmemTile<T, D> sQ{qdo + (2 * qs.qbuf) * kRows * D}, sdO{qdo + (2 * qs.qbuf + 1) * kRows * D};
     const int *sQpos = qs.pos(bf), *sQbucket = qs.bucket(bf), *sQorig = qs.orig(bf);
     const float *sLse = qs.lse(bf), *sDelta = qs.delta(bf);
 
@@ -1409,24 +1415,28 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   T* smem = reinterpret_cast<T*>(smem_raw + ((1024 - wgmma::smem_addr(smem_raw) % 1024) % 1024));
   T* sK = smem;                          // [kBwdKeys x D] panels
   T* sV = sK + kBwdKeys * D;
-  T* qdo = sV + kBwdKeys * D;            // Q0 dO0 Q1 dO1, [kRows x D] panels each
-  // dS^T [kBwdKeys x kRows], one panel each; two when dQ is deferred (below).
-  T* sdS = qdo + 4 * kRows * D;
+  // D = 64: the dQ of query tile i runs in iteration i + 1, while
+  // that iteration's S^T / dP^T wgmma are in flight; its dS^T, flags and
+  // original rows are double-buffered and published by the iteration's first
+  // barrier, so the loop has one block barrier per tile instead of two. The
+  // dV/dK wgmma of tile i are retired in iteration i + 1 too, once its S^T /
+  // dP^T are issued; their Q/dO buffer is then still being read, so Q/dO have
+  // three buffers.
+  // At D = 64 a [128 x 64] dS^T panel is exactly dkdv_kernel's SmemTile<T, 64>
+  // layout, so that dQ runs on its mma.sync code: warp w takes query rows
+  // 16 (w % 4) .. +15 and columns 32 (w / 4) .. +31, one atomic per element
+  // (a wgmma dQ would need N = 32, or two partial sums).
+  constexpr bool kDeferDq = kAtomicDq && D == 64;
+  constexpr int kQdoBufs = kDeferDq ? 3 : 2;
+  T* qdo = sV + kBwdKeys * D;  // Q0 dO0 Q1 dO1 (Q2 dO2), [kRows x D] panels each
+  // dS^T [kBwdKeys x kRows], one panel each; two when dQ is deferred.
+  T* sdS = qdo + 2 * kQdoBufs * kRows * D;
   int* meta = reinterpret_cast<int*>(sdS + 2 * kBwdKeys * kRows);
   // meta: the query stream's kQueryStreamInts, then per dS^T buffer and
   // warpgroup 1 if its keys met the query tile ([2][2]), a reduction area
   // ([2][5]) and per dS^T buffer the query tile's original rows ([2][kRows]).
   int* wg_active = meta + kQueryStreamInts;
   int* dq_orig = wg_active + 4 + 10;
-  // D = 64: the dQ of query tile i runs in iteration i + 1, while
-  // that iteration's S^T / dP^T wgmma are in flight; its dS^T, flags and
-  // original rows are double-buffered and published by the iteration's first
-  // barrier, so the loop has one block barrier per tile instead of two.
-  // At D = 64 a [128 x 64] dS^T panel is exactly dkdv_kernel's SmemTile<T, 64>
-  // layout, so that dQ runs on its mma.sync code: warp w takes query rows
-  // 16 (w % 4) .. +15 and columns 32 (w / 4) .. +31, one atomic per element
-  // (a wgmma dQ would need N = 32, or two partial sums).
-  constexpr bool kDeferDq = kAtomicDq && D == 64;
 
   const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
@@ -1437,7 +1447,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
   // At D = 128 the look-ahead's registers would spill in the loop.
-  QueryTileStream<T, D, kT, true, D == 64> qs{
+  QueryTileStream<T, D, kT, true, D == 64, kQdoBufs> qs{
       p, b, hk, group, nqt, f.q_pack.tiles + static_cast<int64_t>(b * f.H + hk * group) * nqt, kr,
       f.q_pack.perm == nullptr, qdo, meta};
   qs.begin(lane);
@@ -1501,6 +1511,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   const uint32_t k_addr = wgmma::smem_addr(sK), v_addr = wgmma::smem_addr(sV);
   const uint32_t ds_addr = wgmma::smem_addr(sdS);
 
+  uint32_t pf[4][4], dsf[4][4];  // P^T and dS^T as wgmma A fragments
   int dsb = 0;              // this tile's dS^T buffer (kDeferDq)
   bool dq_pending = false;  // the previous tile's dQ is still to do
   int dq_cg = 0;            // its query head in the group
@@ -1522,8 +1533,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
     const int bf = qs.bf, cg = qs.cg, cqt = qs.cqt;
     const TileRange cur = qs.cur;
 
-    const uint32_t q_addr = wgmma::smem_addr(qdo + (2 * bf) * kRows * D);
-    const uint32_t do_addr = wgmma::smem_addr(qdo + (2 * bf + 1) * kRows * D);
+    const uint32_t q_addr = wgmma::smem_addr(qdo + (2 * qs.qbuf) * kRows * D);
+    const uint32_t do_addr = wgmma::smem_addr(qdo + (2 * qs.qbuf + 1) * kRows * D);
     const int *sQpos = qs.pos(bf), *sQbucket = qs.bucket(bf), *sQorig = qs.orig(bf);
     const float *sLse = qs.lse(bf), *sDelta = qs.delta(bf);
 
@@ -1548,6 +1559,14 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
       }
       wgmma::wgmma_commit();
     }
+    if constexpr (kDeferDq) {
+      // The previous tile's dV/dK (the older group) are done; pf and dsf are free.
+      wgmma::wgmma_wait<1>();
+      wgmma::fence_operands(dk);
+      wgmma::fence_operands(dv);
+      wgmma::fence_operands(pf);
+      wgmma::fence_operands(dsf);
+    }
     // The previous tile's dQ while S^T and dP^T are computed.
     if constexpr (kDeferDq)
       if (dq_pending) deferred_dq(dsb ^ 1, dq_cg);
@@ -1557,7 +1576,6 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
       wgmma::fence_operands(dp);
     }
     if (active) {
-
       // P^T; masked pairs get exp2(-inf) = 0
       backward_probs([&](int nb, int e) -> float& { return s[4 * nb + e]; }, all_allowed, sLse,
                      sQbucket, sQpos, rows, scale_log2, lane);
@@ -1568,8 +1586,13 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
         for (int e = 0; e < 4; ++e)
           dp[4 * nb + e] = s[4 * nb + e] * (dp[4 * nb + e] - ((e & 1) ? delta.y : delta.x));
       }
+    } else if constexpr (kDeferDq) {
+      // An idle warpgroup adds zeros (its wgmma are not skipped: see above).
+#pragma unroll
+      for (int i = 0; i < 32; ++i) s[i] = dp[i] = 0.f;
+    }
+    if (kDeferDq || active) {
       // P^T and dS^T as A fragments; dS^T also to shared memory for dQ.
-      uint32_t pf[4][4], dsf[4][4];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
 #pragma unroll
@@ -1595,11 +1618,12 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
                                   1);
       }
       wgmma::wgmma_commit();
-      // Retire them here: pf and dsf are read asynchronously, and their
-      // registers are free to the compiler once this scope ends.
-      wgmma::wgmma_wait<0>();
-      wgmma::fence_operands(dk);
-      wgmma::fence_operands(dv);
+      if constexpr (!kDeferDq) {
+        // Retire them here (pf and dsf are read asynchronously).
+        wgmma::wgmma_wait<0>();
+        wgmma::fence_operands(dk);
+        wgmma::fence_operands(dv);
+      }
     }
 
     if constexpr (kDeferDq) {
@@ -1650,6 +1674,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
     qs.advance();
   }
   if constexpr (kDeferDq) {
+    wgmma::wgmma_wait<0>();  // the last tile's dV/dK
+    wgmma::fence_operands(dk);
+    wgmma::fence_operands(dv);
     if (dq_pending) {
       __syncthreads();  // the last tile's dS^T, flags and rows
       deferred_dq(dsb ^ 1, dq_cg);
@@ -1886,7 +1913,7 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
   // The wgmma dK/dV kernel: panels 1024-byte aligned (slack), dS^T always
   // present, flags and the warpgroup reduction after the metadata.
   const size_t smem_kv_wgmma =
-      1024 + (2 * kBwdKeys * D + 4 * kRows * D + 2 * kBwdKeys * kRows) * sizeof(T) +
+      1024 + (2 * kBwdKeys * D + (D == 64 ? 6 : 4) * kRows * D + 2 * kBwdKeys * kRows) * sizeof(T) +
       (kQueryStreamInts + 4 + 10 + 2 * kRows) * sizeof(int);
   const bool wgmma_bwd = std::is_same_v<T, __nv_bfloat16> && wgmma_backward_enabled(f.dtype);
   const dim3 grid_kv((f.Nk + kBwdKeys - 1) / kBwdKeys, f.B * f.Hkv);

@@ -170,6 +170,15 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// The same for register A fragments ([k-steps][4] packed pairs): keeps them
+// live and unchanged up to this point (after the wait that retires their wgmma).
+template <int N>
+__device__ __forceinline__ void fence_operands(uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) asm volatile("" : "+r"(a[i][r])::"memory");
+}
 
 // ---------------------------------------------------------------------------
 // mma_async: D[64 x N] (+)= (ScaleA * A[64 x 16]) (ScaleB * B[16 x N]).
