@@ -601,25 +601,9 @@ __device__ __forceinline__ void finish_rows(OAt o, float (&l)[2], const float (&
   }
 }
 
-// Blocks start roughly in launch order (blockIdx.x fastest), and causal work
-// falls off along a head's row blocks. So the (batch, head) pairs are taken
-// kHeadGroup at a time, each group's heaviest row blocks first across its
-// heads: the last blocks to start are light (a short tail), and a group's
-// shared operands (K/V for the forward, Q/dO for dK/dV) stay in L2. Returns
-// this block's row block (0: the heaviest) and head, for a grid of
-// [blocks per head, heads].
-constexpr int kHeadGroup = 4;
-__device__ __forceinline__ void grouped_block(int& blk, int& head) {
-  const int nblk = gridDim.x, nheads = gridDim.y;
-  const int id = blockIdx.x + nblk * blockIdx.y;
-  const int g = id / (kHeadGroup * nblk), r = id % (kHeadGroup * nblk);
-  const int heads_in_group = min(kHeadGroup, nheads - g * kHeadGroup);
-  blk = r / heads_in_group;
-  head = g * kHeadGroup + r % heads_in_group;
-}
-
-// What a forward block works on: a query block (the last first: long causal
-// rows) of a (batch, head), kBR packed rows; see grouped_block.
+// What a forward block works on: query block blockIdx.x (counted from the
+// end: long causal rows first; the blocks of one head are consecutive, so its
+// K/V stay in L2) of (batch, head) blockIdx.y, kBR packed rows.
 template <typename T>
 struct ForwardBlock {
   int bh, b, h, hk, bhk, q0, nkt;
@@ -633,9 +617,8 @@ struct ForwardBlock {
 template <typename T, int kBR>
 __device__ __forceinline__ ForwardBlock<T> forward_block(const ForwardParams& p) {
   ForwardBlock<T> f;
-  int heavy;
-  grouped_block(heavy, f.bh);
-  const int qb = gridDim.x - 1 - heavy;
+  f.bh = blockIdx.y;
+  const int qb = gridDim.x - 1 - blockIdx.x;
   f.b = f.bh / p.H;
   f.h = f.bh % p.H;
   f.hk = f.h / (p.H / p.Hkv);
@@ -1176,9 +1159,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   // its keys met the query tile, else 0.
   int* warp_active = meta + kQueryStreamInts;
 
-  int kb, bhk;  // key block (the first first: long causal columns) and KV head
-  grouped_block(kb, bhk);
-  const int b = bhk / f.Hkv, hk = bhk % f.Hkv;
+  const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
   const int k0 = kb * kBwdKeys;
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
@@ -1457,9 +1438,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   int* wg_active = meta + kQueryStreamInts;
   int* dq_orig = wg_active + 4 + 10;
 
-  int kb, bhk;  // key block (the first first: long causal columns) and KV head
-  grouped_block(kb, bhk);
-  const int b = bhk / f.Hkv, hk = bhk % f.Hkv;
+  const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
   const int k0 = kb * kBwdKeys;
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
