@@ -1546,19 +1546,39 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
     // dQ code makes ptxas serialize every wgmma); an idle warpgroup discards them.
     const bool issue_sdp = kDeferDq || active;
     float s[32], dp[32];
-    auto issue_products = [&](float(&acc)[32], uint32_t a_base, uint32_t b_base, int ks) {
-      const uint32_t a_off = (ks / 4) * kKPanel + wg * 64 * 128 + 32 * (ks % 4);
-      const uint32_t b_off = (ks / 4) * kQPanel + 32 * (ks % 4);
-      wgmma::mma_ss<64, 1, 1, 0, 0>(acc, wgmma::desc_k_major_sw128(a_base + a_off),
-                                    wgmma::desc_k_major_sw128(b_base + b_off), ks > 0);
-    };
-    // P^T from S^T in place; masked pairs get exp2(-inf) = 0.
-    auto probs = [&] {
+    if (issue_sdp) {
+      wgmma::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        const uint32_t a_off = (ks / 4) * kKPanel + wg * 64 * 128 + 32 * (ks % 4);
+        const uint32_t b_off = (ks / 4) * kQPanel + 32 * (ks % 4);
+        wgmma::mma_ss<64, 1, 1, 0, 0>(s, wgmma::desc_k_major_sw128(k_addr + a_off),
+                                      wgmma::desc_k_major_sw128(q_addr + b_off), ks > 0);
+        wgmma::mma_ss<64, 1, 1, 0, 0>(dp, wgmma::desc_k_major_sw128(v_addr + a_off),
+                                      wgmma::desc_k_major_sw128(do_addr + b_off), ks > 0);
+      }
+      wgmma::wgmma_commit();
+    }
+    if constexpr (kDeferDq) {
+      // The previous tile's dV/dK (the older group) are done; pf and dsf are free.
+      wgmma::wgmma_wait<1>();
+      wgmma::fence_operands(dk);
+      wgmma::fence_operands(dv);
+      wgmma::fence_operands(pf);
+      wgmma::fence_operands(dsf);
+    }
+    // The previous tile's dQ while S^T and dP^T are computed.
+    if constexpr (kDeferDq)
+      if (dq_pending) deferred_dq(dsb ^ 1, dq_cg);
+    if (issue_sdp) {
+      wgmma::wgmma_wait<0>();
+      wgmma::fence_operands(s);
+      wgmma::fence_operands(dp);
+    }
+    if (active) {
+      // P^T; masked pairs get exp2(-inf) = 0
       backward_probs([&](int nb, int e) -> float& { return s[4 * nb + e]; }, all_allowed, sLse,
                      sQbucket, sQpos, rows, scale_log2, lane);
-    };
-    // dS^T = P^T (dP^T - delta) in place on dP^T.
-    auto dscores = [&] {
 #pragma unroll
       for (int nb = 0; nb < 8; ++nb) {
         const float2 delta = *reinterpret_cast<const float2*>(sDelta + nb * 8 + (lane % 4) * 2);
@@ -1566,54 +1586,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
         for (int e = 0; e < 4; ++e)
           dp[4 * nb + e] = s[4 * nb + e] * (dp[4 * nb + e] - ((e & 1) ? delta.y : delta.x));
       }
-    };
-    if constexpr (kDeferDq) {
-      // S^T and dP^T in two groups, so that P^T is computed while dP^T runs:
-      // pending now, oldest first: the previous tile's dV/dK, S^T, dP^T.
-      wgmma::wgmma_fence();
+    } else if constexpr (kDeferDq) {
+      // An idle warpgroup adds zeros (its wgmma are not skipped: see above).
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) issue_products(s, k_addr, q_addr, ks);
-      wgmma::wgmma_commit();
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) issue_products(dp, v_addr, do_addr, ks);
-      wgmma::wgmma_commit();
-      // The previous tile's dV/dK are done; pf and dsf are free.
-      wgmma::wgmma_wait<2>();
-      wgmma::fence_operands(dk);
-      wgmma::fence_operands(dv);
-      wgmma::fence_operands(pf);
-      wgmma::fence_operands(dsf);
-      // The previous tile's dQ while S^T and dP^T are computed.
-      if (dq_pending) deferred_dq(dsb ^ 1, dq_cg);
-      wgmma::wgmma_wait<1>();
-      wgmma::fence_operands(s);
-      if (active) probs();
-      wgmma::wgmma_wait<0>();
-      wgmma::fence_operands(dp);
-      if (active) {
-        dscores();
-      } else {
-        // An idle warpgroup adds zeros (its wgmma are not skipped: see above).
-#pragma unroll
-        for (int i = 0; i < 32; ++i) s[i] = dp[i] = 0.f;
-      }
-    } else {
-      if (issue_sdp) {
-        wgmma::wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          issue_products(s, k_addr, q_addr, ks);
-          issue_products(dp, v_addr, do_addr, ks);
-        }
-        wgmma::wgmma_commit();
-        wgmma::wgmma_wait<0>();
-        wgmma::fence_operands(s);
-        wgmma::fence_operands(dp);
-      }
-      if (active) {
-        probs();
-        dscores();
-      }
+      for (int i = 0; i < 32; ++i) s[i] = dp[i] = 0.f;
     }
     if (kDeferDq || active) {
       // P^T and dS^T as A fragments; dS^T also to shared memory for dQ.
