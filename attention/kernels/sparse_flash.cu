@@ -298,6 +298,9 @@ __device__ __forceinline__ void load_tile_gathered(T* base, const T* src, int64_
         [&](int r, int c) { return SmemTile<T, D>{base}.at(r, c * 8); }, src, row_stride, g);
 }
 
+// Shared-memory ints of a KeyPipeline: positions, buckets, source rows ahead.
+constexpr int kKeyPipelineInts = 6 * kRows;
+
 // The key tiles a query block meets, streamed through two shared-memory
 // buffers (K0 V0 K1 V1, plus each row's position and bucket). The forward and
 // dQ passes both run:
@@ -309,9 +312,6 @@ __device__ __forceinline__ void load_tile_gathered(T* base, const T* src, int64_
 //   }
 // The source rows of the tile after next are read one iteration ahead
 // (RowGather), so the copies never wait on the permutation.
-// Shared-memory ints of a KeyPipeline: positions, buckets, source rows ahead.
-constexpr int kKeyPipelineInts = 6 * kRows;
-
 // kPanels: tiles in the 128B-swizzled panel layout that wgmma descriptors
 // read (and a proxy fence before the barrier that publishes them), instead of
 // the ldmatrix layout of SmemTile.
