@@ -10,9 +10,9 @@
 // usage: bench_attention [--n 2048,4096,...] [--d 64,128] [--reps 20] [--json FILE]
 //                        [--cases dense,hash:16,drop:0.7] [--nosdpa] [--deterministic]
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <iostream>
@@ -147,32 +147,25 @@ struct Ours {
     const int nt = sk::num_tiles(N);
     auto host = [&](const Tensor& t) {
       Tensor c = t.cpu().contiguous();
-      const int* d = c.data_ptr<int>();
-      return std::vector<int>(d, d + c.numel());
+      std::vector<sk::TileRange> v(c.numel() / 4);
+      std::memcpy(v.data(), c.data_ptr<int>(), v.size() * sizeof(sk::TileRange));
+      return v;
     };
-    const std::vector<int> qt = host(qtiles), kt = host(ktiles);
-    auto range = [](const std::vector<int>& v, int64_t i) {
-      return std::array<int, 4>{v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]};
-    };
-    auto meet = [](const std::array<int, 4>& q, const std::array<int, 4>& k) {
-      return k[0] <= q[1] && k[1] >= q[0] && k[2] <= q[3];
-    };
-    auto block = [&](const std::vector<int>& v, int64_t base, int t0) {
-      std::array<int, 4> r = range(v, base + t0);
-      if (t0 + 1 < nt) {
-        const auto o = range(v, base + t0 + 1);
-        r = {std::min(r[0], o[0]), std::max(r[1], o[1]), std::min(r[2], o[2]), std::max(r[3], o[3])};
-      }
-      return r;
+    const std::vector<sk::TileRange> qv = host(qtiles), kv = host(ktiles);
+    const sk::TileRange *qt = qv.data(), *kt = kv.data();
+    // The kernels' 128-row blocks: the union of two tile ranges.
+    auto block = [&](const sk::TileRange* tiles, int t0) {
+      return t0 + 1 < nt ? sk::tile_union(tiles[t0], tiles[t0 + 1]) : tiles[t0];
     };
     Work w;
     for (int64_t bh = 0; bh < int64_t{B} * H; ++bh)
       for (int t0 = 0; t0 < nt; t0 += 2) {
-        const auto qb = block(qt, bh * nt, t0), kb = block(kt, bh * nt, t0);
+        const sk::TileRange *q = qt + bh * nt, *k = kt + bh * nt;
+        const sk::TileRange qb = block(q, t0), kb = block(k, t0);
         int64_t f = 0, g = 0;
         for (int t = 0; t < nt; ++t) {
-          f += meet(qb, range(kt, bh * nt + t));
-          g += meet(range(qt, bh * nt + t), kb);
+          f += sk::tiles_meet(qb, k[t]);
+          g += sk::tiles_meet(q[t], kb);
         }
         w.fwd_pairs += f, w.fwd_blocks += f > 0, w.bwd_pairs += g, w.bwd_blocks += g > 0;
       }

@@ -113,11 +113,6 @@ __global__ void __launch_bounds__(kLshThreads)
 // ---------------------------------------------------------------------------
 // shared pieces of the passes
 
-// Can a query tile and a key tile hold an allowed pair?
-__device__ __forceinline__ bool tiles_meet(const TileRange& q, const TileRange& k) {
-  return k.x <= q.y && k.y >= q.x && k.z <= q.w;
-}
-
 // Is every pair of the two (complete) tiles allowed? Then no mask is needed.
 __device__ __forceinline__ bool tiles_all_allowed(const TileRange& q, const TileRange& k) {
   return q.x == q.y && k.x == k.y && q.x == k.x && k.w <= q.z;
@@ -259,10 +254,7 @@ __device__ __forceinline__ TileRange block_range(const TileRange* tiles, int nt,
   TileRange qr = tiles[r0 / kRows];
 #pragma unroll
   for (int t = 1; t < kBR / kRows; ++t)
-    if (r0 / kRows + t < nt) {
-      const TileRange o = tiles[r0 / kRows + t];
-      qr = {min(qr.x, o.x), max(qr.y, o.y), min(qr.z, o.z), max(qr.w, o.w)};
-    }
+    if (r0 / kRows + t < nt) qr = tile_union(qr, tiles[r0 / kRows + t]);
   return qr;
 }
 
@@ -638,6 +630,36 @@ __device__ __forceinline__ ForwardBlock<T> forward_block(const ForwardParams& p)
   return f;
 }
 
+// The key pipeline of a forward or dQ block over the key tiles that meet it
+// (kv: K0 V0 K1 V1, then kKeyPipelineInts ints), started: the first tile is on
+// its way.
+template <typename T, int D, int kT, int kBR, bool kPanels = false>
+__device__ __forceinline__ KeyPipeline<T, D, kT, kPanels> start_key_pipeline(
+    const ForwardBlock<T>& fb, const ForwardParams& p, T* kv, int lane) {
+  int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);
+  const IndexRange range = key_tile_range(fb.ktiles, fb.nkt, fb.qr, fb.kperm == nullptr, lane);
+  KeyPipeline<T, D, kT, kPanels> pipe{
+      fb.ktiles, fb.qr, MeetIter{fb.ktiles, fb.qr, range.lo, range.hi, 0u, true}, fb.k, fb.v,
+      p.k_layout.n, p.v_layout.n, fb.kperm, &p.k_pack, fb.k_base, p.Nk, kv, sKpos,
+      sKpos + 2 * kRows, fb.q0 + kBR <= p.Nq};
+  pipe.start(lane);
+  return pipe;
+}
+
+// This thread's two query rows of the block (warp w: rows 16w..16w+15; lane
+// l: rows l / 4 and l / 4 + 8) and whether they exist.
+template <typename T>
+__device__ __forceinline__ void block_query_rows(const ForwardBlock<T>& fb, const ForwardParams& p,
+                                                 int warp, int lane, RowInfo (&rows)[2],
+                                                 bool (&valid)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int packed = fb.q0 + warp * 16 + lane / 4 + 8 * i;
+    valid[i] = packed < p.Nq;
+    rows[i] = row_info(p.q_pack, fb.q_base, packed, p.Nq, p.Nk - p.Nq, kInvalidQueryBucket);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // forward
 //
@@ -655,36 +677,18 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   SmemTile<T, D> sQ{smem};
-  T* kv = smem + kBR * D;  // K0 V0 K1 V1
-  int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);  // kKeyPipelineInts
-  int* sKbucket = sKpos + 2 * kRows;
+  T* kv = smem + kBR * D;  // K0 V0 K1 V1, then the key pipeline's ints
 
   const ForwardBlock<T> fb = forward_block<T, kBR>(p);
-  const int bh = fb.bh, b = fb.b, h = fb.h, q0 = fb.q0, nkt = fb.nkt;
-  const int64_t q_base = fb.q_base, k_base = fb.k_base;
-  const TileRange qr = fb.qr;
-  const TileRange* ktiles = fb.ktiles;
-  const T *q = fb.q, *k = fb.k, *v = fb.v;
-  const int *qperm = fb.qperm, *kperm = fb.kperm;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const SwizzledLane<D> la = ldm_lane_a<D>(lane), lb = ldm_lane_b<D>(lane);
 
-  load_rows_async<T, D, kT, kBR>(sQ, 0, q, p.q_layout.n, qperm, q0, p.Nq);
-
-  const IndexRange range = key_tile_range(ktiles, nkt, qr, kperm == nullptr, lane);
-  KeyPipeline<T, D, kT> pipe{ktiles, qr, MeetIter{ktiles, qr, range.lo, range.hi, 0u, true},
-                             k, v, p.k_layout.n, p.v_layout.n, kperm, &p.k_pack, k_base, p.Nk,
-                             kv, sKpos, sKbucket, q0 + kBR <= p.Nq};
-  pipe.start(lane);
+  load_rows_async<T, D, kT, kBR>(sQ, 0, fb.q, p.q_layout.n, fb.qperm, fb.q0, p.Nq);
+  KeyPipeline<T, D, kT> pipe = start_key_pipeline<T, D, kT, kBR>(fb, p, kv, lane);
 
   RowInfo rows[2];
   bool valid[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int packed = q0 + warp * 16 + lane / 4 + 8 * i;
-    valid[i] = packed < p.Nq;
-    rows[i] = row_info(p.q_pack, q_base, packed, p.Nq, p.Nk - p.Nq, kInvalidQueryBucket);
-  }
+  block_query_rows(fb, p, warp, lane, rows, valid);
 
   float o[D / 8][4];
 #pragma unroll
@@ -716,8 +720,8 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
     pipe.advance();
   }
 
-  finish_rows<T, D>([&](int dn, int e) -> float& { return o[dn][e]; }, l, m, scale_log2, p, b, h,
-                    bh, rows, valid, lane);
+  finish_rows<T, D>([&](int dn, int e) -> float& { return o[dn][e]; }, l, m, scale_log2, p, fb.b,
+                    fb.h, fb.bh, rows, valid, lane);
 }
 
 // ---------------------------------------------------------------------------
@@ -744,37 +748,21 @@ __global__ void __launch_bounds__(kWgFwdWarps * 32, D == 64 ? 2 : 1)
   // Panels must start on 1024 bytes (the swizzle reads absolute address bits).
   T* smem = reinterpret_cast<T*>(smem_raw + ((1024 - wgmma::smem_addr(smem_raw) % 1024) % 1024));
   T* sQ = smem;            // [kBR x D] panels
-  T* kv = sQ + kBR * D;    // K0 V0 K1 V1, [kRows x D] panels each
-  int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);  // kKeyPipelineInts
-  int* sKbucket = sKpos + 2 * kRows;
+  T* kv = sQ + kBR * D;    // K0 V0 K1 V1, [kRows x D] panels each, then the pipeline's ints
 
   const ForwardBlock<T> fb = forward_block<T, kBR>(p);
-  const int bh = fb.bh, b = fb.b, h = fb.h, q0 = fb.q0, nkt = fb.nkt;
-  const int64_t q_base = fb.q_base, k_base = fb.k_base;
-  const TileRange qr = fb.qr;
-  const TileRange* ktiles = fb.ktiles;
-  const T *q = fb.q, *k = fb.k, *v = fb.v;
-  const int *qperm = fb.qperm, *kperm = fb.kperm;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
 
-  const IndexRange range = key_tile_range(ktiles, nkt, qr, kperm == nullptr, lane);
-  KeyPipeline<T, D, kT, true> pipe{ktiles, qr, MeetIter{ktiles, qr, range.lo, range.hi, 0u, true},
-                                   k, v, p.k_layout.n, p.v_layout.n, kperm, &p.k_pack, k_base,
-                                   p.Nk, kv, sKpos, sKbucket, q0 + kBR <= p.Nq};
-  pipe.start(lane);
+  KeyPipeline<T, D, kT, true> pipe = start_key_pipeline<T, D, kT, kBR, true>(fb, p, kv, lane);
   // Q only when a key tile meets the block (with dropping most blocks meet
   // none and just write zeros).
-  if (pipe.kt >= 0) load_rows_async_sw128<T, D, kT, kBR>(sQ, q, p.q_layout.n, qperm, q0, p.Nq);
+  if (pipe.kt >= 0)
+    load_rows_async_sw128<T, D, kT, kBR>(sQ, fb.q, p.q_layout.n, fb.qperm, fb.q0, p.Nq);
   cp_async_commit();
 
   RowInfo rows[2];
   bool valid[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int packed = q0 + warp * 16 + lane / 4 + 8 * i;
-    valid[i] = packed < p.Nq;
-    rows[i] = row_info(p.q_pack, q_base, packed, p.Nq, p.Nk - p.Nq, kInvalidQueryBucket);
-  }
+  block_query_rows(fb, p, warp, lane, rows, valid);
 
   float o[D / 2];
 #pragma unroll
@@ -827,7 +815,7 @@ __global__ void __launch_bounds__(kWgFwdWarps * 32, D == 64 ? 2 : 1)
   }
 
   finish_rows<T, D>([&](int dn, int e) -> float& { return o[4 * dn + e]; }, l, m, scale_log2, p,
-                    b, h, bh, rows, valid, lane);
+                    fb.b, fb.h, fb.bh, rows, valid, lane);
 }
 
 // ---------------------------------------------------------------------------
@@ -990,16 +978,21 @@ struct QueryTileStream {
       ahead_rows(b)[threadIdx.x] =
           aqt * kRows + static_cast<int>(threadIdx.x) < p.fwd.Nq ? arow.orig : -1;
   }
+  // Starts loading pair (gg, qt) into Q/dO buffer qb and metadata buffer mb,
+  // reading the permutation now (the copies wait on it).
+  __device__ __forceinline__ void load_pair_now(int gg, int qt, int qb, int mb) const {
+    RowGather<D, kT, kRows> g;
+    g.fetch(qperm_of(gg), qt * kRows, p.fwd.Nq);
+    issue(gg, g, qb);
+    if (threadIdx.x < kRows) store_meta(gg, qt, meta_row(gg, qt), mb);
+  }
   // Finds the first pair and starts loading it (one cp.async group).
   __device__ __forceinline__ void begin(int lane) {
     start_head(0, lane);
     have = next(cg, cqt, lane);
     if (have) {
-      RowGather<D, kT, kRows> g;
-      g.fetch(qperm_of(cg), cqt * kRows, p.fwd.Nq);
-      issue(cg, g, 0);
+      load_pair_now(cg, cqt, 0, 0);
       cur = tile_of(cg, cqt);
-      if (threadIdx.x < kRows) store_meta(cg, cqt, meta_row(cg, cqt), 0);
       if constexpr (kLookAhead) {
         look_ahead(lane);
         if (ahave) store_ahead(1);
@@ -1028,12 +1021,9 @@ struct QueryTileStream {
     } else {
       nhave = next(ng, nqt_, lane);
       if (nhave) {
-        RowGather<D, kT, kRows> g;
-        g.fetch(qperm_of(ng), nqt_ * kRows, p.fwd.Nq);
         nqbuf = qbuf + 1 == kQdoBufs ? 0 : qbuf + 1;
-        issue(ng, g, nqbuf);
+        load_pair_now(ng, nqt_, nqbuf, bf ^ 1);
         ntile = tile_of(ng, nqt_);
-        if (threadIdx.x < kRows) store_meta(ng, nqt_, meta_row(ng, nqt_), bf ^ 1);
       }
     }
     cp_async_commit();
@@ -1740,48 +1730,27 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   SmemTile<T, D> sQ{smem}, sdO{smem + kBR * D};
-  T* kv = smem + 2 * kBR * D;  // K0 V0 K1 V1
-  int* sKpos = reinterpret_cast<int*>(kv + 4 * kRows * D);
-  int* sKbucket = sKpos + 2 * kRows;
+  T* kv = smem + 2 * kBR * D;  // K0 V0 K1 V1, then the key pipeline's ints
 
-  const int bh = blockIdx.y, qb = gridDim.x - 1 - blockIdx.x;
-  const int b = bh / f.H, h = bh % f.H;
-  const int hk = h / (f.H / f.Hkv), bhk = b * f.Hkv + hk;
-  const int nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
-  const int64_t q_base = static_cast<int64_t>(bh) * f.Nq, k_base = static_cast<int64_t>(bhk) * f.Nk;
-  const int q0 = qb * kBR;
-  const TileRange* qtiles = f.q_pack.tiles + static_cast<int64_t>(bh) * nqt;
-  const TileRange qr = block_range<kBR>(qtiles, nqt, q0);
-  const TileRange* ktiles = f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt;
-  const int* qperm = f.q_pack.perm ? f.q_pack.perm + q_base : nullptr;
-  const int* kperm = f.k_pack.perm ? f.k_pack.perm + k_base : nullptr;
-  const T* k = head_ptr<T>(f.k, f.k_layout, b, hk);
-  const T* v = head_ptr<T>(f.v, f.v_layout, b, hk);
+  const ForwardBlock<T> fb = forward_block<T, kBR>(f);
+  const int b = fb.b, h = fb.h;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const SwizzledLane<D> la = ldm_lane_a<D>(lane), lb = ldm_lane_b<D>(lane);
 
-  load_rows_async<T, D, kT, kBR>(sQ, 0, head_ptr<T>(f.q, f.q_layout, b, h), f.q_layout.n, qperm,
-                                 q0, f.Nq);
+  load_rows_async<T, D, kT, kBR>(sQ, 0, fb.q, f.q_layout.n, fb.qperm, fb.q0, f.Nq);
   load_rows_async<T, D, kT, kBR>(sdO, 0, head_ptr<T>(p.dout, p.dout_layout, b, h),
-                                 p.dout_layout.n, qperm, q0, f.Nq);
-
-  const IndexRange range = key_tile_range(ktiles, nkt, qr, kperm == nullptr, lane);
-  KeyPipeline<T, D, kT> pipe{ktiles, qr, MeetIter{ktiles, qr, range.lo, range.hi, 0u, true},
-                             k, v, f.k_layout.n, f.v_layout.n, kperm, &f.k_pack, k_base, f.Nk,
-                             kv, sKpos, sKbucket, q0 + kBR <= f.Nq};
-  pipe.start(lane);
+                                 p.dout_layout.n, fb.qperm, fb.q0, f.Nq);
+  KeyPipeline<T, D, kT> pipe = start_key_pipeline<T, D, kT, kBR>(fb, f, kv, lane);
 
   RowInfo rows[2];
   bool valid[2];
+  block_query_rows(fb, f, warp, lane, rows, valid);
   float lse2[2], delta[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int packed = q0 + warp * 16 + lane / 4 + 8 * i;
-    valid[i] = packed < f.Nq;
-    rows[i] = row_info(f.q_pack, q_base, packed, f.Nq, f.Nk - f.Nq, kInvalidQueryBucket);
-    const float lse = valid[i] ? f.lse[q_base + rows[i].orig] : -INFINITY;
+    const float lse = valid[i] ? f.lse[fb.q_base + rows[i].orig] : -INFINITY;
     lse2[i] = lse == -INFINITY ? 0.f : lse * kLog2e;
-    delta[i] = valid[i] ? p.delta[q_base + rows[i].orig] : 0.f;
+    delta[i] = valid[i] ? p.delta[fb.q_base + rows[i].orig] : 0.f;
   }
   const float scale_log2 = f.scale * kLog2e;
 

@@ -42,6 +42,18 @@ using TileRange = int4;
 
 SPARSEFLASH_HOST_DEVICE inline int num_tiles(int n) { return (n + kTileRows - 1) / kTileRows; }
 
+// Can a query tile (or block) and a key tile (or block) hold an allowed pair?
+// The kernels skip the pairs where not.
+SPARSEFLASH_HOST_DEVICE inline bool tiles_meet(const TileRange& q, const TileRange& k) {
+  return k.x <= q.y && k.y >= q.x && k.z <= q.w;
+}
+
+// The union of two tile ranges.
+SPARSEFLASH_HOST_DEVICE inline TileRange tile_union(const TileRange& a, const TileRange& b) {
+  return {a.x < b.x ? a.x : b.x, a.y > b.y ? a.y : b.y, a.z < b.z ? a.z : b.z,
+          a.w > b.w ? a.w : b.w};
+}
+
 // Strides in elements for a [B, H, N, D] view; D is contiguous.
 struct Layout {
   int64_t b = 0, h = 0, n = 0;
