@@ -3,6 +3,7 @@
 // fallback answer "not supported" for builds without CUDA.
 #include "attention/flash.h"
 
+#include <climits>
 #include <cmath>
 
 #include <ATen/ATen.h>
@@ -91,37 +92,53 @@ Tensor side_buckets(const Tensor& bucket, const Tensor& keep, int dropped_bucket
   return b.contiguous();
 }
 
-// The packed order of one side: perm, sorted buckets and tile ranges.
+// The packed order of one side: perm, sorted buckets, bucket segments (bucket
+// ids of up to kMaxSegmentBits bits) and tile ranges.
 struct Packed {
-  Tensor perm, bucket, tiles;
+  Tensor perm, bucket, segments, tiles;
+  int num_segments = 0;
+  int dead_bucket = INT_MAX;
   sk::Packing packing() const {
-    return {perm.defined() ? perm.data_ptr<int>() : nullptr,
-            bucket.defined() ? bucket.data_ptr<int>() : nullptr,
-            reinterpret_cast<const sk::TileRange*>(tiles.data_ptr<int>())};
+    sk::Packing p;
+    p.perm = perm.defined() ? perm.data_ptr<int>() : nullptr;
+    p.bucket = bucket.defined() ? bucket.data_ptr<int>() : nullptr;
+    p.tiles = reinterpret_cast<const sk::TileRange*>(tiles.data_ptr<int>());
+    p.segments = segments.defined() ? segments.data_ptr<int>() : nullptr;
+    p.num_segments = segments.defined() ? num_segments : 0;
+    p.dead_bucket = dead_bucket;
+    return p;
   }
 };
 
+// dead_bucket: rows with a bucket at or above it are dropped ones.
 Packed pack_side(const Tensor& buckets, int64_t rows, int64_t n, int position_offset, int sort_bits,
-                 const at::TensorOptions& device) {
+                 int dead_bucket, const at::TensorOptions& device) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto i32 = device.dtype(at::kInt);
   Packed p;
+  p.dead_bucket = dead_bucket;
   p.tiles = at::empty({rows, sk::num_tiles(static_cast<int>(n)), 4}, i32);
   if (buckets.defined()) {
     TORCH_CHECK(buckets.numel() == rows * n, "flash_attention: pattern has ", buckets.numel(),
                 " bucket ids, expected ", rows * n);
     p.perm = at::empty({rows, n}, i32);
     p.bucket = at::empty({rows, n}, i32);
-    const size_t bytes = sk::pack_workspace_bytes(static_cast<int>(rows), static_cast<int>(n));
+    p.num_segments = sk::num_segments_for(sort_bits);
+    if (p.num_segments > 0) p.segments = at::empty({rows, p.num_segments + 1}, i32);
+    const size_t bytes =
+        sk::pack_workspace_bytes(static_cast<int>(rows), static_cast<int>(n), sort_bits);
     Tensor ws = at::empty({static_cast<int64_t>(bytes)}, device.dtype(at::kByte));
     check_cuda(sk::pack_by_bucket(buckets.data_ptr<int>(), static_cast<int>(rows),
                                   static_cast<int>(n), sort_bits, p.perm.data_ptr<int>(),
-                                  p.bucket.data_ptr<int>(), ws.data_ptr(), bytes, stream),
+                                  p.bucket.data_ptr<int>(),
+                                  p.segments.defined() ? p.segments.data_ptr<int>() : nullptr,
+                                  ws.data_ptr(), bytes, stream),
                "bucket sort");
   }
   check_cuda(sk::compute_tile_ranges(p.perm.defined() ? p.perm.data_ptr<int>() : nullptr,
                                      p.bucket.defined() ? p.bucket.data_ptr<int>() : nullptr,
                                      static_cast<int>(rows), static_cast<int>(n), position_offset,
+                                     dead_bucket,
                                      reinterpret_cast<sk::TileRange*>(p.tiles.data_ptr<int>()),
                                      stream),
              "tile ranges");
@@ -149,8 +166,10 @@ Call prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& p
   TORCH_CHECK(qb.defined() == kb.defined(), "flash_attention: pattern constrains only one side");
   const int bits = sk::bucket_sort_bits(false, max_bucket + (pattern.q_keep.defined() ? 2 : 0));
   Call c;
-  c.qp = pack_side(qb, B * H, Nq, static_cast<int>(Nk - Nq), bits, q.options());
-  c.kp = pack_side(kb, B * Hkv, Nk, 0, bits, q.options());
+  // Both sides' dropped rows: buckets max_bucket (queries), max_bucket + 1 (keys).
+  const int dead = pattern.q_keep.defined() ? max_bucket : INT_MAX;
+  c.qp = pack_side(qb, B * H, Nq, static_cast<int>(Nk - Nq), bits, dead, q.options());
+  c.kp = pack_side(kb, B * Hkv, Nk, 0, bits, dead, q.options());
   out = at::empty(q.sizes(), q.options());
   lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
   sk::ForwardParams& p = c.params;
@@ -181,7 +200,10 @@ struct FlashAttention : public torch::autograd::Function<FlashAttention> {
     // The packing is kept for the backward: same pattern, no second sort.
     auto undef = [](const Tensor& t) { return t.defined() ? t : at::empty({0}, at::kInt); };
     ctx->save_for_backward({q, k, v, out, lse, undef(c.qp.perm), undef(c.qp.bucket), c.qp.tiles,
-                            undef(c.kp.perm), undef(c.kp.bucket), c.kp.tiles});
+                            undef(c.qp.segments), undef(c.kp.perm), undef(c.kp.bucket), c.kp.tiles,
+                            undef(c.kp.segments)});
+    ctx->saved_data["num_segments"] = static_cast<int64_t>(c.qp.num_segments);
+    ctx->saved_data["dead_bucket"] = static_cast<int64_t>(c.qp.dead_bucket);
     ctx->saved_data["scale"] = static_cast<double>(c.params.scale);
     ctx->saved_data["deterministic"] = deterministic;
     return out;
@@ -191,13 +213,18 @@ struct FlashAttention : public torch::autograd::Function<FlashAttention> {
     auto s = ctx->get_saved_variables();
     const Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
     c10::cuda::CUDAGuard guard(q.device());
-    auto packed = [](const Tensor& perm, const Tensor& bucket, const Tensor& tiles) {
+    const int num_segments = static_cast<int>(ctx->saved_data["num_segments"].toInt());
+    const int dead_bucket = static_cast<int>(ctx->saved_data["dead_bucket"].toInt());
+    auto packed = [&](const Tensor& perm, const Tensor& bucket, const Tensor& tiles,
+                      const Tensor& segments) {
       Packed p;
       if (perm.numel() > 0) p.perm = perm, p.bucket = bucket;
+      if (segments.numel() > 0) p.segments = segments, p.num_segments = num_segments;
       p.tiles = tiles;
+      p.dead_bucket = dead_bucket;
       return p;
     };
-    Packed qp = packed(s[5], s[6], s[7]), kp = packed(s[8], s[9], s[10]);
+    Packed qp = packed(s[5], s[6], s[7], s[8]), kp = packed(s[9], s[10], s[11], s[12]);
     Tensor dout = grads[0].stride(3) == 1 ? grads[0] : grads[0].contiguous();
     sk::BackwardParams b;
     sk::ForwardParams& f = b.fwd;

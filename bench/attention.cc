@@ -10,6 +10,7 @@
 // usage: bench_attention [--n 2048,4096,...] [--d 64,128] [--reps 20] [--json FILE]
 //                        [--cases dense,hash:16,drop:0.7] [--nosdpa] [--deterministic]
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -58,8 +59,9 @@ struct Ours {
   double param = 0;
   int B, H, N, D;
   Tensor q, k, v, out, lse, dout, dq, dk, dv, delta, dq_accum;
-  Tensor qb, kb, qperm, kperm, qbs, kbs, qtiles, ktiles, ws, rot;
+  Tensor qb, kb, qperm, kperm, qbs, kbs, qseg, kseg, qtiles, ktiles, ws, rot;
   size_t ws_bytes = 0;
+  int sort_bits = 0, dead_bucket = INT_MAX;
   sk::ForwardParams fwd;
   sk::BackwardParams bwd;
 
@@ -78,7 +80,16 @@ struct Ours {
     qbs = at::empty({B * H, N}, i32), kbs = at::empty({B * H, N}, i32);
     qtiles = at::empty({B * H, sk::num_tiles(N), 4}, i32);
     ktiles = at::empty({B * H, sk::num_tiles(N), 4}, i32);
-    ws_bytes = sk::pack_workspace_bytes(B * H, N);
+    // As attention/flash.cc packs: drop gives dropped rows buckets 1 (queries)
+    // and 2 (keys), the dead ones.
+    sort_bits = sk::bucket_sort_bits(false, mode == "drop" ? 3 : mode == "hash" ? static_cast<int>(prm) : 1);
+    dead_bucket = mode == "drop" ? 1 : INT_MAX;
+    const int nseg = mode == "dense" ? 0 : sk::num_segments_for(sort_bits);
+    if (nseg > 0) {
+      qseg = at::empty({B * H, nseg + 1}, i32);
+      kseg = at::empty({B * H, nseg + 1}, i32);
+    }
+    ws_bytes = sk::pack_workspace_bytes(B * H, N, sort_bits);
     ws = at::empty({static_cast<int64_t>(ws_bytes)}, o.dtype(at::kByte));
     if (mode == "hash") rot = at::randn({H, D, static_cast<int64_t>(param) / 2}, o.dtype(at::kFloat));
     fwd.dtype = sk::DType::kBF16;
@@ -89,10 +100,19 @@ struct Ours {
     fwd.out_layout = layout_of(out);
     fwd.lse = lse.data_ptr<float>();
     const bool dense = mode == "dense";
-    fwd.q_pack = {dense ? nullptr : qperm.data_ptr<int>(), dense ? nullptr : qbs.data_ptr<int>(),
-                  reinterpret_cast<sk::TileRange*>(qtiles.data_ptr<int>())};
-    fwd.k_pack = {dense ? nullptr : kperm.data_ptr<int>(), dense ? nullptr : kbs.data_ptr<int>(),
-                  reinterpret_cast<sk::TileRange*>(ktiles.data_ptr<int>())};
+    auto packing = [&](const Tensor& perm, const Tensor& sorted, const Tensor& seg,
+                       const Tensor& tiles) {
+      sk::Packing pk;
+      pk.perm = dense ? nullptr : perm.data_ptr<int>();
+      pk.bucket = dense ? nullptr : sorted.data_ptr<int>();
+      pk.tiles = reinterpret_cast<sk::TileRange*>(tiles.data_ptr<int>());
+      pk.segments = seg.defined() ? seg.data_ptr<int>() : nullptr;
+      pk.num_segments = seg.defined() ? nseg : 0;
+      pk.dead_bucket = dead_bucket;
+      return pk;
+    };
+    fwd.q_pack = packing(qperm, qbs, qseg, qtiles);
+    fwd.k_pack = packing(kperm, kbs, kseg, ktiles);
     bwd.fwd = fwd;
     bwd.dout = dout.data_ptr(), bwd.dout_layout = layout_of(dout);
     bwd.dq = dq.data_ptr(), bwd.dk = dk.data_ptr(), bwd.dv = dv.data_ptr();
@@ -125,50 +145,83 @@ struct Ours {
       kb = at::where(at::rand({B, H, N}, f).lt(param), 2, 0).to(at::kInt);
     }
     if (mode != "dense") {
-      const int bits = sk::bucket_sort_bits(false, mode == "drop" ? 3 : static_cast<int>(param));
-      CUDA_OK(sk::pack_by_bucket(qb.data_ptr<int>(), B * H, N, bits, qperm.data_ptr<int>(),
-                                 qbs.data_ptr<int>(), ws.data_ptr(), ws_bytes, s));
-      CUDA_OK(sk::pack_by_bucket(kb.data_ptr<int>(), B * H, N, bits, kperm.data_ptr<int>(),
-                                 kbs.data_ptr<int>(), ws.data_ptr(), ws_bytes, s));
+      auto seg = [](Tensor& t) { return t.defined() ? t.data_ptr<int>() : nullptr; };
+      CUDA_OK(sk::pack_by_bucket(qb.data_ptr<int>(), B * H, N, sort_bits, qperm.data_ptr<int>(),
+                                 qbs.data_ptr<int>(), seg(qseg), ws.data_ptr(), ws_bytes, s));
+      CUDA_OK(sk::pack_by_bucket(kb.data_ptr<int>(), B * H, N, sort_bits, kperm.data_ptr<int>(),
+                                 kbs.data_ptr<int>(), seg(kseg), ws.data_ptr(), ws_bytes, s));
     }
-    CUDA_OK(sk::compute_tile_ranges(fwd.q_pack.perm, fwd.q_pack.bucket, B * H, N, 0,
+    CUDA_OK(sk::compute_tile_ranges(fwd.q_pack.perm, fwd.q_pack.bucket, B * H, N, 0, dead_bucket,
                                     reinterpret_cast<sk::TileRange*>(qtiles.data_ptr<int>()), s));
-    CUDA_OK(sk::compute_tile_ranges(fwd.k_pack.perm, fwd.k_pack.bucket, B * H, N, 0,
+    CUDA_OK(sk::compute_tile_ranges(fwd.k_pack.perm, fwd.k_pack.bucket, B * H, N, 0, dead_bucket,
                                     reinterpret_cast<sk::TileRange*>(ktiles.data_ptr<int>()), s));
   }
   // Tile pairs the kernels visit after tile skipping, counted on the host
-  // from this call's tile ranges: forward (128-row query blocks x 64-row key
+  // from this call's packing: forward (128-row query blocks x 64-row key
   // tiles) and dK/dV (128-row key blocks x 64-row query tiles), and the blocks
-  // that meet at least one tile. Needs pack() first.
+  // that meet at least one tile. The row blocks and their ranges are the
+  // kernels' (row_block, row_block_range: fixed blocks, or blocks aligned to
+  // the bucket segments). Needs pack() first.
   struct Work {
     int64_t fwd_pairs = 0, fwd_blocks = 0, bwd_pairs = 0, bwd_blocks = 0;
   };
+  static std::vector<int> host_ints(const Tensor& t) {
+    if (!t.defined()) return {};
+    Tensor c = t.cpu().contiguous();
+    return std::vector<int>(c.data_ptr<int>(), c.data_ptr<int>() + c.numel());
+  }
+  // The ranges of one side's 128-row blocks, per sequence.
+  std::vector<std::vector<sk::TileRange>> block_ranges(const std::vector<sk::TileRange>& tiles,
+                                                       const std::vector<int>& perm,
+                                                       const std::vector<int>& seg,
+                                                       int nseg) const {
+    constexpr int kBR = 128;
+    const int nt = sk::num_tiles(N);
+    std::vector<std::vector<sk::TileRange>> out(static_cast<size_t>(B) * H);
+    for (int64_t bh = 0; bh < int64_t{B} * H; ++bh) {
+      const sk::TileRange* t = tiles.data() + bh * nt;
+      if (seg.empty()) {
+        for (int t0 = 0; t0 < nt; t0 += 2)
+          out[bh].push_back(t0 + 1 < nt ? sk::tile_union(t[t0], t[t0 + 1]) : t[t0]);
+        continue;
+      }
+      const int* sg = seg.data() + bh * (nseg + 1);
+      const int* pr = perm.data() + bh * N;
+      for (int b = 0; b < nseg; ++b)
+        for (int r0 = sg[b]; r0 < sg[b + 1]; r0 += kBR) {
+          const int r1 = std::min(sg[b + 1], r0 + kBR);
+          out[bh].push_back(b >= dead_bucket ? sk::TileRange{b, b, INT_MAX, INT_MIN}
+                                             : sk::TileRange{b, b, pr[r0], pr[r1 - 1]});
+        }
+    }
+    return out;
+  }
   Work work() const {
     const int nt = sk::num_tiles(N);
-    auto host = [&](const Tensor& t) {
-      Tensor c = t.cpu().contiguous();
-      std::vector<sk::TileRange> v(c.numel() / 4);
-      std::memcpy(v.data(), c.data_ptr<int>(), v.size() * sizeof(sk::TileRange));
-      return v;
+    auto host_tiles = [&](const Tensor& t) {
+      const std::vector<int> v = host_ints(t);
+      std::vector<sk::TileRange> r(v.size() / 4);
+      std::memcpy(r.data(), v.data(), r.size() * sizeof(sk::TileRange));
+      return r;
     };
-    const std::vector<sk::TileRange> qv = host(qtiles), kv = host(ktiles);
-    const sk::TileRange *qt = qv.data(), *kt = kv.data();
-    // The kernels' 128-row blocks: the union of two tile ranges.
-    auto block = [&](const sk::TileRange* tiles, int t0) {
-      return t0 + 1 < nt ? sk::tile_union(tiles[t0], tiles[t0 + 1]) : tiles[t0];
-    };
+    const std::vector<sk::TileRange> qv = host_tiles(qtiles), kv = host_tiles(ktiles);
+    const int nseg = fwd.q_pack.num_segments;
+    const auto qblocks = block_ranges(qv, host_ints(qperm), host_ints(qseg), nseg);
+    const auto kblocks = block_ranges(kv, host_ints(kperm), host_ints(kseg), nseg);
     Work w;
-    for (int64_t bh = 0; bh < int64_t{B} * H; ++bh)
-      for (int t0 = 0; t0 < nt; t0 += 2) {
-        const sk::TileRange *q = qt + bh * nt, *k = kt + bh * nt;
-        const sk::TileRange qb = block(q, t0), kb = block(k, t0);
-        int64_t f = 0, g = 0;
-        for (int t = 0; t < nt; ++t) {
-          f += sk::tiles_meet(qb, k[t]);
-          g += sk::tiles_meet(q[t], kb);
-        }
-        w.fwd_pairs += f, w.fwd_blocks += f > 0, w.bwd_pairs += g, w.bwd_blocks += g > 0;
+    for (int64_t bh = 0; bh < int64_t{B} * H; ++bh) {
+      const sk::TileRange *q = qv.data() + bh * nt, *k = kv.data() + bh * nt;
+      for (const sk::TileRange& qb : qblocks[bh]) {
+        int64_t f = 0;
+        for (int t = 0; t < nt; ++t) f += sk::tiles_meet(qb, k[t]);
+        w.fwd_pairs += f, w.fwd_blocks += f > 0;
       }
+      for (const sk::TileRange& kb : kblocks[bh]) {
+        int64_t g = 0;
+        for (int t = 0; t < nt; ++t) g += sk::tiles_meet(q[t], kb);
+        w.bwd_pairs += g, w.bwd_blocks += g > 0;
+      }
+    }
     return w;
   }
   void forward() { CUDA_OK(sk::attention_forward(fwd, at::cuda::getCurrentCUDAStream())); }

@@ -4,7 +4,11 @@
 # set-up of scripts/gpu_host.sh (phases deps, configure, build).
 #   OUT=DIR   results (ctest log, bench JSON); BENCH_N / BENCH_D: lists for the benchmark;
 #   BENCH_ARGS: more bench_attention flags (e.g. --deterministic); KERNEL_TEST_FILTER:
-#   a gtest filter for sparse_flash_test; RUN_ATTENTION_TEST=0 skips attention_test.
+#   a gtest filter for sparse_flash_test; RUN_ATTENTION_TEST=0 skips attention_test;
+#   RUN_KERNEL_TEST=0 skips sparse_flash_test; RUN_FLEX=1 also times FlexAttention
+#   (bench/flex_attention.py, causal and hash over sorted rows, D = 64) at BENCH_N;
+#   NCU_CASES="hash:16 drop:0.7": afterwards, every kernel's time for these cases
+#   (scripts/gpu_kernel_times.sh on the same build, D = 64).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -15,13 +19,24 @@ GPU_PHASES="deps configure build" \
   echo "setup failed"; tail -30 "$OUT/setup.log"; }
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 status=0
-build-gpu/tests/sparse_flash_test --gtest_brief=1 ${KERNEL_TEST_FILTER:+--gtest_filter=$KERNEL_TEST_FILTER} 2>&1 | tee "$OUT/kernel_test.log" | tail -60 || status=1
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ "${RUN_KERNEL_TEST:-1}" = 1 ]; then
+  build-gpu/tests/sparse_flash_test --gtest_brief=1 ${KERNEL_TEST_FILTER:+--gtest_filter=$KERNEL_TEST_FILTER} 2>&1 | tee "$OUT/kernel_test.log" | tail -60
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 if [ "${RUN_ATTENTION_TEST:-1}" = 1 ]; then
   build-gpu/tests/attention_test --gtest_brief=1 2>&1 | tee "$OUT/attention_test.log" | tail -15
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
+if [ "${RUN_FLEX:-0}" = 1 ]; then
+  PYTHONUNBUFFERED=1 python3 bench/flex_attention.py --n "${BENCH_N:-8192,16384}" \
+    --modes dense,hash_sorted --json "$OUT/flex-$gpu.json" 2>&1 | tee "$OUT/flex.log" | tail -8
+fi
 build-gpu/bench/bench_attention --n "${BENCH_N:-8192,16384}" --d "${BENCH_D:-64,128}" \
   ${BENCH_ARGS:-} --json "$OUT/attention-$gpu.json" 2>&1 | tee "$OUT/bench.log" || status=1
+if [ -n "${NCU_CASES:-}" ]; then
+  mkdir -p "$OUT/ncu"
+  OUT="$OUT/ncu" SKIP_BUILD=1 CASES="$NCU_CASES" BENCH_N="${BENCH_N%%,*}" \
+    bash scripts/gpu_kernel_times.sh 2>&1 | tail -40
+fi
 exit $status

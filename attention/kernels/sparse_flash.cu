@@ -8,6 +8,7 @@
 // On sm_90 the bf16 forward runs on warpgroup MMA (forward_kernel_wgmma).
 #include "attention/kernels/sparse_flash.h"
 
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_segmented_radix_sort.cuh>
 
 #include <algorithm>
@@ -45,23 +46,141 @@ __global__ void fill_sort_inputs(int* iota, int* offsets, int rows, int n) {
     offsets[i] = i * n;
 }
 
-__global__ void tile_ranges_kernel(const int* perm, const int* bucket, int rows, int n,
-                                   int offset, TileRange* tiles) {
+// One warp per tile of kRows packed rows (lanes hold rows lane and lane + 32):
+// bucket min/max over every row, position min/max over the rows that are not
+// dropped (bucket < dead_bucket).
+constexpr int kTileRangeThreads = 256;
+
+__global__ void __launch_bounds__(kTileRangeThreads)
+    tile_ranges_kernel(const int* perm, const int* bucket, int rows, int n, int offset,
+                       int dead_bucket, TileRange* tiles) {
   const int nt = num_tiles(n);
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= rows * nt) return;
-  const int row = idx / nt, tile = idx % nt;
+  const int64_t tile_id = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (tile_id >= static_cast<int64_t>(rows) * nt) return;  // whole warps
+  const int row = static_cast<int>(tile_id / nt), tile = static_cast<int>(tile_id % nt);
   const int64_t base = static_cast<int64_t>(row) * n;
   TileRange r{INT_MAX, INT_MIN, INT_MAX, INT_MIN};
-  for (int i = tile * kRows; i < min(n, (tile + 1) * kRows); ++i) {
+#pragma unroll
+  for (int j = 0; j < kRows / 32; ++j) {
+    const int i = tile * kRows + lane + 32 * j;
+    if (i >= n) continue;
     const int b = bucket ? bucket[base + i] : 0;
-    const int pos = (perm ? perm[base + i] : i) + offset;
     r.x = min(r.x, b);
     r.y = max(r.y, b);
-    r.z = min(r.z, pos);
-    r.w = max(r.w, pos);
+    if (b < dead_bucket) {
+      const int pos = (perm ? perm[base + i] : i) + offset;
+      r.z = min(r.z, pos);
+      r.w = max(r.w, pos);
+    }
   }
-  tiles[idx] = r;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    r.x = min(r.x, __shfl_xor_sync(0xffffffffu, r.x, off));
+    r.y = max(r.y, __shfl_xor_sync(0xffffffffu, r.y, off));
+    r.z = min(r.z, __shfl_xor_sync(0xffffffffu, r.z, off));
+    r.w = max(r.w, __shfl_xor_sync(0xffffffffu, r.w, off));
+  }
+  if (lane == 0) tiles[tile_id] = r;
+}
+
+// Counting sort of bucket ids in [0, nseg), nseg = 2^bits <= 256, per (batch,
+// head) sequence of n rows, in chunks of kSortChunk rows (one block each):
+//   bucket_count_kernel    counts of each id per chunk: hist[seq][id][chunk];
+//   bucket_scatter_kernel  per chunk: each id's first output row (ids before
+//                          it over the sequence, plus this id in earlier
+//                          chunks), then each row's rank among the rows of
+//                          its id before it in the chunk (warp match + per-warp
+//                          counts), so the order inside an id is kept (stable).
+// Two small launches instead of a radix sort's several passes; the id totals
+// are the segment offsets the kernels' bucket-aligned row blocks read.
+constexpr int kSortThreads = 256, kSortChunk = 1024, kSortWarps = kSortThreads / 32;
+constexpr int kSortRowsPerWarp = kSortChunk / kSortWarps, kSortRounds = kSortRowsPerWarp / 32;
+constexpr int kMaxSegments = 1 << kMaxSegmentBits;
+static_assert(kMaxSegments <= kSortThreads, "one thread per bucket id in the scans");
+
+__global__ void __launch_bounds__(kSortThreads)
+    bucket_count_kernel(const int* bucket_in, int n, int nseg, int chunks, int* hist) {
+  __shared__ int count[kMaxSegments];
+  const int64_t seq = blockIdx.y;
+  const int chunk = blockIdx.x;
+  for (int i = threadIdx.x; i < nseg; i += kSortThreads) count[i] = 0;
+  __syncthreads();
+  const int* in = bucket_in + seq * n;
+  for (int i = chunk * kSortChunk + threadIdx.x; i < min(n, (chunk + 1) * kSortChunk);
+       i += kSortThreads)
+    atomicAdd(&count[in[i] & (nseg - 1)], 1);
+  __syncthreads();
+  for (int i = threadIdx.x; i < nseg; i += kSortThreads)
+    hist[(seq * nseg + i) * chunks + chunk] = count[i];
+}
+
+__global__ void __launch_bounds__(kSortThreads)
+    bucket_scatter_kernel(const int* bucket_in, int n, int nseg, int chunks, const int* hist,
+                          int* perm_out, int* bucket_out, int* segments_out) {
+  using Scan = cub::BlockScan<int, kSortThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ int warp_next[kSortWarps][kMaxSegments];  // per warp and id: next output row
+  const int64_t seq = blockIdx.y;
+  const int chunk = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int* in = bucket_in + seq * n;
+
+  // This chunk's first output row of each id.
+  int total = 0, before = 0;
+  if (tid < nseg) {
+    const int* h = hist + (seq * nseg + tid) * chunks;
+    for (int c = 0; c < chunks; ++c) {
+      const int v = h[c];
+      total += v;
+      before += c < chunk ? v : 0;
+    }
+  }
+  int start = 0;
+  Scan(scan_storage).ExclusiveSum(total, start);
+  if (chunk == 0 && segments_out != nullptr && tid <= nseg)
+    segments_out[seq * (nseg + 1) + tid] = tid < nseg ? start : n;
+
+  // The chunk's rows, warp w taking kSortRowsPerWarp consecutive ones.
+  const int first = chunk * kSortChunk + warp * kSortRowsPerWarp;
+  int id[kSortRounds], raw[kSortRounds];
+  unsigned peers[kSortRounds];
+  for (int i = tid; i < kSortWarps * kMaxSegments; i += kSortThreads) (&warp_next[0][0])[i] = 0;
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < kSortRounds; ++r) {
+    const int i = first + 32 * r + lane;
+    raw[r] = i < n ? in[i] : 0;
+    // Rows past n get ids no other lane has (-1 - lane): alone in their match.
+    id[r] = i < n ? raw[r] & (nseg - 1) : -1 - lane;
+    peers[r] = __match_any_sync(0xffffffffu, id[r]);
+    if (i < n && lane == __ffs(peers[r]) - 1) warp_next[warp][id[r]] += __popc(peers[r]);
+    __syncwarp();  // the next round's leader of an id may be another lane
+  }
+  __syncthreads();
+  // Counts of the warps before -> each warp's first output row per id.
+  if (tid < nseg) {
+    int next = start + before;
+#pragma unroll
+    for (int w = 0; w < kSortWarps; ++w) {
+      const int c = warp_next[w][tid];
+      warp_next[w][tid] = next;
+      next += c;
+    }
+  }
+  __syncthreads();
+  const unsigned below = (1u << lane) - 1;
+#pragma unroll
+  for (int r = 0; r < kSortRounds; ++r) {
+    const int i = first + 32 * r + lane;
+    if (i < n) {
+      const int64_t dst = seq * n + warp_next[warp][id[r]] + __popc(peers[r] & below);
+      perm_out[dst] = i;
+      bucket_out[dst] = raw[r];
+    }
+    __syncwarp();
+    if (i < n && lane == __ffs(peers[r]) - 1) warp_next[warp][id[r]] += __popc(peers[r]);
+    __syncwarp();
+  }
 }
 
 // One thread per row: the row is read 16 bytes at a time and projected on the
@@ -256,6 +375,67 @@ __device__ __forceinline__ TileRange block_range(const TileRange* tiles, int nt,
   for (int t = 1; t < kBR / kRows; ++t)
     if (r0 / kRows + t < nt) qr = tile_union(qr, tiles[r0 / kRows + t]);
   return qr;
+}
+
+// The packed rows [r0, r1) of row block idx of one (batch, head) sequence
+// (seq) of n rows: fixed blocks of kBR rows, or, with segments, kBR-row blocks
+// from each bucket's first row on, so that no block holds two buckets;
+// segment is then the bucket (-1 for fixed blocks). exists is false past the
+// last block (the grid is num_row_blocks, an upper bound). Warp-uniform: a
+// warp-wide scan over the segments' block counts.
+struct RowBlock {
+  int r0, r1, segment;
+  bool exists;
+};
+
+template <int kBR>
+__device__ __forceinline__ RowBlock row_block(const Packing& pk, int64_t seq, int n, int idx,
+                                              int lane) {
+  if (pk.segments == nullptr) {
+    const int r0 = idx * kBR;
+    return {r0, min(n, r0 + kBR), -1, r0 < n};
+  }
+  const int* seg = pk.segments + seq * (pk.num_segments + 1);
+  int passed = 0;  // blocks of the segments before this group of 32
+  for (int s0 = 0; s0 < pk.num_segments; s0 += 32) {
+    const int s = s0 + lane;
+    int lo = 0, hi = 0;
+    if (s < pk.num_segments) {
+      lo = __ldg(seg + s);
+      hi = __ldg(seg + s + 1);
+    }
+    const int blocks = (hi - lo + kBR - 1) / kBR;
+    int incl = blocks;  // inclusive scan over the lanes
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int t = __shfl_up_sync(0xffffffffu, incl, off);
+      if (lane >= off) incl += t;
+    }
+    const unsigned hit = __ballot_sync(0xffffffffu, passed + incl > idx);
+    if (hit) {
+      const int l = __ffs(hit) - 1;
+      const int first_block = passed + __shfl_sync(0xffffffffu, incl - blocks, l);
+      const int r0 = __shfl_sync(0xffffffffu, lo, l) + (idx - first_block) * kBR;
+      return {r0, min(__shfl_sync(0xffffffffu, hi, l), r0 + kBR), s0 + l, true};
+    }
+    passed += __shfl_sync(0xffffffffu, incl, 31);
+  }
+  return {0, 0, -1, false};
+}
+
+// The bucket and position ranges of a row block (as a tile range): the union
+// of its tiles' ranges for fixed blocks; exact for a segment's block (one
+// bucket, rows in time order: positions from its first and last rows; none
+// for dropped rows).
+template <int kBR>
+__device__ __forceinline__ TileRange row_block_range(const Packing& pk, const TileRange* tiles,
+                                                     int nt, int64_t row_base, const RowBlock& rb,
+                                                     int offset) {
+  if (rb.segment < 0) return block_range<kBR>(tiles, nt, rb.r0);
+  const int s = rb.segment;
+  if (s >= pk.dead_bucket) return {s, s, INT_MAX, INT_MIN};
+  return {s, s, __ldg(pk.perm + row_base + rb.r0) + offset,
+          __ldg(pk.perm + row_base + rb.r1 - 1) + offset};
 }
 
 // Loads kNumRows packed rows (first .. first + kNumRows - 1) into a
@@ -598,7 +778,8 @@ __device__ __forceinline__ void finish_rows(OAt o, float (&l)[2], const float (&
 // K/V stay in L2) of (batch, head) blockIdx.y, kBR packed rows.
 template <typename T>
 struct ForwardBlock {
-  int bh, b, h, hk, bhk, q0, nkt;
+  bool exists;                // false: past the last row block, nothing to do
+  int bh, b, h, hk, bhk, q0, q1, nkt;  // packed query rows [q0, q1)
   int64_t q_base, k_base;
   TileRange qr;               // the union of the block's query tile ranges
   const TileRange* ktiles;    // the KV head's key tiles
@@ -611,6 +792,8 @@ __device__ __forceinline__ ForwardBlock<T> forward_block(const ForwardParams& p)
   ForwardBlock<T> f;
   f.bh = blockIdx.y;
   const int qb = gridDim.x - 1 - blockIdx.x;
+  const RowBlock rb = row_block<kBR>(p.q_pack, f.bh, p.Nq, qb, threadIdx.x % 32);
+  f.exists = rb.exists;
   f.b = f.bh / p.H;
   f.h = f.bh % p.H;
   f.hk = f.h / (p.H / p.Hkv);
@@ -619,8 +802,11 @@ __device__ __forceinline__ ForwardBlock<T> forward_block(const ForwardParams& p)
   f.nkt = num_tiles(p.Nk);
   f.q_base = static_cast<int64_t>(f.bh) * p.Nq;
   f.k_base = static_cast<int64_t>(f.bhk) * p.Nk;
-  f.q0 = qb * kBR;
-  f.qr = block_range<kBR>(p.q_pack.tiles + static_cast<int64_t>(f.bh) * nqt, nqt, f.q0);
+  f.q0 = rb.r0;
+  f.q1 = rb.r1;
+  if (f.exists)
+    f.qr = row_block_range<kBR>(p.q_pack, p.q_pack.tiles + static_cast<int64_t>(f.bh) * nqt, nqt,
+                                f.q_base, rb, p.Nk - p.Nq);
   f.ktiles = p.k_pack.tiles + static_cast<int64_t>(f.bhk) * f.nkt;
   f.q = head_ptr<T>(p.q, p.q_layout, f.b, f.h);
   f.k = head_ptr<T>(p.k, p.k_layout, f.b, f.hk);
@@ -641,7 +827,7 @@ __device__ __forceinline__ KeyPipeline<T, D, kT, kPanels> start_key_pipeline(
   KeyPipeline<T, D, kT, kPanels> pipe{
       fb.ktiles, fb.qr, MeetIter{fb.ktiles, fb.qr, range.lo, range.hi, 0u, true}, fb.k, fb.v,
       p.k_layout.n, p.v_layout.n, fb.kperm, &p.k_pack, fb.k_base, p.Nk, kv, sKpos,
-      sKpos + 2 * kRows, fb.q0 + kBR <= p.Nq};
+      sKpos + 2 * kRows, fb.q0 + kBR <= fb.q1};
   pipe.start(lane);
   return pipe;
 }
@@ -655,8 +841,8 @@ __device__ __forceinline__ void block_query_rows(const ForwardBlock<T>& fb, cons
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int packed = fb.q0 + warp * 16 + lane / 4 + 8 * i;
-    valid[i] = packed < p.Nq;
-    rows[i] = row_info(p.q_pack, fb.q_base, packed, p.Nq, p.Nk - p.Nq, kInvalidQueryBucket);
+    valid[i] = packed < fb.q1;
+    rows[i] = row_info(p.q_pack, fb.q_base, packed, fb.q1, p.Nk - p.Nq, kInvalidQueryBucket);
   }
 }
 
@@ -680,10 +866,11 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   T* kv = smem + kBR * D;  // K0 V0 K1 V1, then the key pipeline's ints
 
   const ForwardBlock<T> fb = forward_block<T, kBR>(p);
+  if (!fb.exists) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const SwizzledLane<D> la = ldm_lane_a<D>(lane), lb = ldm_lane_b<D>(lane);
 
-  load_rows_async<T, D, kT, kBR>(sQ, 0, fb.q, p.q_layout.n, fb.qperm, fb.q0, p.Nq);
+  load_rows_async<T, D, kT, kBR>(sQ, 0, fb.q, p.q_layout.n, fb.qperm, fb.q0, fb.q1);
   KeyPipeline<T, D, kT> pipe = start_key_pipeline<T, D, kT, kBR>(fb, p, kv, lane);
 
   RowInfo rows[2];
@@ -751,13 +938,14 @@ __global__ void __launch_bounds__(kWgFwdWarps * 32, D == 64 ? 2 : 1)
   T* kv = sQ + kBR * D;    // K0 V0 K1 V1, [kRows x D] panels each, then the pipeline's ints
 
   const ForwardBlock<T> fb = forward_block<T, kBR>(p);
+  if (!fb.exists) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
 
   KeyPipeline<T, D, kT, true> pipe = start_key_pipeline<T, D, kT, kBR, true>(fb, p, kv, lane);
   // Q only when a key tile meets the block (with dropping most blocks meet
   // none and just write zeros).
   if (pipe.kt >= 0)
-    load_rows_async_sw128<T, D, kT, kBR>(sQ, fb.q, p.q_layout.n, fb.qperm, fb.q0, p.Nq);
+    load_rows_async_sw128<T, D, kT, kBR>(sQ, fb.q, p.q_layout.n, fb.qperm, fb.q0, fb.q1);
   cp_async_commit();
 
   RowInfo rows[2];
@@ -1122,6 +1310,24 @@ __global__ void delta_kernel(const __grid_constant__ BackwardParams p, bool vec)
   if (c == 0) p.delta[row] = sum;
 }
 
+// The dK/dV kernels' block of keys: row block blockIdx.x of KV sequence bhk,
+// packed keys [k0, k1), and their range.
+struct KeyBlock {
+  bool exists;
+  int k0, k1;
+  TileRange range;
+};
+
+__device__ __forceinline__ KeyBlock key_block(const ForwardParams& f, int bhk, int64_t k_base,
+                                              int nkt) {
+  const RowBlock rb = row_block<kBwdKeys>(f.k_pack, bhk, f.Nk, blockIdx.x, threadIdx.x % 32);
+  KeyBlock kb{rb.exists, rb.r0, rb.r1, TileRange{0, -1, INT_MAX, INT_MIN}};
+  if (rb.exists)
+    kb.range = row_block_range<kBwdKeys>(f.k_pack, f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt,
+                                         nkt, k_base, rb, 0);
+  return kb;
+}
+
 // dK, dV for a block of kBwdKeys packed keys, 16 per warp: loops over the
 // query heads of its group and the query tiles that can meet the block
 // (binary search + ballot), Q and dO double buffered. A warp whose 16 keys
@@ -1149,16 +1355,18 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   // its keys met the query tile, else 0.
   int* warp_active = meta + kQueryStreamInts;
 
-  const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
+  const int bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
-  const int k0 = kb * kBwdKeys;
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
-  const TileRange kr = block_range<kBwdKeys>(f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt, nkt, k0);
+  const KeyBlock kblk = key_block(f, bhk, k_base, nkt);
+  if (!kblk.exists) return;
+  const int k0 = kblk.k0, k1 = kblk.k1;
+  const TileRange kr = kblk.range;
   const int* kperm = f.k_pack.perm ? f.k_pack.perm + k_base : nullptr;
   load_rows_async<T, D, kT, kBwdKeys>(sK, 0, head_ptr<T>(f.k, f.k_layout, b, hk), f.k_layout.n,
-                                      kperm, k0, f.Nk);
+                                      kperm, k0, k1);
   load_rows_async<T, D, kT, kBwdKeys>(sV, 0, head_ptr<T>(f.v, f.v_layout, b, hk), f.v_layout.n,
-                                      kperm, k0, f.Nk);
+                                      kperm, k0, k1);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const SwizzledLane<D> la = ldm_lane_a<D>(lane), lb = ldm_lane_b<D>(lane);
@@ -1176,8 +1384,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int packed = k0 + warp * 16 + lane / 4 + 8 * i;
-    valid[i] = packed < f.Nk;
-    rows[i] = row_info(f.k_pack, k_base, packed, f.Nk, 0, kInvalidKeyBucket);
+    valid[i] = packed < k1;
+    rows[i] = row_info(f.k_pack, k_base, packed, k1, 0, kInvalidKeyBucket);
     if (valid[i]) {
       wb_lo = min(wb_lo, rows[i].bucket);
       wb_hi = max(wb_hi, rows[i].bucket);
@@ -1428,11 +1636,13 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   int* wg_active = meta + kQueryStreamInts;
   int* dq_orig = wg_active + 4 + 10;
 
-  const int kb = blockIdx.x, bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
+  const int bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
-  const int k0 = kb * kBwdKeys;
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
-  const TileRange kr = block_range<kBwdKeys>(f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt, nkt, k0);
+  const KeyBlock kblk = key_block(f, bhk, k_base, nkt);
+  if (!kblk.exists) return;
+  const int k0 = kblk.k0, k1 = kblk.k1;
+  const TileRange kr = kblk.range;
   const int* kperm = f.k_pack.perm ? f.k_pack.perm + k_base : nullptr;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
@@ -1445,9 +1655,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   // meet none and just write zeros).
   if (qs.have) {
     load_rows_async_sw128<T, D, kT, kBwdKeys>(sK, head_ptr<T>(f.k, f.k_layout, b, hk),
-                                              f.k_layout.n, kperm, k0, f.Nk);
+                                              f.k_layout.n, kperm, k0, k1);
     load_rows_async_sw128<T, D, kT, kBwdKeys>(sV, head_ptr<T>(f.v, f.v_layout, b, hk),
-                                              f.v_layout.n, kperm, k0, f.Nk);
+                                              f.v_layout.n, kperm, k0, k1);
   }
   cp_async_commit();
 
@@ -1460,8 +1670,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int packed = k0 + warp * 16 + lane / 4 + 8 * i;
-    valid[i] = packed < f.Nk;
-    rows[i] = row_info(f.k_pack, k_base, packed, f.Nk, 0, kInvalidKeyBucket);
+    valid[i] = packed < k1;
+    rows[i] = row_info(f.k_pack, k_base, packed, k1, 0, kInvalidKeyBucket);
     if (valid[i]) {
       wb_lo = min(wb_lo, rows[i].bucket);
       wb_hi = max(wb_hi, rows[i].bucket);
@@ -1733,13 +1943,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   T* kv = smem + 2 * kBR * D;  // K0 V0 K1 V1, then the key pipeline's ints
 
   const ForwardBlock<T> fb = forward_block<T, kBR>(f);
+  if (!fb.exists) return;
   const int b = fb.b, h = fb.h;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const SwizzledLane<D> la = ldm_lane_a<D>(lane), lb = ldm_lane_b<D>(lane);
 
-  load_rows_async<T, D, kT, kBR>(sQ, 0, fb.q, f.q_layout.n, fb.qperm, fb.q0, f.Nq);
+  load_rows_async<T, D, kT, kBR>(sQ, 0, fb.q, f.q_layout.n, fb.qperm, fb.q0, fb.q1);
   load_rows_async<T, D, kT, kBR>(sdO, 0, head_ptr<T>(p.dout, p.dout_layout, b, h),
-                                 p.dout_layout.n, fb.qperm, fb.q0, f.Nq);
+                                 p.dout_layout.n, fb.qperm, fb.q0, fb.q1);
   KeyPipeline<T, D, kT> pipe = start_key_pipeline<T, D, kT, kBR>(fb, f, kv, lane);
 
   RowInfo rows[2];
@@ -1850,7 +2061,7 @@ cudaError_t forward_wgmma(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kWgFwdWarps * 16;
   const size_t smem =
       1024 + (kBR + 4 * kRows) * D * sizeof(__nv_bfloat16) + kKeyPipelineInts * sizeof(int);
-  dim3 grid((p.Nq + kBR - 1) / kBR, p.B * p.H);
+  dim3 grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H);
   return launch_kernel(forward_kernel_wgmma<D>, grid, kWgFwdWarps * 32, smem, stream, p);
 }
 
@@ -1858,7 +2069,7 @@ template <typename T, int D>
 cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kFwdWarps * 16;
   const size_t smem = (kBR + 4 * kRows) * D * sizeof(T) + kKeyPipelineInts * sizeof(int);
-  dim3 grid((p.Nq + kBR - 1) / kBR, p.B * p.H);
+  dim3 grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H);
   return launch_kernel(forward_kernel<T, D, kFwdWarps>, grid, kFwdWarps * 32, smem, stream, p);
 }
 
@@ -1885,7 +2096,7 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
       1024 + (2 * kBwdKeys * D + (D == 64 ? 6 : 4) * kRows * D + 2 * kBwdKeys * kRows) * sizeof(T) +
       (kQueryStreamInts + 4 + 10 + 2 * kRows) * sizeof(int);
   const bool wgmma_bwd = std::is_same_v<T, __nv_bfloat16> && wgmma_backward_enabled(f.dtype);
-  const dim3 grid_kv((f.Nk + kBwdKeys - 1) / kBwdKeys, f.B * f.Hkv);
+  const dim3 grid_kv(num_row_blocks(f.k_pack, f.Nk, kBwdKeys), f.B * f.Hkv);
   if (atomic_dq) {
     // dq_accum was zeroed by delta_kernel (the rows that dQ reaches).
     cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, true>, grid_kv, kBwdWarps * 32,
@@ -1908,13 +2119,20 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
     return e;
   constexpr int kBR = kDqWarps * 16;
   const size_t smem_q = (2 * kBR + 4 * kRows) * D * sizeof(T) + kKeyPipelineInts * sizeof(int);
-  return launch_kernel(dq_kernel<T, D, kDqWarps>, dim3((f.Nq + kBR - 1) / kBR, f.B * f.H),
+  return launch_kernel(dq_kernel<T, D, kDqWarps>, dim3(num_row_blocks(f.q_pack, f.Nq, kBR), f.B * f.H),
                        kDqWarps * 32, smem_q, stream, p);
+}
+
+// Segments need buckets and a permutation, and every bucket id below
+// num_segments (they index them).
+bool valid_packing(const Packing& pk) {
+  return pk.tiles && (pk.segments == nullptr ||
+                      (pk.perm && pk.bucket && pk.num_segments > 0 && pk.num_segments <= (1 << 30)));
 }
 
 bool valid_shape(const ForwardParams& p) {
   return p.B > 0 && p.H > 0 && p.Hkv > 0 && p.H % p.Hkv == 0 && p.Nq > 0 && p.Nk >= p.Nq &&
-         (p.D == 64 || p.D == 128) && p.q_pack.tiles && p.k_pack.tiles;
+         (p.D == 64 || p.D == 128) && valid_packing(p.q_pack) && valid_packing(p.k_pack);
 }
 
 }  // namespace
@@ -1929,9 +2147,13 @@ int bucket_sort_bits(bool with_drop_sentinels, int num_buckets) {
   return bits;
 }
 
-size_t pack_workspace_bytes(int rows, int n) {
-  size_t cub_bytes = 0;
+size_t pack_workspace_bytes(int rows, int n, int sort_bits) {
   const int64_t items = static_cast<int64_t>(rows) * n;
+  if (sort_bits <= kMaxSegmentBits) {
+    const int64_t chunks = (n + kSortChunk - 1) / kSortChunk;
+    return align_up(static_cast<size_t>(rows) * (size_t{1} << sort_bits) * chunks * sizeof(int));
+  }
+  size_t cub_bytes = 0;
   cub::DeviceSegmentedRadixSort::SortPairs(nullptr, cub_bytes, static_cast<const int*>(nullptr),
                                            static_cast<int*>(nullptr),
                                            static_cast<const int*>(nullptr),
@@ -1942,9 +2164,23 @@ size_t pack_workspace_bytes(int rows, int n) {
 }
 
 cudaError_t pack_by_bucket(const int* bucket_in, int rows, int n, int sort_bits, int* perm_out,
-                           int* bucket_out, void* workspace, size_t workspace_bytes,
-                           cudaStream_t stream) {
+                           int* bucket_out, int* segments_out, void* workspace,
+                           size_t workspace_bytes, cudaStream_t stream) {
+  if (rows <= 0 || n <= 0 || sort_bits < 0 || sort_bits > 30 ||
+      (segments_out != nullptr && sort_bits > kMaxSegmentBits) ||
+      workspace_bytes < pack_workspace_bytes(rows, n, sort_bits))
+    return cudaErrorInvalidValue;
   const int64_t items = static_cast<int64_t>(rows) * n;
+  if (sort_bits <= kMaxSegmentBits) {
+    const int nseg = 1 << sort_bits, chunks = (n + kSortChunk - 1) / kSortChunk;
+    int* hist = static_cast<int*>(workspace);
+    const dim3 grid(chunks, rows);
+    bucket_count_kernel<<<grid, kSortThreads, 0, stream>>>(bucket_in, n, nseg, chunks, hist);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    bucket_scatter_kernel<<<grid, kSortThreads, 0, stream>>>(bucket_in, n, nseg, chunks, hist,
+                                                             perm_out, bucket_out, segments_out);
+    return cudaGetLastError();
+  }
   char* ws = static_cast<char*>(workspace);
   int* iota = reinterpret_cast<int*>(ws);
   int* offsets = reinterpret_cast<int*>(ws + align_up(items * sizeof(int)));
@@ -1977,10 +2213,13 @@ cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int
 }
 
 cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, int n,
-                                int position_offset, TileRange* tiles, cudaStream_t stream) {
-  const int total = rows * num_tiles(n);
-  tile_ranges_kernel<<<(total + 127) / 128, 128, 0, stream>>>(perm, bucket, rows, n,
-                                                              position_offset, tiles);
+                                int position_offset, int dead_bucket, TileRange* tiles,
+                                cudaStream_t stream) {
+  if (rows <= 0 || n <= 0) return cudaErrorInvalidValue;
+  const int64_t warps = static_cast<int64_t>(rows) * num_tiles(n);
+  const int64_t blocks = (warps * 32 + kTileRangeThreads - 1) / kTileRangeThreads;
+  tile_ranges_kernel<<<static_cast<unsigned>(blocks), kTileRangeThreads, 0, stream>>>(
+      perm, bucket, rows, n, position_offset, dead_bucket, tiles);
   return cudaGetLastError();
 }
 

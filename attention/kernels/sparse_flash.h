@@ -18,6 +18,7 @@
 // allowed pair is skipped.
 #pragma once
 
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 
@@ -64,7 +65,28 @@ struct Packing {
   const int* perm = nullptr;    // [B * heads, N] packed -> original row; nullptr = identity
   const int* bucket = nullptr;  // [B * heads, N] in packed order, ascending; nullptr = all 0
   const TileRange* tiles = nullptr;  // [B * heads, num_tiles(N)], from compute_tile_ranges
+  // Optional [B * heads, num_segments + 1], from pack_by_bucket: segments[s] is
+  // the first packed row of bucket s (segments[num_segments] = N). Given, the
+  // kernels' row blocks on this side start at every bucket's first row, so
+  // that no block holds two buckets (a bucket of c rows takes ceil(c / rows per
+  // block) blocks); nullptr: fixed blocks of consecutive rows.
+  const int* segments = nullptr;
+  int num_segments = 0;
+  // Rows whose bucket is dead_bucket or more are dropped: they match nothing
+  // (their buckets must differ from every bucket of the other side) and are
+  // left out of the tile ranges' positions (compute_tile_ranges), so tiles of
+  // dropped rows meet no tile.
+  int dead_bucket = INT_MAX;
 };
+
+// Upper bound on the row blocks of kernel blocks of `rows_per_block` packed
+// rows over one (batch, head) sequence of n rows (the grid size); blocks past
+// the real count exit at once.
+SPARSEFLASH_HOST_DEVICE inline int num_row_blocks(const Packing& pk, int n, int rows_per_block) {
+  const int fixed = (n + rows_per_block - 1) / rows_per_block;
+  if (pk.segments == nullptr) return fixed;
+  return fixed + (pk.num_segments < n ? pk.num_segments : n);
+}
 
 struct ForwardParams {
   DType dtype = DType::kBF16;
@@ -105,18 +127,31 @@ cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int
 // drop sentinels.
 int bucket_sort_bits(bool with_drop_sentinels, int num_buckets);
 
+// Bucket ids of up to kMaxSegmentBits bits are sorted by a counting sort,
+// which also gives each bucket's segment of packed rows (Packing::segments,
+// num_segments = 1 << sort_bits); wider ids by a CUB segmented radix sort.
+inline constexpr int kMaxSegmentBits = 8;
+inline int num_segments_for(int sort_bits) {
+  return sort_bits <= kMaxSegmentBits ? 1 << sort_bits : 0;
+}
+
 // Stable sort of each (batch, head) row sequence by bucket: bucket_in is in
-// original order [rows, n]; writes perm and the sorted buckets. Workspace from
-// pack_workspace_bytes.
-size_t pack_workspace_bytes(int rows, int n);
+// original order [rows, n], every id in [0, 2^sort_bits); writes perm and the
+// sorted buckets, and, when segments_out is given (it must be nullptr for
+// sort_bits > kMaxSegmentBits), the segment offsets [rows, 2^sort_bits + 1].
+// Workspace from pack_workspace_bytes.
+size_t pack_workspace_bytes(int rows, int n, int sort_bits);
 cudaError_t pack_by_bucket(const int* bucket_in, int rows, int n, int sort_bits, int* perm_out,
-                           int* bucket_out, void* workspace, size_t workspace_bytes,
-                           cudaStream_t stream);
+                           int* bucket_out, int* segments_out, void* workspace,
+                           size_t workspace_bytes, cudaStream_t stream);
 
 // Tile ranges of packed rows; position offset is added to original indices
-// (Nk - Nq for queries, 0 for keys).
+// (Nk - Nq for queries, 0 for keys). Rows with bucket >= dead_bucket (dropped
+// rows; INT_MAX: none) count for the bucket range but not for the positions;
+// a tile of dropped rows alone gets positions (INT_MAX, INT_MIN).
 cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, int n,
-                                int position_offset, TileRange* tiles, cudaStream_t stream);
+                                int position_offset, int dead_bucket, TileRange* tiles,
+                                cudaStream_t stream);
 
 cudaError_t attention_forward(const ForwardParams& p, cudaStream_t stream);
 // Whether attention_forward runs the Hopper warpgroup-MMA kernel for this

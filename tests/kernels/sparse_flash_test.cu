@@ -26,6 +26,7 @@
 //     the deterministic backward is bit-for-bit reproducible.
 // SF_KERNEL_TEST_VERBOSE=1 prints the measured max errors of passing checks too.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -188,7 +189,10 @@ const char* dtype_name(DType t) { return t == DType::kBF16 ? "bf16" : "fp16"; }
 // ---------------------------------------------------------------------------
 // Problems.
 
-enum class Mode { kDense, kZeroBuckets, kHash2, kHash16, kDrop };
+// kDrop: dropped rows get the sentinel buckets (30-bit radix sort, fixed row
+// blocks); kDropSmall: buckets 1 (dropped queries) and 2 (dropped keys), as
+// attention/flash.cc packs them (counting sort, bucket-aligned row blocks).
+enum class Mode { kDense, kZeroBuckets, kHash2, kHash16, kDrop, kDropSmall };
 
 const char* mode_name(Mode m) {
   switch (m) {
@@ -197,6 +201,7 @@ const char* mode_name(Mode m) {
     case Mode::kHash2: return "hash2";
     case Mode::kHash16: return "hash16";
     case Mode::kDrop: return "drop";
+    case Mode::kDropSmall: return "dropsmall";
   }
   return "?";
 }
@@ -209,6 +214,8 @@ struct RunOptions {
   bool packed = true;  // false: nullptr perm and bucket (dense)
   bool drop = false;   // bucket_sort_bits(drop, num_buckets)
   int num_buckets = 1;
+  int dead_bucket = INT_MAX;  // Packing::dead_bucket of both sides
+  bool segments = true;  // pass the segments the counting sort gives (sort bits <= 8)
   bool bnhd = false;   // [B, N, heads, D] memory (strided views) instead of contiguous [B, heads, N, D]
   int backward_runs = 1;  // per dQ mode (atomic, then deterministic)
 };
@@ -220,7 +227,14 @@ RunOptions options_for(Mode m) {
     case Mode::kZeroBuckets: break;
     case Mode::kHash2: o.num_buckets = 2; break;
     case Mode::kHash16: o.num_buckets = 16; break;
-    case Mode::kDrop: o.drop = true; break;
+    case Mode::kDrop:
+      o.drop = true;
+      o.dead_bucket = sfk::kDroppedQueryBucket;
+      break;
+    case Mode::kDropSmall:
+      o.num_buckets = 3;
+      o.dead_bucket = 1;
+      break;
   }
   return o;
 }
@@ -261,12 +275,14 @@ RefProblem make_problem(const Shape& s, int D, DType dtype, Mode mode, uint32_t 
       for (int& b : p.k_bucket) b = bucket(gen);
       break;
     }
-    case Mode::kDrop: {
+    case Mode::kDrop:
+    case Mode::kDropSmall: {
+      const bool small = mode == Mode::kDropSmall;
       std::bernoulli_distribution keep(0.5);
       p.q_bucket.resize(nq);
       p.k_bucket.resize(nk);
-      for (int& b : p.q_bucket) b = keep(gen) ? 0 : sfk::kDroppedQueryBucket;
-      for (int& b : p.k_bucket) b = keep(gen) ? 0 : sfk::kDroppedKeyBucket;
+      for (int& b : p.q_bucket) b = keep(gen) ? 0 : small ? 1 : sfk::kDroppedQueryBucket;
+      for (int& b : p.k_bucket) b = keep(gen) ? 0 : small ? 2 : sfk::kDroppedKeyBucket;
       break;
     }
   }
@@ -321,16 +337,31 @@ std::vector<float> from_device_order(const std::vector<uint16_t>& y, DType t, in
 // Packing and tile ranges.
 
 struct PackedSide {
-  DeviceBuffer<int> perm, bucket;     // unallocated (nullptr) on the dense path
+  DeviceBuffer<int> perm, bucket, segments;  // unallocated (nullptr) on the dense path
   DeviceBuffer<sfk::TileRange> tiles;
-  std::vector<int> perm_h, bucket_h;  // empty on the dense path
+  std::vector<int> perm_h, bucket_h, segments_h;  // empty on the dense path
   std::vector<sfk::TileRange> tiles_h;
+  int num_segments = 0, dead_bucket = INT_MAX;
+  sfk::Packing packing() const {
+    sfk::Packing pk;
+    pk.perm = perm.get();
+    pk.bucket = bucket.get();
+    pk.tiles = tiles.get();
+    pk.segments = segments.get();
+    pk.num_segments = num_segments;
+    pk.dead_bucket = dead_bucket;
+    return pk;
+  }
 };
 
-// bucket_in == nullptr: the dense path (nullptr perm and bucket).
+// bucket_in == nullptr: the dense path (nullptr perm and bucket). With
+// with_segments and sort_bits <= kMaxSegmentBits the sort also writes the
+// bucket segments (poisoned first, like every output).
 PackedSide pack_side(const std::vector<int>* bucket_in, int rows, int n, int sort_bits,
-                     int position_offset, const Stream& stream) {
+                     int position_offset, const Stream& stream, int dead_bucket = INT_MAX,
+                     bool with_segments = true) {
   PackedSide s;
+  s.dead_bucket = dead_bucket;
   if (bucket_in) {
     DeviceBuffer<int> in(size_t(rows) * n);
     in.upload(*bucket_in);
@@ -338,21 +369,50 @@ PackedSide pack_side(const std::vector<int>* bucket_in, int rows, int n, int sor
     s.bucket = DeviceBuffer<int>(size_t(rows) * n);
     s.perm.poison(stream.get());
     s.bucket.poison(stream.get());
-    const size_t ws_bytes = sfk::pack_workspace_bytes(rows, n);
+    if (with_segments && sfk::num_segments_for(sort_bits) > 0) {
+      s.num_segments = sfk::num_segments_for(sort_bits);
+      s.segments = DeviceBuffer<int>(size_t(rows) * (s.num_segments + 1));
+      s.segments.poison(stream.get());
+    }
+    const size_t ws_bytes = sfk::pack_workspace_bytes(rows, n, sort_bits);
     DeviceBuffer<unsigned char> ws(ws_bytes);
     SF_CUDA_CHECK(sfk::pack_by_bucket(in.get(), rows, n, sort_bits, s.perm.get(), s.bucket.get(),
-                                      ws.get(), ws_bytes, stream.get()));
+                                      s.segments.get(), ws.get(), ws_bytes, stream.get()));
     stream.sync("pack_by_bucket");
     s.perm_h = s.perm.download();
     s.bucket_h = s.bucket.download();
+    if (s.num_segments > 0) s.segments_h = s.segments.download();
   }
   s.tiles = DeviceBuffer<sfk::TileRange>(size_t(rows) * sfk::num_tiles(n));
   s.tiles.poison(stream.get());
   SF_CUDA_CHECK(sfk::compute_tile_ranges(s.perm.get(), s.bucket.get(), rows, n, position_offset,
-                                         s.tiles.get(), stream.get()));
+                                         dead_bucket, s.tiles.get(), stream.get()));
   stream.sync("compute_tile_ranges");
   s.tiles_h = s.tiles.download();
   return s;
+}
+
+// segments[r][b] is the first packed row of bucket b or more (so bucket b's
+// rows are [segments[r][b], segments[r][b + 1])), segments[r][nseg] = n.
+::testing::AssertionResult verify_segments(const char* side, const std::vector<int>& sorted,
+                                           const std::vector<int>& segments, int rows, int n,
+                                           int nseg) {
+  if (segments.size() != size_t(rows) * (nseg + 1)) {
+    return ::testing::AssertionFailure() << side << ": " << segments.size()
+                                         << " segment offsets, expected " << rows * (nseg + 1);
+  }
+  for (int r = 0; r < rows; ++r) {
+    const int* sr = &sorted[size_t(r) * n];
+    for (int b = 0; b <= nseg; ++b) {
+      const int want = b == nseg ? n : int(std::lower_bound(sr, sr + n, b) - sr);
+      const int got = segments[size_t(r) * (nseg + 1) + b];
+      if (got != want) {
+        return ::testing::AssertionFailure() << side << " row " << r << ": segment " << b
+                                             << " starts at " << got << ", expected " << want;
+      }
+    }
+  }
+  return ::testing::AssertionSuccess();
 }
 
 // perm is a permutation of 0..n-1 per row; sorted == bucket_in gathered
@@ -403,11 +463,12 @@ PackedSide pack_side(const std::vector<int>* bucket_in, int rows, int n, int sor
 }
 
 // Exact (bucket min, bucket max, position min, position max) of each tile of
-// 64 packed rows. perm empty = identity, sorted empty = all 0.
+// 64 packed rows, positions over the rows with a bucket below dead_bucket
+// only. perm empty = identity, sorted empty = all 0.
 ::testing::AssertionResult verify_tiles(const char* side, const std::vector<int>& perm,
                                         const std::vector<int>& sorted,
                                         const std::vector<sfk::TileRange>& tiles, int rows, int n,
-                                        int position_offset) {
+                                        int position_offset, int dead_bucket = INT_MAX) {
   const int nt = sfk::num_tiles(n);
   if (tiles.size() != size_t(rows) * nt) {
     return ::testing::AssertionFailure() << side << ": tile count mismatch";
@@ -422,6 +483,7 @@ PackedSide pack_side(const std::vector<int>* bucket_in, int rows, int n, int sor
         const int pos = (perm.empty() ? i : perm[at]) + position_offset;
         bmin = std::min(bmin, b);
         bmax = std::max(bmax, b);
+        if (b >= dead_bucket) continue;
         pmin = std::min(pmin, pos);
         pmax = std::max(pmax, pos);
       }
@@ -481,14 +543,21 @@ KernelResult run_kernels(const RefProblem& p, DType dtype, const RunOptions& opt
     kb_in = &kb;
     sort_bits = sfk::bucket_sort_bits(opt.drop, opt.num_buckets);
   }
-  PackedSide qs = pack_side(qb_in, q_rows, Nq, sort_bits, Nk - Nq, stream);
-  PackedSide ks = pack_side(kb_in, k_rows, Nk, sort_bits, 0, stream);
+  PackedSide qs = pack_side(qb_in, q_rows, Nq, sort_bits, Nk - Nq, stream, opt.dead_bucket,
+                            opt.segments);
+  PackedSide ks = pack_side(kb_in, k_rows, Nk, sort_bits, 0, stream, opt.dead_bucket, opt.segments);
   if (opt.packed) {
     EXPECT_TRUE(verify_packing("queries", qb, qs.perm_h, qs.bucket_h, q_rows, Nq));
     EXPECT_TRUE(verify_packing("keys", kb, ks.perm_h, ks.bucket_h, k_rows, Nk));
+    if (qs.num_segments > 0) {
+      EXPECT_TRUE(verify_segments("queries", qs.bucket_h, qs.segments_h, q_rows, Nq, qs.num_segments));
+      EXPECT_TRUE(verify_segments("keys", ks.bucket_h, ks.segments_h, k_rows, Nk, ks.num_segments));
+    }
   }
-  EXPECT_TRUE(verify_tiles("query tiles", qs.perm_h, qs.bucket_h, qs.tiles_h, q_rows, Nq, Nk - Nq));
-  EXPECT_TRUE(verify_tiles("key tiles", ks.perm_h, ks.bucket_h, ks.tiles_h, k_rows, Nk, 0));
+  EXPECT_TRUE(verify_tiles("query tiles", qs.perm_h, qs.bucket_h, qs.tiles_h, q_rows, Nq, Nk - Nq,
+                           opt.dead_bucket));
+  EXPECT_TRUE(verify_tiles("key tiles", ks.perm_h, ks.bucket_h, ks.tiles_h, k_rows, Nk, 0,
+                           opt.dead_bucket));
 
   sfk::ForwardParams f;
   f.dtype = dtype;
@@ -508,8 +577,8 @@ KernelResult run_kernels(const RefProblem& p, DType dtype, const RunOptions& opt
   f.out = out.get();
   f.out_layout = ql;
   f.lse = lse.get();
-  f.q_pack = {qs.perm.get(), qs.bucket.get(), qs.tiles.get()};
-  f.k_pack = {ks.perm.get(), ks.bucket.get(), ks.tiles.get()};
+  f.q_pack = qs.packing();
+  f.k_pack = ks.packing();
 
   out.poison(stream.get());
   lse.poison(stream.get());
@@ -902,7 +971,8 @@ std::vector<Case> all_cases() {
       {1, 1, 1, 4097, 4097},  // long: D = 64, dense and hash16 only
   };
   std::vector<Case> cases;
-  for (Mode mode : {Mode::kDense, Mode::kZeroBuckets, Mode::kHash2, Mode::kHash16, Mode::kDrop}) {
+  for (Mode mode : {Mode::kDense, Mode::kZeroBuckets, Mode::kHash2, Mode::kHash16, Mode::kDrop,
+                    Mode::kDropSmall}) {
     for (DType dtype : {DType::kBF16, DType::kFP16}) {
       for (int D : {64, 128}) {
         for (const Shape& s : shapes) {
@@ -1151,11 +1221,15 @@ struct PackCase {
   int rows, n, num_buckets;
   int sentinel;  // 0: no drop; else the drop bucket given to about half the rows
   int position_offset;
+  int dead_bucket = INT_MAX;  // rows at or above it are dropped ones (tile positions)
 };
 
 class PackingTest : public ::testing::TestWithParam<PackCase> {};
 
-TEST_P(PackingTest, StableSortAndTileRanges) {
+// The sort (counting sort with its segments for ids of up to 8 bits, the
+// radix sort for the sentinels), and the tile ranges with and without
+// dropped rows.
+TEST_P(PackingTest, StableSortSegmentsAndTileRanges) {
   SF_SKIP_WITHOUT_GPU();
   const PackCase& c = GetParam();
   std::mt19937 gen(c.rows * 131 + c.n * 7 + c.num_buckets);
@@ -1166,10 +1240,27 @@ TEST_P(PackingTest, StableSortAndTileRanges) {
 
   Stream stream;
   const int bits = sfk::bucket_sort_bits(c.sentinel != 0, c.num_buckets);
-  const PackedSide s = pack_side(&in, c.rows, c.n, bits, c.position_offset, stream);
+  const PackedSide s = pack_side(&in, c.rows, c.n, bits, c.position_offset, stream, c.dead_bucket);
   EXPECT_TRUE(verify_packing("packed", in, s.perm_h, s.bucket_h, c.rows, c.n));
+  EXPECT_EQ(s.num_segments, sfk::num_segments_for(bits));
+  if (s.num_segments > 0)
+    EXPECT_TRUE(verify_segments("segments", s.bucket_h, s.segments_h, c.rows, c.n, s.num_segments));
   EXPECT_TRUE(verify_tiles("tiles", s.perm_h, s.bucket_h, s.tiles_h, c.rows, c.n,
-                           c.position_offset));
+                           c.position_offset, c.dead_bucket));
+  // A tile of dropped rows alone has no positions, so it meets no tile.
+  for (size_t t = 0; t < s.tiles_h.size(); ++t) {
+    const sfk::TileRange& r = s.tiles_h[t];
+    if (r.x >= c.dead_bucket) {
+      EXPECT_EQ(r.z, INT_MAX) << "tile " << t;
+      EXPECT_EQ(r.w, INT_MIN) << "tile " << t;
+    }
+  }
+
+  // The same sort without asking for segments.
+  const PackedSide plain = pack_side(&in, c.rows, c.n, bits, c.position_offset, stream,
+                                     c.dead_bucket, /*with_segments=*/false);
+  EXPECT_EQ(plain.perm_h, s.perm_h);
+  EXPECT_EQ(plain.bucket_h, s.bucket_h);
 
   // nullptr perm and bucket: identity order, bucket 0.
   const PackedSide dense = pack_side(nullptr, c.rows, c.n, 0, c.position_offset, stream);
@@ -1179,11 +1270,15 @@ TEST_P(PackingTest, StableSortAndTileRanges) {
 INSTANTIATE_TEST_SUITE_P(
     SparseFlash, PackingTest,
     ::testing::Values(PackCase{1, 1, 2, 0, 0}, PackCase{3, 63, 16, 0, 0}, PackCase{2, 64, 1, 0, 5},
-                      PackCase{4, 65, 16, sfk::kDroppedQueryBucket, 0},
+                      PackCase{4, 65, 16, sfk::kDroppedQueryBucket, 0, sfk::kDroppedQueryBucket},
                       PackCase{6, 127, 2, 0, 73}, PackCase{2, 1000, 16, 0, 0},
-                      PackCase{2, 1000, 1, sfk::kDroppedKeyBucket, 0},
+                      PackCase{2, 1000, 1, sfk::kDroppedKeyBucket, 0, sfk::kDroppedQueryBucket},
                       PackCase{1, 4097, 16, 0, 0},
-                      PackCase{3, 2048, 64, sfk::kDroppedQueryBucket, 136}),
+                      PackCase{3, 2048, 64, sfk::kDroppedQueryBucket, 136},
+                      // counting sort: chunk edges (1024 rows), the widest ids, dropped rows
+                      PackCase{2, 1023, 3, 0, 0, 1}, PackCase{3, 1025, 3, 0, 9, 2},
+                      PackCase{2, 5000, 256, 0, 0}, PackCase{1, 3000, 200, 0, 11, 150},
+                      PackCase{5, 2049, 34, 0, 0, 32}, PackCase{1, 20000, 8, 0, 0, 7}),
     [](const ::testing::TestParamInfo<PackCase>& info) {
       const PackCase& c = info.param;
       std::ostringstream s;
@@ -1192,8 +1287,42 @@ INSTANTIATE_TEST_SUITE_P(
             : c.sentinel == sfk::kDroppedKeyBucket ? "_dropk"
                                                    : "")
         << "_off" << c.position_offset;
+      if (c.dead_bucket != INT_MAX) s << "_dead" << (c.dead_bucket == sfk::kDroppedQueryBucket ? -1 : c.dead_bucket);
       return s.str();
     });
+
+// pack_by_bucket refuses segments for ids wider than kMaxSegmentBits and a
+// workspace that is too small, before touching anything.
+TEST(SparseFlash, PackingRefusesBadArguments) {
+  SF_SKIP_WITHOUT_GPU();
+  DeviceBuffer<int> in(100), perm(100), sorted(100), seg(1 << 10);
+  DeviceBuffer<unsigned char> ws(sfk::pack_workspace_bytes(1, 100, 9));
+  EXPECT_EQ(sfk::pack_by_bucket(in.get(), 1, 100, 9, perm.get(), sorted.get(), seg.get(), ws.get(),
+                                ws.size(), nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(sfk::pack_by_bucket(in.get(), 1, 100, 4, perm.get(), sorted.get(), nullptr, ws.get(),
+                                sfk::pack_workspace_bytes(1, 100, 4) - 1, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(sfk::pack_by_bucket(in.get(), 0, 100, 4, perm.get(), sorted.get(), nullptr, ws.get(),
+                                ws.size(), nullptr),
+            cudaErrorInvalidValue);
+}
+
+// Hash buckets through fixed row blocks (no segments given) agree with the
+// reference too: both block schemes stay correct.
+TEST(SparseFlash, HashWithFixedRowBlocks) {
+  SF_SKIP_WITHOUT_GPU();
+  for (const Shape& s : {Shape{2, 3, 3, 127, 127}, Shape{1, 4, 2, 1000, 1000}}) {
+    for (int D : {64, 128}) {
+      SCOPED_TRACE(::testing::Message() << "D=" << D << " N=" << s.Nq);
+      const RefProblem p = make_problem(s, D, DType::kBF16, Mode::kHash16, 777u + D + s.Nq);
+      RunOptions opt = options_for(Mode::kHash16);
+      opt.segments = false;
+      const KernelResult got = run_kernels(p, DType::kBF16, opt);
+      check_against_reference(p, reference_attention(p), got, DType::kBF16);
+    }
+  }
+}
 
 // ---------------------------------------------------------------------------
 // CPU: the swizzled shared-memory addressing of the kernels (attention/kernels/mma.cuh).
