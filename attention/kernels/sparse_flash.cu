@@ -15,6 +15,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "attention/kernels/mma.cuh"
@@ -183,22 +184,42 @@ __global__ void __launch_bounds__(kSortThreads)
   }
 }
 
-// One thread per row: the row is read 16 bytes at a time and projected on the
-// rotation columns (staged in shared memory, read as broadcasts) in groups of 8.
+// One thread per row. The block's kLshThreads rows are first copied into
+// shared memory with coalesced 16-byte loads (all in flight at once; a row
+// per thread read straight from memory made every load instruction touch 32
+// rows), rows padded by 16 bytes so that the threads' 16-byte reads of their
+// own rows hit distinct banks. Each row is then projected on the rotation
+// columns (staged in shared memory, read as broadcasts) in groups of 8.
 constexpr int kLshThreads = 128, kLshGroup = 8;
+
+// Shared memory of lsh_kernel: the rotations, then the padded rows.
+inline size_t lsh_smem_bytes(int D, int half, int elem_bytes) {
+  return static_cast<size_t>(D) * half * sizeof(float) +
+         static_cast<size_t>(kLshThreads) * (D * elem_bytes + 16);
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kLshThreads)
     lsh_kernel(const T* x, Layout layout, int H, int N, int D, const float* rotations, int Hr,
                int half, int64_t* out) {
-  extern __shared__ float sR[];  // [D][half]
+  extern __shared__ __align__(16) float sR[];  // [D][half], then [kLshThreads][D + 8] of T
   const int bh = blockIdx.y, b = bh / H, h = bh % H, hr = h / (H / Hr);
   const float* R = rotations + static_cast<int64_t>(hr) * D * half;
   for (int i = threadIdx.x; i < D * half; i += blockDim.x) sR[i] = R[i];
+  const int row_elems = D + 8;  // 16 bytes of padding
+  T* sX = reinterpret_cast<T*>(sR + D * half);
+  const int n0 = blockIdx.x * kLshThreads, chunks = D / 8;
+  const T* head = x + b * layout.b + h * layout.h;
+  for (int i = threadIdx.x; i < kLshThreads * chunks; i += blockDim.x) {
+    const int r = i / chunks, c = i % chunks;
+    if (n0 + r < N)
+      *reinterpret_cast<uint4*>(sX + r * row_elems + c * 8) =
+          *reinterpret_cast<const uint4*>(head + (n0 + r) * layout.n + c * 8);
+  }
   __syncthreads();
-  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  const int n = n0 + threadIdx.x;
   if (n >= N) return;
-  const T* row = x + b * layout.b + h * layout.h + n * layout.n;
+  const T* row = sX + threadIdx.x * row_elems;
   float best = -INFINITY;
   int best_pos = 0, best_neg = 0;
   float best_neg_val = -INFINITY;
@@ -266,6 +287,7 @@ struct IndexRange {
 // identity permutation positions ascend too, which bounds the causal end.
 __device__ __forceinline__ IndexRange key_tile_range(const TileRange* kt, int nkt, TileRange q,
                                                      bool identity, int lane) {
+  if (q.z > q.w) return {0, 0};  // no positions: dropped rows alone meet nothing
   const int lo = warp_lower_bound(0, nkt, [&](int i) { return __ldg(&kt[i].y) >= q.x; }, lane);
   int hi = warp_lower_bound(lo, nkt, [&](int i) { return __ldg(&kt[i].x) > q.y; }, lane);
   if (identity) hi = warp_lower_bound(lo, hi, [&](int i) { return __ldg(&kt[i].z) > q.w; }, lane);
@@ -275,6 +297,7 @@ __device__ __forceinline__ IndexRange key_tile_range(const TileRange* kt, int nk
 // The query tiles that can meet a key tile.
 __device__ __forceinline__ IndexRange query_tile_range(const TileRange* qt, int nqt, TileRange k,
                                                        bool identity, int lane) {
+  if (k.z > k.w) return {0, 0};  // no positions: dropped rows alone meet nothing
   int lo = warp_lower_bound(0, nqt, [&](int i) { return __ldg(&qt[i].y) >= k.x; }, lane);
   const int hi = warp_lower_bound(lo, nqt, [&](int i) { return __ldg(&qt[i].x) > k.y; }, lane);
   if (identity) lo = warp_lower_bound(lo, hi, [&](int i) { return __ldg(&qt[i].w) >= k.z; }, lane);
@@ -773,9 +796,21 @@ __device__ __forceinline__ void finish_rows(OAt o, float (&l)[2], const float (&
   }
 }
 
-// What a forward block works on: query block blockIdx.x (counted from the
-// end: long causal rows first; the blocks of one head are consecutive, so its
-// K/V stay in L2) of (batch, head) blockIdx.y, kBR packed rows.
+// The grid: (row block, sequence) or, with heads_fastest, (sequence, row
+// block).
+struct GridPos {
+  int seq, block, blocks;
+};
+__device__ __forceinline__ GridPos grid_pos(bool heads_fastest) {
+  return heads_fastest ? GridPos{static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y),
+                                 static_cast<int>(gridDim.y)}
+                       : GridPos{static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.x),
+                                 static_cast<int>(gridDim.x)};
+}
+
+// What a forward block works on: query block g.block (counted from the end:
+// long causal rows first; by default the blocks of one head are consecutive,
+// so its K/V stay in L2) of (batch, head) g.seq, kBR packed rows.
 template <typename T>
 struct ForwardBlock {
   bool exists;                // false: past the last row block, nothing to do
@@ -790,8 +825,9 @@ struct ForwardBlock {
 template <typename T, int kBR>
 __device__ __forceinline__ ForwardBlock<T> forward_block(const ForwardParams& p) {
   ForwardBlock<T> f;
-  f.bh = blockIdx.y;
-  const int qb = gridDim.x - 1 - blockIdx.x;
+  const GridPos g = grid_pos(p.heads_fastest);
+  f.bh = g.seq;
+  const int qb = g.blocks - 1 - g.block;
   const RowBlock rb = row_block<kBR>(p.q_pack, f.bh, p.Nq, qb, threadIdx.x % 32);
   f.exists = rb.exists;
   f.b = f.bh / p.H;
@@ -1310,8 +1346,8 @@ __global__ void delta_kernel(const __grid_constant__ BackwardParams p, bool vec)
   if (c == 0) p.delta[row] = sum;
 }
 
-// The dK/dV kernels' block of keys: row block blockIdx.x of KV sequence bhk,
-// packed keys [k0, k1), and their range.
+// The dK/dV kernels' block of keys: row block grid_pos().block of KV
+// sequence bhk, packed keys [k0, k1), and their range.
 struct KeyBlock {
   bool exists;
   int k0, k1;
@@ -1320,7 +1356,8 @@ struct KeyBlock {
 
 __device__ __forceinline__ KeyBlock key_block(const ForwardParams& f, int bhk, int64_t k_base,
                                               int nkt) {
-  const RowBlock rb = row_block<kBwdKeys>(f.k_pack, bhk, f.Nk, blockIdx.x, threadIdx.x % 32);
+  const RowBlock rb = row_block<kBwdKeys>(f.k_pack, bhk, f.Nk, grid_pos(f.heads_fastest).block,
+                                          threadIdx.x % 32);
   KeyBlock kb{rb.exists, rb.r0, rb.r1, TileRange{0, -1, INT_MAX, INT_MIN}};
   if (rb.exists)
     kb.range = row_block_range<kBwdKeys>(f.k_pack, f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt,
@@ -1355,7 +1392,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   // its keys met the query tile, else 0.
   int* warp_active = meta + kQueryStreamInts;
 
-  const int bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
+  const int bhk = grid_pos(f.heads_fastest).seq, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
   const KeyBlock kblk = key_block(f, bhk, k_base, nkt);
@@ -1636,7 +1673,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   int* wg_active = meta + kQueryStreamInts;
   int* dq_orig = wg_active + 4 + 10;
 
-  const int bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
+  const int bhk = grid_pos(f.heads_fastest).seq, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
   const KeyBlock kblk = key_block(f, bhk, k_base, nkt);
@@ -2056,21 +2093,39 @@ bool wgmma_backward_enabled(DType dtype) {
   return !disabled && wgmma_forward_enabled(dtype);
 }
 
+// The grid of a pass over `seqs` sequences of `blocks` row blocks, and
+// whether it runs heads fastest (ForwardParams::heads_fastest).
+// SPARSEFLASH_GRID_ORDER=heads or =blocks forces one order (comparisons);
+// the default is blocks fastest.
+struct Grid {
+  dim3 dims;
+  bool heads_fastest;
+};
+Grid pass_grid(int blocks, int seqs) {
+  static const char* order = std::getenv("SPARSEFLASH_GRID_ORDER");
+  const bool heads = order != nullptr && std::string(order) == "heads" && blocks <= 65535;
+  return heads ? Grid{dim3(seqs, blocks), true} : Grid{dim3(blocks, seqs), false};
+}
+
 template <int D>
 cudaError_t forward_wgmma(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kWgFwdWarps * 16;
   const size_t smem =
       1024 + (kBR + 4 * kRows) * D * sizeof(__nv_bfloat16) + kKeyPipelineInts * sizeof(int);
-  dim3 grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H);
-  return launch_kernel(forward_kernel_wgmma<D>, grid, kWgFwdWarps * 32, smem, stream, p);
+  const Grid grid = pass_grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H);
+  ForwardParams q = p;
+  q.heads_fastest = grid.heads_fastest;
+  return launch_kernel(forward_kernel_wgmma<D>, grid.dims, kWgFwdWarps * 32, smem, stream, q);
 }
 
 template <typename T, int D>
 cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kFwdWarps * 16;
   const size_t smem = (kBR + 4 * kRows) * D * sizeof(T) + kKeyPipelineInts * sizeof(int);
-  dim3 grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H);
-  return launch_kernel(forward_kernel<T, D, kFwdWarps>, grid, kFwdWarps * 32, smem, stream, p);
+  const Grid grid = pass_grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H);
+  ForwardParams q = p;
+  q.heads_fastest = grid.heads_fastest;
+  return launch_kernel(forward_kernel<T, D, kFwdWarps>, grid.dims, kFwdWarps * 32, smem, stream, q);
 }
 
 template <typename T, int D>
@@ -2096,13 +2151,15 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
       1024 + (2 * kBwdKeys * D + (D == 64 ? 6 : 4) * kRows * D + 2 * kBwdKeys * kRows) * sizeof(T) +
       (kQueryStreamInts + 4 + 10 + 2 * kRows) * sizeof(int);
   const bool wgmma_bwd = std::is_same_v<T, __nv_bfloat16> && wgmma_backward_enabled(f.dtype);
-  const dim3 grid_kv(num_row_blocks(f.k_pack, f.Nk, kBwdKeys), f.B * f.Hkv);
+  const Grid grid_kv = pass_grid(num_row_blocks(f.k_pack, f.Nk, kBwdKeys), f.B * f.Hkv);
+  BackwardParams pkv = p;
+  pkv.fwd.heads_fastest = grid_kv.heads_fastest;
   if (atomic_dq) {
     // dq_accum was zeroed by delta_kernel (the rows that dQ reaches).
-    cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, true>, grid_kv, kBwdWarps * 32,
-                                              smem_kv_wgmma, stream, p)
-                              : launch_kernel(dkdv_kernel<T, D, true>, grid_kv, kBwdWarps * 32,
-                                              smem_kv, stream, p);
+    cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, true>, grid_kv.dims,
+                                              kBwdWarps * 32, smem_kv_wgmma, stream, pkv)
+                              : launch_kernel(dkdv_kernel<T, D, true>, grid_kv.dims,
+                                              kBwdWarps * 32, smem_kv, stream, pkv);
     if (e != cudaSuccess) return e;
     const int64_t chunks = rows * (D / 8);
     const bool vec = reinterpret_cast<uintptr_t>(p.dq) % 16 == 0 && p.dq_layout.b % 8 == 0 &&
@@ -2111,16 +2168,18 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
         <<<static_cast<unsigned>((chunks + 255) / 256), 256, 0, stream>>>(p, vec);
     return cudaGetLastError();
   }
-  if (cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, false>, grid_kv,
-                                                kBwdWarps * 32, smem_kv_wgmma, stream, p)
-                                : launch_kernel(dkdv_kernel<T, D, false>, grid_kv, kBwdWarps * 32,
-                                                smem_kv, stream, p);
+  if (cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, false>, grid_kv.dims,
+                                                kBwdWarps * 32, smem_kv_wgmma, stream, pkv)
+                                : launch_kernel(dkdv_kernel<T, D, false>, grid_kv.dims,
+                                                kBwdWarps * 32, smem_kv, stream, pkv);
       e != cudaSuccess)
     return e;
   constexpr int kBR = kDqWarps * 16;
   const size_t smem_q = (2 * kBR + 4 * kRows) * D * sizeof(T) + kKeyPipelineInts * sizeof(int);
-  return launch_kernel(dq_kernel<T, D, kDqWarps>, dim3(num_row_blocks(f.q_pack, f.Nq, kBR), f.B * f.H),
-                       kDqWarps * 32, smem_q, stream, p);
+  const Grid grid_q = pass_grid(num_row_blocks(f.q_pack, f.Nq, kBR), f.B * f.H);
+  BackwardParams pq = p;
+  pq.fwd.heads_fastest = grid_q.heads_fastest;
+  return launch_kernel(dq_kernel<T, D, kDqWarps>, grid_q.dims, kDqWarps * 32, smem_q, stream, pq);
 }
 
 // Segments need buckets and a permutation, and every bucket id below
@@ -2202,7 +2261,7 @@ cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int
       D > 256 || static_cast<size_t>(D) * half * sizeof(float) > 96 * 1024 ||
       reinterpret_cast<uintptr_t>(x) % 16 != 0 || layout.b % 8 || layout.h % 8 || layout.n % 8)
     return cudaErrorInvalidValue;
-  const size_t smem = static_cast<size_t>(D) * half * sizeof(float);
+  const size_t smem = lsh_smem_bytes(D, half, 2);
   const dim3 grid((N + kLshThreads - 1) / kLshThreads, B * H);
   if (dtype == DType::kBF16)
     return launch_kernel(lsh_kernel<__nv_bfloat16>, grid, kLshThreads, smem, stream,

@@ -1287,7 +1287,10 @@ INSTANTIATE_TEST_SUITE_P(
             : c.sentinel == sfk::kDroppedKeyBucket ? "_dropk"
                                                    : "")
         << "_off" << c.position_offset;
-      if (c.dead_bucket != INT_MAX) s << "_dead" << (c.dead_bucket == sfk::kDroppedQueryBucket ? -1 : c.dead_bucket);
+      if (c.dead_bucket == sfk::kDroppedQueryBucket)
+        s << "_deadsentinel";
+      else if (c.dead_bucket != INT_MAX)
+        s << "_dead" << c.dead_bucket;
       return s.str();
     });
 
