@@ -6,7 +6,8 @@
 #   BENCH_ARGS: more bench_attention flags (e.g. --deterministic); KERNEL_TEST_FILTER:
 #   a gtest filter for sparse_flash_test; RUN_ATTENTION_TEST=0 skips attention_test;
 #   RUN_KERNEL_TEST=0 skips sparse_flash_test; RUN_FLEX=1 also times FlexAttention
-#   (bench/flex_attention.py, causal and hash over sorted rows, D = 64) at BENCH_N;
+#   (bench/flex_attention.py, causal and hash over sorted rows, D = 64) at FLEX_N
+#   (default BENCH_N);
 #   NCU_CASES="hash:16 drop:0.7": afterwards, every kernel's time for these cases
 #   (scripts/gpu_kernel_times.sh on the same build, D = 64).
 set -uo pipefail
@@ -29,7 +30,7 @@ if [ "${RUN_ATTENTION_TEST:-1}" = 1 ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if [ "${RUN_FLEX:-0}" = 1 ]; then
-  PYTHONUNBUFFERED=1 python3 bench/flex_attention.py --n "${BENCH_N:-8192,16384}" \
+  PYTHONUNBUFFERED=1 python3 bench/flex_attention.py --n "${FLEX_N:-${BENCH_N:-8192,16384}}" \
     --modes dense,hash_sorted --json "$OUT/flex-$gpu.json" 2>&1 | tee "$OUT/flex.log" | tail -8
 fi
 build-gpu/bench/bench_attention --n "${BENCH_N:-8192,16384}" --d "${BENCH_D:-64,128}" \

@@ -138,8 +138,10 @@ __global__ void __launch_bounds__(kSortThreads)
   }
   int start = 0;
   Scan(scan_storage).ExclusiveSum(total, start);
-  if (chunk == 0 && segments_out != nullptr && tid <= nseg)
-    segments_out[seq * (nseg + 1) + tid] = tid < nseg ? start : n;
+  if (chunk == 0 && segments_out != nullptr) {
+    if (tid < nseg) segments_out[seq * (nseg + 1) + tid] = start;
+    if (tid == 0) segments_out[seq * (nseg + 1) + nseg] = n;  // nseg may be kSortThreads
+  }
 
   // The chunk's rows, warp w taking kSortRowsPerWarp consecutive ones.
   const int first = chunk * kSortChunk + warp * kSortRowsPerWarp;
@@ -297,7 +299,6 @@ __device__ __forceinline__ IndexRange key_tile_range(const TileRange* kt, int nk
 // The query tiles that can meet a key tile.
 __device__ __forceinline__ IndexRange query_tile_range(const TileRange* qt, int nqt, TileRange k,
                                                        bool identity, int lane) {
-  if (k.z > k.w) return {0, 0};  // no positions: dropped rows alone meet nothing
   int lo = warp_lower_bound(0, nqt, [&](int i) { return __ldg(&qt[i].y) >= k.x; }, lane);
   const int hi = warp_lower_bound(lo, nqt, [&](int i) { return __ldg(&qt[i].x) > k.y; }, lane);
   if (identity) lo = warp_lower_bound(lo, hi, [&](int i) { return __ldg(&qt[i].w) >= k.z; }, lane);
@@ -809,8 +810,7 @@ __device__ __forceinline__ GridPos grid_pos(bool heads_fastest) {
 }
 
 // What a forward block works on: query block g.block (counted from the end:
-// long causal rows first; by default the blocks of one head are consecutive,
-// so its K/V stay in L2) of (batch, head) g.seq, kBR packed rows.
+// long causal rows first) of (batch, head) g.seq, kBR packed rows.
 template <typename T>
 struct ForwardBlock {
   bool exists;                // false: past the last row block, nothing to do
@@ -1346,8 +1346,9 @@ __global__ void delta_kernel(const __grid_constant__ BackwardParams p, bool vec)
   if (c == 0) p.delta[row] = sum;
 }
 
-// The dK/dV kernels' block of keys: row block grid_pos().block of KV
-// sequence bhk, packed keys [k0, k1), and their range.
+// The dK/dV kernels' block of keys: row block blockIdx.x of KV sequence bhk
+// (blockIdx.y: this pass runs row blocks fastest, see pass_grid), packed keys
+// [k0, k1), and their range.
 struct KeyBlock {
   bool exists;
   int k0, k1;
@@ -1356,8 +1357,7 @@ struct KeyBlock {
 
 __device__ __forceinline__ KeyBlock key_block(const ForwardParams& f, int bhk, int64_t k_base,
                                               int nkt) {
-  const RowBlock rb = row_block<kBwdKeys>(f.k_pack, bhk, f.Nk, grid_pos(f.heads_fastest).block,
-                                          threadIdx.x % 32);
+  const RowBlock rb = row_block<kBwdKeys>(f.k_pack, bhk, f.Nk, blockIdx.x, threadIdx.x % 32);
   KeyBlock kb{rb.exists, rb.r0, rb.r1, TileRange{0, -1, INT_MAX, INT_MIN}};
   if (rb.exists)
     kb.range = row_block_range<kBwdKeys>(f.k_pack, f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt,
@@ -1392,7 +1392,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   // its keys met the query tile, else 0.
   int* warp_active = meta + kQueryStreamInts;
 
-  const int bhk = grid_pos(f.heads_fastest).seq, b = bhk / f.Hkv, hk = bhk % f.Hkv;
+  const int bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
   const KeyBlock kblk = key_block(f, bhk, k_base, nkt);
@@ -1673,7 +1673,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   int* wg_active = meta + kQueryStreamInts;
   int* dq_orig = wg_active + 4 + 10;
 
-  const int bhk = grid_pos(f.heads_fastest).seq, b = bhk / f.Hkv, hk = bhk % f.Hkv;
+  const int bhk = blockIdx.y, b = bhk / f.Hkv, hk = bhk % f.Hkv;
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
   const KeyBlock kblk = key_block(f, bhk, k_base, nkt);
@@ -2094,16 +2094,23 @@ bool wgmma_backward_enabled(DType dtype) {
 }
 
 // The grid of a pass over `seqs` sequences of `blocks` row blocks, and
-// whether it runs heads fastest (ForwardParams::heads_fastest).
-// SPARSEFLASH_GRID_ORDER=heads or =blocks forces one order (comparisons);
-// the default is blocks fastest.
+// whether it runs heads fastest (ForwardParams::heads_fastest): the forward
+// passes do (the heaviest row block of every head first, then the next: a
+// shorter tail; H200, N = 16k, forward -4% dense D = 64, -3% hash 16, -10%
+// drop 0.7), the dK/dV pass does not (no gain, and +1-3% in some cases: its
+// blocks of one head share their query stream in L2), so its kernels read
+// blockIdx directly. SPARSEFLASH_GRID_ORDER=heads or =blocks forces one order
+// on the forward passes (comparisons).
 struct Grid {
   dim3 dims;
   bool heads_fastest;
 };
-Grid pass_grid(int blocks, int seqs) {
+Grid pass_grid(int blocks, int seqs, bool heads_by_default) {
   static const char* order = std::getenv("SPARSEFLASH_GRID_ORDER");
-  const bool heads = order != nullptr && std::string(order) == "heads" && blocks <= 65535;
+  bool heads = heads_by_default;
+  if (order != nullptr && std::string(order) == "heads") heads = true;
+  if (order != nullptr && std::string(order) == "blocks") heads = false;
+  heads = heads && blocks <= 65535;  // grid y limit
   return heads ? Grid{dim3(seqs, blocks), true} : Grid{dim3(blocks, seqs), false};
 }
 
@@ -2112,7 +2119,7 @@ cudaError_t forward_wgmma(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kWgFwdWarps * 16;
   const size_t smem =
       1024 + (kBR + 4 * kRows) * D * sizeof(__nv_bfloat16) + kKeyPipelineInts * sizeof(int);
-  const Grid grid = pass_grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H);
+  const Grid grid = pass_grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H, true);
   ForwardParams q = p;
   q.heads_fastest = grid.heads_fastest;
   return launch_kernel(forward_kernel_wgmma<D>, grid.dims, kWgFwdWarps * 32, smem, stream, q);
@@ -2122,7 +2129,7 @@ template <typename T, int D>
 cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kFwdWarps * 16;
   const size_t smem = (kBR + 4 * kRows) * D * sizeof(T) + kKeyPipelineInts * sizeof(int);
-  const Grid grid = pass_grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H);
+  const Grid grid = pass_grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H, true);
   ForwardParams q = p;
   q.heads_fastest = grid.heads_fastest;
   return launch_kernel(forward_kernel<T, D, kFwdWarps>, grid.dims, kFwdWarps * 32, smem, stream, q);
@@ -2151,9 +2158,9 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
       1024 + (2 * kBwdKeys * D + (D == 64 ? 6 : 4) * kRows * D + 2 * kBwdKeys * kRows) * sizeof(T) +
       (kQueryStreamInts + 4 + 10 + 2 * kRows) * sizeof(int);
   const bool wgmma_bwd = std::is_same_v<T, __nv_bfloat16> && wgmma_backward_enabled(f.dtype);
-  const Grid grid_kv = pass_grid(num_row_blocks(f.k_pack, f.Nk, kBwdKeys), f.B * f.Hkv);
+  const Grid grid_kv{dim3(num_row_blocks(f.k_pack, f.Nk, kBwdKeys), f.B * f.Hkv), false};
   BackwardParams pkv = p;
-  pkv.fwd.heads_fastest = grid_kv.heads_fastest;
+  pkv.fwd.heads_fastest = false;
   if (atomic_dq) {
     // dq_accum was zeroed by delta_kernel (the rows that dQ reaches).
     cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, true>, grid_kv.dims,
@@ -2176,7 +2183,7 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
     return e;
   constexpr int kBR = kDqWarps * 16;
   const size_t smem_q = (2 * kBR + 4 * kRows) * D * sizeof(T) + kKeyPipelineInts * sizeof(int);
-  const Grid grid_q = pass_grid(num_row_blocks(f.q_pack, f.Nq, kBR), f.B * f.H);
+  const Grid grid_q = pass_grid(num_row_blocks(f.q_pack, f.Nq, kBR), f.B * f.H, true);
   BackwardParams pq = p;
   pq.fwd.heads_fastest = grid_q.heads_fastest;
   return launch_kernel(dq_kernel<T, D, kDqWarps>, grid_q.dims, kDqWarps * 32, smem_q, stream, pq);

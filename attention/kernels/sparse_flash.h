@@ -98,9 +98,9 @@ struct ForwardParams {
   Layout out_layout;
   float* lse = nullptr;  // [B, H, Nq] contiguous, original order; -inf where no key is allowed
   Packing q_pack, k_pack;
-  // Set by the launchers, not the caller: the grid's x runs over the (batch,
-  // head) sequences and y over row blocks (block j of every head before block
-  // j + 1 of any), instead of x over row blocks.
+  // Set by the launchers, not the caller: the forward passes' grid x runs
+  // over the (batch, head) sequences and y over row blocks (block j of every
+  // head before block j + 1 of any), instead of x over row blocks.
   bool heads_fastest = false;
 };
 
