@@ -263,7 +263,8 @@ bool flash_lsh_supported(const Tensor& x, const Tensor& rotations) {
   const int64_t D = x.size(3);
   if (D % 8 != 0 || D > 256 || x.stride(3) != 1) return false;
   if (rotations.dim() != 3 || rotations.size(1) != D || rotations.size(0) <= 0 ||
-      x.size(1) % rotations.size(0) != 0 || D * rotations.size(2) * 4 > 96 * 1024)
+      x.size(1) % rotations.size(0) != 0 ||
+      D * ((rotations.size(2) + 7) / 8 * 8) * 4 > 96 * 1024)  // the kernel's staged rotations
     return false;
   const auto addr = reinterpret_cast<uintptr_t>(x.data_ptr());
   return addr % 16 == 0 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0;
