@@ -126,7 +126,10 @@ __global__ void __launch_bounds__(kSortThreads)
   const int chunk = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int* in = bucket_in + seq * n;
 
-  // This chunk's first output row of each id.
+  // This chunk's first output row of each id: a walk over the id's counts in
+  // every chunk, so the sort's set-up grows as chunks^2 per sequence (16^2 at
+  // N = 16k; at N = 512k with 16 ids about 16 MB of L2 reads per sequence).
+  // todo: a scan kernel over the counts if sequences grow past that.
   int total = 0, before = 0;
   if (tid < nseg) {
     const int* h = hist + (seq * nseg + tid) * chunks;
@@ -2205,9 +2208,14 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
 
 // Segments need buckets and a permutation, and every bucket id below
 // num_segments (they index them).
+// The identity permutation's tile searches assume positions that ascend over
+// the tiles, which tiles of dropped rows alone (no positions) break: dropped
+// rows need a permutation.
 bool valid_packing(const Packing& pk) {
-  return pk.tiles && (pk.segments == nullptr ||
-                      (pk.perm && pk.bucket && pk.num_segments > 0 && pk.num_segments <= (1 << 30)));
+  return pk.tiles &&
+         (pk.segments == nullptr ||
+          (pk.perm && pk.bucket && pk.num_segments > 0 && pk.num_segments <= (1 << 30))) &&
+         (pk.perm != nullptr || pk.dead_bucket == INT_MAX);
 }
 
 bool valid_shape(const ForwardParams& p) {
@@ -2275,6 +2283,8 @@ cudaError_t pack_by_bucket(const int* bucket_in, int rows, int n, int sort_bits,
                                                   sort_bits, stream);
 }
 
+size_t lsh_shared_bytes(int D, int half) { return lsh_smem_bytes(D, half, 2); }
+
 cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int H, int N, int D,
                            const float* rotations, int Hr, int half, int64_t* out,
                            cudaStream_t stream) {
@@ -2283,6 +2293,12 @@ cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int
       reinterpret_cast<uintptr_t>(x) % 16 != 0 || layout.b % 8 || layout.h % 8 || layout.n % 8)
     return cudaErrorInvalidValue;
   const size_t smem = lsh_smem_bytes(D, half, 2);
+  int device = 0, optin = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+      e != cudaSuccess)
+    return e;
+  if (smem > static_cast<size_t>(optin)) return cudaErrorInvalidValue;
   const dim3 grid((N + kLshThreads - 1) / kLshThreads, B * H);
   if (dtype == DType::kBF16)
     return launch_kernel(lsh_kernel<__nv_bfloat16>, grid, kLshThreads, smem, stream,

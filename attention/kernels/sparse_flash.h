@@ -7,7 +7,8 @@
 // Query i may attend to key j when
 //     pos_q(i) >= pos_k(j)   and   bucket_q(i) == bucket_k(j)
 // with pos_q = original index + (Nk - Nq) and pos_k = original index.
-//   dense: perm = identity, all buckets 0 (pass nullptr for both);
+//   dense: perm = identity, all buckets 0 (pass nullptr for both; dropped
+//          rows, Packing::dead_bucket, need a permutation);
 //   hash:  buckets = LSH ids, perm = stable sort by bucket;
 //   drop:  bucket 0 for kept rows, kDroppedQueryBucket / kDroppedKeyBucket for
 //          dropped ones (never equal, sorted last): dropped queries output 0.
@@ -126,6 +127,9 @@ struct BackwardParams {
 cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int H, int N, int D,
                            const float* rotations, int Hr, int half, int64_t* out,
                            cudaStream_t stream);
+// Shared memory lsh_bucket_ids takes per block (rotations and staged rows);
+// it refuses shapes that need more than the device allows a block.
+size_t lsh_shared_bytes(int D, int half);
 
 // Bits a radix sort must look at for bucket ids in [0, num_buckets) plus the
 // drop sentinels.

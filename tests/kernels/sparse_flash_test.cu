@@ -1311,6 +1311,51 @@ TEST(SparseFlash, PackingRefusesBadArguments) {
             cudaErrorInvalidValue);
 }
 
+// attention_forward / attention_backward refuse packings the kernels cannot
+// serve, before touching the device (so this runs without a GPU too): dropped
+// rows (dead_bucket) or segments without a permutation, segments without
+// buckets. The pointers are never read.
+TEST(SparseFlash, RefusesPackingsTheKernelsCannotServe) {
+  alignas(16) static int dummy[64];
+  sfk::ForwardParams f;
+  f.B = f.H = f.Hkv = 1;
+  f.Nq = f.Nk = 64;
+  f.D = 64;
+  f.scale = 0.125f;
+  f.q = f.k = f.v = f.out = dummy;
+  f.lse = reinterpret_cast<float*>(dummy);
+  const auto* tiles = reinterpret_cast<const sfk::TileRange*>(dummy);
+  f.q_pack.tiles = f.k_pack.tiles = tiles;
+  auto refused = [&](const sfk::Packing& pk) {
+    sfk::ForwardParams g = f;
+    g.q_pack = pk;
+    sfk::BackwardParams b;
+    b.fwd = g;
+    b.delta = reinterpret_cast<float*>(dummy);
+    return sfk::attention_forward(g, nullptr) == cudaErrorInvalidValue &&
+           sfk::attention_backward(b, nullptr) == cudaErrorInvalidValue;
+  };
+  sfk::Packing dead_identity;
+  dead_identity.tiles = tiles;
+  dead_identity.bucket = dummy;
+  dead_identity.dead_bucket = 1;
+  EXPECT_TRUE(refused(dead_identity)) << "dropped rows need a permutation";
+  sfk::Packing seg_identity;
+  seg_identity.tiles = tiles;
+  seg_identity.bucket = dummy;
+  seg_identity.segments = dummy;
+  seg_identity.num_segments = 2;
+  EXPECT_TRUE(refused(seg_identity)) << "segments need a permutation";
+  sfk::Packing seg_no_bucket;
+  seg_no_bucket.tiles = tiles;
+  seg_no_bucket.perm = dummy;
+  seg_no_bucket.segments = dummy;
+  seg_no_bucket.num_segments = 2;
+  EXPECT_TRUE(refused(seg_no_bucket)) << "segments need buckets";
+  sfk::Packing no_tiles;
+  EXPECT_TRUE(refused(no_tiles)) << "tile ranges are required";
+}
+
 // Hash buckets through fixed row blocks (no segments given) agree with the
 // reference too: both block schemes stay correct.
 TEST(SparseFlash, HashWithFixedRowBlocks) {
