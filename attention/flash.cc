@@ -263,13 +263,11 @@ bool flash_lsh_supported(const Tensor& x, const Tensor& rotations) {
   const int64_t D = x.size(3);
   if (D % 8 != 0 || D > 256 || x.stride(3) != 1) return false;
   if (rotations.dim() != 3 || rotations.size(1) != D || rotations.size(0) <= 0 ||
-      x.size(1) % rotations.size(0) != 0 ||
-      D * ((rotations.size(2) + 7) / 8 * 8) * 4 > 96 * 1024)  // the kernel's staged rotations
+      x.size(1) % rotations.size(0) != 0 || rotations.size(2) > (1 << 20))
     return false;
-  // Rotations and staged rows must fit one block's shared memory on this GPU.
   const auto* props = at::cuda::getDeviceProperties(x.device().index());
-  if (sk::lsh_shared_bytes(static_cast<int>(D), static_cast<int>(rotations.size(2))) >
-      props->sharedMemPerBlockOptin)
+  if (!sk::lsh_shape_fits(static_cast<int>(D), static_cast<int>(rotations.size(2)),
+                          props->sharedMemPerBlockOptin))
     return false;
   const auto addr = reinterpret_cast<uintptr_t>(x.data_ptr());
   return addr % 16 == 0 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0;

@@ -199,7 +199,9 @@ __global__ void __launch_bounds__(kSortThreads)
 // bounded the kernel (80 us per side at B*N = 65,536, 12 heads, D = 64, nb 16).
 constexpr int kLshThreads = 128, kLshGroup = 8;
 
-inline int lsh_padded_half(int half) { return (half + kLshGroup - 1) / kLshGroup * kLshGroup; }
+__host__ __device__ inline int lsh_padded_half(int half) {
+  return (half + kLshGroup - 1) / kLshGroup * kLshGroup;
+}
 
 // Shared memory of lsh_kernel: the rotations, then the padded rows.
 inline size_t lsh_smem_bytes(int D, int half, int elem_bytes) {
@@ -213,7 +215,7 @@ __global__ void __launch_bounds__(kLshThreads)
                int half, int64_t* out) {
   extern __shared__ __align__(16) float sR[];  // [D][hp], then [kLshThreads][D + 8] of T
   const int bh = blockIdx.y, b = bh / H, h = bh % H, hr = h / (H / Hr);
-  const int hp = (half + kLshGroup - 1) / kLshGroup * kLshGroup;
+  const int hp = lsh_padded_half(half);
   const float* R = rotations + static_cast<int64_t>(hr) * D * half;
   for (int i = threadIdx.x; i < D * hp; i += blockDim.x) {
     const int d = i / hp, j = i % hp;
@@ -2283,22 +2285,26 @@ cudaError_t pack_by_bucket(const int* bucket_in, int rows, int n, int sort_bits,
                                                   sort_bits, stream);
 }
 
-size_t lsh_shared_bytes(int D, int half) { return lsh_smem_bytes(D, half, 2); }
+bool lsh_shape_fits(int D, int half, size_t block_smem_limit) {
+  return D > 0 && half > 0 &&
+         static_cast<size_t>(D) * lsh_padded_half(half) * sizeof(float) <= 96 * 1024 &&
+         lsh_smem_bytes(D, half, 2) <= block_smem_limit;
+}
 
 cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int H, int N, int D,
                            const float* rotations, int Hr, int half, int64_t* out,
                            cudaStream_t stream) {
   if (B <= 0 || H <= 0 || N <= 0 || Hr <= 0 || H % Hr != 0 || half <= 0 || D <= 0 || D % 8 != 0 ||
-      D > 256 || static_cast<size_t>(D) * lsh_padded_half(half) * sizeof(float) > 96 * 1024 ||
-      reinterpret_cast<uintptr_t>(x) % 16 != 0 || layout.b % 8 || layout.h % 8 || layout.n % 8)
+      D > 256 || reinterpret_cast<uintptr_t>(x) % 16 != 0 || layout.b % 8 || layout.h % 8 ||
+      layout.n % 8 || !lsh_shape_fits(D, half, SIZE_MAX))  // shape errors before the device
     return cudaErrorInvalidValue;
-  const size_t smem = lsh_smem_bytes(D, half, 2);
   int device = 0, optin = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
   if (cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
       e != cudaSuccess)
     return e;
-  if (smem > static_cast<size_t>(optin)) return cudaErrorInvalidValue;
+  if (!lsh_shape_fits(D, half, static_cast<size_t>(optin))) return cudaErrorInvalidValue;
+  const size_t smem = lsh_smem_bytes(D, half, 2);
   const dim3 grid((N + kLshThreads - 1) / kLshThreads, B * H);
   if (dtype == DType::kBF16)
     return launch_kernel(lsh_kernel<__nv_bfloat16>, grid, kLshThreads, smem, stream,

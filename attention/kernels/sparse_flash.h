@@ -127,9 +127,10 @@ struct BackwardParams {
 cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int H, int N, int D,
                            const float* rotations, int Hr, int half, int64_t* out,
                            cudaStream_t stream);
-// Shared memory lsh_bucket_ids takes per block (rotations and staged rows);
-// it refuses shapes that need more than the device allows a block.
-size_t lsh_shared_bytes(int D, int half);
+// Whether lsh_bucket_ids serves head dim D with `half` rotation columns on a
+// device that allows a block block_smem_limit bytes of shared memory (its
+// rotations, at most 96 KB, and staged rows); it refuses other shapes.
+bool lsh_shape_fits(int D, int half, size_t block_smem_limit);
 
 // Bits a radix sort must look at for bucket ids in [0, num_buckets) plus the
 // drop sentinels.

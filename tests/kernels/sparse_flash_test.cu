@@ -1335,25 +1335,21 @@ TEST(SparseFlash, RefusesPackingsTheKernelsCannotServe) {
     return sfk::attention_forward(g, nullptr) == cudaErrorInvalidValue &&
            sfk::attention_backward(b, nullptr) == cudaErrorInvalidValue;
   };
-  sfk::Packing dead_identity;
-  dead_identity.tiles = tiles;
-  dead_identity.bucket = dummy;
-  dead_identity.dead_bucket = 1;
-  EXPECT_TRUE(refused(dead_identity)) << "dropped rows need a permutation";
-  sfk::Packing seg_identity;
-  seg_identity.tiles = tiles;
-  seg_identity.bucket = dummy;
-  seg_identity.segments = dummy;
-  seg_identity.num_segments = 2;
-  EXPECT_TRUE(refused(seg_identity)) << "segments need a permutation";
-  sfk::Packing seg_no_bucket;
-  seg_no_bucket.tiles = tiles;
-  seg_no_bucket.perm = dummy;
-  seg_no_bucket.segments = dummy;
-  seg_no_bucket.num_segments = 2;
-  EXPECT_TRUE(refused(seg_no_bucket)) << "segments need buckets";
-  sfk::Packing no_tiles;
-  EXPECT_TRUE(refused(no_tiles)) << "tile ranges are required";
+  // A packing with tiles, and perm / bucket / segments (2 of them) where asked.
+  auto packing = [&](bool perm, bool bucket, bool segments, int dead_bucket) {
+    sfk::Packing pk;
+    pk.tiles = tiles;
+    pk.perm = perm ? dummy : nullptr;
+    pk.bucket = bucket ? dummy : nullptr;
+    pk.segments = segments ? dummy : nullptr;
+    pk.num_segments = segments ? 2 : 0;
+    pk.dead_bucket = dead_bucket;
+    return pk;
+  };
+  EXPECT_TRUE(refused(packing(false, true, false, 1))) << "dropped rows need a permutation";
+  EXPECT_TRUE(refused(packing(false, true, true, INT_MAX))) << "segments need a permutation";
+  EXPECT_TRUE(refused(packing(true, false, true, INT_MAX))) << "segments need buckets";
+  EXPECT_TRUE(refused(sfk::Packing{})) << "tile ranges are required";
 }
 
 // Hash buckets through fixed row blocks (no segments given) agree with the
