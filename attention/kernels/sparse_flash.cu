@@ -2112,24 +2112,22 @@ bool wgmma_backward_enabled(DType dtype) {
   return !disabled && wgmma_forward_enabled(dtype);
 }
 
-// The grid of a pass over `seqs` sequences of `blocks` row blocks, and
-// whether it runs heads fastest (ForwardParams::heads_fastest): the forward
-// passes do (the heaviest row block of every head first, then the next: a
-// shorter tail; H200, N = 16k, forward -4% dense D = 64, -3% hash 16, -10%
-// drop 0.7), the dK/dV pass does not (no gain, and +1-3% in some cases: its
-// blocks of one head share their query stream in L2), so its kernels read
-// blockIdx directly. SPARSEFLASH_GRID_ORDER=heads or =blocks forces one order
-// on the forward passes (comparisons).
+// The grid of a forward pass (forward, deterministic dQ) over `seqs`
+// sequences of `blocks` row blocks: heads fastest (ForwardParams::
+// heads_fastest; the heaviest row block of every head first, then the next: a
+// shorter tail; H200, N = 16k, forward -3% hash 16, -10% drop 0.7), unless
+// SPARSEFLASH_GRID_ORDER=blocks (comparisons) or the grid's y limit forbids.
+// The dK/dV pass keeps row blocks fastest (no gain, and +1-3% in some cases:
+// its blocks of one head share their query stream in L2), so its kernels read
+// blockIdx directly.
 struct Grid {
   dim3 dims;
   bool heads_fastest;
 };
-Grid pass_grid(int blocks, int seqs, bool heads_by_default) {
+Grid pass_grid(int blocks, int seqs) {
   static const char* order = std::getenv("SPARSEFLASH_GRID_ORDER");
-  bool heads = heads_by_default;
-  if (order != nullptr && std::string(order) == "heads") heads = true;
-  if (order != nullptr && std::string(order) == "blocks") heads = false;
-  heads = heads && blocks <= 65535;  // grid y limit
+  const bool heads = !(order != nullptr && std::string(order) == "blocks") &&
+                     blocks <= 65535;  // grid y limit
   return heads ? Grid{dim3(seqs, blocks), true} : Grid{dim3(blocks, seqs), false};
 }
 
@@ -2138,7 +2136,7 @@ cudaError_t forward_wgmma(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kWgFwdWarps * 16;
   const size_t smem =
       1024 + (kBR + 4 * kRows) * D * sizeof(__nv_bfloat16) + kKeyPipelineInts * sizeof(int);
-  const Grid grid = pass_grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H, true);
+  const Grid grid = pass_grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H);
   ForwardParams q = p;
   q.heads_fastest = grid.heads_fastest;
   return launch_kernel(forward_kernel_wgmma<D>, grid.dims, kWgFwdWarps * 32, smem, stream, q);
@@ -2148,7 +2146,7 @@ template <typename T, int D>
 cudaError_t forward_typed(const ForwardParams& p, cudaStream_t stream) {
   constexpr int kBR = kFwdWarps * 16;
   const size_t smem = (kBR + 4 * kRows) * D * sizeof(T) + kKeyPipelineInts * sizeof(int);
-  const Grid grid = pass_grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H, true);
+  const Grid grid = pass_grid(num_row_blocks(p.q_pack, p.Nq, kBR), p.B * p.H);
   ForwardParams q = p;
   q.heads_fastest = grid.heads_fastest;
   return launch_kernel(forward_kernel<T, D, kFwdWarps>, grid.dims, kFwdWarps * 32, smem, stream, q);
@@ -2177,15 +2175,14 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
       1024 + (2 * kBwdKeys * D + (D == 64 ? 6 : 4) * kRows * D + 2 * kBwdKeys * kRows) * sizeof(T) +
       (kQueryStreamInts + 4 + 10 + 2 * kRows) * sizeof(int);
   const bool wgmma_bwd = std::is_same_v<T, __nv_bfloat16> && wgmma_backward_enabled(f.dtype);
-  const Grid grid_kv{dim3(num_row_blocks(f.k_pack, f.Nk, kBwdKeys), f.B * f.Hkv), false};
-  BackwardParams pkv = p;
-  pkv.fwd.heads_fastest = false;
+  // Row blocks fastest: the dK/dV kernels read blockIdx directly (pass_grid).
+  const dim3 grid_kv(num_row_blocks(f.k_pack, f.Nk, kBwdKeys), f.B * f.Hkv);
   if (atomic_dq) {
     // dq_accum was zeroed by delta_kernel (the rows that dQ reaches).
-    cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, true>, grid_kv.dims,
-                                              kBwdWarps * 32, smem_kv_wgmma, stream, pkv)
-                              : launch_kernel(dkdv_kernel<T, D, true>, grid_kv.dims,
-                                              kBwdWarps * 32, smem_kv, stream, pkv);
+    cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, true>, grid_kv,
+                                              kBwdWarps * 32, smem_kv_wgmma, stream, p)
+                              : launch_kernel(dkdv_kernel<T, D, true>, grid_kv,
+                                              kBwdWarps * 32, smem_kv, stream, p);
     if (e != cudaSuccess) return e;
     const int64_t chunks = rows * (D / 8);
     const bool vec = reinterpret_cast<uintptr_t>(p.dq) % 16 == 0 && p.dq_layout.b % 8 == 0 &&
@@ -2194,15 +2191,15 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
         <<<static_cast<unsigned>((chunks + 255) / 256), 256, 0, stream>>>(p, vec);
     return cudaGetLastError();
   }
-  if (cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, false>, grid_kv.dims,
-                                                kBwdWarps * 32, smem_kv_wgmma, stream, pkv)
-                                : launch_kernel(dkdv_kernel<T, D, false>, grid_kv.dims,
-                                                kBwdWarps * 32, smem_kv, stream, pkv);
+  if (cudaError_t e = wgmma_bwd ? launch_kernel(dkdv_kernel_wgmma<D, false>, grid_kv,
+                                                kBwdWarps * 32, smem_kv_wgmma, stream, p)
+                                : launch_kernel(dkdv_kernel<T, D, false>, grid_kv,
+                                                kBwdWarps * 32, smem_kv, stream, p);
       e != cudaSuccess)
     return e;
   constexpr int kBR = kDqWarps * 16;
   const size_t smem_q = (2 * kBR + 4 * kRows) * D * sizeof(T) + kKeyPipelineInts * sizeof(int);
-  const Grid grid_q = pass_grid(num_row_blocks(f.q_pack, f.Nq, kBR), f.B * f.H, true);
+  const Grid grid_q = pass_grid(num_row_blocks(f.q_pack, f.Nq, kBR), f.B * f.H);
   BackwardParams pq = p;
   pq.fwd.heads_fastest = grid_q.heads_fastest;
   return launch_kernel(dq_kernel<T, D, kDqWarps>, grid_q.dims, kDqWarps * 32, smem_q, stream, pq);
