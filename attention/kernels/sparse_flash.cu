@@ -1653,8 +1653,8 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
 //   dK [64 x D] += dS^T Q        RS, Q MN-major;
 //   dQ [64 x D] += dS K, from dS^T stored to shared memory, fp32 atomics as
 //     in dkdv_kernel: at D = 128 on wgmma SS (dS^T and K MN-major), warpgroup
-//     g taking columns 64g..64g+63; at D = 64 on dkdv_kernel's mma.sync code
-//     (a [128 x 64] panel is its SmemTile layout).
+//     g taking columns 64g..64g+63; at D = 64 deferred to the next iteration,
+//     wgmma SS m64n32k16, warpgroup g taking columns 32g..32g+31.
 // A warpgroup whose keys cannot meet the query tile skips its products.
 
 template <int D, bool kAtomicDq>
@@ -1669,17 +1669,17 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   T* smem = reinterpret_cast<T*>(smem_raw + ((1024 - wgmma::smem_addr(smem_raw) % 1024) % 1024));
   T* sK = smem;                          // [kBwdKeys x D] panels
   T* sV = sK + kBwdKeys * D;
-  // D = 64: the dQ of query tile i runs in iteration i + 1, while
-  // that iteration's S^T / dP^T wgmma are in flight; its dS^T, flags and
+  // D = 64: the dQ of query tile i runs in iteration i + 1, ahead of
+  // that iteration's S^T / dP^T wgmma; its dS^T, flags and
   // original rows are double-buffered and published by the iteration's first
   // barrier, so the loop has one block barrier per tile instead of two. The
   // dV/dK wgmma of tile i are retired in iteration i + 1 too, once its S^T /
   // dP^T are issued; their Q/dO buffer is then still being read, so Q/dO have
   // three buffers.
-  // At D = 64 a [128 x 64] dS^T panel is exactly dkdv_kernel's SmemTile<T, 64>
-  // layout, so that dQ runs on its mma.sync code: warp w takes query rows
-  // 16 (w % 4) .. +15 and columns 32 (w / 4) .. +31, one atomic per element
-  // (a wgmma dQ would need N = 32, or two partial sums).
+  // That dQ is wgmma SS m64n32k16 over all 128 keys: warpgroup g takes
+  // columns 32g..32g+31 (the half of K's panel 64 g bytes in), one atomic per
+  // element. It is issued before the next tile's S^T / dP^T, so its atomics
+  // run while those are computed.
   constexpr bool kDeferDq = kAtomicDq && D == 64;
   constexpr int kQdoBufs = kDeferDq ? 3 : 2;
   T* qdo = sV + kBwdKeys * D;  // Q0 dO0 Q1 dO1 (Q2 dO2), [kRows x D] panels each
@@ -1771,14 +1771,33 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   int dsb = 0;              // this tile's dS^T buffer (kDeferDq)
   bool dq_pending = false;  // the previous tile's dQ is still to do
   int dq_cg = 0;            // its query head in the group
-  // dQ += dS K of the tile whose dS^T is in buffer db (kDeferDq).
-  auto deferred_dq = [&](int db, int gg) {
+  // kDeferDq: dQ = dS K of the tile whose dS^T is in buffer db, this
+  // warpgroup's 32 columns over all 128 keys (an idle warpgroup's dS^T rows
+  // are zeros); dS^T (A) and K (B) MN-major. One commit group.
+  auto issue_dq = [&](float (&dq)[16], int db) {
+    const uint32_t a0 = ds_addr + db * (kBwdKeys * kRows * 2);
+    wgmma::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kBwdKeys / 16; ++ks)
+      wgmma::mma_ss<32, 1, 1, 1, 1>(
+          dq, wgmma::desc_mn_major_sw128(a0 + 2048 * ks, kKPanel),
+          wgmma::desc_mn_major_sw128(k_addr + 64 * wg + 2048 * ks, kKPanel), ks > 0);
+    wgmma::wgmma_commit();
+  };
+  // ... and its atomics into dq_accum (query head gg of the group), once retired.
+  auto add_dq = [&](const float (&dq)[16], int db, int gg) {
     const int* fl = wg_active + 2 * db;
-    const unsigned active_warps = (fl[0] ? 0x0Fu : 0u) | (fl[1] ? 0xF0u : 0u);
+    if (!fl[0] && !fl[1]) return;  // no key of the block met the tile
     const int bh = b * f.H + hk * group + gg;
-    dq_atomic_mma_sync<T, D>(SmemTile<T, kRows>{sdS + db * kBwdKeys * kRows}, SmemTile<T, D>{sK},
-                             active_warps, dq_orig + db * kRows,
-                             p.dq_accum + static_cast<int64_t>(bh) * f.Nq * D, warp, lane);
+    float* head = p.dq_accum + static_cast<int64_t>(bh) * f.Nq * D;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int orig = dq_orig[db * kRows + (warp % 4) * 16 + lane / 4 + 8 * i];
+      if (orig < 0) continue;
+      float* dst = head + static_cast<int64_t>(orig) * D + 32 * wg + (lane % 4) * 2;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) atomic_add2(dst + 8 * j, dq[4 * j + 2 * i], dq[4 * j + 2 * i + 1]);
+    }
   };
 
   while (qs.have) {
@@ -1802,6 +1821,10 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
     // dQ code makes ptxas serialize every wgmma); an idle warpgroup discards them.
     const bool issue_sdp = kDeferDq || active;
     float s[32], dp[32];
+    // kDeferDq: the previous tile's dQ first (on the first tile its result is
+    // dropped), so that its atomics overlap S^T / dP^T.
+    float dq[kDeferDq ? 16 : 1];
+    if constexpr (kDeferDq) issue_dq(dq, dsb ^ 1);
     if (issue_sdp) {
       wgmma::wgmma_fence();
 #pragma unroll
@@ -1816,16 +1839,16 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
       wgmma::wgmma_commit();
     }
     if constexpr (kDeferDq) {
-      // The previous tile's dV/dK (the older group) are done; pf and dsf are free.
+      // The previous tile's dV/dK and dQ (the older groups) are done; pf and
+      // dsf are free. Its dQ atomics while S^T and dP^T are computed.
       wgmma::wgmma_wait<1>();
       wgmma::fence_operands(dk);
       wgmma::fence_operands(dv);
       wgmma::fence_operands(pf);
       wgmma::fence_operands(dsf);
+      wgmma::fence_operands(dq);
+      if (dq_pending) add_dq(dq, dsb ^ 1, dq_cg);
     }
-    // The previous tile's dQ while S^T and dP^T are computed.
-    if constexpr (kDeferDq)
-      if (dq_pending) deferred_dq(dsb ^ 1, dq_cg);
     if (issue_sdp) {
       wgmma::wgmma_wait<0>();
       wgmma::fence_operands(s);
@@ -1934,8 +1957,13 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
     wgmma::fence_operands(dk);
     wgmma::fence_operands(dv);
     if (dq_pending) {
+      wgmma::fence_proxy_async_shared();  // the dS^T stores, for wgmma
       __syncthreads();  // the last tile's dS^T, flags and rows
-      deferred_dq(dsb ^ 1, dq_cg);
+      float dq[16];
+      issue_dq(dq, dsb ^ 1);
+      wgmma::wgmma_wait<0>();
+      wgmma::fence_operands(dq);
+      add_dq(dq, dsb ^ 1, dq_cg);
     }
   }
   cp_async_wait_all();

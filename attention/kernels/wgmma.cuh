@@ -1,7 +1,8 @@
 // Hopper (sm_90a) warpgroup MMA building blocks: shared-memory matrix
 // descriptors, the 128-byte swizzled tile layout they describe, and thin
 // wrappers over wgmma.{fence,commit_group,wait_group,mma_async} for
-// m64n64k16 and m64n128k16 with bf16 inputs and fp32 accumulators.
+// m64n32k16 (shared-memory operands), m64n64k16 and m64n128k16 with bf16
+// inputs and fp32 accumulators.
 // Written from the PTX ISA ("Asynchronous Warpgroup Level Matrix Multiply-
 // Accumulate"); tests/kernels/wgmma_probe_test.cu checks every layout below on
 // random inputs against a CPU reference.
@@ -35,7 +36,9 @@
 //   k-rows): its descriptor starts at panel 0 + 128 * k0 bytes. SBO = 1024
 //   bytes, the step between groups of 8 k-rows; LBO = rows * 128 bytes, the
 //   step from one 64-wide block of N (one panel) to the next; it matters only
-//   when N > 64 (m64n128k16).
+//   when N > 64 (m64n128k16). With N = 32 the operand may be either half of a
+//   64-wide panel: the start moves 64 bytes for columns 32..63, inside the
+//   atom, as the K-major k16 steps do.
 // Both follow the PTX ISA's canonical 128B layouts (section "Major-ness supported
 // by Strides"; T = 8 bf16 per 16 bytes, in elements): K-major
 // ((8,m),(T,2k)):((8T,SBO),(1,T)), MN-major ((T,8,m),(8,k)):((1,T,LBO),(8T,SBO)).
@@ -187,6 +190,26 @@ __device__ __forceinline__ void fence_operands(uint32_t (&a)[N][4]) {
 // immediates (1 or -1). TransA / TransB are imm-trans-a / imm-trans-b: 0 for a
 // K-major operand, 1 for an MN-major one (A from registers has no TransA).
 
+// m64n32k16, A and B from shared-memory descriptors.
+template <int ScaleA, int ScaleB, int TransA, int TransB>
+__device__ __forceinline__ void mma_ss_m64n32k16(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
+                                                 int scale_d) {
+#if SF_WGMMA_ENABLED
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+      "}, %16, %17, p, %19, %20, %21, %22;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),
+        "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),
+        "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(ScaleA), "n"(ScaleB), "n"(TransA), "n"(TransB)
+      : "memory");
+#else
+  __trap();
+#endif
+}
+
 // m64n64k16, A and B from shared-memory descriptors.
 template <int ScaleA, int ScaleB, int TransA, int TransB>
 __device__ __forceinline__ void mma_ss_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b,
@@ -295,12 +318,14 @@ __device__ __forceinline__ void mma_rs_m64n128k16(float (&d)[64], const uint32_t
 #endif
 }
 
-// The same, with N as a template argument (64 or 128).
+// The same, with N as a template argument (32, 64 or 128 for SS; 64 or 128 for RS).
 template <int N, int ScaleA, int ScaleB, int TransA, int TransB>
 __device__ __forceinline__ void mma_ss(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                        int scale_d) {
-  static_assert(N == 64 || N == 128, "mma_ss: N must be 64 or 128");
-  if constexpr (N == 64)
+  static_assert(N == 32 || N == 64 || N == 128, "mma_ss: N must be 32, 64 or 128");
+  if constexpr (N == 32)
+    mma_ss_m64n32k16<ScaleA, ScaleB, TransA, TransB>(d, desc_a, desc_b, scale_d);
+  else if constexpr (N == 64)
     mma_ss_m64n64k16<ScaleA, ScaleB, TransA, TransB>(d, desc_a, desc_b, scale_d);
   else
     mma_ss_m64n128k16<ScaleA, ScaleB, TransA, TransB>(d, desc_a, desc_b, scale_d);

@@ -9,6 +9,9 @@
 //                   step to the next panel (K = 128), the accumulator layout.
 //   SS, B MN-major: B stored [K x N] (C = A B, as dV += P^T dO) read with
 //                   imm-trans-b = 1: the MN-major SBO / LBO (LBO only at N = 128).
+//   SS, N = 32:     B stored [K x 64] MN-major and either half of its columns
+//                   read (the start 64 bytes into the atom for columns 32..63),
+//                   as the D = 64 dK/dV kernel's dQ reads half of K per warpgroup.
 //   RS:             A from registers in the documented A-fragment layout.
 //   scale-a = -1:   the imm-scale immediate reaches the instruction.
 //   no XOR on store (negative control): the same SS kernel storing A and B
@@ -73,13 +76,22 @@ __device__ __forceinline__ uint32_t pack_bf16(bf16 lo, bf16 hi) {
 }
 #endif
 
-// a: [64 x K] row-major; b: [N x K] (kK) or [K x N] (kMN) row-major; c: [64 x N].
-template <int N, int K, bool kARegs, BMajor kB, bool kSwizzleStore, int kScaleA>
+// The stored width of B: N, or 64 at N = 32 (the product reads columns
+// kBCol..kBCol + 31 of it).
+constexpr int stored_n(int n) { return n == 32 ? 64 : n; }
+
+// a: [64 x K] row-major; b: [NB x K] (kK) or [K x NB] (kMN) row-major, NB =
+// stored_n(N); c: [64 x N] = a times columns kBCol..kBCol + N - 1 of b.
+template <int N, int K, bool kARegs, BMajor kB, bool kSwizzleStore, int kScaleA, int kBCol>
 __global__ void __launch_bounds__(kThreads)
     probe_kernel(const bf16* __restrict__ a, const bf16* __restrict__ b, float* __restrict__ c) {
 #if SF_WGMMA_ENABLED
-  static_assert(K % 64 == 0 && (N == 64 || N == 128),
-                "probe shapes: K in {64, 128}, N in {64, 128}");
+  static_assert(K % 64 == 0 && (N == 32 || N == 64 || N == 128),
+                "probe shapes: K in {64, 128}, N in {32, 64, 128}");
+  static_assert(N != 32 || (kB == BMajor::kMN && !kARegs && (kBCol == 0 || kBCol == 32)),
+                "N = 32: SS with B MN-major, columns 0..31 or 32..63 of a 64-wide panel");
+  static_assert(N == 32 || kBCol == 0, "a column offset needs N = 32");
+  constexpr int NB = stored_n(N);
   constexpr int kTransB = kB == BMajor::kMN ? 1 : 0;
   extern __shared__ uint8_t smem_raw[];
   // Panels must start on a 1024-byte boundary of the shared window (the
@@ -93,11 +105,11 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   for (int i = tid; i < kM * K; i += kThreads)
     sa[tile_index<kSwizzleStore>(i / K, i % K, kM)] = a[i];
-  for (int i = tid; i < N * K; i += kThreads) {
+  for (int i = tid; i < NB * K; i += kThreads) {
     if constexpr (kB == BMajor::kK) {
-      sb[tile_index<kSwizzleStore>(i / K, i % K, N)] = b[i];  // rows n, columns k
+      sb[tile_index<kSwizzleStore>(i / K, i % K, NB)] = b[i];  // rows n, columns k
     } else {
-      sb[tile_index<kSwizzleStore>(i / N, i % N, K)] = b[i];  // rows k, columns n
+      sb[tile_index<kSwizzleStore>(i / NB, i % NB, K)] = b[i];  // rows k, columns n
     }
   }
   wg::fence_proxy_async_shared();
@@ -132,8 +144,9 @@ __global__ void __launch_bounds__(kThreads)
       // K-major: panel s / 4 (rows N x 128 bytes), 32 bytes per k16 step inside it.
       desc_b = wg::desc_k_major_sw128(sb_addr + (s / 4) * N * 128 + (s % 4) * 32);
     } else {
-      // MN-major: 16 k-rows of 128 bytes per step; panels of 64 n are K * 128 bytes apart.
-      desc_b = wg::desc_mn_major_sw128(sb_addr + s * 16 * 128, K * 128);
+      // MN-major: 16 k-rows of 128 bytes per step; panels of 64 n are K * 128 bytes apart;
+      // column kBCol starts 2 kBCol bytes into the row.
+      desc_b = wg::desc_mn_major_sw128(sb_addr + s * 16 * 128 + 2 * kBCol, K * 128);
     }
     if constexpr (kARegs) {
       wg::mma_rs<N, kScaleA, 1, kTransB>(d, af[s], desc_b, s > 0);
@@ -266,23 +279,29 @@ struct Outcome {
   double ref_abs_mean = 0.0;  // the reference is far from zero
 };
 
-template <int N, int K, bool kARegs, BMajor kB, bool kSwizzleStore = true, int kScaleA = 1>
+template <int N, int K, bool kARegs, BMajor kB, bool kSwizzleStore = true, int kScaleA = 1,
+          int kBCol = 0>
 Outcome run_probe() {
-  const Inputs in = random_inputs(N, K);
+  constexpr int NB = stored_n(N);
+  const Inputs in = random_inputs(NB, K);
   DeviceBuffer<bf16> a(in.a.size()), b(in.b.size());
   DeviceBuffer<float> c(static_cast<size_t>(kM) * N);
   a.upload(in.a);
   b.upload(in.b);
   SF_CUDA_CHECK(cudaMemset(c.get(), 0xFF, static_cast<size_t>(kM) * N * sizeof(float)));  // NaN
 
-  auto kernel = probe_kernel<N, K, kARegs, kB, kSwizzleStore, kScaleA>;
-  const int smem = (kM * K + N * K) * static_cast<int>(sizeof(bf16)) + 1024;
+  auto kernel = probe_kernel<N, K, kARegs, kB, kSwizzleStore, kScaleA, kBCol>;
+  const int smem = (kM * K + NB * K) * static_cast<int>(sizeof(bf16)) + 1024;
   SF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   kernel<<<1, kThreads, smem>>>(a.get(), b.get(), c.get());
   SF_CUDA_CHECK(cudaGetLastError());
   SF_CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<float> got = c.download();
-  const std::vector<double> ref = reference(in, N, K, kB, kScaleA);
+  const std::vector<double> full = reference(in, NB, K, kB, kScaleA);  // [64 x NB]
+  std::vector<double> ref(static_cast<size_t>(kM) * N);
+  for (int i = 0; i < kM; ++i)
+    for (int j = 0; j < N; ++j)
+      ref[static_cast<size_t>(i) * N + j] = full[static_cast<size_t>(i) * NB + j + kBCol];
 
   Outcome o;
   o.seed = in.seed;
@@ -382,6 +401,14 @@ TEST(WgmmaProbe, RsBKMajorN64K128) { EXPECT_PROBE_MATCHES(64, 128, true, BMajor:
 TEST(WgmmaProbe, RsBKMajorN128K128) { EXPECT_PROBE_MATCHES(128, 128, true, BMajor::kK); }
 // A from registers, B MN-major: the shape of dV += P^T dO.
 TEST(WgmmaProbe, RsBMnMajorN64K128) { EXPECT_PROBE_MATCHES(64, 128, true, BMajor::kMN); }
+// N = 32 from either half of a 64-wide MN-major panel: the dQ of the D = 64
+// dK/dV kernel (dQ = dS K, warpgroup g taking columns 32g..32g+31 of K).
+TEST(WgmmaProbe, SsBMnMajorN32K128LowHalf) {
+  EXPECT_PROBE_MATCHES(32, 128, false, BMajor::kMN, true, 1, 0);
+}
+TEST(WgmmaProbe, SsBMnMajorN32K128HighHalf) {
+  EXPECT_PROBE_MATCHES(32, 128, false, BMajor::kMN, true, 1, 32);
+}
 TEST(WgmmaProbe, NegatedScaleAGivesMinusAB) {
   EXPECT_PROBE_MATCHES(64, 128, false, BMajor::kK, true, -1);
 }
