@@ -110,17 +110,44 @@ struct Packed {
   }
 };
 
+// One side's bucket ids (int32, original order) as the sort reads them: the
+// pattern's buckets (undefined: all 0) and, given keep, dropped rows' id
+// `dropped`. With a keep mask and ids the counting sort takes (sort_bits <=
+// kMaxSegmentBits), the sort applies the mask itself (SortIds) and no id pass
+// runs: `keep` is then set and the returned ids are the pattern's alone.
+struct SideIds {
+  Tensor ids;   // int32 [rows, n] or undefined
+  Tensor keep;  // bool [rows, n] (contiguous) or undefined
+  int dropped = 0;
+};
+
+SideIds side_ids(const Tensor& bucket, const Tensor& keep, int dropped, int sort_bits) {
+  if (keep.defined() && sort_bits <= sk::kMaxSegmentBits) {
+    TORCH_CHECK(keep.is_cuda(), "flash_attention: the pattern's keep masks must be on the GPU");
+    SideIds s;
+    s.ids = bucket.defined() ? bucket.to(at::kInt).contiguous() : Tensor();
+    s.keep = keep.to(at::kBool).contiguous();
+    s.dropped = dropped;
+    return s;
+  }
+  return {side_buckets(bucket, keep, dropped), Tensor(), 0};
+}
+
 // dead_bucket: rows with a bucket at or above it are dropped ones.
-Packed pack_side(const Tensor& buckets, int64_t rows, int64_t n, int position_offset, int sort_bits,
+Packed pack_side(const SideIds& side, int64_t rows, int64_t n, int position_offset, int sort_bits,
                  int dead_bucket, const at::TensorOptions& device) {
+  const Tensor& buckets = side.ids;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto i32 = device.dtype(at::kInt);
   Packed p;
   p.dead_bucket = dead_bucket;
   p.tiles = at::empty({rows, sk::num_tiles(static_cast<int>(n)), 4}, i32);
-  if (buckets.defined()) {
-    TORCH_CHECK(buckets.numel() == rows * n, "flash_attention: pattern has ", buckets.numel(),
-                " bucket ids, expected ", rows * n);
+  if (buckets.defined() || side.keep.defined()) {
+    TORCH_CHECK(!buckets.defined() || buckets.numel() == rows * n, "flash_attention: pattern has ",
+                buckets.numel(), " bucket ids, expected ", rows * n);
+    TORCH_CHECK(!side.keep.defined() || side.keep.numel() == rows * n,
+                "flash_attention: pattern has ", side.keep.numel(), " keep flags, expected ",
+                rows * n);
     p.perm = at::empty({rows, n}, i32);
     p.bucket = at::empty({rows, n}, i32);
     p.num_segments = sk::num_segments_for(sort_bits);
@@ -128,11 +155,13 @@ Packed pack_side(const Tensor& buckets, int64_t rows, int64_t n, int position_of
     const size_t bytes =
         sk::pack_workspace_bytes(static_cast<int>(rows), static_cast<int>(n), sort_bits);
     Tensor ws = at::empty({static_cast<int64_t>(bytes)}, device.dtype(at::kByte));
-    check_cuda(sk::pack_by_bucket(buckets.data_ptr<int>(), static_cast<int>(rows),
-                                  static_cast<int>(n), sort_bits, p.perm.data_ptr<int>(),
-                                  p.bucket.data_ptr<int>(),
+    check_cuda(sk::pack_by_bucket(buckets.defined() ? buckets.data_ptr<int>() : nullptr,
+                                  static_cast<int>(rows), static_cast<int>(n), sort_bits,
+                                  p.perm.data_ptr<int>(), p.bucket.data_ptr<int>(),
                                   p.segments.defined() ? p.segments.data_ptr<int>() : nullptr,
-                                  ws.data_ptr(), bytes, stream),
+                                  ws.data_ptr(), bytes, stream,
+                                  side.keep.defined() ? side.keep.data_ptr<bool>() : nullptr,
+                                  side.dropped),
                "bucket sort");
   }
   check_cuda(sk::compute_tile_ranges(p.perm.defined() ? p.perm.data_ptr<int>() : nullptr,
@@ -161,10 +190,11 @@ Call prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& p
   if (max_bucket <= 0) max_bucket = 1;
   // Dropped rows get the two buckets after the real ones: they match nothing,
   // sort last, and keep the radix sort to the few bits the ids need.
-  Tensor qb = side_buckets(pattern.q_bucket, pattern.q_keep, max_bucket);
-  Tensor kb = side_buckets(pattern.k_bucket, pattern.k_keep, max_bucket + 1);
-  TORCH_CHECK(qb.defined() == kb.defined(), "flash_attention: pattern constrains only one side");
   const int bits = sk::bucket_sort_bits(false, max_bucket + (pattern.q_keep.defined() ? 2 : 0));
+  const SideIds qb = side_ids(pattern.q_bucket, pattern.q_keep, max_bucket, bits);
+  const SideIds kb = side_ids(pattern.k_bucket, pattern.k_keep, max_bucket + 1, bits);
+  TORCH_CHECK((qb.ids.defined() || qb.keep.defined()) == (kb.ids.defined() || kb.keep.defined()),
+              "flash_attention: pattern constrains only one side");
   Call c;
   // Both sides' dropped rows: buckets max_bucket (queries), max_bucket + 1 (keys).
   const int dead = pattern.q_keep.defined() ? max_bucket : INT_MAX;

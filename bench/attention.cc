@@ -59,7 +59,7 @@ struct Ours {
   double param = 0;
   int B, H, N, D;
   Tensor q, k, v, out, lse, dout, dq, dk, dv, delta, dq_accum;
-  Tensor qb, kb, qperm, kperm, qbs, kbs, qseg, kseg, qtiles, ktiles, ws, rot;
+  Tensor qb, kb, qkeep, kkeep, qperm, kperm, qbs, kbs, qseg, kseg, qtiles, ktiles, ws, rot;
   size_t ws_bytes = 0;
   int sort_bits = 0, dead_bucket = INT_MAX;
   sk::ForwardParams fwd;
@@ -139,17 +139,23 @@ struct Ours {
       };
       qb = ids(q), kb = ids(k);
     } else if (mode == "drop") {
+      // The pattern: keep masks drawn on the GPU each step. As attention/flash.cc
+      // does, the sort reads them directly, dropped rows taking ids 1 (queries)
+      // and 2 (keys).
       auto f = at::TensorOptions().device(at::kCUDA);
-      // As attention/flash.cc does: dropped rows take buckets 1 (queries) and 2 (keys).
-      qb = at::where(at::rand({B, H, N}, f).lt(param), 1, 0).to(at::kInt);
-      kb = at::where(at::rand({B, H, N}, f).lt(param), 2, 0).to(at::kInt);
+      qkeep = at::rand({B, H, N}, f).ge(param);
+      kkeep = at::rand({B, H, N}, f).ge(param);
     }
     if (mode != "dense") {
       auto seg = [](Tensor& t) { return t.defined() ? t.data_ptr<int>() : nullptr; };
-      CUDA_OK(sk::pack_by_bucket(qb.data_ptr<int>(), B * H, N, sort_bits, qperm.data_ptr<int>(),
-                                 qbs.data_ptr<int>(), seg(qseg), ws.data_ptr(), ws_bytes, s));
-      CUDA_OK(sk::pack_by_bucket(kb.data_ptr<int>(), B * H, N, sort_bits, kperm.data_ptr<int>(),
-                                 kbs.data_ptr<int>(), seg(kseg), ws.data_ptr(), ws_bytes, s));
+      auto ids = [](Tensor& t) { return t.defined() ? t.data_ptr<int>() : nullptr; };
+      auto keep = [](Tensor& t) { return t.defined() ? t.data_ptr<bool>() : nullptr; };
+      CUDA_OK(sk::pack_by_bucket(ids(qb), B * H, N, sort_bits, qperm.data_ptr<int>(),
+                                 qbs.data_ptr<int>(), seg(qseg), ws.data_ptr(), ws_bytes, s,
+                                 keep(qkeep), 1));
+      CUDA_OK(sk::pack_by_bucket(ids(kb), B * H, N, sort_bits, kperm.data_ptr<int>(),
+                                 kbs.data_ptr<int>(), seg(kseg), ws.data_ptr(), ws_bytes, s,
+                                 keep(kkeep), 2));
     }
     CUDA_OK(sk::compute_tile_ranges(fwd.q_pack.perm, fwd.q_pack.bucket, B * H, N, 0, dead_bucket,
                                     reinterpret_cast<sk::TileRange*>(qtiles.data_ptr<int>()), s));

@@ -100,31 +100,40 @@ constexpr int kSortRowsPerWarp = kSortChunk / kSortWarps, kSortRounds = kSortRow
 constexpr int kMaxSegments = 1 << kMaxSegmentBits;
 static_assert(kMaxSegments <= kSortThreads, "one thread per bucket id in the scans");
 
+// Row i's id: dropped (keep given and false), else its bucket_in id (0 without).
+struct SortIds {
+  const int* bucket;  // nullptr: 0
+  const bool* keep;   // nullptr: every row kept
+  int dropped;
+  __device__ __forceinline__ int operator()(int64_t i) const {
+    if (keep != nullptr && !keep[i]) return dropped;
+    return bucket != nullptr ? bucket[i] : 0;
+  }
+};
+
 __global__ void __launch_bounds__(kSortThreads)
-    bucket_count_kernel(const int* bucket_in, int n, int nseg, int chunks, int* hist) {
+    bucket_count_kernel(SortIds ids, int n, int nseg, int chunks, int* hist) {
   __shared__ int count[kMaxSegments];
   const int64_t seq = blockIdx.y;
   const int chunk = blockIdx.x;
   for (int i = threadIdx.x; i < nseg; i += kSortThreads) count[i] = 0;
   __syncthreads();
-  const int* in = bucket_in + seq * n;
   for (int i = chunk * kSortChunk + threadIdx.x; i < min(n, (chunk + 1) * kSortChunk);
        i += kSortThreads)
-    atomicAdd(&count[in[i] & (nseg - 1)], 1);
+    atomicAdd(&count[ids(seq * n + i) & (nseg - 1)], 1);
   __syncthreads();
   for (int i = threadIdx.x; i < nseg; i += kSortThreads)
     hist[(seq * nseg + i) * chunks + chunk] = count[i];
 }
 
 __global__ void __launch_bounds__(kSortThreads)
-    bucket_scatter_kernel(const int* bucket_in, int n, int nseg, int chunks, const int* hist,
+    bucket_scatter_kernel(SortIds ids, int n, int nseg, int chunks, const int* hist,
                           int* perm_out, int* bucket_out, int* segments_out) {
   using Scan = cub::BlockScan<int, kSortThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ int warp_next[kSortWarps][kMaxSegments];  // per warp and id: next output row
   const int64_t seq = blockIdx.y;
   const int chunk = blockIdx.x, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int* in = bucket_in + seq * n;
 
   // This chunk's first output row of each id: a walk over the id's counts in
   // every chunk, so the sort's set-up grows as chunks^2 per sequence (16^2 at
@@ -155,7 +164,7 @@ __global__ void __launch_bounds__(kSortThreads)
 #pragma unroll
   for (int r = 0; r < kSortRounds; ++r) {
     const int i = first + 32 * r + lane;
-    raw[r] = i < n ? in[i] : 0;
+    raw[r] = i < n ? ids(seq * n + i) : 0;
     // Rows past n get ids no other lane has (-1 - lane): alone in their match.
     id[r] = i < n ? raw[r] & (nseg - 1) : -1 - lane;
     peers[r] = __match_any_sync(0xffffffffu, id[r]);
@@ -833,6 +842,7 @@ __device__ __forceinline__ GridPos grid_pos(bool heads_fastest) {
 template <typename T>
 struct ForwardBlock {
   bool exists;                // false: past the last row block, nothing to do
+  bool dead;                  // a block of dropped rows (has_dead_rows: zeroed apart)
   int bh, b, h, hk, bhk, q0, q1, nkt;  // packed query rows [q0, q1)
   int64_t q_base, k_base;
   TileRange qr;               // the union of the block's query tile ranges
@@ -849,6 +859,7 @@ __device__ __forceinline__ ForwardBlock<T> forward_block(const ForwardParams& p)
   const int qb = g.blocks - 1 - g.block;
   const RowBlock rb = row_block<kBR>(p.q_pack, f.bh, p.Nq, qb, threadIdx.x % 32);
   f.exists = rb.exists;
+  f.dead = rb.exists && rb.segment >= p.q_pack.dead_bucket;
   f.b = f.bh / p.H;
   f.h = f.bh % p.H;
   f.hk = f.h / (p.H / p.Hkv);
@@ -921,7 +932,7 @@ __global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1)
   T* kv = smem + kBR * D;  // K0 V0 K1 V1, then the key pipeline's ints
 
   const ForwardBlock<T> fb = forward_block<T, kBR>(p);
-  if (!fb.exists) return;
+  if (!fb.exists || fb.dead) return;  // dropped rows: zero_dead_rows
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const SwizzledLane<D> la = ldm_lane_a<D>(lane), lb = ldm_lane_b<D>(lane);
 
@@ -993,7 +1004,7 @@ __global__ void __launch_bounds__(kWgFwdWarps * 32, D == 64 ? 2 : 1)
   T* kv = sQ + kBR * D;    // K0 V0 K1 V1, [kRows x D] panels each, then the pipeline's ints
 
   const ForwardBlock<T> fb = forward_block<T, kBR>(p);
-  if (!fb.exists) return;
+  if (!fb.exists || fb.dead) return;  // dropped rows: zero_dead_rows
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
 
   KeyPipeline<T, D, kT, true> pipe = start_key_pipeline<T, D, kT, kBR, true>(fb, p, kv, lane);
@@ -1365,11 +1376,75 @@ __global__ void delta_kernel(const __grid_constant__ BackwardParams p, bool vec)
   if (c == 0) p.delta[row] = sum;
 }
 
+// Dropped rows (bucket dead_bucket or more: packed rows segments[dead_bucket]
+// on) of one side: their rows of up to two [B, heads, n, D] outputs are set to
+// 0 and, given lse ([B * heads, n]), their log-sum-exp to -inf. This is what the
+// forward and dK/dV blocks of such rows would write; done here at full
+// occupancy, those blocks exit at once (ForwardBlock::dead, KeyBlock::dead).
+// D / 8 threads per row, 8 elements each (16-byte stores when `vec`).
+struct DeadRowsOut {
+  void* data;  // nullptr: none
+  Layout layout;
+};
+
+template <int D>
+__global__ void __launch_bounds__(256)
+    zero_dead_rows_kernel(const __grid_constant__ Packing pk, int heads, int n, DeadRowsOut out0,
+                          DeadRowsOut out1, float* lse, bool vec) {
+  constexpr int kPerRow = D / 8, kRowsPerBlock = 256 / kPerRow;
+  const int seq = blockIdx.y;
+  const int first = __ldg(pk.segments + static_cast<int64_t>(seq) * (pk.num_segments + 1) +
+                          pk.dead_bucket);
+  const int r = first + blockIdx.x * kRowsPerBlock + static_cast<int>(threadIdx.x) / kPerRow;
+  if (r >= n) return;
+  const int orig = __ldg(pk.perm + static_cast<int64_t>(seq) * n + r);
+  const int b = seq / heads, h = seq % heads, c = (threadIdx.x % kPerRow) * 8;
+  auto zero = [&](const DeadRowsOut& o) {
+    if (o.data == nullptr) return;
+    uint16_t* dst = static_cast<uint16_t*>(o.data) + b * o.layout.b + h * o.layout.h +
+                    static_cast<int64_t>(orig) * o.layout.n + c;
+    if (vec) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = 0;
+    }
+  };
+  zero(out0);
+  zero(out1);
+  if (lse != nullptr && c == 0) lse[static_cast<int64_t>(seq) * n + orig] = -INFINITY;
+}
+
+// Whether a side has dropped rows that zero_dead_rows_kernel serves (bucket
+// segments, and dead buckets among them): exactly when blocks can be dead.
+bool has_dead_rows(const Packing& pk) {
+  return pk.segments != nullptr && pk.perm != nullptr && pk.dead_bucket >= 0 &&
+         pk.dead_bucket < pk.num_segments;
+}
+
+// 16-byte stores: base 16-byte aligned and every stride a multiple of 8 elements.
+bool rows_vec_ok(const void* data, const Layout& l) {
+  return reinterpret_cast<uintptr_t>(data) % 16 == 0 && l.b % 8 == 0 && l.h % 8 == 0 &&
+         l.n % 8 == 0;
+}
+
+template <int D>
+cudaError_t zero_dead_rows(const Packing& pk, int seqs, int heads, int n, DeadRowsOut out0,
+                           DeadRowsOut out1, float* lse, cudaStream_t stream) {
+  constexpr int kRowsPerBlock = 256 / (D / 8);
+  const bool vec = (out0.data == nullptr || rows_vec_ok(out0.data, out0.layout)) &&
+                   (out1.data == nullptr || rows_vec_ok(out1.data, out1.layout));
+  const dim3 grid((n + kRowsPerBlock - 1) / kRowsPerBlock, seqs);
+  zero_dead_rows_kernel<D><<<grid, 256, 0, stream>>>(pk, heads, n, out0, out1, lse, vec);
+  return cudaGetLastError();
+}
+
 // The dK/dV kernels' block of keys: row block blockIdx.x of KV sequence bhk
 // (blockIdx.y: this pass runs row blocks fastest, see pass_grid), packed keys
 // [k0, k1), and their range.
 struct KeyBlock {
   bool exists;
+  bool dead;  // a block of dropped keys (has_dead_rows: zeroed apart)
   int k0, k1;
   TileRange range;
 };
@@ -1377,7 +1452,8 @@ struct KeyBlock {
 __device__ __forceinline__ KeyBlock key_block(const ForwardParams& f, int bhk, int64_t k_base,
                                               int nkt) {
   const RowBlock rb = row_block<kBwdKeys>(f.k_pack, bhk, f.Nk, blockIdx.x, threadIdx.x % 32);
-  KeyBlock kb{rb.exists, rb.r0, rb.r1, TileRange{0, -1, INT_MAX, INT_MIN}};
+  KeyBlock kb{rb.exists, rb.exists && rb.segment >= f.k_pack.dead_bucket, rb.r0, rb.r1,
+              TileRange{0, -1, INT_MAX, INT_MIN}};
   if (rb.exists)
     kb.range = row_block_range<kBwdKeys>(f.k_pack, f.k_pack.tiles + static_cast<int64_t>(bhk) * nkt,
                                          nkt, k_base, rb, 0);
@@ -1415,7 +1491,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
   const KeyBlock kblk = key_block(f, bhk, k_base, nkt);
-  if (!kblk.exists) return;
+  if (!kblk.exists || kblk.dead) return;  // dropped keys: zero_dead_rows
   const int k0 = kblk.k0, k1 = kblk.k1;
   const TileRange kr = kblk.range;
   const int* kperm = f.k_pack.perm ? f.k_pack.perm + k_base : nullptr;
@@ -1696,7 +1772,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 1)
   const int group = f.H / f.Hkv, nqt = num_tiles(f.Nq), nkt = num_tiles(f.Nk);
   const int64_t k_base = static_cast<int64_t>(bhk) * f.Nk;
   const KeyBlock kblk = key_block(f, bhk, k_base, nkt);
-  if (!kblk.exists) return;
+  if (!kblk.exists || kblk.dead) return;  // dropped keys: zero_dead_rows
   const int k0 = kblk.k0, k1 = kblk.k1;
   const TileRange kr = kblk.range;
   const int* kperm = f.k_pack.perm ? f.k_pack.perm + k_base : nullptr;
@@ -2193,6 +2269,12 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
   delta_kernel<T, D><<<static_cast<unsigned>((rows + kDeltaRows - 1) / kDeltaRows), 256, 0, stream>>>(
       p, delta_vec);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  if (has_dead_rows(f.k_pack)) {
+    const cudaError_t e = zero_dead_rows<D>(f.k_pack, f.B * f.Hkv, f.Hkv, f.Nk,
+                                            {p.dk, p.dk_layout}, {p.dv, p.dv_layout}, nullptr,
+                                            stream);
+    if (e != cudaSuccess) return e;
+  }
   const bool atomic_dq = p.dq_accum != nullptr;
   const size_t smem_kv =
       (2 * kBwdKeys * D + 4 * kRows * D + (atomic_dq ? kBwdKeys * kRows : 0)) * sizeof(T) +
@@ -2280,19 +2362,24 @@ size_t pack_workspace_bytes(int rows, int n, int sort_bits) {
 
 cudaError_t pack_by_bucket(const int* bucket_in, int rows, int n, int sort_bits, int* perm_out,
                            int* bucket_out, int* segments_out, void* workspace,
-                           size_t workspace_bytes, cudaStream_t stream) {
+                           size_t workspace_bytes, cudaStream_t stream, const bool* keep,
+                           int dropped_bucket) {
   if (rows <= 0 || n <= 0 || sort_bits < 0 || sort_bits > 30 ||
       (segments_out != nullptr && sort_bits > kMaxSegmentBits) ||
-      workspace_bytes < pack_workspace_bytes(rows, n, sort_bits))
+      workspace_bytes < pack_workspace_bytes(rows, n, sort_bits) ||
+      (bucket_in == nullptr && keep == nullptr) ||
+      (keep != nullptr && (sort_bits > kMaxSegmentBits || dropped_bucket < 0 ||
+                           dropped_bucket >= (1 << sort_bits))))
     return cudaErrorInvalidValue;
   const int64_t items = static_cast<int64_t>(rows) * n;
   if (sort_bits <= kMaxSegmentBits) {
     const int nseg = 1 << sort_bits, chunks = (n + kSortChunk - 1) / kSortChunk;
     int* hist = static_cast<int*>(workspace);
     const dim3 grid(chunks, rows);
-    bucket_count_kernel<<<grid, kSortThreads, 0, stream>>>(bucket_in, n, nseg, chunks, hist);
+    const SortIds ids{bucket_in, keep, dropped_bucket};
+    bucket_count_kernel<<<grid, kSortThreads, 0, stream>>>(ids, n, nseg, chunks, hist);
     if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-    bucket_scatter_kernel<<<grid, kSortThreads, 0, stream>>>(bucket_in, n, nseg, chunks, hist,
+    bucket_scatter_kernel<<<grid, kSortThreads, 0, stream>>>(ids, n, nseg, chunks, hist,
                                                              perm_out, bucket_out, segments_out);
     return cudaGetLastError();
   }
@@ -2355,6 +2442,13 @@ bool backward_uses_wgmma(DType dtype) { return wgmma_backward_enabled(dtype); }
 
 cudaError_t attention_forward(const ForwardParams& p, cudaStream_t stream) {
   if (!valid_shape(p)) return cudaErrorInvalidValue;
+  if (has_dead_rows(p.q_pack)) {
+    const DeadRowsOut o{p.out, p.out_layout};
+    const cudaError_t e =
+        p.D == 64 ? zero_dead_rows<64>(p.q_pack, p.B * p.H, p.H, p.Nq, o, {}, p.lse, stream)
+                  : zero_dead_rows<128>(p.q_pack, p.B * p.H, p.H, p.Nq, o, {}, p.lse, stream);
+    if (e != cudaSuccess) return e;
+  }
   if (wgmma_forward_enabled(p.dtype))
     return p.D == 64 ? forward_wgmma<64>(p, stream) : forward_wgmma<128>(p, stream);
   if (p.dtype == DType::kBF16)

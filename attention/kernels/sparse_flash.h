@@ -149,10 +149,16 @@ inline int num_segments_for(int sort_bits) {
 // sorted buckets, and, when segments_out is given (it must be nullptr for
 // sort_bits > kMaxSegmentBits), the segment offsets [rows, 2^sort_bits + 1].
 // Workspace from pack_workspace_bytes.
+// Dropping without a bucket-id pass: with keep ([rows, n] in original order),
+// a row whose keep is false takes the id dropped_bucket and the others their
+// bucket_in id (0 when bucket_in is nullptr), as if those ids had been
+// written first. keep needs sort_bits <= kMaxSegmentBits (the counting sort)
+// and dropped_bucket in [0, 2^sort_bits).
 size_t pack_workspace_bytes(int rows, int n, int sort_bits);
 cudaError_t pack_by_bucket(const int* bucket_in, int rows, int n, int sort_bits, int* perm_out,
                            int* bucket_out, int* segments_out, void* workspace,
-                           size_t workspace_bytes, cudaStream_t stream);
+                           size_t workspace_bytes, cudaStream_t stream,
+                           const bool* keep = nullptr, int dropped_bucket = 0);
 
 // Tile ranges of packed rows; position offset is added to original indices
 // (Nk - Nq for queries, 0 for keys). Rows with bucket >= dead_bucket (dropped

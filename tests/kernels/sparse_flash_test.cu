@@ -357,14 +357,20 @@ struct PackedSide {
 // bucket_in == nullptr: the dense path (nullptr perm and bucket). With
 // with_segments and sort_bits <= kMaxSegmentBits the sort also writes the
 // bucket segments (poisoned first, like every output).
+// keep (0 or 1 per row, original order): pack_by_bucket applies the mask
+// itself, dropped rows taking id `dropped`; bucket_in may then be nullptr
+// (kept rows id 0).
 PackedSide pack_side(const std::vector<int>* bucket_in, int rows, int n, int sort_bits,
                      int position_offset, const Stream& stream, int dead_bucket = INT_MAX,
-                     bool with_segments = true) {
+                     bool with_segments = true, const std::vector<uint8_t>* keep = nullptr,
+                     int dropped = 0) {
   PackedSide s;
   s.dead_bucket = dead_bucket;
-  if (bucket_in) {
-    DeviceBuffer<int> in(size_t(rows) * n);
-    in.upload(*bucket_in);
+  if (bucket_in || keep) {
+    DeviceBuffer<int> in(bucket_in ? size_t(rows) * n : 0);
+    if (bucket_in) in.upload(*bucket_in);
+    DeviceBuffer<uint8_t> keep_d(keep ? size_t(rows) * n : 0);
+    if (keep) keep_d.upload(*keep);
     s.perm = DeviceBuffer<int>(size_t(rows) * n);
     s.bucket = DeviceBuffer<int>(size_t(rows) * n);
     s.perm.poison(stream.get());
@@ -376,8 +382,10 @@ PackedSide pack_side(const std::vector<int>* bucket_in, int rows, int n, int sor
     }
     const size_t ws_bytes = sfk::pack_workspace_bytes(rows, n, sort_bits);
     DeviceBuffer<unsigned char> ws(ws_bytes);
-    SF_CUDA_CHECK(sfk::pack_by_bucket(in.get(), rows, n, sort_bits, s.perm.get(), s.bucket.get(),
-                                      s.segments.get(), ws.get(), ws_bytes, stream.get()));
+    SF_CUDA_CHECK(sfk::pack_by_bucket(
+        bucket_in ? in.get() : nullptr, rows, n, sort_bits, s.perm.get(), s.bucket.get(),
+        s.segments.get(), ws.get(), ws_bytes, stream.get(),
+        keep ? reinterpret_cast<const bool*>(keep_d.get()) : nullptr, dropped));
     stream.sync("pack_by_bucket");
     s.perm_h = s.perm.download();
     s.bucket_h = s.bucket.download();
@@ -1262,6 +1270,33 @@ TEST_P(PackingTest, StableSortSegmentsAndTileRanges) {
   EXPECT_EQ(plain.perm_h, s.perm_h);
   EXPECT_EQ(plain.bucket_h, s.bucket_h);
 
+  // A keep mask applied by the sort itself (counting sort only) packs exactly
+  // as the ids with dropped rows written in; with and without bucket ids.
+  if (sfk::num_segments_for(bits) > 0) {
+    const int dropped = c.dead_bucket < (1 << bits) ? c.dead_bucket : (1 << bits) - 1;
+    std::vector<uint8_t> keep(in.size());
+    std::bernoulli_distribution kept(0.6);
+    for (uint8_t& k : keep) k = kept(gen) ? 1 : 0;
+    for (const bool with_ids : {true, false}) {
+      SCOPED_TRACE(with_ids ? "keep mask over bucket ids" : "keep mask alone");
+      std::vector<int> ids(in.size());
+      for (size_t i = 0; i < in.size(); ++i) ids[i] = keep[i] ? (with_ids ? in[i] : 0) : dropped;
+      const PackedSide want = pack_side(&ids, c.rows, c.n, bits, c.position_offset, stream,
+                                        c.dead_bucket);
+      const PackedSide got = pack_side(with_ids ? &in : nullptr, c.rows, c.n, bits,
+                                       c.position_offset, stream, c.dead_bucket, true, &keep,
+                                       dropped);
+      EXPECT_TRUE(verify_packing("keep", ids, got.perm_h, got.bucket_h, c.rows, c.n));
+      EXPECT_EQ(got.perm_h, want.perm_h);
+      EXPECT_EQ(got.bucket_h, want.bucket_h);
+      EXPECT_EQ(got.segments_h, want.segments_h);
+      EXPECT_TRUE(std::equal(got.tiles_h.begin(), got.tiles_h.end(), want.tiles_h.begin(),
+                             want.tiles_h.end(), [](const sfk::TileRange& x, const sfk::TileRange& y) {
+                               return x.x == y.x && x.y == y.y && x.z == y.z && x.w == y.w;
+                             }));
+    }
+  }
+
   // nullptr perm and bucket: identity order, bucket 0.
   const PackedSide dense = pack_side(nullptr, c.rows, c.n, 0, c.position_offset, stream);
   EXPECT_TRUE(verify_tiles("dense tiles", {}, {}, dense.tiles_h, c.rows, c.n, c.position_offset));
@@ -1308,6 +1343,22 @@ TEST(SparseFlash, PackingRefusesBadArguments) {
             cudaErrorInvalidValue);
   EXPECT_EQ(sfk::pack_by_bucket(in.get(), 0, 100, 4, perm.get(), sorted.get(), nullptr, ws.get(),
                                 ws.size(), nullptr),
+            cudaErrorInvalidValue);
+  // Neither ids nor a keep mask; a keep mask with ids too wide for the
+  // counting sort, or a dropped id outside [0, 2^sort_bits).
+  DeviceBuffer<uint8_t> keep(100);
+  const bool* kp = reinterpret_cast<const bool*>(keep.get());
+  EXPECT_EQ(sfk::pack_by_bucket(nullptr, 1, 100, 4, perm.get(), sorted.get(), nullptr, ws.get(),
+                                ws.size(), nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(sfk::pack_by_bucket(in.get(), 1, 100, 9, perm.get(), sorted.get(), nullptr, ws.get(),
+                                ws.size(), nullptr, kp, 1),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(sfk::pack_by_bucket(nullptr, 1, 100, 2, perm.get(), sorted.get(), nullptr, ws.get(),
+                                ws.size(), nullptr, kp, 4),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(sfk::pack_by_bucket(nullptr, 1, 100, 2, perm.get(), sorted.get(), nullptr, ws.get(),
+                                ws.size(), nullptr, kp, -1),
             cudaErrorInvalidValue);
 }
 
