@@ -83,6 +83,15 @@ void check_inputs(const Tensor& q, const Tensor& k, const Tensor& v) {
 
 sk::Layout layout_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
+// The kernels copy rows in 16-byte pieces: a tensor whose rows are not
+// 16-byte aligned (its address or a stride), or whose head dim is not
+// contiguous, is used through a contiguous copy.
+Tensor with_aligned_rows(const Tensor& t) {
+  const bool aligned = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
+                       t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
+  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
 // Bucket ids in original order (int32 [B * heads, N]) for one side, or an
 // undefined tensor for dense.
 Tensor side_buckets(const Tensor& bucket, const Tensor& keep, int dropped_bucket) {
@@ -221,9 +230,7 @@ struct FlashAttention : public torch::autograd::Function<FlashAttention> {
                         bool deterministic) {
     check_inputs(q_in, k_in, v_in);
     c10::cuda::CUDAGuard guard(q_in.device());
-    Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
-    Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
-    Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+    Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in), v = with_aligned_rows(v_in);
     Tensor out, lse;
     Call c = prepare(q, k, v, pattern, scale, out, lse);
     check_cuda(sk::attention_forward(c.params, at::cuda::getCurrentCUDAStream()), "forward");
@@ -255,7 +262,7 @@ struct FlashAttention : public torch::autograd::Function<FlashAttention> {
       return p;
     };
     Packed qp = packed(s[5], s[6], s[7], s[8]), kp = packed(s[9], s[10], s[11], s[12]);
-    Tensor dout = grads[0].stride(3) == 1 ? grads[0] : grads[0].contiguous();
+    Tensor dout = with_aligned_rows(grads[0]);
     sk::BackwardParams b;
     sk::ForwardParams& f = b.fwd;
     f.dtype = q.scalar_type() == at::kBFloat16 ? sk::DType::kBF16 : sk::DType::kFP16;
@@ -332,7 +339,8 @@ std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor& q_in, const Ten
                                                    double scale) {
   check_inputs(q_in, k_in, v_in);
   c10::cuda::CUDAGuard guard(q_in.device());
-  Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), out, lse;
+  Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in), v = with_aligned_rows(v_in);
+  Tensor out, lse;
   Call c = prepare(q, k, v, pattern, scale, out, lse);
   check_cuda(sk::attention_forward(c.params, at::cuda::getCurrentCUDAStream()), "forward");
   return {out, lse};

@@ -1,7 +1,10 @@
 // Reference attention against naive masked softmax attention, finite
 // differences in float64, and the semantics of each kind.
 #include <cmath>
+#include <cstdint>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -377,6 +380,39 @@ INSTANTIATE_TEST_SUITE_P(KindsAndHeadDims, FlashVsReference,
                          ::testing::Combine(::testing::Values(Kind::kDense, Kind::kHash,
                                                               Kind::kDrop),
                                             ::testing::Values(int64_t{64}, int64_t{128})));
+
+// Views whose rows are not 16-byte aligned (here one element into a wider
+// buffer) are used through contiguous copies: the results of the contiguous
+// tensors, to the bit, gradients included (dropping, deterministic dQ).
+TEST(FlashAttention, MisalignedViewsGiveTheContiguousResult) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  auto bf = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const int64_t B = 2, H = 2, N = 300, D = 64;
+  const Tensor wide_q = at::randn({B, H, N, D + 8}, bf), wide_k = at::randn({B, H, N, D + 8}, bf),
+               wide_v = at::randn({B, H, N, D + 8}, bf), w = at::randn({B, H, N, D}, bf);
+  Pattern p;
+  p.q_keep = at::rand({B, H, N}, bf.dtype(at::kFloat)).ge(0.4);
+  p.k_keep = at::rand({B, H, N}, bf.dtype(at::kFloat)).ge(0.4);
+  // view: q, k, v are narrow views of leaves shaped like the wide buffers.
+  auto run = [&](bool view) {
+    std::vector<Tensor> leaves, in;
+    for (const Tensor* x : {&wide_q, &wide_k, &wide_v}) {
+      Tensor leaf = (view ? x->clone() : x->narrow(3, 1, D).contiguous()).requires_grad_();
+      in.push_back(view ? leaf.narrow(3, 1, D) : leaf);
+      leaves.push_back(leaf);
+    }
+    if (view) EXPECT_NE(reinterpret_cast<uintptr_t>(in[0].data_ptr()) % 16, 0u);
+    Tensor out = flash_attention(in[0], in[1], in[2], p, 0, /*deterministic=*/true);
+    (out.to(at::kFloat) * w.to(at::kFloat)).sum().backward();
+    std::vector<Tensor> r{out.detach()};
+    for (const Tensor& leaf : leaves) r.push_back(view ? leaf.grad().narrow(3, 1, D) : leaf.grad());
+    return r;
+  };
+  const std::vector<Tensor> got = run(true), want = run(false);
+  const char* names[] = {"out", "dq", "dk", "dv"};
+  for (size_t i = 0; i < got.size(); ++i)
+    EXPECT_TRUE(at::equal(got[i], want[i])) << names[i] << " differs from the contiguous run";
+}
 
 TEST(FlashAttention, NotUsedOnCpuOrFloat32) {
   Inputs in = random_inputs(1, 2, 2, 8, 8, 64, 1, at::TensorOptions().dtype(at::kFloat));
