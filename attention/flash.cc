@@ -85,7 +85,8 @@ sk::Layout layout_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stri
 
 // The kernels copy rows in 16-byte pieces: a tensor whose rows are not
 // 16-byte aligned (its address or a stride), or whose head dim is not
-// contiguous, is used through a contiguous copy.
+// contiguous (dout; check_inputs refuses that for q, k, v), is used through a
+// contiguous copy.
 Tensor with_aligned_rows(const Tensor& t) {
   const bool aligned = t.stride(3) == 1 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 &&
                        t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
@@ -130,9 +131,11 @@ struct SideIds {
   int dropped = 0;
 };
 
-SideIds side_ids(const Tensor& bucket, const Tensor& keep, int dropped, int sort_bits) {
+SideIds side_ids(const Tensor& bucket, const Tensor& keep, int dropped, int sort_bits,
+                 const at::Device& device) {
   if (keep.defined() && sort_bits <= sk::kMaxSegmentBits) {
-    TORCH_CHECK(keep.is_cuda(), "flash_attention: the pattern's keep masks must be on the GPU");
+    TORCH_CHECK(keep.device() == device, "flash_attention: the pattern's keep masks must be on ",
+                device, " (q's device), got ", keep.device());
     SideIds s;
     s.ids = bucket.defined() ? bucket.to(at::kInt).contiguous() : Tensor();
     s.keep = keep.to(at::kBool).contiguous();
@@ -199,9 +202,11 @@ Call prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& p
   if (max_bucket <= 0) max_bucket = 1;
   // Dropped rows get the two buckets after the real ones: they match nothing,
   // sort last, and keep the radix sort to the few bits the ids need.
+  TORCH_CHECK(pattern.q_keep.defined() == pattern.k_keep.defined(),
+              "flash_attention: pattern has q_keep or k_keep but not both");
   const int bits = sk::bucket_sort_bits(false, max_bucket + (pattern.q_keep.defined() ? 2 : 0));
-  const SideIds qb = side_ids(pattern.q_bucket, pattern.q_keep, max_bucket, bits);
-  const SideIds kb = side_ids(pattern.k_bucket, pattern.k_keep, max_bucket + 1, bits);
+  const SideIds qb = side_ids(pattern.q_bucket, pattern.q_keep, max_bucket, bits, q.device());
+  const SideIds kb = side_ids(pattern.k_bucket, pattern.k_keep, max_bucket + 1, bits, q.device());
   TORCH_CHECK((qb.ids.defined() || qb.keep.defined()) == (kb.ids.defined() || kb.keep.defined()),
               "flash_attention: pattern constrains only one side");
   Call c;

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -381,37 +382,55 @@ INSTANTIATE_TEST_SUITE_P(KindsAndHeadDims, FlashVsReference,
                                                               Kind::kDrop),
                                             ::testing::Values(int64_t{64}, int64_t{128})));
 
-// Views whose rows are not 16-byte aligned (here one element into a wider
-// buffer) are used through contiguous copies: the results of the contiguous
-// tensors, to the bit, gradients included (dropping, deterministic dQ).
+// Views whose rows are not 16-byte aligned are used through contiguous
+// copies: the results of the contiguous tensors, gradients included
+// (dropping; q, k, v and the output gradient all such views). Two cases: one
+// element into a wider buffer (a misaligned address), and a row stride of
+// D + 4 elements (a misaligned stride). Deterministic dQ gives the same bits;
+// atomic dQ the same values up to the order of its additions.
 TEST(FlashAttention, MisalignedViewsGiveTheContiguousResult) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
   auto bf = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
   const int64_t B = 2, H = 2, N = 300, D = 64;
-  const Tensor wide_q = at::randn({B, H, N, D + 8}, bf), wide_k = at::randn({B, H, N, D + 8}, bf),
-               wide_v = at::randn({B, H, N, D + 8}, bf), w = at::randn({B, H, N, D}, bf);
   Pattern p;
   p.q_keep = at::rand({B, H, N}, bf.dtype(at::kFloat)).ge(0.4);
   p.k_keep = at::rand({B, H, N}, bf.dtype(at::kFloat)).ge(0.4);
-  // view: q, k, v are narrow views of leaves shaped like the wide buffers.
-  auto run = [&](bool view) {
-    std::vector<Tensor> leaves, in;
-    for (const Tensor* x : {&wide_q, &wide_k, &wide_v}) {
-      Tensor leaf = (view ? x->clone() : x->narrow(3, 1, D).contiguous()).requires_grad_();
-      in.push_back(view ? leaf.narrow(3, 1, D) : leaf);
-      leaves.push_back(leaf);
+  for (auto [width, offset] : {std::pair<int64_t, int64_t>{D + 8, 1}, {D + 4, 0}}) {
+    const Tensor wide_q = at::randn({B, H, N, width}, bf), wide_k = at::randn({B, H, N, width}, bf),
+                 wide_v = at::randn({B, H, N, width}, bf), wide_w = at::randn({B, H, N, width}, bf);
+    // view: q, k, v and the output's weights are views of wide leaves.
+    auto run = [&](bool view, bool deterministic) {
+      std::vector<Tensor> leaves, in;
+      for (const Tensor* x : {&wide_q, &wide_k, &wide_v}) {
+        Tensor leaf = (view ? x->clone() : x->narrow(3, offset, D).contiguous()).requires_grad_();
+        in.push_back(view ? leaf.narrow(3, offset, D) : leaf);
+        leaves.push_back(leaf);
+      }
+      const Tensor w = view ? wide_w.narrow(3, offset, D) : wide_w.narrow(3, offset, D).contiguous();
+      const bool misaligned = reinterpret_cast<uintptr_t>(in[0].data_ptr()) % 16 != 0 ||
+                              in[0].stride(2) % 8 != 0;
+      EXPECT_EQ(misaligned, view);
+      Tensor out = flash_attention(in[0], in[1], in[2], p, 0, deterministic);
+      (out * w).sum().backward();  // the output gradient is w itself
+      std::vector<Tensor> r{out.detach()};
+      for (const Tensor& leaf : leaves)
+        r.push_back(view ? leaf.grad().narrow(3, offset, D) : leaf.grad());
+      return r;
+    };
+    const char* names[] = {"out", "dq", "dk", "dv"};
+    for (bool deterministic : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << "width " << width << " offset " << offset
+                                        << (deterministic ? " deterministic" : " atomic dQ"));
+      const std::vector<Tensor> got = run(true, deterministic), want = run(false, deterministic);
+      for (size_t i = 0; i < got.size(); ++i) {
+        if (deterministic || i != 1)
+          EXPECT_TRUE(at::equal(got[i], want[i])) << names[i] << " differs from the contiguous run";
+        else  // one bf16 rounding step apart at most
+          expect_close(got[i].cpu(), want[i].cpu(),
+                       1e-2 * (1 + want[i].abs().max().item<double>()), "dq");
+      }
     }
-    if (view) EXPECT_NE(reinterpret_cast<uintptr_t>(in[0].data_ptr()) % 16, 0u);
-    Tensor out = flash_attention(in[0], in[1], in[2], p, 0, /*deterministic=*/true);
-    (out.to(at::kFloat) * w.to(at::kFloat)).sum().backward();
-    std::vector<Tensor> r{out.detach()};
-    for (const Tensor& leaf : leaves) r.push_back(view ? leaf.grad().narrow(3, 1, D) : leaf.grad());
-    return r;
-  };
-  const std::vector<Tensor> got = run(true), want = run(false);
-  const char* names[] = {"out", "dq", "dk", "dv"};
-  for (size_t i = 0; i < got.size(); ++i)
-    EXPECT_TRUE(at::equal(got[i], want[i])) << names[i] << " differs from the contiguous run";
+  }
 }
 
 TEST(FlashAttention, NotUsedOnCpuOrFloat32) {

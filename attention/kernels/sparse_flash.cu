@@ -1389,30 +1389,33 @@ struct DeadRowsOut {
 
 template <int D>
 __global__ void __launch_bounds__(256)
-    zero_dead_rows_kernel(const __grid_constant__ Packing pk, int heads, int n, DeadRowsOut out0,
-                          DeadRowsOut out1, float* lse, bool vec) {
+    zero_dead_rows_kernel(const __grid_constant__ Packing pk, int seqs, int heads, int n,
+                          DeadRowsOut out0, DeadRowsOut out1, float* lse, bool vec) {
   constexpr int kPerRow = D / 8, kRowsPerBlock = 256 / kPerRow;
-  const int seq = blockIdx.y;
-  const int first = __ldg(pk.segments + static_cast<int64_t>(seq) * (pk.num_segments + 1) +
-                          pk.dead_bucket);
-  const int r = first + blockIdx.x * kRowsPerBlock + static_cast<int>(threadIdx.x) / kPerRow;
-  if (r >= n) return;
-  const int orig = __ldg(pk.perm + static_cast<int64_t>(seq) * n + r);
-  const int b = seq / heads, h = seq % heads, c = (threadIdx.x % kPerRow) * 8;
-  auto zero = [&](const DeadRowsOut& o) {
-    if (o.data == nullptr) return;
-    uint16_t* dst = static_cast<uint16_t*>(o.data) + b * o.layout.b + h * o.layout.h +
-                    static_cast<int64_t>(orig) * o.layout.n + c;
-    if (vec) {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-    } else {
+  const int c = (threadIdx.x % kPerRow) * 8;
+  // Sequences step by gridDim.y (at most 65535).
+  for (int seq = blockIdx.y; seq < seqs; seq += gridDim.y) {
+    const int first = __ldg(pk.segments + static_cast<int64_t>(seq) * (pk.num_segments + 1) +
+                            pk.dead_bucket);
+    const int r = first + blockIdx.x * kRowsPerBlock + static_cast<int>(threadIdx.x) / kPerRow;
+    if (r >= n) continue;
+    const int orig = __ldg(pk.perm + static_cast<int64_t>(seq) * n + r);
+    const int b = seq / heads, h = seq % heads;
+    auto zero = [&](const DeadRowsOut& o) {
+      if (o.data == nullptr) return;
+      uint16_t* dst = static_cast<uint16_t*>(o.data) + b * o.layout.b + h * o.layout.h +
+                      static_cast<int64_t>(orig) * o.layout.n + c;
+      if (vec) {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+      } else {
 #pragma unroll
-      for (int e = 0; e < 8; ++e) dst[e] = 0;
-    }
-  };
-  zero(out0);
-  zero(out1);
-  if (lse != nullptr && c == 0) lse[static_cast<int64_t>(seq) * n + orig] = -INFINITY;
+        for (int e = 0; e < 8; ++e) dst[e] = 0;
+      }
+    };
+    zero(out0);
+    zero(out1);
+    if (lse != nullptr && c == 0) lse[static_cast<int64_t>(seq) * n + orig] = -INFINITY;
+  }
 }
 
 // Whether a side has dropped rows that zero_dead_rows_kernel serves (bucket
@@ -1434,8 +1437,8 @@ cudaError_t zero_dead_rows(const Packing& pk, int seqs, int heads, int n, DeadRo
   constexpr int kRowsPerBlock = 256 / (D / 8);
   const bool vec = (out0.data == nullptr || rows_vec_ok(out0.data, out0.layout)) &&
                    (out1.data == nullptr || rows_vec_ok(out1.data, out1.layout));
-  const dim3 grid((n + kRowsPerBlock - 1) / kRowsPerBlock, seqs);
-  zero_dead_rows_kernel<D><<<grid, 256, 0, stream>>>(pk, heads, n, out0, out1, lse, vec);
+  const dim3 grid((n + kRowsPerBlock - 1) / kRowsPerBlock, std::min(seqs, 65535));
+  zero_dead_rows_kernel<D><<<grid, 256, 0, stream>>>(pk, seqs, heads, n, out0, out1, lse, vec);
   return cudaGetLastError();
 }
 
@@ -2324,7 +2327,7 @@ bool valid_packing(const Packing& pk) {
   return pk.tiles &&
          (pk.segments == nullptr ||
           (pk.perm && pk.bucket && pk.num_segments > 0 && pk.num_segments <= (1 << 30))) &&
-         (pk.perm != nullptr || pk.dead_bucket == INT_MAX);
+         (pk.perm != nullptr || pk.dead_bucket == INT_MAX) && pk.dead_bucket >= 0;
 }
 
 bool valid_shape(const ForwardParams& p) {

@@ -1401,6 +1401,7 @@ TEST(SparseFlash, RefusesPackingsTheKernelsCannotServe) {
   EXPECT_TRUE(refused(packing(false, true, true, INT_MAX))) << "segments need a permutation";
   EXPECT_TRUE(refused(packing(true, false, true, INT_MAX))) << "segments need buckets";
   EXPECT_TRUE(refused(sfk::Packing{})) << "tile ranges are required";
+  EXPECT_TRUE(refused(packing(true, true, true, -1))) << "a negative dead bucket";
 }
 
 // Hash buckets through fixed row blocks (no segments given) agree with the
