@@ -1421,12 +1421,12 @@ __global__ void __launch_bounds__(256)
 // Whether a side has dropped rows that zero_dead_rows_kernel serves (bucket
 // segments, and dead buckets among them): exactly when blocks can be dead.
 bool has_dead_rows(const Packing& pk) {
-  return pk.segments != nullptr && pk.perm != nullptr && pk.dead_bucket >= 0 &&
-         pk.dead_bucket < pk.num_segments;
+  return pk.segments != nullptr && pk.perm != nullptr && pk.dead_bucket < pk.num_segments;
 }
 
-// 16-byte stores: base 16-byte aligned and every stride a multiple of 8 elements.
-bool rows_vec_ok(const void* data, const Layout& l) {
+// Rows of 2-byte elements that take 16-byte loads and stores: base 16-byte
+// aligned and every stride a multiple of 8 elements.
+bool rows_aligned16(const void* data, const Layout& l) {
   return reinterpret_cast<uintptr_t>(data) % 16 == 0 && l.b % 8 == 0 && l.h % 8 == 0 &&
          l.n % 8 == 0;
 }
@@ -1435,8 +1435,8 @@ template <int D>
 cudaError_t zero_dead_rows(const Packing& pk, int seqs, int heads, int n, DeadRowsOut out0,
                            DeadRowsOut out1, float* lse, cudaStream_t stream) {
   constexpr int kRowsPerBlock = 256 / (D / 8);
-  const bool vec = (out0.data == nullptr || rows_vec_ok(out0.data, out0.layout)) &&
-                   (out1.data == nullptr || rows_vec_ok(out1.data, out1.layout));
+  const bool vec = (out0.data == nullptr || rows_aligned16(out0.data, out0.layout)) &&
+                   (out1.data == nullptr || rows_aligned16(out1.data, out1.layout));
   const dim3 grid((n + kRowsPerBlock - 1) / kRowsPerBlock, std::min(seqs, 65535));
   zero_dead_rows_kernel<D><<<grid, 256, 0, stream>>>(pk, seqs, heads, n, out0, out1, lse, vec);
   return cudaGetLastError();
@@ -2263,11 +2263,8 @@ template <typename T, int D>
 cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
   const ForwardParams& f = p.fwd;
   const int64_t rows = static_cast<int64_t>(f.B) * f.H * f.Nq;
-  const bool delta_vec = reinterpret_cast<uintptr_t>(f.out) % 16 == 0 &&
-                         reinterpret_cast<uintptr_t>(p.dout) % 16 == 0 && f.out_layout.b % 8 == 0 &&
-                         f.out_layout.h % 8 == 0 && f.out_layout.n % 8 == 0 &&
-                         p.dout_layout.b % 8 == 0 && p.dout_layout.h % 8 == 0 &&
-                         p.dout_layout.n % 8 == 0;
+  const bool delta_vec =
+      rows_aligned16(f.out, f.out_layout) && rows_aligned16(p.dout, p.dout_layout);
   constexpr int kDeltaRows = 256 / (D / 8);
   delta_kernel<T, D><<<static_cast<unsigned>((rows + kDeltaRows - 1) / kDeltaRows), 256, 0, stream>>>(
       p, delta_vec);
@@ -2298,8 +2295,7 @@ cudaError_t backward_typed(const BackwardParams& p, cudaStream_t stream) {
                                               kBwdWarps * 32, smem_kv, stream, p);
     if (e != cudaSuccess) return e;
     const int64_t chunks = rows * (D / 8);
-    const bool vec = reinterpret_cast<uintptr_t>(p.dq) % 16 == 0 && p.dq_layout.b % 8 == 0 &&
-                     p.dq_layout.h % 8 == 0 && p.dq_layout.n % 8 == 0;
+    const bool vec = rows_aligned16(p.dq, p.dq_layout);
     dq_finalize_kernel<T, D>
         <<<static_cast<unsigned>((chunks + 255) / 256), 256, 0, stream>>>(p, vec);
     return cudaGetLastError();
@@ -2410,8 +2406,8 @@ cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int
                            const float* rotations, int Hr, int half, int64_t* out,
                            cudaStream_t stream) {
   if (B <= 0 || H <= 0 || N <= 0 || Hr <= 0 || H % Hr != 0 || half <= 0 || D <= 0 || D % 8 != 0 ||
-      D > 256 || reinterpret_cast<uintptr_t>(x) % 16 != 0 || layout.b % 8 || layout.h % 8 ||
-      layout.n % 8 || !lsh_shape_fits(D, half, SIZE_MAX))  // shape errors before the device
+      D > 256 || !rows_aligned16(x, layout) ||
+      !lsh_shape_fits(D, half, SIZE_MAX))  // shape errors before the device
     return cudaErrorInvalidValue;
   int device = 0, optin = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
