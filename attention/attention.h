@@ -25,7 +25,9 @@ namespace sparseflash::attention {
 using at::Tensor;
 
 enum class Kind { kDense, kHash, kDrop };
-enum class Backend { kAuto, kReference, kKernel };
+// kAuto: cuDNN for dense layers where it applies, else our kernels where they
+// apply, else the reference (configs/experiment.proto, Attention.Backend).
+enum class Backend { kAuto, kReference, kKernel, kCudnn };
 
 struct Options {
   Kind kind = Kind::kDense;
@@ -56,11 +58,22 @@ struct Pattern {
 Tensor lsh_buckets(const Tensor& x, const Tensor& rotations);
 
 // Draws the pattern of one call. q [B, H, Nq, D], k [B, Hkv, Nk, D].
-// Random draws come from `generator` (a CPU generator, so runs are
-// reproducible on any device); fixed rotations come from
-// options.rotation_seed and `layer` only.
+// `generator` is a CPU generator, part of the run's state (checkpoints hold
+// it). On the CPU the rotations and keep masks are drawn from it directly; on
+// a GPU they are drawn on the device by a Philox generator seeded with one
+// 64-bit number taken from it, so a step needs no host work, no copy and no
+// synchronisation, and the patterns still follow from the seed and the step.
+// Fixed rotations come from options.rotation_seed and `layer` only.
 Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
                      at::Generator& generator, int layer);
+
+// The share of the dense causal pairs the pattern allows, per layer call,
+// estimated from bucket (and keep) frequencies per (batch, head):
+// sum_b P(q in b) P(k in b) for hash, P(q kept) P(k kept) for drop, 1 for
+// dense; averaged over batch and heads. Uniform buckets give 1 / nb; real
+// LSH buckets of a trained model are rarely uniform, and the kernels' work
+// grows with this figure. A float32 scalar on the pattern's device.
+Tensor pattern_density(const Pattern& pattern);
 
 // Reference attention under `pattern`: differentiable (custom backward that
 // recomputes scores chunk by chunk, as flash attention does), computed in

@@ -5,6 +5,7 @@
 
 #include <climits>
 #include <cmath>
+#include <optional>
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
@@ -17,11 +18,17 @@
 #include "attention/kernels/sparse_flash.h"
 #endif
 
+#include "profile/phases.h"
+
 namespace sparseflash::attention {
 
 #ifndef SPARSEFLASH_WITH_CUDA
 
 bool flash_supported(const Tensor&, const Tensor&, const Tensor&) { return false; }
+bool cudnn_supported(const Tensor&, const Tensor&, const Tensor&) { return false; }
+Tensor cudnn_attention(const Tensor&, const Tensor&, const Tensor&, double) {
+  TORCH_CHECK(false, "cudnn_attention: this build has no CUDA support (nvcc was not found)");
+}
 bool flash_lsh_supported(const Tensor&, const Tensor&) { return false; }
 Tensor flash_lsh_buckets(const Tensor&, const Tensor&) {
   TORCH_CHECK(false, "flash_lsh_buckets: this build has no CUDA kernels (nvcc was not found)");
@@ -49,7 +56,71 @@ bool flash_supported(const Tensor& q, const Tensor& k, const Tensor& v) {
          q.size(2) <= k.size(2);
 }
 
+bool cudnn_supported(const Tensor& q, const Tensor& k, const Tensor& v) {
+  const auto dt = q.scalar_type();
+  return q.is_cuda() && k.is_cuda() && v.is_cuda() && q.dim() == 4 && k.sizes() == q.sizes() &&
+         v.sizes() == q.sizes() && (dt == at::kBFloat16 || dt == at::kHalf) &&
+         k.scalar_type() == dt && v.scalar_type() == dt && q.size(3) % 8 == 0 &&
+         q.size(3) <= 128 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1;
+}
+
 namespace {
+
+// cuDNN's forward and backward as ATen exposes them, wrapped so that the
+// phases are timed like our kernels' and the output gradient reaches cuDNN
+// in the output's memory order.
+struct CudnnAttention : public torch::autograd::Function<CudnnAttention> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                        double scale) {
+    profile::Phase phase("attention.forward");
+    std::optional<double> s;
+    if (scale > 0) s = scale;
+    auto r = at::_scaled_dot_product_cudnn_attention(q, k, v, std::nullopt,
+                                                     /*compute_log_sumexp=*/true, 0.0,
+                                                     /*is_causal=*/true,
+                                                     /*return_debug_mask=*/false, s);
+    Tensor out = std::get<0>(r);
+    ctx->save_for_backward({q, k, v, out, std::get<1>(r), std::get<6>(r), std::get<7>(r)});
+    ctx->saved_data["scale"] = scale;
+    return out;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    profile::Phase phase("attention.backward");
+    auto s = ctx->get_saved_variables();
+    const Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3];
+    Tensor dout = grads[0];
+    if (dout.strides() != out.strides()) dout = at::empty_like(out).copy_(dout);
+    std::optional<double> scale;
+    if (ctx->saved_data["scale"].toDouble() > 0) scale = ctx->saved_data["scale"].toDouble();
+    auto [dq, dk, dv] = at::_scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, s[4], s[5], s[6], Tensor(), Tensor(), Tensor(), q.size(2), k.size(2),
+        0.0, /*is_causal=*/true, scale);
+    return {dq, dk, dv, Tensor()};
+  }
+};
+
+}  // namespace
+
+Tensor cudnn_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale) {
+  TORCH_CHECK(cudnn_supported(q, k, v),
+              "cudnn_attention: needs CUDA bf16/fp16 q, k, v of one shape [B, H, N, D] with D a "
+              "multiple of 8 up to 128 and D contiguous; got q ",
+              q.sizes(), " ", q.scalar_type(), ", k ", k.sizes(), ", v ", v.sizes());
+  c10::cuda::CUDAGuard guard(q.device());
+  return CudnnAttention::apply(q, k, v, scale);
+}
+
+namespace {
+
+// A new tensor of t's shape stored in t's order of dimensions: token-major
+// ([B, N, H, D] in memory) when t is a view of a [B, N, H * D] projection,
+// so that the model's views back to [B, N, H * D] need no copy.
+Tensor empty_in_order_of(const Tensor& t) {
+  if (t.size(1) > 1 && t.size(2) > 1 && t.stride(1) < t.stride(2))
+    return at::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options()).transpose(1, 2);
+  return at::empty(t.sizes(), t.options());
+}
 
 void check_cuda(cudaError_t e, const char* what) {
   TORCH_CHECK(e == cudaSuccess, "flash_attention: ", what, " failed: ", cudaGetErrorString(e));
@@ -214,7 +285,7 @@ Call prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& p
   const int dead = pattern.q_keep.defined() ? max_bucket : INT_MAX;
   c.qp = pack_side(qb, B * H, Nq, static_cast<int>(Nk - Nq), bits, dead, q.options());
   c.kp = pack_side(kb, B * Hkv, Nk, 0, bits, dead, q.options());
-  out = at::empty(q.sizes(), q.options());
+  out = empty_in_order_of(q);
   lse = at::empty({B, H, Nq}, q.options().dtype(at::kFloat));
   sk::ForwardParams& p = c.params;
   p.dtype = q.scalar_type() == at::kBFloat16 ? sk::DType::kBF16 : sk::DType::kFP16;
@@ -237,8 +308,14 @@ struct FlashAttention : public torch::autograd::Function<FlashAttention> {
     c10::cuda::CUDAGuard guard(q_in.device());
     Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in), v = with_aligned_rows(v_in);
     Tensor out, lse;
-    Call c = prepare(q, k, v, pattern, scale, out, lse);
-    check_cuda(sk::attention_forward(c.params, at::cuda::getCurrentCUDAStream()), "forward");
+    Call c = [&] {
+      profile::Phase phase("attention.packing");
+      return prepare(q, k, v, pattern, scale, out, lse);
+    }();
+    {
+      profile::Phase phase("attention.forward");
+      check_cuda(sk::attention_forward(c.params, at::cuda::getCurrentCUDAStream()), "forward");
+    }
     // The packing is kept for the backward: same pattern, no second sort.
     auto undef = [](const Tensor& t) { return t.defined() ? t : at::empty({0}, at::kInt); };
     ctx->save_for_backward({q, k, v, out, lse, undef(c.qp.perm), undef(c.qp.bucket), c.qp.tiles,
@@ -252,6 +329,7 @@ struct FlashAttention : public torch::autograd::Function<FlashAttention> {
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    profile::Phase phase("attention.backward");
     auto s = ctx->get_saved_variables();
     const Tensor &q = s[0], &k = s[1], &v = s[2], &out = s[3], &lse = s[4];
     c10::cuda::CUDAGuard guard(q.device());
@@ -280,8 +358,7 @@ struct FlashAttention : public torch::autograd::Function<FlashAttention> {
     f.lse = lse.data_ptr<float>();
     f.q_pack = qp.packing();
     f.k_pack = kp.packing();
-    Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
-           dv = at::empty(v.sizes(), v.options());
+    Tensor dq = empty_in_order_of(q), dk = empty_in_order_of(k), dv = empty_in_order_of(v);
     Tensor delta = at::empty({f.B, f.H, f.Nq}, q.options().dtype(at::kFloat));
     b.dout = dout.data_ptr(), b.dout_layout = layout_of(dout);
     b.dq = dq.data_ptr(), b.dk = dk.data_ptr(), b.dv = dv.data_ptr();

@@ -20,6 +20,15 @@ bool flash_supported(const Tensor& q, const Tensor& k, const Tensor& v);
 Tensor flash_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern,
                        double scale = 0, bool deterministic = false);
 
+// True when cuDNN's fused attention (SDPA's cuDNN backend) takes dense causal
+// attention of these tensors: CUDA, bf16 or fp16 (all alike), head dim a
+// multiple of 8 up to 128, as many key heads as query heads, Nq == Nk.
+bool cudnn_supported(const Tensor& q, const Tensor& k, const Tensor& v);
+
+// Dense causal attention through cuDNN (differentiable); the output keeps
+// q's memory order. scale <= 0 means 1 / sqrt(D).
+Tensor cudnn_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale = 0);
+
 // LSH bucket ids on the GPU in one kernel (no float copy of x, no [.., nb]
 // intermediate): the same function as lsh_buckets (argmax([xR, -xR]), first
 // maximum wins), projections accumulated in float32 in another order, so rows

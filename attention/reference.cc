@@ -2,6 +2,7 @@
 // buckets, drop masks) and a chunked, memory-bounded attention with a
 // recomputing backward. Correct on CPU and GPU; the CUDA kernels are tested
 // against it.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <mutex>
@@ -9,12 +10,16 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
+#ifdef SPARSEFLASH_WITH_CUDA
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#endif
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "attention/attention.h"
 #include "attention/flash.h"
+#include "profile/phases.h"
 
 namespace sparseflash::attention {
 
@@ -39,6 +44,7 @@ Options Options::from_config(const config::Attention& c) {
     case config::Attention::AUTO: o.backend = Backend::kAuto; break;
     case config::Attention::REFERENCE: o.backend = Backend::kReference; break;
     case config::Attention::KERNEL: o.backend = Backend::kKernel; break;
+    case config::Attention::CUDNN: o.backend = Backend::kCudnn; break;
   }
   return o;
 }
@@ -68,25 +74,48 @@ static at::Generator fixed_generator(uint64_t seed, int layer) {
   return at::detail::createCPUGenerator(s);
 }
 
+// Where the draws of one call come from: the CPU generator itself, or on a
+// GPU a Philox generator on that device seeded with a number taken from it.
+static at::Generator draw_generator(at::Generator& cpu, const at::Device& device) {
+#ifdef SPARSEFLASH_WITH_CUDA
+  if (device.is_cuda() && cpu.device().is_cpu()) {
+    uint64_t seed;
+    {
+      std::lock_guard<std::mutex> lock(cpu.mutex());
+      seed = cpu.get<at::CPUGeneratorImpl>()->random64();
+    }
+    at::Generator g = at::cuda::detail::createCUDAGenerator(device.index());
+    g.set_current_seed(seed);
+    return g;
+  }
+#endif
+  (void)device;
+  return cpu;
+}
+
 Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
                      at::Generator& generator, int layer) {
   Pattern p;
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2);
   auto cpu_float = at::TensorOptions().dtype(at::kFloat);
+  auto draw_float = cpu_float.device(q.device());
   switch (options.kind) {
     case Kind::kDense:
       break;
     case Kind::kHash: {
       TORCH_CHECK(options.num_buckets >= 2 && options.num_buckets % 2 == 0,
                   "hash attention: num_buckets must be even and >= 2, got ", options.num_buckets);
+      // One rotation per KV head so a query and the keys it may meet hash alike.
       Tensor rotations;
-      {
-        // One rotation per KV head so a query and the keys it may meet hash alike.
-        at::Generator fixed;
-        if (options.fixed_rotation) fixed = fixed_generator(options.rotation_seed, layer);
-        at::Generator& g = options.fixed_rotation ? fixed : generator;
-        rotations = at::randn({Hkv, D, options.num_buckets / 2}, g, cpu_float);
+      if (options.fixed_rotation) {
+        // The same R on every device: drawn on the CPU, copied without a sync.
+        at::Generator fixed = fixed_generator(options.rotation_seed, layer);
+        rotations = at::randn({Hkv, D, options.num_buckets / 2}, fixed, cpu_float);
+        if (q.is_cuda()) rotations = rotations.pin_memory().to(q.device(), /*non_blocking=*/true);
+      } else {
+        at::Generator g = draw_generator(generator, q.device());
+        rotations = at::randn({Hkv, D, options.num_buckets / 2}, g, draw_float);
       }
       p.q_bucket = lsh_buckets(q.detach(), rotations);
       p.num_buckets = options.num_buckets;
@@ -104,17 +133,40 @@ Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
     case Kind::kDrop: {
       TORCH_CHECK(options.drop_prob >= 0 && options.drop_prob < 1,
                   "drop attention: drop_prob must be in [0, 1), got ", options.drop_prob);
-      Tensor uq, uk;
-      {
-        uq = at::rand({B, H, Nq}, generator, cpu_float);
-        uk = at::rand({B, Hkv, Nk}, generator, cpu_float);
-      }
-      p.q_keep = uq.ge(options.drop_prob).to(q.device());
-      p.k_keep = uk.ge(options.drop_prob).to(q.device());
+      at::Generator g = draw_generator(generator, q.device());
+      Tensor uq = at::rand({B, H, Nq}, g, draw_float);
+      Tensor uk = at::rand({B, Hkv, Nk}, g, draw_float);
+      p.q_keep = uq.ge(options.drop_prob);
+      p.k_keep = uk.ge(options.drop_prob);
       break;
     }
   }
   return p;
+}
+
+Tensor pattern_density(const Pattern& p) {
+  if (p.q_bucket.defined()) {
+    // Bucket frequencies per (batch, head); key heads expanded to query heads.
+    const int64_t H = p.q_bucket.size(1), Hkv = p.k_bucket.size(1);
+    const int64_t nb = p.num_buckets > 0
+                           ? p.num_buckets
+                           : std::max(p.q_bucket.max().item<int64_t>(),
+                                      p.k_bucket.max().item<int64_t>()) + 1;
+    auto frequencies = [&](const Tensor& ids, const Tensor& keep) {
+      Tensor flat = ids.reshape({ids.size(0) * ids.size(1), ids.size(2)});
+      Tensor weight = keep.defined() ? keep.reshape(flat.sizes()).to(at::kFloat)
+                                     : at::ones(flat.sizes(), flat.options().dtype(at::kFloat));
+      Tensor counts = at::zeros({flat.size(0), nb}, weight.options());
+      counts.scatter_add_(1, flat.to(at::kLong), weight);
+      return (counts / static_cast<double>(ids.size(2))).view({ids.size(0), ids.size(1), nb});
+    };
+    Tensor fq = frequencies(p.q_bucket, p.q_keep);
+    Tensor fk = frequencies(p.k_bucket, p.k_keep).repeat_interleave(H / Hkv, 1);
+    return (fq * fk).sum(-1).mean();
+  }
+  if (p.q_keep.defined())
+    return p.q_keep.to(at::kFloat).mean() * p.k_keep.to(at::kFloat).mean();
+  return at::ones({}, at::TensorOptions().dtype(at::kFloat));
 }
 
 // ---------------------------------------------------------------------------
@@ -361,7 +413,28 @@ Tensor naive_attention(const Tensor& q, const Tensor& k, const Tensor& v, const 
 
 Tensor Attention::forward(const Tensor& q, const Tensor& k, const Tensor& v,
                           at::Generator& generator) {
-  last_pattern_ = draw_pattern(options_, q, k, generator, layer_);
+  if (options_.kind == Kind::kDense) {
+    TORCH_CHECK(options_.backend != Backend::kCudnn || cudnn_supported(q, k, v),
+                "attention.backend CUDNN: cuDNN does not take q ", q.sizes(), " ",
+                q.scalar_type(), " on ", q.device(), ", k ", k.sizes(),
+                " (it needs CUDA bf16/fp16, head dim <= 128, as many key heads and keys as "
+                "query heads and queries)");
+    const bool cudnn = options_.backend == Backend::kCudnn ||
+                       (options_.backend == Backend::kAuto && !options_.deterministic &&
+                        cudnn_supported(q, k, v));
+    if (cudnn) {
+      last_pattern_ = Pattern();
+      return cudnn_attention(q, k, v);
+    }
+  } else {
+    TORCH_CHECK(options_.backend != Backend::kCudnn,
+                "attention.backend CUDNN serves DENSE layers only; layer ", layer_,
+                " is sparse (use AUTO or KERNEL)");
+  }
+  {
+    profile::Phase phase("attention.pattern");
+    last_pattern_ = draw_pattern(options_, q, k, generator, layer_);
+  }
   const bool kernel = options_.backend == Backend::kKernel ||
                       (options_.backend == Backend::kAuto && flash_supported(q, k, v));
   if (kernel) return flash_attention(q, k, v, last_pattern_, 0, options_.deterministic);

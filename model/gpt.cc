@@ -1,6 +1,8 @@
 // GPT-2 family model. Reading order: LayerNorm, SelfAttention, Block, GPT.
 #include "model/gpt.h"
 
+#include "model/fused.h"
+
 #include <cmath>
 
 #include <ATen/ATen.h>
@@ -53,19 +55,21 @@ Tensor SelfAttentionImpl::forward(const Tensor& x, at::Generator& generator) {
   auto heads = [&](const Tensor& t) {  // [B, N, d] -> [B, H, N, hd]
     return t.view({B, N, n_head_, head_dim_}).transpose(1, 2);
   };
+  // q, k and v stay views of the projection ([B, N, H, D] in memory): the
+  // attention reads any strides and returns its output in the same order, so
+  // neither the views here nor the reshape below copy.
   auto parts = c_attn->forward(x).split(d, -1);
   Tensor q = heads(parts[0]), k, v;
   if (attention.options().shared_qk) {
     // The paper's LM setting: keys are unit-norm queries, so a token's query
-    // and key fall in the same hash bucket.
-    // (autocast runs normalize in float32: bring k back to q's dtype.)
-    k = F::normalize(q, F::NormalizeFuncOptions().dim(-1).eps(1e-6)).to(q.scalar_type());
+    // and key fall in the same hash bucket. One fused kernel each way on GPU.
+    k = unit_norm_rows(q, 1e-6);
     v = heads(parts[1]);
   } else {
     k = heads(parts[1]);
     v = heads(parts[2]);
   }
-  Tensor y = attention.forward(q.contiguous(), k.contiguous(), v.contiguous(), generator);
+  Tensor y = attention.forward(q, k, v, generator);
   return c_proj->forward(y.transpose(1, 2).reshape({B, N, d}));
 }
 
@@ -128,7 +132,7 @@ void GPTImpl::init_weights(const config::Model& m) {
   }
 }
 
-Tensor GPTImpl::forward(const Tensor& idx) {
+Tensor GPTImpl::hidden(const Tensor& idx) {
   TORCH_CHECK(idx.dim() == 2, "GPT: idx must be [B, N], got ", idx.sizes());
   const int64_t N = idx.size(1);
   TORCH_CHECK(N <= block_size_, "GPT: sequence length ", N, " exceeds model.block_size ",
@@ -136,14 +140,17 @@ Tensor GPTImpl::forward(const Tensor& idx) {
   Tensor pos = at::arange(N, idx.options().dtype(at::kLong));
   Tensor x = wte->forward(idx) + wpe->forward(pos).unsqueeze(0);
   for (auto& block : *blocks) x = block->as<Block>()->forward(x, attention_generator_);
-  x = ln_f->forward(x);
-  return F::linear(x, wte->weight);  // tied output head
+  return ln_f->forward(x);
+}
+
+Tensor GPTImpl::forward(const Tensor& idx) {
+  return F::linear(hidden(idx), wte->weight);  // tied output head
 }
 
 Tensor GPTImpl::loss(const Tensor& idx, const Tensor& targets) {
-  Tensor logits = forward(idx);
-  return F::cross_entropy(logits.reshape({-1, logits.size(-1)}).to(at::kFloat),
-                          targets.reshape({-1}));
+  // The tied head and the cross-entropy in one chunked op: the [B N, vocab]
+  // logits are never held whole nor in float32 (model/fused.h).
+  return linear_cross_entropy(hidden(idx), wte->weight, targets);
 }
 
 std::vector<int64_t> GPTImpl::generate(const std::vector<int64_t>& prompt, int max_new,

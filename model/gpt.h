@@ -64,7 +64,10 @@ class GPTImpl : public torch::nn::Module {
 
   // idx [B, N] int64 -> logits [B, N, vocab] (float32 on CPU, autocast dtype on GPU).
   Tensor forward(const Tensor& idx);
-  // Mean cross-entropy in nats, computed in float32.
+  // idx [B, N] -> the final LayerNorm's output [B, N, d_model] (what the head reads).
+  Tensor hidden(const Tensor& idx);
+  // Mean cross-entropy in nats (float32), through the fused chunked head +
+  // cross-entropy (model/fused.h); targets < 0 are ignored.
   Tensor loss(const Tensor& idx, const Tensor& targets);
 
   // Autoregressive sampling: appends max_new tokens to `prompt` ([N] int64).

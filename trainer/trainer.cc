@@ -20,7 +20,6 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/cuda.h>
-#include <torch/nn/utils/clip_grad.h>
 #include <torch/utils.h>
 
 #include "absl/strings/numbers.h"
@@ -32,6 +31,7 @@
 #include "trainer/distributed.h"
 #include "trainer/schedule.h"
 #include "trainer/state.h"
+#include "trainer/step.h"
 
 namespace sparseflash::trainer {
 
@@ -81,28 +81,6 @@ void request_stop(int signo) { g_signal.store(signo); }
 // batches and evaluation
 
 namespace {
-
-// bf16 autocast on CUDA for the duration of a forward pass.
-class Autocast {
- public:
-  explicit Autocast(bool on) : on_(on) {
-    if (!on_) return;
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-  }
-  ~Autocast() {
-    if (!on_) return;
-    at::autocast::set_autocast_enabled(at::kCUDA, false);
-    at::autocast::clear_cache();
-  }
-
- private:
-  bool on_;
-};
-
-struct Batch {
-  at::Tensor x, y;
-};
 
 Batch make_batch(int rows, int seq_len, c10::Device device,
                  const std::function<void(int64_t*, int64_t*)>& fill) {
@@ -364,35 +342,29 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
   };
 
   model->train();
+  std::unique_ptr<GradientSync> sync =
+      dp ? data_parallel_gradients(*dp) : local_gradients(model->parameters());
+  StepOptions step_options;
+  step_options.grad_accum = accum;
+  step_options.grad_clip = exp.optim().grad_clip();
+  step_options.bf16 = bf16;
   while (state.step < max_steps) {
     const double lr = learning_rate(exp, state.step);
-    at::Tensor step_loss = at::zeros({}, at::TensorOptions().dtype(at::kFloat).device(device));
-    for (int micro = 0; micro < accum; ++micro) {
-      // The rows of a step are numbered micro-step-major over the ranks:
-      // micro-step m of rank r reads rows [(m W + r) B, (m W + r + 1) B).
-      // So W ranks read the rows one process reads with batch_size W B, or
-      // with grad_accum W A, and a step's data does not depend on the split.
+    // The rows of a step are numbered micro-step-major over the ranks:
+    // micro-step m of rank r reads rows [(m W + r) B, (m W + r + 1) B).
+    // So W ranks read the rows one process reads with batch_size W B, or
+    // with grad_accum W A, and a step's data does not depend on the split.
+    StepResult step = train_step(model, *optimizer, *sync, step_options, lr, [&](int micro) {
       const int64_t first_row = (int64_t{micro} * world_size + world.rank) * B;
-      Batch batch = make_batch(B, N, device, [&](int64_t* x, int64_t* y) {
+      return make_batch(B, N, device, [&](int64_t* x, int64_t* y) {
         train_data->sample(d.seed(), state.step, /*micro_step=*/0, first_row, B, x, y);
       });
-      if (dp) dp->begin_backward(/*last=*/micro == accum - 1);
-      at::Tensor loss;
-      {
-        Autocast autocast(bf16);
-        loss = model->loss(batch.x, batch.y);
-      }
-      (loss / accum).backward();
-      step_loss += loss.detach() / accum;
-    }
-    CommStats comm;
-    if (dp) comm = dp->finish_gradients();
-    double grad_norm = 0;
-    if (exp.optim().grad_clip() > 0)
-      grad_norm = dp ? dp->clip_grad_norm(exp.optim().grad_clip())
-                     : torch::nn::utils::clip_grad_norm_(model->parameters(),
-                                                         exp.optim().grad_clip());
-    double loss_value = step_loss.item<double>();
+    });
+    // The step's one wait: for its loss and gradient norm (the update may
+    // still be running). A non-finite loss stops the run before anything of
+    // this step is saved.
+    auto [loss_value, grad_norm] = step.values();
+    CommStats comm = step.comm;
     if (dp) {
       // The loss of the global batch.
       std::vector<double> shared = {loss_value};
@@ -410,9 +382,6 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
           "schedule.warmup_steps.",
           state.step, loss_value, last_loss, ckpt));
     }
-    optimizer->step(lr);
-    if (dp) dp->zero_grad();  // keeps the .grad views into the buckets
-    else optimizer->zero_grad();
     last_loss = loss_value;
     ++state.step;
     ++steps_this_run;

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""The PyTorch anchor of bench/train_step: what a user would run instead.
+
+A plain nanoGPT-style GPT-2-small (12 layers, 12 heads, d 768, vocab 50304,
+learned positions, pre-LayerNorm without biases, tied head, GELU MLP), trained
+on random tokens with bf16 autocast, F.scaled_dot_product_attention(is_causal)
+under one SDPA backend, gradient clipping at 1.0 and AdamW(fused=True), eager
+and under torch.compile. For each context N, B = --tokens / N. Warm-up steps
+(compilation included) are not timed; then --steps steps are timed by wall
+clock with one loss read per step, as a training loop logs it.
+
+Writes JSON rows {n, impl, backend, tokens_per_s, ms_per_step, peak_gib}.
+Runs on the GPU host's Python (torch 2.11); nothing is downloaded.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(d, bias=False)
+        self.c_attn = nn.Linear(d, 3 * d, bias=False)
+        self.c_proj = nn.Linear(d, d, bias=False)
+        self.ln_2 = nn.LayerNorm(d, bias=False)
+        self.c_fc = nn.Linear(d, 4 * d, bias=False)
+        self.mlp_proj = nn.Linear(4 * d, d, bias=False)
+
+    def forward(self, x):
+        B, N, d = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(d, dim=2)
+        q, k, v = (t.view(B, N, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.c_proj(y.transpose(1, 2).reshape(B, N, d))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    def __init__(self, n_ctx, vocab=50304, layers=12, heads=12, d=768):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(n_ctx, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d, bias=False)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * layers) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx, targets):
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.blocks:
+            x = block(x)
+        logits = F.linear(self.ln_f(x), self.wte.weight)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
+
+
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+
+
+def run(n, impl, backend, args):
+    torch.manual_seed(0)
+    B = max(1, args.tokens // n)
+    model = GPT(n).cuda()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-5, betas=(0.9, 0.95), fused=True)
+    fwd = torch.compile(model) if impl == "compiled" else model
+    x = torch.randint(0, 50304, (B, n), device="cuda")
+    y = x.roll(-1, 1)
+
+    def step():
+        with sdpa_kernel(BACKENDS[backend]), torch.autocast("cuda", torch.bfloat16):
+            loss = fwd(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    t0 = time.time()
+    for _ in range(args.warmup):
+        step()
+    warm_s = time.time() - t0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    for _ in range(args.steps):
+        loss = step()
+    torch.cuda.synchronize()
+    seconds = time.time() - t0
+    row = {"n": n, "impl": impl, "backend": backend, "batch": B, "tokens_per_step": B * n,
+           "tokens_per_s": B * n * args.steps / seconds, "ms_per_step": 1e3 * seconds / args.steps,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss,
+           "warmup_s": warm_s}
+    del model, opt, fwd
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", default="1024,8192,16384", help="contexts, comma separated")
+    ap.add_argument("--tokens", type=int, default=16384, help="tokens per step")
+    ap.add_argument("--impls", default="eager,compiled", help="eager, compiled")
+    ap.add_argument("--backends", default="cudnn,flash", help="SDPA backends: cudnn, flash")
+    ap.add_argument("--compiled-backends", default="cudnn",
+                    help="backends also run under torch.compile (compilation is slow)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows = []
+    for n in [int(s) for s in args.n.split(",")]:
+        for impl in args.impls.split(","):
+            backends = args.backends if impl == "eager" else args.compiled_backends
+            for backend in backends.split(","):
+                if not backend:
+                    continue
+                try:
+                    row = run(n, impl, backend, args)
+                except Exception as e:  # a backend that refuses a shape, or OOM
+                    row = {"n": n, "impl": impl, "backend": backend, "error": str(e)[:500]}
+                    torch.cuda.empty_cache()
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                if args.json:
+                    with open(args.json, "w") as f:
+                        json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                   "rows": rows}, f, indent=2)
+    print(f"\n{'N':>6} {'impl':9} {'backend':7} {'tok/s':>9} {'ms/step':>8} {'GiB':>6}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['n']:>6} {r['impl']:9} {r['backend']:7} error: {r['error'][:60]}")
+        else:
+            print(f"{r['n']:>6} {r['impl']:9} {r['backend']:7} {r['tokens_per_s']:9.0f} "
+                  f"{r['ms_per_step']:8.1f} {r['peak_gib']:6.1f}")
+
+
+if __name__ == "__main__":
+    main()

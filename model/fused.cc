@@ -1,0 +1,246 @@
+// Fused model operations: chunked linear + cross-entropy, unit-norm rows.
+// Reading order: the cross-entropy of one chunk of rows (CUDA kernel or ATen
+// ops), the chunk loop and its autograd function, then unit-norm rows.
+#include "model/fused.h"
+
+#include <algorithm>
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#ifdef SPARSEFLASH_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "model/kernels/fused.h"
+#endif
+
+namespace sparseflash::model {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+namespace {
+
+// The casts below are the ones we ask for, not autocast's.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
+#ifdef SPARSEFLASH_WITH_CUDA
+void check_cuda(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, what, " failed: ", cudaGetErrorString(e));
+}
+
+bool kernel_type(at::ScalarType t, sparseflash::kernels::RowType& out) {
+  using sparseflash::kernels::RowType;
+  switch (t) {
+    case at::kFloat: out = RowType::kF32; return true;
+    case at::kBFloat16: out = RowType::kBF16; return true;
+    case at::kHalf: out = RowType::kFP16; return true;
+    default: return false;
+  }
+}
+#endif
+
+// ---------------------------------------------------------------------------
+// one chunk of rows
+
+// Per-row losses (float32 [R]; float64 for float64 logits) of `logits` [R, V] against `targets` [R];
+// with `grad`, logits is overwritten by (softmax - onehot) * scale, scale
+// being a one-element float32 tensor (1 / the number of counted targets).
+Tensor rows_cross_entropy(Tensor& logits, const Tensor& targets, const Tensor& scale, bool grad) {
+#ifdef SPARSEFLASH_WITH_CUDA
+  sparseflash::kernels::RowType type;
+  if (logits.is_cuda() && logits.stride(1) == 1 && kernel_type(logits.scalar_type(), type)) {
+    Tensor loss = at::empty({logits.size(0)}, logits.options().dtype(at::kFloat));
+    Tensor t = targets.contiguous();
+    check_cuda(sparseflash::kernels::cross_entropy_rows(
+                   type, logits.data_ptr(), logits.stride(0), static_cast<int>(logits.size(0)),
+                   static_cast<int>(logits.size(1)), t.data_ptr<int64_t>(),
+                   grad ? scale.data_ptr<float>() : nullptr, grad, loss.data_ptr<float>(),
+                   at::cuda::getCurrentCUDAStream()),
+               "cross_entropy_rows");
+    return loss;
+  }
+#endif
+  const auto ct = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor lf = logits.to(ct);
+  Tensor valid = targets.ge(0);
+  Tensor index = targets.clamp_min(0).unsqueeze(1);
+  Tensor lse = at::logsumexp(lf, {1}, /*keepdim=*/true);
+  Tensor loss = at::where(valid, (lse - lf.gather(1, index)).squeeze(1), at::zeros({}, lf.options()));
+  if (grad) {
+    Tensor g = at::exp(lf - lse);
+    g.scatter_add_(1, index, at::full({lf.size(0), 1}, -1.0, lf.options()));
+    g.mul_(valid.to(ct).unsqueeze(1) * scale.to(ct));
+    logits.copy_(g);
+  }
+  return loss;
+}
+
+struct ChunkedLoss {
+  Tensor loss;    // float32 scalar: the mean over counted targets
+  Tensor dx, dw;  // d(loss)/dx in the compute dtype, d(loss)/dweight in float32 (with grad)
+};
+
+ChunkedLoss chunked_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor& targets,
+                                  at::ScalarType compute, int64_t chunk_rows, bool grad) {
+  NoAutocast no_autocast;
+  at::NoGradGuard no_grad;
+  Tensor xc = x.to(compute), wc = weight.to(compute);
+  const int64_t rows = xc.size(0), vocab = wc.size(0);
+  if (chunk_rows <= 0) {
+    const int64_t budget = int64_t{256} << 20;  // bytes of logits per chunk
+    chunk_rows = std::max<int64_t>(1, budget / (vocab * static_cast<int64_t>(xc.element_size())));
+  }
+  // Out-of-range targets would be read out of bounds by the kernel; this
+  // check raises on the device without a host synchronisation.
+  at::_assert_async(targets.lt(vocab).all(), "linear_cross_entropy: a target is >= the vocabulary size");
+  // Sums and the weight gradient in float32 (float64 for float64 inputs).
+  const auto acc = compute == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor count = targets.ge(0).sum().to(acc);
+  Tensor scale = (1.0 / count.clamp_min(1)).reshape({1});
+  ChunkedLoss r;
+  Tensor loss_sum = at::zeros({}, xc.options().dtype(acc));
+  if (grad) {
+    r.dx = at::empty_like(xc, at::MemoryFormat::Contiguous);
+    r.dw = at::zeros({vocab, xc.size(1)}, xc.options().dtype(acc));
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk_rows) {
+    const int64_t r1 = std::min(rows, r0 + chunk_rows);
+    Tensor xr = xc.slice(0, r0, r1);
+    Tensor logits = at::mm(xr, wc.t());
+    loss_sum.add_(rows_cross_entropy(logits, targets.slice(0, r0, r1), scale, grad).sum());
+    if (!grad) continue;
+    Tensor dx_rows = r.dx.slice(0, r0, r1);
+    at::mm_out(dx_rows, logits, wc);
+    if (xc.is_cuda() && compute != at::kFloat)
+      at::addmm_out(r.dw, r.dw, logits.t(), xr, at::kFloat);  // float32 accumulation
+    else
+      r.dw.addmm_(logits.t().to(acc), xr.to(acc));
+  }
+  r.loss = (loss_sum * scale.squeeze(0)).to(acc == at::kDouble ? at::kDouble : at::kFloat);
+  return r;
+}
+
+struct LinearCrossEntropy : public torch::autograd::Function<LinearCrossEntropy> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                        const Tensor& targets, at::ScalarType compute, int64_t chunk_rows) {
+    ChunkedLoss r = chunked_cross_entropy(x, weight, targets, compute, chunk_rows, true);
+    ctx->save_for_backward({r.dx, r.dw});
+    ctx->saved_data["x_type"] = static_cast<int64_t>(x.scalar_type());
+    ctx->saved_data["w_type"] = static_cast<int64_t>(weight.scalar_type());
+    return r.loss;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor& g = grads[0];
+    const auto x_type = static_cast<at::ScalarType>(ctx->saved_data["x_type"].toInt());
+    const auto w_type = static_cast<at::ScalarType>(ctx->saved_data["w_type"].toInt());
+    Tensor dx = (saved[0] * g.to(saved[0].scalar_type())).to(x_type);
+    Tensor dw = (saved[1] * g.to(saved[1].scalar_type())).to(w_type);
+    return {dx, dw, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+
+Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor& targets,
+                            int64_t chunk_rows) {
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1),
+              "linear_cross_entropy: x [..., d] and weight [V, d] expected, got x ", x.sizes(),
+              " weight ", weight.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "linear_cross_entropy: targets must be int64, got ",
+              targets.scalar_type());
+  TORCH_CHECK(targets.numel() * x.size(-1) == x.numel(), "linear_cross_entropy: ", targets.numel(),
+              " targets for x ", x.sizes());
+  TORCH_CHECK(x.device() == weight.device() && x.device() == targets.device(),
+              "linear_cross_entropy: x, weight and targets must be on one device, got ",
+              x.device(), ", ", weight.device(), ", ", targets.device());
+  at::ScalarType compute = x.scalar_type();
+  if (x.is_cuda() && at::autocast::is_autocast_enabled(at::kCUDA))
+    compute = at::autocast::get_autocast_dtype(at::kCUDA);
+  Tensor x2 = x.reshape({-1, x.size(-1)}), t = targets.reshape({-1});
+  const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad());
+  if (!grad) return chunked_cross_entropy(x2, weight, t, compute, chunk_rows, false).loss;
+  return LinearCrossEntropy::apply(x2, weight, t, compute, chunk_rows);
+}
+
+// ---------------------------------------------------------------------------
+// unit-norm rows
+
+#ifdef SPARSEFLASH_WITH_CUDA
+namespace {
+
+sparseflash::kernels::RowsView rows_view(const Tensor& t) {
+  return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// An empty [B, H, N, D] tensor stored as [B, N, H, D] (heads of one token together).
+Tensor empty_token_major(const Tensor& like) {
+  return at::empty({like.size(0), like.size(2), like.size(1), like.size(3)}, like.options())
+      .transpose(1, 2);
+}
+
+struct UnitNormRows : public torch::autograd::Function<UnitNormRows> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, double eps) {
+    c10::cuda::CUDAGuard guard(x.device());
+    sparseflash::kernels::RowType type;
+    kernel_type(x.scalar_type(), type);
+    Tensor y = empty_token_major(x);
+    check_cuda(sparseflash::kernels::unit_norm_rows_forward(
+                   type, rows_view(x), rows_view(y), static_cast<int>(x.size(0)),
+                   static_cast<int>(x.size(1)), static_cast<int>(x.size(2)),
+                   static_cast<int>(x.size(3)), static_cast<float>(eps),
+                   at::cuda::getCurrentCUDAStream()),
+               "unit_norm_rows");
+    ctx->save_for_backward({x});
+    ctx->saved_data["eps"] = eps;
+    return y;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const Tensor x = ctx->get_saved_variables()[0];
+    c10::cuda::CUDAGuard guard(x.device());
+    Tensor dy = grads[0];
+    if (dy.stride(3) != 1) dy = dy.contiguous();
+    sparseflash::kernels::RowType type;
+    kernel_type(x.scalar_type(), type);
+    Tensor dx = empty_token_major(x);
+    check_cuda(sparseflash::kernels::unit_norm_rows_backward(
+                   type, rows_view(x), rows_view(dy.to(x.scalar_type())), rows_view(dx),
+                   static_cast<int>(x.size(0)), static_cast<int>(x.size(1)),
+                   static_cast<int>(x.size(2)), static_cast<int>(x.size(3)),
+                   static_cast<float>(ctx->saved_data["eps"].toDouble()),
+                   at::cuda::getCurrentCUDAStream()),
+               "unit_norm_rows backward");
+    return {dx, Tensor()};
+  }
+};
+
+}  // namespace
+#endif
+
+Tensor unit_norm_rows(const Tensor& x, double eps) {
+  TORCH_CHECK(x.dim() == 4, "unit_norm_rows: x must be [B, H, N, D], got ", x.sizes());
+  TORCH_CHECK(eps > 0, "unit_norm_rows: eps must be > 0, got ", eps);
+#ifdef SPARSEFLASH_WITH_CUDA
+  sparseflash::kernels::RowType type;
+  if (x.is_cuda() && x.stride(3) == 1 && kernel_type(x.scalar_type(), type)) {
+    NoAutocast no_autocast;
+    return UnitNormRows::apply(x, eps);
+  }
+#endif
+  NoAutocast no_autocast;
+  const auto ct = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor xf = x.to(ct);
+  Tensor norm = at::linalg_vector_norm(xf, 2, {-1}, /*keepdim=*/true).clamp_min(eps);
+  return (xf / norm).to(x.scalar_type());
+}
+
+}  // namespace sparseflash::model

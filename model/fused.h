@@ -1,0 +1,36 @@
+// Fused operations of the language models, as LibTorch autograd functions:
+// each has a CUDA path (model/kernels/fused.cu) and a path in ATen ops for
+// everything else, with the same semantics (tests compare the two).
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/core/Tensor.h>
+
+namespace sparseflash::model {
+
+using at::Tensor;
+
+// Mean cross-entropy (nats; a float32 scalar, float64 for float64 x) of the logits x @ weight^T
+// against `targets`, over the positions whose target is >= 0 (negative
+// targets are ignored, as cross_entropy's ignore_index). x [..., d],
+// weight [V, d], targets [...] int64 with values below V.
+//
+// The [rows, V] logits are never held whole, nor ever in float32: rows go
+// through in chunks of `chunk_rows` (0: a size that keeps each chunk's logits
+// near 256 MB), each chunk's logits are computed in the matmul dtype
+// (bfloat16 under CUDA autocast), turned in place into their gradient, and
+// consumed at once by the two matmuls of the backward (dx, and dweight
+// accumulated in float32). So when gradients are wanted, the backward work is
+// done in the forward and backward() only scales by the incoming gradient.
+// Under CUDA autocast the matmuls run in the autocast dtype; otherwise in
+// x's dtype (weight is cast to it).
+Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor& targets,
+                            int64_t chunk_rows = 0);
+
+// x / max(|x|, eps) over the last dimension of x [B, H, N, D], in x's dtype
+// (norms in float32). On CUDA (bf16, fp16 or float32, D contiguous) one
+// kernel each way; the result has x's memory order.
+Tensor unit_norm_rows(const Tensor& x, double eps = 1e-6);
+
+}  // namespace sparseflash::model

@@ -1,0 +1,41 @@
+// Fused elementwise kernels of the language models, torch-free: the
+// cross-entropy of a block of logit rows with its gradient written in place,
+// and unit-norm rows (the keys k = q / |q| of shared-QK attention) with their
+// backward. model/fused.h wraps them as LibTorch autograd functions.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace sparseflash::kernels {
+
+enum class RowType { kF32, kBF16, kFP16 };
+
+// For each of `rows` rows of `logits` (row r at logits + r * ld, `vocab`
+// entries): loss[r] = logsumexp(row) - row[target[r]] in float32, and, when
+// `write_grad`, the row is overwritten by d(loss)/d(row) * (*grad_scale), i.e.
+// (softmax(row) - onehot(target)) * (*grad_scale), in the row's own type.
+// A negative target (ignored position) gives loss 0 and a zero gradient row.
+// grad_scale is a device pointer so that the mean's 1 / count needs no host
+// synchronisation. Targets must be below `vocab` (checked by the caller).
+cudaError_t cross_entropy_rows(RowType type, void* logits, int64_t ld, int rows, int vocab,
+                               const int64_t* targets, const float* grad_scale, bool write_grad,
+                               float* loss, cudaStream_t stream);
+
+// Rows of a [B, H, N, D] view (element strides sb, sh, sn; D contiguous):
+// y = x / max(|x|, eps), written to `y` with its own strides. Norms and dot
+// products are accumulated in float32.
+struct RowsView {
+  void* data = nullptr;
+  int64_t sb = 0, sh = 0, sn = 0;
+};
+cudaError_t unit_norm_rows_forward(RowType type, RowsView x, RowsView y, int B, int H, int N,
+                                   int D, float eps, cudaStream_t stream);
+
+// Its backward, recomputing |x|: dx = dy / n - x (x . dy) / n^3 where
+// n = |x| > eps, dx = dy / eps where not (the clamp has zero derivative).
+cudaError_t unit_norm_rows_backward(RowType type, RowsView x, RowsView dy, RowsView dx, int B,
+                                    int H, int N, int D, float eps, cudaStream_t stream);
+
+}  // namespace sparseflash::kernels

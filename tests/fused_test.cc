@@ -1,0 +1,333 @@
+// The training step's fused pieces against plain LibTorch: the chunked linear
+// + cross-entropy, unit-norm rows, multi-tensor gradient clipping, cuDNN
+// dense attention, device-drawn patterns. CPU checks run everywhere; the
+// kernel checks skip without a GPU.
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/autocast_mode.h>
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+#include <torch/nn/functional/loss.h>
+#include <torch/nn/functional/normalization.h>
+#include <torch/nn/utils/clip_grad.h>
+
+#include "attention/attention.h"
+#include "attention/flash.h"
+#include "configs/config.h"
+#include "model/fused.h"
+#include "model/gpt.h"
+#include "trainer/state.h"
+#include "trainer/step.h"
+
+namespace sparseflash {
+namespace {
+
+namespace F = torch::nn::functional;
+using at::Tensor;
+
+double max_diff(const Tensor& a, const Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+
+// The unfused computation: logits in full, cross_entropy with ignore_index -1.
+struct Reference {
+  Tensor loss, dx, dw;
+};
+Reference unfused(const Tensor& x, const Tensor& w, const Tensor& targets) {
+  Tensor xr = x.detach().clone().requires_grad_(true), wr = w.detach().clone().requires_grad_(true);
+  Tensor logits = at::matmul(xr, wr.t());
+  Tensor loss = F::cross_entropy(logits.reshape({-1, logits.size(-1)}), targets.reshape({-1}),
+                                 F::CrossEntropyFuncOptions().ignore_index(-1));
+  loss.backward();
+  return {loss.detach(), xr.grad(), wr.grad()};
+}
+
+// ---------------------------------------------------------------------------
+// linear + cross-entropy
+
+class LinearCrossEntropyChunks : public ::testing::TestWithParam<int64_t> {};
+
+TEST_P(LinearCrossEntropyChunks, LossAndGradientsMatchUnfused) {
+  // Odd sizes, two leading dims, some ignored targets, float64.
+  const int64_t B = 3, N = 7, d = 5, V = 37;
+  auto f64 = at::TensorOptions().dtype(at::kDouble);
+  Tensor x = at::randn({B, N, d}, f64), w = at::randn({V, d}, f64);
+  Tensor targets = at::randint(0, V, {B, N}, at::kLong);
+  targets.index_put_({0, 2}, -1);
+  targets.index_put_({2, 6}, -1);
+  Reference ref = unfused(x, w, targets);
+
+  Tensor xs = x.clone().requires_grad_(true), ws = w.clone().requires_grad_(true);
+  Tensor loss = model::linear_cross_entropy(xs, ws, targets, GetParam());
+  // Scaled upstream gradient: backward() must scale both gradients by it.
+  (loss * 3.0).backward();
+  EXPECT_LT(max_diff(loss, ref.loss), 1e-12);
+  EXPECT_LT(max_diff(xs.grad(), ref.dx * 3.0), 1e-12);
+  EXPECT_LT(max_diff(ws.grad(), ref.dw * 3.0), 1e-12);
+  EXPECT_EQ(xs.grad().sizes(), x.sizes());
+}
+
+INSTANTIATE_TEST_SUITE_P(ChunkRows, LinearCrossEntropyChunks, ::testing::Values(0, 1, 4, 21, 100));
+
+TEST(LinearCrossEntropy, NoGradientGivesTheSameLossAndFloat32Works) {
+  Tensor x = at::randn({11, 6}), w = at::randn({13, 6});
+  Tensor targets = at::randint(0, 13, {11}, at::kLong);
+  Tensor ref = F::cross_entropy(at::matmul(x, w.t()), targets);
+  Tensor with_grad_inputs = model::linear_cross_entropy(x.clone().requires_grad_(true), w, targets, 3);
+  at::NoGradGuard no_grad;
+  Tensor plain = model::linear_cross_entropy(x, w, targets, 4);
+  EXPECT_LT(max_diff(plain, ref), 1e-5);
+  EXPECT_LT(max_diff(with_grad_inputs, ref), 1e-5);
+}
+
+TEST(LinearCrossEntropy, AllTargetsIgnoredGivesZeroNotNan) {
+  Tensor x = at::randn({4, 3}).requires_grad_(true), w = at::randn({5, 3});
+  Tensor loss = model::linear_cross_entropy(x, w, at::full({4}, -1, at::kLong));
+  loss.backward();
+  EXPECT_EQ(loss.item<double>(), 0.0);
+  EXPECT_EQ(x.grad().abs().max().item<double>(), 0.0);
+}
+
+TEST(LinearCrossEntropy, RejectsBadShapesWithNamedArgument) {
+  Tensor x = at::randn({4, 3}), w = at::randn({5, 2});
+  EXPECT_THROW(
+      {
+        try {
+          model::linear_cross_entropy(x, w, at::zeros({4}, at::kLong));
+        } catch (const c10::Error& e) {
+          EXPECT_NE(std::string(e.what()).find("weight [V, d]"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      c10::Error);
+  EXPECT_THROW(model::linear_cross_entropy(at::randn({4, 2}), w, at::zeros({4}, at::kInt)),
+               c10::Error);
+}
+
+TEST(LinearCrossEntropyGpu, KernelUnderAutocastMatchesFloat32) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  // A vocabulary that is not a multiple of 8 (the kernel's unvectorised
+  // path) and one that is (16-byte vectors), rows in several chunks.
+  for (int64_t V : {1003, 4096}) {
+    const int64_t T = 301, d = 64;
+    auto cuda = at::TensorOptions().device(at::kCUDA);
+    Tensor x = at::randn({T, d}, cuda), w = at::randn({V, d}, cuda) * 0.2;
+    Tensor targets = at::randint(0, V, {T}, cuda.dtype(at::kLong));
+    targets.index_put_({5}, -1);
+    // What the kernel computes from: bf16 logits of bf16 operands.
+    Tensor xb = x.to(at::kBFloat16).to(at::kFloat), wb = w.to(at::kBFloat16).to(at::kFloat);
+    Reference ref = unfused(xb, wb, targets);
+    Tensor xs = x.clone().requires_grad_(true), ws = w.clone().requires_grad_(true);
+    Tensor loss;
+    {
+      at::autocast::set_autocast_enabled(at::kCUDA, true);
+      at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+      loss = model::linear_cross_entropy(xs, ws, targets, 64);
+      at::autocast::set_autocast_enabled(at::kCUDA, false);
+      at::autocast::clear_cache();
+    }
+    loss.backward();
+    EXPECT_EQ(loss.scalar_type(), at::kFloat);
+    EXPECT_LT(max_diff(loss, ref.loss), 2e-2) << "V " << V;  // bf16 logits
+    const double gx = ref.dx.abs().max().item<double>(), gw = ref.dw.abs().max().item<double>();
+    EXPECT_LT(max_diff(xs.grad(), ref.dx), 3e-2 * gx) << "V " << V;
+    EXPECT_LT(max_diff(ws.grad(), ref.dw), 3e-2 * gw) << "V " << V;
+    EXPECT_EQ(ws.grad().scalar_type(), at::kFloat);
+  }
+}
+
+TEST(LinearCrossEntropyGpu, Float32KernelMatchesUnfusedClosely) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  auto cuda = at::TensorOptions().device(at::kCUDA);
+  Tensor x = at::randn({2, 9, 16}, cuda), w = at::randn({77, 16}, cuda);
+  Tensor targets = at::randint(0, 77, {2, 9}, cuda.dtype(at::kLong));
+  Reference ref = unfused(x, w, targets);
+  Tensor xs = x.clone().requires_grad_(true), ws = w.clone().requires_grad_(true);
+  Tensor loss = model::linear_cross_entropy(xs, ws, targets, 5);
+  loss.backward();
+  EXPECT_LT(max_diff(loss, ref.loss), 1e-4);
+  EXPECT_LT(max_diff(xs.grad(), ref.dx), 1e-4);
+  EXPECT_LT(max_diff(ws.grad(), ref.dw), 1e-4);
+}
+
+// ---------------------------------------------------------------------------
+// unit-norm rows
+
+TEST(UnitNormRows, MatchesNormalizeWithGradients) {
+  auto f64 = at::TensorOptions().dtype(at::kDouble);
+  Tensor x = at::randn({2, 3, 5, 7}, f64);
+  x.index_put_({0, 1, 2}, 0.0);  // a zero row: the eps branch
+  Tensor a = x.clone().requires_grad_(true), b = x.clone().requires_grad_(true);
+  Tensor ya = model::unit_norm_rows(a, 1e-6);
+  Tensor yb = F::normalize(b, F::NormalizeFuncOptions().dim(-1).eps(1e-6));
+  Tensor g = at::randn(ya.sizes(), f64);
+  (ya * g).sum().backward();
+  (yb * g).sum().backward();
+  EXPECT_LT(max_diff(ya, yb), 1e-12);
+  EXPECT_LT(max_diff(a.grad(), b.grad()), 1e-9);
+}
+
+TEST(UnitNormRowsGpu, KernelMatchesFloat64OnStridedViews) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  for (auto dtype : {at::kFloat, at::kBFloat16, at::kHalf})
+    for (int64_t D : {64, 128, 24}) {
+      const int64_t B = 2, N = 33, H = 3;
+      // q as the model has it: a view of a [B, N, 2 H D] projection.
+      Tensor proj = at::randn({B, N, 2 * H * D}, at::TensorOptions().device(at::kCUDA)).to(dtype);
+      Tensor q = proj.slice(2, 0, H * D).view({B, N, H, D}).transpose(1, 2);
+      q.index_put_({1, 2, 4}, 0.0);
+      Tensor qk = q.detach().requires_grad_(true);
+      Tensor y = model::unit_norm_rows(qk, 1e-6);
+      Tensor g = at::randn(y.sizes(), y.options().dtype(at::kFloat)).to(dtype);
+      (y.to(at::kFloat) * g.to(at::kFloat)).sum().backward();
+      Tensor q64 = q.detach().to(at::kDouble).cpu().requires_grad_(true);
+      Tensor y64 = F::normalize(q64, F::NormalizeFuncOptions().dim(-1).eps(1e-6));
+      (y64 * g.to(at::kDouble).cpu()).sum().backward();
+      const double tol = dtype == at::kFloat ? 1e-5 : 2e-2;
+      EXPECT_EQ(y.scalar_type(), dtype);
+      EXPECT_LT(max_diff(y.cpu(), y64), tol) << dtype << " D " << D;
+      // Gradients relative to their size (rows' norms vary).
+      const double scale = q64.grad().abs().max().item<double>();
+      EXPECT_LT(max_diff(qk.grad().cpu(), q64.grad()), tol * scale * 4) << dtype << " D " << D;
+      // Token-major output: the model's reshape back to [B, N, H D] is a view.
+      EXPECT_LT(y.stride(1), y.stride(2));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// clipping
+
+TEST(ClipGradNorm, MatchesLibTorchClipGradNorm) {
+  for (double max_norm : {0.5, 1e6}) {
+    std::vector<Tensor> a, b;
+    for (auto shape : {std::vector<int64_t>{3, 4}, {7}, {2, 2, 2}}) {
+      Tensor p = at::randn(shape).requires_grad_(true);
+      p.mutable_grad() = at::randn(shape) * 3;
+      Tensor q = p.detach().clone().requires_grad_(true);
+      q.mutable_grad() = p.grad().clone();
+      a.push_back(p);
+      b.push_back(q);
+    }
+    Tensor norm = trainer::clip_grad_norm(a, max_norm);
+    const double ref = torch::nn::utils::clip_grad_norm_(b, max_norm);
+    EXPECT_NEAR(norm.item<double>(), ref, 1e-5 * ref);
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_LT(max_diff(a[i].grad(), b[i].grad()), 1e-6);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// attention: cuDNN dense, device-drawn patterns, pattern density
+
+TEST(PatternDensity, OneBucketIsDenseUniformIsOneOverBuckets) {
+  attention::Pattern p;
+  p.num_buckets = 4;
+  p.q_bucket = at::zeros({2, 3, 8}, at::kLong);
+  p.k_bucket = p.q_bucket;
+  EXPECT_NEAR(attention::pattern_density(p).item<double>(), 1.0, 1e-6);
+  p.q_bucket = (at::arange(8, at::kLong) % 4).expand({2, 3, 8}).contiguous();
+  p.k_bucket = p.q_bucket;
+  EXPECT_NEAR(attention::pattern_density(p).item<double>(), 0.25, 1e-6);
+  attention::Pattern drop;
+  drop.q_keep = at::arange(8).lt(4).expand({1, 2, 8});
+  drop.k_keep = at::ones({1, 2, 8}, at::kBool);
+  EXPECT_NEAR(attention::pattern_density(drop).item<double>(), 0.5, 1e-6);
+}
+
+TEST(CudnnAttentionGpu, MatchesReferenceOnModelLayout) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  for (int64_t D : {64, 128}) {
+    const int64_t B = 2, N = 193, H = 3;
+    auto cuda = at::TensorOptions().device(at::kCUDA);
+    Tensor qkv = at::randn({B, N, 3 * H * D}, cuda).to(at::kBFloat16);
+    auto heads = [&](int i) {
+      return qkv.slice(2, i * H * D, (i + 1) * H * D).view({B, N, H, D}).transpose(1, 2);
+    };
+    if (!attention::cudnn_supported(heads(0), heads(1), heads(2))) GTEST_SKIP() << "cuDNN refuses";
+    Tensor q = heads(0).detach().requires_grad_(true), k = heads(1).detach().requires_grad_(true),
+           v = heads(2).detach().requires_grad_(true);
+    Tensor out = attention::cudnn_attention(q, k, v);
+    Tensor g = at::randn(out.sizes(), cuda).to(at::kBFloat16);
+    (out.to(at::kFloat) * g.to(at::kFloat)).sum().backward();
+    auto f = [](const Tensor& t) { return t.detach().to(at::kFloat).requires_grad_(true); };
+    Tensor qr = f(heads(0)), kr = f(heads(1)), vr = f(heads(2));
+    Tensor ref = attention::reference_attention(qr, kr, vr, attention::Pattern());
+    (ref * g.to(at::kFloat)).sum().backward();
+    EXPECT_LT(max_diff(out, ref), 2e-2) << "D " << D;
+    EXPECT_LT(max_diff(q.grad(), qr.grad()), 5e-2 * qr.grad().abs().max().item<double>());
+    EXPECT_LT(max_diff(k.grad(), kr.grad()), 5e-2 * kr.grad().abs().max().item<double>());
+    EXPECT_LT(max_diff(v.grad(), vr.grad()), 5e-2 * vr.grad().abs().max().item<double>());
+    // Output in q's (token-major) order, so [B, N, H D] is a view of it.
+    EXPECT_TRUE(out.transpose(1, 2).is_contiguous()) << out.strides();
+  }
+}
+
+TEST(DevicePatternsGpu, FollowFromTheGeneratorStateWithoutHostCopies) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  auto cuda = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+  Tensor q = at::randn({2, 4, 300, 64}, cuda), k = at::randn({2, 4, 300, 64}, cuda);
+  for (auto kind : {attention::Kind::kHash, attention::Kind::kDrop}) {
+    attention::Options o;
+    o.kind = kind;
+    at::Generator a = at::detail::createCPUGenerator(77), b = at::detail::createCPUGenerator(77);
+    attention::Pattern pa = attention::draw_pattern(o, q, k, a, 3);
+    attention::Pattern pb = attention::draw_pattern(o, q, k, b, 3);
+    const Tensor& ta = kind == attention::Kind::kHash ? pa.q_bucket : pa.q_keep;
+    const Tensor& tb = kind == attention::Kind::kHash ? pb.q_bucket : pb.q_keep;
+    EXPECT_TRUE(ta.is_cuda());
+    EXPECT_TRUE(at::equal(ta, tb)) << "same seed, same pattern";
+    // The next draw of the same generator (the next step) differs.
+    attention::Pattern pc = attention::draw_pattern(o, q, k, a, 3);
+    const Tensor& tc = kind == attention::Kind::kHash ? pc.q_bucket : pc.q_keep;
+    EXPECT_FALSE(at::equal(ta, tc)) << "a new draw each call";
+    // Resuming from a saved generator state reproduces the draw.
+    at::Generator c = at::detail::createCPUGenerator(1);
+    c.set_state(b.get_state());
+    attention::Pattern pd = attention::draw_pattern(o, q, k, c, 3);
+    attention::Pattern pe = attention::draw_pattern(o, q, k, b, 3);
+    const Tensor& td = kind == attention::Kind::kHash ? pd.q_bucket : pd.q_keep;
+    const Tensor& te = kind == attention::Kind::kHash ? pe.q_bucket : pe.q_keep;
+    EXPECT_TRUE(at::equal(td, te)) << "state restored, same pattern";
+  }
+  // Drop probability is honoured on the device.
+  attention::Options drop;
+  drop.kind = attention::Kind::kDrop;
+  drop.drop_prob = 0.3;
+  at::Generator g = at::detail::createCPUGenerator(5);
+  attention::Pattern p = attention::draw_pattern(drop, q, k, g, 0);
+  EXPECT_NEAR(p.q_keep.to(at::kFloat).mean().item<double>(), 0.7, 0.03);
+}
+
+TEST(TrainStepGpu, SharedQkHashStepRunsAndLossIsFinite) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  for (const char* kind : {"attention.kind=HASH", "attention.kind=DROP", "attention.kind=DENSE"}) {
+    auto exp = resolve_config("preset:tiny_test",
+                              {"model.vocab_size=256", "model.n_head=2", "model.d_model=128",
+                               "model.block_size=256", kind, "attention.shared_qk=true",
+                               "train.device=cuda"},
+                              "tiny_test");
+    ASSERT_TRUE(exp.ok()) << exp.status();
+    model::GPT gpt(*exp, 0);
+    gpt->to(at::kCUDA);
+    trainer::AdamW opt(gpt, exp->optim());
+    auto sync = trainer::local_gradients(gpt->parameters());
+    trainer::StepOptions so;
+    so.grad_clip = 1.0;
+    so.bf16 = true;
+    Tensor x = at::randint(0, 256, {2, 256}, at::TensorOptions().device(at::kCUDA).dtype(at::kLong));
+    double first = 0, last = 0;
+    for (int s = 0; s < 8; ++s) {
+      auto r = trainer::train_step(gpt, opt, *sync, so, 3e-3, [&](int) {
+        return trainer::Batch{x, x.roll(-1, 1)};
+      });
+      auto [loss, norm] = r.values();
+      ASSERT_TRUE(std::isfinite(loss) && std::isfinite(norm)) << kind << " step " << s;
+      (s == 0 ? first : last) = loss;
+    }
+    EXPECT_LT(last, first) << kind;
+  }
+}
+
+}  // namespace
+}  // namespace sparseflash
