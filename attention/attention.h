@@ -39,6 +39,8 @@ struct Options {
   int64_t chunk_size = 1024;    // reference: query rows per chunk
   Backend backend = Backend::kAuto;
   bool deterministic = false;   // kernels: bit-identical gradients (slower dQ)
+  bool lsh_center = true;       // HASH: hash rows minus the mean of earlier blocks
+  int64_t lsh_center_block = 256;
 
   static Options from_config(const config::Attention& c);
 };
@@ -56,6 +58,12 @@ struct Pattern {
 // Angular LSH: x [B, Hx, N, D], rotations [Hr, D, nb/2] with Hx a multiple of
 // Hr (query head h uses rotation h / (Hx / Hr)). bucket = argmax([xR, -xR]).
 Tensor lsh_buckets(const Tensor& x, const Tensor& rotations);
+
+// x [B, H, N, D] minus, for each row, the mean of the rows of the whole
+// blocks of `block` rows before its block (same batch and head); rows of the
+// first block are returned as they are. In x's dtype, means in float32.
+// Causal: row i's result depends on rows < i only through earlier blocks.
+Tensor center_by_earlier_blocks(const Tensor& x, int64_t block);
 
 // Draws the pattern of one call. q [B, H, Nq, D], k [B, Hkv, Nk, D].
 // `generator` is a CPU generator, part of the run's state (checkpoints hold

@@ -40,6 +40,8 @@ Options Options::from_config(const config::Attention& c) {
   o.drop_prob = c.drop_prob();
   o.chunk_size = c.chunk_size();
   o.deterministic = c.deterministic();
+  o.lsh_center = c.lsh_center();
+  o.lsh_center_block = c.lsh_center_block();
   switch (c.backend()) {
     case config::Attention::AUTO: o.backend = Backend::kAuto; break;
     case config::Attention::REFERENCE: o.backend = Backend::kReference; break;
@@ -66,6 +68,25 @@ Tensor lsh_buckets(const Tensor& x, const Tensor& rotations) {
   Tensor r = rotations.to(x.device(), at::kFloat).repeat_interleave(heads / rot_heads, 0);
   Tensor proj = at::matmul(x.to(at::kFloat), r.unsqueeze(0));  // [B, H, N, nb/2]
   return at::cat({proj, -proj}, -1).argmax(-1);
+}
+
+Tensor center_by_earlier_blocks(const Tensor& x, int64_t block) {
+  TORCH_CHECK(x.dim() == 4, "center_by_earlier_blocks: x must be [B, H, N, D], got ", x.sizes());
+  TORCH_CHECK(block >= 1, "center_by_earlier_blocks: block must be >= 1, got ", block);
+  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3);
+  const int64_t blocks = (N + block - 1) / block;
+  if (blocks <= 1) return x;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // Sums of the whole blocks (the last, partial block is never an earlier one).
+  const int64_t whole = N / block;
+  Tensor sums = x.slice(2, 0, whole * block).reshape({B, H, whole, block, D}).sum(3, false, acc);
+  // Mean of blocks 0..j-1 for block j (j = 1..blocks-1).
+  Tensor prefix = sums.cumsum(2).slice(2, 0, blocks - 1);
+  Tensor count = at::arange(1, blocks, sums.options()).mul_(static_cast<double>(block));
+  Tensor mean = (prefix / count.view({1, 1, blocks - 1, 1})).to(x.scalar_type());
+  // Rows of block j >= 1 minus mean[j - 1]; the first block as it is.
+  Tensor per_row = mean.repeat_interleave(block, 2).slice(2, 0, N - block);
+  return at::cat({x.slice(2, 0, block), x.slice(2, block, N) - per_row}, 2);
 }
 
 // A generator seeded from (seed, layer) that always draws the same rotation.
@@ -117,7 +138,11 @@ Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
         at::Generator g = draw_generator(generator, q.device());
         rotations = at::randn({Hkv, D, options.num_buckets / 2}, g, draw_float);
       }
-      p.q_bucket = lsh_buckets(q.detach(), rotations);
+      auto hashed = [&](const Tensor& x) {
+        return options.lsh_center ? center_by_earlier_blocks(x.detach(), options.lsh_center_block)
+                                  : x.detach();
+      };
+      p.q_bucket = lsh_buckets(hashed(q), rotations);
       p.num_buckets = options.num_buckets;
       if (options.shared_qk) {
         // k = q / |q| has the same argmax as q: reuse the query buckets.
@@ -126,7 +151,7 @@ Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
                     " k ", k.sizes());
         p.k_bucket = p.q_bucket;
       } else {
-        p.k_bucket = lsh_buckets(k.detach(), rotations);
+        p.k_bucket = lsh_buckets(hashed(k), rotations);
       }
       break;
     }

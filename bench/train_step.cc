@@ -17,8 +17,11 @@
 //
 // Modes: dense (cuDNN where it applies: attention.backend AUTO), dense-ours
 // (our dense kernel), hash:NB (shared QK, the paper's LM setting),
-// hash:NB:sep (separate Q and K), drop:P. Anything else of the config can be
-// set with --set as in `sparseflash train`.
+// hash:NB:sep (separate Q and K), with :raw LSH of the uncentred vectors
+// (attention.lsh_center=false), drop:P; all but hash:NB with separate
+// query and key projections. Anything else of the config can be set with
+// --set as in `sparseflash train` (after the mode's own settings:
+// e.g. --set attention.lsh_center=false).
 //
 // JSON: --json PATH (bench/results/train-step-<gpu>.json by convention); the
 // PyTorch anchors come from bench/train_step_torch.py in the same call
@@ -63,7 +66,7 @@ ABSL_FLAG(std::vector<std::string>, n, std::vector<std::string>({"1024", "8192",
           "context lengths N, comma separated");
 ABSL_FLAG(std::vector<std::string>, modes,
           std::vector<std::string>({"dense", "hash:16", "hash:16:sep", "drop:0.5"}),
-          "attention modes: dense, dense-ours, hash:NB, hash:NB:sep, drop:P");
+          "attention modes: dense, dense-ours, hash:NB[:sep][:raw], drop:P");
 ABSL_FLAG(int64_t, tokens, 16384, "tokens per step (B = tokens / N)");
 ABSL_FLAG(int64_t, warmup, 3, "untimed steps before timing");
 ABSL_FLAG(int64_t, steps, 20, "timed steps");
@@ -91,19 +94,27 @@ Mode parse_mode(const std::string& text) {
   std::vector<std::string> f = absl::StrSplit(text, ':');
   Mode m{text, {}};
   if (text == "dense") {
-    m.overrides = {"attention.kind=DENSE"};
+    m.overrides = {"attention.kind=DENSE", "attention.shared_qk=false"};
   } else if (text == "dense-ours") {
-    m.overrides = {"attention.kind=DENSE", "attention.backend=KERNEL"};
-  } else if (f[0] == "hash" && (f.size() == 2 || (f.size() == 3 && f[2] == "sep"))) {
+    m.overrides = {"attention.kind=DENSE", "attention.shared_qk=false", "attention.backend=KERNEL"};
+  } else if (f[0] == "hash" && f.size() >= 2) {
     int nb = 0;
+    bool sep = false, raw = false;
+    for (size_t i = 2; i < f.size(); ++i) {
+      if (f[i] == "sep") sep = true;
+      else if (f[i] == "raw") raw = true;
+      else throw std::invalid_argument("bad mode " + text + " (hash:NB[:sep][:raw])");
+    }
     if (!absl::SimpleAtoi(f[1], &nb)) throw std::invalid_argument("bad mode " + text);
     m.overrides = {"attention.kind=HASH", absl::StrCat("attention.num_buckets=", nb),
-                   absl::StrCat("attention.shared_qk=", f.size() == 2 ? "true" : "false")};
+                   absl::StrCat("attention.shared_qk=", sep ? "false" : "true"),
+                   absl::StrCat("attention.lsh_center=", raw ? "false" : "true")};
   } else if (f[0] == "drop" && f.size() == 2) {
-    m.overrides = {"attention.kind=DROP", absl::StrCat("attention.drop_prob=", f[1])};
+    m.overrides = {"attention.kind=DROP", "attention.shared_qk=false",
+                   absl::StrCat("attention.drop_prob=", f[1])};
   } else {
     throw std::invalid_argument("unknown mode \"" + text +
-                                "\" (dense, dense-ours, hash:NB, hash:NB:sep, drop:P)");
+                                "\" (dense, dense-ours, hash:NB[:sep][:raw], drop:P)");
   }
   return m;
 }
@@ -157,8 +168,8 @@ nlohmann::json run_row(int64_t N, const Mode& mode) {
       absl::StrCat("data.batch_size=", B), "train.device=cuda", "train.bf16=true"};
   if (!absl::GetFlag(FLAGS_data).empty())
     overrides.push_back(absl::StrCat("data.dir=", absl::GetFlag(FLAGS_data)));
-  for (const auto& o : absl::GetFlag(FLAGS_set)) overrides.push_back(o);
   for (const auto& o : mode.overrides) overrides.push_back(o);
+  for (const auto& o : absl::GetFlag(FLAGS_set)) overrides.push_back(o);
   auto exp_or = sf::resolve_config(absl::GetFlag(FLAGS_config), overrides, "gpt2_small_hash8k");
   if (!exp_or.ok()) throw std::runtime_error(std::string(exp_or.status().message()));
   const sf::config::Experiment exp = *exp_or;

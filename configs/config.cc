@@ -441,6 +441,7 @@ void check_attention(Checker& c, const config::Attention& a, const std::string& 
   }
   c.in_range(prefix + ".drop_prob", a.drop_prob(), 0.f, 1.f, /*hi_inclusive=*/false);
   c.at_least(prefix + ".chunk_size", a.chunk_size(), 1);
+  c.at_least(prefix + ".lsh_center_block", a.lsh_center_block(), 1);
 }
 
 bool valid_device(const std::string& d) {
