@@ -4,6 +4,7 @@
 #include "model/fused.h"
 
 #include <algorithm>
+#include <climits>
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
@@ -172,7 +173,7 @@ Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor&
 }
 
 // ---------------------------------------------------------------------------
-// unit-norm rows
+// unit-norm rows: the kernels' autograd function
 
 #ifdef SPARSEFLASH_WITH_CUDA
 namespace {
@@ -225,6 +226,132 @@ struct UnitNormRows : public torch::autograd::Function<UnitNormRows> {
 
 }  // namespace
 #endif
+
+// ---------------------------------------------------------------------------
+// residual add + LayerNorm
+
+#ifdef SPARSEFLASH_WITH_CUDA
+namespace {
+
+struct AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
+  // y and bias with no elements stand for "none" (autograd takes no undefined inputs).
+  static tensor_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& y_in,
+                             const Tensor& weight, const Tensor& bias_in, double eps,
+                             at::ScalarType out_type) {
+    c10::cuda::CUDAGuard guard(x.device());
+    const Tensor y = y_in.numel() > 0 ? y_in : Tensor();
+    const Tensor bias = bias_in.numel() > 0 ? bias_in : Tensor();
+    namespace sk = sparseflash::kernels;
+    const int64_t width = x.size(-1), rows = x.numel() / width;
+    Tensor yc = y.defined() ? y.contiguous() : y;
+    Tensor h = at::empty_like(x, at::MemoryFormat::Contiguous);
+    Tensor out = at::empty(x.sizes(), x.options().dtype(out_type));
+    Tensor stats = at::empty({2, rows}, x.options());
+    sk::AddLayerNormParams p;
+    p.rows = static_cast<int>(rows), p.width = static_cast<int>(width);
+    p.eps = static_cast<float>(eps);
+    p.x = x.data_ptr<float>();
+    if (yc.defined()) {
+      p.y = yc.data_ptr();
+      kernel_type(yc.scalar_type(), p.y_type);
+    }
+    p.weight = weight.data_ptr<float>();
+    p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    p.h = h.data_ptr<float>();
+    p.out = out.data_ptr();
+    kernel_type(out_type, p.out_type);
+    p.mean = stats[0].data_ptr<float>();
+    p.rstd = stats[1].data_ptr<float>();
+    check_cuda(sk::add_layer_norm_forward(p, at::cuda::getCurrentCUDAStream()), "add_layer_norm");
+    ctx->save_for_backward({h, stats, weight, bias_in});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["y_type"] = y.defined() ? static_cast<int64_t>(y.scalar_type()) : int64_t{-1};
+    return {h, out};
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    auto s = ctx->get_saved_variables();
+    const Tensor &h = s[0], &stats = s[1], &weight = s[2];
+    const Tensor bias = s[3].numel() > 0 ? s[3] : Tensor();
+    c10::cuda::CUDAGuard guard(h.device());
+    namespace sk = sparseflash::kernels;
+    const int64_t width = h.size(-1), rows = h.numel() / width;
+    const int64_t y_type = ctx->saved_data["y_type"].toInt();
+    Tensor dh = grads[0].defined() ? grads[0].to(at::kFloat).contiguous() : Tensor();
+    Tensor dout = grads[1].defined() ? grads[1].contiguous() : at::zeros_like(h);
+    sk::AddLayerNormParams p;
+    p.rows = static_cast<int>(rows), p.width = static_cast<int>(width);
+    p.eps = static_cast<float>(ctx->saved_data["eps"].toDouble());
+    p.x = h.data_ptr<float>();  // unused by the backward; must be set
+    if (y_type >= 0) kernel_type(static_cast<at::ScalarType>(y_type), p.y_type);
+    p.weight = weight.data_ptr<float>();
+    p.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    p.h = const_cast<float*>(h.data_ptr<float>());
+    p.out = dout.data_ptr();
+    kernel_type(dout.scalar_type(), p.out_type);
+    p.mean = const_cast<float*>(stats[0].data_ptr<float>());
+    p.rstd = const_cast<float*>(stats[1].data_ptr<float>());
+    const int blocks = sk::add_layer_norm_backward_blocks(static_cast<int>(rows));
+    Tensor dx = at::empty_like(h);
+    Tensor dy = y_type >= 0 ? at::empty(h.sizes(), h.options().dtype(static_cast<at::ScalarType>(y_type)))
+                            : Tensor();
+    Tensor partial = at::empty({bias.defined() ? 2 : 1, blocks, width}, h.options());
+    sk::AddLayerNormGrads g;
+    g.dout = dout.data_ptr();
+    g.dh = dh.defined() ? dh.data_ptr<float>() : nullptr;
+    g.dx = dx.data_ptr<float>();
+    g.dy = dy.defined() ? dy.data_ptr() : nullptr;
+    g.partial_dw = partial[0].data_ptr<float>();
+    g.partial_db = bias.defined() ? partial[1].data_ptr<float>() : nullptr;
+    check_cuda(sk::add_layer_norm_backward(p, g, at::cuda::getCurrentCUDAStream()),
+               "add_layer_norm backward");
+    Tensor sums = partial.sum(1);
+    return {dx, dy, sums[0], bias.defined() ? sums[1] : Tensor(), Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+#endif
+
+std::pair<Tensor, Tensor> add_layer_norm(const Tensor& x, const Tensor& y, const Tensor& weight,
+                                         const Tensor& bias, double eps) {
+  const int64_t width = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == width, "add_layer_norm: weight ",
+              weight.sizes(), " does not match x ", x.sizes());
+  TORCH_CHECK(!bias.defined() || bias.sizes() == weight.sizes(), "add_layer_norm: bias ",
+              bias.sizes(), " does not match weight ", weight.sizes());
+  TORCH_CHECK(!y.defined() || y.sizes() == x.sizes(), "add_layer_norm: y ", y.sizes(),
+              " does not match x ", x.sizes());
+  at::ScalarType out_type = x.scalar_type();
+  if (x.is_cuda() && at::autocast::is_autocast_enabled(at::kCUDA))
+    out_type = at::autocast::get_autocast_dtype(at::kCUDA);
+#ifdef SPARSEFLASH_WITH_CUDA
+  sparseflash::kernels::RowType unused;
+  const bool kernel = x.is_cuda() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+                      width % 4 == 0 && width <= sparseflash::kernels::kMaxLayerNormWidth &&
+                      (!y.defined() || kernel_type(y.scalar_type(), unused)) &&
+                      weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+                      (!bias.defined() || (bias.scalar_type() == at::kFloat && bias.is_contiguous())) &&
+                      kernel_type(out_type, unused) && x.numel() / width <= INT32_MAX;
+  if (kernel) {
+    NoAutocast no_autocast;
+    Tensor none = at::empty({0}, x.options());
+    auto r = AddLayerNorm::apply(x, y.defined() ? y : none, weight, bias.defined() ? bias : none,
+                                 eps, out_type);
+    return {r[0], r[1]};
+  }
+#endif
+  Tensor h = y.defined() ? x + y : x;
+  Tensor out;
+  {
+    NoAutocast no_autocast;
+    out = at::layer_norm(h, {width}, weight, bias, eps).to(out_type);
+  }
+  return {h, out};
+}
+
+// ---------------------------------------------------------------------------
+// unit-norm rows
 
 Tensor unit_norm_rows(const Tensor& x, double eps) {
   TORCH_CHECK(x.dim() == 4, "unit_norm_rows: x must be [B, H, N, D], got ", x.sizes());

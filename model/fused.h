@@ -33,4 +33,14 @@ Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor&
 // kernel each way; the result has x's memory order.
 Tensor unit_norm_rows(const Tensor& x, double eps = 1e-6);
 
+// The residual stream's add and the LayerNorm that reads it, in one pass:
+// h = x + y (y undefined: h = x) and out = layer_norm(h) * weight + bias
+// over the last dimension (bias may be undefined). Returns {h, out}: h in x's
+// dtype, out in the dtype the next matmul takes (the autocast dtype under
+// CUDA autocast, else x's). On CUDA (x float32, y float32/bf16/fp16, width a
+// multiple of 4 up to 2048, float32 weight and bias) one kernel each way;
+// elsewhere ATen ops with the same results.
+std::pair<Tensor, Tensor> add_layer_norm(const Tensor& x, const Tensor& y, const Tensor& weight,
+                                         const Tensor& bias, double eps);
+
 }  // namespace sparseflash::model

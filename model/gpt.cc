@@ -86,10 +86,18 @@ BlockImpl::BlockImpl(const config::Model& m, attention::Options options, int lay
       "mlp_proj", torch::nn::Linear(torch::nn::LinearOptions(4 * d, d).bias(m.bias())));
 }
 
+std::pair<Tensor, Tensor> BlockImpl::forward_residual(const Tensor& x, const Tensor& pending,
+                                                      at::Generator& generator) {
+  // Each residual add travels with the LayerNorm that reads its sum.
+  auto [r, a_in] = add_layer_norm(x, pending, ln_1->weight, ln_1->bias, 1e-5);
+  auto [h, m_in] = add_layer_norm(r, attn->forward(a_in, generator), ln_2->weight, ln_2->bias, 1e-5);
+  Tensor f = at::gelu(c_fc->forward(m_in), "tanh");
+  return {h, mlp_proj->forward(f)};
+}
+
 Tensor BlockImpl::forward(const Tensor& x, at::Generator& generator) {
-  Tensor h = x + attn->forward(ln_1->forward(x), generator);
-  Tensor f = at::gelu(c_fc->forward(ln_2->forward(h)), "tanh");
-  return h + mlp_proj->forward(f);
+  auto [h, m] = forward_residual(x, Tensor(), generator);
+  return h + m;
 }
 
 // ---------------------------------------------------------------------------
@@ -139,8 +147,10 @@ Tensor GPTImpl::hidden(const Tensor& idx) {
               block_size_);
   Tensor pos = at::arange(N, idx.options().dtype(at::kLong));
   Tensor x = wte->forward(idx) + wpe->forward(pos).unsqueeze(0);
-  for (auto& block : *blocks) x = block->as<Block>()->forward(x, attention_generator_);
-  return ln_f->forward(x);
+  Tensor pending;  // the last block's MLP output, added by the next LayerNorm
+  for (auto& block : *blocks)
+    std::tie(x, pending) = block->as<Block>()->forward_residual(x, pending, attention_generator_);
+  return add_layer_norm(x, pending, ln_f->weight, ln_f->bias, 1e-5).second;
 }
 
 Tensor GPTImpl::forward(const Tensor& idx) {

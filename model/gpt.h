@@ -51,6 +51,11 @@ class BlockImpl : public torch::nn::Module {
  public:
   BlockImpl(const config::Model& m, attention::Options options, int layer);
   Tensor forward(const Tensor& x, at::Generator& generator);
+  // The block on the residual stream x + pending (pending: the previous
+  // block's MLP output, or undefined), adds fused into the LayerNorms
+  // (model/fused.h): returns {x + pending + attention, MLP output}.
+  std::pair<Tensor, Tensor> forward_residual(const Tensor& x, const Tensor& pending,
+                                             at::Generator& generator);
   LayerNorm ln_1{nullptr}, ln_2{nullptr};
   SelfAttention attn{nullptr};
   torch::nn::Linear c_fc{nullptr}, mlp_proj{nullptr};
@@ -64,7 +69,8 @@ class GPTImpl : public torch::nn::Module {
 
   // idx [B, N] int64 -> logits [B, N, vocab] (float32 on CPU, autocast dtype on GPU).
   Tensor forward(const Tensor& idx);
-  // idx [B, N] -> the final LayerNorm's output [B, N, d_model] (what the head reads).
+  // idx [B, N] -> the final LayerNorm's output [B, N, d_model] (what the head
+  // reads; in the autocast dtype under CUDA autocast).
   Tensor hidden(const Tensor& idx);
   // Mean cross-entropy in nats (float32), through the fused chunked head +
   // cross-entropy (model/fused.h); targets < 0 are ignored.

@@ -198,6 +198,65 @@ TEST(UnitNormRowsGpu, KernelMatchesFloat64OnStridedViews) {
 }
 
 // ---------------------------------------------------------------------------
+// residual add + LayerNorm
+
+TEST(AddLayerNorm, EqualsAddThenLayerNormOnCpu) {
+  Tensor x = at::randn({3, 5, 12}), y = at::randn({3, 5, 12}), w = at::randn({12});
+  auto [h, out] = model::add_layer_norm(x, y, w, Tensor(), 1e-5);
+  EXPECT_TRUE(at::equal(h, x + y));
+  EXPECT_TRUE(at::equal(out, at::layer_norm(x + y, {12}, w, {}, 1e-5)));
+  auto [h2, out2] = model::add_layer_norm(x, Tensor(), w, Tensor(), 1e-5);
+  EXPECT_TRUE(at::equal(h2, x));
+  EXPECT_THROW(model::add_layer_norm(x, y, at::randn({5}), Tensor(), 1e-5), c10::Error);
+}
+
+TEST(AddLayerNormGpu, KernelMatchesFloat64WithGradients) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  auto cuda = at::TensorOptions().device(at::kCUDA);
+  for (int64_t C : {768, 576, 12, 2048})
+    for (auto y_type : {at::kFloat, at::kBFloat16})
+      for (bool with_bias : {false, true})
+        for (bool with_y : {true, false}) {
+          const int64_t rows = 4000;  // more than the backward's 264 blocks x 8 warps
+          Tensor x = (at::randn({2, rows / 2, C}, cuda) + 0.5).requires_grad_(true);
+          Tensor y = with_y ? at::randn({2, rows / 2, C}, cuda).to(y_type).requires_grad_(true) : Tensor();
+          Tensor w = (at::randn({C}, cuda) * 0.3 + 1).requires_grad_(true);
+          Tensor b = with_bias ? at::randn({C}, cuda).requires_grad_(true) : Tensor();
+          Tensor h, out;
+          {
+            at::autocast::set_autocast_enabled(at::kCUDA, true);
+            at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+            std::tie(h, out) = model::add_layer_norm(x, y, w, b, 1e-5);
+            at::autocast::set_autocast_enabled(at::kCUDA, false);
+            at::autocast::clear_cache();
+          }
+          EXPECT_EQ(out.scalar_type(), at::kBFloat16);
+          EXPECT_EQ(h.scalar_type(), at::kFloat);
+          Tensor gh = at::randn(h.sizes(), cuda), gout = at::randn(out.sizes(), cuda).to(at::kBFloat16);
+          ((h * gh).sum() + (out.to(at::kFloat) * gout.to(at::kFloat)).sum()).backward();
+          // float64 reference from the same inputs
+          auto d = [](const Tensor& t) {
+            return t.defined() ? t.detach().cpu().to(at::kDouble).requires_grad_(true) : Tensor();
+          };
+          Tensor x64 = d(x), y64 = d(y), w64 = d(w), b64 = d(b);
+          Tensor h64 = with_y ? x64 + y64 : x64 * 1.0;
+          Tensor o64 = at::layer_norm(h64, {C}, w64, b64, 1e-5);
+          ((h64 * gh.cpu().to(at::kDouble)).sum() + (o64 * gout.cpu().to(at::kDouble)).sum()).backward();
+          const std::string what = "C " + std::to_string(C) + " y " + c10::toString(y_type) +
+                                   (with_bias ? " bias" : "") + (with_y ? "" : " no y");
+          EXPECT_LT(max_diff(h.cpu(), h64), 1e-5) << what;
+          EXPECT_LT(max_diff(out.cpu(), o64), 3e-2) << what;
+          auto rel = [](const Tensor& a, const Tensor& ref) {
+            return max_diff(a.cpu(), ref) / std::max(1e-12, ref.abs().max().item<double>());
+          };
+          EXPECT_LT(rel(x.grad(), x64.grad()), 1e-2) << what;
+          if (with_y) EXPECT_LT(rel(y.grad(), y64.grad()), 1e-2) << what;
+          EXPECT_LT(rel(w.grad(), w64.grad()), 1e-2) << what;
+          if (with_bias) EXPECT_LT(rel(b.grad(), b64.grad()), 1e-2) << what;
+        }
+}
+
+// ---------------------------------------------------------------------------
 // clipping
 
 TEST(ClipGradNorm, MatchesLibTorchClipGradNorm) {

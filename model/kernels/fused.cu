@@ -3,8 +3,10 @@
 // materialises float32 copies of the logits or of the keys.
 #include "model/kernels/fused.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -170,6 +172,159 @@ __global__ void __launch_bounds__(kNormWarps * 32)
   }
 }
 
+// ---------------------------------------------------------------------------
+// residual add + LayerNorm: one warp per row, the row in registers
+
+struct alignas(8) Half4 {
+  __half2 a, b;
+};
+struct alignas(8) Bf164 {
+  __nv_bfloat162 a, b;
+};
+
+__device__ __forceinline__ float4 load4(const float* p, int i) {
+  return reinterpret_cast<const float4*>(p)[i];
+}
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p, int i) {
+  const Bf164 v = reinterpret_cast<const Bf164*>(p)[i];
+  const float2 a = __bfloat1622float2(v.a), b = __bfloat1622float2(v.b);
+  return {a.x, a.y, b.x, b.y};
+}
+__device__ __forceinline__ float4 load4(const __half* p, int i) {
+  const Half4 v = reinterpret_cast<const Half4*>(p)[i];
+  const float2 a = __half22float2(v.a), b = __half22float2(v.b);
+  return {a.x, a.y, b.x, b.y};
+}
+__device__ __forceinline__ void store4(float* p, int i, float4 v) {
+  reinterpret_cast<float4*>(p)[i] = v;
+}
+__device__ __forceinline__ void store4(__nv_bfloat16* p, int i, float4 v) {
+  reinterpret_cast<Bf164*>(p)[i] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
+}
+__device__ __forceinline__ void store4(__half* p, int i, float4 v) {
+  reinterpret_cast<Half4*>(p)[i] = {__floats2half2_rn(v.x, v.y), __floats2half2_rn(v.z, v.w)};
+}
+
+constexpr int kLnWarps = 8;
+
+// kChunks float4 per lane: a row of up to 128 kChunks values.
+template <int kChunks, typename Y, typename O>
+__global__ void __launch_bounds__(kLnWarps * 32)
+    add_layer_norm_forward_kernel(AddLayerNormParams p) {
+  const int row = blockIdx.x * kLnWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= p.rows) return;
+  const int n4 = p.width / 4;
+  const int64_t base = static_cast<int64_t>(row) * n4;
+  float4 v[kChunks];
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kChunks; ++j) {
+    const int i = lane + 32 * j;
+    if (i < n4) {
+      v[j] = load4(p.x, base + i);
+      if (p.y) {
+        const float4 y = load4(static_cast<const Y*>(p.y), base + i);
+        v[j].x += y.x, v[j].y += y.y, v[j].z += y.z, v[j].w += y.w;
+      }
+      store4(p.h, base + i, v[j]);
+      sum += v[j].x + v[j].y + v[j].z + v[j].w;
+    }
+  }
+  const float mean = warp_sum(sum) / p.width;
+  float sq = 0.f;
+#pragma unroll
+  for (int j = 0; j < kChunks; ++j) {
+    if (lane + 32 * j < n4) {
+      const float a = v[j].x - mean, b = v[j].y - mean, c = v[j].z - mean, d = v[j].w - mean;
+      sq += a * a + b * b + c * c + d * d;
+    }
+  }
+  const float rstd = rsqrtf(warp_sum(sq) / p.width + p.eps);
+  if (lane == 0) p.mean[row] = mean, p.rstd[row] = rstd;
+#pragma unroll
+  for (int j = 0; j < kChunks; ++j) {
+    const int i = lane + 32 * j;
+    if (i < n4) {
+      const float4 w = load4(p.weight, i);
+      float4 b = {0.f, 0.f, 0.f, 0.f};
+      if (p.bias) b = load4(p.bias, i);
+      const float4 o = {(v[j].x - mean) * rstd * w.x + b.x, (v[j].y - mean) * rstd * w.y + b.y,
+                        (v[j].z - mean) * rstd * w.z + b.z, (v[j].w - mean) * rstd * w.w + b.w};
+      store4(static_cast<O*>(p.out), base + i, o);
+    }
+  }
+}
+
+constexpr int kLnBackwardBlocks = 264;  // about two per SM: the partial sums stay few
+
+// Warps stride over rows; each keeps its rows' weight and bias gradient sums
+// in registers, the block adds its warps' sums in shared memory and writes
+// one partial row.
+template <int kChunks, typename Y, typename O>
+__global__ void __launch_bounds__(kLnWarps * 32)
+    add_layer_norm_backward_kernel(AddLayerNormParams p, AddLayerNormGrads g) {
+  extern __shared__ float4 shared_sums[];  // [kLnWarps][2][n4]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n4 = p.width / 4;
+  float4 dw[kChunks], db[kChunks];
+#pragma unroll
+  for (int j = 0; j < kChunks; ++j) dw[j] = db[j] = {0.f, 0.f, 0.f, 0.f};
+  for (int row = blockIdx.x * kLnWarps + warp; row < p.rows; row += gridDim.x * kLnWarps) {
+    const int64_t base = static_cast<int64_t>(row) * n4;
+    const float mean = p.mean[row], rstd = p.rstd[row];
+    float4 xhat[kChunks], gw[kChunks];
+    float sum_g = 0.f, sum_gx = 0.f;
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) {
+      const int i = lane + 32 * j;
+      if (i < n4) {
+        const float4 h = load4(p.h, base + i), d = load4(static_cast<const O*>(g.dout), base + i);
+        const float4 w = load4(p.weight, i);
+        xhat[j] = {(h.x - mean) * rstd, (h.y - mean) * rstd, (h.z - mean) * rstd,
+                   (h.w - mean) * rstd};
+        gw[j] = {d.x * w.x, d.y * w.y, d.z * w.z, d.w * w.w};
+        sum_g += gw[j].x + gw[j].y + gw[j].z + gw[j].w;
+        sum_gx += gw[j].x * xhat[j].x + gw[j].y * xhat[j].y + gw[j].z * xhat[j].z +
+                  gw[j].w * xhat[j].w;
+        dw[j].x += d.x * xhat[j].x, dw[j].y += d.y * xhat[j].y;
+        dw[j].z += d.z * xhat[j].z, dw[j].w += d.w * xhat[j].w;
+        db[j].x += d.x, db[j].y += d.y, db[j].z += d.z, db[j].w += d.w;
+      }
+    }
+    const float a = warp_sum(sum_g) / p.width, b = warp_sum(sum_gx) / p.width;
+#pragma unroll
+    for (int j = 0; j < kChunks; ++j) {
+      const int i = lane + 32 * j;
+      if (i < n4) {
+        float4 r = {rstd * (gw[j].x - a - xhat[j].x * b), rstd * (gw[j].y - a - xhat[j].y * b),
+                    rstd * (gw[j].z - a - xhat[j].z * b), rstd * (gw[j].w - a - xhat[j].w * b)};
+        if (g.dh) {
+          const float4 d = load4(g.dh, base + i);
+          r.x += d.x, r.y += d.y, r.z += d.z, r.w += d.w;
+        }
+        store4(g.dx, base + i, r);
+        if (g.dy) store4(static_cast<Y*>(g.dy), base + i, r);
+      }
+    }
+  }
+  float4* mine = shared_sums + static_cast<int64_t>(warp) * 2 * n4;
+#pragma unroll
+  for (int j = 0; j < kChunks; ++j) {
+    const int i = lane + 32 * j;
+    if (i < n4) mine[i] = dw[j], mine[n4 + i] = db[j];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 2 * n4; i += kLnWarps * 32) {
+    float4 t = shared_sums[i];
+    for (int w = 1; w < kLnWarps; ++w) {
+      const float4 u = shared_sums[static_cast<int64_t>(w) * 2 * n4 + i];
+      t.x += u.x, t.y += u.y, t.z += u.z, t.w += u.w;
+    }
+    if (i < n4) store4(g.partial_dw + static_cast<int64_t>(blockIdx.x) * p.width, i, t);
+    else if (g.partial_db) store4(g.partial_db + static_cast<int64_t>(blockIdx.x) * p.width, i - n4, t);
+  }
+}
+
 template <typename F>
 cudaError_t dispatch(RowType type, F&& launch) {
   switch (type) {
@@ -221,6 +376,65 @@ cudaError_t unit_norm_rows_backward(RowType type, RowsView x, RowsView dy, RowsV
     using T = decltype(zero);
     unit_norm_backward_kernel<T>
         <<<blocks, kNormWarps * 32, 0, stream>>>(x, dy, dx, rows, H, N, D, eps);
+  });
+}
+
+namespace {
+
+// Calls launch(chunks constant, Y, O) for the width, y type and out type.
+template <typename F>
+cudaError_t dispatch_layer_norm(const AddLayerNormParams& p, F&& launch) {
+  auto with_types = [&](auto chunks) {
+    return dispatch(p.y_type, [&](auto y) {
+      dispatch(p.out_type, [&](auto o) { launch(chunks, y, o); });
+    });
+  };
+  const int chunks = (p.width / 4 + 31) / 32;
+  switch (chunks) {
+    case 1: return with_types(std::integral_constant<int, 1>{});
+    case 2: return with_types(std::integral_constant<int, 2>{});
+    case 3: return with_types(std::integral_constant<int, 3>{});
+    case 4: return with_types(std::integral_constant<int, 4>{});
+    case 5: case 6: return with_types(std::integral_constant<int, 6>{});
+    case 7: case 8: return with_types(std::integral_constant<int, 8>{});
+    case 9: case 10: case 11: case 12: return with_types(std::integral_constant<int, 12>{});
+    default: return with_types(std::integral_constant<int, 16>{});
+  }
+}
+
+bool valid(const AddLayerNormParams& p) {
+  return p.rows >= 0 && p.width > 0 && p.width % 4 == 0 && p.width <= kMaxLayerNormWidth &&
+         p.x && p.weight && p.h && p.out && p.mean && p.rstd;
+}
+
+}  // namespace
+
+cudaError_t add_layer_norm_forward(const AddLayerNormParams& p, cudaStream_t stream) {
+  if (!valid(p)) return cudaErrorInvalidValue;
+  if (p.rows == 0) return cudaSuccess;
+  const unsigned blocks = (p.rows + kLnWarps - 1) / kLnWarps;
+  return dispatch_layer_norm(p, [&](auto chunks, auto y, auto o) {
+    add_layer_norm_forward_kernel<decltype(chunks)::value, decltype(y), decltype(o)>
+        <<<blocks, kLnWarps * 32, 0, stream>>>(p);
+  });
+}
+
+int add_layer_norm_backward_blocks(int rows) {
+  return std::max(1, std::min(kLnBackwardBlocks, (rows + kLnWarps - 1) / kLnWarps));
+}
+
+cudaError_t add_layer_norm_backward(const AddLayerNormParams& p, const AddLayerNormGrads& g,
+                                    cudaStream_t stream) {
+  if (!valid(p) || !g.dout || !g.dx || !g.partial_dw || (p.bias && !g.partial_db))
+    return cudaErrorInvalidValue;
+  if (p.rows == 0) return cudaSuccess;
+  const int blocks = add_layer_norm_backward_blocks(p.rows);
+  const size_t shared = sizeof(float) * kLnWarps * 2 * p.width;  // 128 KB at the widest
+  return dispatch_layer_norm(p, [&](auto chunks, auto y, auto o) {
+    auto kernel = add_layer_norm_backward_kernel<decltype(chunks)::value, decltype(y), decltype(o)>;
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         static_cast<int>(shared));
+    kernel<<<blocks, kLnWarps * 32, shared, stream>>>(p, g);
   });
 }
 

@@ -1,7 +1,7 @@
 // Fused elementwise kernels of the language models, torch-free: the
 // cross-entropy of a block of logit rows with its gradient written in place,
-// and unit-norm rows (the keys k = q / |q| of shared-QK attention) with their
-// backward. model/fused.h wraps them as LibTorch autograd functions.
+// unit-norm rows (the keys k = q / |q| of shared-QK attention), and the
+// residual add + LayerNorm, each with its backward. model/fused.h wraps them as LibTorch autograd functions.
 #pragma once
 
 #include <cstdint>
@@ -37,5 +37,45 @@ cudaError_t unit_norm_rows_forward(RowType type, RowsView x, RowsView y, int B, 
 // n = |x| > eps, dx = dy / eps where not (the clamp has zero derivative).
 cudaError_t unit_norm_rows_backward(RowType type, RowsView x, RowsView dy, RowsView dx, int B,
                                     int H, int N, int D, float eps, cudaStream_t stream);
+
+// Residual add + LayerNorm over rows of C float32 values (C a multiple of 4,
+// at most kMaxLayerNormWidth): h = x + y (y optional, of `y_type`),
+// out = (h - mean) * rstd * weight (+ bias), in `out_type`; mean and rstd
+// (float32 per row) are kept for the backward. All row-major, contiguous.
+inline constexpr int kMaxLayerNormWidth = 2048;
+
+struct AddLayerNormParams {
+  int rows = 0, width = 0;
+  float eps = 1e-5f;
+  const float* x = nullptr;
+  const void* y = nullptr;  // nullptr: h = x
+  RowType y_type = RowType::kF32;
+  const float* weight = nullptr;
+  const float* bias = nullptr;  // nullptr: no bias
+  float* h = nullptr;
+  void* out = nullptr;
+  RowType out_type = RowType::kF32;
+  float* mean = nullptr;
+  float* rstd = nullptr;
+};
+cudaError_t add_layer_norm_forward(const AddLayerNormParams& p, cudaStream_t stream);
+
+// The backward: with g = dout * weight and xhat = (h - mean) * rstd,
+// dh_total = dh + rstd * (g - mean(g) - xhat * mean(g * xhat)) (dh optional),
+// written to dx (float32) and, if given, to dy (in y_type); the weight and
+// bias gradients are summed per block into partial_dw / partial_db
+// ([blocks, C] float32, blocks = add_layer_norm_backward_blocks(rows)), for
+// the caller to sum over blocks.
+struct AddLayerNormGrads {
+  const void* dout = nullptr;  // out_type
+  const float* dh = nullptr;   // nullptr: no gradient reaches h directly
+  float* dx = nullptr;
+  void* dy = nullptr;          // nullptr: not wanted
+  float* partial_dw = nullptr;
+  float* partial_db = nullptr;  // nullptr: no bias
+};
+int add_layer_norm_backward_blocks(int rows);
+cudaError_t add_layer_norm_backward(const AddLayerNormParams& p, const AddLayerNormGrads& g,
+                                    cudaStream_t stream);
 
 }  // namespace sparseflash::kernels
