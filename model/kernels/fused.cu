@@ -144,6 +144,78 @@ __global__ void __launch_bounds__(kNormWarps * 32)
   for (int d = lane; d < D; d += 32) yr[d] = from_float<T>(to_float(xr[d]) * inv);
 }
 
+// Pairs of elements per lane, the row held in registers: D = 64 * kIters.
+template <typename T>
+struct Pair;
+template <>
+struct Pair<float> {
+  using type = float2;
+  static __device__ float2 to_float2(float2 v) { return v; }
+  static __device__ float2 from_float2(float2 v) { return v; }
+};
+template <>
+struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+  static __device__ __nv_bfloat162 from_float2(float2 v) { return __float22bfloat162_rn(v); }
+};
+template <>
+struct Pair<__half> {
+  using type = __half2;
+  static __device__ float2 to_float2(__half2 v) { return __half22float2(v); }
+  static __device__ __half2 from_float2(float2 v) { return __float22half2_rn(v); }
+};
+
+template <typename T, int kIters>
+__global__ void __launch_bounds__(kNormWarps * 32)
+    unit_norm_forward_pairs_kernel(RowsView x, RowsView y, int64_t rows, int H, int N, float eps) {
+  using P = Pair<T>;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormWarps + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const auto* xr = reinterpret_cast<const typename P::type*>(row_ptr<T>(x, row, H, N));
+  auto* yr = reinterpret_cast<typename P::type*>(row_ptr<T>(y, row, H, N));
+  float2 v[kIters];
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < kIters; ++j) {
+    v[j] = P::to_float2(xr[lane + 32 * j]);
+    ss += v[j].x * v[j].x + v[j].y * v[j].y;
+  }
+  const float inv = 1.f / fmaxf(sqrtf(warp_sum(ss)), eps);
+#pragma unroll
+  for (int j = 0; j < kIters; ++j) yr[lane + 32 * j] = P::from_float2({v[j].x * inv, v[j].y * inv});
+}
+
+template <typename T, int kIters>
+__global__ void __launch_bounds__(kNormWarps * 32)
+    unit_norm_backward_pairs_kernel(RowsView x, RowsView dy, RowsView dx, int64_t rows, int H,
+                                    int N, float eps) {
+  using P = Pair<T>;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kNormWarps + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const auto* xr = reinterpret_cast<const typename P::type*>(row_ptr<T>(x, row, H, N));
+  const auto* dyr = reinterpret_cast<const typename P::type*>(row_ptr<T>(dy, row, H, N));
+  auto* dxr = reinterpret_cast<typename P::type*>(row_ptr<T>(dx, row, H, N));
+  float2 a[kIters], g[kIters];
+  float ss = 0.f, dot = 0.f;
+#pragma unroll
+  for (int j = 0; j < kIters; ++j) {
+    a[j] = P::to_float2(xr[lane + 32 * j]);
+    g[j] = P::to_float2(dyr[lane + 32 * j]);
+    ss += a[j].x * a[j].x + a[j].y * a[j].y;
+    dot += a[j].x * g[j].x + a[j].y * g[j].y;
+  }
+  const float norm = sqrtf(warp_sum(ss));
+  dot = warp_sum(dot);
+  const bool clamped = !(norm > eps);
+  const float inv = clamped ? 1.f / eps : 1.f / norm, coef = clamped ? 0.f : dot * inv * inv * inv;
+#pragma unroll
+  for (int j = 0; j < kIters; ++j)
+    dxr[lane + 32 * j] = P::from_float2({g[j].x * inv - a[j].x * coef, g[j].y * inv - a[j].y * coef});
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kNormWarps * 32)
     unit_norm_backward_kernel(RowsView x, RowsView dy, RowsView dx, int64_t rows, int H, int N,
@@ -354,15 +426,38 @@ cudaError_t cross_entropy_rows(RowType type, void* logits, int64_t ld, int rows,
   });
 }
 
+namespace {
+
+// D / 64 when rows of D = 64, 128 or 256 elements can be read as aligned
+// pairs (the pair kernels), else 0 (the element-wise kernels).
+int pair_iters(RowType type, const RowsView& a, const RowsView& b, int D) {
+  if (D != 64 && D != 128 && D != 256) return 0;
+  const int64_t bytes = type == RowType::kF32 ? 4 : 2;
+  const int64_t pair = 2 * bytes;
+  for (const RowsView* v : {&a, &b}) {
+    if (reinterpret_cast<uintptr_t>(v->data) % pair != 0) return 0;
+    if ((v->sb * bytes) % pair || (v->sh * bytes) % pair || (v->sn * bytes) % pair) return 0;
+  }
+  return D / 64;
+}
+
+}  // namespace
+
 cudaError_t unit_norm_rows_forward(RowType type, RowsView x, RowsView y, int B, int H, int N,
                                    int D, float eps, cudaStream_t stream) {
   if (B < 0 || H < 0 || N < 0 || D <= 0 || !(eps > 0)) return cudaErrorInvalidValue;
   const int64_t rows = static_cast<int64_t>(B) * H * N;
   if (rows == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>((rows + kNormWarps - 1) / kNormWarps);
+  const int iters = pair_iters(type, x, y, D);
   return dispatch(type, [&](auto zero) {
     using T = decltype(zero);
-    unit_norm_forward_kernel<T><<<blocks, kNormWarps * 32, 0, stream>>>(x, y, rows, H, N, D, eps);
+    switch (iters) {
+      case 1: unit_norm_forward_pairs_kernel<T, 1><<<blocks, kNormWarps * 32, 0, stream>>>(x, y, rows, H, N, eps); break;
+      case 2: unit_norm_forward_pairs_kernel<T, 2><<<blocks, kNormWarps * 32, 0, stream>>>(x, y, rows, H, N, eps); break;
+      case 4: unit_norm_forward_pairs_kernel<T, 4><<<blocks, kNormWarps * 32, 0, stream>>>(x, y, rows, H, N, eps); break;
+      default: unit_norm_forward_kernel<T><<<blocks, kNormWarps * 32, 0, stream>>>(x, y, rows, H, N, D, eps);
+    }
   });
 }
 
@@ -372,10 +467,15 @@ cudaError_t unit_norm_rows_backward(RowType type, RowsView x, RowsView dy, RowsV
   const int64_t rows = static_cast<int64_t>(B) * H * N;
   if (rows == 0) return cudaSuccess;
   const unsigned blocks = static_cast<unsigned>((rows + kNormWarps - 1) / kNormWarps);
+  const int iters = std::min(pair_iters(type, x, dy, D), pair_iters(type, dx, dx, D));
   return dispatch(type, [&](auto zero) {
     using T = decltype(zero);
-    unit_norm_backward_kernel<T>
-        <<<blocks, kNormWarps * 32, 0, stream>>>(x, dy, dx, rows, H, N, D, eps);
+    switch (iters) {
+      case 1: unit_norm_backward_pairs_kernel<T, 1><<<blocks, kNormWarps * 32, 0, stream>>>(x, dy, dx, rows, H, N, eps); break;
+      case 2: unit_norm_backward_pairs_kernel<T, 2><<<blocks, kNormWarps * 32, 0, stream>>>(x, dy, dx, rows, H, N, eps); break;
+      case 4: unit_norm_backward_pairs_kernel<T, 4><<<blocks, kNormWarps * 32, 0, stream>>>(x, dy, dx, rows, H, N, eps); break;
+      default: unit_norm_backward_kernel<T><<<blocks, kNormWarps * 32, 0, stream>>>(x, dy, dx, rows, H, N, D, eps);
+    }
   });
 }
 
