@@ -3,6 +3,8 @@
 // step (wait, average, clip), small collectives, ShardedAdamW.
 #include "trainer/distributed.h"
 
+#include "trainer/step.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -343,8 +345,10 @@ at::Tensor DataParallel::param_shard(Bucket& b) {
 double DataParallel::clip_grad_norm(double max_norm) {
   at::NoGradGuard no_grad;
   if (!zero1()) {
-    // Gradients are identical on every rank after the all-reduce.
-    return torch::nn::utils::clip_grad_norm_(params_, max_norm > 0 ? max_norm : 1e300);
+    // Gradients are identical on every rank after the all-reduce; the same
+    // multi-tensor clipping as one process (trainer/step.h), so that one and
+    // several ranks differ only by the all-reduce's summation order.
+    return trainer::clip_grad_norm(params_, max_norm > 0 ? max_norm : 1e300).item<double>();
   }
   at::Tensor sum_sq = at::zeros({}, params_[0].options());
   for (auto& b : buckets_) sum_sq += b.grad_shard.square().sum();
