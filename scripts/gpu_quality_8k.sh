@@ -8,7 +8,7 @@
 # validation loss over eval.batches = 20 batches; seeds QUALITY_SEEDS.
 #
 # Environment:
-#   OUT=DIR               results: quality-8k.json, logs
+#   OUT=DIR               results: quality-8k.jsonl (a row per run), logs.tgz
 #   QUALITY_DATA=DIR      a prepared corpus (required; carried to the host)
 #   QUALITY_STEPS=200     steps per run
 #   QUALITY_SEEDS="1 2"   train.seed values
@@ -19,6 +19,9 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOGS=$(mktemp -d /tmp/gpu-quality.XXXX)
+trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null' EXIT
 DATA=${QUALITY_DATA:?set QUALITY_DATA to a prepared corpus}
 DATA=$(cd "$DATA" && pwd)
 STEPS=${QUALITY_STEPS:-200}
@@ -26,9 +29,10 @@ SEEDS=${QUALITY_SEEDS:-1 2}
 MODES=${QUALITY_MODES:-"dense=attention.kind=DENSE,attention.shared_qk=false hash16=attention.kind=HASH,attention.shared_qk=true hash16sep=attention.kind=HASH,attention.shared_qk=false drop0.5=attention.kind=DROP,attention.shared_qk=false"}
 SECONDS=0
 build() {  # build DIR NAME: the sparseflash binary of that tree
-  (cd "$1" && GPU_PHASES="deps configure build" GPU_BUILD_TARGETS=sparseflash \
-     bash scripts/gpu_host.sh >"$OUT/build-$2.log" 2>&1) || {
-    echo "build of $1 failed"; grep -E "error" "$OUT/build-$2.log" | head -20; }
+  mkdir -p "$LOGS/build-$2"
+  (cd "$1" && OUT="$LOGS/build-$2" GPU_PHASES="deps configure build" GPU_BUILD_TARGETS=sparseflash \
+     bash scripts/gpu_host.sh >"$LOGS/build-$2.log" 2>&1) || {
+    echo "build of $1 failed"; grep -E "error" "$LOGS/build-$2.log" | head -20; }
 }
 [ -n "${OLD_SRC:-}" ] && [ ! -d "$OLD_SRC/.deps" ] && cp -r .deps "$OLD_SRC/"
 trees=("new=.")
@@ -55,7 +59,7 @@ for t in "${trees[@]}"; do
         --set train.max_steps="$STEPS" --set train.seed="$seed" --set logging.interval=50 \
         --set eval.interval=0 --set eval.batches=20 --set eval.sample_tokens=0 \
         --set checkpoint.interval=0 --set checkpoint.out_dir="$run" "${sets[@]}" \
-        >"$OUT/q_${name}_${mode}_$seed.log" 2>&1
+        >"$LOGS/q_${name}_${mode}_$seed.log" 2>&1
       rc=$?
       val=$(grep -o '"val_loss":[0-9.eE+-]*' "$run/metrics.jsonl" 2>/dev/null | tail -1 | cut -d: -f2)
       tps=$(grep -o '"tokens_per_s":[0-9.eE+-]*' "$run/metrics.jsonl" 2>/dev/null | tail -1 | cut -d: -f2)
