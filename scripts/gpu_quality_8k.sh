@@ -26,7 +26,7 @@ DATA=${QUALITY_DATA:?set QUALITY_DATA to a prepared corpus}
 DATA=$(cd "$DATA" && pwd)
 STEPS=${QUALITY_STEPS:-200}
 SEEDS=${QUALITY_SEEDS:-1 2}
-MODES=${QUALITY_MODES:-"dense=attention.kind=DENSE,attention.shared_qk=false hash16=attention.kind=HASH,attention.shared_qk=true hash16sep=attention.kind=HASH,attention.shared_qk=false drop0.5=attention.kind=DROP,attention.shared_qk=false"}
+MODES=${QUALITY_MODES:-"dense=attention.kind=DENSE,attention.shared_qk=false hash16=attention.kind=HASH,attention.shared_qk=true hash16sep=attention.kind=HASH,attention.shared_qk=false hash16raw=attention.kind=HASH,attention.shared_qk=true,attention.lsh_center=false drop0.5=attention.kind=DROP,attention.shared_qk=false"}
 SECONDS=0
 build() {  # build DIR NAME: the sparseflash binary of that tree
   mkdir -p "$LOGS/build-$2"
@@ -51,6 +51,13 @@ for t in "${trees[@]}"; do
     mode=${m%%=*} sets=()
     IFS=',' read -ra kv <<<"${m#*=}"
     for o in "${kv[@]}"; do sets+=(--set "$o"); done
+    # A mode that sets a field this tree's config does not have is skipped.
+    skip=0
+    for o in "${kv[@]}"; do
+      field=${o%%=*}
+      grep -q "optional .* ${field##*.} = " "$dir/configs/experiment.proto" || skip=1
+    done
+    [ $skip = 1 ] && { echo "$name: $mode skipped (a field this tree lacks)"; continue; }
     for seed in $SEEDS; do
       run=/tmp/q_${name}_${mode}_$seed
       rm -rf "$run"
