@@ -245,7 +245,10 @@ TEST(AddLayerNormGpu, KernelMatchesFloat64WithGradients) {
           const std::string what = "C " + std::to_string(C) + " y " + c10::toString(y_type) +
                                    (with_bias ? " bias" : "") + (with_y ? "" : " no y");
           EXPECT_LT(max_diff(h.cpu(), h64), 1e-5) << what;
-          EXPECT_LT(max_diff(out.cpu(), o64), 3e-2) << what;
+          // bf16 output: a few units in the last place at the output's magnitude
+          // (one ulp is 2^-7 of it; at C = 2048 outputs reach ~8, where 3e-2 is one ulp).
+          EXPECT_LT(max_diff(out.cpu(), o64), std::max(3e-2, 1e-2 * o64.abs().max().item<double>()))
+              << what;
           auto rel = [](const Tensor& a, const Tensor& ref) {
             return max_diff(a.cpu(), ref) / std::max(1e-12, ref.abs().max().item<double>());
           };
