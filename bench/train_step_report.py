@@ -37,31 +37,21 @@ def main():
 
     print(f"{'N':>6}  {'what':28} {'tok/s':>9} {'ms/step':>8} {'GiB':>6} {'x compiled':>10} {'density':>8}")
     ns = sorted({r["n"] for r in ours["rows"]} | {r["n"] for r in anchor["rows"]})
+    labelled = [(f"pytorch {r['impl']} {r['backend']}", r) for r in anchor["rows"]] + \
+               [(f"sparseflash {r['mode']}", r) for r in ours["rows"]]
     for n in ns:
-        for r in anchor["rows"]:
+        for name, r in labelled:
             if r["n"] != n:
                 continue
-            name = f"pytorch {r['impl']} {r['backend']}"
             if "error" in r:
                 print(f"{n:>6}  {name:28} error: {r['error'][:50]}")
                 continue
             ref = compiled.get(n)
             ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "-"
+            density = r.get("pattern_density")
             print(f"{n:>6}  {name:28} {r['tokens_per_s']:9.0f} {r['ms_per_step']:8.1f} "
-                  f"{r['peak_gib']:6.1f} {ratio:>10}")
-        for r in ours["rows"]:
-            if r["n"] != n:
-                continue
-            name = f"sparseflash {r['mode']}"
-            if "error" in r:
-                print(f"{n:>6}  {name:28} error: {r['error'][:50]}")
-                continue
-            density = r.get("pattern_density") or [1.0]
-            ratio = r.get("ratio_to_compiled_cudnn")
-            print(f"{n:>6}  {name:28} {r['tokens_per_s']:9.0f} {r['ms_per_step']:8.1f} "
-                  f"{r['peak_gib']:6.1f} {(f'{ratio:.2f}' if ratio else '-'):>10} "
-                  f"{sum(density) / len(density):8.3f}")
-
+                  f"{r['peak_gib']:6.1f} {ratio:>10} "
+                  f"{(f'{sum(density) / len(density):8.3f}' if density else ''):>8}")
 
 if __name__ == "__main__":
     main()
