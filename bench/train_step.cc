@@ -57,6 +57,7 @@
 #include "data/loader.h"
 #include "model/gpt.h"
 #include "nlohmann/json.hpp"
+#include "model/factory.h"
 #include "profile/phases.h"
 #include "trainer/schedule.h"
 #include "trainer/state.h"
@@ -72,7 +73,8 @@ ABSL_FLAG(int64_t, warmup, 3, "untimed steps before timing");
 ABSL_FLAG(int64_t, steps, 20, "timed steps");
 ABSL_FLAG(std::string, config, "preset:gpt2_small_hash8k", "base config (file or preset:NAME)");
 ABSL_FLAG(std::vector<std::string>, set, {}, "config overrides path=value (repeatable)");
-ABSL_FLAG(int64_t, vocab, 50304, "vocabulary size (model.vocab_size)");
+ABSL_FLAG(int64_t, vocab, 50304,
+          "vocabulary size (model.vocab_size); 0 = the config's (e.g. from model.init_from)");
 ABSL_FLAG(std::string, data, "", "prepared corpus for real tokens (default: random tokens)");
 ABSL_FLAG(int64_t, train_first, 0, "with --data: steps of training before the warm-up");
 ABSL_FLAG(bool, phases, true, "GPU time per phase of the step (3 extra steps)");
@@ -163,21 +165,27 @@ nlohmann::json run_row(int64_t N, const Mode& mode) {
   const int64_t tokens = absl::GetFlag(FLAGS_tokens);
   const int64_t B = std::max<int64_t>(1, tokens / N);
   std::vector<std::string> overrides = {
-      absl::StrCat("model.vocab_size=", absl::GetFlag(FLAGS_vocab)),
       absl::StrCat("model.block_size=", N), absl::StrCat("data.seq_len=", N),
       absl::StrCat("data.batch_size=", B), "train.device=cuda", "train.bf16=true"};
   if (!absl::GetFlag(FLAGS_data).empty())
     overrides.push_back(absl::StrCat("data.dir=", absl::GetFlag(FLAGS_data)));
+  if (absl::GetFlag(FLAGS_vocab) > 0)
+    overrides.push_back(absl::StrCat("model.vocab_size=", absl::GetFlag(FLAGS_vocab)));
   for (const auto& o : mode.overrides) overrides.push_back(o);
   for (const auto& o : absl::GetFlag(FLAGS_set)) overrides.push_back(o);
-  auto exp_or = sf::resolve_config(absl::GetFlag(FLAGS_config), overrides, "gpt2_small_hash8k");
+  auto exp_or = sf::resolve_config(absl::GetFlag(FLAGS_config), overrides, "gpt2_small_hash8k",
+                                   sf::model::complete_from_pretrained);
   if (!exp_or.ok()) throw std::runtime_error(std::string(exp_or.status().message()));
   const sf::config::Experiment exp = *exp_or;
   const at::Device device(at::kCUDA, 0);
 
   nlohmann::json row = {{"n", N}, {"batch", B}, {"tokens_per_step", B * N}, {"mode", mode.name}};
   torch::manual_seed(exp.train().seed());
-  sf::model::GPT model(exp, exp.model().vocab_size());
+  auto built = sf::model::build_model(exp, exp.model().vocab_size());
+  if (!built.ok()) throw std::runtime_error(std::string(built.status().message()));
+  sf::model::CausalLM model = *built;
+  if (auto s = sf::model::load_pretrained(exp, model); !s.ok())
+    throw std::runtime_error(std::string(s.message()));
   model->to(device);
   model->train();
   sf::trainer::AdamW optimizer(model, exp.optim());
@@ -195,7 +203,7 @@ nlohmann::json run_row(int64_t N, const Mode& mode) {
     if (!l.ok()) throw std::runtime_error(std::string(l.status().message()));
     loader = std::move(*l);
   }
-  const Tensor random_x = at::randint(0, exp.model().vocab_size(), {B, N},
+  const Tensor random_x = at::randint(0, model->vocab_size(), {B, N},
                                       at::TensorOptions().dtype(at::kLong).device(device));
   const Tensor random_y = random_x.roll(-1, 1);
   int64_t step_index = 0;
@@ -240,10 +248,8 @@ nlohmann::json run_row(int64_t N, const Mode& mode) {
 
   // Pattern density per layer, from the last step's patterns.
   nlohmann::json density = nlohmann::json::array();
-  for (auto& block : *model->blocks) {
-    const auto& attn = block->as<sf::model::Block>()->attn->attention;
-    density.push_back(sf::attention::pattern_density(attn.last_pattern()).item<double>());
-  }
+  for (const auto& pattern : model->last_patterns())
+    density.push_back(sf::attention::pattern_density(pattern).item<double>());
   row["pattern_density"] = density;
 
   if (absl::GetFlag(FLAGS_phases)) {

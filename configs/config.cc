@@ -459,16 +459,49 @@ absl::Status validate_with(const Experiment& exp, const Origins& origins) {
   Checker c(origins);
 
   const config::Model& m = exp.model();
+  const bool llama = m.arch() == config::Model::LLAMA;
   c.at_least("model.n_layer", m.n_layer(), 1);
   c.at_least("model.n_head", m.n_head(), 1);
   c.at_least("model.d_model", m.d_model(), 1);
-  if (m.n_head() >= 1 && m.d_model() >= 1 && m.d_model() % m.n_head() != 0) {
+  if (m.n_head() >= 1 && m.d_model() >= 1 && m.d_model() % m.n_head() != 0 &&
+      !(llama && m.head_dim() > 0)) {
     c.fail("model.n_head", absl::StrCat(m.n_head()),
            absl::StrCat("must divide model.d_model = ", m.d_model()));
   }
   c.at_least("model.block_size", m.block_size(), 1);
   c.at_least("model.vocab_size", m.vocab_size(), 0);
   c.positive("model.init_std", m.init_std());
+  if (llama) {
+    c.at_least("model.n_kv_head", m.n_kv_head(), 0);
+    const int kv = m.n_kv_head() > 0 ? m.n_kv_head() : m.n_head();
+    if (m.n_head() >= 1 && kv >= 1 && m.n_head() % kv != 0)
+      c.fail("model.n_kv_head", absl::StrCat(m.n_kv_head()),
+             absl::StrCat("must divide model.n_head = ", m.n_head()));
+    c.at_least("model.head_dim", m.head_dim(), 0);
+    const int hd = m.head_dim() > 0 ? m.head_dim() : (m.n_head() > 0 ? m.d_model() / m.n_head() : 0);
+    if (hd % 2 != 0)
+      c.fail("model.head_dim", absl::StrCat(hd), "must be even (rotary embeddings)");
+    c.at_least("model.d_ff", m.d_ff(), 0);
+    c.positive("model.rope_theta", m.rope_theta());
+    c.non_negative("model.norm_eps", m.norm_eps());
+    if (m.bias()) c.fail("model.bias", "true", "must be false for model.arch = LLAMA");
+    const std::string& type = m.rope_scaling().type();
+    if (!type.empty() && type != "default" && type != "linear" && type != "llama3")
+      c.fail("model.rope_scaling.type", quoted(type),
+             "must be \"\", \"default\", \"linear\" or \"llama3\"");
+    if (!type.empty() && type != "default") c.positive("model.rope_scaling.factor", m.rope_scaling().factor());
+    if (m.rope_freq_factors_size() != 0 && m.rope_freq_factors_size() != hd / 2)
+      c.fail("model.rope_freq_factors", absl::StrCat(m.rope_freq_factors_size(), " values"),
+             absl::StrCat("must hold head_dim / 2 = ", hd / 2, " values (or none)"));
+    auto no_shared_qk = [&](const config::Attention& a, const std::string& path) {
+      if (a.shared_qk())
+        c.fail(path, "true", "is not available for model.arch = LLAMA (its keys have their own projection)");
+    };
+    no_shared_qk(exp.attention(), "attention.shared_qk");
+    for (int i = 0; i < exp.layer_attention_size(); ++i)
+      no_shared_qk(exp.layer_attention(i).attention(),
+                   absl::StrCat("layer_attention[", i, "].attention.shared_qk"));
+  }
 
   check_attention(c, exp.attention(), "attention");
   std::map<int, int> owner;  // layer -> index of the layer_attention entry listing it
@@ -673,7 +706,8 @@ std::string config_to_text(const Experiment& exp) {
 
 absl::StatusOr<Experiment> resolve_config(const std::string& config_path,
                                           const std::vector<std::string>& overrides,
-                                          const std::string& default_preset) {
+                                          const std::string& default_preset,
+                                          const ConfigCompleter& complete) {
   // Parse without validating: an override may fix a value the file gets wrong.
   Origins origins;
   absl::StatusOr<Experiment> exp;
@@ -696,6 +730,8 @@ absl::StatusOr<Experiment> resolve_config(const std::string& config_path,
     if (absl::Status s = apply_override_at(&*exp, assignment, &path); !s.ok()) return s;
     origins.overrides.emplace_back(path, assignment);
   }
+  if (complete)
+    if (absl::Status s = complete(&*exp); !s.ok()) return s;
   fill_defaults(&*exp);
   if (absl::Status s = validate_with(*exp, origins); !s.ok()) return s;
   return exp;
@@ -713,8 +749,11 @@ absl::Status check_same_architecture(const Experiment& checkpoint, const Experim
   };
 
   // Every model field shapes parameters (or their initialisation).
+  // (except init_from: where the first weights came from does not matter
+  // once a checkpoint holds them).
   const pb::Descriptor* md = config::Model::descriptor();
   for (int i = 0; i < md->field_count(); ++i) {
+    if (md->field(i)->name() == "init_from") continue;
     compare(a.model(), b.model(), md->field(i), "model." + md->field(i)->name());
   }
   // shared_qk removes the key projection.

@@ -5,6 +5,7 @@
 // --set argument), the field path, what was expected and what was found.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -50,9 +51,15 @@ std::string config_to_text(const Experiment& exp);
 // The one entry point the CLI uses: a preset or a file, then the overrides,
 // then defaults filled and validation.
 //   config_path: file path, or "preset:NAME", or "" for `default_preset`.
+//   complete (optional) runs after the overrides, before defaults and
+//   validation, while has_*() still tells which fields were given: the model
+//   factory fills the architecture of model.init_from there
+//   (model/factory.h, complete_from_pretrained).
+using ConfigCompleter = std::function<absl::Status(Experiment*)>;
 absl::StatusOr<Experiment> resolve_config(const std::string& config_path,
                                           const std::vector<std::string>& overrides,
-                                          const std::string& default_preset);
+                                          const std::string& default_preset,
+                                          const ConfigCompleter& complete = nullptr);
 
 // Architectural equality: fields that change parameter shapes or meaning
 // (model.*, attention.shared_qk, layer shared_qk). Returns OK or an error listing

@@ -30,6 +30,8 @@
 #include "checkpoint/llama.h"
 #include "checkpoint/safetensors.h"
 #include "data/shard.h"
+#include "model/generate.h"
+#include "model/gpt.h"
 #include "model/llama.h"
 #include "saap/index.h"
 #include "saap/inference.h"
@@ -89,7 +91,7 @@ ABSL_FLAG(std::string, dtype, "auto",
           "Weights and activations: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 "
           "or float16. convert: auto keeps float tensors as stored, dequantised ones as float32.");
 ABSL_FLAG(std::string, json_file, "", "Also write the result as a JSON object to this file.");
-ABSL_FLAG(int64_t, max_new_tokens, 64, "generate: tokens to generate at most (stops at EOS).");
+ABSL_FLAG(int64_t, max_new_tokens, 64, "generate: tokens to generate at most (stops earlier at EOS, and at the model's context length).");
 ABSL_FLAG(double, top_p, 1.0, "generate: nucleus sampling mass in (0, 1]; 1 = all tokens.");
 ABSL_FLAG(std::string, input, "", "convert: the checkpoint to convert.");
 ABSL_FLAG(std::string, output, "", "convert: output directory.");
@@ -412,7 +414,8 @@ int eval_impl() {
     if (tty) std::cerr << "\r\033[K" << line << std::flush;
     else if (r.windows == 1 || r.windows % 10 == 0 || r.windows == windows) std::cerr << line << "\n";
   };
-  auto r = model::sliding_window_nll(l.model, ids, context, stride, progress);
+  model::CausalLM lm = model::as_causal_lm(l.model);
+  auto r = model::sliding_window_nll(lm, ids, context, stride, progress);
   if (tty) std::cerr << "\n";
 
   json j = {{"model", l.checkpoint.path},
@@ -493,10 +496,17 @@ int generate_impl() {
   const bool print_json = absl::GetFlag(FLAGS_json);
   if (!print_json) std::cout << prompt << std::flush;
   const auto start = std::chrono::steady_clock::now();
-  auto ids = l.model->generate(prompt_ids, max_new, s, [&](int64_t id) {
+  model::CausalLM lm = model::as_causal_lm(l.model);
+  const model::Generation generation = model::generate(lm, prompt_ids, max_new, s, [&](int64_t id) {
     if (!print_json && id != s.eos_id) std::cout << l.tokenizer->decode_token(static_cast<int32_t>(id)) << std::flush;
     return true;
   });
+  const std::vector<int64_t>& ids = generation.ids;
+  if (generation.stop == model::StopReason::kContext)
+    std::cerr << absl::StrFormat(
+        "\n[generate: stopped at the model's context length (%d tokens: %d prompt + %d new); "
+        "it does not slide its window]\n",
+        lm->context_length(), prompt_ids.size(), ids.size());
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::vector<int32_t> ids32(ids.begin(), ids.end());
   if (!ids32.empty() && ids32.back() == s.eos_id) ids32.pop_back();
@@ -508,6 +518,7 @@ int generate_impl() {
             {"ids", ids},
             {"text", completion},
             {"stopped_at_eos", stopped_at_eos},
+            {"stop", model::stop_reason_name(generation.stop)},
             {"temperature", temperature},
             {"top_p", top_p},
             {"seed", s.seed},
@@ -661,7 +672,11 @@ absl::StatusOr<ConvertResult> convert_gpt_to_hf_gpt2(const std::string& checkpoi
         "outputs differ from the run's"));
 
   torch::NoGradGuard no_grad;
-  model::GPT& gpt = loaded->model;
+  auto* gpt = dynamic_cast<model::GPTImpl*>(loaded->model.get());
+  if (!gpt)
+    return absl::InvalidArgumentError(absl::StrCat(
+        checkpoint_path, " holds a ", model::arch_name(loaded->model->arch()),
+        " model; --to hf-gpt2 exports GPT runs (use --to native for Llama runs)"));
   const int64_t d = m.d_model(), V = gpt->vocab_size();
   auto params = gpt->named_parameters();
   auto get = [&](const std::string& name) { return params[name].detach().to(at::kFloat); };

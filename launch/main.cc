@@ -29,6 +29,7 @@
 #include "launch/llama_commands.h"
 #include "launch/saap_commands.h"
 #include "launch/launcher.h"
+#include "model/factory.h"
 #include "nlohmann/json.hpp"
 #include "trainer/trainer.h"
 
@@ -98,7 +99,8 @@ int run_train(const Args& positional, const Args& overrides) {
   auto device = trainer::resolve_device("auto");
   const std::string preset =
       device.ok() && device->is_cuda() ? "gpu_default" : "cpu_default";
-  auto exp = resolve_config(absl::GetFlag(FLAGS_config), overrides, preset);
+  auto exp = resolve_config(absl::GetFlag(FLAGS_config), overrides, preset,
+                            model::complete_from_pretrained);
   if (!exp.ok()) return fail("train", std::string(exp.status().message()));
   if (absl::GetFlag(FLAGS_print_config)) {
     std::cout << config_to_text(*exp);

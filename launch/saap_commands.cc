@@ -25,6 +25,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "launch/llama_commands.h"
+#include "model/generate.h"
 #include "nlohmann/json.hpp"
 #include "saap/calibrate.h"
 #include "saap/index.h"
@@ -316,7 +317,8 @@ NeedleTrial needle_trial(llama_commands::LoadedModel& l, const std::vector<int64
   prompt.insert(prompt.end(), filler.begin() + at, filler.begin() + filler_tokens);
   prompt.insert(prompt.end(), question.begin(), question.end());
   model::SamplingOptions s;  // greedy
-  auto out = l.model->generate(prompt, 8, s);
+  model::CausalLM lm = model::as_causal_lm(l.model);
+  auto out = model::generate(lm, prompt, 8, s).ids;
   std::vector<int32_t> ids32(out.begin(), out.end());
   NeedleTrial t;
   t.depth = depth;
@@ -423,7 +425,8 @@ int eval() {
                    std::shared_ptr<saap::SaapAttentionHook> hook) {
       l.model->set_attention_hook(hook);
       const auto t = std::chrono::steady_clock::now();
-      auto r = model::sliding_window_nll(l.model, scored, context, stride);
+      model::CausalLM lm = model::as_causal_lm(l.model);
+      auto r = model::sliding_window_nll(lm, scored, context, stride);
       l.model->set_attention_hook(nullptr);
       json row = {{"routing", routing_name}, {"l", l_value},       {"tokens", r.tokens},
                   {"perplexity", r.perplexity()}, {"mean_nll", r.mean_nll()},

@@ -19,13 +19,6 @@ namespace sparseflash::model {
 
 namespace F = torch::nn::functional;
 
-attention::Options layer_attention_options(const config::Experiment& exp, int layer) {
-  for (const auto& entry : exp.layer_attention())
-    for (int l : entry.layers())
-      if (l == layer) return attention::Options::from_config(entry.attention());
-  return attention::Options::from_config(exp.attention());
-}
-
 // ---------------------------------------------------------------------------
 
 LayerNormImpl::LayerNormImpl(int64_t dim, bool with_bias) {
@@ -41,7 +34,10 @@ Tensor LayerNormImpl::forward(const Tensor& x) {
 
 SelfAttentionImpl::SelfAttentionImpl(const config::Model& m, attention::Options options,
                                      int layer)
-    : attention(options, layer), n_head_(m.n_head()), head_dim_(m.d_model() / m.n_head()) {
+    : attention(options, layer),
+      n_head_(m.n_head()),
+      head_dim_(m.d_model() / m.n_head()),
+      layer_(layer) {
   const int64_t d = m.d_model();
   const int64_t projections = options.shared_qk ? 2 : 3;
   c_attn = register_module(
@@ -50,7 +46,7 @@ SelfAttentionImpl::SelfAttentionImpl(const config::Model& m, attention::Options 
                            torch::nn::Linear(torch::nn::LinearOptions(d, d).bias(m.bias())));
 }
 
-Tensor SelfAttentionImpl::forward(const Tensor& x, at::Generator& generator) {
+Tensor SelfAttentionImpl::forward(const Tensor& x, at::Generator& generator, KVCache* cache) {
   const int64_t B = x.size(0), N = x.size(1), d = x.size(2);
   auto heads = [&](const Tensor& t) {  // [B, N, d] -> [B, H, N, hd]
     return t.view({B, N, n_head_, head_dim_}).transpose(1, 2);
@@ -69,7 +65,36 @@ Tensor SelfAttentionImpl::forward(const Tensor& x, at::Generator& generator) {
     k = heads(parts[1]);
     v = heads(parts[2]);
   }
-  Tensor y = attention.forward(q, k, v, generator);
+  const Tensor k_new = k;
+  const int64_t offset = cache ? cache->length : 0;
+  if (cache) {
+    Tensor& ck = cache->k[layer_];
+    Tensor& cv = cache->v[layer_];
+    if (ck.defined()) {
+      k = at::cat({ck, k}, 2);
+      v = at::cat({cv, v}, 2);
+    }
+    ck = k;
+    cv = v;
+  }
+  // Queries sit at the last N key positions (bottom-right aligned).
+  Tensor y;
+  if (hook) {
+    AttentionCall call;
+    call.layer = layer_;
+    call.offset = offset;
+    call.with_cache = cache != nullptr;
+    call.q_pre = q;
+    call.k_pre = k_new;
+    call.q = q;
+    call.k = k;
+    call.v = v;
+    y = hook->attend(call);
+    if (y.defined())
+      TORCH_CHECK(y.sizes() == q.sizes(), "GPT: the attention hook returned ", y.sizes(),
+                  " for queries ", q.sizes());
+  }
+  if (!y.defined()) y = attention.forward(q, k, v, generator);
   return c_proj->forward(y.transpose(1, 2).reshape({B, N, d}));
 }
 
@@ -87,10 +112,11 @@ BlockImpl::BlockImpl(const config::Model& m, attention::Options options, int lay
 }
 
 std::pair<Tensor, Tensor> BlockImpl::forward_residual(const Tensor& x, const Tensor& pending,
-                                                      at::Generator& generator) {
+                                                      at::Generator& generator, KVCache* cache) {
   // Each residual add travels with the LayerNorm that reads its sum.
   auto [r, a_in] = add_layer_norm(x, pending, ln_1->weight, ln_1->bias, 1e-5);
-  auto [h, m_in] = add_layer_norm(r, attn->forward(a_in, generator), ln_2->weight, ln_2->bias, 1e-5);
+  auto [h, m_in] =
+      add_layer_norm(r, attn->forward(a_in, generator, cache), ln_2->weight, ln_2->bias, 1e-5);
   Tensor f = at::gelu(c_fc->forward(m_in), "tanh");
   return {h, mlp_proj->forward(f)};
 }
@@ -104,7 +130,9 @@ Tensor BlockImpl::forward(const Tensor& x, at::Generator& generator) {
 
 GPTImpl::GPTImpl(const config::Experiment& exp, int64_t vocab_size)
     : vocab_size_(exp.model().vocab_size() > 0 ? exp.model().vocab_size() : vocab_size),
-      block_size_(exp.model().block_size()) {
+      block_size_(exp.model().block_size()),
+      d_model_(exp.model().d_model()),
+      n_head_(exp.model().n_head()) {
   const auto& m = exp.model();
   TORCH_CHECK(vocab_size_ > 0, "GPT: vocab size unknown (model.vocab_size = 0 and no data)");
   TORCH_CHECK(m.d_model() % m.n_head() == 0, "GPT: model.d_model ", m.d_model(),
@@ -140,63 +168,46 @@ void GPTImpl::init_weights(const config::Model& m) {
   }
 }
 
-Tensor GPTImpl::hidden(const Tensor& idx) {
-  TORCH_CHECK(idx.dim() == 2, "GPT: idx must be [B, N], got ", idx.sizes());
+Tensor GPTImpl::hidden_states(const Tensor& idx, KVCache* cache) {
+  TORCH_CHECK(idx.dim() == 2, "GPT: ids must be [B, N], got ", idx.sizes());
   const int64_t N = idx.size(1);
-  TORCH_CHECK(N <= block_size_, "GPT: sequence length ", N, " exceeds model.block_size ",
-              block_size_);
-  Tensor pos = at::arange(N, idx.options().dtype(at::kLong));
+  const int64_t offset = cache ? cache->length : 0;
+  TORCH_CHECK(offset + N <= block_size_, "GPT: positions up to ", offset + N,
+              " exceed the context length (model.block_size) ", block_size_);
+  if (cache && cache->k.empty()) {
+    cache->k.resize(blocks->size());
+    cache->v.resize(blocks->size());
+  }
+  Tensor pos = at::arange(offset, offset + N, idx.options().dtype(at::kLong));
   Tensor x = wte->forward(idx) + wpe->forward(pos).unsqueeze(0);
   Tensor pending;  // the last block's MLP output, added by the next LayerNorm
   for (auto& block : *blocks)
-    std::tie(x, pending) = block->as<Block>()->forward_residual(x, pending, attention_generator_);
+    std::tie(x, pending) =
+        block->as<Block>()->forward_residual(x, pending, attention_generator_, cache);
+  if (cache) cache->length += N;
   return add_layer_norm(x, pending, ln_f->weight, ln_f->bias, 1e-5).second;
 }
 
-Tensor GPTImpl::forward(const Tensor& idx) {
-  return F::linear(hidden(idx), wte->weight);  // tied output head
+AttentionShape GPTImpl::attention_shape() const {
+  return {static_cast<int>(blocks->size()), n_head_, n_head_, d_model_ / n_head_};
 }
 
-Tensor GPTImpl::loss(const Tensor& idx, const Tensor& targets) {
-  // The tied head and the cross-entropy in one chunked op: the [B N, vocab]
-  // logits are never held whole nor in float32 (model/fused.h).
-  return linear_cross_entropy(hidden(idx), wte->weight, targets);
+std::vector<attention::Options> GPTImpl::layer_attention() const {
+  std::vector<attention::Options> out;
+  for (const auto& block : *blocks) out.push_back(block->as<Block>()->attn->attention.options());
+  return out;
 }
 
-std::vector<int64_t> GPTImpl::generate(const std::vector<int64_t>& prompt, int max_new,
-                                       double temperature, int top_k, at::Generator& sampler) {
-  torch::NoGradGuard no_grad;
-  std::vector<int64_t> ids = prompt;
-  auto device = wte->weight.device();
-  // todo: no KV cache yet; each new token reruns the visible window.
-  for (int t = 0; t < max_new; ++t) {
-    const int64_t begin = std::max<int64_t>(0, static_cast<int64_t>(ids.size()) - block_size_);
-    std::vector<int64_t> window(ids.begin() + begin, ids.end());
-    Tensor idx = torch::from_blob(window.data(), {1, static_cast<int64_t>(window.size())},
-                                  at::kLong)
-                     .to(device);
-    Tensor logits = forward(idx).select(1, -1).squeeze(0).to(at::kFloat).cpu();
-    int64_t next;
-    if (temperature <= 0) {
-      next = logits.argmax().item<int64_t>();
-    } else {
-      logits = logits / temperature;
-      if (top_k > 0 && top_k < logits.size(0)) {
-        Tensor kth = std::get<0>(logits.topk(top_k)).select(0, top_k - 1);
-        logits = logits.masked_fill(logits.lt(kth), -std::numeric_limits<double>::infinity());
-      }
-      Tensor probs = at::softmax(logits, -1);
-      next = at::multinomial(probs, 1, false, sampler).item<int64_t>();
-    }
-    ids.push_back(next);
-  }
-  return ids;
+std::vector<attention::Pattern> GPTImpl::last_patterns() const {
+  std::vector<attention::Pattern> out;
+  for (const auto& block : *blocks)
+    out.push_back(block->as<Block>()->attn->attention.last_pattern());
+  return out;
 }
 
-int64_t GPTImpl::num_parameters() const {
-  int64_t n = 0;
-  for (const auto& p : parameters()) n += p.numel();
-  return n;
+void GPTImpl::set_attention_hook(std::shared_ptr<AttentionHook> hook) {
+  hook_ = std::move(hook);
+  for (auto& block : *blocks) block->as<Block>()->attn->hook = hook_.get();
 }
 
 }  // namespace sparseflash::model

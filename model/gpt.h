@@ -16,14 +16,11 @@
 
 #include "attention/attention.h"
 #include "configs/experiment.pb.h"
+#include "model/causal_lm.h"
 
 namespace sparseflash::model {
 
 using at::Tensor;
-
-// The attention a layer uses: Experiment.attention unless a layer_attention
-// entry lists the layer.
-attention::Options layer_attention_options(const config::Experiment& exp, int layer);
 
 // LayerNorm with an optional bias (torch::nn::LayerNorm always has one).
 class LayerNormImpl : public torch::nn::Module {
@@ -37,13 +34,17 @@ TORCH_MODULE(LayerNorm);
 class SelfAttentionImpl : public torch::nn::Module {
  public:
   SelfAttentionImpl(const config::Model& m, attention::Options options, int layer);
-  Tensor forward(const Tensor& x, at::Generator& generator);
+  // x [B, N, d]. With a cache, x's keys and values are appended to
+  // cache->k/v[layer] and attended with the earlier ones.
+  Tensor forward(const Tensor& x, at::Generator& generator, KVCache* cache = nullptr);
   // With shared_qk the projection yields q and v only; k = q / |q|.
   torch::nn::Linear c_attn{nullptr}, c_proj{nullptr};
   attention::Attention attention;
+  AttentionHook* hook = nullptr;  // not owned; see GPTImpl::set_attention_hook
 
  private:
   int64_t n_head_, head_dim_;
+  int layer_;
 };
 TORCH_MODULE(SelfAttention);
 
@@ -55,37 +56,32 @@ class BlockImpl : public torch::nn::Module {
   // block's MLP output, or undefined), adds fused into the LayerNorms
   // (model/fused.h): returns {x + pending + attention, MLP output}.
   std::pair<Tensor, Tensor> forward_residual(const Tensor& x, const Tensor& pending,
-                                             at::Generator& generator);
+                                             at::Generator& generator,
+                                             KVCache* cache = nullptr);
   LayerNorm ln_1{nullptr}, ln_2{nullptr};
   SelfAttention attn{nullptr};
   torch::nn::Linear c_fc{nullptr}, mlp_proj{nullptr};
 };
 TORCH_MODULE(Block);
 
-class GPTImpl : public torch::nn::Module {
+class GPTImpl : public CausalLMImpl {
  public:
   // vocab_size overrides model.vocab_size when the latter is 0 (from data).
   GPTImpl(const config::Experiment& exp, int64_t vocab_size);
 
-  // idx [B, N] int64 -> logits [B, N, vocab] (float32 on CPU, autocast dtype on GPU).
-  Tensor forward(const Tensor& idx);
-  // idx [B, N] -> the final LayerNorm's output [B, N, d_model] (what the head
-  // reads; in the autocast dtype under CUDA autocast).
-  Tensor hidden(const Tensor& idx);
-  // Mean cross-entropy in nats (float32), through the fused chunked head +
-  // cross-entropy (model/fused.h); targets < 0 are ignored.
-  Tensor loss(const Tensor& idx, const Tensor& targets);
+  Tensor hidden_states(const Tensor& ids, KVCache* cache = nullptr) override;
+  const Tensor& output_weight() const override { return wte->weight; }  // tied head
+  config::Model::Arch arch() const override { return config::Model::GPT; }
+  int64_t vocab_size() const override { return vocab_size_; }
+  int64_t context_length() const override { return block_size_; }
+  AttentionShape attention_shape() const override;
+  std::vector<attention::Options> layer_attention() const override;
+  std::vector<attention::Pattern> last_patterns() const override;
+  void set_attention_hook(std::shared_ptr<AttentionHook> hook) override;
 
-  // Autoregressive sampling: appends max_new tokens to `prompt` ([N] int64).
-  // temperature 0 is greedy; top_k 0 keeps every token.
-  std::vector<int64_t> generate(const std::vector<int64_t>& prompt, int max_new,
-                                double temperature, int top_k, at::Generator& sampler);
-
-  int64_t vocab_size() const { return vocab_size_; }
+  // The former names, for callers that know they hold a GPT.
+  Tensor hidden(const Tensor& idx) { return hidden_states(idx); }
   int64_t block_size() const { return block_size_; }
-  int64_t num_parameters() const;
-  // Draws of the sparse attention (rotations, drop masks); part of checkpoints.
-  at::Generator& attention_generator() { return attention_generator_; }
 
   torch::nn::Embedding wte{nullptr}, wpe{nullptr};
   torch::nn::ModuleList blocks{nullptr};
@@ -93,8 +89,7 @@ class GPTImpl : public torch::nn::Module {
 
  private:
   void init_weights(const config::Model& m);
-  int64_t vocab_size_, block_size_;
-  at::Generator attention_generator_;
+  int64_t vocab_size_, block_size_, d_model_, n_head_;
 };
 TORCH_MODULE(GPT);
 

@@ -1,5 +1,5 @@
 // Llama decoder. Reading order: rotary embedding, RMSNorm, attention, layer,
-// model, generation, loading.
+// model, loading, perplexity.
 #include "model/llama.h"
 
 #include <chrono>
@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/util/Exception.h>
 #include <torch/nn/functional/activation.h>
@@ -179,8 +180,7 @@ Tensor LlamaAttentionImpl::forward(const Tensor& x, const Tensor& cos, const Ten
       TORCH_CHECK(y.sizes() == q.sizes(), "Llama: the attention hook returned ", y.sizes(),
                   " for queries ", q.sizes());
   }
-  if (!y.defined())
-    y = attention.forward(q.contiguous(), k.contiguous(), v.contiguous(), generator);
+  if (!y.defined()) y = attention.forward(q, k, v, generator);
   return o_proj->forward(y.transpose(1, 2).reshape({B, N, heads_ * head_dim_}));
 }
 
@@ -279,7 +279,9 @@ LlamaImpl::LlamaImpl(const checkpoint::LlamaConfig& config,
 
 Tensor LlamaImpl::hidden_states(const Tensor& ids, KVCache* cache) {
   TORCH_CHECK(ids.dim() == 2, "Llama: ids must be [B, N], got ", ids.sizes());
-  if (ids.numel() > 0) {
+  // (Training data was checked against the vocabulary when it was opened;
+  // the check costs a device synchronisation.)
+  if (ids.numel() > 0 && !is_training()) {
     const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < config_.vocab_size, "Llama: token id ", lo < 0 ? lo : hi,
                 " outside the vocabulary [0, ", config_.vocab_size, ")");
@@ -298,16 +300,18 @@ Tensor LlamaImpl::hidden_states(const Tensor& ids, KVCache* cache) {
                          .to(at::kFloat);
   Tensor freqs = positions.unsqueeze(1) * inv_freq_.unsqueeze(0);
   Tensor angles = at::cat({freqs, freqs}, -1);
-  Tensor cos = angles.cos().to(dtype()), sin = angles.sin().to(dtype());
+  // Under autocast the projections are in the autocast dtype; so are cos and
+  // sin, so that q and k reach the attention kernels in it.
+  const at::ScalarType rope_dtype =
+      dev.is_cuda() && at::autocast::is_autocast_enabled(at::kCUDA)
+          ? at::autocast::get_autocast_dtype(at::kCUDA)
+          : dtype();
+  Tensor cos = angles.cos().to(rope_dtype), sin = angles.sin().to(rope_dtype);
   Tensor x = at::embedding(embed_tokens, ids.to(dev));
   for (auto& layer : *layers)
     x = layer->as<LlamaLayer>()->forward(x, cos, sin, cache, attention_generator_);
   if (cache) cache->length += N;
   return norm->forward(x);
-}
-
-Tensor LlamaImpl::logits(const Tensor& hidden) {
-  return F::linear(hidden, config_.tie_word_embeddings ? embed_tokens : lm_head).to(at::kFloat);
 }
 
 void LlamaImpl::set_rope_frequency_factors(const std::vector<float>& factors) {
@@ -318,6 +322,7 @@ void LlamaImpl::set_rope_frequency_factors(const std::vector<float>& factors) {
   unscaled.rope_scaling = checkpoint::RopeScaling{};
   Tensor f = at::tensor(factors, at::TensorOptions().dtype(at::kFloat));
   inv_freq_ = (rope_inverse_frequencies(unscaled) / f).to(inv_freq_.device());
+  rope_freq_factors_ = factors;
 }
 
 void LlamaImpl::set_attention_hook(std::shared_ptr<AttentionHook> hook) {
@@ -329,50 +334,22 @@ void LlamaImpl::fuse_projections() {
   for (auto& layer : *layers) layer->as<LlamaLayer>()->fuse_projections();
 }
 
-int64_t LlamaImpl::num_parameters() const {
-  int64_t n = 0;
-  for (const auto& p : parameters()) n += p.numel();
-  return n;
+AttentionShape LlamaImpl::attention_shape() const {
+  return {static_cast<int>(config_.num_hidden_layers), config_.num_attention_heads,
+          config_.num_key_value_heads, config_.head_dim};
 }
 
-// ---------------------------------------------------------------------------
-// generation
-
-// Picks the next id from float32 logits [vocab] on the CPU.
-static int64_t pick(const Tensor& logits, const SamplingOptions& s, at::Generator& sampler) {
-  if (s.temperature <= 0) return logits.argmax().item<int64_t>();
-  Tensor probs = at::softmax(logits.to(at::kDouble) / s.temperature, -1);
-  if (s.top_p < 1) {
-    auto [sorted, order] = probs.sort(/*dim=*/-1, /*descending=*/true);
-    // Keep the most likely tokens up to and including the one that reaches top_p.
-    Tensor before = sorted.cumsum(-1) - sorted;
-    Tensor keep = before.lt(s.top_p);
-    keep.index_put_({0}, true);
-    sorted = sorted.masked_fill(keep.logical_not(), 0);
-    probs = at::zeros_like(probs).scatter(-1, order, sorted);
-  }
-  return at::multinomial(probs, 1, false, sampler).item<int64_t>();
+std::vector<attention::Pattern> LlamaImpl::last_patterns() const {
+  std::vector<attention::Pattern> out;
+  for (const auto& layer : *layers)
+    out.push_back(layer->as<LlamaLayer>()->self_attn->attention.last_pattern());
+  return out;
 }
 
-std::vector<int64_t> LlamaImpl::generate(const std::vector<int64_t>& prompt, int64_t max_new,
-                                         const SamplingOptions& sampling,
-                                         const std::function<bool(int64_t)>& on_token) {
-  TORCH_CHECK(!prompt.empty(), "Llama::generate: the prompt has no tokens");
-  TORCH_CHECK(sampling.top_p > 0 && sampling.top_p <= 1, "Llama::generate: top_p must be in (0, 1], got ",
-              sampling.top_p);
-  torch::NoGradGuard no_grad;
-  at::Generator sampler = at::detail::createCPUGenerator(sampling.seed);
-  KVCache cache;
-  std::vector<int64_t> out;
-  Tensor ids = at::tensor(prompt, at::TensorOptions().dtype(at::kLong)).view({1, -1});
-  for (int64_t t = 0; t < max_new; ++t) {
-    Tensor h = hidden_states(ids, &cache).select(1, -1);  // [1, d]
-    const int64_t next = pick(logits(h)[0].cpu(), sampling, sampler);
-    out.push_back(next);
-    if (on_token && !on_token(next)) break;
-    if (next == sampling.eos_id) break;
-    ids = at::full({1, 1}, next, at::TensorOptions().dtype(at::kLong));
-  }
+std::vector<attention::Options> LlamaImpl::layer_attention() const {
+  std::vector<attention::Options> out;
+  for (const auto& layer : *layers)
+    out.push_back(layer->as<LlamaLayer>()->self_attn->attention.options());
   return out;
 }
 
@@ -425,17 +402,15 @@ class TensorSource {
 
 }  // namespace
 
-Llama load_llama(const checkpoint::LlamaCheckpoint& ckpt, const LlamaLoadOptions& options) {
-  const auto& c = ckpt.config;
-  Llama model(c, options.attention);
-  model->attention_generator() = at::detail::createCPUGenerator(options.attention_seed);
+void copy_llama_weights(const checkpoint::LlamaCheckpoint& ckpt, LlamaImpl& model) {
+  const auto& c = model.config();
   TensorSource source(ckpt);
   torch::NoGradGuard no_grad;
   const int64_t d = c.hidden_size, f = c.intermediate_size, hd = c.head_dim;
   const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads;
-  model->embed_tokens.copy_(source.take("model.embed_tokens.weight", {c.vocab_size, d}));
+  model.embed_tokens.copy_(source.take("model.embed_tokens.weight", {c.vocab_size, d}));
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    auto layer = model->layers[l]->as<LlamaLayer>();
+    auto layer = model.layers[l]->as<LlamaLayer>();
     const std::string p = "model.layers." + std::to_string(l) + ".";
     Tensor q = source.take(p + "self_attn.q_proj.weight", {H * hd, d});
     Tensor k = source.take(p + "self_attn.k_proj.weight", {Hkv * hd, d});
@@ -454,9 +429,9 @@ Llama load_llama(const checkpoint::LlamaCheckpoint& ckpt, const LlamaLoadOptions
     layer->post_attention_layernorm->weight.copy_(
         source.take(p + "post_attention_layernorm.weight", {d}));
   }
-  model->norm->weight.copy_(source.take("model.norm.weight", {d}));
-  if (!c.tie_word_embeddings) model->lm_head.copy_(source.take("lm_head.weight", {c.vocab_size, d}));
-  if (!ckpt.rope_freq_factors.empty()) model->set_rope_frequency_factors(ckpt.rope_freq_factors);
+  model.norm->weight.copy_(source.take("model.norm.weight", {d}));
+  if (!c.tie_word_embeddings) model.lm_head.copy_(source.take("lm_head.weight", {c.vocab_size, d}));
+  if (!ckpt.rope_freq_factors.empty()) model.set_rope_frequency_factors(ckpt.rope_freq_factors);
   auto leftover = source.leftover();
   if (!leftover.empty()) {
     std::string names;
@@ -466,6 +441,12 @@ Llama load_llama(const checkpoint::LlamaCheckpoint& ckpt, const LlamaLoadOptions
                              (leftover.size() > 5 ? ", ..." : "") +
                              "); the checkpoint has features it lacks (e.g. attention biases)");
   }
+}
+
+Llama load_llama(const checkpoint::LlamaCheckpoint& ckpt, const LlamaLoadOptions& options) {
+  Llama model(ckpt.config, options.attention);
+  model->attention_generator() = at::detail::createCPUGenerator(options.attention_seed);
+  copy_llama_weights(ckpt, *model);
   model->to(options.device, options.dtype);
   model->fuse_projections();
   model->eval();
@@ -477,7 +458,7 @@ Llama load_llama(const checkpoint::LlamaCheckpoint& ckpt, const LlamaLoadOptions
 
 double PerplexityResult::perplexity() const { return std::exp(mean_nll()); }
 
-PerplexityResult sliding_window_nll(Llama& model, const std::vector<int64_t>& ids,
+PerplexityResult sliding_window_nll(CausalLM model, const std::vector<int64_t>& ids,
                                     int64_t context, int64_t stride,
                                     const std::function<void(const PerplexityResult&)>& progress) {
   TORCH_CHECK(context >= 2, "sliding_window_nll: context must be >= 2, got ", context);

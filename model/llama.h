@@ -26,6 +26,7 @@
 
 #include "attention/attention.h"
 #include "checkpoint/llama.h"
+#include "model/causal_lm.h"
 
 namespace sparseflash::model {
 
@@ -39,32 +40,6 @@ Tensor rope_inverse_frequencies(const checkpoint::LlamaConfig& config);
 // Rows of an interleaved-RoPE projection ([heads * head_dim, in], pairs
 // (2i, 2i+1) rotate together) reordered to rotate-half (i, i + head_dim/2).
 Tensor interleaved_to_rotate_half(const Tensor& weight, int64_t heads);
-
-// Keys and values of the positions seen so far, per layer: [B, Hkv, T, D].
-struct KVCache {
-  std::vector<Tensor> k, v;
-  int64_t length = 0;  // T: the position of the next token
-};
-
-// What one layer's attention sees in one forward call, for hooks that record
-// it (SAAP calibration) or attend differently (SAAP inference).
-struct AttentionCall {
-  int layer = 0;
-  int64_t offset = 0;      // position of the first new token (cache length before the call)
-  bool with_cache = false; // the call extends a KVCache (generation); k, v include it
-  Tensor q_pre, k_pre;     // [B, H, N, D], [B, Hkv, N, D]: the new tokens before RoPE
-  Tensor q;                // [B, H, N, D] RoPE'd
-  Tensor k, v;             // [B, Hkv, T, D] RoPE'd keys and values of every position 0 .. T-1
-};
-
-// Installed with LlamaImpl::set_attention_hook. attend() returns the
-// attention output [B, H, N, D] (q's dtype) to use in place of the layer's
-// own attention, or an undefined tensor to let the layer attend as usual.
-class AttentionHook {
- public:
-  virtual ~AttentionHook() = default;
-  virtual Tensor attend(const AttentionCall& call) = 0;
-};
 
 class RMSNormImpl : public torch::nn::Module {
  public:
@@ -116,49 +91,34 @@ class LlamaLayerImpl : public torch::nn::Module {
 };
 TORCH_MODULE(LlamaLayer);
 
-struct SamplingOptions {
-  double temperature = 0;  // 0 = greedy (argmax)
-  double top_p = 1;        // nucleus: sample among the smallest set with mass >= top_p
-  uint64_t seed = 1;
-  int64_t eos_id = -1;     // stop after emitting this id (-1: never)
-};
-
-class LlamaImpl : public torch::nn::Module {
+class LlamaImpl : public CausalLMImpl {
  public:
   // layer_attention: one entry per layer, or one for all layers.
   LlamaImpl(const checkpoint::LlamaConfig& config,
             const std::vector<attention::Options>& layer_attention);
 
   // ids [B, N] int64 -> final-normed hidden states [B, N, d] in the weights'
-  // dtype. Positions start at cache->length (0 without a cache).
-  Tensor hidden_states(const Tensor& ids, KVCache* cache = nullptr);
-  // hidden [..., d] -> logits [..., vocab] in float32 (the head runs in the
-  // weights' dtype, as transformers does).
-  Tensor logits(const Tensor& hidden);
-  Tensor forward(const Tensor& ids, KVCache* cache = nullptr) {
-    return logits(hidden_states(ids, cache));
+  // dtype (the autocast dtype under CUDA autocast). Positions start at
+  // cache->length (0 without a cache). Outside training, ids are checked
+  // against the vocabulary.
+  Tensor hidden_states(const Tensor& ids, KVCache* cache = nullptr) override;
+  // [vocab, d]: lm_head, or embed_tokens when tied.
+  const Tensor& output_weight() const override {
+    return config_.tie_word_embeddings ? embed_tokens : lm_head;
   }
-
-  // Continues `prompt` with up to max_new tokens using the KV cache; stops
-  // after eos_id. on_token (optional) sees each new id and may return false
-  // to stop. Returns the new ids only.
-  std::vector<int64_t> generate(const std::vector<int64_t>& prompt, int64_t max_new,
-                                const SamplingOptions& sampling,
-                                const std::function<bool(int64_t)>& on_token = nullptr);
+  config::Model::Arch arch() const override { return config::Model::LLAMA; }
+  int64_t vocab_size() const override { return config_.vocab_size; }
+  int64_t context_length() const override { return config_.max_position_embeddings; }
+  AttentionShape attention_shape() const override;
+  std::vector<attention::Options> layer_attention() const override;
+  std::vector<attention::Pattern> last_patterns() const override;
+  void set_attention_hook(std::shared_ptr<AttentionHook> hook) override;
 
   const checkpoint::LlamaConfig& config() const { return config_; }
-  int64_t num_parameters() const;
-  at::Device device() const { return embed_tokens.device(); }
-  at::ScalarType dtype() const { return embed_tokens.scalar_type(); }
-  // Draws of the sparse attention kinds (rotations, drop masks).
-  at::Generator& attention_generator() { return attention_generator_; }
   // GGUF's rope_freqs.weight (llama.cpp's form of llama3 scaling): inverse
   // frequencies become the unscaled ones divided by these [head_dim / 2] factors.
   void set_rope_frequency_factors(const std::vector<float>& factors);
-  // Every layer's attention goes through `hook` (null: none) until it is
-  // replaced; the model keeps it alive.
-  void set_attention_hook(std::shared_ptr<AttentionHook> hook);
-  const std::shared_ptr<AttentionHook>& attention_hook() const { return hook_; }
+  const std::vector<float>& rope_frequency_factors() const { return rope_freq_factors_; }
   // Fuses each layer's q/k/v and gate/up weights (see LlamaAttention); call
   // after the last to(): moving the module afterwards unfuses nothing but
   // copies the views apart, and inference then falls back to the modules.
@@ -167,13 +127,12 @@ class LlamaImpl : public torch::nn::Module {
   Tensor embed_tokens;  // [vocab, d]
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};
-  Tensor lm_head;       // [vocab, d]; the same tensor as embed_tokens when tied
+  Tensor lm_head;       // [vocab, d]; undefined when tied (embed_tokens is the head)
 
  private:
   checkpoint::LlamaConfig config_;
   Tensor inv_freq_;  // float32 on the model's device
-  at::Generator attention_generator_;
-  std::shared_ptr<AttentionHook> hook_;
+  std::vector<float> rope_freq_factors_;
 };
 TORCH_MODULE(Llama);
 
@@ -190,6 +149,11 @@ struct LlamaLoadOptions {
 // missing, has the wrong shape, or is left over (an architecture feature this
 // model lacks, such as attention biases).
 Llama load_llama(const checkpoint::LlamaCheckpoint& checkpoint, const LlamaLoadOptions& options);
+
+// Fills every weight of an already-built model (float32 on the CPU) from
+// `checkpoint`, whose tensor shapes must match the model's config (the
+// context length and RoPE scaling may differ). Throws as load_llama does.
+void copy_llama_weights(const checkpoint::LlamaCheckpoint& checkpoint, LlamaImpl& model);
 
 // ---------------------------------------------------------------------------
 // perplexity
@@ -209,7 +173,7 @@ struct PerplexityResult {
 // window scored, each predicted from up to `context` - 1 tokens before it.
 // Every token but the first is scored exactly once. 1 <= stride <= context.
 // progress (optional) runs after each window with the totals so far.
-PerplexityResult sliding_window_nll(Llama& model, const std::vector<int64_t>& ids,
+PerplexityResult sliding_window_nll(CausalLM model, const std::vector<int64_t>& ids,
                                     int64_t context, int64_t stride,
                                     const std::function<void(const PerplexityResult&)>& progress =
                                         nullptr);

@@ -30,6 +30,7 @@
 #include "configs/config.h"
 #include "data/shard.h"
 #include "model/gpt.h"
+#include "model/generate.h"
 #include "model/llama.h"
 #include "nlohmann/json.hpp"
 #include "tokenizer/tokenizer.h"
@@ -195,7 +196,7 @@ TEST_P(TinyLlamaParity, LogitsGreedyAndWindowedNllMatchTransformers) {
   EXPECT_GT(ref.logits.abs().max().item<double>(), 1.0);  // the comparison is not vacuous
 
   model::SamplingOptions greedy;  // temperature 0, no EOS stop
-  EXPECT_EQ(m->generate(ids, 12, greedy), ref.greedy);
+  EXPECT_EQ(model::generate(m, ids, 12, greedy).ids, ref.greedy);
 
   auto nll = model::sliding_window_nll(m, ids, 9, 4);
   EXPECT_EQ(nll.tokens, ref.nll_tokens);
@@ -327,17 +328,17 @@ TEST(Llama, SamplingIsSeededAndTopPNarrowsToGreedy) {
   model::SamplingOptions s;
   s.temperature = 1.0;
   s.seed = rng();
-  auto a = m->generate(prompt, 20, s), b = m->generate(prompt, 20, s);
+  auto a = model::generate(m, prompt, 20, s).ids, b = model::generate(m, prompt, 20, s).ids;
   EXPECT_EQ(a, b);
   s.seed += 1;
-  EXPECT_NE(m->generate(prompt, 20, s), a);
+  EXPECT_NE(model::generate(m, prompt, 20, s).ids, a);
   s.top_p = 1e-6;  // only the most likely token survives
-  EXPECT_EQ(m->generate(prompt, 20, s), m->generate(prompt, 20, model::SamplingOptions{}));
+  EXPECT_EQ(model::generate(m, prompt, 20, s).ids, model::generate(m, prompt, 20, model::SamplingOptions{}).ids);
   // EOS stops generation after emitting it.
   model::SamplingOptions greedy;
-  auto g = m->generate(prompt, 20, greedy);
+  auto g = model::generate(m, prompt, 20, greedy).ids;
   greedy.eos_id = g[3];
-  auto stopped = m->generate(prompt, 20, greedy);
+  auto stopped = model::generate(m, prompt, 20, greedy).ids;
   EXPECT_EQ(stopped.back(), g[3]);
   EXPECT_LE(stopped.size(), 4u);
 }
@@ -365,7 +366,7 @@ TEST(LlamaGpu, CudaFloat32AndBf16KernelsMatchTheCpuModel) {
   Tensor got = our_logits(bf16, ids).cpu();
   EXPECT_LE(max_abs_diff(got, expected), 0.05 * expected.abs().max().item<double>());
   model::SamplingOptions greedy;
-  EXPECT_EQ(bf16->generate(ids, 8, greedy).size(), 8u);
+  EXPECT_EQ(model::generate(bf16, ids, 8, greedy).ids.size(), 8u);
 
   o.attention[0].kind = attention::Kind::kHash;
   o.attention[0].num_buckets = 4;
@@ -520,9 +521,7 @@ TEST(Convert, GptExportMatchesGpt2LMHeadModel) {
     Tensor ours = gpt->forward(at::tensor(ids, at::kLong).view({1, -1}))[0].to(at::kFloat);
     EXPECT_LE(max_abs_diff(ours, ref.logits), 1e-4);
     EXPECT_GT(ref.logits.abs().max().item<double>(), 1.0);
-    at::Generator unused = at::detail::createCPUGenerator(1);
-    auto continued = gpt->generate(ids, 10, /*temperature=*/0, /*top_k=*/0, unused);
-    EXPECT_EQ(std::vector<int64_t>(continued.begin() + ids.size(), continued.end()), ref.greedy);
+    EXPECT_EQ(model::generate(gpt, ids, 10, model::SamplingOptions{}).ids, ref.greedy);
   }
 }
 
@@ -593,7 +592,7 @@ TEST(SmolLM2, LogitsAndPerplexityMatchTransformers) {
   EXPECT_NEAR(nll.perplexity() / ppl_ref, 1.0, 0.005);
 
   model::SamplingOptions greedy;
-  EXPECT_EQ(m->generate(ref.ids, 16, greedy), ref.greedy);
+  EXPECT_EQ(model::generate(m, ref.ids, 16, greedy).ids, ref.greedy);
 }
 
 }  // namespace

@@ -6,7 +6,10 @@
 #include <torch/optim/adamw.h>
 
 #include "configs/config.h"
+#include "model/factory.h"
+#include "model/generate.h"
 #include "model/gpt.h"
+#include "model/llama.h"
 #include "trainer/schedule.h"
 #include "trainer/state.h"
 
@@ -93,11 +96,137 @@ TEST(Gpt, GenerateAppendsTokensAndGreedyIsDeterministic) {
   // Dense: hash attention redraws its rotations at every forward.
   auto exp = tiny({"model.vocab_size=256", "attention.kind=DENSE"});
   model::GPT gpt(exp, 0);
-  at::Generator g1 = at::detail::createCPUGenerator(1), g2 = at::detail::createCPUGenerator(2);
-  auto a = gpt->generate({1, 2, 3}, 10, 0.0, 0, g1);
-  auto b = gpt->generate({1, 2, 3}, 10, 0.0, 0, g2);
-  EXPECT_EQ(a.size(), 13u);
+  model::SamplingOptions s1, s2;
+  s1.seed = 1;
+  s2.seed = 2;
+  auto a = model::generate(gpt, {1, 2, 3}, 10, s1).ids;
+  auto b = model::generate(gpt, {1, 2, 3}, 10, s2).ids;
+  EXPECT_EQ(a.size(), 10u);
   EXPECT_EQ(a, b);
+}
+
+TEST(Gpt, KvCacheGivesTheFullForwardsLogits) {
+  auto exp = tiny({"model.vocab_size=256", "attention.kind=DENSE"});
+  model::GPT gpt(exp, 0);
+  gpt->eval();
+  torch::NoGradGuard no_grad;
+  const int64_t N = 21;
+  at::Tensor ids = at::randint(0, 256, {2, N}, at::kLong);
+  at::Tensor full = gpt->forward(ids);
+  // In three uneven pieces through one cache.
+  model::KVCache cache;
+  std::vector<at::Tensor> parts;
+  for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, 8}, {8, 9}, {9, N}})
+    parts.push_back(gpt->forward(ids.slice(1, begin, end), &cache));
+  EXPECT_EQ(cache.length, N);
+  EXPECT_LE((at::cat(parts, 1) - full).abs().max().item<double>(), 1e-5);
+}
+
+TEST(Generate, StopsAtTheContextLengthAndSaysSo) {
+  auto exp = tiny({"model.vocab_size=256", "attention.kind=DENSE", "model.block_size=16",
+                   "data.seq_len=16"});
+  model::GPT gpt(exp, 0);
+  model::SamplingOptions s;
+  s.temperature = 1.0;
+  // 5 prompt tokens + at most 11 new ones fill the 16-token context.
+  model::Generation g = model::generate(gpt, {1, 2, 3, 4, 5}, 99999999999, s);
+  EXPECT_EQ(g.ids.size(), 11u);
+  EXPECT_EQ(g.stop, model::StopReason::kContext);
+  EXPECT_STREQ(model::stop_reason_name(g.stop), "context_full");
+  g = model::generate(gpt, {1, 2, 3, 4, 5}, 4, s);
+  EXPECT_EQ(g.ids.size(), 4u);
+  EXPECT_EQ(g.stop, model::StopReason::kMaxTokens);
+  // A prompt that fills the context leaves no room.
+  EXPECT_THROW(model::generate(gpt, std::vector<int64_t>(16, 1), 1, s), c10::Error);
+  EXPECT_THROW(model::generate(gpt, {}, 1, s), c10::Error);
+  EXPECT_THROW(model::generate(gpt, {300}, 1, s), c10::Error);
+  // Stops after the end-of-sequence id: greedy, with eos = the greedy token.
+  model::SamplingOptions greedy;
+  const int64_t first = model::generate(gpt, {1, 2, 3}, 1, greedy).ids[0];
+  greedy.eos_id = first;
+  g = model::generate(gpt, {1, 2, 3}, 10, greedy);
+  EXPECT_EQ(g.ids, std::vector<int64_t>{first});
+  EXPECT_EQ(g.stop, model::StopReason::kEndOfSequence);
+}
+
+TEST(Generate, TopKOneIsGreedyAndSeedsDiffer) {
+  auto exp = tiny({"model.vocab_size=256", "attention.kind=DENSE"});
+  model::GPT gpt(exp, 0);
+  model::SamplingOptions greedy, top1, hot_a, hot_b;
+  top1.temperature = hot_a.temperature = hot_b.temperature = 2.0;
+  top1.top_k = 1;
+  top1.seed = 7;
+  hot_a.seed = 1;
+  hot_b.seed = 2;
+  EXPECT_EQ(model::generate(gpt, {1, 2}, 20, top1).ids, model::generate(gpt, {1, 2}, 20, greedy).ids);
+  EXPECT_NE(model::generate(gpt, {1, 2}, 20, hot_a).ids, model::generate(gpt, {1, 2}, 20, hot_b).ids);
+  EXPECT_EQ(model::generate(gpt, {1, 2}, 20, hot_a).ids, model::generate(gpt, {1, 2}, 20, hot_a).ids);
+}
+
+// ---------------------------------------------------------------------------
+// the interface and the factory
+
+TEST(Factory, BuildsEitherFamilyFromTheConfig) {
+  auto gpt = model::build_model(tiny({"model.vocab_size=256"}));
+  ASSERT_TRUE(gpt.ok()) << gpt.status();
+  EXPECT_EQ((*gpt)->arch(), config::Model::GPT);
+  EXPECT_NE(dynamic_cast<model::GPTImpl*>(gpt->get()), nullptr);
+
+  auto exp = tiny({"model.arch=LLAMA", "model.n_kv_head=1", "model.d_ff=96",
+                   "attention.kind=DROP", "model.tie_embeddings=false"});
+  auto llama = model::build_model(exp, /*data_vocab_size=*/300);
+  ASSERT_TRUE(llama.ok()) << llama.status();
+  model::CausalLM m = *llama;
+  EXPECT_EQ(m->arch(), config::Model::LLAMA);
+  EXPECT_EQ(m->vocab_size(), 300);
+  EXPECT_EQ(m->context_length(), exp.model().block_size());
+  const model::AttentionShape shape = m->attention_shape();
+  EXPECT_EQ(shape.layers, exp.model().n_layer());
+  EXPECT_EQ(shape.heads, exp.model().n_head());
+  EXPECT_EQ(shape.kv_heads, 1);
+  ASSERT_EQ(m->layer_attention().size(), static_cast<size_t>(exp.model().n_layer()));
+  EXPECT_EQ(m->layer_attention()[0].kind, attention::Kind::kDrop);
+  // The loss is the mean cross-entropy of the logits, for both families.
+  for (model::CausalLM lm : {*gpt, m}) {
+    lm->eval();  // no drop: the same pattern in both calls
+    at::Tensor ids = at::randint(0, 256, {2, 12}, at::kLong);
+    at::Tensor targets = at::randint(0, 256, {2, 12}, at::kLong);
+    targets.index_put_({0, 3}, -1);  // ignored
+    lm->attention_generator().set_current_seed(9);
+    at::Tensor loss = lm->loss(ids, targets);
+    lm->attention_generator().set_current_seed(9);
+    at::Tensor logits = lm->forward(ids);
+    at::Tensor expected = at::cross_entropy_loss(logits.view({-1, logits.size(-1)}),
+                                                 targets.view({-1}), {}, at::Reduction::Mean, -1);
+    EXPECT_NEAR(loss.item<double>(), expected.item<double>(), 1e-5) << model::arch_name(lm->arch());
+  }
+  // Config errors name the field.
+  auto bad = resolve_config("preset:tiny_test", {"model.arch=LLAMA", "model.n_kv_head=3"},
+                            "tiny_test");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("model.n_kv_head"), std::string::npos) << bad.status();
+  bad = resolve_config("preset:tiny_test", {"model.arch=LLAMA", "attention.shared_qk=true"},
+                       "tiny_test");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("attention.shared_qk"), std::string::npos) << bad.status();
+}
+
+TEST(Llama, KvCacheGivesTheFullForwardsLogits) {
+  auto exp = tiny({"model.arch=LLAMA", "model.n_kv_head=2", "model.vocab_size=256",
+                   "attention.kind=DENSE", "model.rope_scaling.type=llama3",
+                   "model.rope_scaling.factor=4",
+                   "model.rope_scaling.original_max_position_embeddings=8"});
+  auto built = model::build_model(exp);
+  ASSERT_TRUE(built.ok()) << built.status();
+  model::CausalLM m = *built;
+  m->eval();
+  torch::NoGradGuard no_grad;
+  at::Tensor ids = at::randint(0, 256, {1, 19}, at::kLong);
+  at::Tensor full = m->forward(ids);
+  model::KVCache cache;
+  at::Tensor a = m->forward(ids.slice(1, 0, 11), &cache);
+  at::Tensor b = m->forward(ids.slice(1, 11, 19), &cache);
+  EXPECT_LE((at::cat({a, b}, 1) - full).abs().max().item<double>(), 1e-5);
 }
 
 // ---------------------------------------------------------------------------

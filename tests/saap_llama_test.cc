@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <torch/torch.h>
 
+#include "model/generate.h"
 #include "model/llama.h"
 #include "saap/budgets.h"
 #include "saap/calibrate.h"
@@ -136,9 +137,9 @@ TEST_F(SaapLlama, AllPartitionsReproduceTheDenseModel) {
   // partitioned decode cache (CPU reference path), with rebuilds on the way.
   std::vector<int64_t> prompt(ids_.begin(), ids_.begin() + 40);
   model::SamplingOptions greedy;
-  auto with_hook = model_->generate(prompt, 24, greedy);
+  auto with_hook = model::generate(model_, prompt, 24, greedy).ids;
   model_->set_attention_hook(nullptr);
-  auto without = model_->generate(prompt, 24, greedy);
+  auto without = model::generate(model_, prompt, 24, greedy).ids;
   EXPECT_EQ(with_hook, without) << "seed " << seed_;
 }
 
@@ -171,7 +172,7 @@ TEST_F(SaapLlama, FewPartitionsVisitFewerKeysAndChangeTheOutput) {
   model_->set_attention_hook(oracle_hook);
   EXPECT_TRUE(at::isfinite(model_->forward(x)).all().item<bool>());
   EXPECT_LT(oracle_hook->stats().visited_fraction(), 0.9);
-  EXPECT_THROW(model_->generate({1, 2, 3}, 2, model::SamplingOptions{}), c10::Error);
+  EXPECT_THROW(model::generate(model_, {1, 2, 3}, 2, model::SamplingOptions{}).ids, c10::Error);
   model_->set_attention_hook(nullptr);
   SaapInferenceOptions bad;
   bad.top_l = 9;  // C = 8
@@ -219,9 +220,9 @@ TEST_F(SaapLlama, PerHeadBudgetsSplitTheKeyBudgetAndAtFullBudgetAreDense) {
   EXPECT_LT((model_->forward(x) - dense).abs().max().item<double>(), 1e-4);
   EXPECT_NEAR(hook->stats().visited_fraction(), 1.0, 1e-12);
   std::vector<int64_t> prompt(ids_.begin(), ids_.begin() + 40);
-  auto with_hook = model_->generate(prompt, 16, model::SamplingOptions{});
+  auto with_hook = model::generate(model_, prompt, 16, model::SamplingOptions{}).ids;
   model_->set_attention_hook(nullptr);
-  EXPECT_EQ(with_hook, model_->generate(prompt, 16, model::SamplingOptions{}));
+  EXPECT_EQ(with_hook, model::generate(model_, prompt, 16, model::SamplingOptions{}).ids);
 
   // A quarter of the keys: the heads' mean planned fraction stays within
   // it, some heads differ, and fewer keys are visited.

@@ -24,7 +24,7 @@ namespace fs = std::filesystem;
 // ---------------------------------------------------------------------------
 // AdamW
 
-AdamW::AdamW(const model::GPT& model, const config::Optimizer& options) : options_(options) {
+AdamW::AdamW(const model::CausalLM model, const config::Optimizer& options) : options_(options) {
   decay_.weight_decay = options.weight_decay();
   no_decay_.weight_decay = 0;
   for (const auto& item : model->named_parameters()) {
@@ -109,7 +109,7 @@ std::string checkpoint_path(const std::string& file_or_dir) {
 }
 
 absl::Status save_checkpoint(const std::string& path, const config::Experiment& exp,
-                             const std::string& tokenizer, model::GPT& model,
+                             const std::string& tokenizer, model::CausalLM model,
                              const Optimizer* optimizer, const TrainState& state) {
   const std::string tmp = path + ".tmp";
   try {
@@ -179,7 +179,8 @@ absl::StatusOr<CheckpointInfo> read_checkpoint_info(const std::string& path) {
   return info;
 }
 
-absl::Status load_checkpoint(const std::string& path, model::GPT& model, Optimizer* optimizer) {
+absl::Status load_checkpoint(const std::string& path, model::CausalLM model,
+                             Optimizer* optimizer) {
   torch::serialize::InputArchive archive;
   if (auto s = open_archive(path, archive); !s.ok()) return s;
   auto wrap = [&](const absl::Status& s) {

@@ -11,7 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "configs/experiment.pb.h"
-#include "model/gpt.h"
+#include "model/causal_lm.h"
 
 namespace torch::serialize {
 class InputArchive;
@@ -50,7 +50,7 @@ absl::Status read_into(torch::serialize::InputArchive& archive, const std::strin
 // kernel (CPU and CUDA).
 class AdamW : public Optimizer {
  public:
-  AdamW(const model::GPT& model, const config::Optimizer& options);
+  AdamW(const model::CausalLM model, const config::Optimizer& options);
   void step(double lr) override;
   void zero_grad() override;
   void save(torch::serialize::OutputArchive& archive) const override;
@@ -79,7 +79,7 @@ inline constexpr int64_t kCheckpointFormat = 1;
 // Writes everything a resume needs to `path` atomically (path.tmp + rename).
 // Errors name the path.
 absl::Status save_checkpoint(const std::string& path, const config::Experiment& exp,
-                             const std::string& tokenizer, model::GPT& model,
+                             const std::string& tokenizer, model::CausalLM model,
                              const Optimizer* optimizer, const TrainState& state);
 
 struct CheckpointInfo {
@@ -93,7 +93,8 @@ absl::StatusOr<CheckpointInfo> read_checkpoint_info(const std::string& path);
 
 // Loads weights (and optimizer state and RNG states when `optimizer` is not
 // null) into an already-built model. Errors name the file and the entry.
-absl::Status load_checkpoint(const std::string& path, model::GPT& model, Optimizer* optimizer);
+absl::Status load_checkpoint(const std::string& path, model::CausalLM model,
+                             Optimizer* optimizer);
 
 // "runs/x" -> "runs/x/ckpt.pt"; a file path is returned as is.
 std::string checkpoint_path(const std::string& file_or_dir);

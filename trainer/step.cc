@@ -94,7 +94,7 @@ std::pair<double, double> StepResult::values() {
   return {v[0], v[1]};
 }
 
-StepResult train_step(model::GPT& model, Optimizer& optimizer, GradientSync& sync,
+StepResult train_step(model::CausalLM model, Optimizer& optimizer, GradientSync& sync,
                       const StepOptions& options, double lr,
                       const std::function<Batch(int micro)>& micro_batch) {
   StepResult r;

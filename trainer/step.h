@@ -17,7 +17,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Event.h>
 
-#include "model/gpt.h"
+#include "model/causal_lm.h"
 #include "trainer/distributed.h"
 #include "trainer/state.h"
 
@@ -81,7 +81,7 @@ struct StepResult {
 };
 
 // micro_batch(m) returns micro-step m's batch, on the model's device.
-StepResult train_step(model::GPT& model, Optimizer& optimizer, GradientSync& sync,
+StepResult train_step(model::CausalLM model, Optimizer& optimizer, GradientSync& sync,
                       const StepOptions& options, double lr,
                       const std::function<Batch(int micro)>& micro_batch);
 

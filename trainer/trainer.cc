@@ -28,6 +28,8 @@
 #include "configs/config.h"
 #include "data/tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "model/factory.h"
+#include "model/generate.h"
 #include "trainer/distributed.h"
 #include "trainer/schedule.h"
 #include "trainer/state.h"
@@ -95,7 +97,7 @@ Batch make_batch(int rows, int seq_len, c10::Device device,
 
 }  // namespace
 
-EvalResult evaluate(model::GPT& model, const data::TokenLoader& val, int batches, int batch_size,
+EvalResult evaluate(model::CausalLM model, const data::TokenLoader& val, int batches, int batch_size,
                     c10::Device device, bool bf16) {
   torch::NoGradGuard no_grad;
   model->eval();
@@ -213,6 +215,15 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
   const bool bf16 = exp.train().bf16() && device.is_cuda();
   if (exp.train().cpu_threads() > 0) at::set_num_threads(exp.train().cpu_threads());
 
+  // A config resolved by resolve_config with model::complete_from_pretrained
+  // already holds the pretrained file's architecture; one built otherwise
+  // gets it here (the file must agree with any field it sets).
+  if (!exp.model().init_from().empty()) {
+    if (auto s = model::complete_from_pretrained(&exp); !s.ok()) return s;
+    fill_defaults(&exp);
+    if (auto s = validate_config(exp, "the config"); !s.ok()) return s;
+  }
+
   // Data first: the vocabulary comes from it.
   const auto& d = exp.data();
   auto train_data = data::TokenLoader::open(d.dir(), data::Split::kTrain, d.seq_len());
@@ -265,7 +276,12 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
   }
 
   torch::manual_seed(exp.train().seed());
-  model::GPT model(exp, meta.vocab_size);
+  auto built = model::build_model(exp, meta.vocab_size);
+  if (!built.ok()) return built.status();
+  model::CausalLM model = *std::move(built);
+  // A resumed run's weights come from its checkpoint below.
+  if (!resuming)
+    if (auto s = model::load_pretrained(exp, model); !s.ok()) return s;
   model->to(device);
   std::unique_ptr<Optimizer> optimizer;
   if (dp) {
@@ -301,10 +317,13 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
   }
   if (rank0)
     std::cerr << absl::StrFormat(
-      "model: %d parameters, %d layers, d_model %d, attention %s; device %s%s\n"
+      "model: %s, %d parameters, %d layers, d_model %d, attention %s%s; device %s%s\n"
       "data: %s, %d train / %d val tokens; %d tokens per step; unigram baseline %.3f bits/byte\n",
-      model->num_parameters(), exp.model().n_layer(), exp.model().d_model(),
-      config::Attention::Kind_Name(exp.attention().kind()), device.str(), bf16 ? " (bf16)" : "",
+      model::arch_name(model->arch()), model->num_parameters(), exp.model().n_layer(),
+      exp.model().d_model(), config::Attention::Kind_Name(exp.attention().kind()),
+      exp.model().init_from().empty() ? ""
+                                      : absl::StrCat("; from ", exp.model().init_from()).c_str(),
+      device.str(), bf16 ? " (bf16)" : "",
       d.dir(), meta.train_tokens, meta.val_tokens, tokens_per_step, meta.unigram_bits_per_byte);
 
   // Every rank calls save() (a sharded optimizer gathers its state first).
@@ -491,17 +510,23 @@ absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks,
 // ---------------------------------------------------------------------------
 // checkpoints for eval and sample
 
-std::string sample_text(model::GPT& model, const data::Tokenizer& tokenizer,
+std::string sample_text(model::CausalLM model, const data::Tokenizer& tokenizer,
                         const std::string& prompt, int tokens, double temperature, int top_k,
                         uint64_t seed) {
   auto ids32 = tokenizer.encode(prompt);
   std::vector<int64_t> ids(ids32.begin(), ids32.end());
-  at::Generator sampler = at::detail::createCPUGenerator(seed);
-  const bool was_training = model->is_training();
-  model->eval();
-  auto out = model->generate(ids, tokens, temperature, top_k, sampler);
-  if (was_training) model->train();
-  std::vector<int32_t> out32(out.begin(), out.end());
+  model::SamplingOptions sampling;
+  sampling.temperature = temperature;
+  sampling.top_k = top_k;
+  sampling.seed = seed;
+  // Keep the prompt's last tokens if it does not leave room to continue.
+  const int64_t room = model->context_length() - 1;
+  if (static_cast<int64_t>(ids.size()) > room) ids.erase(ids.begin(), ids.end() - room);
+  if (!ids.empty()) {
+    auto out = model::generate(model, ids, tokens, sampling);
+    ids.insert(ids.end(), out.ids.begin(), out.ids.end());
+  }
+  std::vector<int32_t> out32(ids.begin(), ids.end());
   return tokenizer.decode(out32.data(), out32.size());
 }
 
@@ -517,7 +542,9 @@ absl::StatusOr<LoadedModel> load_model(const std::string& checkpoint_file_or_dir
   loaded.tokenizer = info->tokenizer;
   loaded.step = info->state.step;
   loaded.device = *device;
-  loaded.model = model::GPT(info->config, info->config.model().vocab_size());
+  auto built = model::build_model(info->config, info->config.model().vocab_size());
+  if (!built.ok()) return built.status();
+  loaded.model = *std::move(built);
   if (auto s = load_checkpoint(path, loaded.model, nullptr); !s.ok()) return s;
   loaded.model->to(*device);
   loaded.model->eval();

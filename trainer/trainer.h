@@ -16,7 +16,7 @@
 #include "configs/experiment.pb.h"
 #include "data/loader.h"
 #include "data/tokenizer.h"
-#include "model/gpt.h"
+#include "model/causal_lm.h"
 #include "trainer/distributed.h"
 
 namespace sparseflash::trainer {
@@ -58,11 +58,12 @@ struct EvalResult {
   int64_t tokens = 0;
 };
 
-EvalResult evaluate(model::GPT& model, const data::TokenLoader& val, int batches,
+EvalResult evaluate(model::CausalLM model, const data::TokenLoader& val, int batches,
                     int batch_size, c10::Device device, bool bf16);
 
-// Samples `tokens` tokens after `prompt` and returns prompt + continuation.
-std::string sample_text(model::GPT& model, const data::Tokenizer& tokenizer,
+// Samples up to `tokens` tokens after `prompt` (model/generate.h; stops at
+// the context length) and returns prompt + continuation.
+std::string sample_text(model::CausalLM model, const data::Tokenizer& tokenizer,
                         const std::string& prompt, int tokens, double temperature, int top_k,
                         uint64_t seed);
 
@@ -71,7 +72,7 @@ struct LoadedModel {
   config::Experiment config;
   std::string tokenizer;
   int64_t step = 0;
-  model::GPT model{nullptr};
+  model::CausalLM model{nullptr};
   c10::Device device{c10::kCPU};
 };
 absl::StatusOr<LoadedModel> load_model(const std::string& checkpoint_file_or_dir,
