@@ -15,8 +15,8 @@
 #include "absl/status/statusor.h"
 #include "configs/experiment.pb.h"
 #include "data/loader.h"
-#include "data/tokenizer.h"
 #include "model/gpt.h"
+#include "tokenizer/tokenizer.h"
 #include "trainer/distributed.h"
 
 namespace sparseflash::trainer {
@@ -62,7 +62,7 @@ EvalResult evaluate(model::GPT& model, const data::TokenLoader& val, int batches
                     int batch_size, c10::Device device, bool bf16);
 
 // Samples `tokens` tokens after `prompt` and returns prompt + continuation.
-std::string sample_text(model::GPT& model, const data::Tokenizer& tokenizer,
+std::string sample_text(model::GPT& model, const tokenizer::Tokenizer& tokenizer,
                         const std::string& prompt, int tokens, double temperature, int top_k,
                         uint64_t seed);
 
