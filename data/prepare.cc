@@ -15,15 +15,17 @@
 #include <cmath>
 #include <cstring>
 #include <deque>
+#include <filesystem>
+#include <map>
 #include <optional>
 #include <regex>
+#include <stdexcept>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "data/shard.h"
-#include "data/tokenizer.h"
 #include "nlohmann/json.hpp"
 
 #ifdef SPARSEFLASH_WITH_LIBARCHIVE
@@ -189,6 +191,26 @@ bool is_text(std::string_view s) {
 // Position of a document in [0, 10^6): below val_fraction * 10^6 means val.
 uint64_t split_key(const std::string& path) { return fnv1a64(path.data(), path.size()) % 1000000; }
 
+// "a/b/c.txt" -> "a/b"; "c.txt" -> "" (the directory a --join-dir document is named by).
+std::string parent_path(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  return slash == std::string::npos ? std::string() : path.substr(0, slash);
+}
+
+// Path order with '/' before every other byte: a directory's subtree sorts before its
+// next sibling ("a/x" < "a-b"), which is the order walk_dir visits directories in.
+struct PathOrder {
+  bool operator()(const std::string& a, const std::string& b) const {
+    const size_t n = std::min(a.size(), b.size());
+    for (size_t i = 0; i < n; ++i) {
+      const int ca = a[i] == '/' ? -1 : static_cast<unsigned char>(a[i]);
+      const int cb = b[i] == '/' ? -1 : static_cast<unsigned char>(b[i]);
+      if (ca != cb) return ca < cb;
+    }
+    return a.size() < b.size();
+  }
+};
+
 // --- Shard stream of one split ------------------------------------------------
 
 // Accumulates the documents of one split and writes full shards under
@@ -282,11 +304,15 @@ struct HeldDocument {
 
 class Preparer {
  public:
-  Preparer(const PrepareOptions& options, const Tokenizer& tokenizer, const std::string& prefix)
+  Preparer(const PrepareOptions& options, const tokenizer::Tokenizer& tokenizer, int32_t separator,
+           const std::string& prefix)
       : options_(options),
         tokenizer_(tokenizer),
-        train_("train", options.out_dir, prefix, options.shard_tokens, tokenizer.vocab_size()),
-        val_("val", options.out_dir, prefix, options.shard_tokens, tokenizer.vocab_size()),
+        separator_(separator),
+        train_("train", options.out_dir, prefix, options.shard_tokens,
+               static_cast<int>(tokenizer.vocab_size())),
+        val_("val", options.out_dir, prefix, options.shard_tokens,
+             static_cast<int>(tokenizer.vocab_size())),
         last_progress_(std::chrono::steady_clock::now()) {}
 
   absl::Status walk_input(const std::string& input) {
@@ -308,7 +334,7 @@ class Preparer {
           absl::StrCat("input ", input, " is neither a regular file nor a directory"));
     }
     if (is_archive_name(input)) return walk_archive(input);
-    return visit_file(input, strip_dot_slash(input));
+    return visit_file(input, strip_dot_slash(input), /*joined=*/nullptr);  // its own document
   }
 
   absl::Status finish() {
@@ -395,6 +421,10 @@ class Preparer {
     ::closedir(d);
     // readdir order depends on the file system: sort for reproducible shards.
     std::sort(names.begin(), names.end());
+    // --join-dir: this directory's files make one document, written before its
+    // subdirectories are walked (the order PathOrder gives an archive's directories).
+    std::string joined;
+    std::vector<std::pair<std::string, std::string>> subdirs;  // path, document path
     for (const auto& name : names) {
       if (stop_) break;
       const std::string path = join_path(dir, name);
@@ -402,6 +432,10 @@ class Preparer {
       struct stat st;
       if (::lstat(path.c_str(), &st) != 0) return errno_error(errno, path, "cannot stat");
       if (S_ISDIR(st.st_mode)) {
+        if (options_.join_dir) {
+          subdirs.emplace_back(path, doc_path);
+          continue;
+        }
         absl::Status s = walk_dir(path, doc_path);
         if (!s.ok()) return s;
         continue;
@@ -410,13 +444,22 @@ class Preparer {
       // (they can form cycles). Devices, sockets and fifos are ignored.
       if (S_ISLNK(st.st_mode) && (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))) continue;
       if (!S_ISREG(st.st_mode)) continue;
-      absl::Status s = visit_file(path, doc_path);
+      absl::Status s = visit_file(path, doc_path, options_.join_dir ? &joined : nullptr);
+      if (!s.ok()) return s;
+    }
+    if (!joined.empty()) {
+      absl::Status s = add_document(doc_prefix, joined);
+      if (!s.ok()) return s;
+    }
+    for (const auto& [path, doc_path] : subdirs) {
+      absl::Status s = walk_dir(path, doc_path);
       if (!s.ok()) return s;
     }
     return absl::OkStatus();
   }
 
-  absl::Status visit_file(const std::string& path, const std::string& doc_path) {
+  // A file: a document of its own, or appended to *joined (--join-dir).
+  absl::Status visit_file(const std::string& path, const std::string& doc_path, std::string* joined) {
     ++files_seen_;
     if (!wanted(doc_path)) return absl::OkStatus();
     if (budget_spent()) {
@@ -425,6 +468,11 @@ class Preparer {
     }
     auto data = read_file(path);
     if (!data.ok()) return data.status();
+    if (!accept(*data)) return absl::OkStatus();
+    if (joined != nullptr) {
+      joined->append(*data);
+      return absl::OkStatus();
+    }
     return add_document(doc_path, *data);
   }
 
@@ -445,6 +493,10 @@ class Preparer {
     }
     struct archive_entry* entry = nullptr;
     std::string data;
+    // --join-dir: the matched members of each directory, written as one document per
+    // directory once the archive has been read (a directory's members may lie anywhere
+    // in it, so its whole matched text stays in memory until then).
+    std::map<std::string, std::vector<std::pair<std::string, std::string>>, PathOrder> by_dir;
     while (!stop_) {
       const int r = ::archive_read_next_header(a, &entry);
       if (r == ARCHIVE_EOF) break;
@@ -473,6 +525,12 @@ class Preparer {
         if (n == 0) break;
         data.append(buffer, static_cast<size_t>(n));
       }
+      if (!accept(data)) continue;
+      if (options_.join_dir) {
+        by_dir[parent_path(doc_path)].emplace_back(doc_path, std::move(data));
+        data = std::string();
+        continue;
+      }
       absl::Status s = add_document(doc_path, data);
       if (!s.ok()) {
         ::archive_read_free(a);
@@ -480,6 +538,17 @@ class Preparer {
       }
     }
     ::archive_read_free(a);
+    for (auto& [dir, members] : by_dir) {
+      std::stable_sort(members.begin(), members.end(),
+                       [](const auto& x, const auto& y) { return x.first < y.first; });
+      std::string joined;
+      for (auto& member : members) {
+        joined += member.second;
+        member.second = std::string();
+      }
+      absl::Status s = add_document(dir, joined);
+      if (!s.ok()) return s;
+    }
     return absl::OkStatus();
 #else
     return absl::UnimplementedError(absl::StrCat(
@@ -488,24 +557,30 @@ class Preparer {
 #endif
   }
 
-  absl::Status add_document(const std::string& doc_path, const std::string& text) {
+  // Counts a matched file; true when it is text (not empty, no NUL, valid UTF-8).
+  bool accept(const std::string& text) {
     ++matched_;
     bytes_read_ += text.size();
     report_progress(false);
     if (text.empty()) {
       ++empty_;
-      return absl::OkStatus();
+      return false;
     }
     if (!is_text(text)) {
       ++skipped_;
-      return absl::OkStatus();
+      return false;
     }
+    return true;
+  }
+
+  // Tokenizes a document, whole, and sends it to its split.
+  absl::Status add_document(const std::string& doc_path, const std::string& text) {
     ++documents_;
     HeldDocument doc;
     doc.path = doc_path;
     doc.key = split_key(doc_path);
-    doc.tokens = tokenizer_.encode(text);
-    doc.tokens.push_back(tokenizer_.end_of_document());
+    doc.tokens = tokenizer_.encode(text, options_.add_bos);
+    doc.tokens.push_back(separator_);
     doc.bytes = text.size();
     const bool to_val = static_cast<double>(doc.key) < options_.val_fraction * 1e6;
     return route(std::move(doc), to_val);
@@ -547,7 +622,8 @@ class Preparer {
   }
 
   const PrepareOptions& options_;
-  const Tokenizer& tokenizer_;
+  const tokenizer::Tokenizer& tokenizer_;
+  const int32_t separator_;
   SplitWriter train_, val_;
   std::optional<HeldDocument> held_train_, held_val_;
   std::chrono::steady_clock::time_point last_progress_;
@@ -595,7 +671,11 @@ nlohmann::ordered_json meta_to_json(const Meta& m) {
   j["format"] = "sparseflash-shards";
   j["version"] = 1;
   j["tokenizer"] = m.tokenizer;
+  j["tokenizer_source"] = m.tokenizer_source;
+  j["tokenizer_kind"] = m.tokenizer_kind;
   j["vocab_size"] = m.vocab_size;
+  j["document_separator"] = m.document_separator;
+  j["add_bos"] = m.add_bos;
   j["train"] = {{"tokens", m.train_tokens},
                 {"documents", m.train_documents},
                 {"bytes", m.train_bytes},
@@ -634,6 +714,24 @@ class MetaReader {
     if (!f.ok()) return f.status();
     if (!(*f)->is_string()) return error(key, "must be a string");
     return (*f)->get<std::string>();
+  }
+  // A key that older meta.json files lack: `fallback` when absent.
+  absl::StatusOr<std::string> optional_str(const nlohmann::json& obj, const std::string& key,
+                                           const std::string& fallback) const {
+    if (!obj.contains(key)) return fallback;
+    return str(obj, key);
+  }
+  absl::StatusOr<int64_t> optional_int(const nlohmann::json& obj, const std::string& key,
+                                       int64_t fallback) const {
+    if (!obj.contains(key)) return fallback;
+    if (!obj.at(key).is_number_integer()) return error(key, "must be an integer");
+    return obj.at(key).get<int64_t>();
+  }
+  absl::StatusOr<bool> optional_bool(const nlohmann::json& obj, const std::string& key,
+                                     bool fallback) const {
+    if (!obj.contains(key)) return fallback;
+    if (!obj.at(key).is_boolean()) return error(key, "must be true or false");
+    return obj.at(key).get<bool>();
   }
   absl::StatusOr<double> number(const nlohmann::json& obj, const std::string& key) const {
     auto f = field(obj, key, key);
@@ -715,6 +813,23 @@ absl::StatusOr<Meta> read_meta(const std::string& dir) {
     return r.error("vocab_size", "must be in [1, 2^31)");
   }
   m.vocab_size = static_cast<int>(*vocab);
+  // Written since prepare took tokenizer files; before, every tokenizer was "byte".
+  const bool byte = m.tokenizer == "byte";
+  auto source = r.optional_str(root, "tokenizer_source", byte ? "byte" : "");
+  if (!source.ok()) return source.status();
+  m.tokenizer_source = *source;
+  auto kind = r.optional_str(root, "tokenizer_kind", byte ? "byte" : "");
+  if (!kind.ok()) return kind.status();
+  m.tokenizer_kind = *kind;
+  auto separator = r.optional_int(root, "document_separator", byte ? 0 : -1);
+  if (!separator.ok()) return separator.status();
+  if (*separator < -1 || *separator >= m.vocab_size)
+    return r.error("document_separator", absl::StrCat("is ", *separator, ", outside the vocabulary of ",
+                                                      m.vocab_size, " tokens"));
+  m.document_separator = *separator;
+  auto add_bos = r.optional_bool(root, "add_bos", false);
+  if (!add_bos.ok()) return add_bos.status();
+  m.add_bos = *add_bos;
   absl::Status s = r.split(root, "train", &m.train_tokens, &m.train_documents, &m.train_bytes,
                            &m.train_shards);
   if (!s.ok()) return s;
@@ -729,6 +844,29 @@ absl::StatusOr<Meta> read_meta(const std::string& dir) {
   return m;
 }
 
+absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> open_data_tokenizer(const Meta& meta) {
+  if (meta.tokenizer_source.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the prepared data's tokenizer \"", meta.tokenizer,
+        "\" cannot be opened: its meta.json does not say where it came from (no "
+        "\"tokenizer_source\"); prepare the data again"));
+  }
+  std::unique_ptr<tokenizer::Tokenizer> tok;
+  try {
+    tok = tokenizer::open_tokenizer(meta.tokenizer_source);
+  } catch (const std::exception& e) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("cannot open the tokenizer the data was prepared with: ", e.what()));
+  }
+  if (tok->identity() != meta.tokenizer) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the tokenizer ", meta.tokenizer_source, " is now ", tok->identity(),
+        ", but the data was prepared with ", meta.tokenizer,
+        ": the file changed since `sparseflash prepare`; restore it or prepare the data again"));
+  }
+  return tok;
+}
+
 // --- prepare() ------------------------------------------------------------------
 
 absl::StatusOr<Meta> prepare(const PrepareOptions& options) {
@@ -739,8 +877,31 @@ absl::StatusOr<Meta> prepare(const PrepareOptions& options) {
         absl::StrCat("prepare: val_fraction must be in [0, 1], got ", options.val_fraction));
   }
   if (options.shard_tokens == 0) return absl::InvalidArgumentError("prepare: shard_tokens must be > 0");
-  auto tokenizer = make_tokenizer(options.tokenizer);
-  if (!tokenizer.ok()) return tokenizer.status();
+  std::unique_ptr<tokenizer::Tokenizer> tokenizer;
+  try {
+    tokenizer = tokenizer::open_tokenizer(options.tokenizer);
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat("prepare: tokenizer: ", e.what()));
+  }
+  const int64_t vocab_size = tokenizer->vocab_size();
+  const int64_t separator =
+      options.document_separator >= 0 ? options.document_separator : tokenizer->eos_id();
+  if (separator < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prepare: the tokenizer ", options.tokenizer,
+        " has no end-of-sequence token to write between documents; name one with "
+        "--document-separator ID (an id in 0..", vocab_size - 1, ")"));
+  }
+  if (separator >= vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("prepare: document separator ", separator,
+                                                   " is outside the vocabulary of ", options.tokenizer,
+                                                   " (", vocab_size, " tokens)"));
+  }
+  if (options.add_bos && !tokenizer->adds_bos()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prepare: add_bos: the tokenizer ", options.tokenizer,
+        " puts nothing in front of a sequence (no BOS token, or its configuration adds none)"));
+  }
 
   // Check every input before creating anything: a typo should not leave an
   // empty output directory behind.
@@ -758,7 +919,7 @@ absl::StatusOr<Meta> prepare(const PrepareOptions& options) {
 
   const std::string prefix = absl::StrCat(".prepare-", ::getpid(), "-");
   const std::string meta_temp = join_path(out, prefix + "meta.json");
-  Preparer run(options, **tokenizer, prefix);
+  Preparer run(options, *tokenizer, static_cast<int32_t>(separator), prefix);
 
   // On any failure: remove every temporary file and the directories this run
   // created, so nothing partial is left behind and nothing old is replaced.
@@ -809,8 +970,14 @@ absl::StatusOr<Meta> prepare(const PrepareOptions& options) {
   run.report_progress(/*force=*/true);
 
   Meta meta;
-  meta.tokenizer = (*tokenizer)->name();
-  meta.vocab_size = (*tokenizer)->vocab_size();
+  meta.tokenizer = tokenizer->identity();
+  meta.tokenizer_source = options.tokenizer == "byte"
+                              ? "byte"
+                              : std::filesystem::absolute(options.tokenizer).lexically_normal().string();
+  meta.tokenizer_kind = tokenizer->kind();
+  meta.vocab_size = static_cast<int>(vocab_size);
+  meta.document_separator = separator;
+  meta.add_bos = options.add_bos;
   meta.train_tokens = run.train().tokens();
   meta.train_documents = run.train().documents();
   meta.train_bytes = run.train().bytes();

@@ -25,12 +25,12 @@
 #include "absl/strings/str_split.h"
 #include "configs/config.h"
 #include "data/prepare.h"
-#include "data/tokenizer.h"
 #include "launch/llama_commands.h"
 #include "launch/saap_commands.h"
 #include "launch/launcher.h"
 #include "model/factory.h"
 #include "nlohmann/json.hpp"
+#include "tokenizer/tokenizer.h"
 #include "trainer/trainer.h"
 
 // ---------------------------------------------------------------------------
@@ -59,8 +59,21 @@ ABSL_FLAG(std::vector<std::string>, exclude, {},
           "Comma-separated glob patterns of document paths to leave out.");
 ABSL_FLAG(double, val_fraction, 0.05, "Fraction of documents held out for validation.");
 ABSL_FLAG(std::string, tokenizer, "byte",
-          "prepare: tokenizer name, byte (vocab 256). eval --model, generate: a tokenizer file "
-          "(tokenizer.json, .gguf, llama2.c tokenizer.bin); byte = the model's own.");
+          "prepare: byte (vocabulary 256, byte 0 ends a document) or a tokenizer file: a "
+          "tokenizer.json, a directory holding one, a .gguf (its embedded vocabulary) or a "
+          "llama2.c tokenizer.bin; meta.json records its identity and absolute path. eval "
+          "--model, generate: a tokenizer file of the same kinds; byte = the model's own.");
+ABSL_FLAG(int64_t, document_separator, -1,
+          "Token id written after each document; -1 = the tokenizer's end-of-sequence token "
+          "(byte: 0). Needed for a tokenizer without one.");
+ABSL_FLAG(bool, add_bos, false,
+          "Start each document with the tokenizer's BOS (as its configuration puts it in front "
+          "of a sequence); an error for tokenizers that add none, such as byte.");
+ABSL_FLAG(bool, join_dir, false,
+          "One document per directory: the files of a directory (after --include/--exclude) are "
+          "concatenated in path order, named by the directory's path (which decides its split); "
+          "subdirectories are documents of their own. Archive members are grouped by their "
+          "parent directory; an archive's matched text is held in memory until it is read.");
 ABSL_FLAG(uint64_t, shard_tokens, 100000000, "Maximum tokens per shard file.");
 ABSL_FLAG(uint64_t, max_bytes, 0, "Stop reading input after this many bytes (0 = no limit).");
 
@@ -176,11 +189,17 @@ int run_prepare(const Args& positional, const Args&) {
   o.exclude = absl::GetFlag(FLAGS_exclude);
   o.val_fraction = absl::GetFlag(FLAGS_val_fraction);
   o.tokenizer = absl::GetFlag(FLAGS_tokenizer);
+  o.document_separator = absl::GetFlag(FLAGS_document_separator);
+  o.add_bos = absl::GetFlag(FLAGS_add_bos);
+  o.join_dir = absl::GetFlag(FLAGS_join_dir);
   o.shard_tokens = absl::GetFlag(FLAGS_shard_tokens);
   o.max_bytes = absl::GetFlag(FLAGS_max_bytes);
   if (!(o.val_fraction > 0 && o.val_fraction < 1))
     return fail("prepare", absl::StrCat("--val-fraction must be in (0, 1), got ", o.val_fraction));
   if (o.shard_tokens < 1) return fail("prepare", "--shard-tokens must be >= 1");
+  if (o.document_separator < -1)
+    return fail("prepare", absl::StrCat("--document-separator must be a token id or -1, got ",
+                                        o.document_separator));
   const bool tty = isatty(STDERR_FILENO);
   o.progress = [tty](const std::string& line) {
     if (tty) std::cerr << "\r\033[K" << line << std::flush;
@@ -191,15 +210,33 @@ int run_prepare(const Args& positional, const Args&) {
   if (!meta.ok()) return fail("prepare", std::string(meta.status().message()));
   std::cout << absl::StrFormat(
       "wrote %s: train %d documents, %d tokens in %d shard(s); val %d documents, %d tokens; "
-      "%d skipped; unigram baseline %.4f bits/byte\n",
+      "%d skipped; unigram baseline %.4f bits/byte; tokenizer %s (vocabulary %d)\n",
       o.out_dir, meta->train_documents, meta->train_tokens, meta->train_shards.size(),
       meta->val_documents, meta->val_tokens, meta->skipped_documents,
-      meta->unigram_bits_per_byte);
+      meta->unigram_bits_per_byte, meta->tokenizer, meta->vocab_size);
   return 0;
 }
 
 // ---------------------------------------------------------------------------
 // sample
+
+// The tokenizer a checkpoint was trained with: byte, or the one its prepared data
+// (data.dir of its config) was made with, which must be the one the checkpoint names.
+absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> checkpoint_tokenizer(
+    const trainer::LoadedModel& loaded) {
+  if (loaded.tokenizer == "byte") return tokenizer::open_tokenizer("byte");
+  const std::string& dir = loaded.config.data().dir();
+  auto meta = data::read_meta(dir);
+  if (!meta.ok())
+    return absl::Status(meta.status().code(),
+                        absl::StrCat("the checkpoint's tokenizer ", loaded.tokenizer,
+                                     " is found through its data: ", meta.status().message()));
+  if (meta->tokenizer != loaded.tokenizer)
+    return absl::FailedPreconditionError(
+        absl::StrCat("the checkpoint was trained with tokenizer ", loaded.tokenizer, ", but ", dir,
+                     " now holds data of tokenizer ", meta->tokenizer));
+  return data::open_data_tokenizer(*meta);
+}
 
 int run_sample(const Args& positional, const Args&) {
   if (!positional.empty())
@@ -207,7 +244,7 @@ int run_sample(const Args& positional, const Args&) {
                                        "' (the prompt is given with --prompt)"));
   auto loaded = trainer::load_model(absl::GetFlag(FLAGS_checkpoint), absl::GetFlag(FLAGS_device));
   if (!loaded.ok()) return fail("sample", std::string(loaded.status().message()));
-  auto tokenizer = data::make_tokenizer(loaded->tokenizer);
+  auto tokenizer = checkpoint_tokenizer(*loaded);
   if (!tokenizer.ok()) return fail("sample", std::string(tokenizer.status().message()));
   if (absl::GetFlag(FLAGS_tokens) < 0) return fail("sample", "--tokens must be >= 0");
   std::cout << trainer::sample_text(loaded->model, **tokenizer, absl::GetFlag(FLAGS_prompt),
@@ -267,15 +304,23 @@ const std::vector<Command>& commands() {
        "goes to stderr.",
        eval_command_flags(),
        run_eval},
-      {"prepare", "sparseflash prepare INPUT... [--out DIR] [--include GLOBS] [--exclude GLOBS]",
+      {"prepare",
+       "sparseflash prepare INPUT... [--out DIR] [--include GLOBS] [--exclude GLOBS]\n"
+       "                           [--tokenizer byte|FILE] [--document-separator ID] [--add-bos]\n"
+       "                           [--join-dir]",
        "turn text files, directories or .tar.xz archives into token shards",
        "Reads documents (files; directories recursively; members of .tar, .tar.xz, .tar.gz),\n"
        "skips binary ones, splits them by document into train and validation, tokenizes\n"
        "and writes train_*.bin, val_*.bin and meta.json (see README, Data formats).\n"
+       "--tokenizer byte (the default) writes one token per byte; a tokenizer file\n"
+       "(tokenizer.json, .gguf, llama2.c tokenizer.bin) writes its ids (uint16 or uint32),\n"
+       "with its end-of-sequence token after each document. --join-dir makes each\n"
+       "directory's files one document (a source tree gives long documents).\n"
        "Example (the default corpus):\n"
        "  sparseflash prepare /usr/src/linux-source-6.1.tar.xz --out data/linux-docs \\\n"
        "      --include '*/Documentation/*.rst,*/Documentation/*.txt'",
-       {"out", "include", "exclude", "val_fraction", "tokenizer", "shard_tokens", "max_bytes"},
+       {"out", "include", "exclude", "val_fraction", "tokenizer", "document_separator", "add_bos",
+        "join_dir", "shard_tokens", "max_bytes"},
        run_prepare},
       {"launch",
        "sparseflash launch --nproc-per-node N [--nnodes M --node-rank R --master-addr A "
@@ -294,7 +339,9 @@ const std::vector<Command>& commands() {
        [](const Args& positional, const Args&) { return launch::run_launch_command(positional); }},
       {"sample", "sparseflash sample [--checkpoint PATH] [--prompt TEXT] [--tokens N]",
        "generate text from a checkpoint",
-       "Continues --prompt with tokens sampled from the model (temperature, top-k).",
+       "Continues --prompt with tokens sampled from the model (temperature, top-k). The\n"
+       "tokenizer is the checkpoint's: byte, or the tokenizer file its prepared data\n"
+       "(data.dir) was made with, checked to be unchanged.",
        {"checkpoint", "prompt", "tokens", "temperature", "top_k", "seed", "device"},
        run_sample},
       {"generate",

@@ -90,6 +90,56 @@ expect "train resumes finished run" 0 "resumed from .* at step 6" -- "$bin" trai
 expect "eval --json" 0 '"bits_per_byte"' -- "$bin" eval --checkpoint "$tmp/run" --batches 2 --json
 expect "sample" 0 "^hello" -- "$bin" sample --checkpoint "$tmp/run" --prompt hello --tokens 5
 expect "sample missing checkpoint" 1 "does not exist" -- "$bin" sample --checkpoint "$tmp/none.pt"
+expect "byte data records the byte tokenizer" 0 '"tokenizer_source": "byte"' -- cat "$tmp/data/meta.json"
+
+# --- prepare with a tokenizer file: a byte-level BPE tokenizer.json of printable ASCII,
+# space (Ġ) and newline (Ċ), "the" merged, <|endoftext|> its EOS (tokenizer_config.json).
+write_tokenizer() {  # DIR EOS_TOKEN
+  local dir=$1 vocab="" id=0 c code
+  mkdir -p "$dir"
+  for code in $(seq 33 126); do
+    c=$(printf "\\$(printf %03o "$code")")
+    [[ $c == '"' || $c == '\' ]] && c="\\$c"
+    vocab+="\"$c\": $id, "
+    id=$((id + 1))
+  done
+  vocab+="\"Ġ\": $id, \"Ċ\": $((id + 1)), \"th\": $((id + 2)), \"the\": $((id + 3))"
+  cat >"$dir/tokenizer.json" <<JSON
+{"normalizer": null, "post_processor": null,
+ "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
+ "decoder": {"type": "ByteLevel"},
+ "added_tokens": [{"id": $((id + 4)), "content": "<|endoftext|>", "special": true}],
+ "model": {"type": "BPE", "vocab": {$vocab}, "merges": ["t h", "th e"]}}
+JSON
+  [[ -n $2 ]] && printf '{"eos_token": "%s"}\n' "$2" >"$dir/tokenizer_config.json"
+  return 0
+}
+write_tokenizer "$tmp/tok" "<|endoftext|>"
+expect "prepare --tokenizer tokenizer.json" 0 "wrote .*tokenizer bpe:99:fnv1a64:[0-9a-f]{16} \\(vocabulary 99\\)" -- \
+  "$bin" prepare "$tmp/text" --out "$tmp/data_bpe" --val-fraction 0.2 --tokenizer "$tmp/tok"
+expect "meta.json names the tokenizer file" 0 "\"tokenizer_source\": \"$tmp/tok\"" -- cat "$tmp/data_bpe/meta.json"
+expect "meta.json: separator = the EOS" 0 '"document_separator": 98' -- cat "$tmp/data_bpe/meta.json"
+expect "prepare --join-dir: one document per directory" 0 \
+  "wrote .*(train 1 documents.*val 0 documents|train 0 documents.*val 1 documents)" -- \
+  "$bin" prepare "$tmp/text" --out "$tmp/data_joined" --join-dir --tokenizer "$tmp/tok"
+expect "prepare missing tokenizer file" 1 "nope.json" -- \
+  "$bin" prepare "$tmp/text" --out "$tmp/data4" --tokenizer "$tmp/nope.json"
+write_tokenizer "$tmp/tok_no_eos" ""
+expect "prepare: a tokenizer without EOS needs a separator" 1 "--document-separator" -- \
+  "$bin" prepare "$tmp/text" --out "$tmp/data5" --tokenizer "$tmp/tok_no_eos"
+expect "prepare --document-separator" 0 "wrote " -- \
+  "$bin" prepare "$tmp/text" --out "$tmp/data5" --tokenizer "$tmp/tok_no_eos" --document-separator 98
+expect "prepare --add-bos with byte is refused" 1 "add_bos" -- \
+  "$bin" prepare "$tmp/text" --out "$tmp/data6" --add-bos
+bpe=(--config preset:tiny_test --set "data.dir=$tmp/data_bpe" --set "checkpoint.out_dir=$tmp/run_bpe"
+     --set train.max_steps=3 --set eval.sample_tokens=8)
+expect "train on BPE data" 0 "final: step 3" -- "$bin" train "${bpe[@]}"
+expect "sample with the data's tokenizer" 0 "^the" -- "$bin" sample --checkpoint "$tmp/run_bpe" --prompt the --tokens 5
+write_tokenizer "$tmp/tok" "!"
+expect "train refuses a tokenizer changed since prepare" 1 "changed since" -- \
+  "$bin" train "${bpe[@]}" --set "checkpoint.out_dir=$tmp/run_bpe2"
+expect "sample refuses a tokenizer changed since prepare" 1 "changed since" -- \
+  "$bin" sample --checkpoint "$tmp/run_bpe" --prompt the --tokens 5
 
 # --- pretrained-model commands: bad input is named (tests/llama_test.cc runs real models)
 expect "eval --model missing file" 1 "none.gguf does not exist" -- \

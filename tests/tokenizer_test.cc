@@ -12,6 +12,8 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <regex>
+#include <set>
 #include <sys/wait.h>
 #include <string>
 #include <vector>
@@ -21,6 +23,7 @@
 #include "checkpoint/gguf_writer.h"
 #include "nlohmann/json.hpp"
 #include "tokenizer/bpe.h"
+#include "tokenizer/byte.h"
 #include "tokenizer/gguf_vocab.h"
 #include "tokenizer/hf_json.h"
 #include "tokenizer/pretokenizer.h"
@@ -629,7 +632,7 @@ std::string gguf_with_vocab(const std::function<void(checkpoint::GgufBuilder&)>&
   return b.bytes();
 }
 
-void add_good_vocab(checkpoint::GgufBuilder& b) {
+void add_vocab(checkpoint::GgufBuilder& b, bool add_bos) {
   b.add_string("tokenizer.ggml.model", "gpt2");
   b.add_string("tokenizer.ggml.pre", "smollm");
   std::vector<std::string> tokens;
@@ -642,8 +645,10 @@ void add_good_vocab(checkpoint::GgufBuilder& b) {
   b.add_i32_array("tokenizer.ggml.token_type", types);
   b.add_string_array("tokenizer.ggml.merges", {"a b"});
   b.add_u32("tokenizer.ggml.bos_token_id", 257);
-  b.add_bool("tokenizer.ggml.add_bos_token", true);
+  b.add_bool("tokenizer.ggml.add_bos_token", add_bos);
 }
+
+void add_good_vocab(checkpoint::GgufBuilder& b) { add_vocab(b, /*add_bos=*/true); }
 
 TEST(Gguf, EmbeddedVocabularyLoadsAndBadOnesNameTheKey) {
   const fs::path dir = fresh_dir("gguf");
@@ -730,6 +735,109 @@ TEST(Corrupt, LoadTokenizerNamesMissingFiles) {
   expect_error([&] { load_tokenizer((dir / "model.bin").string(), ""); }, {"model.bin", "--tokenizer"});
   write_file(dir / "garbage.bin", std::string("\x08\x00\x00\x00\x00\x00", 6));
   expect_error([&] { load_tokenizer("", (dir / "garbage.bin").string()); }, {"garbage.bin", "token 0"});
+  fs::remove_all(dir);
+}
+
+// ---------------------------------------------------------------------------------
+// The byte tokenizer, identities, open_tokenizer
+
+TEST(ByteTokenizer, IdsAreTheBytesAndByteZeroEndsADocument) {
+  const ByteTokenizer tok;
+  EXPECT_EQ(tok.identity(), "byte");   // what meta.json files and checkpoints already say
+  EXPECT_EQ(tok.kind(), "byte");
+  EXPECT_EQ(tok.vocab_size(), 256);
+  EXPECT_EQ(tok.eos_id(), 0);
+  EXPECT_EQ(tok.bos_id(), -1);
+  EXPECT_FALSE(tok.adds_bos());
+  const std::string text = "h\xC3\xA9llo\x01\xFF";
+  const std::vector<int32_t> ids = tok.encode(text, /*add_bos=*/true);   // there is no BOS
+  EXPECT_EQ(ids, (std::vector<int32_t>{'h', 0xC3, 0xA9, 'l', 'l', 'o', 1, 255}));
+  EXPECT_EQ(tok.decode(ids), text);
+  EXPECT_EQ(tok.decode({'a', 0, 'b', 0}), "ab");   // 0 ends a document and renders as nothing
+  EXPECT_EQ(tok.decode_token(0), "");
+  EXPECT_THROW(tok.decode({256}), std::out_of_range);
+  EXPECT_THROW(tok.decode({-1}), std::out_of_range);
+}
+
+json small_tokenizer_json() {
+  return {{"normalizer", nullptr},
+          {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+          {"decoder", {{"type", "ByteLevel"}}},
+          {"post_processor", nullptr},
+          {"added_tokens", json::array({{{"id", 4}, {"content", "<|end|>"}, {"special", true}}})},
+          {"model", {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"ab", 2}, {"\xC4\xA0", 3}}},
+                     {"merges", json::array({"a b"})}}}};
+}
+
+TEST(Identity, StableAcrossLoadsAndPathsDifferentBetweenTokenizers) {
+  const fs::path dir = fresh_dir("identity");
+  fs::create_directories(dir / "one");
+  fs::create_directories(dir / "two");
+  write_file(dir / "one/tokenizer.json", small_tokenizer_json().dump());
+  write_file(dir / "two/tokenizer.json", small_tokenizer_json().dump(2));   // other spacing, same tokenizer
+  write_file(dir / "m.gguf", gguf_with_vocab(add_good_vocab));
+  write_file(dir / "tokenizer.bin", llama2c_bin(llama2c_vocab()));
+
+  const std::string json_id = open_tokenizer((dir / "one/tokenizer.json").string())->identity();
+  EXPECT_TRUE(std::regex_match(json_id, std::regex("bpe:5:fnv1a64:[0-9a-f]{16}"))) << json_id;
+  EXPECT_EQ(open_tokenizer((dir / "one").string())->identity(), json_id);
+  EXPECT_EQ(open_tokenizer((dir / "two/tokenizer.json").string())->identity(), json_id);
+  const std::string gguf_id = open_tokenizer((dir / "m.gguf").string())->identity();
+  EXPECT_EQ(open_tokenizer((dir / "m.gguf").string())->identity(), gguf_id);
+  EXPECT_EQ(gguf_id.rfind("bpe:258:fnv1a64:", 0), 0u) << gguf_id;
+  const std::string llama2c_id = open_tokenizer((dir / "tokenizer.bin").string())->identity();
+  EXPECT_EQ(open_tokenizer((dir / "tokenizer.bin").string())->identity(), llama2c_id);
+  EXPECT_EQ(llama2c_id.rfind("llama2c:269:fnv1a64:", 0), 0u) << llama2c_id;
+  const std::string spm_id = SpmTokenizer(small_spm_vocab(), "a").identity();
+  EXPECT_EQ(SpmTokenizer(small_spm_vocab(), "b").identity(), spm_id);
+  EXPECT_EQ(spm_id.rfind("spm:282:fnv1a64:", 0), 0u) << spm_id;
+
+  // Anything that changes the ids or the text changes the identity.
+  std::set<std::string> ids = {"byte", json_id, gguf_id, llama2c_id, spm_id};
+  const auto changed_json = [&](const std::function<void(json&)>& edit) {
+    json j = small_tokenizer_json();
+    edit(j);
+    write_file(dir / "two/tokenizer.json", j.dump());
+    return open_tokenizer((dir / "two").string())->identity();
+  };
+  ids.insert(changed_json([](json& j) { j["model"]["merges"] = json::array(); }));
+  ids.insert(changed_json([](json& j) { j["added_tokens"][0]["content"] = "<|eot|>"; }));
+  ids.insert(changed_json([](json& j) { j["pre_tokenizer"]["add_prefix_space"] = true; }));
+  ids.insert(changed_json([](json& j) {
+    j["post_processor"] = {{"type", "TemplateProcessing"},
+                           {"single", json::array({{{"SpecialToken", {{"id", "<|end|>"}}}},
+                                                   {{"Sequence", {{"id", "A"}}}}})},
+                           {"special_tokens", {{"<|end|>", {{"ids", {4}}}}}}};
+  }));
+  write_file(dir / "two/tokenizer.json", small_tokenizer_json().dump());
+  write_file(dir / "two/tokenizer_config.json", json({{"eos_token", "<|end|>"}}).dump());
+  ids.insert(open_tokenizer((dir / "two").string())->identity());   // the EOS id
+  write_file(dir / "m2.gguf", gguf_with_vocab([](checkpoint::GgufBuilder& b) { add_vocab(b, false); }));
+  const std::string no_bos_id = open_tokenizer((dir / "m2.gguf").string())->identity();
+  ids.insert(no_bos_id);
+  LoadOptions like_transformers;
+  like_transformers.gguf_pre_as_transformers = true;   // the pre-tokenizer choice
+  ids.insert(open_tokenizer((dir / "m.gguf").string(), like_transformers)->identity());
+  auto scores = llama2c_vocab();
+  scores.back().second += 0.25f;
+  write_file(dir / "tokenizer.bin", llama2c_bin(scores));
+  ids.insert(open_tokenizer((dir / "tokenizer.bin").string())->identity());
+  SpmVocab spm = small_spm_vocab();
+  spm.add_space_prefix = false;
+  ids.insert(SpmTokenizer(spm, "c").identity());
+  EXPECT_EQ(ids.size(), 5u + 9u) << "two different tokenizers share an identity";
+  fs::remove_all(dir);
+}
+
+TEST(OpenTokenizer, ByteOrATokenizerFileAndErrorsNameTheFile) {
+  const fs::path dir = fresh_dir("open");
+  EXPECT_EQ(open_tokenizer("byte")->kind(), "byte");
+  write_file(dir / "tokenizer.json", small_tokenizer_json().dump());
+  EXPECT_EQ(open_tokenizer(dir.string())->kind(), "bpe");
+  write_file(dir / "tokenizer.bin", llama2c_bin(llama2c_vocab()));
+  EXPECT_EQ(open_tokenizer((dir / "tokenizer.bin").string())->kind(), "llama2c");
+  expect_error([&] { open_tokenizer((dir / "nope.json").string()); }, {(dir / "nope.json").string(), "no such"});
+  expect_error([&] { open_tokenizer(""); }, {"byte", "tokenizer.json"});
   fs::remove_all(dir);
 }
 

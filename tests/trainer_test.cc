@@ -13,6 +13,7 @@
 #include "tests/test_util.h"
 #include "configs/config.h"
 #include "data/prepare.h"
+#include "tokenizer/tokenizer.h"
 #include "trainer/state.h"
 #include "trainer/trainer.h"
 
@@ -158,8 +159,8 @@ TEST_F(TrainerTest, EvalAndSampleFromCheckpoint) {
   auto e = trainer::evaluate(loaded->model, *val, 2, 4, loaded->device, false);
   EXPECT_GT(e.loss, 0);
   EXPECT_LT(e.loss, 10);
-  auto tok = data::make_tokenizer("byte");
-  std::string text = trainer::sample_text(loaded->model, **tok, "the ", 20, 0.8, 10, 1);
+  const auto tok = tokenizer::open_tokenizer("byte");
+  std::string text = trainer::sample_text(loaded->model, *tok, "the ", 20, 0.8, 10, 1);
   EXPECT_EQ(text.rfind("the ", 0), 0u);
   EXPECT_GE(text.size(), 4u);
 }

@@ -4,6 +4,8 @@
 #include <queue>
 #include <stdexcept>
 
+#include "tokenizer/identity.h"
+
 namespace sparseflash::tokenizer {
 
 namespace {
@@ -53,12 +55,15 @@ BpeTokenizer::BpeTokenizer(BpeVocab vocab, const std::string& source)
     return it->second;
   };
   merges_.reserve(vocab.merges.size());
+  std::vector<int32_t> merge_ids;   // left, right, result per rank (for the identity)
+  merge_ids.reserve(3 * vocab.merges.size());
   for (size_t rank = 0; rank < vocab.merges.size(); ++rank) {
     const auto& [a, b] = vocab.merges[rank];
     const int32_t left = id_of(a, rank, "left part");
     const int32_t right = id_of(b, rank, "right part");
     const int32_t merged = id_of(a + b, rank, "result");
     merges_.emplace(pair_key(left, right), Merge{static_cast<int32_t>(rank), merged});   // first rank wins
+    merge_ids.insert(merge_ids.end(), {left, right, merged});
   }
   for (const AddedToken& t : vocab.added) {
     if (t.id < 0 || t.id >= vocab_size_)
@@ -85,6 +90,28 @@ BpeTokenizer::BpeTokenizer(BpeVocab vocab, const std::string& source)
   bos_id_ = check_special(vocab.bos_id, "the BOS id");
   eos_id_ = check_special(vocab.eos_id, "the EOS id");
   adds_bos_ = !bos_prefix_.empty();
+
+  // The identity covers what the tables above were built from, after the byte-level
+  // characters became bytes: decoding (every token's bytes), merging, pre-tokenizing,
+  // the added tokens and the special ids.
+  ContentHash hash;
+  for (const std::string& bytes : id_to_bytes_) hash.add_bytes(bytes);
+  hash.add_int(static_cast<int64_t>(merge_ids.size()));
+  for (const int32_t id : merge_ids) hash.add_int(id);
+  hash.add_int(static_cast<int64_t>(vocab.added.size()));
+  for (const AddedToken& t : vocab.added) {
+    hash.add_int(t.id);
+    hash.add_bytes(t.content);
+    hash.add_int(t.lstrip * 4 + t.rstrip * 2 + t.single_word);
+  }
+  hash.add_int(static_cast<int64_t>(vocab.split_patterns.size()));
+  for (const std::string& pattern : vocab.split_patterns) hash.add_bytes(pattern);
+  hash.add_int(add_prefix_space_ * 2 + ignore_merges_);
+  for (const int32_t id : byte_id_) hash.add_int(id);   // covers byte_fallback
+  hash.add_int(static_cast<int64_t>(bos_prefix_.size()));
+  for (const int32_t id : bos_prefix_) hash.add_int(id);
+  for (const int32_t id : {unk_id_, bos_id_, eos_id_}) hash.add_int(id);
+  identity_ = hash.identity(kind(), vocab_size_);
 }
 
 std::vector<std::string> BpeTokenizer::pre_tokenize(std::string_view text) const {

@@ -8,6 +8,8 @@
 #include <queue>
 #include <stdexcept>
 
+#include "tokenizer/identity.h"
+
 namespace sparseflash::tokenizer {
 
 namespace {
@@ -167,6 +169,16 @@ SpmTokenizer::SpmTokenizer(SpmVocab vocab, const std::string& source) : vocab_(s
   }
   merger_ = ScoreMerger(vocab_.tokens, vocab_.scores, mergeable);
   specials_ = AddedTokenSplitter(std::move(specials));
+
+  ContentHash hash;   // everything encode and decode read, for identity()
+  for (size_t id = 0; id < n; ++id) {
+    hash.add_bytes(vocab_.tokens[id]);
+    hash.add_float(vocab_.scores[id]);
+    hash.add_int(vocab_.types[id]);
+  }
+  for (const int32_t id : {bos_id_, eos_id_, vocab_.unk_id}) hash.add_int(id);
+  hash.add_int(vocab_.add_space_prefix * 2 + adds_bos_);
+  identity_ = hash.identity(kind(), vocab_size_);
 }
 
 std::vector<int32_t> SpmTokenizer::encode(std::string_view text, bool add_bos) const {
@@ -322,6 +334,12 @@ Llama2cTokenizer::Llama2cTokenizer(std::vector<std::string> tokens, std::vector<
   eos_id_ = 2;
   adds_bos_ = true;
   merger_ = ScoreMerger(tokens_, scores_, std::vector<bool>(tokens_.size(), true));
+  ContentHash hash;   // the ids of <s> and </s> and the BOS are fixed by the format
+  for (size_t id = 0; id < tokens_.size(); ++id) {
+    hash.add_bytes(tokens_[id]);
+    hash.add_float(scores_[id]);
+  }
+  identity_ = hash.identity(kind(), vocab_size_);
 }
 
 std::vector<int32_t> Llama2cTokenizer::encode(std::string_view text, bool add_bos) const {

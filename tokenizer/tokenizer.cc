@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "tokenizer/bpe.h"
+#include "tokenizer/byte.h"
 #include "tokenizer/gguf_vocab.h"
 #include "tokenizer/hf_json.h"
 #include "checkpoint/gguf.h"
@@ -103,6 +104,14 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_path, const s
   if (fs::is_regular_file(beside) && !fs::equivalent(beside, model_path)) return Llama2cTokenizer::load(beside.string());
   throw std::runtime_error(model_path + ": no tokenizer found (not a .gguf, no tokenizer.bin beside it); "
                            "pass --tokenizer with a tokenizer.json, a .gguf file or a llama2.c tokenizer.bin");
+}
+
+std::unique_ptr<Tokenizer> open_tokenizer(const std::string& spec, const LoadOptions& options) {
+  if (spec == "byte") return std::make_unique<ByteTokenizer>();
+  if (spec.empty())
+    throw std::runtime_error("no tokenizer given: expected \"byte\", a tokenizer.json, a directory holding "
+                             "one, a .gguf file or a llama2.c tokenizer.bin");
+  return load_tokenizer("", spec, options);
 }
 
 }  // namespace sparseflash::tokenizer

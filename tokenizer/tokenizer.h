@@ -1,8 +1,10 @@
-// Pretrained tokenizers: the interface the Llama commands use, and load_tokenizer,
-// which picks the implementation from the files given (docs/llama.md, "Tokenizers").
+// Tokenizers: the interface that `prepare`, the trainer and the Llama commands use, and
+// open_tokenizer / load_tokenizer, which pick the implementation from what is given
+// (docs/llama.md, "Tokenizers").
+//   "byte"                       -> bytes are tokens, byte 0 ends a document   (byte.h)
 //   tokenizer.json (HF)          -> byte-level BPE            (bpe.h, hf_json.h)
 //   GGUF tokenizer.ggml.model    -> "gpt2": byte-level BPE, "llama": SentencePiece (spm.h)
-//   llama2.c tokenizer.bin       -> llama2.c's greedy score merges            (llama2c.h)
+//   llama2.c tokenizer.bin       -> llama2.c's greedy score merges               (spm.h)
 // Torch-free. Errors are std::runtime_error naming the file and the field at fault.
 #pragma once
 
@@ -36,8 +38,16 @@ class Tokenizer {
   // the leading space; control tokens of SentencePiece vocabularies render as nothing).
   virtual std::string decode_token(int32_t id) const = 0;
 
-  // "bpe", "spm" or "llama2c".
+  // "byte", "bpe", "spm" or "llama2c".
   virtual std::string kind() const = 0;
+
+  // What prepared data and checkpoints record to say which tokenizer made their ids:
+  // "byte" for the byte tokenizer, else "<kind>:<vocab_size>:fnv1a64:<16 hex digits>",
+  // a hash of everything that changes encoding or decoding (every token's bytes in id
+  // order, merges or scores and token types, added and special tokens, the BOS prefix,
+  // the pre-tokenizer). The same file loaded twice, from any path, gives the same
+  // identity; a tokenizer.json and the GGUF of the same model may differ.
+  const std::string& identity() const { return identity_; }
 
   int32_t bos_id() const { return bos_id_; }   // -1 when the tokenizer has none
   int32_t eos_id() const { return eos_id_; }   // -1 when the tokenizer has none
@@ -50,6 +60,7 @@ class Tokenizer {
   int32_t eos_id_ = -1;
   int64_t vocab_size_ = 0;
   bool adds_bos_ = false;
+  std::string identity_;   // set by each constructor (identity.h)
 };
 
 struct LoadOptions {
@@ -66,5 +77,11 @@ struct LoadOptions {
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_path,
                                           const std::string& tokenizer_path,
                                           const LoadOptions& options = {});
+
+// A tokenizer named the way `sparseflash prepare --tokenizer` names it: "byte" (the byte
+// tokenizer; write "./byte" for a file of that name), or a tokenizer.json, a directory
+// holding one, a .gguf file or a llama2.c tokenizer.bin. Throws std::runtime_error
+// naming the file.
+std::unique_ptr<Tokenizer> open_tokenizer(const std::string& spec, const LoadOptions& options = {});
 
 }  // namespace sparseflash::tokenizer

@@ -26,7 +26,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "configs/config.h"
-#include "data/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "model/factory.h"
 #include "model/generate.h"
@@ -231,7 +230,7 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
   auto val_data = data::TokenLoader::open(d.dir(), data::Split::kVal, d.seq_len());
   if (!val_data.ok()) return val_data.status();
   const data::Meta& meta = train_data->meta();
-  auto tokenizer = data::make_tokenizer(meta.tokenizer);
+  auto tokenizer = data::open_data_tokenizer(meta);
   if (!tokenizer.ok()) return tokenizer.status();
   if (exp.model().vocab_size() == 0) exp.mutable_model()->set_vocab_size(meta.vocab_size);
   if (exp.model().vocab_size() < meta.vocab_size)
@@ -510,10 +509,10 @@ absl::StatusOr<RunResult> train(config::Experiment exp, const TrainHooks& hooks,
 // ---------------------------------------------------------------------------
 // checkpoints for eval and sample
 
-std::string sample_text(model::CausalLM model, const data::Tokenizer& tokenizer,
+std::string sample_text(model::CausalLM model, const tokenizer::Tokenizer& tokenizer,
                         const std::string& prompt, int tokens, double temperature, int top_k,
                         uint64_t seed) {
-  auto ids32 = tokenizer.encode(prompt);
+  auto ids32 = tokenizer.encode(prompt, /*add_bos=*/false);
   std::vector<int64_t> ids(ids32.begin(), ids32.end());
   model::SamplingOptions sampling;
   sampling.temperature = temperature;
@@ -526,8 +525,11 @@ std::string sample_text(model::CausalLM model, const data::Tokenizer& tokenizer,
     auto out = model::generate(model, ids, tokens, sampling);
     ids.insert(ids.end(), out.ids.begin(), out.ids.end());
   }
-  std::vector<int32_t> out32(ids.begin(), ids.end());
-  return tokenizer.decode(out32.data(), out32.size());
+  // The model's vocabulary may be larger than the tokenizer's: such ids are dropped.
+  std::vector<int32_t> out32;
+  for (const int64_t id : ids)
+    if (id >= 0 && id < tokenizer.vocab_size()) out32.push_back(static_cast<int32_t>(id));
+  return tokenizer.decode(out32);
 }
 
 absl::StatusOr<LoadedModel> load_model(const std::string& checkpoint_file_or_dir,

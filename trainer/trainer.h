@@ -15,8 +15,8 @@
 #include "absl/status/statusor.h"
 #include "configs/experiment.pb.h"
 #include "data/loader.h"
-#include "data/tokenizer.h"
 #include "model/causal_lm.h"
+#include "tokenizer/tokenizer.h"
 #include "trainer/distributed.h"
 
 namespace sparseflash::trainer {
@@ -63,7 +63,7 @@ EvalResult evaluate(model::CausalLM model, const data::TokenLoader& val, int bat
 
 // Samples up to `tokens` tokens after `prompt` (model/generate.h; stops at
 // the context length) and returns prompt + continuation.
-std::string sample_text(model::CausalLM model, const data::Tokenizer& tokenizer,
+std::string sample_text(model::CausalLM model, const tokenizer::Tokenizer& tokenizer,
                         const std::string& prompt, int tokens, double temperature, int top_k,
                         uint64_t seed);
 
