@@ -630,8 +630,17 @@ void fill_defaults_in(pb::Message* msg) {
 
 std::string field_text(const pb::Message& msg, const FieldDescriptor* f) {
   std::string out;
-  TextFormat::PrintFieldValueToString(msg, f, -1, &out);
-  return out;
+  if (!f->is_repeated()) {
+    TextFormat::PrintFieldValueToString(msg, f, -1, &out);
+    return out;
+  }
+  const int n = msg.GetReflection()->FieldSize(msg, f);
+  for (int i = 0; i < n; ++i) {
+    std::string item;
+    TextFormat::PrintFieldValueToString(msg, f, i, &item);
+    absl::StrAppend(&out, i ? ", " : "", item);
+  }
+  return absl::StrCat("[", out, "]");
 }
 
 // The attention settings layer `layer` runs with.

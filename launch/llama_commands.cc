@@ -29,6 +29,7 @@
 #include "absl/strings/str_split.h"
 #include "checkpoint/llama.h"
 #include "checkpoint/safetensors.h"
+#include "data/prepare.h"
 #include "data/shard.h"
 #include "model/generate.h"
 #include "model/gpt.h"
@@ -566,9 +567,6 @@ class Writer {
   void write(const std::string& path, const std::map<std::string, std::string>& metadata) {
     checkpoint::write_safetensors(path, entries_, metadata);
   }
-  void write_native(const std::string& dir, const checkpoint::LlamaConfig& config) {
-    checkpoint::write_native_llama(dir, config, entries_);
-  }
 
  private:
   at::ScalarType dtype_;
@@ -595,33 +593,14 @@ absl::StatusOr<ConvertResult> convert_llama_to_native(const std::string& input,
       if (!parsed.ok()) return parsed.status();
       dtype = *parsed;
     }
-    model::LlamaLoadOptions o;  // float32 on the CPU: exact for every stored type
-    model::Llama m = model::load_llama(ckpt, o);
     const auto& c = ckpt.config;
-    Writer w(dtype);
-    w.add("model.embed_tokens.weight", m->embed_tokens);
-    for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-      auto layer = m->layers[i]->as<model::LlamaLayer>();
-      const std::string p = "model.layers." + std::to_string(i) + ".";
-      w.add(p + "self_attn.q_proj.weight", layer->self_attn->q_proj->weight);
-      w.add(p + "self_attn.k_proj.weight", layer->self_attn->k_proj->weight);
-      w.add(p + "self_attn.v_proj.weight", layer->self_attn->v_proj->weight);
-      w.add(p + "self_attn.o_proj.weight", layer->self_attn->o_proj->weight);
-      w.add(p + "mlp.gate_proj.weight", layer->gate_proj->weight);
-      w.add(p + "mlp.up_proj.weight", layer->up_proj->weight);
-      w.add(p + "mlp.down_proj.weight", layer->down_proj->weight);
-      w.add(p + "input_layernorm.weight", layer->input_layernorm->weight);
-      w.add(p + "post_attention_layernorm.weight", layer->post_attention_layernorm->weight);
-    }
-    w.add("model.norm.weight", m->norm->weight);
-    if (!c.tie_word_embeddings) w.add("lm_head.weight", m->lm_head);
-
     if (!ckpt.rope_freq_factors.empty() && c.rope_scaling.type.empty())
       return absl::FailedPreconditionError(absl::StrCat(
           input, ": rope_freqs.weight (per-frequency RoPE divisors) has no HF config "
           "equivalent without rope_scaling; the native format cannot represent it"));
-    fs::create_directories(out_dir);
-    w.write_native(out_dir, c);
+    model::LlamaLoadOptions o;  // float32 on the CPU: exact for every stored type
+    model::Llama m = model::load_llama(ckpt, o);
+    model::write_hf_llama(*m, out_dir, dtype);
     ConvertResult r;
     const fs::path in(input);
     const fs::path tokenizer_json = fs::is_directory(in) ? in / "tokenizer.json" : in.parent_path() / "tokenizer.json";
@@ -646,6 +625,52 @@ absl::StatusOr<ConvertResult> convert_llama_to_native(const std::string& input,
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(what_of(e));
   }
+}
+
+absl::StatusOr<ConvertResult> convert_llama_run_to_hf(const std::string& checkpoint_path,
+                                                      const std::string& out_dir,
+                                                      const std::string& dtype_name) {
+  auto loaded = trainer::load_model(checkpoint_path, "cpu");
+  if (!loaded.ok()) return loaded.status();
+  auto* llama = dynamic_cast<model::LlamaImpl*>(loaded->model.get());
+  if (!llama)
+    return absl::InvalidArgumentError(absl::StrCat(
+        checkpoint_path, " is a ", model::arch_name(loaded->model->arch()),
+        " run of ours; export it with --to hf-gpt2"));
+  at::ScalarType dtype = at::kFloat;
+  if (dtype_name != "auto") {
+    auto parsed = parse_dtype(dtype_name, at::kCPU);
+    if (!parsed.ok()) return parsed.status();
+    dtype = *parsed;
+  }
+  try {
+    model::write_hf_llama(*llama, out_dir, dtype);
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(checkpoint_path, ": ", what_of(e)));
+  }
+  ConvertResult r;
+  // The tokenizer the run was trained with, where it is a tokenizer.json.
+  auto meta = data::read_meta(loaded->config.data().dir());
+  const std::string source = meta.ok() ? meta->tokenizer_source : "";
+  const fs::path tokenizer_json = fs::is_directory(source) ? fs::path(source) / "tokenizer.json"
+                                                           : fs::path(source);
+  if (!source.empty() && tokenizer_json.filename() == "tokenizer.json" &&
+      fs::exists(tokenizer_json)) {
+    fs::copy_file(tokenizer_json, fs::path(out_dir) / "tokenizer.json",
+                  fs::copy_options::overwrite_existing);
+  } else {
+    r.warnings.push_back(absl::StrCat(
+        "no tokenizer.json written (the run's data was tokenized with ",
+        source.empty() ? "an unknown tokenizer" : source,
+        "): pass --tokenizer to eval/generate with the exported model"));
+  }
+  const auto& c = llama->config();
+  r.summary = absl::StrFormat(
+      "wrote %s: Llama (%d layers, d %d, vocab %d, context %d%s) from %s at step %d, %s", out_dir,
+      c.num_hidden_layers, c.hidden_size, c.vocab_size, c.max_position_embeddings,
+      c.rope_scaling.type.empty() ? "" : ", rope_scaling " + c.rope_scaling.type,
+      checkpoint_path, loaded->step, dtype_label(dtype));
+  return r;
 }
 
 absl::StatusOr<ConvertResult> convert_gpt_to_hf_gpt2(const std::string& checkpoint_path,
@@ -755,10 +780,9 @@ int convert_impl() {
   absl::StatusOr<ConvertResult> r;
   const bool gpt_run = fs::exists(fs::path(input) / "ckpt.pt") ||
                       fs::path(input).extension() == ".pt";
-  if (to == "native" && gpt_run)
-    return fail("convert", absl::StrCat(input, " is a GPT run of ours, not a Llama checkpoint; "
-                                        "export it with --to hf-gpt2"));
-  if (to == "native") {
+  if (to == "native" && gpt_run) {
+    r = convert_llama_run_to_hf(input, output, absl::GetFlag(FLAGS_dtype));
+  } else if (to == "native") {
     r = convert_llama_to_native(input, output, absl::GetFlag(FLAGS_dtype));
   } else if (to == "hf-gpt2") {
     r = convert_gpt_to_hf_gpt2(input, output);

@@ -88,6 +88,13 @@ absl::StatusOr<ConvertResult> convert_llama_to_native(const std::string& input,
                                                       const std::string& out_dir,
                                                       const std::string& dtype);
 
+// A Llama run of ours (ckpt.pt or its run directory) -> out_dir as an HF
+// Llama directory (model::write_hf_llama; dtype "auto" = float32), plus the
+// run's tokenizer.json when its data was prepared with one.
+absl::StatusOr<ConvertResult> convert_llama_run_to_hf(const std::string& checkpoint,
+                                                      const std::string& out_dir,
+                                                      const std::string& dtype);
+
 // Our GPT checkpoint (ckpt.pt or its run directory) -> out_dir/model.safetensors
 // + config.json for transformers' GPT2LMHeadModel (float32). Absent biases are
 // written as zeros (exactly equivalent). Runs trained with sparse attention

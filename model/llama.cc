@@ -3,6 +3,7 @@
 #include "model/llama.h"
 
 #include <chrono>
+#include <filesystem>
 #include <cmath>
 #include <limits>
 #include <set>
@@ -451,6 +452,46 @@ Llama load_llama(const checkpoint::LlamaCheckpoint& ckpt, const LlamaLoadOptions
   model->fuse_projections();
   model->eval();
   return model;
+}
+
+// ---------------------------------------------------------------------------
+// export
+
+void write_hf_llama(LlamaImpl& model, const std::string& dir, at::ScalarType dtype) {
+  const checkpoint::LlamaConfig& c = model.config();
+  if (!model.rope_frequency_factors().empty() && c.rope_scaling.type.empty())
+    throw std::runtime_error(
+        "the model has per-frequency RoPE divisors (GGUF rope_freqs.weight) and no rope_scaling "
+        "type: an HF config.json cannot express that");
+  const checkpoint::DType stored = dtype == at::kBFloat16 ? checkpoint::DType::kBF16
+                                   : dtype == at::kHalf   ? checkpoint::DType::kF16
+                                                          : checkpoint::DType::kF32;
+  std::vector<Tensor> keep;  // alive until written
+  std::vector<checkpoint::TensorToWrite> entries;
+  auto add = [&](const std::string& name, const Tensor& t) {
+    Tensor c = t.detach().to(at::kCPU, dtype).contiguous();
+    keep.push_back(c);
+    entries.push_back({name, stored, std::vector<int64_t>(c.sizes().begin(), c.sizes().end()),
+                       c.data_ptr(), static_cast<size_t>(c.nbytes())});
+  };
+  add("model.embed_tokens.weight", model.embed_tokens);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    auto layer = model.layers[i]->as<LlamaLayer>();
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    add(p + "self_attn.q_proj.weight", layer->self_attn->q_proj->weight);
+    add(p + "self_attn.k_proj.weight", layer->self_attn->k_proj->weight);
+    add(p + "self_attn.v_proj.weight", layer->self_attn->v_proj->weight);
+    add(p + "self_attn.o_proj.weight", layer->self_attn->o_proj->weight);
+    add(p + "mlp.gate_proj.weight", layer->gate_proj->weight);
+    add(p + "mlp.up_proj.weight", layer->up_proj->weight);
+    add(p + "mlp.down_proj.weight", layer->down_proj->weight);
+    add(p + "input_layernorm.weight", layer->input_layernorm->weight);
+    add(p + "post_attention_layernorm.weight", layer->post_attention_layernorm->weight);
+  }
+  add("model.norm.weight", model.norm->weight);
+  if (!c.tie_word_embeddings) add("lm_head.weight", model.lm_head);
+  std::filesystem::create_directories(dir);
+  checkpoint::write_native_llama(dir, c, entries);
 }
 
 // ---------------------------------------------------------------------------

@@ -155,6 +155,14 @@ Llama load_llama(const checkpoint::LlamaCheckpoint& checkpoint, const LlamaLoadO
 // context length and RoPE scaling may differ). Throws as load_llama does.
 void copy_llama_weights(const checkpoint::LlamaCheckpoint& checkpoint, LlamaImpl& model);
 
+// Writes `model` as an HF Llama directory, which transformers' LlamaForCausalLM
+// and our loaders read: dir/config.json (with rope_scaling) and
+// dir/model.safetensors in HF names, rotate-half Q/K, weights cast to dtype
+// (float32, bfloat16 or float16); both files atomic (checkpoint::write_native_llama).
+// A model with GGUF rope frequency factors and no rope_scaling type has no HF
+// equivalent: throws std::runtime_error.
+void write_hf_llama(LlamaImpl& model, const std::string& dir, at::ScalarType dtype);
+
 // ---------------------------------------------------------------------------
 // perplexity
 

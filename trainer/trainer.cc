@@ -28,6 +28,7 @@
 #include "configs/config.h"
 #include "nlohmann/json.hpp"
 #include "model/factory.h"
+#include "tokenizer/tokenizer.h"
 #include "model/generate.h"
 #include "trainer/distributed.h"
 #include "trainer/schedule.h"
@@ -193,6 +194,40 @@ std::string format_duration(double seconds) {
 
 // ---------------------------------------------------------------------------
 // the run
+
+namespace {
+
+// A pretrained model reads the ids of its own tokenizer: the data must have
+// been prepared with it (the same identity, tokenizer/tokenizer.h).
+absl::Status check_pretrained_tokenizer(const std::string& init_from, const data::Meta& meta,
+                                        const std::string& data_dir) {
+  if (init_from.empty()) return absl::OkStatus();
+  std::string identity, source = init_from;
+  if (model::is_training_checkpoint(init_from)) {
+    auto info = read_checkpoint_info(checkpoint_path(init_from));
+    if (!info.ok()) return info.status();
+    identity = info->tokenizer;
+  } else {
+    try {
+      identity = tokenizer::load_tokenizer(init_from, "")->identity();
+    } catch (const std::exception& e) {
+      // A model file without a tokenizer (e.g. an HF directory without
+      // tokenizer.json): nothing to compare with.
+      std::cerr << "note: model.init_from " << init_from
+                << " has no tokenizer to compare the data's with (" << e.what()
+                << "); make sure " << data_dir << " was prepared with the model's tokenizer\n";
+      return absl::OkStatus();
+    }
+  }
+  if (identity == meta.tokenizer) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "the data in ", data_dir, " was prepared with tokenizer ", meta.tokenizer, " (",
+      meta.tokenizer_source, "), but model.init_from ", init_from, " reads tokenizer ", identity,
+      ": its ids would mean other tokens. Prepare the data with `sparseflash prepare --tokenizer ",
+      source, " ...`"));
+}
+
+}  // namespace
 //
 // With several processes (world.world_size > 1) every rank runs this same
 // loop on its rows of the global batch; rank 0 alone writes files, logs,
@@ -237,6 +272,8 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
     return absl::InvalidArgumentError(absl::StrCat(
         "model.vocab_size ", exp.model().vocab_size(), " is smaller than the data's vocabulary (",
         meta.vocab_size, " in ", d.dir(), "/meta.json)"));
+  if (auto s = check_pretrained_tokenizer(exp.model().init_from(), meta, d.dir()); !s.ok())
+    return s;
 
   const std::string out_dir = exp.checkpoint().out_dir();
   const std::string ckpt = (fs::path(out_dir) / "ckpt.pt").string();
