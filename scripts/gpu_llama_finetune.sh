@@ -7,9 +7,9 @@
 # a short `sparseflash train` fine-tune (loss per step), all in one call.
 #
 # The model file is given by LLAMA_MODEL, or assembled from the pieces under
-# .llama-parts*/ (the device tool moves at most 64 MiB per call, so a larger
+# data/llama-parts*/ (the device tool moves at most 64 MiB per call, so a larger
 # GGUF travels in pieces over consecutive calls: `split -b 48M`; the pieces
-# are joined in name order and checked against .llama-parts*/SHA256 if present).
+# are joined in name order and checked against data/llama-parts*/SHA256 if present).
 #
 # Environment:
 #   PHASE=build|run|all  build (and the GPU tests) only, the measurements only, or both
@@ -52,11 +52,11 @@ fi
 if [ "$PHASE" = run ] || [ "$PHASE" = all ]; then
   model=${LLAMA_MODEL:-}
   if [ -z "$model" ]; then
-    mapfile -t pieces < <(ls -1 .llama-parts*/piece-* 2>/dev/null | sort -t/ -k2)
-    if [ ${#pieces[@]} -eq 0 ]; then echo "no LLAMA_MODEL and no .llama-parts*/"; exit 1; fi
+    mapfile -t pieces < <(ls -1 data/llama-parts*/piece-* 2>/dev/null | sort -t/ -k2)
+    if [ ${#pieces[@]} -eq 0 ]; then echo "no LLAMA_MODEL and no data/llama-parts*/"; exit 1; fi
     model=/tmp/llama-model.gguf
     cat "${pieces[@]}" >"$model"
-    sums=$(cat .llama-parts*/SHA256 2>/dev/null | head -1)
+    sums=$(cat data/llama-parts*/SHA256 2>/dev/null | head -1)
     if [ -n "$sums" ]; then
       got=$(sha256sum "$model" | cut -d' ' -f1)
       [ "$got" = "${sums%% *}" ] || { echo "model pieces do not join to the recorded file ($got)"; exit 1; }

@@ -266,6 +266,16 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
   if (!val_data.ok()) return val_data.status();
   const data::Meta& meta = train_data->meta();
   auto tokenizer = data::open_data_tokenizer(meta);
+  if (!tokenizer.ok() && !exp.model().init_from().empty() &&
+      !model::is_training_checkpoint(exp.model().init_from())) {
+    // The data's tokenizer file is not here (data prepared on another
+    // machine), but the pretrained model carries the same tokenizer.
+    try {
+      auto own = tokenizer::load_tokenizer(exp.model().init_from(), "");
+      if (own->identity() == meta.tokenizer) tokenizer = std::move(own);
+    } catch (const std::exception&) {
+    }
+  }
   if (!tokenizer.ok()) return tokenizer.status();
   if (exp.model().vocab_size() == 0) exp.mutable_model()->set_vocab_size(meta.vocab_size);
   if (exp.model().vocab_size() < meta.vocab_size)
