@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -28,13 +29,17 @@
 #include "attention/flash.h"
 #include "checkpoint/llama.h"
 #include "configs/config.h"
+#include "data/loader.h"
+#include "data/prepare.h"
 #include "data/shard.h"
+#include "model/factory.h"
 #include "model/gpt.h"
 #include "model/generate.h"
 #include "model/llama.h"
 #include "nlohmann/json.hpp"
 #include "tokenizer/tokenizer.h"
 #include "trainer/state.h"
+#include "trainer/trainer.h"
 
 namespace sparseflash {
 namespace {
@@ -157,7 +162,7 @@ std::vector<int64_t> random_ids(int64_t n, int64_t vocab, std::mt19937& rng) {
   return ids;
 }
 
-Tensor our_logits(model::Llama& m, const std::vector<int64_t>& ids) {
+Tensor our_logits(model::CausalLM m, const std::vector<int64_t>& ids) {
   torch::NoGradGuard no_grad;
   return m->forward(at::tensor(ids, at::kLong).view({1, -1}))[0];
 }
@@ -541,6 +546,200 @@ TEST(Convert, SparseGptExportSaysSo) {
       << read_file(log);
   EXPECT_NE(read_file(log).find("trained with sparse attention"), std::string::npos)
       << read_file(log);
+}
+
+// ---------------------------------------------------------------------------
+// fine-tuning a pretrained Llama through the trainer (model.init_from)
+
+class FineTune : public ::testing::Test {
+ protected:
+  // A tiny random Llama (GQA, untied head, llama3 RoPE scaling) written as an
+  // HF directory, and a byte-tokenized corpus with structure to learn.
+  static void SetUpTestSuite() {
+    root_ = new fs::path(scratch() / "finetune");
+    fs::create_directories(*root_ / "text");
+    std::mt19937 rng(11);
+    const char* words[] = {"the ", "kernel ", "maps ", "memory ", "and ", "calls ", "a ",
+                           "function ", "returns ", "zero.\n"};
+    for (int doc = 0; doc < 24; ++doc) {
+      std::ofstream out(*root_ / "text" / ("doc" + std::to_string(doc) + ".txt"));
+      for (int sentence = 0; sentence < 50; ++sentence)
+        for (int w = 0; w < 5; ++w) out << words[(sentence + w * (rng() % 2)) % 10];
+    }
+    data::PrepareOptions o;
+    o.inputs = {(*root_ / "text").string()};
+    o.out_dir = (*root_ / "data").string();
+    o.val_fraction = 0.2;
+    auto meta = data::prepare(o);
+    ASSERT_TRUE(meta.ok()) << meta.status();
+
+    auto exp = resolve_config(
+        "preset:tiny_test",
+        {"model.arch=LLAMA", "model.n_kv_head=1", "model.vocab_size=256", "model.d_ff=80",
+         "model.tie_embeddings=false", "model.rope_theta=50000", "model.rope_scaling.type=llama3",
+         "model.rope_scaling.factor=4", "model.rope_scaling.original_max_position_embeddings=16",
+         "model.init_std=0.1", "attention.kind=DENSE"},
+        "tiny_test");
+    ASSERT_TRUE(exp.ok()) << exp.status();
+    torch::manual_seed(5);
+    auto built = model::build_model(*exp);
+    ASSERT_TRUE(built.ok()) << built.status();
+    pretrained_ = new model::CausalLM(*built);
+    model::write_hf_llama(*dynamic_cast<model::LlamaImpl*>(pretrained_->get()),
+                          (*root_ / "pretrained").string(), at::kFloat);
+  }
+  static void TearDownTestSuite() {
+    delete pretrained_;
+    delete root_;
+  }
+
+  static std::string dir(const std::string& name) { return (*root_ / name).string(); }
+
+  // The tiny_test preset fine-tuning the pretrained directory: its
+  // architecture fields agree with the file's (n_layer 2, n_head 2, d_model 32).
+  static absl::StatusOr<config::Experiment> config(const std::string& run,
+                                                   std::vector<std::string> extra = {}) {
+    std::vector<std::string> o = {"model.arch=LLAMA", "model.init_from=" + dir("pretrained"),
+                                  "data.dir=" + dir("data"), "checkpoint.out_dir=" + dir(run),
+                                  "train.device=cpu", "eval.sample_tokens=0", "eval.batches=2",
+                                  "train.cpu_threads=1", "attention.kind=DENSE",
+                                  "optim.lr=3e-3", "train.max_steps=12"};
+    o.insert(o.end(), extra.begin(), extra.end());
+    return resolve_config("preset:tiny_test", o, "tiny_test", model::complete_from_pretrained);
+  }
+
+  static fs::path* root_;
+  static model::CausalLM* pretrained_;
+};
+fs::path* FineTune::root_ = nullptr;
+model::CausalLM* FineTune::pretrained_ = nullptr;
+
+TEST_F(FineTune, ConfigTakesTheArchitectureFromTheFileAndChecksGivenFields) {
+  auto exp = config("arch");
+  ASSERT_TRUE(exp.ok()) << exp.status();
+  const config::Model& m = exp->model();
+  EXPECT_EQ(m.n_kv_head(), 1);
+  EXPECT_EQ(m.d_ff(), 80);
+  EXPECT_EQ(m.vocab_size(), 256);
+  EXPECT_FALSE(m.tie_embeddings());
+  EXPECT_EQ(m.rope_scaling().type(), "llama3");
+  EXPECT_EQ(m.rope_theta(), 50000);
+  // A given field that disagrees is named with both values; block_size may change.
+  auto bad = config("arch", {"model.d_ff=81", "model.n_kv_head=2"});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("model.d_ff = 81 but the file has 80"), std::string::npos)
+      << bad.status();
+  EXPECT_NE(bad.status().message().find("model.n_kv_head"), std::string::npos) << bad.status();
+  auto longer = config("arch", {"model.block_size=128"});
+  ASSERT_TRUE(longer.ok()) << longer.status();
+  EXPECT_EQ(longer->model().block_size(), 128);
+  auto gpt = config("arch", {"model.arch=GPT"});
+  ASSERT_FALSE(gpt.ok());
+  EXPECT_NE(gpt.status().message().find("model.arch = LLAMA"), std::string::npos) << gpt.status();
+  auto missing = config("arch", {"model.init_from=" + dir("no_such_model")});
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find("does not exist"), std::string::npos);
+}
+
+TEST_F(FineTune, StepZeroIsThePretrainedLossThenLossGoesDown) {
+  auto exp = config("down", {"train.max_steps=20"});
+  ASSERT_TRUE(exp.ok()) << exp.status();
+  std::vector<double> losses;
+  trainer::TrainHooks hooks;
+  hooks.on_step = [&](int64_t, double loss) { losses.push_back(loss); };
+  auto r = trainer::train(*exp, hooks);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(losses.size(), 20u);
+
+  // Step 1's loss is the pretrained model's on step 0's batch: the weights came through.
+  const auto& d = exp->data();
+  auto loader = data::TokenLoader::open(d.dir(), data::Split::kTrain, d.seq_len());
+  ASSERT_TRUE(loader.ok()) << loader.status();
+  Tensor x = at::empty({d.batch_size(), d.seq_len()}, at::kLong), y = at::empty_like(x);
+  loader->sample(d.seed(), 0, 0, 0, d.batch_size(), x.data_ptr<int64_t>(), y.data_ptr<int64_t>());
+  model::CausalLM reloaded = load(dir("pretrained"));
+  torch::NoGradGuard no_grad;
+  const double expected = reloaded->loss(x, y).item<double>();
+  const double untrained = (*pretrained_)->loss(x, y).item<double>();
+  EXPECT_NEAR(losses.front(), expected, 1e-5);
+  EXPECT_NEAR(expected, untrained, 1e-6);
+  EXPECT_LT(losses.back(), 0.75 * losses.front());
+  EXPECT_LT(r->val_loss, losses.front());
+}
+
+TEST_F(FineTune, ResumeIsBitIdentical) {
+  std::vector<double> straight, resumed;
+  trainer::TrainHooks a, b;
+  a.on_step = [&](int64_t, double loss) { straight.push_back(loss); };
+  b.on_step = [&](int64_t step, double loss) {
+    resumed.push_back(loss);
+    if (step == 5) trainer::request_stop(SIGINT);
+  };
+  auto exp_a = config("straight", {"attention.kind=HASH", "attention.num_buckets=4"});
+  auto exp_b = config("resumed", {"attention.kind=HASH", "attention.num_buckets=4"});
+  ASSERT_TRUE(exp_a.ok() && exp_b.ok());
+  ASSERT_TRUE(trainer::train(*exp_a, a).ok());
+  auto first = trainer::train(*exp_b, b);
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(first->steps, 5);
+  auto second = trainer::train(*exp_b, b);
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_EQ(straight.size(), 12u);
+  ASSERT_EQ(resumed.size(), 12u);
+  for (size_t i = 0; i < 12; ++i) EXPECT_EQ(straight[i], resumed[i]) << "step " << i + 1;
+}
+
+TEST_F(FineTune, ExportBeforeAndAfterTrainingLoadsInTransformers) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  std::mt19937 rng(std::random_device{}());
+  auto ids = random_ids(40, 256, rng);
+  // Before: the pretrained directory as written.
+  {
+    Tensor ours = our_logits(*pretrained_, ids);
+    Reference ref = reference("--model " + quote(dir("pretrained")), ids, "", "ft_before");
+    ASSERT_TRUE(ref.logits.defined());
+    EXPECT_LE(max_abs_diff(ours, ref.logits), 1e-4);
+    EXPECT_GT(ref.logits.abs().max().item<double>(), 1.0);
+  }
+  // After: a fine-tuned run exported with `convert --to native`.
+  auto exp = config("export", {"train.max_steps=6"});
+  ASSERT_TRUE(exp.ok()) << exp.status();
+  ASSERT_TRUE(trainer::train(*exp).ok());
+  const std::string out = dir("export_hf"), log = dir("export.log");
+  ASSERT_EQ(run(quote(kBinary) + " convert --to native --input " + quote(dir("export")) +
+                    " --output " + quote(out),
+                log),
+            0)
+      << read_file(log);
+  EXPECT_NE(read_file(log).find("rope_scaling llama3"), std::string::npos) << read_file(log);
+  auto loaded = trainer::load_model(dir("export"), "cpu");
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  Tensor trained = our_logits(loaded->model, ids);
+  EXPECT_GT(max_abs_diff(trained, our_logits(*pretrained_, ids)), 1e-3);  // it did train
+  Reference ref = reference("--model " + quote(out), ids, "", "ft_after");
+  ASSERT_TRUE(ref.logits.defined());
+  EXPECT_LE(max_abs_diff(trained, ref.logits), 1e-4);
+  // Our loader reads the export back to the same logits.
+  EXPECT_LE(max_abs_diff(our_logits(load(out), ids), trained), 1e-6);
+}
+
+TEST_F(FineTune, DataOfAnotherTokenizerIsRefused) {
+  if (!fs::exists(kSmolGguf)) GTEST_SKIP() << kSmolGguf << " is absent";
+  // SmolLM2 reads BPE ids; the corpus is byte-tokenized.
+  auto exp = resolve_config("preset:llama_finetune",
+                            {"model.init_from=" + kSmolGguf, "data.dir=" + dir("data"),
+                             "data.seq_len=64", "checkpoint.out_dir=" + dir("mismatch"),
+                             "train.device=cpu"},
+                            "llama_finetune", model::complete_from_pretrained);
+  ASSERT_TRUE(exp.ok()) << exp.status();
+  EXPECT_EQ(exp->model().n_layer(), 30);
+  EXPECT_EQ(exp->model().n_kv_head(), 3);
+  auto r = trainer::train(*exp);
+  ASSERT_FALSE(r.ok());
+  const std::string message(r.status().message());
+  EXPECT_NE(message.find("prepared with tokenizer byte"), std::string::npos) << message;
+  EXPECT_NE(message.find("prepare --tokenizer"), std::string::npos) << message;
+  EXPECT_FALSE(fs::exists(dir("mismatch") + "/ckpt.pt"));
 }
 
 // ---------------------------------------------------------------------------
