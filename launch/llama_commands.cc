@@ -17,6 +17,7 @@
 #include <sstream>
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/utils.h>
 
 #include "absl/flags/declare.h"
@@ -31,6 +32,7 @@
 #include "checkpoint/safetensors.h"
 #include "data/prepare.h"
 #include "data/shard.h"
+#include "model/factory.h"
 #include "model/generate.h"
 #include "model/gpt.h"
 #include "model/llama.h"
@@ -238,13 +240,47 @@ absl::StatusOr<Loaded> load(bool need_tokenizer) {
   auto attn = attention_from_flags();
   if (!attn.ok()) return attn.status();
   l.attention = absl::GetFlag(FLAGS_attention);
-  l.checkpoint = checkpoint::load_llama_checkpoint(path);
-  model::LlamaLoadOptions o;
-  o.attention = {*attn};
-  o.dtype = l.dtype;
-  o.device = l.device;
-  o.attention_seed = absl::GetFlag(FLAGS_seed);
-  l.model = model::load_llama(l.checkpoint, o);
+  std::string run_tokenizer;  // a run of ours: the tokenizer its data was prepared with
+  if (model::is_training_checkpoint(path)) {
+    // A Llama run of ours (ckpt.pt or its directory): its weights, with the
+    // attention the flags ask for.
+    auto run = trainer::load_model(path, "cpu");
+    if (!run.ok()) return run.status();
+    auto* trained = dynamic_cast<model::LlamaImpl*>(run->model.get());
+    if (!trained)
+      return absl::InvalidArgumentError(absl::StrCat(
+          path, " is a ", model::arch_name(run->model->arch()),
+          " run; use `sparseflash eval --checkpoint` and `sparseflash sample --checkpoint` for it"));
+    l.checkpoint.path = path;
+    l.checkpoint.format = checkpoint::SourceFormat::kNative;
+    l.checkpoint.config = trained->config();
+    l.checkpoint.identity = absl::StrCat("run:", trainer::checkpoint_path(path), "@", run->step);
+    l.model = model::Llama(trained->config(), std::vector<attention::Options>{*attn});
+    if (!trained->rope_frequency_factors().empty())
+      l.model->set_rope_frequency_factors(trained->rope_frequency_factors());
+    {
+      torch::NoGradGuard no_grad;
+      auto from = trained->named_parameters();
+      for (auto& item : l.model->named_parameters()) item.value().copy_(from[item.key()]);
+    }
+    l.model->attention_generator() =
+        at::detail::createCPUGenerator(absl::GetFlag(FLAGS_seed));
+    l.model->to(l.device, l.dtype);
+    l.model->fuse_projections();
+    l.model->eval();
+    auto meta = data::read_meta(run->config.data().dir());
+    if (meta.ok()) run_tokenizer = meta->tokenizer_source;
+    if (run_tokenizer.empty() && !run->config.model().init_from().empty())
+      run_tokenizer = run->config.model().init_from();
+  } else {
+    l.checkpoint = checkpoint::load_llama_checkpoint(path);
+    model::LlamaLoadOptions o;
+    o.attention = {*attn};
+    o.dtype = l.dtype;
+    o.device = l.device;
+    o.attention_seed = absl::GetFlag(FLAGS_seed);
+    l.model = model::load_llama(l.checkpoint, o);
+  }
   if (l.attention == "saap") {
     auto hook = saap_hook_from_flags(l);
     if (!hook.ok()) return hook.status();
@@ -255,7 +291,8 @@ absl::StatusOr<Loaded> load(bool need_tokenizer) {
     // main.cc's --tokenizer is shared with prepare, whose default is "byte".
     std::string tok = absl::GetFlag(FLAGS_tokenizer);
     if (tok == "byte") tok.clear();
-    l.tokenizer = tokenizer::load_tokenizer(path, tok);
+    if (tok.empty() && !run_tokenizer.empty()) tok = run_tokenizer;
+    l.tokenizer = tok == "byte" ? tokenizer::open_tokenizer(tok) : tokenizer::load_tokenizer(path, tok);
     if (l.tokenizer->vocab_size() > l.checkpoint.config.vocab_size)
       return absl::InvalidArgumentError(absl::StrCat(
           "the tokenizer has ", l.tokenizer->vocab_size(), " tokens, the model's vocabulary ",

@@ -50,10 +50,10 @@ class RecordingHook : public model::AttentionHook {
 
 // Runs the model over one window with `record` installed, then puts the
 // model's previous hook back (also when `record` throws).
-void run_recording(model::Llama& model, const std::vector<int64_t>& window,
+void run_recording(model::CausalLM& model, const std::vector<int64_t>& window,
                    std::function<void(const model::AttentionCall&)> record) {
   struct Restore {
-    model::Llama& model;
+    model::CausalLM& model;
     std::shared_ptr<model::AttentionHook> previous;
     ~Restore() { model->set_attention_hook(previous); }
   } restore{model, model->attention_hook()};
@@ -70,15 +70,15 @@ Tensor sample_positions(int64_t lo, int64_t hi, int64_t count, at::Generator& ge
   return std::get<0>((p + lo).sort()).to(device);
 }
 
-void check_model_matches(const checkpoint::LlamaConfig& c, const SaapHeader& h,
+void check_model_matches(const model::AttentionShape& c, const SaapHeader& h,
                          const char* which) {
-  if (h.num_layers() != c.num_hidden_layers || h.num_query_heads() != c.num_attention_heads ||
-      h.num_kv_heads() != c.num_key_value_heads || h.head_dim() != c.head_dim)
+  if (h.num_layers() != c.layers || h.num_query_heads() != c.heads ||
+      h.num_kv_heads() != c.kv_heads || h.head_dim() != c.head_dim)
     throw std::invalid_argument(absl::StrFormat(
         "%s: the index has %d layers, %d/%d heads, head dim %d; the model %d layers, %d/%d "
         "heads, head dim %d",
         which, h.num_layers(), h.num_query_heads(), h.num_kv_heads(), h.head_dim(),
-        c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim));
+        c.layers, c.heads, c.kv_heads, c.head_dim));
 }
 
 // Windows must leave routable queries: positions >= sinks + window.
@@ -112,13 +112,13 @@ std::vector<std::vector<int64_t>> token_windows(const std::vector<int64_t>& ids,
 // ---------------------------------------------------------------------------
 // fitting
 
-SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
+SaapIndex fit_saap_index(model::CausalLM model, const std::string& model_identity,
                          const std::vector<int64_t>& ids, const FitOptions& o, FitReport* report,
                          const Log& log) {
   const auto start = Clock::now();
-  const checkpoint::LlamaConfig& cfg = model->config();
-  const int64_t layers = cfg.num_hidden_layers, hq = cfg.num_attention_heads,
-                hkv = cfg.num_key_value_heads, d = cfg.head_dim, C = o.partitions;
+  const model::AttentionShape cfg = model->attention_shape();
+  const int64_t layers = cfg.layers, hq = cfg.heads, hkv = cfg.kv_heads, d = cfg.head_dim,
+                C = o.partitions;
   if (C < 2) throw std::invalid_argument(absl::StrFormat("partitions must be >= 2, got %d", C));
   if (o.hidden < 1) throw std::invalid_argument("hidden must be >= 1");
   if (o.local_window < 1 || o.sink_tokens < 0)
@@ -532,11 +532,11 @@ class RoutingAccumulator {
 
 }  // namespace
 
-RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
+RoutingEvalReport evaluate_routing(model::CausalLM model, const SaapIndex& index,
                                    const SaapIndex* rope_index, const std::vector<int64_t>& ids,
                                    const RoutingEvalOptions& o, const Log& log) {
   const auto start = Clock::now();
-  const checkpoint::LlamaConfig& cfg = model->config();
+  const model::AttentionShape cfg = model->attention_shape();
   const SaapHeader& h = index.header;
   check_model_matches(cfg, h, "saap eval --index");
   if (!h.pre_rope_keys())
@@ -555,7 +555,7 @@ RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
     if (l < 1 || l > C || (rope_index && l > rope_index->header.partitions()))
       throw std::invalid_argument(absl::StrFormat("saap eval: l = %d outside [1, partitions = %d]", l, C));
   }
-  const int64_t hq = cfg.num_attention_heads, hkv = cfg.num_key_value_heads,
+  const int64_t hq = cfg.heads, hkv = cfg.kv_heads,
                 group = hq / hkv, window = h.local_window(), sinks = h.sink_tokens();
   const auto windows = token_windows(ids, o.context, o.max_windows);
   check_windows(windows, window, sinks, "saap eval");

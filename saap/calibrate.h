@@ -20,7 +20,7 @@
 #include <string>
 #include <vector>
 
-#include "model/llama.h"
+#include "model/causal_lm.h"
 #include "saap/budgets.h"
 #include "saap/classifier.h"
 #include "saap/index.h"
@@ -96,7 +96,7 @@ struct FitReport {
 // Fits a SAAP index for `model` (identity stored in the header) on `ids`.
 // Runs on the model's device; `log` (optional) receives progress lines.
 // Throws c10::Error / std::invalid_argument naming the option at fault.
-SaapIndex fit_saap_index(model::Llama& model, const std::string& model_identity,
+SaapIndex fit_saap_index(model::CausalLM model, const std::string& model_identity,
                          const std::vector<int64_t>& ids, const FitOptions& options,
                          FitReport* report, const Log& log = nullptr);
 
@@ -148,7 +148,7 @@ struct RoutingEvalReport {
 // (fitted with pre_rope_keys = false), also rope_kmeans (RoPE'd queries to the
 // nearest RoPE'd-key centroid) and rope_saap (its classifier). Keys sit in the
 // partition of their nearest centroid, computed on this text.
-RoutingEvalReport evaluate_routing(model::Llama& model, const SaapIndex& index,
+RoutingEvalReport evaluate_routing(model::CausalLM model, const SaapIndex& index,
                                    const SaapIndex* rope_index, const std::vector<int64_t>& ids,
                                    const RoutingEvalOptions& options, const Log& log = nullptr);
 

@@ -1,4 +1,4 @@
-// SAAP at inference inside a Llama: an attention hook (model::AttentionHook)
+// SAAP at inference inside a causal LM (model/causal_lm.h): an attention hook (model::AttentionHook)
 // that routes every query of every layer to its top-l key partitions and
 // attends exactly over those partitions, the local window and the sinks.
 //
@@ -14,7 +14,7 @@
 #include <memory>
 #include <vector>
 
-#include "model/llama.h"
+#include "model/causal_lm.h"
 #include "saap/attention.h"
 #include "saap/budgets.h"
 #include "saap/classifier.h"

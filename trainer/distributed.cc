@@ -293,7 +293,7 @@ CommStats DataParallel::finish_gradients() {
     wait_end_ = std::make_unique<c10::Event>(c10::kCUDA, c10::EventFlag::BACKEND_DEFAULT);
     wait_start_->record(*stream);
   }
-  // Buckets whose parameters got no gradient this step (none in a GPT) still
+  // Buckets whose parameters got no gradient this step (none in our models) still
   // have to take part, in order.
   while (next_launch_ < buckets_.size()) launch(buckets_[next_launch_++]);
   const double inv = 1.0 / world_.world_size;
