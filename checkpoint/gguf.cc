@@ -57,6 +57,12 @@ bool dtype_from_ggml(uint32_t id, DType* dtype) {
     case 6: *dtype = DType::kQ5_0; return true;
     case 7: *dtype = DType::kQ5_1; return true;
     case 8: *dtype = DType::kQ8_0; return true;
+    case 10: *dtype = DType::kQ2_K; return true;
+    case 11: *dtype = DType::kQ3_K; return true;
+    case 12: *dtype = DType::kQ4_K; return true;
+    case 13: *dtype = DType::kQ5_K; return true;
+    case 14: *dtype = DType::kQ6_K; return true;
+    case 15: *dtype = DType::kQ8_K; return true;
     case 24: *dtype = DType::kI8; return true;
     case 25: *dtype = DType::kI16; return true;
     case 26: *dtype = DType::kI32; return true;
@@ -72,7 +78,8 @@ std::string ggml_type_label(uint32_t id) {
                                  "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
                                  "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S",
                                  "IQ2_S", "IQ4_XS", "I8", "I16", "I32", "I64", "F64", "IQ1_M",
-                                 "BF16"};
+                                 "BF16", "Q4_0_4_4", "Q4_0_4_8", "Q4_0_8_8", "TQ1_0", "TQ2_0",
+                                 "IQ4_NL_4_4", "IQ4_NL_4_8", "IQ4_NL_8_8", "MXFP4"};
   std::string label = "ggml type " + std::to_string(id);
   if (id < sizeof(kNames) / sizeof(kNames[0])) label += std::string(" (") + kNames[id] + ")";
   return label;

@@ -16,10 +16,20 @@ namespace sparseflash::checkpoint {
 //   Q5_0: 32 values = fp16 d, uint32 qh, uint8 qs[16];      x = d * ((nibble | bit5 << 4) - 16)
 //   Q5_1: 32 values = fp16 d, fp16 m, uint32 qh, uint8 qs[16]; x = d * (nibble | bit5 << 4) + m
 // with value j < 16 in the low nibble of qs[j] and value j + 16 in its high
-// nibble; bit5 of value j is bit j of qh. The integer and F64 types exist so
-// safetensors files holding buffers of those types still open.
+// nibble; bit5 of value j is bit j of qh.
+// The K-quants hold 256 values in 16 or 8 sub-blocks with their own scales
+// (and minimums), quantised against one fp16 (Q8_K: float32) super-scale:
+//   Q2_K (84 B):  scales[16] (4-bit scale | 4-bit min), qs[64] (2 bits), d, dmin
+//   Q3_K (110 B): hmask[32] (3rd bit), qs[64] (2 bits), scales[12] (16 6-bit), d
+//   Q4_K (144 B): d, dmin, scales[12] (8 6-bit scales + 8 6-bit mins), qs[128]
+//   Q5_K (176 B): d, dmin, scales[12], qh[32] (5th bit), qs[128]
+//   Q6_K (210 B): ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16], d
+//   Q8_K (292 B): float32 d, int8 qs[256], int16 bsums[16]
+// (checkpoint/tensor.cc spells out the bit layouts.) The integer and F64
+// types exist so safetensors files holding buffers of those types still open.
 enum class DType {
   kF32, kF16, kBF16, kQ8_0, kQ4_0, kQ4_1, kQ5_0, kQ5_1,
+  kQ2_K, kQ3_K, kQ4_K, kQ5_K, kQ6_K, kQ8_K,
   kF64, kI64, kI32, kI16, kI8, kU8, kBool,
 };
 

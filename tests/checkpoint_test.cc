@@ -126,7 +126,9 @@ TEST(DType, DequantisationMatchesGgufPackage) {
   ASSERT_EQ(run_python("ckpt_quant_reference.py " + dir + " --seed " + std::to_string(seed)), 0);
   const std::pair<const char*, DType> types[] = {
       {"F16", DType::kF16},   {"BF16", DType::kBF16}, {"Q8_0", DType::kQ8_0}, {"Q4_0", DType::kQ4_0},
-      {"Q4_1", DType::kQ4_1}, {"Q5_0", DType::kQ5_0}, {"Q5_1", DType::kQ5_1}};
+      {"Q4_1", DType::kQ4_1}, {"Q5_0", DType::kQ5_0}, {"Q5_1", DType::kQ5_1},
+      {"Q2_K", DType::kQ2_K}, {"Q3_K", DType::kQ3_K}, {"Q4_K", DType::kQ4_K},
+      {"Q5_K", DType::kQ5_K}, {"Q6_K", DType::kQ6_K}, {"Q8_K", DType::kQ8_K}};
   for (const auto& [name, dtype] : types) {
     SCOPED_TRACE(name);
     std::string raw = read_file(dir + "/" + name + ".raw");
@@ -134,7 +136,8 @@ TEST(DType, DequantisationMatchesGgufPackage) {
     TensorInfo t;
     t.name = name;
     t.dtype = dtype;
-    t.shape = {static_cast<int64_t>(ref.size() / 4 / 64), 64};
+    const int64_t row = dtype_block_size(dtype) > 64 ? dtype_block_size(dtype) : 64;
+    t.shape = {static_cast<int64_t>(ref.size() / 4 / row), row};
     t.data = reinterpret_cast<const uint8_t*>(raw.data());
     t.nbytes = raw.size();
     std::vector<float> out = to_float32(t);
@@ -919,7 +922,11 @@ TEST(GgufCorrupt, HostileHeadersNameTheField) {
   expect_error([&] { parse(with_tensor({1, 1, 1, 1, 1}, 0, 0, 64)); }, {"tensor 'w' n_dims", "5 exceeds 4"});
   expect_error([&] { parse(with_tensor({1ull << 63}, 0, 0, 64)); }, {"tensor 'w' ne[0]", "too large"});
   expect_error([&] { parse(with_tensor({1ull << 40, 1ull << 40}, 0, 0, 64)); }, {"tensor 'w' ne", "overflows"});
-  expect_error([&] { parse(with_tensor({256}, 12, 0, 64)); }, {"tensor 'w' type", "Q4_K"});
+  // K-quants are read; the IQ types are refused by name.
+  expect_error([&] { parse(with_tensor({256}, 16, 0, 64)); }, {"tensor 'w' type", "IQ2_XXS"});
+  expect_error([&] { parse(with_tensor({256}, 23, 0, 64)); }, {"tensor 'w' type", "IQ4_XS"});
+  expect_error([&] { parse(with_tensor({128}, 12, 0, 64)); }, {"tensor 'w' ne[0]", "block size 256"});
+  expect_error([&] { parse(with_tensor({256}, 12, 0, 64)); }, {"tensor 'w' offset", "runs past"});
   expect_error([&] { parse(with_tensor({256}, 200, 0, 64)); }, {"tensor 'w' type", "ggml type 200"});
   expect_error([&] { parse(with_tensor({16}, 8, 0, 64)); }, {"tensor 'w' ne[0]", "block size 32"});
   expect_error([&] { parse(with_tensor({4}, 0, 8, 64)); }, {"tensor 'w' offset", "not a multiple of the alignment 32"});

@@ -4,6 +4,8 @@ For each type writes OUT/<TYPE>.raw (the stored bytes) and OUT/<TYPE>.f32 (what
 gguf.quants.dequantize makes of them). Half of the blocks are quantised from
 random normal floats, the other half are random bytes whose fp16 scale fields
 are replaced by finite random halves, so every bit pattern of the quants occurs.
+The K-quants (Q2_K..Q6_K) are all such random blocks; Q8_K's reference is
+d * q computed here, as the package has no dequantisation for it.
 """
 import argparse
 import os
@@ -19,6 +21,16 @@ TYPES = {
     "Q4_1": (T.Q4_1, 20, [0, 2]),
     "Q5_0": (T.Q5_0, 22, [0]),
     "Q5_1": (T.Q5_1, 24, [0, 2]),
+}
+
+# K-quants (256 values per block): the gguf package dequantises them but cannot
+# quantise, so every block is random bytes with finite random fp16 scale fields.
+K_TYPES = {
+    "Q2_K": (T.Q2_K, 84, [80, 82]),
+    "Q3_K": (T.Q3_K, 110, [108]),
+    "Q4_K": (T.Q4_K, 144, [0, 2]),
+    "Q5_K": (T.Q5_K, 176, [0, 2]),
+    "Q6_K": (T.Q6_K, 210, [208]),
 }
 
 
@@ -51,6 +63,23 @@ def main():
             noise[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
         raw = np.concatenate([quantised, noise.reshape(-1)])
         save(name, raw, quants.dequantize(raw, qtype).reshape(-1))
+
+    k_blocks = max(2, args.blocks // 8)
+    for name, (qtype, block_bytes, half_fields) in K_TYPES.items():
+        raw = rng.integers(0, 256, size=(k_blocks, block_bytes), dtype=np.uint8)
+        for offset in half_fields:
+            scales = (rng.standard_normal(k_blocks) * 0.1).astype(np.float16)
+            raw[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+        raw = raw.reshape(-1)
+        save(name, raw, quants.dequantize(raw, qtype).reshape(-1))
+
+    # Q8_K (the package has no dequantisation for it): float32 d, int8 qs[256],
+    # int16 bsums[16] (unused); x = d * q.
+    raw = rng.integers(0, 256, size=(k_blocks, 292), dtype=np.uint8)
+    d = rng.standard_normal(k_blocks).astype(np.float32)
+    raw[:, 0:4] = d.view(np.uint8).reshape(-1, 4)
+    q = raw[:, 4:260].view(np.int8).astype(np.float32)
+    save("Q8_K", raw.reshape(-1), (d[:, None] * q).reshape(-1))
 
 
 if __name__ == "__main__":
