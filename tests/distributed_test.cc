@@ -211,8 +211,14 @@ void expect_same_run(const std::string& one, const std::string& two, int steps) 
   const auto a = losses(one), b = losses(two);
   ASSERT_EQ(a.size(), static_cast<size_t>(steps));
   ASSERT_EQ(b.size(), static_cast<size_t>(steps));
+  // Two workers sum their halves' gradients in another order than one
+  // process does, and AdamW carries the float32 rounding differences on, so
+  // later steps drift by a few 1e-5 relative (1.65e-5 absolute at a loss of
+  // 0.39 was seen once against a 2e-5 bound). The bound is the weights' one
+  // below: a wrong split or a missing average shifts the first step's loss by
+  // ~1e-2 already.
   for (const auto& [step, loss] : a) {
-    EXPECT_NEAR(b.at(step), loss, 2e-5 * std::abs(loss)) << "step " << step;
+    EXPECT_NEAR(b.at(step), loss, 1e-4 * std::abs(loss)) << "step " << step;
   }
   torch::serialize::InputArchive ca, cb;
   ca.load_from(one + "/ckpt.pt");
@@ -262,7 +268,7 @@ TEST_P(DataParallelMatches, TwoLaunchedWorkersEqualOneProcess) {
   const auto a = losses(root_ + "/one"), b = losses(root_ + "/two");
   for (int64_t step : {steps + 1, steps + 2}) {
     ASSERT_TRUE(a.count(step) && b.count(step)) << "step " << step;
-    EXPECT_NEAR(b.at(step), a.at(step), 2e-5 * a.at(step)) << "step " << step;
+    EXPECT_NEAR(b.at(step), a.at(step), 1e-4 * a.at(step)) << "step " << step;
   }
 }
 
