@@ -234,7 +234,17 @@ void expect_same_run(const std::string& one, const std::string& two, int steps) 
       ASSERT_TRUE(cb.try_read(key, y, key[0] == 'o')) << key;
       ASSERT_EQ(x.sizes(), y.sizes()) << key;
       const double scale = x.abs().max().item<double>() + 1e-12;
-      EXPECT_LT((x - y).abs().max().item<double>(), 1e-4 * scale) << key;
+      const double max_diff = (x - y).abs().max().item<double>();
+      const double mean_diff = (x - y).abs().mean().item<double>();
+      if (std::getenv("SF_DIST_DIFFS"))
+        std::fprintf(stderr, "DIFF %s max %.3e mean %.3e scale %.3e\n", key.c_str(),
+                     max_diff / scale, mean_diff / scale, scale);
+      // Typical: mean 1e-8, max 3e-6 of the scale; once an element of wpe
+      // was 1.8e-4 off (AdamW's sign-like update on a gradient near zero
+      // flips with rounding). A wrong split or a missing average moves every
+      // element by ~1e-3 of the scale: the mean catches it.
+      EXPECT_LT(mean_diff, 1e-6 * scale) << key;
+      EXPECT_LT(max_diff, 1e-3 * scale) << key;
       ++compared;
     }
   }
