@@ -16,23 +16,12 @@
 #include <iostream>
 #include <thread>
 
-#include "absl/flags/flag.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 
 extern char** environ;
-
-ABSL_FLAG(int32_t, nproc_per_node, 1, "Workers to start on this node (one per GPU).");
-ABSL_FLAG(int32_t, nnodes, 1, "Nodes taking part in the job.");
-ABSL_FLAG(int32_t, node_rank, 0, "This node's index in [0, --nnodes).");
-ABSL_FLAG(std::string, master_addr, "127.0.0.1",
-          "Address of node 0, where rank 0 hosts the rendezvous store (c10d::TCPStore).");
-ABSL_FLAG(int32_t, master_port, 29500, "TCP port of the rendezvous store on --master-addr.");
-ABSL_FLAG(int32_t, max_restarts, 0,
-          "Restart the workers of this node up to this many times after a failure; each "
-          "restart resumes from the last checkpoint in checkpoint.out_dir.");
 
 namespace sparseflash::launch {
 
@@ -419,18 +408,6 @@ int run_launcher(const LaunchOptions& o) {
         "sparseflash launch: restarting the workers (%d of %d) from the last checkpoint\n",
         restart + 1, o.max_restarts);
   }
-}
-
-int run_launch_command(const std::vector<std::string>& worker_command) {
-  LaunchOptions o;
-  o.nproc_per_node = absl::GetFlag(FLAGS_nproc_per_node);
-  o.nnodes = absl::GetFlag(FLAGS_nnodes);
-  o.node_rank = absl::GetFlag(FLAGS_node_rank);
-  o.master_addr = absl::GetFlag(FLAGS_master_addr);
-  o.master_port = absl::GetFlag(FLAGS_master_port);
-  o.max_restarts = absl::GetFlag(FLAGS_max_restarts);
-  o.command = worker_command;
-  return run_launcher(o);
 }
 
 }  // namespace sparseflash::launch

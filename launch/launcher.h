@@ -26,10 +26,6 @@ struct LaunchOptions {
   std::vector<std::string> command;  // the worker's arguments, e.g. {"train", "--config", ...}
 };
 
-// The `launch` subcommand: reads its flags (--nproc-per-node, ...) and the
-// worker command given after "--", runs the job and returns the exit status.
-int run_launch_command(const std::vector<std::string>& worker_command);
-
 // Runs the job: exit status 0 when every worker succeeds, 128 + signal after
 // a forwarded SIGINT/SIGTERM, 1 when a worker failed (after the restarts), 2
 // for bad options. Messages go to stderr.

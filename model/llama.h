@@ -27,6 +27,7 @@
 #include "attention/attention.h"
 #include "checkpoint/llama.h"
 #include "model/causal_lm.h"
+#include "model/perplexity.h"  // sliding_window_nll, formerly declared here
 
 namespace sparseflash::model {
 
@@ -162,28 +163,5 @@ void copy_llama_weights(const checkpoint::LlamaCheckpoint& checkpoint, LlamaImpl
 // A model with GGUF rope frequency factors and no rope_scaling type has no HF
 // equivalent: throws std::runtime_error.
 void write_hf_llama(LlamaImpl& model, const std::string& dir, at::ScalarType dtype);
-
-// ---------------------------------------------------------------------------
-// perplexity
-
-struct PerplexityResult {
-  int64_t tokens = 0;    // tokens scored (all but the first of the text)
-  int64_t windows = 0;
-  double nll_sum = 0;    // nats
-  double seconds = 0;    // forward passes only
-  double mean_nll() const { return tokens ? nll_sum / tokens : 0; }
-  double perplexity() const;
-  double tokens_per_second() const { return seconds > 0 ? tokens / seconds : 0; }
-};
-
-// Sliding-window perplexity (transformers' recipe): window w covers ids
-// [w * stride, w * stride + context) and scores only the tokens no earlier
-// window scored, each predicted from up to `context` - 1 tokens before it.
-// Every token but the first is scored exactly once. 1 <= stride <= context.
-// progress (optional) runs after each window with the totals so far.
-PerplexityResult sliding_window_nll(CausalLM model, const std::vector<int64_t>& ids,
-                                    int64_t context, int64_t stride,
-                                    const std::function<void(const PerplexityResult&)>& progress =
-                                        nullptr);
 
 }  // namespace sparseflash::model

@@ -29,7 +29,7 @@ OUT=$(cd "$OUT" && pwd)
 STEPS=${STEPS:-25}
 WARMUP=${WARMUP:-5}
 B=build-gpu
-BIN=$B/launch/sparseflash
+BIN=$B/cli/sparseflash
 die() { echo "gpu_distributed.sh: error: $*" >&2; exit 1; }
 
 [ "$STEPS" -gt "$WARMUP" ] || die "STEPS ($STEPS) must exceed WARMUP ($WARMUP)"

@@ -34,7 +34,7 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
 B=build-gpu
-BIN=$B/launch/sparseflash
+BIN=$B/cli/sparseflash
 BENCH=$B/bench/bench_reference_attention
 CORPUS=/tmp/pycorpus
 DEPS_ROOT=${SPARSEFLASH_DEPS_ROOT:-/opt/deps}

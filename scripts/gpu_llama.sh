@@ -28,7 +28,7 @@ OUT=$(cd "$OUT" && pwd)
 die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 
 TEXT=.deps/llama/linux_docs.txt
-BIN=build-gpu/launch/sparseflash
+BIN=build-gpu/cli/sparseflash
 CONTEXT=${LLAMA_CONTEXT:-8192}
 STRIDE=${LLAMA_STRIDE:-4096}
 GREEDY=${LLAMA_GREEDY:-64}

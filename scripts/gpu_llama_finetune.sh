@@ -75,7 +75,7 @@ if [ "$PHASE" = run ] || [ "$PHASE" = all ]; then
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   steps=${LLAMA_TRAIN_STEPS:-30}
   if [ "$steps" -gt 0 ]; then
-    tcmd="build-gpu/launch/sparseflash train --config preset:llama_finetune
+    tcmd="build-gpu/cli/sparseflash train --config preset:llama_finetune
           --set model.init_from=$model --set data.dir=$LLAMA_DATA --set data.seq_len=$N
           --set data.batch_size=$(( ${LLAMA_TOKENS:-16384} / N )) --set train.max_steps=$steps
           --set logging.interval=5 --set eval.interval=0 --set eval.batches=4

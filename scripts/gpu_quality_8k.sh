@@ -45,7 +45,7 @@ results="$OUT/quality-8k.jsonl"
 : >"$results"
 for t in "${trees[@]}"; do
   name=${t%%=*} dir=${t#*=}
-  bin="$dir/build-gpu/launch/sparseflash"
+  bin="$dir/build-gpu/cli/sparseflash"
   [ -x "$bin" ] || { echo "$name: no binary"; continue; }
   for m in $MODES; do
     mode=${m%%=*} sets=()

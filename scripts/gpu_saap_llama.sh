@@ -31,7 +31,7 @@ stage_smollm2 || exit $?
 CAL=.deps/saap/calibration.txt
 HELD=.deps/saap/heldout.txt
 [ -f "$CAL" ] && [ -f "$HELD" ] || die "$CAL / $HELD missing: carry .deps (scripts/fetch_gpu_llama.sh)"
-BIN=build-gpu/launch/sparseflash
+BIN=build-gpu/cli/sparseflash
 RUN=build-gpu/saap-run
 TAG=${SAAP_TAG:-smollm2}
 mkdir -p "$RUN"

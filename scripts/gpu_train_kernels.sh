@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
-BIN=build-gpu/launch/sparseflash
+BIN=build-gpu/cli/sparseflash
 for backend in AUTO REFERENCE; do
   rm -rf "/tmp/run8k_$backend"
   "$BIN" train --config preset:gpt2_small_hash8k --set data.dir=/tmp/pycorpus \

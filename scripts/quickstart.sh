@@ -5,7 +5,7 @@
 #   e.g. scripts/quickstart.sh --set train.max_steps=100
 # Steps: scripts/setup.sh --with-corpus; prepare data/linux-docs from the Debian
 # linux-source-6.1 tarball (once); `sparseflash train TRAIN_ARGS...`; then
-# `sparseflash sample` from the run directory.
+# `sparseflash generate` from the run directory.
 #
 # Environment:
 #   SPARSEFLASH_RUN_DIR=DIR   the run directory to sample from; by default the
@@ -29,7 +29,7 @@ case ${1:-} in
 esac
 
 BUILD_DIR=${SPARSEFLASH_BUILD_DIR:-build}
-BIN=$BUILD_DIR/launch/sparseflash
+BIN=$BUILD_DIR/cli/sparseflash
 TARBALL=/usr/src/linux-source-6.1.tar.xz
 DATA=data/linux-docs
 
@@ -89,7 +89,7 @@ done_phase train
 
 # --- sample -------------------------------------------------------------------
 step "sample from $RUN_DIR"
-"$BIN" sample --checkpoint "$RUN_DIR" || die "sampling from $RUN_DIR failed (set SPARSEFLASH_RUN_DIR if the run went elsewhere)"
+"$BIN" generate --model "$RUN_DIR" --max-new-tokens 300 --top-k 40 || die "sampling from $RUN_DIR failed (set SPARSEFLASH_RUN_DIR if the run went elsewhere)"
 done_phase sample
 
 printf '%s: done in %ds\n' "$ME" "$SECONDS"

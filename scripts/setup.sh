@@ -208,4 +208,4 @@ fi
 # Build. Ninja itself works out what is stale; a no-op build takes a second.
 step "building in $BUILD_DIR with $(nproc) jobs"
 cmake --build "$BUILD_DIR" -j"$(nproc)" || die "build failed (see the compiler errors above)"
-step "done: $BUILD_DIR/launch/sparseflash"
+step "done: $BUILD_DIR/cli/sparseflash"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CLI checks: every subcommand answers --help; bad input fails with a message
-# naming the thing and a non-zero exit; a tiny prepare/train/eval/sample round
+# naming the thing and a non-zero exit; a tiny prepare/train/eval/generate round
 # trip works end to end.
 # usage: cli_test.sh PATH/TO/sparseflash SCRATCH_DIR
 set -uo pipefail
@@ -36,7 +36,7 @@ for cmd in train eval prepare sample; do
   expect "$cmd --help" 0 "usage: sparseflash $cmd" -- "$bin" "$cmd" --help
   expect "help $cmd" 0 "usage: sparseflash $cmd" -- "$bin" help "$cmd"
 done
-for cmd in generate convert saap; do
+for cmd in generate convert saap launch; do
   expect "$cmd --help" 0 "usage: sparseflash $cmd" -- "$bin" "$cmd" --help
 done
 expect "saap needs fit or eval" 1 "expected .saap fit. or .saap eval." -- "$bin" saap
@@ -90,6 +90,21 @@ expect "train resumes finished run" 0 "resumed from .* at step 6" -- "$bin" trai
 expect "eval --json" 0 '"bits_per_byte"' -- "$bin" eval --checkpoint "$tmp/run" --batches 2 --json
 expect "sample" 0 "^hello" -- "$bin" sample --checkpoint "$tmp/run" --prompt hello --tokens 5
 expect "sample missing checkpoint" 1 "does not exist" -- "$bin" sample --checkpoint "$tmp/none.pt"
+# eval and generate take any model: a GPT run through --model (the old spellings still work,
+# with a deprecation note).
+expect "eval --model RUN: validation loss" 0 '"bits_per_byte"' -- "$bin" eval --model "$tmp/run" --batches 2 --json
+expect "eval --checkpoint is deprecated" 0 "deprecated: use sparseflash eval --model" -- \
+  "$bin" eval --checkpoint "$tmp/run" --batches 2
+expect "eval --model RUN --text: perplexity of a GPT run" 0 "perplexity: " -- \
+  "$bin" eval --model "$tmp/run" --text "$tmp/text/sub/doc1.txt" --context 32 --max-tokens 200
+expect "generate --model GPT run" 0 "^hello" -- \
+  "$bin" generate --model "$tmp/run" --prompt hello --max-new-tokens 5
+expect "generate --model GPT run --json" 0 '"prompt_ids":\[104,' -- \
+  "$bin" generate --model "$tmp/run" --prompt hello --max-new-tokens 5 --json
+expect "sample is deprecated" 0 "deprecated: use sparseflash generate --model" -- \
+  "$bin" sample --checkpoint "$tmp/run" --prompt hello --tokens 5
+expect "generate --model GPT run --attention dense" 0 "dense attention" -- \
+  "$bin" generate --model "$tmp/run" --prompt hello --max-new-tokens 3 --attention dense
 expect "byte data records the byte tokenizer" 0 '"tokenizer_source": "byte"' -- cat "$tmp/data/meta.json"
 
 # --- prepare with a tokenizer file: a byte-level BPE tokenizer.json of printable ASCII,
@@ -135,11 +150,15 @@ bpe=(--config preset:tiny_test --set "data.dir=$tmp/data_bpe" --set "checkpoint.
      --set train.max_steps=3 --set eval.sample_tokens=8)
 expect "train on BPE data" 0 "final: step 3" -- "$bin" train "${bpe[@]}"
 expect "sample with the data's tokenizer" 0 "^the" -- "$bin" sample --checkpoint "$tmp/run_bpe" --prompt the --tokens 5
+expect "generate with the data's tokenizer" 0 "^the" -- \
+  "$bin" generate --model "$tmp/run_bpe" --prompt the --max-new-tokens 5
 write_tokenizer "$tmp/tok" "!"
 expect "train refuses a tokenizer changed since prepare" 1 "changed since" -- \
   "$bin" train "${bpe[@]}" --set "checkpoint.out_dir=$tmp/run_bpe2"
 expect "sample refuses a tokenizer changed since prepare" 1 "changed since" -- \
   "$bin" sample --checkpoint "$tmp/run_bpe" --prompt the --tokens 5
+expect "generate refuses a tokenizer changed since prepare" 1 "changed since" -- \
+  "$bin" generate --model "$tmp/run_bpe" --prompt the --max-new-tokens 5
 
 # --- pretrained-model commands: bad input is named (tests/llama_test.cc runs real models)
 expect "eval --model missing file" 1 "none.gguf does not exist" -- \

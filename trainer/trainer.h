@@ -16,6 +16,7 @@
 #include "configs/experiment.pb.h"
 #include "data/loader.h"
 #include "model/causal_lm.h"
+#include "model/load.h"
 #include "tokenizer/tokenizer.h"
 #include "trainer/distributed.h"
 
@@ -77,5 +78,40 @@ struct LoadedModel {
 };
 absl::StatusOr<LoadedModel> load_model(const std::string& checkpoint_file_or_dir,
                                        const std::string& device);
+
+// ---------------------------------------------------------------------------
+// runs and pretrained files for evaluation, generation and export (trainer/load.cc)
+
+// The tokenizer a run was trained with: byte, or the one its prepared data
+// (data.dir of its config) was made with, which must be the one the run
+// names and unchanged since `prepare`; failing that, the tokenizer of the
+// pretrained file it was fine-tuned from (model.init_from) when identical.
+absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> run_tokenizer(const LoadedModel& run);
+
+// The tokenizer file the run's data was prepared with ("" when unknown).
+std::string run_tokenizer_source(const LoadedModel& run);
+
+// A pretrained file (model::load_pretrained_model) or a run of ours
+// (load_model, then model::prepare_run_model with run_tokenizer): what
+// `eval --model`, `generate` and `saap` run.
+absl::StatusOr<model::LoadedModel> load_for_inference(const std::string& path,
+                                                      const model::LoadOptions& options);
+
+// Validation loss of a run on prepared data, as training reports it.
+struct ValidationOptions {
+  std::string checkpoint;      // ckpt.pt or its run directory
+  std::string device = "auto";
+  std::string data_dir;        // empty = the data the run was trained on
+  int batches = 20;            // >= 1
+  int batch_size = 0;          // 0 = the run's data.batch_size
+};
+struct ValidationReport {
+  int64_t step = 0;
+  std::string data_dir;
+  EvalResult result;
+  double unigram_bits_per_byte = 0;  // of the data, the baseline to beat
+};
+// Errors name the file, or the data whose tokenizer differs from the run's.
+absl::StatusOr<ValidationReport> evaluate_run(const ValidationOptions& options);
 
 }  // namespace sparseflash::trainer

@@ -1,0 +1,189 @@
+// Loading a model to run. Reading order: option parsing, pretrained files,
+// runs of ours, the one-line description.
+#include "model/load.h"
+
+#include <exception>
+#include <filesystem>
+#include <utility>
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/utils.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "checkpoint/llama.h"
+#include "model/factory.h"
+#include "model/llama.h"
+
+namespace sparseflash::model {
+
+namespace {
+
+// An exception's text without LibTorch's C++ backtrace.
+std::string message_of(const std::exception& e) {
+  std::string what = e.what();
+  return what.substr(0, what.find("\nException raised from"));
+}
+
+absl::Status check_vocabulary(const LoadedModel& l) {
+  if (l.tokenizer && l.tokenizer->vocab_size() > l.model->vocab_size())
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the tokenizer has ", l.tokenizer->vocab_size(), " tokens, the model's vocabulary ",
+        l.model->vocab_size(), " (wrong --tokenizer?)"));
+  return absl::OkStatus();
+}
+
+const char* kind_name(attention::Kind kind) {
+  switch (kind) {
+    case attention::Kind::kHash: return "hash";
+    case attention::Kind::kDrop: return "drop";
+    default: return "dense";
+  }
+}
+
+// Llama's fused q/k/v and gate/up weights, once the model sits on its device.
+void fuse_for_inference(CausalLM& model) {
+  if (model->arch() == config::Model::LLAMA) static_cast<LlamaImpl*>(model.get())->fuse_projections();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// options
+
+absl::StatusOr<AttentionOverride> parse_attention(const std::string& kind, int num_buckets,
+                                                  double drop_prob) {
+  AttentionOverride o;
+  if (kind == "dense") o.kind = attention::Kind::kDense;
+  else if (kind == "hash") o.kind = attention::Kind::kHash;
+  else if (kind == "drop") o.kind = attention::Kind::kDrop;
+  else
+    return absl::InvalidArgumentError(
+        absl::StrCat("--attention: expected dense, hash, drop or saap, got \"", kind, "\""));
+  o.num_buckets = num_buckets;
+  o.drop_prob = drop_prob;
+  if (o.kind == attention::Kind::kHash && (o.num_buckets < 2 || o.num_buckets % 2 != 0))
+    return absl::InvalidArgumentError(
+        absl::StrCat("--num-buckets must be even and >= 2, got ", o.num_buckets));
+  if (o.kind == attention::Kind::kDrop && !(o.drop_prob >= 0 && o.drop_prob < 1))
+    return absl::InvalidArgumentError(absl::StrCat("--drop-prob must be in [0, 1), got ", o.drop_prob));
+  return o;
+}
+
+absl::StatusOr<at::ScalarType> parse_dtype(const std::string& name, const at::Device& device) {
+  if (name == "auto") return device.is_cuda() ? at::kBFloat16 : at::kFloat;
+  if (name == "float32" || name == "fp32") return at::kFloat;
+  if (name == "bfloat16" || name == "bf16") return at::kBFloat16;
+  if (name == "float16" || name == "fp16") return at::kHalf;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--dtype: expected auto, float32, bfloat16 or float16, got \"", name, "\""));
+}
+
+const char* dtype_name(at::ScalarType t) {
+  return t == at::kBFloat16 ? "bfloat16" : t == at::kHalf ? "float16" : "float32";
+}
+
+// ---------------------------------------------------------------------------
+// pretrained files
+
+absl::StatusOr<LoadedModel> load_pretrained_model(const std::string& path,
+                                                  const LoadOptions& options) {
+  if (!std::filesystem::exists(path))
+    return absl::NotFoundError(absl::StrCat("--model: ", path, " does not exist"));
+  LoadedModel l;
+  l.path = path;
+  l.device = options.device;
+  auto dtype = parse_dtype(options.dtype, options.device);
+  if (!dtype.ok()) return dtype.status();
+  l.dtype = *dtype;
+  try {
+    checkpoint::LlamaCheckpoint ckpt = checkpoint::load_llama_checkpoint(path);
+    LlamaLoadOptions o;
+    attention::Options a;
+    if (options.attention) {
+      a.kind = options.attention->kind;
+      a.num_buckets = options.attention->num_buckets;
+      a.drop_prob = options.attention->drop_prob;
+    }
+    o.attention = {a};
+    o.dtype = l.dtype;
+    o.device = l.device;
+    o.attention_seed = options.attention_seed;
+    l.model = load_llama(ckpt, o);
+    l.format = checkpoint::source_format_name(ckpt.format);
+    l.identity = ckpt.identity;
+    l.attention = kind_name(a.kind);
+    l.eos_id = ckpt.config.eos_token_id;
+    if (options.need_tokenizer) l.tokenizer = tokenizer::load_tokenizer(path, options.tokenizer);
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(message_of(e));
+  }
+  if (auto s = check_vocabulary(l); !s.ok()) return s;
+  return l;
+}
+
+// ---------------------------------------------------------------------------
+// runs of ours
+
+absl::StatusOr<LoadedModel> prepare_run_model(CausalLM trained, const config::Experiment& config,
+                                              const std::string& path, const std::string& identity,
+                                              std::unique_ptr<tokenizer::Tokenizer> tokenizer,
+                                              const LoadOptions& options) {
+  LoadedModel l;
+  l.path = path;
+  l.format = "run";
+  l.identity = identity;
+  l.device = options.device;
+  auto dtype = parse_dtype(options.dtype, options.device);
+  if (!dtype.ok()) return dtype.status();
+  l.dtype = *dtype;
+  l.model = trained;
+  l.attention = "as trained";
+  if (options.attention) {
+    // The same weights in a model whose every layer attends as asked.
+    config::Experiment exp = config;
+    config::Attention* a = exp.mutable_attention();
+    a->set_kind(options.attention->kind == attention::Kind::kHash   ? config::Attention::HASH
+                : options.attention->kind == attention::Kind::kDrop ? config::Attention::DROP
+                                                                    : config::Attention::DENSE);
+    a->set_num_buckets(options.attention->num_buckets);
+    a->set_drop_prob(options.attention->drop_prob);
+    exp.clear_layer_attention();
+    auto built = build_model(exp, trained->vocab_size());
+    if (!built.ok()) return built.status();
+    l.model = *std::move(built);
+    torch::NoGradGuard no_grad;
+    auto from = trained->named_parameters();
+    for (auto& item : l.model->named_parameters()) item.value().copy_(from[item.key()]);
+    l.model->attention_generator() = at::detail::createCPUGenerator(options.attention_seed);
+    l.attention = kind_name(options.attention->kind);
+  }
+  try {
+    l.model->to(l.device, l.dtype);
+    fuse_for_inference(l.model);
+    l.model->eval();
+    if (options.need_tokenizer && !options.tokenizer.empty())
+      tokenizer = tokenizer::open_tokenizer(options.tokenizer);
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", message_of(e)));
+  }
+  if (options.need_tokenizer) l.tokenizer = std::move(tokenizer);
+  if (auto s = check_vocabulary(l); !s.ok()) return s;
+  return l;
+}
+
+// ---------------------------------------------------------------------------
+// description
+
+std::string describe(const LoadedModel& l, const std::string& attention_label) {
+  const AttentionShape shape = l.model->attention_shape();
+  return absl::StrFormat(
+      "%s (%s %s): %d layers, d %d, %d/%d heads, vocab %d, %.1fM parameters; %s on %s, %s "
+      "attention",
+      l.path, l.format, arch_name(l.model->arch()), shape.layers, l.model->output_weight().size(1),
+      shape.heads, shape.kv_heads, l.model->vocab_size(), l.model->num_parameters() / 1e6,
+      dtype_name(l.dtype), l.device.str(), attention_label.empty() ? l.attention : attention_label);
+}
+
+}  // namespace sparseflash::model
