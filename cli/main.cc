@@ -5,7 +5,10 @@
 // Flags are written with hyphens (--val-fraction); Abseil names them with
 // underscores, so hyphens are translated before parsing. --set is collected
 // separately because it repeats and its values contain commas.
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <iostream>
 #include <set>
 #include <string>
@@ -171,7 +174,25 @@ int dispatch(int argc, char** argv) {
 }  // namespace
 }  // namespace sparseflash::cli
 
+// LibTorch's CPU thread pool is OpenMP's, which reads its wait policy when the
+// library loads, before main. Its default lets idle threads spin for a while,
+// and on a machine whose cores are busy with other work the spinning threads
+// take the time the working ones need: `generate` of SmolLM2-135M ran at 3.7
+// tokens/s on a loaded 2-core machine, 7.6 with passive waits (docs/performance.md,
+// "CPU threads"). So unless the user chose a policy, the binary runs itself
+// once more with OMP_WAIT_POLICY=PASSIVE (same pid, arguments and everything
+// else). SPARSEFLASH_KEEP_OMP=1 keeps OpenMP's own default.
+static void exec_with_passive_openmp_waits(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") != nullptr || std::getenv("SPARSEFLASH_KEEP_OMP") != nullptr)
+    return;
+  if (setenv("OMP_WAIT_POLICY", "PASSIVE", 1) != 0) return;
+  execv("/proc/self/exe", argv);
+  // Only reached when exec failed (no /proc): go on with the default policy.
+  unsetenv("OMP_WAIT_POLICY");
+}
+
 int main(int argc, char** argv) {
+  exec_with_passive_openmp_waits(argv);
   absl::SetProgramUsageMessage(
       "GPT and Llama training with sparse flash attention; see sparseflash --help");
   try {
