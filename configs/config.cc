@@ -739,6 +739,27 @@ absl::StatusOr<Experiment> resolve_config(const std::string& config_path,
     if (absl::Status s = apply_override_at(&*exp, assignment, &path); !s.ok()) return s;
     origins.overrides.emplace_back(path, assignment);
   }
+  if (complete && is_preset && !exp->model().init_from().empty()) {
+    // A preset's model shape is a default, not something the user gave: with
+    // a pretrained model the file's shape replaces it, and only what the
+    // overrides give is checked against the file.
+    config::Model* m = exp->mutable_model();
+    const std::string init_from = m->init_from();
+    const bool arch_given = m->has_arch();
+    const config::Model::Arch arch = m->arch();
+    config::Experiment from_overrides;
+    for (const std::string& assignment : overrides) {
+      std::string path;
+      if (absl::Status s = apply_override_at(&from_overrides, assignment, &path); !s.ok()) return s;
+    }
+    const double init_std = m->init_std();
+    const bool init_std_given = m->has_init_std();
+    m->Clear();
+    m->MergeFrom(from_overrides.model());
+    m->set_init_from(init_from);
+    if (arch_given && !m->has_arch()) m->set_arch(arch);
+    if (init_std_given && !m->has_init_std()) m->set_init_std(init_std);
+  }
   if (complete)
     if (absl::Status s = complete(&*exp); !s.ok()) return s;
   fill_defaults(&*exp);

@@ -636,6 +636,22 @@ TEST_F(FineTune, ConfigTakesTheArchitectureFromTheFileAndChecksGivenFields) {
   auto gpt = config("arch", {"model.arch=GPT"});
   ASSERT_FALSE(gpt.ok());
   EXPECT_NE(gpt.status().message().find("model.arch = LLAMA"), std::string::npos) << gpt.status();
+  // A preset's model shape gives way to the file's; only overrides are checked.
+  auto from_preset = resolve_config("preset:cpu_default",
+                                    {"model.init_from=" + dir("pretrained"), "data.seq_len=32"},
+                                    "cpu_default", model::complete_from_pretrained);
+  ASSERT_TRUE(from_preset.ok()) << from_preset.status();
+  EXPECT_EQ(from_preset->model().arch(), config::Model::LLAMA);
+  EXPECT_EQ(from_preset->model().d_model(), 32);     // cpu_default says 128
+  EXPECT_EQ(from_preset->model().block_size(), 64);  // the file's context (cpu_default: 256)
+  auto overridden = resolve_config(
+      "preset:cpu_default",
+      {"model.init_from=" + dir("pretrained"), "data.seq_len=32", "model.n_layer=3"},
+      "cpu_default", model::complete_from_pretrained);
+  ASSERT_FALSE(overridden.ok());
+  EXPECT_NE(overridden.status().message().find("model.n_layer = 3 but the file has 2"),
+            std::string::npos)
+      << overridden.status();
   auto missing = config("arch", {"model.init_from=" + dir("no_such_model")});
   ASSERT_FALSE(missing.ok());
   EXPECT_NE(missing.status().message().find("does not exist"), std::string::npos);
