@@ -21,6 +21,42 @@ int64_t CausalLMImpl::num_parameters() const {
   return n;
 }
 
+Tensor attend_layer(attention::Attention& attention, AttentionHook* hook, int layer,
+                    KVCache* cache, const Tensor& q_pre, const Tensor& k_pre, const Tensor& q,
+                    Tensor k, Tensor v, at::Generator& generator) {
+  const int64_t offset = cache ? cache->length : 0;
+  if (cache) {
+    Tensor& ck = cache->k[layer];
+    Tensor& cv = cache->v[layer];
+    if (ck.defined()) {
+      k = at::cat({ck, k}, 2);
+      v = at::cat({cv, v}, 2);
+    }
+    ck = k;
+    cv = v;
+  }
+  // Queries sit at the last N key positions (bottom-right aligned), which
+  // is what the cache needs.
+  if (hook) {
+    AttentionCall call;
+    call.layer = layer;
+    call.offset = offset;
+    call.with_cache = cache != nullptr;
+    call.q_pre = q_pre;
+    call.k_pre = k_pre;
+    call.q = q;
+    call.k = k;
+    call.v = v;
+    Tensor y = hook->attend(call);
+    if (y.defined()) {
+      TORCH_CHECK(y.sizes() == q.sizes(), "the attention hook returned ", y.sizes(),
+                  " for queries ", q.sizes());
+      return y;
+    }
+  }
+  return attention.forward(q, k, v, generator);
+}
+
 attention::Options layer_attention_options(const config::Experiment& exp, int layer) {
   for (const auto& entry : exp.layer_attention())
     for (int l : entry.layers())

@@ -56,6 +56,15 @@ class AttentionHook {
   virtual Tensor attend(const AttentionCall& call) = 0;
 };
 
+// One layer's attention step shared by the families: appends the new keys
+// and values to cache->k/v[layer] (when cache is not null) and attends over
+// every cached position, through `hook` when it answers, else `attention`.
+// q [B, H, N, D] and k, v [B, Hkv, N, D] as attended (after RoPE); q_pre,
+// k_pre before positions were applied. Returns [B, H, N, D].
+Tensor attend_layer(attention::Attention& attention, AttentionHook* hook, int layer,
+                    KVCache* cache, const Tensor& q_pre, const Tensor& k_pre, const Tensor& q,
+                    Tensor k, Tensor v, at::Generator& generator);
+
 // The attention geometry of a model (the same for every layer).
 struct AttentionShape {
   int layers = 0;

@@ -65,36 +65,7 @@ Tensor SelfAttentionImpl::forward(const Tensor& x, at::Generator& generator, KVC
     k = heads(parts[1]);
     v = heads(parts[2]);
   }
-  const Tensor k_new = k;
-  const int64_t offset = cache ? cache->length : 0;
-  if (cache) {
-    Tensor& ck = cache->k[layer_];
-    Tensor& cv = cache->v[layer_];
-    if (ck.defined()) {
-      k = at::cat({ck, k}, 2);
-      v = at::cat({cv, v}, 2);
-    }
-    ck = k;
-    cv = v;
-  }
-  // Queries sit at the last N key positions (bottom-right aligned).
-  Tensor y;
-  if (hook) {
-    AttentionCall call;
-    call.layer = layer_;
-    call.offset = offset;
-    call.with_cache = cache != nullptr;
-    call.q_pre = q;
-    call.k_pre = k_new;
-    call.q = q;
-    call.k = k;
-    call.v = v;
-    y = hook->attend(call);
-    if (y.defined())
-      TORCH_CHECK(y.sizes() == q.sizes(), "GPT: the attention hook returned ", y.sizes(),
-                  " for queries ", q.sizes());
-  }
-  if (!y.defined()) y = attention.forward(q, k, v, generator);
+  Tensor y = attend_layer(attention, hook, layer_, cache, q, k, q, k, v, generator);
   return c_proj->forward(y.transpose(1, 2).reshape({B, N, d}));
 }
 

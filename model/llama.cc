@@ -152,36 +152,7 @@ Tensor LlamaAttentionImpl::forward(const Tensor& x, const Tensor& cos, const Ten
   q = apply_rope(q_pre, cos, sin);
   k = apply_rope(k_pre, cos, sin);
   v = heads(v, kv_heads_);
-  const int64_t offset = cache ? cache->length : 0;
-  if (cache) {
-    Tensor& ck = cache->k[layer_];
-    Tensor& cv = cache->v[layer_];
-    if (ck.defined()) {
-      k = at::cat({ck, k}, 2);
-      v = at::cat({cv, v}, 2);
-    }
-    ck = k;
-    cv = v;
-  }
-  // Queries sit at the last N of the key positions (the interface aligns
-  // them bottom-right), which is what the cache needs.
-  Tensor y;
-  if (hook) {
-    AttentionCall call;
-    call.layer = layer_;
-    call.offset = offset;
-    call.with_cache = cache != nullptr;
-    call.q_pre = q_pre;
-    call.k_pre = k_pre;
-    call.q = q;
-    call.k = k;
-    call.v = v;
-    y = hook->attend(call);
-    if (y.defined())
-      TORCH_CHECK(y.sizes() == q.sizes(), "Llama: the attention hook returned ", y.sizes(),
-                  " for queries ", q.sizes());
-  }
-  if (!y.defined()) y = attention.forward(q, k, v, generator);
+  Tensor y = attend_layer(attention, hook, layer_, cache, q_pre, k_pre, q, k, v, generator);
   return o_proj->forward(y.transpose(1, 2).reshape({B, N, heads_ * head_dim_}));
 }
 
