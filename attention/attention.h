@@ -1,8 +1,9 @@
 // The attention interface the model calls, and its reference implementation.
 //
-// Three kinds, one semantics: query i may attend to key j when
+// Four kinds, one semantics: query i may attend to key j when
 //   q_pos(i) >= k_pos(j)                         (causal)
 //   and, for HASH, q_bucket(i) == k_bucket(j)     (same LSH bucket)
+//   and, for SHIFT, q_bucket(i) == k_bucket(j)    (same position group)
 //   and, for DROP, q_keep(i) and k_keep(j)        (neither dropped)
 // A query with no allowed key outputs 0 (and gets zero gradients).
 // Positions: with Nq queries and Nk keys, query i sits at position
@@ -24,7 +25,9 @@ namespace sparseflash::attention {
 
 using at::Tensor;
 
-enum class Kind { kDense, kHash, kDrop };
+// kShift: LongLoRA's shifted sparse attention (S2-Attn), a fixed bucket
+// pattern of position groups (shift_groups below).
+enum class Kind { kDense, kHash, kDrop, kShift };
 // kAuto: cuDNN for dense layers where it applies, else our kernels where they
 // apply, else the reference (configs/experiment.proto, Attention.Backend).
 enum class Backend { kAuto, kReference, kKernel, kCudnn };
@@ -41,6 +44,7 @@ struct Options {
   bool deterministic = false;   // kernels: bit-identical gradients (slower dQ)
   bool lsh_center = true;       // HASH: hash rows minus the mean of earlier blocks
   int64_t lsh_center_block = 256;
+  int64_t group_size = 0;       // SHIFT: 0 = ceil(Nk / 4)
 
   static Options from_config(const config::Attention& c);
 };
@@ -64,6 +68,16 @@ Tensor lsh_buckets(const Tensor& x, const Tensor& rotations);
 // first block are returned as they are. In x's dtype, means in float32.
 // Causal: row i's result depends on rows < i only through earlier blocks.
 Tensor center_by_earlier_blocks(const Tensor& x, int64_t block);
+
+// S2-Attn's pattern (Kind::kShift) for q heads H over Hkv key heads, Nq
+// queries and Nk keys (queries bottom-right aligned) on `device`: a position
+// p's bucket is p / G, or (p + G / 2) / G on a shifted key head and its query
+// heads. Key heads j >= Hkv / 2 are shifted (with Hkv = 1 none is: see
+// Attention::forward, which then gives each half of the query heads its own
+// copy of the keys). G = group_size, or ceil(Nk / 4) when it is 0.
+// Buckets are int64 [B, H, Nq] and [B, Hkv, Nk]; num_buckets is set.
+Pattern shift_groups(int64_t B, int64_t H, int64_t Hkv, int64_t Nq, int64_t Nk,
+                     int64_t group_size, const at::Device& device);
 
 // Draws the pattern of one call. q [B, H, Nq, D], k [B, Hkv, Nk, D].
 // `generator` is a CPU generator, part of the run's state (checkpoints hold

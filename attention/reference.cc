@@ -32,6 +32,7 @@ Options Options::from_config(const config::Attention& c) {
     case config::Attention::DENSE: o.kind = Kind::kDense; break;
     case config::Attention::HASH: o.kind = Kind::kHash; break;
     case config::Attention::DROP: o.kind = Kind::kDrop; break;
+    case config::Attention::SHIFT: o.kind = Kind::kShift; break;
   }
   o.num_buckets = c.num_buckets();
   o.fixed_rotation = c.fixed_rotation();
@@ -42,6 +43,7 @@ Options Options::from_config(const config::Attention& c) {
   o.deterministic = c.deterministic();
   o.lsh_center = c.lsh_center();
   o.lsh_center_block = c.lsh_center_block();
+  o.group_size = c.group_size();
   switch (c.backend()) {
     case config::Attention::AUTO: o.backend = Backend::kAuto; break;
     case config::Attention::REFERENCE: o.backend = Backend::kReference; break;
@@ -114,6 +116,29 @@ static at::Generator draw_generator(at::Generator& cpu, const at::Device& device
   return cpu;
 }
 
+Pattern shift_groups(int64_t B, int64_t H, int64_t Hkv, int64_t Nq, int64_t Nk,
+                     int64_t group_size, const at::Device& device) {
+  TORCH_CHECK(group_size >= 0, "shift attention: group_size must be >= 0, got ", group_size);
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, "shift attention: ", H,
+              " query heads is not a multiple of ", Hkv, " key heads");
+  TORCH_CHECK(Nq <= Nk, "shift attention: more queries (", Nq, ") than keys (", Nk, ")");
+  const int64_t G = group_size > 0 ? group_size : std::max<int64_t>(1, (Nk + 3) / 4);
+  auto i64 = at::TensorOptions().dtype(at::kLong).device(device);
+  // Shift of each key head: G / 2 for the upper half.
+  Tensor shift = Hkv >= 2 ? at::arange(Hkv, i64).ge(Hkv / 2).to(at::kLong) * (G / 2)
+                          : at::zeros({Hkv}, i64);
+  auto groups = [&](const Tensor& head_shift, int64_t first, int64_t n) {
+    Tensor pos = at::arange(first, first + n, i64);
+    return (pos.unsqueeze(0) + head_shift.unsqueeze(1)).div(G, "floor");  // [heads, n]
+  };
+  Pattern p;
+  p.k_bucket = groups(shift, 0, Nk).unsqueeze(0).expand({B, Hkv, Nk}).contiguous();
+  p.q_bucket = groups(shift.repeat_interleave(H / Hkv), Nk - Nq, Nq)
+                   .unsqueeze(0).expand({B, H, Nq}).contiguous();
+  p.num_buckets = (Nk - 1 + G / 2) / G + 1;
+  return p;
+}
+
 Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
                      at::Generator& generator, int layer) {
   Pattern p;
@@ -165,6 +190,9 @@ Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
       p.k_keep = uk.ge(options.drop_prob);
       break;
     }
+    case Kind::kShift:
+      p = shift_groups(B, H, Hkv, Nq, Nk, options.group_size, q.device());
+      break;
   }
   return p;
 }
@@ -456,14 +484,23 @@ Tensor Attention::forward(const Tensor& q, const Tensor& k, const Tensor& v,
                 "attention.backend CUDNN serves DENSE layers only; layer ", layer_,
                 " is sparse (use AUTO or KERNEL)");
   }
+  Tensor keys = k, values = v;
+  if (options_.kind == Kind::kShift && k.size(1) == 1 && q.size(1) >= 2) {
+    // One key head cannot be both plain and shifted: give each half of the
+    // query heads its own copy (the first half plain, the second shifted);
+    // an odd head count gets one copy per query head.
+    const int64_t copies = q.size(1) % 2 == 0 ? 2 : q.size(1);
+    keys = k.expand({k.size(0), copies, k.size(2), k.size(3)}).contiguous();
+    values = v.expand({v.size(0), copies, v.size(2), v.size(3)}).contiguous();
+  }
   {
     profile::Phase phase("attention.pattern");
-    last_pattern_ = draw_pattern(options_, q, k, generator, layer_);
+    last_pattern_ = draw_pattern(options_, q, keys, generator, layer_);
   }
   const bool kernel = options_.backend == Backend::kKernel ||
-                      (options_.backend == Backend::kAuto && flash_supported(q, k, v));
-  if (kernel) return flash_attention(q, k, v, last_pattern_, 0, options_.deterministic);
-  return reference_attention(q, k, v, last_pattern_, options_.chunk_size);
+                      (options_.backend == Backend::kAuto && flash_supported(q, keys, values));
+  if (kernel) return flash_attention(q, keys, values, last_pattern_, 0, options_.deterministic);
+  return reference_attention(q, keys, values, last_pattern_, options_.chunk_size);
 }
 
 }  // namespace sparseflash::attention

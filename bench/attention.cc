@@ -32,10 +32,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "attention/attention.h"
 #include "attention/kernels/sparse_flash.h"
 #include "nlohmann/json.hpp"
 
 namespace sk = sparseflash::kernels;
+namespace attention = sparseflash::attention;
 using at::Tensor;
 
 namespace {
@@ -55,7 +57,7 @@ sk::Layout layout_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stri
 
 // Everything one call of ours needs, allocated once per shape.
 struct Ours {
-  std::string mode;  // dense, hash, drop
+  std::string mode;  // dense, hash, drop, shift (param: groups per sequence)
   double param = 0;
   int B, H, N, D;
   Tensor q, k, v, out, lse, dout, dq, dk, dv, delta, dq_accum;
@@ -82,7 +84,11 @@ struct Ours {
     ktiles = at::empty({B * H, sk::num_tiles(N), 4}, i32);
     // As attention/flash.cc packs: drop gives dropped rows buckets 1 (queries)
     // and 2 (keys), the dead ones.
-    sort_bits = sk::bucket_sort_bits(false, mode == "drop" ? 3 : mode == "hash" ? static_cast<int>(prm) : 1);
+    const int ids = mode == "drop"    ? 3
+                    : mode == "hash"  ? static_cast<int>(prm)
+                    : mode == "shift" ? static_cast<int>(prm) + 1
+                                      : 1;
+    sort_bits = sk::bucket_sort_bits(false, ids);
     dead_bucket = mode == "drop" ? 1 : INT_MAX;
     const int nseg = mode == "dense" ? 0 : sk::num_segments_for(sort_bits);
     if (nseg > 0) {
@@ -138,6 +144,12 @@ struct Ours {
         return out.to(at::kInt);
       };
       qb = ids(q), kb = ids(k);
+    } else if (mode == "shift") {
+      // S2-Attn as attention::shift_groups builds it on the device each call:
+      // groups of N / param positions, the upper half of the heads shifted.
+      attention::Pattern p = attention::shift_groups(B, H, H, N, N, (N + static_cast<int>(param) - 1) /
+                                                     static_cast<int>(param), at::kCUDA);
+      qb = p.q_bucket.to(at::kInt), kb = p.k_bucket.to(at::kInt);
     } else if (mode == "drop") {
       // The pattern: keep masks drawn on the GPU each step. As attention/flash.cc
       // does, the sort reads them directly, dropped rows taking ids 1 (queries)
@@ -256,10 +268,11 @@ bool parse_cases(const std::string& s, std::vector<Case>& out) {
     double prm = 0;
     if (mp[0] == "dense" && mp.size() == 1) {
       out.push_back({"dense", 0});
-    } else if ((mp[0] == "hash" || mp[0] == "drop") && mp.size() == 2 &&
+    } else if ((mp[0] == "hash" || mp[0] == "drop" || mp[0] == "shift") && mp.size() == 2 &&
                absl::SimpleAtod(mp[1], &prm) &&
-               (mp[0] == "hash" ? prm >= 2 && prm == std::floor(prm) && static_cast<int>(prm) % 2 == 0
-                                : prm >= 0 && prm < 1)) {
+               (mp[0] == "hash"    ? prm >= 2 && prm == std::floor(prm) && static_cast<int>(prm) % 2 == 0
+                : mp[0] == "shift" ? prm >= 1 && prm == std::floor(prm)
+                                   : prm >= 0 && prm < 1)) {
       out.push_back({mp[0], prm});
     } else {
       return false;
@@ -285,14 +298,16 @@ int main(int argc, char** argv) {
   std::string json_path;
   bool deterministic = false, sdpa = true;
   std::vector<Case> cases = {{"dense", 0}, {"hash", 2}, {"hash", 8}, {"hash", 16}, {"hash", 32},
-                             {"drop", 0.3}, {"drop", 0.5}, {"drop", 0.7}};
+                             {"drop", 0.3}, {"drop", 0.5}, {"drop", 0.7}, {"shift", 4}};
   const char* usage =
       "usage: bench_attention [--n LIST] [--d LIST] [--reps R] [--json FILE] [--deterministic]\n"
       "                       [--cases LIST] [--nosdpa]\n"
       "  --deterministic  our backward computes dQ by its second pass (bit-reproducible)\n"
       "                   instead of fp32 atomics\n"
-      "  --cases LIST     our cases, e.g. dense,hash:16,drop:0.7 (hash: even nb >= 2;\n"
-      "                   drop: the dropped fraction s in [0, 1)); default all eight\n"
+      "  --cases LIST     our cases, e.g. dense,hash:16,drop:0.7,shift:4 (hash: even nb >= 2;\n"
+      "                   drop: the dropped fraction s in [0, 1); shift: groups per\n"
+      "                   sequence, LongLoRA's S2-Attn with half the heads shifted);\n"
+      "                   default all nine\n"
       "  --nosdpa         leave out the SDPA anchors (for profiling our kernels alone)\n";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];

@@ -67,7 +67,7 @@ ABSL_FLAG(std::vector<std::string>, n, std::vector<std::string>({"1024", "8192",
           "context lengths N, comma separated");
 ABSL_FLAG(std::vector<std::string>, modes,
           std::vector<std::string>({"dense", "hash:16", "hash:16:sep", "drop:0.5"}),
-          "attention modes: dense, dense-ours, hash:NB[:sep][:raw], drop:P");
+          "attention modes: dense, dense-ours, hash:NB[:sep][:raw], drop:P, shift[:G]");
 ABSL_FLAG(int64_t, tokens, 16384, "tokens per step (B = tokens / N)");
 ABSL_FLAG(int64_t, warmup, 3, "untimed steps before timing");
 ABSL_FLAG(int64_t, steps, 20, "timed steps");
@@ -111,12 +111,16 @@ Mode parse_mode(const std::string& text) {
     m.overrides = {"attention.kind=HASH", absl::StrCat("attention.num_buckets=", nb),
                    absl::StrCat("attention.shared_qk=", sep ? "false" : "true"),
                    absl::StrCat("attention.lsh_center=", raw ? "false" : "true")};
+  } else if (f[0] == "shift" && f.size() <= 2) {
+    // S2-Attn; shift:G fixes the group size, plain shift takes N / 4.
+    m.overrides = {"attention.kind=SHIFT", "attention.shared_qk=false",
+                   absl::StrCat("attention.group_size=", f.size() == 2 ? f[1] : "0")};
   } else if (f[0] == "drop" && f.size() == 2) {
     m.overrides = {"attention.kind=DROP", "attention.shared_qk=false",
                    absl::StrCat("attention.drop_prob=", f[1])};
   } else {
     throw std::invalid_argument("unknown mode \"" + text +
-                                "\" (dense, dense-ours, hash:NB[:sep][:raw], drop:P)");
+                                "\" (dense, dense-ours, hash:NB[:sep][:raw], drop:P, shift[:G])");
   }
   return m;
 }

@@ -99,6 +99,8 @@ void check_config(const std::string& path, const LlamaConfig& c) {
   const RopeScaling& r = c.rope_scaling;
   if (!r.type.empty()) {
     if (!(r.factor > 0) || !std::isfinite(r.factor)) fail(path, "rope_scaling.factor", "must be positive");
+    if (r.type == "yarn" || r.type == "dynamic")
+      check_positive(path, "rope_scaling.original_max_position_embeddings", r.original_max_position_embeddings);
     if (r.type == "llama3") {
       if (!(r.high_freq_factor > r.low_freq_factor) || !(r.low_freq_factor > 0)) {
         fail(path, "rope_scaling", "llama3 needs high_freq_factor > low_freq_factor > 0");
@@ -159,10 +161,42 @@ LlamaConfig llama_config_from_json(const std::string& path, const std::string& j
         break;
       }
     }
-    if (type == "linear" || type == "llama3") {
+    if (type == "linear" || type == "llama3" || type == "dynamic" || type == "yarn") {
       c.rope_scaling.type = type;
-      if (!r.contains("factor")) fail(path, rope_key + ".factor", "missing");
-      c.rope_scaling.factor = json_number(path, r, "factor", 1.0);
+      if (type == "yarn") {
+        // transformers: the pretraining context from rope_parameters, else a
+        // top-level field (Phi-3), else max_position_embeddings; a missing
+        // factor is the ratio of the two.
+        const int64_t top = json_int(path, j, "original_max_position_embeddings", false,
+                                     c.max_position_embeddings);
+        c.rope_scaling.original_max_position_embeddings =
+            json_int(path, r, "original_max_position_embeddings", false, top);
+        c.rope_scaling.factor =
+            json_number(path, r, "factor",
+                        static_cast<double>(c.max_position_embeddings) /
+                            static_cast<double>(c.rope_scaling.original_max_position_embeddings));
+        // transformers reads beta_fast / beta_slow with "or": 0 means the default.
+        const double fast = json_number(path, r, "beta_fast", 0), slow = json_number(path, r, "beta_slow", 0);
+        c.rope_scaling.beta_fast = fast != 0 ? fast : 32;
+        c.rope_scaling.beta_slow = slow != 0 ? slow : 1;
+        c.rope_scaling.attention_factor = json_number(path, r, "attention_factor", 0);
+        c.rope_scaling.mscale = json_number(path, r, "mscale", 0);
+        c.rope_scaling.mscale_all_dim = json_number(path, r, "mscale_all_dim", 0);
+        c.rope_scaling.truncate = json_bool(path, r, "truncate", true);
+      } else {
+        if (!r.contains("factor")) fail(path, rope_key + ".factor", "missing");
+        c.rope_scaling.factor = json_number(path, r, "factor", 1.0);
+      }
+      // transformers' dynamic NTK scales from max_position_embeddings.
+      if (type == "dynamic") {
+        c.rope_scaling.original_max_position_embeddings = c.max_position_embeddings;
+        // Our exports keep the context the model was trained to beside it;
+        // otherwise the model runs to factor times the reference.
+        c.max_position_embeddings = json_int(
+            path, j, "sparseflash_max_position_embeddings", false,
+            static_cast<int64_t>(std::llround(c.rope_scaling.factor *
+                                              static_cast<double>(c.max_position_embeddings))));
+      }
       if (type == "llama3") {
         for (const char* key : {"low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}) {
           if (!r.contains(key)) fail(path, rope_key + "." + key, "missing");
@@ -173,7 +207,8 @@ LlamaConfig llama_config_from_json(const std::string& path, const std::string& j
             json_int(path, r, "original_max_position_embeddings", true, 8192);
       }
     } else if (type != "default") {
-      fail(path, rope_key + ".rope_type", "unsupported rope type \"" + type + "\" (default, linear, llama3)");
+      fail(path, rope_key + ".rope_type",
+           "unsupported rope type \"" + type + "\" (default, linear, dynamic, yarn, llama3)");
     }
   }
   check_config(path, c);
@@ -198,7 +233,24 @@ std::string llama_config_to_json(const LlamaConfig& c) {
         (*r)["original_max_position_embeddings"] = c.rope_scaling.original_max_position_embeddings;
       }
     }
+    if (c.rope_scaling.type == "yarn") {
+      const RopeScaling& y = c.rope_scaling;
+      for (json* r : {&rope, &scaling}) {
+        (*r)["original_max_position_embeddings"] = y.original_max_position_embeddings;
+        (*r)["beta_fast"] = y.beta_fast;
+        (*r)["beta_slow"] = y.beta_slow;
+        (*r)["truncate"] = y.truncate;
+        if (y.attention_factor != 0) (*r)["attention_factor"] = y.attention_factor;
+        if (y.mscale != 0) (*r)["mscale"] = y.mscale;
+        if (y.mscale_all_dim != 0) (*r)["mscale_all_dim"] = y.mscale_all_dim;
+      }
+    }
   }
+  // transformers' dynamic NTK scales from max_position_embeddings, so that
+  // is where our reference length goes (the model still runs longer).
+  const int64_t max_positions = c.rope_scaling.type == "dynamic"
+                                    ? c.rope_scaling.original_max_position_embeddings
+                                    : c.max_position_embeddings;
   json j = {{"architectures", {"LlamaForCausalLM"}},
             {"model_type", "llama"},
             {"vocab_size", c.vocab_size},
@@ -208,7 +260,7 @@ std::string llama_config_to_json(const LlamaConfig& c) {
             {"num_attention_heads", c.num_attention_heads},
             {"num_key_value_heads", c.num_key_value_heads},
             {"head_dim", c.head_dim},
-            {"max_position_embeddings", c.max_position_embeddings},
+            {"max_position_embeddings", max_positions},
             {"rms_norm_eps", c.rms_norm_eps},
             {"rope_theta", c.rope_theta},
             {"rope_scaling", scaling},
@@ -218,6 +270,8 @@ std::string llama_config_to_json(const LlamaConfig& c) {
             {"attention_bias", false},
             {"mlp_bias", false},
             {"torch_dtype", "float32"}};
+  if (c.rope_scaling.type == "dynamic")
+    j["sparseflash_max_position_embeddings"] = c.max_position_embeddings;
   j["bos_token_id"] = c.bos_token_id >= 0 ? json(c.bos_token_id) : json(nullptr);
   j["eos_token_id"] = c.eos_token_id >= 0 ? json(c.eos_token_id) : json(nullptr);
   return j.dump(2) + "\n";
@@ -313,6 +367,12 @@ std::string llama_identity(const LlamaCheckpoint& ckpt) {
     f.bytes(&v, 8);
   }
   f.str(c.rope_scaling.type);
+  if (c.rope_scaling.type == "yarn") {
+    const RopeScaling& y = c.rope_scaling;
+    for (double v : {y.beta_fast, y.beta_slow, y.attention_factor, y.mscale, y.mscale_all_dim,
+                     y.truncate ? 1.0 : 0.0})
+      f.bytes(&v, 8);
+  }
   f.i64(ckpt.qk_interleaved ? 1 : 0);
   for (float v : ckpt.rope_freq_factors) f.bytes(&v, 4);
   for (const auto& [name, t] : ckpt.tensors) {

@@ -15,9 +15,12 @@
 namespace sparseflash::checkpoint {
 
 struct RopeScaling {
-  std::string type;  // "" (none), "linear", "llama3"
+  std::string type;  // "" (none), "linear", "dynamic", "yarn", "llama3"
   double factor = 1.0, low_freq_factor = 1.0, high_freq_factor = 4.0;
   int64_t original_max_position_embeddings = 8192;
+  // yarn (0: absent, derived as transformers derives it)
+  double beta_fast = 32, beta_slow = 1, attention_factor = 0, mscale = 0, mscale_all_dim = 0;
+  bool truncate = true;
 };
 
 struct LlamaConfig {

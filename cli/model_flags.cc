@@ -37,10 +37,12 @@ ABSL_FLAG(int64_t, stride, 0,
 ABSL_FLAG(int64_t, max_tokens, 0, "eval, saap: score only the first N tokens (0 = all).");
 ABSL_FLAG(std::string, attention, "",
           "Attention kind of every layer: dense, hash (LSH buckets), drop (random query/key "
-          "dropping) or saap (key partitions routed by the classifiers of --saap-index); empty = "
+          "dropping), shift (LongLoRA's shifted groups, S2-Attn) or saap (key partitions routed by the classifiers of --saap-index); empty = "
           "a run's own (dense for pretrained files).");
 ABSL_FLAG(int32_t, num_buckets, 16, "--attention hash: buckets per layer (even).");
 ABSL_FLAG(double, drop_prob, 0.5, "--attention drop: probability of dropping a query or key.");
+ABSL_FLAG(int64_t, group_size, 0,
+          "--attention shift: positions per group (0 = a quarter of the keys, LongLoRA's).");
 ABSL_FLAG(std::string, saap_index, "",
           "SAAP index file (`sparseflash saap fit` writes it; --attention saap reads it). It must "
           "have been fitted on this model.");
@@ -74,9 +76,9 @@ namespace sparseflash::cli {
 
 const std::vector<std::string>& model_flag_names() {
   static const std::vector<std::string> f = {
-      "model", "tokenizer", "attention", "num_buckets", "drop_prob", "saap_index", "top_l",
-      "key_budget", "per_head_budgets", "budget_objective", "mass_threshold", "saap_routing",
-      "dtype", "device", "seed", "json", "json_file"};
+      "model", "tokenizer", "attention", "num_buckets", "drop_prob", "group_size", "saap_index",
+      "top_l", "key_budget", "per_head_budgets", "budget_objective", "mass_threshold",
+      "saap_routing", "dtype", "device", "seed", "json", "json_file"};
   return f;
 }
 
@@ -134,7 +136,8 @@ absl::StatusOr<LoadedFromFlags> load_model_from_flags(bool need_tokenizer) {
   o.dtype = absl::GetFlag(FLAGS_dtype);
   if (!attention.empty()) {
     auto a = model::parse_attention(attention == "saap" ? "dense" : attention,
-                                    absl::GetFlag(FLAGS_num_buckets), absl::GetFlag(FLAGS_drop_prob));
+                                    absl::GetFlag(FLAGS_num_buckets), absl::GetFlag(FLAGS_drop_prob),
+                                    absl::GetFlag(FLAGS_group_size));
     if (!a.ok()) return a.status();
     o.attention = *a;
   }

@@ -442,6 +442,7 @@ void check_attention(Checker& c, const config::Attention& a, const std::string& 
   c.in_range(prefix + ".drop_prob", a.drop_prob(), 0.f, 1.f, /*hi_inclusive=*/false);
   c.at_least(prefix + ".chunk_size", a.chunk_size(), 1);
   c.at_least(prefix + ".lsh_center_block", a.lsh_center_block(), 1);
+  c.at_least(prefix + ".group_size", a.group_size(), 0);
 }
 
 bool valid_device(const std::string& d) {
@@ -486,9 +487,13 @@ absl::Status validate_with(const Experiment& exp, const Origins& origins) {
     c.non_negative("model.norm_eps", m.norm_eps());
     if (m.bias()) c.fail("model.bias", "true", "must be false for model.arch = LLAMA");
     const std::string& type = m.rope_scaling().type();
-    if (!type.empty() && type != "default" && type != "linear" && type != "llama3")
+    if (!type.empty() && type != "default" && type != "linear" && type != "llama3" &&
+        type != "dynamic" && type != "yarn")
       c.fail("model.rope_scaling.type", quoted(type),
-             "must be \"\", \"default\", \"linear\" or \"llama3\"");
+             "must be \"\", \"default\", \"linear\", \"dynamic\", \"yarn\" or \"llama3\"");
+    if (type == "yarn" || type == "dynamic" || type == "llama3")
+      c.positive("model.rope_scaling.original_max_position_embeddings",
+                 m.rope_scaling().original_max_position_embeddings());
     if (!type.empty() && type != "default") c.positive("model.rope_scaling.factor", m.rope_scaling().factor());
     if (m.rope_freq_factors_size() != 0 && m.rope_freq_factors_size() != hd / 2)
       c.fail("model.rope_freq_factors", absl::StrCat(m.rope_freq_factors_size(), " values"),
@@ -501,6 +506,10 @@ absl::Status validate_with(const Experiment& exp, const Origins& origins) {
     for (int i = 0; i < exp.layer_attention_size(); ++i)
       no_shared_qk(exp.layer_attention(i).attention(),
                    absl::StrCat("layer_attention[", i, "].attention.shared_qk"));
+  }
+  if (m.has_lora()) {
+    c.at_least("model.lora.rank", m.lora().rank(), 0);
+    if (m.lora().rank() > 0) c.positive("model.lora.alpha", m.lora().alpha());
   }
 
   check_attention(c, exp.attention(), "attention");

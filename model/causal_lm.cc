@@ -21,6 +21,10 @@ int64_t CausalLMImpl::num_parameters() const {
   return n;
 }
 
+bool CausalLMImpl::checkpoint_blocks(const KVCache* cache) const {
+  return activation_checkpointing_ && is_training() && !cache && at::GradMode::is_enabled();
+}
+
 Tensor attend_layer(attention::Attention& attention, AttentionHook* hook, int layer,
                     KVCache* cache, const Tensor& q_pre, const Tensor& k_pre, const Tensor& q,
                     Tensor k, Tensor v, at::Generator& generator) {

@@ -113,10 +113,19 @@ class CausalLMImpl : public torch::nn::Module {
   // Draws of the sparse attention kinds (rotations, drop masks); part of
   // training checkpoints.
   at::Generator& attention_generator() { return attention_generator_; }
+  // Recompute each block in the backward pass instead of keeping its
+  // activations (model/checkpointing.h); applies to training forwards
+  // without a cache, with autograd on.
+  void set_activation_checkpointing(bool on) { activation_checkpointing_ = on; }
+  bool activation_checkpointing() const { return activation_checkpointing_; }
 
  protected:
+  // True when this forward's blocks are to be checkpointed.
+  bool checkpoint_blocks(const KVCache* cache) const;
+
   std::shared_ptr<AttentionHook> hook_;
   at::Generator attention_generator_;
+  bool activation_checkpointing_ = false;
 };
 
 // The holder of any model (a shared pointer, as every LibTorch module

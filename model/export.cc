@@ -268,6 +268,8 @@ absl::StatusOr<ExportResult> export_run(CausalLM model, const config::Experiment
                                         const RunSource& source, ExportFormat format,
                                         const std::string& out_dir, const std::string& dtype) {
   const config::Model::Arch arch = model->arch();
+  // A LoRA run exports as one model, its adapters folded into the weights.
+  merge_lora(*model);
   if (format == ExportFormat::kHfLlama) {
     if (arch != config::Model::LLAMA)
       return absl::InvalidArgumentError(absl::StrCat(source.path, " is a ", arch_name(arch),

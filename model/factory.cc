@@ -44,6 +44,12 @@ checkpoint::LlamaConfig llama_config(const config::Model& m) {
   c.rope_scaling.low_freq_factor = r.low_freq_factor();
   c.rope_scaling.high_freq_factor = r.high_freq_factor();
   c.rope_scaling.original_max_position_embeddings = r.original_max_position_embeddings();
+  c.rope_scaling.beta_fast = r.beta_fast();
+  c.rope_scaling.beta_slow = r.beta_slow();
+  c.rope_scaling.attention_factor = r.attention_factor();
+  c.rope_scaling.mscale = r.mscale();
+  c.rope_scaling.mscale_all_dim = r.mscale_all_dim();
+  c.rope_scaling.truncate = r.truncate();
   c.tie_word_embeddings = m.tie_embeddings();
   return c;
 }
@@ -69,6 +75,14 @@ void set_llama_fields(const checkpoint::LlamaConfig& c, config::Model* m) {
   r->set_high_freq_factor(c.rope_scaling.high_freq_factor);
   r->set_original_max_position_embeddings(
       static_cast<int32_t>(c.rope_scaling.original_max_position_embeddings));
+  if (c.rope_scaling.type == "yarn") {
+    r->set_beta_fast(c.rope_scaling.beta_fast);
+    r->set_beta_slow(c.rope_scaling.beta_slow);
+    r->set_attention_factor(c.rope_scaling.attention_factor);
+    r->set_mscale(c.rope_scaling.mscale);
+    r->set_mscale_all_dim(c.rope_scaling.mscale_all_dim);
+    r->set_truncate(c.rope_scaling.truncate);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -181,7 +195,7 @@ absl::Status complete_from_pretrained(config::Experiment* exp) {
     const auto* f = d->field(i);
     const std::string& name = f->name();
     if (name == "init_from" || name == "init_std" || name == "block_size" ||
-        name == "rope_scaling")
+        name == "rope_scaling" || name == "lora")
       continue;
     const bool given_here = f->is_repeated() ? refl->FieldSize(given, f) > 0
                             : name == "vocab_size" ? given.vocab_size() != 0  // 0 = "from data"
@@ -192,7 +206,20 @@ absl::Status complete_from_pretrained(config::Experiment* exp) {
   result.set_init_from(path);
   if (given.has_init_std()) result.set_init_std(given.init_std());
   if (given.has_block_size()) result.set_block_size(given.block_size());
-  if (given.has_rope_scaling()) *result.mutable_rope_scaling() = given.rope_scaling();
+  if (given.has_rope_scaling()) {
+    *result.mutable_rope_scaling() = given.rope_scaling();
+    // Scaling extends the file's pretraining context unless told otherwise
+    // (its own original context where the file is scaled already).
+    const std::string& file_type = from_file.rope_scaling().type();
+    const bool file_scaled = !file_type.empty() && file_type != "default";
+    if (!given.rope_scaling().has_original_max_position_embeddings())
+      result.mutable_rope_scaling()->set_original_max_position_embeddings(
+          file_scaled ? from_file.rope_scaling().original_max_position_embeddings()
+                      : from_file.block_size());
+  }
+  // Adapters belong to the new run (a LoRA source is merged when loaded).
+  result.clear_lora();
+  if (given.has_lora()) *result.mutable_lora() = given.lora();
   *m = result;
   if (!check.errors.empty())
     return absl::InvalidArgumentError(absl::StrCat(
@@ -225,11 +252,20 @@ void init_llama(LlamaImpl& model, double std) {
 
 }  // namespace
 
+// What every family gets after it is built: adapters, checkpointing.
+static CausalLM finish(CausalLM model, const config::Experiment& exp) {
+  if (exp.model().lora().rank() > 0)
+    add_lora(*model, exp.model().arch(), LoraOptions::from_config(exp.model().lora()),
+             exp.train().seed() ^ 0x10a4ull);
+  model->set_activation_checkpointing(exp.train().activation_checkpointing());
+  return model;
+}
+
 absl::StatusOr<CausalLM> build_model(const config::Experiment& exp, int64_t data_vocab_size) {
   try {
     if (exp.model().arch() == config::Model::GPT) {
       GPT gpt(exp, data_vocab_size);
-      return as_causal_lm(gpt);
+      return finish(as_causal_lm(gpt), exp);
     }
     config::Model m = exp.model();
     if (m.vocab_size() == 0) m.set_vocab_size(static_cast<int32_t>(data_vocab_size));
@@ -242,7 +278,7 @@ absl::StatusOr<CausalLM> build_model(const config::Experiment& exp, int64_t data
           std::vector<float>(m.rope_freq_factors().begin(), m.rope_freq_factors().end()));
     init_llama(*llama, m.init_std());
     llama->attention_generator() = at::detail::createCPUGenerator(exp.train().seed() ^ 0x5eedull);
-    return as_causal_lm(llama);
+    return finish(as_causal_lm(llama), exp);
   } catch (const std::exception& e) {
     std::string what = e.what();
     return absl::InvalidArgumentError(
@@ -260,10 +296,25 @@ absl::Status load_pretrained(const config::Experiment& exp, CausalLM& model) {
     const std::string file = training_checkpoint_file(path);
     torch::serialize::InputArchive archive;
     if (auto s = open_training_checkpoint(file, archive); !s.ok()) return s;
+    // A LoRA run's adapters are folded into its weights: the new run starts
+    // from the model the old one describes, with adapters of its own (if
+    // it has any) starting afresh.
+    double source_lora_scale = 0;
+    c10::IValue text;
+    if (archive.try_read("config", text) && text.isString()) {
+      auto source = parse_config(text.toStringRef(), file + " (embedded config)");
+      if (source.ok() && source->model().lora().rank() > 0)
+        source_lora_scale = source->model().lora().alpha() / source->model().lora().rank();
+    }
+    auto ends_with = [](const std::string& s, const std::string& end) {
+      return s.size() >= end.size() && s.compare(s.size() - end.size(), end.size(), end) == 0;
+    };
     torch::NoGradGuard no_grad;
     for (auto& item : model->named_parameters()) {
+      const std::string& name = item.key();
+      if (ends_with(name, ".lora_a") || ends_with(name, ".lora_b")) continue;
       Tensor t;
-      const std::string key = "model/" + item.key();
+      const std::string key = "model/" + name;
       if (!archive.try_read(key, t, /*is_buffer=*/false) &&
           !archive.try_read(key, t, /*is_buffer=*/true))
         return absl::NotFoundError(
@@ -272,6 +323,12 @@ absl::Status load_pretrained(const config::Experiment& exp, CausalLM& model) {
         return absl::FailedPreconditionError(
             absl::StrCat("model.init_from ", file, ": entry '", key, "' has shape ",
                          c10::str(t.sizes()), ", the model has ", c10::str(item.value().sizes())));
+      Tensor a, b;
+      const std::string base = key.substr(0, key.size() - std::string(".weight").size());
+      if (source_lora_scale > 0 && ends_with(name, ".weight") &&
+          archive.try_read(base + ".lora_a", a) && archive.try_read(base + ".lora_b", b))
+        t = (t.to(at::kFloat) + at::matmul(b.to(at::kFloat), a.to(at::kFloat)) * source_lora_scale)
+                .to(t.scalar_type());
       item.value().copy_(t);
     }
     return absl::OkStatus();

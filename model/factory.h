@@ -19,14 +19,18 @@ namespace sparseflash::model {
 // the file's architecture into exp->model (arch, depth, widths, heads,
 // vocabulary, RoPE, norms, tied head). A field the config gives must agree
 // with the file, except block_size and rope_scaling, which the config may
-// change (a longer context); the error lists each disagreement. A Llama-family
+// change (a longer context), and lora, which is the new run's own (a LoRA
+// run's adapters are merged into its weights by load_pretrained); the error
+// lists each disagreement. A Llama-family
 // file sets model.arch to LLAMA unless the config says GPT (an error).
 absl::Status complete_from_pretrained(config::Experiment* exp);
 
 // The model exp describes, initialised at random from train.seed (GPT-2's
 // initialisation; Llama: N(0, init_std) matrices, unit norms), float32 on the
-// CPU. data_vocab_size stands for model.vocab_size when that is 0. With
-// model.init_from, the weights then come from the file (load_pretrained).
+// CPU, with model.lora's adapters (the rest frozen) and
+// train.activation_checkpointing set. data_vocab_size stands for
+// model.vocab_size when that is 0. With model.init_from, the weights then
+// come from the file (load_pretrained).
 absl::StatusOr<CausalLM> build_model(const config::Experiment& exp, int64_t data_vocab_size = 0);
 
 // Copies the weights of exp.model.init_from into `model` (built by

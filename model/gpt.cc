@@ -1,6 +1,7 @@
 // GPT-2 family model. Reading order: LayerNorm, SelfAttention, Block, GPT.
 #include "model/gpt.h"
 
+#include "model/checkpointing.h"
 #include "model/fused.h"
 
 #include <cmath>
@@ -41,9 +42,9 @@ SelfAttentionImpl::SelfAttentionImpl(const config::Model& m, attention::Options 
   const int64_t d = m.d_model();
   const int64_t projections = options.shared_qk ? 2 : 3;
   c_attn = register_module(
-      "c_attn", torch::nn::Linear(torch::nn::LinearOptions(d, projections * d).bias(m.bias())));
+      "c_attn", LoraLinear(torch::nn::LinearOptions(d, projections * d).bias(m.bias())));
   c_proj = register_module("c_proj",
-                           torch::nn::Linear(torch::nn::LinearOptions(d, d).bias(m.bias())));
+                           LoraLinear(torch::nn::LinearOptions(d, d).bias(m.bias())));
 }
 
 Tensor SelfAttentionImpl::forward(const Tensor& x, at::Generator& generator, KVCache* cache) {
@@ -77,9 +78,9 @@ BlockImpl::BlockImpl(const config::Model& m, attention::Options options, int lay
   attn = register_module("attn", SelfAttention(m, options, layer));
   ln_2 = register_module("ln_2", LayerNorm(d, m.bias()));
   c_fc = register_module("c_fc",
-                         torch::nn::Linear(torch::nn::LinearOptions(d, 4 * d).bias(m.bias())));
+                         LoraLinear(torch::nn::LinearOptions(d, 4 * d).bias(m.bias())));
   mlp_proj = register_module(
-      "mlp_proj", torch::nn::Linear(torch::nn::LinearOptions(4 * d, d).bias(m.bias())));
+      "mlp_proj", LoraLinear(torch::nn::LinearOptions(4 * d, d).bias(m.bias())));
 }
 
 std::pair<Tensor, Tensor> BlockImpl::forward_residual(const Tensor& x, const Tensor& pending,
@@ -152,9 +153,21 @@ Tensor GPTImpl::hidden_states(const Tensor& idx, KVCache* cache) {
   Tensor pos = at::arange(offset, offset + N, idx.options().dtype(at::kLong));
   Tensor x = wte->forward(idx) + wpe->forward(pos).unsqueeze(0);
   Tensor pending;  // the last block's MLP output, added by the next LayerNorm
-  for (auto& block : *blocks)
-    std::tie(x, pending) =
-        block->as<Block>()->forward_residual(x, pending, attention_generator_, cache);
+  const bool recompute = checkpoint_blocks(cache);
+  for (auto& block : *blocks) {
+    BlockImpl* b = block->as<Block>();
+    if (recompute) {
+      auto out = checkpointed(
+          [this, b](const std::vector<Tensor>& in) -> std::vector<Tensor> {
+            auto [h, m] = b->forward_residual(in[0], in[1], attention_generator_, nullptr);
+            return {h, m};
+          },
+          {x, pending}, attention_generator_);
+      x = out[0], pending = out[1];
+    } else {
+      std::tie(x, pending) = b->forward_residual(x, pending, attention_generator_, cache);
+    }
+  }
   if (cache) cache->length += N;
   return add_layer_norm(x, pending, ln_f->weight, ln_f->bias, 1e-5).second;
 }

@@ -17,6 +17,7 @@
 #include "attention/attention.h"
 #include "configs/experiment.pb.h"
 #include "model/causal_lm.h"
+#include "model/lora.h"
 
 namespace sparseflash::model {
 
@@ -38,7 +39,7 @@ class SelfAttentionImpl : public torch::nn::Module {
   // cache->k/v[layer] and attended with the earlier ones.
   Tensor forward(const Tensor& x, at::Generator& generator, KVCache* cache = nullptr);
   // With shared_qk the projection yields q and v only; k = q / |q|.
-  torch::nn::Linear c_attn{nullptr}, c_proj{nullptr};
+  LoraLinear c_attn{nullptr}, c_proj{nullptr};
   attention::Attention attention;
   AttentionHook* hook = nullptr;  // not owned; see GPTImpl::set_attention_hook
 
@@ -60,7 +61,7 @@ class BlockImpl : public torch::nn::Module {
                                              KVCache* cache = nullptr);
   LayerNorm ln_1{nullptr}, ln_2{nullptr};
   SelfAttention attn{nullptr};
-  torch::nn::Linear c_fc{nullptr}, mlp_proj{nullptr};
+  LoraLinear c_fc{nullptr}, mlp_proj{nullptr};
 };
 TORCH_MODULE(Block);
 

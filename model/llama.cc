@@ -18,6 +18,7 @@
 #include <torch/utils.h>
 
 #include "checkpoint/tensor.h"
+#include "model/checkpointing.h"
 
 namespace sparseflash::model {
 
@@ -26,7 +27,20 @@ namespace F = torch::nn::functional;
 // ---------------------------------------------------------------------------
 // rotary embedding
 
-Tensor rope_inverse_frequencies(const checkpoint::LlamaConfig& c) {
+// yarn's attention factor from its scale (transformers' get_mscale).
+static double yarn_mscale(double scale, double mscale) {
+  return scale <= 1 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0;
+}
+
+double rope_attention_factor(const checkpoint::RopeScaling& s) {
+  if (s.type != "yarn") return 1.0;
+  if (s.attention_factor != 0) return s.attention_factor;
+  if (s.mscale != 0 && s.mscale_all_dim != 0)
+    return yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim);
+  return yarn_mscale(s.factor, 1.0);
+}
+
+Tensor rope_inverse_frequencies(const checkpoint::LlamaConfig& c, int64_t positions) {
   const int64_t dim = c.head_dim;
   auto f32 = at::TensorOptions().dtype(at::kFloat);
   // transformers: 1 / base ** (arange(0, dim, 2) / dim), in float32.
@@ -36,6 +50,37 @@ Tensor rope_inverse_frequencies(const checkpoint::LlamaConfig& c) {
   const auto& s = c.rope_scaling;
   if (s.type.empty() || s.type == "default") return inv_freq;
   if (s.type == "linear") return inv_freq / s.factor;
+  if (s.type == "dynamic") {
+    // NTK-aware: a larger base for the call's length, in float32 tensor
+    // arithmetic as transformers does it (its seq_len is a tensor).
+    const int64_t L = s.original_max_position_embeddings;
+    if (positions <= L) return inv_freq;
+    Tensor len = at::scalar_tensor(positions, at::TensorOptions().dtype(at::kLong));
+    Tensor base = ((len * s.factor) / static_cast<double>(L) - (s.factor - 1))
+                      .pow(static_cast<double>(dim) / static_cast<double>(dim - 2)) *
+                  c.rope_theta;
+    return at::pow(base, exponent).reciprocal();
+  }
+  if (s.type == "yarn") {
+    // Frequencies that turn fewer than beta_slow times over the original
+    // context are interpolated (divided by factor), those turning more than
+    // beta_fast times kept, with a linear ramp over the dimensions between.
+    const double base = c.rope_theta, L = static_cast<double>(s.original_max_position_embeddings);
+    auto correction_dim = [&](double rotations) {
+      return (dim * std::log(L / (rotations * 2 * M_PI))) / (2 * std::log(base));
+    };
+    double low = correction_dim(s.beta_fast), high = correction_dim(s.beta_slow);
+    if (s.truncate) low = std::floor(low), high = std::ceil(high);
+    low = std::max(low, 0.0);
+    high = std::min(high, static_cast<double>(dim - 1));
+    if (low == high) high += 0.001;  // as transformers, against a zero width
+    Tensor pos_freqs = at::pow(base, exponent);
+    Tensor extrapolation = pos_freqs.reciprocal();
+    Tensor interpolation = (pos_freqs * s.factor).reciprocal();
+    Tensor ramp = ((at::arange(dim / 2, f32) - low) / (high - low)).clamp(0, 1);
+    Tensor keep = 1 - ramp;  // the share of the extrapolated (unscaled) frequency
+    return interpolation * (1 - keep) + extrapolation * keep;
+  }
   if (s.type == "llama3") {
     // Long wavelengths are divided by `factor`, short ones kept, and the band
     // in between interpolated (Llama 3.1's "llama3" rope_type).
@@ -51,7 +96,7 @@ Tensor rope_inverse_frequencies(const checkpoint::LlamaConfig& c) {
     return at::where(medium, smoothed, scaled).to(f32.dtype());
   }
   throw std::runtime_error("Llama: unsupported rope_scaling type \"" + s.type +
-                           "\" (supported: linear, llama3)");
+                           "\" (supported: linear, dynamic, yarn, llama3)");
 }
 
 Tensor interleaved_to_rotate_half(const Tensor& weight, int64_t heads) {
@@ -125,7 +170,7 @@ LlamaAttentionImpl::LlamaAttentionImpl(const checkpoint::LlamaConfig& c,
       layer_(layer) {
   const int64_t d = c.hidden_size;
   auto linear = [](int64_t in, int64_t out) {
-    return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
+    return LoraLinear(torch::nn::LinearOptions(in, out).bias(false));
   };
   q_proj = register_module("q_proj", linear(d, heads_ * head_dim_));
   k_proj = register_module("k_proj", linear(d, kv_heads_ * head_dim_));
@@ -157,6 +202,8 @@ Tensor LlamaAttentionImpl::forward(const Tensor& x, const Tensor& cos, const Ten
 }
 
 void LlamaAttentionImpl::fuse_projections() {
+  // Adapters are not in the fused matrix (merge_lora folds them in first).
+  if (q_proj->has_adapter() || k_proj->has_adapter() || v_proj->has_adapter()) return;
   qkv_weight_ = fuse_rows({&q_proj->weight, &k_proj->weight, &v_proj->weight});
 }
 
@@ -167,7 +214,7 @@ LlamaLayerImpl::LlamaLayerImpl(const checkpoint::LlamaConfig& c, attention::Opti
                                int layer) {
   const int64_t d = c.hidden_size, f = c.intermediate_size;
   auto linear = [](int64_t in, int64_t out) {
-    return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false));
+    return LoraLinear(torch::nn::LinearOptions(in, out).bias(false));
   };
   input_layernorm = register_module("input_layernorm", RMSNorm(d, c.rms_norm_eps));
   self_attn = register_module("self_attn", LlamaAttention(c, options, layer));
@@ -194,6 +241,7 @@ Tensor LlamaLayerImpl::forward(const Tensor& x, const Tensor& cos, const Tensor&
 
 void LlamaLayerImpl::fuse_projections() {
   self_attn->fuse_projections();
+  if (gate_proj->has_adapter() || up_proj->has_adapter()) return;
   gate_up_weight_ = fuse_rows({&gate_proj->weight, &up_proj->weight});
 }
 
@@ -246,6 +294,7 @@ LlamaImpl::LlamaImpl(const checkpoint::LlamaConfig& config,
   if (!config_.tie_word_embeddings)
     lm_head = register_parameter("lm_head", torch::zeros({config_.vocab_size, d}));
   inv_freq_ = rope_inverse_frequencies(config_);
+  attention_factor_ = rope_attention_factor(config_.rope_scaling);
   attention_generator_ = at::detail::createCPUGenerator(1234);
 }
 
@@ -270,7 +319,13 @@ Tensor LlamaImpl::hidden_states(const Tensor& ids, KVCache* cache) {
   // for the two halves, cos/sin in float32, then cast to the weights' dtype.
   Tensor positions = at::arange(offset, offset + N, at::TensorOptions().dtype(at::kLong).device(dev))
                          .to(at::kFloat);
-  Tensor freqs = positions.unsqueeze(1) * inv_freq_.unsqueeze(0);
+  // Dynamic NTK: the frequencies of this call's length (beyond the original
+  // context; GGUF frequency factors and dynamic scaling do not meet).
+  Tensor inv_freq = inv_freq_;
+  if (config_.rope_scaling.type == "dynamic" &&
+      offset + N > config_.rope_scaling.original_max_position_embeddings)
+    inv_freq = rope_inverse_frequencies(config_, offset + N).to(dev);
+  Tensor freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
   Tensor angles = at::cat({freqs, freqs}, -1);
   // Under autocast the projections are in the autocast dtype; so are cos and
   // sin, so that q and k reach the attention kernels in it.
@@ -278,10 +333,23 @@ Tensor LlamaImpl::hidden_states(const Tensor& ids, KVCache* cache) {
       dev.is_cuda() && at::autocast::is_autocast_enabled(at::kCUDA)
           ? at::autocast::get_autocast_dtype(at::kCUDA)
           : dtype();
-  Tensor cos = angles.cos().to(rope_dtype), sin = angles.sin().to(rope_dtype);
+  Tensor cos = angles.cos(), sin = angles.sin();
+  if (attention_factor_ != 1.0) cos = cos * attention_factor_, sin = sin * attention_factor_;
+  cos = cos.to(rope_dtype), sin = sin.to(rope_dtype);
   Tensor x = at::embedding(embed_tokens, ids.to(dev));
-  for (auto& layer : *layers)
-    x = layer->as<LlamaLayer>()->forward(x, cos, sin, cache, attention_generator_);
+  const bool recompute = checkpoint_blocks(cache);
+  for (auto& layer : *layers) {
+    LlamaLayerImpl* l = layer->as<LlamaLayer>();
+    if (recompute) {
+      x = checkpointed(
+          [this, l](const std::vector<Tensor>& in) -> std::vector<Tensor> {
+            return {l->forward(in[0], in[1], in[2], nullptr, attention_generator_)};
+          },
+          {x, cos, sin}, attention_generator_)[0];
+    } else {
+      x = l->forward(x, cos, sin, cache, attention_generator_);
+    }
+  }
   if (cache) cache->length += N;
   return norm->forward(x);
 }

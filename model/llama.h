@@ -1,5 +1,6 @@
 // Llama family decoder (Llama 2/3, SmolLM, TinyLlama...): RMSNorm, rotary
-// positions (HF rotate-half layout; linear and llama3 frequency scaling),
+// positions (HF rotate-half layout; linear, dynamic NTK, YaRN and llama3
+// frequency scaling),
 // grouped-query attention through the attention interface (so any attention
 // kind of attention/ can run, and later be fine-tuned), SwiGLU MLP, tied or
 // untied output head, and a KV cache for generation.
@@ -27,6 +28,7 @@
 #include "attention/attention.h"
 #include "checkpoint/llama.h"
 #include "model/causal_lm.h"
+#include "model/lora.h"
 #include "model/perplexity.h"  // sliding_window_nll, formerly declared here
 
 namespace sparseflash::model {
@@ -34,9 +36,15 @@ namespace sparseflash::model {
 using at::Tensor;
 
 // Inverse frequencies of the rotary embedding ([head_dim / 2] float32), with
-// the checkpoint's rope_scaling applied ("", "linear", "llama3"), computed as
-// transformers computes them so positions match bit for bit in float32.
-Tensor rope_inverse_frequencies(const checkpoint::LlamaConfig& config);
+// the checkpoint's rope_scaling applied ("", "linear", "dynamic", "yarn",
+// "llama3"), computed as transformers computes them so positions match bit
+// for bit in float32. positions: how many positions the call covers (the
+// last position + 1); only "dynamic" depends on it, and only beyond
+// rope_scaling.original_max_position_embeddings.
+Tensor rope_inverse_frequencies(const checkpoint::LlamaConfig& config, int64_t positions = 0);
+
+// What cos and sin are multiplied by: yarn's attention factor, else 1.
+double rope_attention_factor(const checkpoint::RopeScaling& scaling);
 
 // Rows of an interleaved-RoPE projection ([heads * head_dim, in], pairs
 // (2i, 2i+1) rotate together) reordered to rotate-half (i, i + head_dim/2).
@@ -62,7 +70,7 @@ class LlamaAttentionImpl : public torch::nn::Module {
   // the earlier ones.
   Tensor forward(const Tensor& x, const Tensor& cos, const Tensor& sin, KVCache* cache,
                  at::Generator& generator);
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+  LoraLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
   attention::Attention attention;
   AttentionHook* hook = nullptr;  // not owned; see LlamaImpl::set_attention_hook
   // One [q; k; v] matrix whose rows the three weights become views of: one GEMM
@@ -83,7 +91,7 @@ class LlamaLayerImpl : public torch::nn::Module {
                  at::Generator& generator);
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   LlamaAttention self_attn{nullptr};
-  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  LoraLinear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
   // As LlamaAttention::fuse_projections, for [gate; up].
   void fuse_projections();
 
@@ -133,6 +141,7 @@ class LlamaImpl : public CausalLMImpl {
  private:
   checkpoint::LlamaConfig config_;
   Tensor inv_freq_;  // float32 on the model's device
+  double attention_factor_ = 1.0;  // cos and sin scale (yarn)
   std::vector<float> rope_freq_factors_;
 };
 TORCH_MODULE(Llama);

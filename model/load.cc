@@ -38,6 +38,7 @@ const char* kind_name(attention::Kind kind) {
   switch (kind) {
     case attention::Kind::kHash: return "hash";
     case attention::Kind::kDrop: return "drop";
+    case attention::Kind::kShift: return "shift";
     default: return "dense";
   }
 }
@@ -53,16 +54,21 @@ void fuse_for_inference(CausalLM& model) {
 // options
 
 absl::StatusOr<AttentionOverride> parse_attention(const std::string& kind, int num_buckets,
-                                                  double drop_prob) {
+                                                  double drop_prob, int64_t group_size) {
   AttentionOverride o;
   if (kind == "dense") o.kind = attention::Kind::kDense;
   else if (kind == "hash") o.kind = attention::Kind::kHash;
   else if (kind == "drop") o.kind = attention::Kind::kDrop;
+  else if (kind == "shift") o.kind = attention::Kind::kShift;
   else
-    return absl::InvalidArgumentError(
-        absl::StrCat("--attention: expected dense, hash, drop or saap, got \"", kind, "\""));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--attention: expected dense, hash, drop, shift or saap, got \"", kind, "\""));
   o.num_buckets = num_buckets;
   o.drop_prob = drop_prob;
+  o.group_size = group_size;
+  if (o.kind == attention::Kind::kShift && o.group_size < 0)
+    return absl::InvalidArgumentError(
+        absl::StrCat("--group-size must be >= 0 (0 = a quarter of the keys), got ", o.group_size));
   if (o.kind == attention::Kind::kHash && (o.num_buckets < 2 || o.num_buckets % 2 != 0))
     return absl::InvalidArgumentError(
         absl::StrCat("--num-buckets must be even and >= 2, got ", o.num_buckets));
@@ -105,6 +111,7 @@ absl::StatusOr<LoadedModel> load_pretrained_model(const std::string& path,
       a.kind = options.attention->kind;
       a.num_buckets = options.attention->num_buckets;
       a.drop_prob = options.attention->drop_prob;
+      a.group_size = options.attention->group_size;
     }
     o.attention = {a};
     o.dtype = l.dtype;
@@ -138,17 +145,23 @@ absl::StatusOr<LoadedModel> prepare_run_model(CausalLM trained, const config::Ex
   auto dtype = parse_dtype(options.dtype, options.device);
   if (!dtype.ok()) return dtype.status();
   l.dtype = *dtype;
+  // Inference reads the weights with a LoRA run's adapters folded in.
+  merge_lora(*trained);
   l.model = trained;
   l.attention = "as trained";
   if (options.attention) {
     // The same weights in a model whose every layer attends as asked.
     config::Experiment exp = config;
+    exp.mutable_model()->clear_lora();
     config::Attention* a = exp.mutable_attention();
-    a->set_kind(options.attention->kind == attention::Kind::kHash   ? config::Attention::HASH
-                : options.attention->kind == attention::Kind::kDrop ? config::Attention::DROP
-                                                                    : config::Attention::DENSE);
+    const attention::Kind kind = options.attention->kind;
+    a->set_kind(kind == attention::Kind::kHash    ? config::Attention::HASH
+                : kind == attention::Kind::kDrop  ? config::Attention::DROP
+                : kind == attention::Kind::kShift ? config::Attention::SHIFT
+                                                  : config::Attention::DENSE);
     a->set_num_buckets(options.attention->num_buckets);
     a->set_drop_prob(options.attention->drop_prob);
+    a->set_group_size(static_cast<int32_t>(options.attention->group_size));
     exp.clear_layer_attention();
     auto built = build_model(exp, trained->vocab_size());
     if (!built.ok()) return built.status();

@@ -25,12 +25,13 @@ struct AttentionOverride {
   attention::Kind kind = attention::Kind::kDense;
   int num_buckets = 16;   // kHash: even, >= 2
   double drop_prob = 0.5; // kDrop: in [0, 1)
+  int64_t group_size = 0; // kShift: >= 0 (0 = a quarter of the keys)
 };
 
-// "dense", "hash" or "drop" with the given parameters; errors name the flag
-// (--attention, --num-buckets, --drop-prob).
+// "dense", "hash", "drop" or "shift" with the given parameters; errors name
+// the flag (--attention, --num-buckets, --drop-prob, --group-size).
 absl::StatusOr<AttentionOverride> parse_attention(const std::string& kind, int num_buckets,
-                                                  double drop_prob);
+                                                  double drop_prob, int64_t group_size = 0);
 
 // "auto" (bfloat16 on CUDA, float32 on CPU), "float32"/"fp32", "bfloat16"/"bf16",
 // "float16"/"fp16"; errors name --dtype.

@@ -23,11 +23,12 @@ using at::Tensor;
 
 at::TensorOptions f64() { return at::TensorOptions().dtype(at::kDouble); }
 
-Options make_options(Kind kind, int buckets = 4, double drop = 0.5) {
+Options make_options(Kind kind, int buckets = 4, double drop = 0.5, int64_t group = 0) {
   Options o;
   o.kind = kind;
   o.num_buckets = buckets;
   o.drop_prob = drop;
+  o.group_size = group;
   return o;
 }
 
@@ -97,7 +98,7 @@ TEST_P(ReferenceVsNaive, ForwardAndGradientsMatch) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, ReferenceVsNaive,
-    ::testing::Combine(::testing::Values(Kind::kDense, Kind::kHash, Kind::kDrop),
+    ::testing::Combine(::testing::Values(Kind::kDense, Kind::kHash, Kind::kDrop, Kind::kShift),
                        ::testing::Values(Shape{2, 4, 4, 37, 37, 16, 8},     // chunks split rows
                                          Shape{1, 6, 2, 33, 33, 8, 1024},   // GQA, one chunk
                                          Shape{2, 2, 1, 13, 29, 8, 5},      // MQA, Nq < Nk
@@ -146,7 +147,8 @@ TEST_P(ReferenceGradcheck, MatchesFiniteDifferences) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, ReferenceGradcheck,
-                         ::testing::Values(Kind::kDense, Kind::kHash, Kind::kDrop));
+                         ::testing::Values(Kind::kDense, Kind::kHash, Kind::kDrop,
+                                           Kind::kShift));
 
 // ---------------------------------------------------------------------------
 // semantics
@@ -252,6 +254,62 @@ TEST(DropAttention, DroppedQueriesGiveZeroAndDroppedKeysAreIgnored) {
   expect_close(reference_attention(in.q, in.k, v2, p, 16), out.detach(), 0, "out");
 }
 
+// S2-Attn's mask from its definition: causal, same group of G positions,
+// groups shifted by G / 2 on the upper half of the key heads (and the query
+// heads that read them); queries bottom-right aligned.
+Tensor shift_mask(int64_t B, int64_t H, int64_t Hkv, int64_t Nq, int64_t Nk, int64_t G) {
+  Tensor m = at::zeros({B, H, Nq, Nk}, at::kBool);
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t j_head = h / (H / Hkv);
+    const int64_t s = Hkv >= 2 && j_head >= Hkv / 2 ? G / 2 : 0;
+    for (int64_t i = 0; i < Nq; ++i) {
+      const int64_t pi = i + Nk - Nq;
+      for (int64_t j = 0; j <= pi; ++j)
+        if ((pi + s) / G == (j + s) / G) m.index_put_({at::indexing::Slice(), h, i, j}, true);
+    }
+  }
+  return m;
+}
+
+TEST(ShiftAttention, GroupsAndTheShiftedHalfFollowTheDefinition) {
+  struct Case {
+    int64_t H, Hkv, Nq, Nk, G;
+  };
+  // G = 0: a quarter of the keys, rounded up (23 -> 6, 40 -> 10).
+  for (Case c : {Case{4, 2, 23, 23, 6}, Case{6, 3, 23, 23, 5}, Case{4, 4, 17, 40, 0},
+                 Case{2, 2, 23, 23, 0}, Case{3, 1, 9, 9, 4}, Case{2, 2, 5, 5, 1}}) {
+    Pattern p = shift_groups(2, c.H, c.Hkv, c.Nq, c.Nk, c.G, at::kCPU);
+    const int64_t G = c.G > 0 ? c.G : (c.Nk + 3) / 4;
+    Tensor got = allowed_mask(p, 2, c.H, c.Nq, c.Nk, f64());
+    EXPECT_TRUE(at::equal(got, shift_mask(2, c.H, c.Hkv, c.Nq, c.Nk, G)))
+        << "H " << c.H << " Hkv " << c.Hkv << " Nq " << c.Nq << " Nk " << c.Nk << " G " << G;
+    EXPECT_GT(p.num_buckets, std::max(p.q_bucket.max().item<int64_t>(),
+                                      p.k_bucket.max().item<int64_t>()));
+    EXPECT_TRUE(pattern_density(p).item<double>() > 0);
+  }
+  EXPECT_THROW(shift_groups(1, 3, 2, 4, 4, 2, at::kCPU), c10::Error);  // H not a multiple
+  EXPECT_THROW(shift_groups(1, 2, 2, 5, 4, 2, at::kCPU), c10::Error);  // Nq > Nk
+}
+
+// With one key head, Attention gives each half of the query heads its own
+// copy of the keys, the second half shifted: the result of two key heads.
+TEST(ShiftAttention, OneKeyHeadIsSplitBetweenPlainAndShiftedQueryHeads) {
+  const int64_t N = 31, G = 8;
+  Inputs in = random_inputs(2, 4, 1, N, N, 8, 13);
+  Options o = make_options(Kind::kShift, 2, 0.5, G);
+  o.backend = Backend::kReference;
+  Attention attn(o, 0);
+  at::Generator gen = at::detail::createCPUGenerator(1);
+  Tensor out = attn.forward(in.q, in.k, in.v, gen);
+  Tensor k2 = in.k.expand({2, 2, N, 8}), v2 = in.v.expand({2, 2, N, 8});
+  Tensor mask = shift_mask(2, 4, 2, N, N, G);
+  Tensor scores = at::matmul(in.q, k2.repeat_interleave(2, 1).transpose(-1, -2)) / std::sqrt(8.0);
+  Tensor prob = at::softmax(scores.masked_fill(mask.logical_not(), -INFINITY), -1);
+  expect_close(out, at::matmul(prob, v2.repeat_interleave(2, 1)), 1e-12, "out");
+  // The shifted half sees other groups than the plain half.
+  EXPECT_FALSE(at::equal(mask.select(1, 0), mask.select(1, 3)));
+}
+
 TEST(ReferenceAttention, RowsWithoutAllowedKeyAreZeroNotNan) {
   // Query 0 with its key dropped has nothing to attend to; so has every query
   // whose bucket has no earlier key.
@@ -293,7 +351,7 @@ TEST(ReferenceAttention, RejectsBadShapesWithNamedArgument) {
 
 TEST(ReferenceAttentionGpu, Bf16MatchesFloat64OnCpu) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
-  for (Kind kind : {Kind::kDense, Kind::kHash, Kind::kDrop}) {
+  for (Kind kind : {Kind::kDense, Kind::kHash, Kind::kDrop, Kind::kShift}) {
     Inputs in = random_inputs(2, 4, 2, 1000, 1000, 64, 61);
     at::Generator gen = at::detail::createCPUGenerator(4);
     Pattern p = draw_pattern(make_options(kind, 8), in.q, in.k, gen, 0);
@@ -335,7 +393,8 @@ TEST_P(FlashVsReference, ForwardAndGradientsMatch) {
   for (auto [Nq, Nk] : {std::pair<int64_t, int64_t>{1000, 1000}, {77, 300}}) {
     Inputs in = random_inputs(2, 4, 2, Nq, Nk, D, 71 + Nq);
     at::Generator gen = at::detail::createCPUGenerator(6);
-    Pattern p = draw_pattern(make_options(kind, 16), in.q, in.k, gen, 0);
+    // Shift: groups of 96, which divide neither length.
+    Pattern p = draw_pattern(make_options(kind, 16, 0.5, 96), in.q, in.k, gen, 0);
     auto cuda_opts = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
     Inputs g{in.q.to(cuda_opts), in.k.to(cuda_opts), in.v.to(cuda_opts)};
     ASSERT_TRUE(flash_supported(g.q, g.k, g.v));
@@ -379,7 +438,7 @@ TEST_P(FlashVsReference, ForwardAndGradientsMatch) {
 
 INSTANTIATE_TEST_SUITE_P(KindsAndHeadDims, FlashVsReference,
                          ::testing::Combine(::testing::Values(Kind::kDense, Kind::kHash,
-                                                              Kind::kDrop),
+                                                              Kind::kDrop, Kind::kShift),
                                             ::testing::Values(int64_t{64}, int64_t{128})));
 
 // Views whose rows are not 16-byte aligned are used through contiguous

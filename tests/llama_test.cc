@@ -14,6 +14,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 #include <string>
@@ -211,7 +212,7 @@ TEST_P(TinyLlamaParity, LogitsGreedyAndWindowedNllMatchTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Variants, TinyLlamaParity,
                          ::testing::Values("gqa_llama3_sharded", "tied_linear", "odd_sizes",
-                                           "head_dim_64"),
+                                           "head_dim_64", "dynamic_ntk", "yarn", "yarn_mscale"),
                          [](const auto& info) { return info.param; });
 
 // The KV cache gives the logits of a full forward pass.
@@ -308,6 +309,39 @@ TEST(Llama, SparseAttentionKindsRun) {
   EXPECT_GT(max_abs_diff(hashed, expected), 1e-3);
   EXPECT_TRUE(hashed_model->layers[0]->as<model::LlamaLayer>()
                   ->self_attn->attention.last_pattern().q_bucket.defined());
+
+  // S2-Attn with one group as long as the sequence is dense attention.
+  o.attention[0].kind = attention::Kind::kShift;
+  o.attention[0].group_size = 80;  // shifted heads: groups [0, 40), [40, 120)
+  EXPECT_LE(max_abs_diff(our_logits(load(dir, o), ids), expected), 1e-5);
+  o.attention[0].group_size = 8;
+  Tensor shifted = our_logits(load(dir, o), ids);
+  EXPECT_TRUE(shifted.isfinite().all().item<bool>());
+  EXPECT_GT(max_abs_diff(shifted, expected), 1e-3);
+}
+
+// A model with RoPE scaling written by us reads back, in our loader and in
+// transformers, as the same model.
+TEST(Llama, RopeScalingKindsSurviveExport) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  std::mt19937 rng(std::random_device{}());
+  for (const std::string name : {"dynamic_ntk", "yarn", "yarn_mscale"}) {
+    auto m = load((tiny_models() / name).string());
+    const std::string out = (scratch() / (name + "_export")).string();
+    model::write_hf_llama(*m, out, at::kFloat);
+    auto back = load(out);
+    EXPECT_EQ(back->config().rope_scaling.type, m->config().rope_scaling.type) << name;
+    EXPECT_EQ(back->config().max_position_embeddings, m->config().max_position_embeddings) << name;
+    EXPECT_EQ(back->config().rope_scaling.original_max_position_embeddings,
+              m->config().rope_scaling.original_max_position_embeddings)
+        << name;
+    auto ids = random_ids(40, m->config().vocab_size, rng);
+    Tensor ours = our_logits(m, ids);
+    EXPECT_EQ(max_abs_diff(our_logits(back, ids), ours), 0) << name;
+    Reference ref = reference("--model " + quote(out), ids, "", name + "_export");
+    ASSERT_TRUE(ref.logits.defined()) << name;
+    EXPECT_LE(max_abs_diff(ours, ref.logits), 1e-4) << name;
+  }
 }
 
 TEST(Llama, BFloat16IsCloseToFloat32) {
@@ -737,6 +771,133 @@ TEST_F(FineTune, ExportBeforeAndAfterTrainingLoadsInTransformers) {
   EXPECT_LE(max_abs_diff(trained, ref.logits), 1e-4);
   // Our loader reads the export back to the same logits.
   EXPECT_LE(max_abs_diff(our_logits(load(out), ids), trained), 1e-6);
+}
+
+// Gradients of the training loss, parameter by parameter.
+std::map<std::string, Tensor> loss_gradients(model::CausalLM m, const Tensor& x, const Tensor& y) {
+  for (auto& p : m->parameters()) p.mutable_grad() = Tensor();
+  m->loss(x, y).backward();
+  std::map<std::string, Tensor> g;
+  for (const auto& item : m->named_parameters())
+    if (item.value().grad().defined()) g[item.key()] = item.value().grad().clone();
+  return g;
+}
+
+// Recomputing each block in the backward gives the gradients of keeping it,
+// for dense and for hash attention (whose rotations must be drawn again
+// alike), and leaves the attention's random stream where it was.
+TEST_F(FineTune, ActivationCheckpointingGivesTheSameGradients) {
+  for (const char* kind : {"DENSE", "HASH", "SHIFT"}) {
+    SCOPED_TRACE(kind);
+    auto exp = config("ckpt", {std::string("attention.kind=") + kind, "attention.num_buckets=4",
+                               "attention.group_size=5"});
+    ASSERT_TRUE(exp.ok()) << exp.status();
+    auto a = model::build_model(*exp), b = model::build_model(*exp);
+    ASSERT_TRUE(a.ok() && b.ok());
+    ASSERT_TRUE(model::load_pretrained(*exp, *a).ok());
+    ASSERT_TRUE(model::load_pretrained(*exp, *b).ok());
+    (*a)->to(at::kDouble);
+    (*b)->to(at::kDouble);
+    (*a)->train();
+    (*b)->train();
+    (*b)->set_activation_checkpointing(true);
+    Tensor x = at::randint(0, 256, {2, 24}, at::kLong), y = at::randint(0, 256, {2, 24}, at::kLong);
+    auto ga = loss_gradients(*a, x, y), gb = loss_gradients(*b, x, y);
+    ASSERT_EQ(ga.size(), gb.size());
+    ASSERT_EQ(ga.size(), (*a)->parameters().size());
+    for (const auto& [name, g] : ga) {
+      const double scale = g.abs().max().item<double>();
+      EXPECT_GT(scale, 0) << name;
+      EXPECT_LE(max_abs_diff(gb[name], g), 1e-12 * scale) << name;
+    }
+    EXPECT_TRUE(at::equal((*a)->attention_generator().get_state(),
+                          (*b)->attention_generator().get_state()));
+  }
+  // The config switch reaches the model.
+  auto on = config("ckpt", {"train.activation_checkpointing=true"});
+  ASSERT_TRUE(on.ok());
+  EXPECT_TRUE((*model::build_model(*on))->activation_checkpointing());
+}
+
+// LoRA: a new adapter changes nothing, only adapters (and what is asked)
+// train, and the merged export is the adapter model.
+TEST_F(FineTune, LoraTrainsOnlyAdaptersAndMergesOnExport) {
+  auto exp = config("lora", {"model.lora.rank=4", "model.lora.alpha=8",
+                             "model.lora.train_norms=true", "optim.lr=1e-2"});
+  ASSERT_TRUE(exp.ok()) << exp.status();
+  std::vector<double> losses;
+  trainer::TrainHooks hooks;
+  hooks.on_step = [&](int64_t, double loss) { losses.push_back(loss); };
+  auto r = trainer::train(*exp, hooks);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(losses.size(), 12u);
+  // Step 1 is the base model's loss on step 0's batch (B = 0 adapters).
+  const auto& d = exp->data();
+  auto loader = data::TokenLoader::open(d.dir(), data::Split::kTrain, d.seq_len());
+  ASSERT_TRUE(loader.ok());
+  Tensor x = at::empty({d.batch_size(), d.seq_len()}, at::kLong), y = at::empty_like(x);
+  loader->sample(d.seed(), 0, 0, 0, d.batch_size(), x.data_ptr<int64_t>(), y.data_ptr<int64_t>());
+  {
+    torch::NoGradGuard no_grad;
+    EXPECT_NEAR(losses.front(), (*pretrained_)->loss(x, y).item<double>(), 1e-5);
+  }
+  EXPECT_LT(losses.back(), losses.front());
+
+  auto lora_run = trainer::load_model(dir("lora"), "cpu");
+  ASSERT_TRUE(lora_run.ok()) << lora_run.status();
+  auto before = (*pretrained_)->named_parameters();
+  int adapters = 0, norms = 0;
+  for (const auto& item : lora_run->model->named_parameters()) {
+    const std::string& name = item.key();
+    const bool adapter = name.find(".lora_") != std::string::npos;
+    const bool norm = name.find("norm") != std::string::npos;
+    if (adapter) {
+      ++adapters;
+      if (name.find("lora_b") != std::string::npos)
+        EXPECT_GT(item.value().abs().max().item<double>(), 0) << name << " did not train";
+      continue;
+    }
+    const double moved = max_abs_diff(item.value(), before[name]);
+    if (norm) {
+      ++norms;
+      EXPECT_GT(moved, 0) << name << " should train (train_norms)";
+    } else {
+      EXPECT_EQ(moved, 0) << name << " is frozen";
+    }
+  }
+  EXPECT_EQ(adapters, 2 * 7 * 2);  // A and B, 7 projections, 2 layers
+  EXPECT_EQ(norms, 2 * 2 + 1);
+
+  // The export folds the adapters in: the same logits as the adapter model.
+  std::mt19937 rng(3);
+  auto ids = random_ids(40, 256, rng);
+  Tensor with_adapters = our_logits(lora_run->model, ids);
+  EXPECT_GT(max_abs_diff(with_adapters, our_logits(*pretrained_, ids)), 1e-3);
+  const std::string out = dir("lora_hf"), log = dir("lora_export.log");
+  ASSERT_EQ(run(quote(kBinary) + " convert --to native --input " + quote(dir("lora")) +
+                    " --output " + quote(out),
+                log),
+            0)
+      << read_file(log);
+  EXPECT_LE(max_abs_diff(our_logits(load(out), ids), with_adapters), 1e-5);
+
+  // A run started from the LoRA run starts from its merged weights.
+  auto next = config("lora_next", {"model.init_from=" + dir("lora")});
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_EQ(next->model().lora().rank(), 0);
+  auto built = model::build_model(*next);
+  ASSERT_TRUE(built.ok());
+  ASSERT_TRUE(model::load_pretrained(*next, *built).ok());
+  EXPECT_LE(max_abs_diff(our_logits(*built, ids), with_adapters), 1e-5);
+
+  // Bad settings are refused with the field named.
+  auto bad = config("lora_bad", {"model.lora.rank=2", "model.lora.targets=qkv"});
+  ASSERT_TRUE(bad.ok());
+  auto refused = trainer::train(*bad);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("model.lora.targets"), std::string::npos)
+      << refused.status();
+  EXPECT_FALSE(config("lora_bad", {"model.lora.rank=-1"}).ok());
 }
 
 TEST_F(FineTune, DataOfAnotherTokenizerIsRefused) {

@@ -1,5 +1,6 @@
 // GPT structure, initialisation, causality; AdamW and the LR schedule.
 #include <cmath>
+#include <map>
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -209,6 +210,87 @@ TEST(Factory, BuildsEitherFamilyFromTheConfig) {
                        "tiny_test");
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("attention.shared_qk"), std::string::npos) << bad.status();
+}
+
+// Recomputing each block in the backward (float64) gives the gradients of
+// keeping its activations, for every attention kind (drop and hash draw their
+// patterns again from the restored generator), and the same random stream after.
+TEST(Gpt, ActivationCheckpointingGivesTheSameGradients) {
+  for (const char* kind : {"DENSE", "HASH", "DROP"}) {
+    SCOPED_TRACE(kind);
+    auto exp = tiny({"model.vocab_size=256", std::string("attention.kind=") + kind,
+                     "attention.num_buckets=4", "attention.shared_qk=true"});
+    auto a = model::build_model(exp), b = model::build_model(exp);
+    ASSERT_TRUE(a.ok() && b.ok());
+    {
+      torch::NoGradGuard no_grad;
+      auto from = (*a)->named_parameters();
+      for (auto& item : (*b)->named_parameters()) item.value().copy_(from[item.key()]);
+    }
+    std::vector<std::map<std::string, at::Tensor>> grads;
+    std::vector<at::Tensor> rng_after;
+    at::Tensor x = at::randint(0, 256, {2, 19}, at::kLong), y = at::randint(0, 256, {2, 19}, at::kLong);
+    for (model::CausalLM m : {*a, *b}) {
+      m->to(at::kDouble);
+      m->train();
+      m->set_activation_checkpointing(m.get() == b->get());
+      m->attention_generator().set_current_seed(4);
+      m->loss(x, y).backward();
+      std::map<std::string, at::Tensor> g;
+      for (const auto& item : m->named_parameters()) g[item.key()] = item.value().grad();
+      grads.push_back(g);
+      rng_after.push_back(m->attention_generator().get_state());
+    }
+    for (const auto& [name, g] : grads[0]) {
+      ASSERT_TRUE(g.defined() && grads[1][name].defined()) << name;
+      const double scale = g.abs().max().item<double>();
+      EXPECT_GT(scale, 0) << name;
+      EXPECT_LE((grads[1][name] - g).abs().max().item<double>(), 1e-12 * scale) << name;
+    }
+    EXPECT_TRUE(at::equal(rng_after[0], rng_after[1]));
+  }
+}
+
+// Adapters on GPT's four projections: zero-initialised B changes nothing, the
+// rest is frozen unless asked, merging folds them in and removes them.
+TEST(Gpt, LoraAdaptersFreezeTheRestAndMerge) {
+  // Dense: hash attention would draw new rotations at every call.
+  auto base = tiny({"model.vocab_size=256", "attention.kind=DENSE"});
+  auto with = tiny({"model.vocab_size=256", "attention.kind=DENSE", "model.lora.rank=3",
+                    "model.lora.alpha=6", "model.lora.train_embeddings=true"});
+  torch::manual_seed(1);
+  auto a = model::build_model(base);
+  torch::manual_seed(1);
+  auto b = model::build_model(with);
+  ASSERT_TRUE(a.ok() && b.ok());
+  const int64_t d = base.model().d_model(), L = base.model().n_layer();
+  // A [3, in] and B [out, 3] on c_attn (d -> 3d), c_proj, c_fc (d -> 4d), mlp_proj.
+  EXPECT_EQ((*b)->num_parameters() - (*a)->num_parameters(),
+            L * 3 * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d)));
+  for (const auto& item : (*b)->named_parameters()) {
+    const std::string& n = item.key();
+    const bool trains = n.find(".lora_") != std::string::npos || n == "wte.weight" ||
+                        n == "wpe.weight";
+    EXPECT_EQ(item.value().requires_grad(), trains) << n;
+  }
+  (*a)->eval();
+  (*b)->eval();
+  at::Tensor ids = at::randint(0, 256, {2, 11}, at::kLong);
+  torch::NoGradGuard no_grad;
+  at::Tensor expected = (*a)->forward(ids);
+  EXPECT_TRUE(at::allclose((*b)->forward(ids), expected, 0, 1e-6));
+  for (auto& item : (*b)->named_parameters())
+    if (item.key().find("lora_b") != std::string::npos) item.value().normal_(0, 0.05);
+  at::Tensor adapted = (*b)->forward(ids);
+  EXPECT_GT((adapted - expected).abs().max().item<double>(), 1e-3);
+  EXPECT_EQ(model::merge_lora(**b), 4 * L);
+  EXPECT_EQ((*b)->num_parameters(), (*a)->num_parameters());
+  EXPECT_LE(((*b)->forward(ids) - adapted).abs().max().item<double>(), 1e-5);
+  // A projection the family lacks is named.
+  auto wrong = tiny({"model.vocab_size=256", "model.lora.rank=2", "model.lora.targets=q_proj"});
+  auto refused = model::build_model(wrong);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("q_proj"), std::string::npos) << refused.status();
 }
 
 TEST(Llama, KvCacheGivesTheFullForwardsLogits) {

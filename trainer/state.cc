@@ -29,6 +29,7 @@ AdamW::AdamW(const model::CausalLM model, const config::Optimizer& options) : op
   no_decay_.weight_decay = 0;
   for (const auto& item : model->named_parameters()) {
     const Tensor& p = item.value();
+    if (!p.requires_grad()) continue;  // frozen (LoRA's base weights): no state
     Group& g = p.dim() >= 2 ? decay_ : no_decay_;
     g.names.push_back(item.key());
     g.params.push_back(p);

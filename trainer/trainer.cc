@@ -227,6 +227,14 @@ absl::Status check_pretrained_tokenizer(const std::string& init_from, const data
       source, " ...`"));
 }
 
+// The parameters the optimizer steps (LoRA freezes the rest).
+std::vector<Tensor> trainable_parameters(const model::CausalLM& model) {
+  std::vector<Tensor> out;
+  for (const Tensor& p : model->parameters())
+    if (p.requires_grad()) out.push_back(p);
+  return out;
+}
+
 }  // namespace
 //
 // With several processes (world.world_size > 1) every rank runs this same
@@ -332,7 +340,9 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
   std::unique_ptr<Optimizer> optimizer;
   if (dp) {
     std::vector<std::pair<std::string, Tensor>> named;
-    for (const auto& item : model->named_parameters()) named.emplace_back(item.key(), item.value());
+    // Frozen parameters (LoRA's base) get no gradient, so no bucket.
+    for (const auto& item : model->named_parameters())
+      if (item.value().requires_grad()) named.emplace_back(item.key(), item.value());
     dp->attach(named);  // rank 0's initial weights everywhere, buckets, hooks
     if (dp->zero1()) optimizer = dp->make_sharded_adamw(exp.optim());
   }
@@ -361,15 +371,23 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
   } else if (dp) {
     dp->measure_all_reduce_gb_per_s(exp.distributed().bucket_mb(), 5);  // a collective: all ranks
   }
+  int64_t trainable_count = 0;
+  for (const Tensor& p : trainable_parameters(model)) trainable_count += p.numel();
   if (rank0)
     std::cerr << absl::StrFormat(
-      "model: %s, %d parameters, %d layers, d_model %d, attention %s%s; device %s%s\n"
+      "model: %s, %d parameters%s, %d layers, d_model %d, attention %s%s; device %s%s%s\n"
       "data: %s, %d train / %d val tokens; %d tokens per step; unigram baseline %.3f bits/byte\n",
-      model::arch_name(model->arch()), model->num_parameters(), exp.model().n_layer(),
+      model::arch_name(model->arch()), model->num_parameters(),
+      trainable_count == model->num_parameters()
+          ? ""
+          : absl::StrFormat(" (%d trained: LoRA rank %d)", trainable_count,
+                            exp.model().lora().rank()).c_str(),
+      exp.model().n_layer(),
       exp.model().d_model(), config::Attention::Kind_Name(exp.attention().kind()),
       exp.model().init_from().empty() ? ""
                                       : absl::StrCat("; from ", exp.model().init_from()).c_str(),
       device.str(), bf16 ? " (bf16)" : "",
+      exp.train().activation_checkpointing() ? ", activation checkpointing" : "",
       d.dir(), meta.train_tokens, meta.val_tokens, tokens_per_step, meta.unigram_bits_per_byte);
 
   // Every rank calls save() (a sharded optimizer gathers its state first).
@@ -408,7 +426,7 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
 
   model->train();
   std::unique_ptr<GradientSync> sync =
-      dp ? data_parallel_gradients(*dp) : local_gradients(model->parameters());
+      dp ? data_parallel_gradients(*dp) : local_gradients(trainable_parameters(model));
   StepOptions step_options;
   step_options.grad_accum = accum;
   step_options.grad_clip = exp.optim().grad_clip();

@@ -10,6 +10,9 @@ chosen to exercise what differs between Llama checkpoints:
   odd_sizes           odd hidden/intermediate/vocab sizes, head_dim not hidden/heads,
                       MQA (1 key-value head), theta 500000, no scaling
   head_dim_64         head_dim 64 (what the CUDA kernels take), GQA, tied, theta 100000
+  dynamic_ntk         dynamic NTK scaling from 16 positions (factor 4), GQA
+  yarn                YaRN from 16 to 64 positions (factor 4, derived attention factor)
+  yarn_mscale         YaRN with beta_fast 16, mscale / mscale_all_dim (DeepSeek's form)
 Weights are drawn wider than the HF initialisation (and norms are random) so
 logits are far apart and greedy continuations are not decided by ties.
 Prints the variant names, one per line.
@@ -46,6 +49,27 @@ VARIANTS = {
                     num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                     max_position_embeddings=1024, rms_norm_eps=1e-5, tie_word_embeddings=True,
                     rope_parameters=dict(rope_type="default", rope_theta=100000.0)),
+        shard=None),
+    "dynamic_ntk": dict(
+        config=dict(vocab_size=83, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                    max_position_embeddings=16, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                    rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=4.0)),
+        shard=None),
+    "yarn": dict(
+        config=dict(vocab_size=79, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                    max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                         original_max_position_embeddings=16)),
+        shard=None),
+    "yarn_mscale": dict(
+        config=dict(vocab_size=71, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                    num_attention_heads=3, num_key_value_heads=1, head_dim=16,
+                    max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=50000.0, factor=8.0,
+                                         original_max_position_embeddings=16, beta_fast=16.0,
+                                         beta_slow=2.0, mscale=1.0, mscale_all_dim=0.5)),
         shard=None),
 }
 
