@@ -193,7 +193,13 @@ nlohmann::json run_row(int64_t N, const Mode& mode) {
   model->to(device);
   model->train();
   sf::trainer::AdamW optimizer(model, exp.optim());
-  auto sync = sf::trainer::local_gradients(model->parameters());
+  const std::vector<Tensor> trained = sf::trainer::trainable_parameters(model);
+  auto sync = sf::trainer::local_gradients(trained);
+  int64_t trained_count = 0;
+  for (const Tensor& p : trained) trained_count += p.numel();
+  row["parameters"] = model->num_parameters();
+  row["trained_parameters"] = trained_count;
+  row["activation_checkpointing"] = model->activation_checkpointing();
   sf::trainer::StepOptions options;
   options.grad_accum = 1;
   options.grad_clip = exp.optim().grad_clip();

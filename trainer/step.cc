@@ -77,6 +77,13 @@ class DataParallelGradients : public GradientSync {
 
 }  // namespace
 
+std::vector<at::Tensor> trainable_parameters(const model::CausalLM& model) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& p : model->parameters())
+    if (p.requires_grad()) out.push_back(p);
+  return out;
+}
+
 std::unique_ptr<GradientSync> local_gradients(std::vector<at::Tensor> params) {
   return std::make_unique<LocalGradients>(std::move(params));
 }

@@ -55,6 +55,10 @@ class GradientSync {
   virtual void zero_grad(Optimizer& optimizer) = 0;
 };
 
+// The parameters a step updates: those that require gradients (LoRA freezes
+// the rest).
+std::vector<at::Tensor> trainable_parameters(const model::CausalLM& model);
+
 std::unique_ptr<GradientSync> local_gradients(std::vector<at::Tensor> params);
 std::unique_ptr<GradientSync> data_parallel_gradients(DataParallel& dp);
 

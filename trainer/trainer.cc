@@ -227,14 +227,6 @@ absl::Status check_pretrained_tokenizer(const std::string& init_from, const data
       source, " ...`"));
 }
 
-// The parameters the optimizer steps (LoRA freezes the rest).
-std::vector<Tensor> trainable_parameters(const model::CausalLM& model) {
-  std::vector<Tensor> out;
-  for (const Tensor& p : model->parameters())
-    if (p.requires_grad()) out.push_back(p);
-  return out;
-}
-
 }  // namespace
 //
 // With several processes (world.world_size > 1) every rank runs this same
