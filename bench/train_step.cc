@@ -72,7 +72,9 @@ ABSL_FLAG(int64_t, tokens, 16384, "tokens per step (B = tokens / N)");
 ABSL_FLAG(int64_t, warmup, 3, "untimed steps before timing");
 ABSL_FLAG(int64_t, steps, 20, "timed steps");
 ABSL_FLAG(std::string, config, "preset:gpt2_small_hash8k", "base config (file or preset:NAME)");
-ABSL_FLAG(std::vector<std::string>, set, {}, "config overrides path=value (repeatable)");
+ABSL_FLAG(std::vector<std::string>, set, {},
+          "config overrides path=value, comma-separated (one list: a second --set replaces "
+          "the first)");
 ABSL_FLAG(int64_t, vocab, 50304,
           "vocabulary size (model.vocab_size); 0 = the config's (e.g. from model.init_from)");
 ABSL_FLAG(std::string, data, "", "prepared corpus for real tokens (default: random tokens)");

@@ -18,7 +18,7 @@
 #   LONG_N=32768       context of the kind-by-kind rows; ROPE_FACTOR = LONG_N / 8192
 #   LONG_MODES=...     bench_train_step --modes (default dense,hash:8:sep,hash:16:sep,drop:0.5,shift)
 #   REACH_N=65536,131072  contexts of the checkpointing rows (REACH_MODES: dense,hash:16:sep,shift)
-#   LORA_SET=...       the LoRA overrides (default rank 8, alpha 16, embeddings and norms train)
+#   LORA_SET=a=1,b=2   the LoRA overrides (default rank 8, alpha 16, embeddings and norms train)
 #   STEPS=5 WARMUP=2   timed and untimed steps per row
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -50,14 +50,15 @@ fi
 N=${LONG_N:-32768}
 FACTOR=$(( N / 8192 ))
 MODES=${LONG_MODES:-dense,hash:8:sep,hash:16:sep,drop:0.5,shift}
-LORA=${LORA_SET:---set model.lora.rank=8 --set model.lora.alpha=16 --set model.lora.train_embeddings=true --set model.lora.train_norms=true}
-bench() {  # bench NAME N MODES FACTOR [extra args...]
-  local name=$1 n=$2 modes=$3 factor=$4
-  shift 4
+LORA=${LORA_SET:-model.lora.rank=8,model.lora.alpha=16,model.lora.train_embeddings=true,model.lora.train_norms=true}
+# bench NAME N MODES FACTOR [OVERRIDES]: OVERRIDES comma-separated (bench_train_step's
+# --set is one list: a second --set would replace the first).
+bench() {
+  local name=$1 n=$2 modes=$3 factor=$4 extra=${5:-}
   local cmd="build-gpu/bench/bench_train_step --config preset:llama_finetune --vocab 0 --n $n
-       --tokens $n --modes $modes --data $LLAMA_DATA --set model.init_from=$model
-       --set model.rope_scaling.type=linear --set model.rope_scaling.factor=$factor
-       --phases=false --steps ${STEPS:-5} --warmup ${WARMUP:-2} $*"
+       --tokens $n --modes $modes --data $LLAMA_DATA
+       --set model.init_from=$model,model.rope_scaling.type=linear,model.rope_scaling.factor=$factor${extra:+,$extra}
+       --phases=false --steps ${STEPS:-5} --warmup ${WARMUP:-2}"
   echo "+" $cmd
   # shellcheck disable=SC2086
   $cmd --json "$OUT/long-finetune-$name.json" >"$LOGS/$name.log" 2>&1
@@ -66,19 +67,22 @@ bench() {  # bench NAME N MODES FACTOR [extra args...]
   [ $rc -eq 0 ] || { status=1; tail -5 "$LOGS/$name.log"; }
 }
 bench full "$N" "$MODES" "$FACTOR"
-# shellcheck disable=SC2086
-bench lora "$N" "$MODES" "$FACTOR" $LORA
+bench lora "$N" "$MODES" "$FACTOR" "$LORA"
 bench checkpointed "$N" "${LONG_CKPT_MODES:-dense,hash:16:sep}" "$FACTOR" \
-  --set train.activation_checkpointing=true
+  train.activation_checkpointing=true
 REACH_N=${REACH_N:-65536,131072}
 for n in ${REACH_N//,/ }; do
   bench "reach-$n" "$n" "${REACH_MODES:-dense,hash:16:sep,shift}" $(( n / 8192 )) \
-    --set train.activation_checkpointing=true
+    train.activation_checkpointing=true
 done
 
 # The S2-Attn kernel beside dense and hash (GQA-free D = 64, B N = 65536).
-build-gpu/bench/bench_attention --n "${KERNEL_N:-16384,32768}" --d 64 --cases dense,hash:16,drop:0.5,shift:4 \
-  --json "$OUT/attention-shift.json" >"$LOGS/attention.log" 2>&1 || status=1
-tail -12 "$LOGS/attention.log"
+# KERNEL_N=none skips it.
+if [ "${KERNEL_N:-16384,32768}" != none ]; then
+  build-gpu/bench/bench_attention --n "${KERNEL_N:-16384,32768}" --d 64 \
+    --cases dense,hash:16,drop:0.5,shift:4 --json "$OUT/attention-shift.json" \
+    >"$LOGS/attention.log" 2>&1 || status=1
+  tail -12 "$LOGS/attention.log"
+fi
 echo "total: ${SECONDS}s"
 exit $status
