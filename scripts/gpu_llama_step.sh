@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# scripts/gpu_llama_step.sh: on the GPU host, the long-context Llama training
+# step of ours next to PyTorch's, in one call: bench_train_step on a
+# SmolLM2-135M-shaped Llama (random weights, random tokens: speed does not
+# depend on the weights, except the hash buckets' balance) and
+# bench/llama_step_torch.py (eager and torch.compile, SDPA flash with GQA and
+# cuDNN on repeated K/V, with and without activation checkpointing).
+#
+# Environment:
+#   OUT=DIR          results: llama-step-ours.json, llama-step-torch.json, logs.tgz
+#   STEP_N=32768     context (one sequence per step)
+#   STEP_MODES=...   ours (default dense,hash:16:sep,shift)
+#   TORCH_CASES=...  the anchors (llama_step_torch.py --cases)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOGS=$(mktemp -d /tmp/gpu-llama-step.XXXX)
+trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null' EXIT
+SECONDS=0
+OUT=$LOGS GPU_PHASES="deps configure build" GPU_BUILD_TARGETS="bench_train_step" \
+  bash scripts/gpu_host.sh >"$LOGS/setup.log" 2>&1 || {
+  echo "setup failed"; grep -E "error|FAILED" "$LOGS/setup.log" | head -30; exit 1; }
+echo "setup: ${SECONDS}s"
+export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+N=${STEP_N:-32768}
+F=$(( N / 8192 > 1 ? N / 8192 : 1 ))
+shape="model.arch=LLAMA,model.n_layer=30,model.n_head=9,model.n_kv_head=3,model.d_model=576"
+shape="$shape,model.head_dim=64,model.d_ff=1536,model.rope_theta=100000,model.tie_embeddings=true"
+shape="$shape,model.norm_eps=1e-5,model.rope_scaling.type=linear,model.rope_scaling.factor=$F"
+shape="$shape,model.rope_scaling.original_max_position_embeddings=8192"
+status=0
+for ck in false true; do
+  build-gpu/bench/bench_train_step --config preset:llama_finetune --vocab 49152 --n "$N" \
+    --tokens "$N" --modes "${STEP_MODES:-dense,hash:16:sep,shift}" --phases=false --steps 5 \
+    --warmup 2 --set "$shape,train.activation_checkpointing=$ck" \
+    --json "$OUT/llama-step-ours-ckpt-$ck.json" >"$LOGS/ours-$ck.log" 2>&1 || status=1
+  grep -E "^N " "$LOGS/ours-$ck.log" | head -20 | sed "s/^/[ours, checkpointing $ck] /"
+done
+PYTHONUNBUFFERED=1 python3 bench/llama_step_torch.py --n "$N" --tokens "$N" \
+  ${TORCH_CASES:+--cases $TORCH_CASES} --json "$OUT/llama-step-torch.json" \
+  >"$LOGS/torch.log" 2>&1 || status=1
+tail -8 "$LOGS/torch.log"
+echo "total: ${SECONDS}s"
+exit $status
