@@ -507,6 +507,9 @@ absl::Status validate_with(const Experiment& exp, const Origins& origins) {
       no_shared_qk(exp.layer_attention(i).attention(),
                    absl::StrCat("layer_attention[", i, "].attention.shared_qk"));
   }
+  if (exp.optim().state_dtype() == config::Optimizer::BFLOAT16 && exp.distributed().zero1())
+    c.fail("optim.state_dtype", "BFLOAT16", "is not available with distributed.zero1 (its shards "
+           "keep float32 moments)");
   if (m.has_lora()) {
     c.at_least("model.lora.rank", m.lora().rank(), 0);
     if (m.lora().rank() > 0) c.positive("model.lora.alpha", m.lora().alpha());

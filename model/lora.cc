@@ -6,6 +6,7 @@
 #include <cmath>
 #include <set>
 #include <stdexcept>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -22,7 +23,12 @@ namespace F = torch::nn::functional;
 Tensor LoraLinearImpl::forward(const Tensor& x) {
   Tensor y = torch::nn::LinearImpl::forward(x);
   if (!lora_a_.defined()) return y;
-  return y + F::linear(F::linear(x, lora_a_), lora_b_) * scale_;
+  // y + scale (x A^T) B^T as one GEMM that accumulates into y (beta = 1):
+  // no separate scaling and addition passes over the [tokens, out] output.
+  std::vector<int64_t> shape = y.sizes().vec();
+  Tensor xa = F::linear(x, lora_a_).reshape({-1, lora_a_.size(0)});
+  return at::addmm(y.reshape({-1, y.size(-1)}), xa, lora_b_.t(), /*beta=*/1, /*alpha=*/scale_)
+      .view(shape);
 }
 
 void LoraLinearImpl::add_adapter(int64_t rank, double alpha, at::Generator& generator) {

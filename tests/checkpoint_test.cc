@@ -661,8 +661,19 @@ TEST(Llama, HfConfigVariants) {
   std::string base = R"("vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2)";
   expect_error([&] { llama_config_from_json("a.json", "{" + base + R"(, "num_key_value_heads": 3})"); },
                {"num_key_value_heads", "does not divide"});
-  expect_error([&] { llama_config_from_json("a.json", "{" + base + R"(, "rope_scaling": {"rope_type": "yarn", "factor": 2}})"); },
-               {"rope_scaling.rope_type", "yarn"});
+  expect_error([&] { llama_config_from_json("a.json", "{" + base + R"(, "rope_scaling": {"rope_type": "longrope", "factor": 2}})"); },
+               {"rope_scaling.rope_type", "longrope"});
+  // yarn: the pretraining context from the block (or max_position_embeddings),
+  // a missing factor as the ratio; dynamic: the reference is max_position_embeddings.
+  LlamaConfig yarn = llama_config_from_json("a.json", "{" + base + R"(, "max_position_embeddings": 64,
+      "rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 16, "beta_fast": 0}})");
+  EXPECT_EQ(yarn.rope_scaling.type, "yarn");
+  EXPECT_EQ(yarn.rope_scaling.factor, 4.0);
+  EXPECT_EQ(yarn.rope_scaling.beta_fast, 32.0);  // transformers' "or 32"
+  LlamaConfig dynamic = llama_config_from_json("a.json", "{" + base + R"(, "max_position_embeddings": 100,
+      "rope_scaling": {"rope_type": "dynamic", "factor": 2}})");
+  EXPECT_EQ(dynamic.rope_scaling.original_max_position_embeddings, 100);
+  EXPECT_EQ(dynamic.max_position_embeddings, 200);
   expect_error([&] { llama_config_from_json("a.json", "{" + base + R"(, "attention_bias": true})"); }, {"attention_bias"});
   expect_error([&] { llama_config_from_json("a.json", "{" + base + R"(, "hidden_size": "8"})"); },
                {"hidden_size", "expected an integer"});

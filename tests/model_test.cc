@@ -1,10 +1,12 @@
 // GPT structure, initialisation, causality; AdamW and the LR schedule.
 #include <cmath>
 #include <map>
+#include <sstream>
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 #include <torch/optim/adamw.h>
+#include <torch/serialize/archive.h>
 
 #include "configs/config.h"
 #include "model/factory.h"
@@ -346,6 +348,52 @@ TEST(AdamW, MatchesLibTorchAdamW) {
         << " nan in ours " << at::isnan(a[i]).any().item<bool>() << " theirs "
         << at::isnan(b[i]).any().item<bool>();
   EXPECT_FALSE(at::allclose(a[0], torch::zeros_like(a[0])));
+}
+
+// Moments stored in bfloat16: the update is the float32 one up to the
+// moments' rounding, and the stored state is bfloat16.
+TEST(AdamW, Bfloat16MomentsTrackFloat32Moments) {
+  auto exp32 = tiny({"model.vocab_size=256", "attention.kind=DENSE"});
+  auto exp16 = tiny({"model.vocab_size=256", "attention.kind=DENSE", "optim.state_dtype=BFLOAT16"});
+  torch::manual_seed(4);
+  model::GPT a(exp32, 0);
+  torch::manual_seed(4);
+  model::GPT b(exp16, 0);
+  trainer::AdamW opt_a(a, exp32.optim()), opt_b(b, exp16.optim());
+  at::Tensor idx = at::randint(0, 256, {2, 16}, at::kLong), tgt = at::randint(0, 256, {2, 16});
+  for (int step = 0; step < 5; ++step) {
+    a->loss(idx, tgt).backward();
+    b->loss(idx, tgt).backward();
+    opt_a.step(1e-3);
+    opt_b.step(1e-3);
+    opt_a.zero_grad();
+    opt_b.zero_grad();
+  }
+  auto pa = a->parameters(), pb = b->parameters();
+  double differ = 0;
+  for (size_t i = 0; i < pa.size(); ++i)
+    differ = std::max(differ, (pa[i] - pb[i]).abs().max().item<double>());
+  // 5 steps of lr 1e-3 move weights by up to 5e-3; bf16 moments (8-bit
+  // mantissa) change a step by well under 1%.
+  EXPECT_LT(differ, 5e-5);
+  EXPECT_GT(differ, 0) << "the moments were not rounded";
+  torch::serialize::OutputArchive archive;
+  opt_b.save(archive);
+  at::Tensor m;
+  std::ostringstream buffer;
+  archive.save_to(buffer);
+  torch::serialize::InputArchive in;
+  std::istringstream read(buffer.str());
+  in.load_from(read);
+  ASSERT_TRUE(in.try_read("optim/wte.weight/exp_avg", m, true));
+  EXPECT_EQ(m.scalar_type(), at::kBFloat16);
+  // Resuming into float32 moments converts them.
+  EXPECT_TRUE(opt_a.load(in).ok());
+  // ZeRO-1 keeps float32 shards: the combination is refused.
+  auto bad = resolve_config("preset:tiny_test", {"optim.state_dtype=BFLOAT16", "distributed.zero1=true"},
+                            "tiny_test");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("optim.state_dtype"), std::string::npos) << bad.status();
 }
 
 TEST(Schedule, WarmupThenCosineToFloor) {

@@ -33,8 +33,10 @@ AdamW::AdamW(const model::CausalLM model, const config::Optimizer& options) : op
     Group& g = p.dim() >= 2 ? decay_ : no_decay_;
     g.names.push_back(item.key());
     g.params.push_back(p);
-    g.exp_avg.push_back(at::zeros_like(p, at::MemoryFormat::Preserve));
-    g.exp_avg_sq.push_back(at::zeros_like(p, at::MemoryFormat::Preserve));
+    const auto state = at::TensorOptions(p.options()).dtype(
+        options.state_dtype() == config::Optimizer::BFLOAT16 ? at::kBFloat16 : p.scalar_type());
+    g.exp_avg.push_back(at::zeros(p.sizes(), state));
+    g.exp_avg_sq.push_back(at::zeros(p.sizes(), state));
     // The fused kernel keeps the step count in a float tensor beside the param.
     g.steps.push_back(at::zeros({}, p.options().dtype(at::kFloat)));
   }
@@ -55,9 +57,24 @@ void AdamW::step(double lr) {
     if (params.empty()) continue;
     // The fused kernel reads the step count but does not advance it.
     at::_foreach_add_(steps, 1);
-    at::_fused_adamw_(params, grads, m, v, /*max_exp_avg_sqs=*/{}, steps, lr, options_.beta1(),
-                      options_.beta2(), g->weight_decay, options_.eps(), /*amsgrad=*/false,
-                      /*maximize=*/false);
+    auto update = [&](at::TensorList p, at::TensorList gr, at::TensorList mm, at::TensorList vv,
+                      at::TensorList st) {
+      at::_fused_adamw_(p, gr, mm, vv, /*max_exp_avg_sqs=*/{}, st, lr, options_.beta1(),
+                        options_.beta2(), g->weight_decay, options_.eps(), /*amsgrad=*/false,
+                        /*maximize=*/false);
+    };
+    if (m.front().scalar_type() == params.front().scalar_type()) {
+      update(params, grads, m, v, steps);
+      continue;
+    }
+    // Moments stored in another precision: float32 copies of one
+    // parameter's at a time, updated, rounded back.
+    for (size_t i = 0; i < params.size(); ++i) {
+      Tensor m32 = m[i].to(params[i].scalar_type()), v32 = v[i].to(params[i].scalar_type());
+      update({params[i]}, {grads[i]}, {m32}, {v32}, {steps[i]});
+      m[i].copy_(m32);
+      v[i].copy_(v32);
+    }
   }
 }
 
