@@ -467,17 +467,31 @@ Tensor naive_attention(const Tensor& q, const Tensor& k, const Tensor& v, const 
 Tensor Attention::forward(const Tensor& q, const Tensor& k, const Tensor& v,
                           at::Generator& generator) {
   if (options_.kind == Kind::kDense) {
-    TORCH_CHECK(options_.backend != Backend::kCudnn || cudnn_supported(q, k, v),
+    // Grouped-query attention goes to cuDNN with its keys and values repeated
+    // to the query heads (transformers' repeat_kv): one copy of K and V per
+    // layer, which costs less than our dense kernel's extra time.
+    const bool gqa = q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() &&
+                     k.size(1) != q.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0 &&
+                     k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3);
+    auto repeated = [&](const Tensor& t) {
+      return gqa ? t.repeat_interleave(q.size(1) / t.size(1), 1) : t;
+    };
+    // What cuDNN would see, judged without the copies.
+    const bool cudnn_takes =
+        gqa ? cudnn_supported(q, q, q) && k.is_cuda() && v.is_cuda() &&
+                  k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type()
+            : cudnn_supported(q, k, v);
+    TORCH_CHECK(options_.backend != Backend::kCudnn || cudnn_takes,
                 "attention.backend CUDNN: cuDNN does not take q ", q.sizes(), " ",
                 q.scalar_type(), " on ", q.device(), ", k ", k.sizes(),
-                " (it needs CUDA bf16/fp16, head dim <= 128, as many key heads and keys as "
-                "query heads and queries)");
+                " (it needs CUDA bf16/fp16, head dim a multiple of 8 up to 128, as many keys as "
+                "queries, and query heads a multiple of the key heads)");
     const bool cudnn = options_.backend == Backend::kCudnn ||
                        (options_.backend == Backend::kAuto && !options_.deterministic &&
-                        cudnn_supported(q, k, v));
+                        cudnn_takes);
     if (cudnn) {
       last_pattern_ = Pattern();
-      return cudnn_attention(q, k, v);
+      return cudnn_attention(q, repeated(k), repeated(v));
     }
   } else {
     TORCH_CHECK(options_.backend != Backend::kCudnn,

@@ -132,9 +132,12 @@ def run(n, impl, backend, checkpointing, args):
     y = x.roll(-1, 1)
 
     def step():
-        with sdpa_kernel(BACKENDS[backend]), torch.autocast("cuda", torch.bfloat16):
-            loss = fwd(x, y)
-        loss.backward()
+        # The backward inside the backend's context too: checkpointing
+        # recomputes the blocks there, and must pick the same kernel.
+        with sdpa_kernel(BACKENDS[backend]):
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = fwd(x, y)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -164,7 +167,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", default="32768", help="contexts, comma separated")
     ap.add_argument("--tokens", type=int, default=32768, help="tokens per step (B = tokens / N)")
-    ap.add_argument("--cases", default="eager:flash,eager:cudnn,compiled:flash,eager:flash:ckpt,compiled:flash:ckpt",
+    ap.add_argument("--cases", default="eager:flash,eager:cudnn,compiled:flash,compiled:cudnn,"
+                    "eager:flash:ckpt,eager:cudnn:ckpt,compiled:flash:ckpt",
                     help="IMPL:BACKEND[:ckpt], comma separated (IMPL eager or compiled; BACKEND flash or cudnn)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)

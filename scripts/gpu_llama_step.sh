@@ -11,6 +11,7 @@
 #   STEP_N=32768     context (one sequence per step)
 #   STEP_MODES=...   ours (default dense,hash:16:sep,shift)
 #   TORCH_CASES=...  the anchors (llama_step_torch.py --cases)
+#   RUN_TESTS=1      also build and run fused_test and attention_test first
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -19,18 +20,27 @@ OUT=$(cd "$OUT" && pwd)
 LOGS=$(mktemp -d /tmp/gpu-llama-step.XXXX)
 trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null' EXIT
 SECONDS=0
-OUT=$LOGS GPU_PHASES="deps configure build" GPU_BUILD_TARGETS="bench_train_step" \
+targets="bench_train_step"
+[ "${RUN_TESTS:-0}" = 1 ] && targets="$targets fused_test attention_test"
+OUT=$LOGS GPU_PHASES="deps configure build" GPU_BUILD_TARGETS="$targets" \
   bash scripts/gpu_host.sh >"$LOGS/setup.log" 2>&1 || {
   echo "setup failed"; grep -E "error|FAILED" "$LOGS/setup.log" | head -30; exit 1; }
 echo "setup: ${SECONDS}s"
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+status=0
+if [ "${RUN_TESTS:-0}" = 1 ]; then
+  for t in fused_test attention_test; do
+    "build-gpu/tests/$t" --gtest_brief=1 >"$LOGS/$t.log" 2>&1 || status=1
+    echo "$t: $(grep -E '^\[  PASSED  \]|^\[  FAILED  \]' "$LOGS/$t.log" | tr '\n' ' ')"
+    grep -B2 -A10 "Failure" "$LOGS/$t.log" | head -30
+  done
+fi
 N=${STEP_N:-32768}
 F=$(( N / 8192 > 1 ? N / 8192 : 1 ))
 shape="model.arch=LLAMA,model.n_layer=30,model.n_head=9,model.n_kv_head=3,model.d_model=576"
 shape="$shape,model.head_dim=64,model.d_ff=1536,model.rope_theta=100000,model.tie_embeddings=true"
 shape="$shape,model.norm_eps=1e-5,model.rope_scaling.type=linear,model.rope_scaling.factor=$F"
 shape="$shape,model.rope_scaling.original_max_position_embeddings=8192"
-status=0
 for ck in false true; do
   build-gpu/bench/bench_train_step --config preset:llama_finetune --vocab 49152 --n "$N" \
     --tokens "$N" --modes "${STEP_MODES:-dense,hash:16:sep,shift}" --phases=false --steps 5 \

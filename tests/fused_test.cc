@@ -370,6 +370,39 @@ TEST(CudnnAttentionGpu, MatchesReferenceOnModelLayout) {
   }
 }
 
+// Dense grouped-query attention through the interface (backend AUTO) goes to
+// cuDNN on keys and values repeated to the query heads; the key and value
+// gradients are summed back over each group.
+TEST(CudnnAttentionGpu, GroupedQueryAttentionThroughTheInterface) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  const int64_t B = 2, N = 301, H = 9, Hkv = 3, D = 64;
+  auto cuda = at::TensorOptions().device(at::kCUDA);
+  Tensor q0 = at::randn({B, H, N, D}, cuda), k0 = at::randn({B, Hkv, N, D}, cuda),
+         v0 = at::randn({B, Hkv, N, D}, cuda);
+  auto bf = [](const Tensor& t) { return t.to(at::kBFloat16).requires_grad_(true); };
+  Tensor q = bf(q0), k = bf(k0), v = bf(v0);
+  if (!attention::cudnn_supported(q, q, q)) GTEST_SKIP() << "cuDNN refuses";
+  attention::Options o;  // dense, AUTO
+  attention::Attention attn(o, 0);
+  at::Generator gen = at::detail::createCPUGenerator(1);
+  Tensor out = attn.forward(q, k, v, gen);
+  EXPECT_FALSE(attn.last_pattern().q_bucket.defined());
+  Tensor g = at::randn(out.sizes(), cuda);
+  (out.to(at::kFloat) * g).sum().backward();
+  auto f = [](const Tensor& t) { return t.detach().to(at::kFloat).requires_grad_(true); };
+  Tensor qr = f(q), kr = f(k), vr = f(v);
+  Tensor ref = attention::reference_attention(qr, kr, vr, attention::Pattern());
+  (ref * g).sum().backward();
+  EXPECT_LT(max_diff(out, ref), 2e-2);
+  EXPECT_LT(max_diff(q.grad(), qr.grad()), 5e-2 * qr.grad().abs().max().item<double>());
+  EXPECT_LT(max_diff(k.grad(), kr.grad()), 5e-2 * kr.grad().abs().max().item<double>());
+  EXPECT_LT(max_diff(v.grad(), vr.grad()), 5e-2 * vr.grad().abs().max().item<double>());
+  // Our kernel (backend KERNEL) gives the same within bf16 rounding.
+  o.backend = attention::Backend::kKernel;
+  attention::Attention ours(o, 0);
+  EXPECT_LT(max_diff(ours.forward(q.detach(), k.detach(), v.detach(), gen), ref), 2e-2);
+}
+
 TEST(DevicePatternsGpu, FollowFromTheGeneratorStateWithoutHostCopies) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
   auto cuda = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
