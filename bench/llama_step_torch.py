@@ -20,15 +20,15 @@ Writes JSON rows {n, impl, backend, checkpointing, tokens_per_s, ms_per_step,
 peak_gib}. Runs on the GPU host's Python (torch 2.11); nothing is downloaded.
 """
 import argparse
-import json
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from torch_anchor import record, time_steps
 
 LAYERS, D, HEADS, KV_HEADS, HEAD_DIM, FF, VOCAB, THETA = 30, 576, 9, 3, 64, 1536, 49152, 100000.0
 
@@ -143,21 +143,11 @@ def run(n, impl, backend, checkpointing, args):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    t0 = time.time()
-    for _ in range(args.warmup):
-        step()
-    warm_s = time.time() - t0
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.time()
-    for _ in range(args.steps):
-        loss = step()
-    torch.cuda.synchronize()
-    seconds = time.time() - t0
+    t = time_steps(step, args.warmup, args.steps)
     row = {"n": n, "impl": impl, "backend": backend, "checkpointing": checkpointing, "batch": B,
-           "tokens_per_step": B * n, "tokens_per_s": B * n * args.steps / seconds,
-           "ms_per_step": 1e3 * seconds / args.steps,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": loss, "warmup_s": warm_s}
+           "tokens_per_step": B * n, "tokens_per_s": B * n * args.steps / t["seconds"],
+           "ms_per_step": t["ms_per_step"], "peak_gib": t["peak_gib"], "loss": t["loss"],
+           "warmup_s": t["warmup_s"]}
     del model, opt, fwd
     torch.cuda.empty_cache()
     return row
@@ -189,12 +179,7 @@ def main():
                 row = {"n": n, "impl": impl, "backend": backend, "checkpointing": ckpt,
                        "error": str(e)[:500]}
                 torch.cuda.empty_cache()
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "rows": rows}, f, indent=2)
+            record(rows, row, args.json)
     print(f"\n{'N':>6} {'impl':9} {'backend':7} {'ckpt':5} {'tok/s':>9} {'ms/step':>8} {'GiB':>6}")
     for r in rows:
         ck = "yes" if r["checkpointing"] else "no"

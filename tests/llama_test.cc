@@ -648,6 +648,25 @@ class FineTune : public ::testing::Test {
 fs::path* FineTune::root_ = nullptr;
 model::CausalLM* FineTune::pretrained_ = nullptr;
 
+// Trains `exp`, appending each step's loss to `losses`.
+absl::StatusOr<trainer::RunResult> train_recording(const config::Experiment& exp,
+                                                   std::vector<double>& losses) {
+  trainer::TrainHooks hooks;
+  hooks.on_step = [&](int64_t, double loss) { losses.push_back(loss); };
+  return trainer::train(exp, hooks);
+}
+
+// The training batch of step 0 of `exp` (inputs, targets).
+std::pair<Tensor, Tensor> first_batch(const config::Experiment& exp) {
+  const auto& d = exp.data();
+  auto loader = data::TokenLoader::open(d.dir(), data::Split::kTrain, d.seq_len());
+  EXPECT_TRUE(loader.ok()) << loader.status();
+  Tensor x = at::empty({d.batch_size(), d.seq_len()}, at::kLong), y = at::empty_like(x);
+  if (loader.ok())
+    loader->sample(d.seed(), 0, 0, 0, d.batch_size(), x.data_ptr<int64_t>(), y.data_ptr<int64_t>());
+  return {x, y};
+}
+
 TEST_F(FineTune, ConfigTakesTheArchitectureFromTheFileAndChecksGivenFields) {
   auto exp = config("arch");
   ASSERT_TRUE(exp.ok()) << exp.status();
@@ -695,18 +714,12 @@ TEST_F(FineTune, StepZeroIsThePretrainedLossThenLossGoesDown) {
   auto exp = config("down", {"train.max_steps=20"});
   ASSERT_TRUE(exp.ok()) << exp.status();
   std::vector<double> losses;
-  trainer::TrainHooks hooks;
-  hooks.on_step = [&](int64_t, double loss) { losses.push_back(loss); };
-  auto r = trainer::train(*exp, hooks);
+  auto r = train_recording(*exp, losses);
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(losses.size(), 20u);
 
   // Step 1's loss is the pretrained model's on step 0's batch: the weights came through.
-  const auto& d = exp->data();
-  auto loader = data::TokenLoader::open(d.dir(), data::Split::kTrain, d.seq_len());
-  ASSERT_TRUE(loader.ok()) << loader.status();
-  Tensor x = at::empty({d.batch_size(), d.seq_len()}, at::kLong), y = at::empty_like(x);
-  loader->sample(d.seed(), 0, 0, 0, d.batch_size(), x.data_ptr<int64_t>(), y.data_ptr<int64_t>());
+  auto [x, y] = first_batch(*exp);
   model::CausalLM reloaded = load(dir("pretrained"));
   torch::NoGradGuard no_grad;
   const double expected = reloaded->loss(x, y).item<double>();
@@ -826,17 +839,11 @@ TEST_F(FineTune, LoraTrainsOnlyAdaptersAndMergesOnExport) {
                              "model.lora.train_norms=true", "optim.lr=1e-2"});
   ASSERT_TRUE(exp.ok()) << exp.status();
   std::vector<double> losses;
-  trainer::TrainHooks hooks;
-  hooks.on_step = [&](int64_t, double loss) { losses.push_back(loss); };
-  auto r = trainer::train(*exp, hooks);
+  auto r = train_recording(*exp, losses);
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(losses.size(), 12u);
   // Step 1 is the base model's loss on step 0's batch (B = 0 adapters).
-  const auto& d = exp->data();
-  auto loader = data::TokenLoader::open(d.dir(), data::Split::kTrain, d.seq_len());
-  ASSERT_TRUE(loader.ok());
-  Tensor x = at::empty({d.batch_size(), d.seq_len()}, at::kLong), y = at::empty_like(x);
-  loader->sample(d.seed(), 0, 0, 0, d.batch_size(), x.data_ptr<int64_t>(), y.data_ptr<int64_t>());
+  auto [x, y] = first_batch(*exp);
   {
     torch::NoGradGuard no_grad;
     EXPECT_NEAR(losses.front(), (*pretrained_)->loss(x, y).item<double>(), 1e-5);
