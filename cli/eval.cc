@@ -7,11 +7,15 @@
 
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "cli/command.h"
 #include "cli/model_flags.h"
 #include "model/factory.h"
+#include "model/passkey.h"
 #include "model/perplexity.h"
 #include "nlohmann/json.hpp"
 #include "trainer/trainer.h"
@@ -21,7 +25,16 @@ ABSL_FLAG(std::string, checkpoint, "runs/cpu_default",
 ABSL_FLAG(int32_t, batches, 20, "Validation loss: batches to evaluate.");
 ABSL_FLAG(int32_t, batch_size, 0, "Validation loss: sequences per batch; 0 = the run's data.batch_size.");
 
+ABSL_FLAG(bool, passkey, false,
+          "Pass-key retrieval instead of perplexity: a 5-digit key hidden in filler from --text at "
+          "--passkey-depths depths, asked for at the end, at each of --passkey-contexts.");
+ABSL_FLAG(std::string, passkey_contexts, "8192", "--passkey: context lengths, comma-separated.");
+ABSL_FLAG(int32_t, passkey_depths, 10, "--passkey: depths, evenly spaced from start to end.");
+ABSL_FLAG(int32_t, passkey_keys, 1, "--passkey: random keys per depth.");
+
 ABSL_DECLARE_FLAG(std::string, model);
+ABSL_DECLARE_FLAG(uint64_t, seed);
+ABSL_DECLARE_FLAG(std::string, rope_scaling);
 ABSL_DECLARE_FLAG(std::string, device);
 ABSL_DECLARE_FLAG(std::string, data);
 ABSL_DECLARE_FLAG(std::string, text);
@@ -141,6 +154,66 @@ int perplexity() {
   return 0;
 }
 
+// ---------------------------------------------------------------------------
+// pass-key retrieval
+
+int passkey() {
+  if (absl::GetFlag(FLAGS_text).empty())
+    return fail("eval", "--passkey needs --text FILE (the filler the key is hidden in)");
+  model::PasskeyOptions o;
+  o.contexts.clear();
+  for (absl::string_view part : absl::StrSplit(absl::GetFlag(FLAGS_passkey_contexts), ',')) {
+    int64_t c = 0;
+    if (!absl::SimpleAtoi(part, &c) || c <= 0)
+      return fail("eval", absl::StrCat("--passkey-contexts: expected positive integers, got \"",
+                                       absl::GetFlag(FLAGS_passkey_contexts), "\""));
+    o.contexts.push_back(c);
+  }
+  o.depths = absl::GetFlag(FLAGS_passkey_depths);
+  o.keys = absl::GetFlag(FLAGS_passkey_keys);
+  o.seed = absl::GetFlag(FLAGS_seed);
+  if (o.depths < 1 || o.keys < 1)
+    return fail("eval", "--passkey-depths and --passkey-keys must be >= 1");
+  auto l = load_model_from_flags(/*need_tokenizer=*/true);
+  if (!l.ok()) return fail("eval", std::string(l.status().message()));
+  const model::LoadedModel& m = l->loaded;
+  std::cerr << "model: " << l->description << "\n";
+  auto tokens = read_tokens_from_flags(m);
+  if (!tokens.ok()) return fail("eval", std::string(tokens.status().message()));
+  // The filler is the text without its BOS.
+  std::vector<int64_t> filler(tokens->ids.begin(), tokens->ids.end());
+  auto bos = m.tokenizer->encode("", /*add_bos=*/true);
+  if (!bos.empty() && !filler.empty() && filler.front() == bos.front()) filler.erase(filler.begin());
+  o.progress = [&](const model::PasskeyTrial& t) {
+    std::cerr << absl::StrFormat("context %d, depth %.2f: key %s, answer \"%s\" %s\n", t.context,
+                                 t.depth, t.key, absl::CEscape(t.answer),
+                                 t.found ? "found" : "missed");
+  };
+  auto report = model::passkey_retrieval(m.model, *m.tokenizer, filler, o);
+  if (!report.ok()) return fail("eval", std::string(report.status().message()));
+  json rows = json::array(), trials = json::array();
+  for (const auto& r : report->rows)
+    rows.push_back({{"context", r.context}, {"found", r.found}, {"trials", r.trials},
+                    {"accuracy", static_cast<double>(r.found) / r.trials}});
+  for (const auto& t : report->trials)
+    trials.push_back({{"context", t.context}, {"depth", t.depth}, {"key", t.key},
+                      {"answer", t.answer}, {"found", t.found}});
+  json j = {{"model", m.path}, {"format", m.format}, {"filler", tokens->source},
+            {"attention", m.attention}, {"rope_scaling", absl::GetFlag(FLAGS_rope_scaling)},
+            {"depths", o.depths}, {"keys", o.keys}, {"seed", o.seed},
+            {"rows", rows}, {"trials", trials}};
+  if (auto s = write_json_file(j); !s.ok()) return fail("eval", std::string(s.message()));
+  if (absl::GetFlag(FLAGS_json)) {
+    std::cout << j.dump() << "\n";
+  } else {
+    std::cout << "context  found/trials\n";
+    for (const auto& r : report->rows)
+      std::cout << absl::StrFormat("%7d  %d/%d (%.0f%%)\n", r.context, r.found, r.trials,
+                                   100.0 * r.found / r.trials);
+  }
+  return 0;
+}
+
 int run_eval(const Args& positional, const Args&) {
   if (!positional.empty())
     return fail("eval", absl::StrCat("unexpected argument '", positional[0], "'"));
@@ -148,6 +221,13 @@ int run_eval(const Args& positional, const Args&) {
     const std::string run = absl::GetFlag(FLAGS_checkpoint);
     deprecated(absl::StrCat("sparseflash eval --model ", run));
     return validation_loss(run);
+  }
+  if (absl::GetFlag(FLAGS_passkey)) {
+    try {
+      return passkey();
+    } catch (const std::exception& e) {
+      return fail("eval", error_text(e));
+    }
   }
   // A run of ours without --text, --context or --stride: its validation loss.
   const std::string path = absl::GetFlag(FLAGS_model);
@@ -166,14 +246,17 @@ int run_eval(const Args& positional, const Args&) {
 Command eval_command() {
   std::vector<std::string> flags = model_flag_names();
   for (const char* f : {"text", "data", "context", "stride", "max_tokens", "batches", "batch_size",
-                        "checkpoint"})
+                        "checkpoint", "passkey", "passkey_contexts", "passkey_depths",
+                        "passkey_keys"})
     flags.push_back(f);
   return {
       "eval",
       "sparseflash eval --model RUN [--data DIR] [--batches N] [--json]\n"
       "       sparseflash eval --model PATH [--tokenizer PATH] (--text FILE | --data SHARDS)\n"
       "                        --context L --stride S [--attention dense|hash|drop|saap]\n"
-      "                        [--dtype T] [--json] [--json-file FILE]",
+      "                        [--dtype T] [--rope-scaling TYPE:FACTOR] [--json] [--json-file FILE]\n"
+      "       sparseflash eval --model PATH --passkey --text FILLER [--passkey-contexts 8192,16384]\n"
+      "                        [--passkey-depths 10] [--passkey-keys 1] [--rope-scaling TYPE:FACTOR]",
       "validation loss of a run, or perplexity of any model",
       "--model is a pretrained Llama-family model (HF directory, .gguf, llama2.c .bin, or\n"
       "`sparseflash convert` output) or a run of ours (GPT or Llama: ckpt.pt or its directory).\n"
@@ -183,6 +266,11 @@ Command eval_command() {
       "tokens start every --stride tokens; each scores only the tokens no earlier window scored\n"
       "(transformers' recipe), so every token but the first is scored once. Prints tokens, mean\n"
       "NLL, perplexity and tokens/s; progress goes to stderr.\n"
+      "--passkey: pass-key retrieval. A 5-digit key (\"The pass key is KEY. Remember it. KEY is\n"
+      "the pass key.\") is hidden at evenly spaced depths of filler from --text, the model is\n"
+      "asked \"What is the pass key? The pass key is\" and its greedy answer (8 tokens) must\n"
+      "contain the key; prints found/trials per context. --rope-scaling extends a pretrained\n"
+      "file's context zero-shot (e.g. linear:4 takes an 8k model to 32k).\n"
       "`eval --checkpoint RUN` is the deprecated spelling of `eval --model RUN`.",
       flags,
       run_eval};

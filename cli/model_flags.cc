@@ -43,6 +43,10 @@ ABSL_FLAG(int32_t, num_buckets, 16, "--attention hash: buckets per layer (even).
 ABSL_FLAG(double, drop_prob, 0.5, "--attention drop: probability of dropping a query or key.");
 ABSL_FLAG(int64_t, group_size, 0,
           "--attention shift: positions per group (0 = a quarter of the keys, LongLoRA's).");
+ABSL_FLAG(std::string, rope_scaling, "",
+          "Pretrained files: TYPE:FACTOR (linear, dynamic or yarn, e.g. linear:4) replaces the "
+          "file's RoPE scaling, extending its context zero-shot to FACTOR times its pretraining "
+          "context.");
 ABSL_FLAG(std::string, saap_index, "",
           "SAAP index file (`sparseflash saap fit` writes it; --attention saap reads it). It must "
           "have been fitted on this model.");
@@ -76,7 +80,8 @@ namespace sparseflash::cli {
 
 const std::vector<std::string>& model_flag_names() {
   static const std::vector<std::string> f = {
-      "model", "tokenizer", "attention", "num_buckets", "drop_prob", "group_size", "saap_index",
+      "model", "tokenizer", "attention", "num_buckets", "drop_prob", "group_size", "rope_scaling",
+      "saap_index",
       "top_l", "key_budget", "per_head_budgets", "budget_objective", "mass_threshold",
       "saap_routing", "dtype", "device", "seed", "json", "json_file"};
   return f;
@@ -142,6 +147,7 @@ absl::StatusOr<LoadedFromFlags> load_model_from_flags(bool need_tokenizer) {
     o.attention = *a;
   }
   o.attention_seed = absl::GetFlag(FLAGS_seed);
+  o.rope_scaling = absl::GetFlag(FLAGS_rope_scaling);
   o.need_tokenizer = need_tokenizer;
   // --tokenizer is shared with prepare, whose default is "byte".
   o.tokenizer = absl::GetFlag(FLAGS_tokenizer) == "byte" ? "" : absl::GetFlag(FLAGS_tokenizer);

@@ -2,6 +2,7 @@
 // runs of ours, the one-line description.
 #include "model/load.h"
 
+#include <cmath>
 #include <exception>
 #include <filesystem>
 #include <utility>
@@ -10,6 +11,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/utils.h>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "checkpoint/llama.h"
@@ -93,6 +95,28 @@ const char* dtype_name(at::ScalarType t) {
 // ---------------------------------------------------------------------------
 // pretrained files
 
+absl::Status apply_rope_scaling(const std::string& spec, checkpoint::LlamaConfig* c) {
+  const size_t colon = spec.find(':');
+  const std::string type = spec.substr(0, colon);
+  double factor = 0;
+  if (colon == std::string::npos || !absl::SimpleAtod(spec.substr(colon + 1), &factor) ||
+      !(factor >= 1) || (type != "linear" && type != "dynamic" && type != "yarn"))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--rope-scaling: expected TYPE:FACTOR with TYPE linear, dynamic or yarn and FACTOR >= 1 "
+        "(e.g. linear:4), got \"", spec, "\""));
+  const std::string& had = c->rope_scaling.type;
+  const int64_t original = had.empty() || had == "default"
+                               ? c->max_position_embeddings
+                               : c->rope_scaling.original_max_position_embeddings;
+  checkpoint::RopeScaling s;
+  s.type = type;
+  s.factor = factor;
+  s.original_max_position_embeddings = original;
+  c->rope_scaling = s;
+  c->max_position_embeddings = static_cast<int64_t>(std::llround(factor * original));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<LoadedModel> load_pretrained_model(const std::string& path,
                                                   const LoadOptions& options) {
   if (!std::filesystem::exists(path))
@@ -105,6 +129,13 @@ absl::StatusOr<LoadedModel> load_pretrained_model(const std::string& path,
   l.dtype = *dtype;
   try {
     checkpoint::LlamaCheckpoint ckpt = checkpoint::load_llama_checkpoint(path);
+    if (!options.rope_scaling.empty()) {
+      if (!ckpt.rope_freq_factors.empty())
+        return absl::InvalidArgumentError(
+            absl::StrCat("--rope-scaling: ", path, " has per-frequency RoPE divisors (GGUF "
+                         "rope_freqs.weight); other scaling cannot be applied on top"));
+      if (auto s = apply_rope_scaling(options.rope_scaling, &ckpt.config); !s.ok()) return s;
+    }
     LlamaLoadOptions o;
     attention::Options a;
     if (options.attention) {

@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "attention/attention.h"
+#include "checkpoint/llama.h"
 #include "configs/experiment.pb.h"
 #include "model/causal_lm.h"
 #include "tokenizer/tokenizer.h"
@@ -49,7 +50,17 @@ struct LoadOptions {
   // tokenizer.bin); empty = the model's own: the file's, or the one the run's
   // data was prepared with.
   std::string tokenizer;
+  // Pretrained files only: "TYPE:FACTOR" (linear, dynamic, yarn) replaces the
+  // file's RoPE scaling, extending its context zero-shot from the file's
+  // pretraining context L to FACTOR * L (see parse_rope_scaling).
+  std::string rope_scaling;
 };
+
+// "linear:4", "dynamic:2", "yarn:4" applied to `config`: the type and factor,
+// original_max_position_embeddings = the file's pretraining context (its
+// scaled models' original one, else max_position_embeddings) and
+// max_position_embeddings = FACTOR times that. Errors name --rope-scaling.
+absl::Status apply_rope_scaling(const std::string& spec, checkpoint::LlamaConfig* config);
 
 struct LoadedModel {
   CausalLM model{nullptr};

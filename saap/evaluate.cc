@@ -7,7 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "model/generate.h"
+#include "model/passkey.h"
 #include "model/perplexity.h"
 
 namespace sparseflash::saap {
@@ -201,27 +201,13 @@ std::vector<PerplexityRow> perplexity_rows(model::CausalLM& model, const SaapInd
 NeedleTrial needle_trial(model::CausalLM& model, const tokenizer::Tokenizer& tokenizer,
                          const std::vector<int64_t>& filler, int64_t filler_tokens, double depth,
                          const std::string& key) {
-  auto encode = [&](const std::string& s) {
-    auto v = tokenizer.encode(s, /*add_bos=*/false);
-    return std::vector<int64_t>(v.begin(), v.end());
-  };
-  auto bos = tokenizer.encode("", /*add_bos=*/true);  // [BOS] or nothing
-  std::vector<int64_t> prompt(bos.begin(), bos.end());
-  const auto needle = encode(absl::StrCat("\nThe pass key is ", key, ". Remember it. ", key,
-                                          " is the pass key.\n"));
-  const auto question = encode("\nWhat is the pass key? The pass key is");
-  const int64_t at = static_cast<int64_t>(depth * filler_tokens);
-  prompt.insert(prompt.end(), filler.begin(), filler.begin() + at);
-  prompt.insert(prompt.end(), needle.begin(), needle.end());
-  prompt.insert(prompt.end(), filler.begin() + at, filler.begin() + filler_tokens);
-  prompt.insert(prompt.end(), question.begin(), question.end());
-  model::SamplingOptions s;  // greedy
-  auto out = model::generate(model, prompt, 8, s).ids;
+  const model::PasskeyTrial p =
+      model::passkey_trial(model, tokenizer, filler, filler_tokens, depth, key);
   NeedleTrial t;
-  t.depth = depth;
-  t.key = key;
-  t.answer = tokenizer.decode(std::vector<int32_t>(out.begin(), out.end()));
-  t.found = t.answer.find(key) != std::string::npos;
+  t.depth = p.depth;
+  t.key = p.key;
+  t.answer = p.answer;
+  t.found = p.found;
   return t;
 }
 

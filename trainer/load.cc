@@ -55,6 +55,10 @@ std::string run_tokenizer_source(const LoadedModel& run) {
 absl::StatusOr<model::LoadedModel> load_for_inference(const std::string& path,
                                                       const model::LoadOptions& options) {
   if (!model::is_training_checkpoint(path)) return model::load_pretrained_model(path, options);
+  if (!options.rope_scaling.empty())
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--rope-scaling applies to pretrained files; the run ", path,
+        " keeps the RoPE scaling it was trained with (its config's model.rope_scaling)"));
   auto run = load_model(path, "cpu");
   if (!run.ok()) return run.status();
   std::unique_ptr<tokenizer::Tokenizer> tokenizer;
