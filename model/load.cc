@@ -150,7 +150,9 @@ absl::StatusOr<LoadedModel> load_pretrained_model(const std::string& path,
     o.attention_seed = options.attention_seed;
     l.model = load_llama(ckpt, o);
     l.format = checkpoint::source_format_name(ckpt.format);
-    l.identity = ckpt.identity;
+    // A SAAP index fitted under a RoPE override belongs to that override.
+    l.identity = options.rope_scaling.empty() ? ckpt.identity
+                                              : ckpt.identity + "+rope:" + options.rope_scaling;
     l.attention = kind_name(a.kind);
     l.eos_id = ckpt.config.eos_token_id;
     if (options.need_tokenizer) l.tokenizer = tokenizer::load_tokenizer(path, options.tokenizer);
