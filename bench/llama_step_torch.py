@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from torch_anchor import record, time_steps
+from torch_anchor import adamw, record, time_steps
 
 LAYERS, D, HEADS, KV_HEADS, HEAD_DIM, FF, VOCAB, THETA = 30, 576, 9, 3, 64, 1536, 49152, 100000.0
 
@@ -122,11 +122,7 @@ def run(n, impl, backend, checkpointing, args):
     torch.manual_seed(0)
     B = max(1, args.tokens // n)
     model = Llama(n, backend, checkpointing).cuda()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-5, betas=(0.9, 0.95), fused=True)
+    opt = adamw(model)
     fwd = torch.compile(model) if impl == "compiled" else model
     x = torch.randint(0, VOCAB, (B, n), device="cuda")
     y = x.roll(-1, 1)
@@ -143,11 +139,8 @@ def run(n, impl, backend, checkpointing, args):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    t = time_steps(step, args.warmup, args.steps)
     row = {"n": n, "impl": impl, "backend": backend, "checkpointing": checkpointing, "batch": B,
-           "tokens_per_step": B * n, "tokens_per_s": B * n * args.steps / t["seconds"],
-           "ms_per_step": t["ms_per_step"], "peak_gib": t["peak_gib"], "loss": t["loss"],
-           "warmup_s": t["warmup_s"]}
+           **time_steps(step, args.warmup, args.steps, B * n)}
     del model, opt, fwd
     torch.cuda.empty_cache()
     return row
