@@ -31,6 +31,9 @@ ABSL_FLAG(bool, join_dir, false,
           "parent directory; an archive's matched text is held in memory until it is read.");
 ABSL_FLAG(uint64_t, shard_tokens, 100000000, "Maximum tokens per shard file.");
 ABSL_FLAG(uint64_t, max_bytes, 0, "Stop reading input after this many bytes (0 = no limit).");
+ABSL_FLAG(uint64_t, min_document_tokens, 0,
+          "Drop documents of fewer tokens than this (counted in meta.json as short_documents); "
+          "0 keeps all. For long-context work, the context length.");
 
 ABSL_DECLARE_FLAG(std::string, tokenizer);
 
@@ -51,6 +54,7 @@ int run_prepare(const Args& positional, const Args&) {
   o.join_dir = absl::GetFlag(FLAGS_join_dir);
   o.shard_tokens = absl::GetFlag(FLAGS_shard_tokens);
   o.max_bytes = absl::GetFlag(FLAGS_max_bytes);
+  o.min_document_tokens = absl::GetFlag(FLAGS_min_document_tokens);
   if (!(o.val_fraction > 0 && o.val_fraction < 1))
     return fail("prepare", absl::StrCat("--val-fraction must be in (0, 1), got ", o.val_fraction));
   if (o.shard_tokens < 1) return fail("prepare", "--shard-tokens must be >= 1");
@@ -67,9 +71,13 @@ int run_prepare(const Args& positional, const Args&) {
   if (!meta.ok()) return fail("prepare", std::string(meta.status().message()));
   std::cout << absl::StrFormat(
       "wrote %s: train %d documents, %d tokens in %d shard(s); val %d documents, %d tokens; "
-      "%d skipped; unigram baseline %.4f bits/byte; tokenizer %s (vocabulary %d)\n",
+      "%d skipped%s; unigram baseline %.4f bits/byte; tokenizer %s (vocabulary %d)\n",
       o.out_dir, meta->train_documents, meta->train_tokens, meta->train_shards.size(),
       meta->val_documents, meta->val_tokens, meta->skipped_documents,
+      o.min_document_tokens > 0
+          ? absl::StrFormat(", %d shorter than %d tokens", meta->short_documents,
+                            o.min_document_tokens)
+          : "",
       meta->unigram_bits_per_byte, meta->tokenizer, meta->vocab_size);
   return 0;
 }
@@ -80,7 +88,7 @@ Command prepare_command() {
   return {"prepare",
           "sparseflash prepare INPUT... [--out DIR] [--include GLOBS] [--exclude GLOBS]\n"
           "                           [--tokenizer byte|FILE] [--document-separator ID] [--add-bos]\n"
-          "                           [--join-dir]",
+          "                           [--join-dir] [--min-document-tokens N]",
           "turn text files, directories or .tar.xz archives into token shards",
           "Reads documents (files; directories recursively; members of .tar, .tar.xz, .tar.gz),\n"
           "skips binary ones, splits them by document into train and validation, tokenizes\n"
@@ -93,7 +101,7 @@ Command prepare_command() {
           "  sparseflash prepare /usr/src/linux-source-6.1.tar.xz --out data/linux-docs \\\n"
           "      --include '*/Documentation/*.rst,*/Documentation/*.txt'",
           {"out", "include", "exclude", "val_fraction", "tokenizer", "document_separator",
-           "add_bos", "join_dir", "shard_tokens", "max_bytes"},
+           "add_bos", "join_dir", "shard_tokens", "max_bytes", "min_document_tokens"},
           run_prepare};
 }
 

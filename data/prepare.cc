@@ -371,9 +371,10 @@ class Preparer {
     if (!force && now - last_progress_ < std::chrono::seconds(2)) return;
     last_progress_ = now;
     options_.progress(absl::StrFormat(
-        "prepare: %d documents, %.1f MB read, %d tokens (%d train / %d val documents, %d skipped)",
+        "prepare: %d documents, %.1f MB read, %d tokens (%d train / %d val documents, %d skipped%s)",
         documents_, bytes_read_ / 1e6, train_.tokens() + val_.tokens() + held_tokens(),
-        train_.documents(), val_.documents(), skipped_));
+        train_.documents(), val_.documents(), skipped_,
+        options_.min_document_tokens > 0 ? absl::StrFormat(", %d short", short_) : ""));
   }
 
   SplitWriter& train() { return train_; }
@@ -381,6 +382,7 @@ class Preparer {
   uint64_t files_seen() const { return files_seen_; }
   uint64_t matched() const { return matched_; }
   uint64_t skipped() const { return skipped_; }
+  uint64_t short_documents() const { return short_; }
   uint64_t empty() const { return empty_; }
   uint64_t documents() const { return documents_; }
 
@@ -581,6 +583,10 @@ class Preparer {
     doc.key = split_key(doc_path);
     doc.tokens = tokenizer_.encode(text, options_.add_bos);
     doc.tokens.push_back(separator_);
+    if (doc.tokens.size() < options_.min_document_tokens) {
+      ++short_;
+      return absl::OkStatus();
+    }
     doc.bytes = text.size();
     const bool to_val = static_cast<double>(doc.key) < options_.val_fraction * 1e6;
     return route(std::move(doc), to_val);
@@ -627,7 +633,7 @@ class Preparer {
   SplitWriter train_, val_;
   std::optional<HeldDocument> held_train_, held_val_;
   std::chrono::steady_clock::time_point last_progress_;
-  uint64_t files_seen_ = 0, matched_ = 0, skipped_ = 0, empty_ = 0, documents_ = 0;
+  uint64_t files_seen_ = 0, matched_ = 0, skipped_ = 0, empty_ = 0, documents_ = 0, short_ = 0;
   uint64_t bytes_read_ = 0;
   bool stop_ = false;
 };
@@ -685,6 +691,10 @@ nlohmann::ordered_json meta_to_json(const Meta& m) {
               {"bytes", m.val_bytes},
               {"shards", m.val_shards}};
   j["skipped_documents"] = m.skipped_documents;
+  if (m.min_document_tokens > 0) {
+    j["min_document_tokens"] = m.min_document_tokens;
+    j["short_documents"] = m.short_documents;
+  }
   j["unigram_bits_per_byte"] = m.unigram_bits_per_byte;
   return j;
 }
@@ -838,6 +848,13 @@ absl::StatusOr<Meta> read_meta(const std::string& dir) {
   auto skipped = r.u64(root, "skipped_documents");
   if (!skipped.ok()) return skipped.status();
   m.skipped_documents = *skipped;
+  for (auto [key, target] : {std::pair{"min_document_tokens", &m.min_document_tokens},
+                             std::pair{"short_documents", &m.short_documents}}) {
+    if (!root.contains(key)) continue;
+    auto v = r.u64(root, key);
+    if (!v.ok()) return v.status();
+    *target = *v;
+  }
   auto bpb = r.number(root, "unigram_bits_per_byte");
   if (!bpb.ok()) return bpb.status();
   m.unigram_bits_per_byte = *bpb;
@@ -966,6 +983,11 @@ absl::StatusOr<Meta> prepare(const PrepareOptions& options) {
         "empty)",
         run.matched(), run.skipped(), run.empty())));
   }
+  if (run.train().documents() + run.val().documents() == 0) {
+    return cleanup(absl::FailedPreconditionError(absl::StrFormat(
+        "prepare: all %d documents are shorter than --min-document-tokens %d",
+        run.short_documents(), options.min_document_tokens)));
+  }
 
   run.report_progress(/*force=*/true);
 
@@ -987,6 +1009,8 @@ absl::StatusOr<Meta> prepare(const PrepareOptions& options) {
   meta.val_bytes = run.val().bytes();
   meta.val_shards = run.val().names();
   meta.skipped_documents = run.skipped();
+  meta.min_document_tokens = options.min_document_tokens;
+  meta.short_documents = run.short_documents();
   meta.unigram_bits_per_byte =
       unigram_bits_per_byte(run.train().counts(), run.val().counts(), meta.val_bytes);
 

@@ -45,6 +45,10 @@ struct PrepareOptions {
   uint64_t shard_tokens = 100'000'000;
   // Stop after this many input bytes (0 = no limit).
   uint64_t max_bytes = 0;
+  // Drop documents of fewer tokens than this (separator included) after
+  // tokenization; 0 keeps all. Long-context training and evaluation want
+  // documents at least as long as the context.
+  uint64_t min_document_tokens = 0;
   // Documents that contain a NUL byte or invalid UTF-8 are skipped (binaries).
   // Called every so often with a one-line progress message.
   std::function<void(const std::string&)> progress;
@@ -66,6 +70,10 @@ struct Meta {
   uint64_t train_documents = 0, val_documents = 0;
   uint64_t train_bytes = 0, val_bytes = 0;  // text bytes before tokenization
   uint64_t skipped_documents = 0;
+  // Documents dropped as shorter than min_document_tokens (both 0 when unset;
+  // older meta.json files lack them).
+  uint64_t min_document_tokens = 0;
+  uint64_t short_documents = 0;
   std::vector<std::string> train_shards, val_shards;  // file names, in order
   // Cross-entropy of the validation tokens under the train unigram
   // distribution (add-one smoothed), in bits per byte: the baseline a model

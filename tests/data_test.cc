@@ -1206,6 +1206,36 @@ TEST(JoinDir, TarMembersOutOfOrderGiveTheSameShardsAsTheDirectory) {
       EXPECT_EQ(read_file(tmp / ("from_tar/" + name)), read_file(tmp / ("from_dir/" + name))) << name;
 }
 
+// --min-document-tokens drops the short documents (counted, recorded in meta.json)
+// and keeps the long one whole; a threshold above every document is refused and
+// leaves no output.
+TEST(JoinDir, MinDocumentTokensKeepsOnlyLongDocuments) {
+  TempDir tmp;
+  const JoinTree tree = make_join_tree(tmp.path());
+  PrepareOptions o = join_options(tmp / "corpus", tmp / "out");
+  o.min_document_tokens = 1000;   // bytes: only corpus/big (> 32k) is that long
+  auto meta = prepare(o);
+  ASSERT_TRUE(meta.ok()) << meta.status();
+  EXPECT_EQ(meta->train_documents + meta->val_documents, 1u);
+  EXPECT_EQ(meta->short_documents, tree.documents.size() - 1);
+  EXPECT_EQ(meta->min_document_tokens, 1000u);
+  const auto& shards = meta->val_documents == 1 ? meta->val_shards : meta->train_shards;
+  EXPECT_EQ(split_documents(tmp / "out", shards),
+            std::vector<std::string>{tree.documents.at("corpus/big")});
+  auto read = read_meta(tmp / "out");
+  ASSERT_TRUE(read.ok()) << read.status();
+  EXPECT_EQ(read->short_documents, meta->short_documents);
+  EXPECT_EQ(read->min_document_tokens, 1000u);
+
+  o.out_dir = tmp / "none";
+  o.min_document_tokens = 1'000'000;
+  auto none = prepare(o);
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(std::string(none.status().message()).find("shorter than --min-document-tokens 1000000"),
+            std::string::npos) << none.status();
+  EXPECT_FALSE(std::filesystem::exists(tmp / "none"));
+}
+
 // --- read_meta ----------------------------------------------------------------------
 
 TEST(Meta, ReadMetaNamesFileAndKey) {

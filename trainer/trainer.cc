@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/cuda.h>
 #include <torch/utils.h>
@@ -42,6 +43,15 @@ using Clock = std::chrono::steady_clock;
 
 // ---------------------------------------------------------------------------
 // devices and signals
+
+// Peak GPU memory the caching allocator handed out on `device` since the process
+// started, in GiB (0 on the CPU).
+static double peak_gpu_gib(const c10::Device& device) {
+  if (!device.is_cuda()) return 0;
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  constexpr auto kAll = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+  return static_cast<double>(stats.allocated_bytes[kAll].peak) / (1 << 30);
+}
 
 absl::StatusOr<c10::Device> resolve_device(const std::string& name) {
   const bool have_cuda = torch::cuda::is_available();
@@ -492,6 +502,7 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
         nlohmann::json record = {{"step", state.step}, {"loss", loss_value}, {"lr", lr},
                                  {"grad_norm", grad_norm}, {"tokens_per_s", tps},
                                  {"tokens", state.tokens}, {"elapsed_s", elapsed}};
+        if (device.is_cuda()) record["peak_gpu_gib"] = peak_gpu_gib(device);
         if (dp) {
           record["world_size"] = world_size;
           record["comm_ms"] = window_comm.comm_ms / n;
