@@ -5,6 +5,9 @@
 //   and, for HASH, q_bucket(i) == k_bucket(j)     (same LSH bucket)
 //   and, for SHIFT, q_bucket(i) == k_bucket(j)    (same position group)
 //   and, for DROP, q_keep(i) and k_keep(j)        (neither dropped)
+// or, whatever the kind's constraint, causally when the pattern names sinks
+// or a local window:
+//   k_pos(j) < sink_tokens  or  q_pos(i) - k_pos(j) < local_window
 // A query with no allowed key outputs 0 (and gets zero gradients).
 // Positions: with Nq queries and Nk keys, query i sits at position
 // i + Nk - Nq (bottom-right aligned, as in FlashAttention), key j at j.
@@ -15,6 +18,8 @@
 #pragma once
 
 #include <cstdint>
+#include <tuple>
+#include <utility>
 
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
@@ -45,6 +50,8 @@ struct Options {
   bool lsh_center = true;       // HASH: hash rows minus the mean of earlier blocks
   int64_t lsh_center_block = 256;
   int64_t group_size = 0;       // SHIFT: 0 = ceil(Nk / 4)
+  int64_t sink_tokens = 0;      // HASH, DROP, SHIFT: first keys every query sees
+  int64_t local_window = 0;     // HASH, DROP, SHIFT: and the keys this close behind it
 
   static Options from_config(const config::Attention& c);
 };
@@ -57,6 +64,12 @@ struct Pattern {
   Tensor q_keep;    // bool  [B, H, Nq]      (DROP)
   Tensor k_keep;    // bool  [B, Hkv, Nk]    (DROP)
   int64_t num_buckets = 0;  // HASH: ids are below this (0 = unknown)
+  // Keys allowed to every query besides the constraint above (causally): the
+  // first sink_tokens positions and the local_window positions ending at the
+  // query's. 0 = none. Only with a constraint (a dense pattern has no use for them).
+  int64_t sink_tokens = 0;
+  int64_t local_window = 0;
+  bool has_local() const { return sink_tokens > 0 || local_window > 0; }
 };
 
 // Angular LSH: x [B, Hx, N, D], rotations [Hr, D, nb/2] with Hx a multiple of
@@ -108,11 +121,41 @@ Tensor reference_attention(const Tensor& q, const Tensor& k, const Tensor& v,
                            double scale = 0);
 
 // Forward only, also returning the log-sum-exp per query ([B, H, Nq], float32,
-// -inf for queries with no allowed key): what the kernels return.
+// float64 for float64 inputs; -inf for queries with no allowed key): what the
+// kernels return.
 std::pair<Tensor, Tensor> reference_attention_with_lse(const Tensor& q, const Tensor& k,
                                                        const Tensor& v, const Pattern& pattern,
                                                        int64_t chunk_size = 1024,
                                                        double scale = 0);
+
+// The reference's backward as a function: gradients of attention under
+// `pattern` given the output and log-sum-exp of the *whole* attention the
+// pattern's keys are part of (out [B, H, Nq, D], lse [B, H, Nq]) and dL/dout.
+// With the pattern's own out and lse it is reference_attention's backward;
+// with those of a larger attention (local_attention) it is this part's share.
+// Gradients in the inputs' dtypes.
+std::tuple<Tensor, Tensor, Tensor> reference_backward(const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Pattern& pattern,
+                                                      int64_t chunk_size, double scale,
+                                                      const Tensor& out, const Tensor& lse,
+                                                      const Tensor& grad_out);
+
+// Attention under a pattern with sinks or a local window (pattern.has_local()),
+// computed as two disjoint parts merged by their log-sum-exps: the pattern's
+// own constraint (buckets, drops) by the kernels (kernel = true; CUDA tensors
+// they take) or the reference, and the sink and window keys the constraint does
+// not allow, gathered per block of queries (local_part below). Differentiable;
+// same contract as reference_attention.
+Tensor local_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern,
+                       bool kernel, int64_t chunk_size = 1024, double scale = 0,
+                       bool deterministic = false);
+
+// The local part alone, forward: output and log-sum-exp (compute precision:
+// float64 for float64 inputs, else float32; lse -inf where a query has no such
+// key) of attention over the keys that the sinks and window allow and the
+// pattern's constraint does not. For tests and local_attention.
+std::pair<Tensor, Tensor> local_part(const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Pattern& pattern, double scale = 0);
 
 // Plain masked softmax over the full N x N mask, differentiated by autograd.
 // For tests on small shapes only.

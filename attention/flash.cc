@@ -40,6 +40,11 @@ std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor&, const Tensor&,
                                                    const Pattern&, double) {
   TORCH_CHECK(false, "flash_attention: this build has no CUDA kernels (nvcc was not found)");
 }
+std::tuple<Tensor, Tensor, Tensor> flash_backward_part(const Tensor&, const Tensor&, const Tensor&,
+                                                       const Pattern&, double, const Tensor&,
+                                                       const Tensor&, const Tensor&, bool) {
+  TORCH_CHECK(false, "flash_backward_part: this build has no CUDA kernels (nvcc was not found)");
+}
 
 #else
 
@@ -300,6 +305,41 @@ Call prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& p
   return c;
 }
 
+// The backward kernels over packed sides, given the output and log-sum-exp
+// the probabilities are normalised by.
+std::tuple<Tensor, Tensor, Tensor> run_backward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                const Tensor& out, const Tensor& lse,
+                                                const Tensor& grad_out, const Packed& qp,
+                                                const Packed& kp, double scale,
+                                                bool deterministic) {
+  Tensor dout = with_aligned_rows(grad_out);
+  sk::BackwardParams b;
+  sk::ForwardParams& f = b.fwd;
+  f.dtype = q.scalar_type() == at::kBFloat16 ? sk::DType::kBF16 : sk::DType::kFP16;
+  f.B = q.size(0), f.H = q.size(1), f.Hkv = k.size(1), f.Nq = q.size(2), f.Nk = k.size(2),
+  f.D = q.size(3);
+  f.scale = static_cast<float>(scale);
+  f.q = q.data_ptr(), f.k = k.data_ptr(), f.v = v.data_ptr(), f.out = out.data_ptr();
+  f.q_layout = layout_of(q), f.k_layout = layout_of(k), f.v_layout = layout_of(v);
+  f.out_layout = layout_of(out);
+  f.lse = lse.data_ptr<float>();
+  f.q_pack = qp.packing();
+  f.k_pack = kp.packing();
+  Tensor dq = empty_in_order_of(q), dk = empty_in_order_of(k), dv = empty_in_order_of(v);
+  Tensor delta = at::empty({f.B, f.H, f.Nq}, q.options().dtype(at::kFloat));
+  b.dout = dout.data_ptr(), b.dout_layout = layout_of(dout);
+  b.dq = dq.data_ptr(), b.dk = dk.data_ptr(), b.dv = dv.data_ptr();
+  b.dq_layout = layout_of(dq), b.dk_layout = layout_of(dk), b.dv_layout = layout_of(dv);
+  b.delta = delta.data_ptr<float>();
+  Tensor dq_accum;
+  if (!deterministic) {
+    dq_accum = at::empty({f.B, f.H, f.Nq, f.D}, q.options().dtype(at::kFloat));
+    b.dq_accum = dq_accum.data_ptr<float>();
+  }
+  check_cuda(sk::attention_backward(b, at::cuda::getCurrentCUDAStream()), "backward");
+  return {dq, dk, dv};
+}
+
 struct FlashAttention : public torch::autograd::Function<FlashAttention> {
   static Tensor forward(AutogradContext* ctx, const Tensor& q_in, const Tensor& k_in,
                         const Tensor& v_in, const Pattern& pattern, double scale,
@@ -345,31 +385,9 @@ struct FlashAttention : public torch::autograd::Function<FlashAttention> {
       return p;
     };
     Packed qp = packed(s[5], s[6], s[7], s[8]), kp = packed(s[9], s[10], s[11], s[12]);
-    Tensor dout = with_aligned_rows(grads[0]);
-    sk::BackwardParams b;
-    sk::ForwardParams& f = b.fwd;
-    f.dtype = q.scalar_type() == at::kBFloat16 ? sk::DType::kBF16 : sk::DType::kFP16;
-    f.B = q.size(0), f.H = q.size(1), f.Hkv = k.size(1), f.Nq = q.size(2), f.Nk = k.size(2),
-    f.D = q.size(3);
-    f.scale = static_cast<float>(ctx->saved_data["scale"].toDouble());
-    f.q = q.data_ptr(), f.k = k.data_ptr(), f.v = v.data_ptr(), f.out = out.data_ptr();
-    f.q_layout = layout_of(q), f.k_layout = layout_of(k), f.v_layout = layout_of(v);
-    f.out_layout = layout_of(out);
-    f.lse = lse.data_ptr<float>();
-    f.q_pack = qp.packing();
-    f.k_pack = kp.packing();
-    Tensor dq = empty_in_order_of(q), dk = empty_in_order_of(k), dv = empty_in_order_of(v);
-    Tensor delta = at::empty({f.B, f.H, f.Nq}, q.options().dtype(at::kFloat));
-    b.dout = dout.data_ptr(), b.dout_layout = layout_of(dout);
-    b.dq = dq.data_ptr(), b.dk = dk.data_ptr(), b.dv = dv.data_ptr();
-    b.dq_layout = layout_of(dq), b.dk_layout = layout_of(dk), b.dv_layout = layout_of(dv);
-    b.delta = delta.data_ptr<float>();
-    Tensor dq_accum;
-    if (!ctx->saved_data["deterministic"].toBool()) {
-      dq_accum = at::empty({f.B, f.H, f.Nq, f.D}, q.options().dtype(at::kFloat));
-      b.dq_accum = dq_accum.data_ptr<float>();
-    }
-    check_cuda(sk::attention_backward(b, at::cuda::getCurrentCUDAStream()), "backward");
+    auto [dq, dk, dv] = run_backward(q, k, v, out, lse, grads[0], qp, kp,
+                                     ctx->saved_data["scale"].toDouble(),
+                                     ctx->saved_data["deterministic"].toBool());
     return {dq, dk, dv, Tensor(), Tensor(), Tensor()};
   }
 };
@@ -426,6 +444,28 @@ std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor& q_in, const Ten
   Call c = prepare(q, k, v, pattern, scale, out, lse);
   check_cuda(sk::attention_forward(c.params, at::cuda::getCurrentCUDAStream()), "forward");
   return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> flash_backward_part(const Tensor& q_in, const Tensor& k_in,
+                                                       const Tensor& v_in, const Pattern& pattern,
+                                                       double scale, const Tensor& out_in,
+                                                       const Tensor& lse, const Tensor& grad_out,
+                                                       bool deterministic) {
+  profile::Phase phase("attention.backward");
+  check_inputs(q_in, k_in, v_in);
+  c10::cuda::CUDAGuard guard(q_in.device());
+  TORCH_CHECK(out_in.sizes() == q_in.sizes() && out_in.scalar_type() == q_in.scalar_type(),
+              "flash_backward_part: out must be like q ", q_in.sizes(), " ", q_in.scalar_type(),
+              ", got ", out_in.sizes(), " ", out_in.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.sizes() == at::IntArrayRef({q_in.size(0), q_in.size(1), q_in.size(2)}),
+              "flash_backward_part: lse must be contiguous float32 [B, H, Nq], got ", lse.sizes(),
+              " ", lse.scalar_type());
+  Tensor q = with_aligned_rows(q_in), k = with_aligned_rows(k_in), v = with_aligned_rows(v_in);
+  Tensor out = with_aligned_rows(out_in);
+  Tensor unused_out, unused_lse;
+  Call c = prepare(q, k, v, pattern, scale, unused_out, unused_lse);
+  return run_backward(q, k, v, out, lse, grad_out, c.qp, c.kp, c.params.scale, deterministic);
 }
 
 #endif  // SPARSEFLASH_WITH_CUDA

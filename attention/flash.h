@@ -43,4 +43,13 @@ std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor& q, const Tensor
                                                    const Tensor& v, const Pattern& pattern,
                                                    double scale = 0);
 
+// The backward of the kernels for one part of a larger attention
+// (local_attention): gradients of attention under `pattern` given the whole
+// attention's output (q's dtype) and log-sum-exp (float32). Packs again.
+std::tuple<Tensor, Tensor, Tensor> flash_backward_part(const Tensor& q, const Tensor& k,
+                                                       const Tensor& v, const Pattern& pattern,
+                                                       double scale, const Tensor& out,
+                                                       const Tensor& lse, const Tensor& grad_out,
+                                                       bool deterministic = false);
+
 }  // namespace sparseflash::attention

@@ -44,6 +44,8 @@ Options Options::from_config(const config::Attention& c) {
   o.lsh_center = c.lsh_center();
   o.lsh_center_block = c.lsh_center_block();
   o.group_size = c.group_size();
+  o.sink_tokens = c.sink_tokens();
+  o.local_window = c.local_window();
   switch (c.backend()) {
     case config::Attention::AUTO: o.backend = Backend::kAuto; break;
     case config::Attention::REFERENCE: o.backend = Backend::kReference; break;
@@ -194,6 +196,13 @@ Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
       p = shift_groups(B, H, Hkv, Nq, Nk, options.group_size, q.device());
       break;
   }
+  if (options.kind != Kind::kDense) {
+    TORCH_CHECK(options.sink_tokens >= 0 && options.local_window >= 0,
+                "attention: sink_tokens and local_window must be >= 0, got ", options.sink_tokens,
+                " and ", options.local_window);
+    p.sink_tokens = options.sink_tokens;
+    p.local_window = options.local_window;
+  }
   return p;
 }
 
@@ -233,10 +242,12 @@ static Tensor chunk_mask(const Pattern& p, int64_t q0, int64_t q1, int64_t k1, i
   auto idx = at::TensorOptions().dtype(at::kLong).device(device);
   Tensor qpos = at::arange(q0, q1, idx) + offset;
   Tensor kpos = at::arange(0, k1, idx);
-  Tensor mask = qpos.unsqueeze(1).ge(kpos.unsqueeze(0)).view({1, 1, q1 - q0, k1});
+  Tensor distance = qpos.unsqueeze(1) - kpos.unsqueeze(0);
+  Tensor causal = distance.ge(0).view({1, 1, q1 - q0, k1});
   auto per_query_head = [&](const Tensor& t) {
     return group == 1 ? t : t.repeat_interleave(group, 1);
   };
+  Tensor mask = causal;
   if (p.q_bucket.defined()) {
     Tensor qb = p.q_bucket.slice(2, q0, q1).unsqueeze(-1);
     Tensor kb = per_query_head(p.k_bucket.slice(2, 0, k1)).unsqueeze(-2);
@@ -246,6 +257,10 @@ static Tensor chunk_mask(const Pattern& p, int64_t q0, int64_t q1, int64_t k1, i
     Tensor qk = p.q_keep.slice(2, q0, q1).unsqueeze(-1);
     Tensor kk = per_query_head(p.k_keep.slice(2, 0, k1)).unsqueeze(-2);
     mask = mask.logical_and(qk).logical_and(kk);
+  }
+  if (p.has_local()) {
+    Tensor local = kpos.lt(p.sink_tokens).unsqueeze(0).logical_or(distance.lt(p.local_window));
+    mask = mask.logical_or(causal.logical_and(local.view({1, 1, q1 - q0, k1})));
   }
   return mask;
 }
@@ -373,6 +388,41 @@ struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
 
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> reference_backward(const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Pattern& p,
+                                                      int64_t chunk_size, double scale,
+                                                      const Tensor& out, const Tensor& lse,
+                                                      const Tensor& grad_out) {
+  NoAutocast no_autocast;
+  Shapes s = make_shapes(q, k, chunk_size, scale);
+  auto ct = compute_type(q);
+  Tensor qc = q.to(ct), kc = expand_heads(k.to(ct), s.group), vc = expand_heads(v.to(ct), s.group);
+  Tensor dout = grad_out.to(ct);
+  Tensor dq = at::zeros_like(qc), dk = at::zeros_like(kc), dv = at::zeros_like(vc);
+  // Rows with no allowed key have lse = -inf; their probabilities are 0 by the mask.
+  Tensor lse_c = lse.to(ct);
+  Tensor lse_safe = at::where(at::isinf(lse_c), at::zeros_like(lse_c), lse_c).unsqueeze(-1);
+  Tensor delta = (dout * out.to(ct)).sum(-1, true);  // rowsum(dO * O)
+  for (int64_t q0 = 0; q0 < s.Nq; q0 += s.chunk) {
+    const int64_t q1 = std::min(q0 + s.chunk, s.Nq), k1 = key_end(s, q1);
+    if (k1 <= 0) continue;
+    auto [scores, mask] = chunk_scores(qc, kc, p, s, q0, q1, k1);
+    Tensor prob = at::exp(scores - lse_safe.slice(2, q0, q1)).masked_fill(mask.logical_not(), 0);
+    Tensor dout_c = dout.slice(2, q0, q1);
+    dv.slice(2, 0, k1).add_(at::matmul(prob.transpose(-1, -2), dout_c));
+    Tensor dprob = at::matmul(dout_c, vc.slice(2, 0, k1).transpose(-1, -2));
+    Tensor dscores = prob * (dprob - delta.slice(2, q0, q1)) * s.scale;
+    dq.slice(2, q0, q1).add_(at::matmul(dscores, kc.slice(2, 0, k1)));
+    dk.slice(2, 0, k1).add_(at::matmul(dscores.transpose(-1, -2), qc.slice(2, q0, q1)));
+  }
+  return {dq.to(q.scalar_type()), reduce_heads(dk, s.group).to(k.scalar_type()),
+          reduce_heads(dv, s.group).to(v.scalar_type())};
+}
+
+namespace {
+
 struct ReferenceAttention : public torch::autograd::Function<ReferenceAttention> {
   // The pattern travels as a plain struct: it is not differentiable, and
   // autograd refuses undefined tensors among a function's tensor inputs.
@@ -386,45 +436,27 @@ struct ReferenceAttention : public torch::autograd::Function<ReferenceAttention>
     ctx->saved_data["k_bucket"] = p.k_bucket;
     ctx->saved_data["q_keep"] = p.q_keep;
     ctx->saved_data["k_keep"] = p.k_keep;
+    ctx->saved_data["sink_tokens"] = p.sink_tokens;
+    ctx->saved_data["local_window"] = p.local_window;
     ctx->saved_data["chunk"] = chunk_size;
     ctx->saved_data["scale"] = s.scale;
     return out.to(q.scalar_type());
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    NoAutocast no_autocast;
     auto saved = ctx->get_saved_variables();
-    const Tensor &q = saved[0], &k = saved[1], &v = saved[2];
     auto tensor = [&](const char* key) {
       const c10::IValue& value = ctx->saved_data[key];
       return value.isTensor() ? value.toTensor() : Tensor();
     };
     Pattern p{tensor("q_bucket"), tensor("k_bucket"), tensor("q_keep"), tensor("k_keep")};
-    const Tensor &out = saved[3], &lse = saved[4];
-    Shapes s = make_shapes(q, k, ctx->saved_data["chunk"].toInt(),
-                           ctx->saved_data["scale"].toDouble());
-    auto ct = compute_type(q);
-    Tensor qc = q.to(ct), kc = expand_heads(k.to(ct), s.group), vc = expand_heads(v.to(ct), s.group);
-    Tensor dout = grads[0].to(ct);
-    Tensor dq = at::zeros_like(qc), dk = at::zeros_like(kc), dv = at::zeros_like(vc);
-    // Rows with no allowed key have lse = -inf; their probabilities are 0 by the mask.
-    Tensor lse_safe = at::where(at::isinf(lse), at::zeros_like(lse), lse).unsqueeze(-1);
-    Tensor delta = (dout * out).sum(-1, true);  // rowsum(dO * O)
-    for (int64_t q0 = 0; q0 < s.Nq; q0 += s.chunk) {
-      const int64_t q1 = std::min(q0 + s.chunk, s.Nq), k1 = key_end(s, q1);
-      if (k1 <= 0) continue;
-      auto [scores, mask] = chunk_scores(qc, kc, p, s, q0, q1, k1);
-      Tensor prob = at::exp(scores - lse_safe.slice(2, q0, q1)).masked_fill(mask.logical_not(), 0);
-      Tensor dout_c = dout.slice(2, q0, q1);
-      dv.slice(2, 0, k1).add_(at::matmul(prob.transpose(-1, -2), dout_c));
-      Tensor dprob = at::matmul(dout_c, vc.slice(2, 0, k1).transpose(-1, -2));
-      Tensor dscores = prob * (dprob - delta.slice(2, q0, q1)) * s.scale;
-      dq.slice(2, q0, q1).add_(at::matmul(dscores, kc.slice(2, 0, k1)));
-      dk.slice(2, 0, k1).add_(at::matmul(dscores.transpose(-1, -2), qc.slice(2, q0, q1)));
-    }
-    return {dq.to(q.scalar_type()),
-            reduce_heads(dk, s.group).to(k.scalar_type()),
-            reduce_heads(dv, s.group).to(v.scalar_type()), Tensor(), Tensor(), Tensor()};
+    p.sink_tokens = ctx->saved_data["sink_tokens"].toInt();
+    p.local_window = ctx->saved_data["local_window"].toInt();
+    auto [dq, dk, dv] = reference_backward(saved[0], saved[1], saved[2], p,
+                                           ctx->saved_data["chunk"].toInt(),
+                                           ctx->saved_data["scale"].toDouble(), saved[3],
+                                           saved[4], grads[0]);
+    return {dq, dk, dv, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -443,7 +475,7 @@ std::pair<Tensor, Tensor> reference_attention_with_lse(const Tensor& q, const Te
   NoAutocast no_autocast;
   at::NoGradGuard no_grad;
   auto [out, lse] = attend(q, k, v, pattern, make_shapes(q, k, chunk_size, scale));
-  return {out.to(q.scalar_type()), lse.to(at::kFloat)};
+  return {out.to(q.scalar_type()), lse.to(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat)};
 }
 
 Tensor naive_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& pattern,
@@ -513,6 +545,9 @@ Tensor Attention::forward(const Tensor& q, const Tensor& k, const Tensor& v,
   }
   const bool kernel = options_.backend == Backend::kKernel ||
                       (options_.backend == Backend::kAuto && flash_supported(q, keys, values));
+  if (last_pattern_.has_local())
+    return local_attention(q, keys, values, last_pattern_, kernel, options_.chunk_size, 0,
+                           options_.deterministic);
   if (kernel) return flash_attention(q, keys, values, last_pattern_, 0, options_.deterministic);
   return reference_attention(q, keys, values, last_pattern_, options_.chunk_size);
 }

@@ -43,6 +43,12 @@ ABSL_FLAG(int32_t, num_buckets, 16, "--attention hash: buckets per layer (even).
 ABSL_FLAG(double, drop_prob, 0.5, "--attention drop: probability of dropping a query or key.");
 ABSL_FLAG(int64_t, group_size, 0,
           "--attention shift: positions per group (0 = a quarter of the keys, LongLoRA's).");
+ABSL_FLAG(int64_t, sparse_sinks, 0,
+          "--attention hash/drop/shift: the first N keys are seen by every query (attention "
+          "sinks; attention.sink_tokens).");
+ABSL_FLAG(int64_t, sparse_window, 0,
+          "--attention hash/drop/shift: every query also sees its N nearest keys, itself "
+          "included (attention.local_window).");
 ABSL_FLAG(std::string, rope_scaling, "",
           "Pretrained files: TYPE:FACTOR (linear, dynamic or yarn, e.g. linear:4) replaces the "
           "file's RoPE scaling, extending its context zero-shot to FACTOR times its pretraining "
@@ -80,7 +86,8 @@ namespace sparseflash::cli {
 
 const std::vector<std::string>& model_flag_names() {
   static const std::vector<std::string> f = {
-      "model", "tokenizer", "attention", "num_buckets", "drop_prob", "group_size", "rope_scaling",
+      "model", "tokenizer", "attention", "num_buckets", "drop_prob", "group_size", "sparse_sinks", "sparse_window",
+      "rope_scaling",
       "saap_index",
       "top_l", "key_budget", "per_head_budgets", "budget_objective", "mass_threshold",
       "saap_routing", "dtype", "device", "seed", "json", "json_file"};
@@ -142,7 +149,8 @@ absl::StatusOr<LoadedFromFlags> load_model_from_flags(bool need_tokenizer) {
   if (!attention.empty()) {
     auto a = model::parse_attention(attention == "saap" ? "dense" : attention,
                                     absl::GetFlag(FLAGS_num_buckets), absl::GetFlag(FLAGS_drop_prob),
-                                    absl::GetFlag(FLAGS_group_size));
+                                    absl::GetFlag(FLAGS_group_size), absl::GetFlag(FLAGS_sparse_sinks),
+                                    absl::GetFlag(FLAGS_sparse_window));
     if (!a.ok()) return a.status();
     o.attention = *a;
   }

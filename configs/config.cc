@@ -443,6 +443,8 @@ void check_attention(Checker& c, const config::Attention& a, const std::string& 
   c.at_least(prefix + ".chunk_size", a.chunk_size(), 1);
   c.at_least(prefix + ".lsh_center_block", a.lsh_center_block(), 1);
   c.at_least(prefix + ".group_size", a.group_size(), 0);
+  c.at_least(prefix + ".sink_tokens", a.sink_tokens(), 0);
+  c.at_least(prefix + ".local_window", a.local_window(), 0);
 }
 
 bool valid_device(const std::string& d) {

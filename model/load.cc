@@ -56,7 +56,8 @@ void fuse_for_inference(CausalLM& model) {
 // options
 
 absl::StatusOr<AttentionOverride> parse_attention(const std::string& kind, int num_buckets,
-                                                  double drop_prob, int64_t group_size) {
+                                                  double drop_prob, int64_t group_size,
+                                                  int64_t sink_tokens, int64_t local_window) {
   AttentionOverride o;
   if (kind == "dense") o.kind = attention::Kind::kDense;
   else if (kind == "hash") o.kind = attention::Kind::kHash;
@@ -68,6 +69,15 @@ absl::StatusOr<AttentionOverride> parse_attention(const std::string& kind, int n
   o.num_buckets = num_buckets;
   o.drop_prob = drop_prob;
   o.group_size = group_size;
+  o.sink_tokens = sink_tokens;
+  o.local_window = local_window;
+  if (sink_tokens < 0 || local_window < 0)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--sparse-sinks and --sparse-window must be >= 0, got ", sink_tokens, " and ", local_window));
+  if (o.kind == attention::Kind::kDense && (sink_tokens > 0 || local_window > 0))
+    return absl::InvalidArgumentError(
+        "--sparse-sinks and --sparse-window apply to the sparse kinds (hash, drop, shift); dense "
+        "attention already sees every earlier key");
   if (o.kind == attention::Kind::kShift && o.group_size < 0)
     return absl::InvalidArgumentError(
         absl::StrCat("--group-size must be >= 0 (0 = a quarter of the keys), got ", o.group_size));
@@ -143,6 +153,8 @@ absl::StatusOr<LoadedModel> load_pretrained_model(const std::string& path,
       a.num_buckets = options.attention->num_buckets;
       a.drop_prob = options.attention->drop_prob;
       a.group_size = options.attention->group_size;
+      a.sink_tokens = options.attention->sink_tokens;
+      a.local_window = options.attention->local_window;
     }
     o.attention = {a};
     o.dtype = l.dtype;
@@ -195,6 +207,8 @@ absl::StatusOr<LoadedModel> prepare_run_model(CausalLM trained, const config::Ex
     a->set_num_buckets(options.attention->num_buckets);
     a->set_drop_prob(options.attention->drop_prob);
     a->set_group_size(static_cast<int32_t>(options.attention->group_size));
+    a->set_sink_tokens(static_cast<int32_t>(options.attention->sink_tokens));
+    a->set_local_window(static_cast<int32_t>(options.attention->local_window));
     exp.clear_layer_attention();
     auto built = build_model(exp, trained->vocab_size());
     if (!built.ok()) return built.status();

@@ -27,12 +27,17 @@ struct AttentionOverride {
   int num_buckets = 16;   // kHash: even, >= 2
   double drop_prob = 0.5; // kDrop: in [0, 1)
   int64_t group_size = 0; // kShift: >= 0 (0 = a quarter of the keys)
+  int64_t sink_tokens = 0;   // sparse kinds: first keys every query sees (>= 0)
+  int64_t local_window = 0;  // sparse kinds: and its nearest keys (>= 0)
 };
 
 // "dense", "hash", "drop" or "shift" with the given parameters; errors name
-// the flag (--attention, --num-buckets, --drop-prob, --group-size).
+// the flag (--attention, --num-buckets, --drop-prob, --group-size,
+// --sparse-sinks, --sparse-window).
 absl::StatusOr<AttentionOverride> parse_attention(const std::string& kind, int num_buckets,
-                                                  double drop_prob, int64_t group_size = 0);
+                                                  double drop_prob, int64_t group_size = 0,
+                                                  int64_t sink_tokens = 0,
+                                                  int64_t local_window = 0);
 
 // "auto" (bfloat16 on CUDA, float32 on CPU), "float32"/"fp32", "bfloat16"/"bf16",
 // "float16"/"fp16"; errors name --dtype.

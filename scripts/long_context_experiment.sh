@@ -25,7 +25,9 @@
 #                (e.g. --max-bytes 80000000)
 #   N            training context [32768]; FACTOR RoPE factor [N / 8192]; ROPE [linear]
 #   STEPS        optimizer steps per run [150]; LR [5e-5]; LORA_LR [5e-4]; WARMUP [15]
-#   RUNS         which runs [dense,hash16,shift,drop50,hash8,hybrid,lora-dense,lora-hash16]
+#   RUNS         which runs [dense,hash16,shift,drop50,hash8,hybrid,lora-dense,lora-hash16];
+#                a sparse run NAME-local adds SINKS [4] sink tokens and a local window
+#                of WINDOW [64] keys (attention.sink_tokens, attention.local_window)
 #   SEEDS        [1,2]; the first seed runs every run, later seeds only SEED_RUNS [dense,hash16]
 #   NAMES        the runs to train and evaluate, in this order, as RUN-sSEED (e.g.
 #                dense-s1,hash16-s1,dense-s2); overrides RUNS, SEEDS and SEED_RUNS
@@ -64,6 +66,8 @@ EVAL_AFTER_TRAIN=${EVAL_AFTER_TRAIN:-1}
 MIN_DOC_TOKENS=${MIN_DOC_TOKENS:-$N}
 VAL_FRACTION=${VAL_FRACTION:-0.1}
 DEADLINE=${DEADLINE:-0}
+SINKS=${SINKS:-4}
+WINDOW=${WINDOW:-64}
 DEVICE=${DEVICE:-cuda}
 INCLUDE=${INCLUDE:-*.py}
 PHASES=${*:-data zeroshot train eval saap report}
@@ -98,7 +102,12 @@ FILLER=$EXP/filler.txt
 
 # The attention overrides of a run (train --set values, one per line).
 run_settings() {
-  case $1 in
+  local run=$1
+  case $run in
+    *-local) run=${run%-local}
+      printf '%s\n' "attention.sink_tokens=$SINKS" "attention.local_window=$WINDOW" ;;
+  esac
+  case $run in
     dense|lora-dense) echo "attention.kind=DENSE" ;;
     shift) echo "attention.kind=SHIFT" ;;
     hash8) printf '%s\n' "attention.kind=HASH" "attention.num_buckets=8" ;;
@@ -110,7 +119,7 @@ run_settings() {
               "layer_attention=[{layers: [0, 1, 29] attention {kind: DENSE}}]" ;;
     *) die "unknown run $1" ;;
   esac
-  case $1 in
+  case $run in
     lora-*) printf '%s\n' "model.lora.rank=8" "model.lora.alpha=16" \
               "model.lora.train_embeddings=true" "model.lora.train_norms=true" ;;
   esac
