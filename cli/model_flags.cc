@@ -86,9 +86,8 @@ namespace sparseflash::cli {
 
 const std::vector<std::string>& model_flag_names() {
   static const std::vector<std::string> f = {
-      "model", "tokenizer", "attention", "num_buckets", "drop_prob", "group_size", "sparse_sinks", "sparse_window",
-      "rope_scaling",
-      "saap_index",
+      "model", "tokenizer", "attention", "num_buckets", "drop_prob", "group_size",
+      "sparse_sinks", "sparse_window", "rope_scaling", "saap_index",
       "top_l", "key_budget", "per_head_budgets", "budget_objective", "mass_threshold",
       "saap_routing", "dtype", "device", "seed", "json", "json_file"};
   return f;
