@@ -9,9 +9,11 @@
 // with the whole attention's out and lse (flash attention's own trick for a
 // split key range), and B's is computed here the same way.
 //
-// B is small (sink_tokens + about 2 * local_window keys per query) and is
-// computed with LibTorch ops on blocks of R query rows: block b holds queries
-// at positions [p0, p0 + R) and gathers the sinks and the keys at positions
+// B is small (sink_tokens + local_window keys per query). On the GPU it is
+// computed by its own kernels (attention/kernels/local_band.h), which also
+// merge it into A's output; elsewhere (CPU, float64, other head dims) with
+// LibTorch ops on blocks of R query rows: block b holds queries at positions
+// [p0, p0 + R) and gathers the sinks and the keys at positions
 // [p0 - W + 1, p0 + R - 1], each pair masked by causality, the window and "not
 // in A". Memory O(Nq * (S + R + W)) per head, never O(N^2).
 #include <limits>
@@ -23,6 +25,13 @@
 #include "attention/attention.h"
 #include "attention/flash.h"
 #include "profile/phases.h"
+
+#ifdef SPARSEFLASH_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "attention/kernels/local_band.h"
+#endif
 
 namespace sparseflash::attention {
 
@@ -176,6 +185,112 @@ std::tuple<Tensor, Tensor, Tensor> local_part_backward(const Tensor& q, const Te
           scatter(dvb).to(v.scalar_type())};
 }
 
+#ifdef SPARSEFLASH_WITH_CUDA
+namespace sk = sparseflash::kernels;
+
+// Can part B run on the local kernels? (Else the LibTorch blocks above.)
+bool local_kernels_apply(const Tensor& q, const Tensor& k, const Tensor& v) {
+  const auto t = q.scalar_type();
+  return q.is_cuda() && (t == at::kBFloat16 || t == at::kHalf) && k.scalar_type() == t &&
+         v.scalar_type() == t && k.device() == q.device() && v.device() == q.device() &&
+         sk::local_head_dim_supported(static_cast<int>(q.size(3))) && k.size(3) == q.size(3) &&
+         q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && q.size(1) <= 65535 &&
+         q.size(0) <= 65535 && k.numel() < (int64_t{1} << 31) && q.numel() < (int64_t{1} << 31);
+}
+
+sk::Layout layout(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// The kernels' view of the call; holds the int32 / uint8 copies of the pattern.
+struct LocalCall {
+  sk::LocalParams params;
+  Tensor q_bucket, k_bucket, q_keep, k_keep;
+
+  LocalCall(const Tensor& q, const Tensor& k, const Tensor& v, const Pattern& p, double scale) {
+    sk::LocalParams& lp = params;
+    lp.dtype = q.scalar_type() == at::kBFloat16 ? sk::DType::kBF16 : sk::DType::kFP16;
+    lp.B = q.size(0), lp.H = q.size(1), lp.Hkv = k.size(1), lp.Nq = q.size(2), lp.Nk = k.size(2),
+    lp.D = q.size(3);
+    lp.sinks = static_cast<int>(std::min<int64_t>(p.sink_tokens, k.size(2)));
+    lp.window = static_cast<int>(std::min<int64_t>(p.local_window, k.size(2) + 1));
+    lp.scale = static_cast<float>(scale);
+    lp.q = q.data_ptr(), lp.k = k.data_ptr(), lp.v = v.data_ptr();
+    lp.q_layout = layout(q), lp.k_layout = layout(k), lp.v_layout = layout(v);
+    if (p.q_bucket.defined()) {
+      q_bucket = p.q_bucket.to(at::kInt).contiguous();
+      k_bucket = p.k_bucket.to(at::kInt).contiguous();
+      lp.q_bucket = q_bucket.data_ptr<int>();
+      lp.k_bucket = k_bucket.data_ptr<int>();
+    }
+    if (p.q_keep.defined()) {
+      q_keep = p.q_keep.to(at::kByte).contiguous();
+      k_keep = p.k_keep.to(at::kByte).contiguous();
+      lp.q_keep = q_keep.data_ptr<uint8_t>();
+      lp.k_keep = k_keep.data_ptr<uint8_t>();
+    }
+  }
+};
+
+void check_kernel(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "local_attention: ", what, " failed: ", cudaGetErrorString(e));
+}
+
+// A's output and log-sum-exp merged with part B: the whole attention's.
+std::pair<Tensor, Tensor> local_merge_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                           const Pattern& p, double scale, const Tensor& out_a,
+                                           const Tensor& lse_a) {
+  c10::cuda::CUDAGuard guard(q.device());
+  LocalCall call(q, k, v, p, scale);
+  sk::LocalForwardParams fp;
+  fp.p = call.params;
+  Tensor a = out_a.stride(3) == 1 ? out_a : out_a.contiguous();
+  Tensor la = lse_a.to(at::kFloat).contiguous();
+  Tensor out = at::empty_like(a), lse = at::empty_like(la);
+  fp.out_a = a.data_ptr(), fp.out_a_layout = layout(a), fp.lse_a = la.data_ptr<float>();
+  fp.out = out.data_ptr(), fp.out_layout = layout(out), fp.lse = lse.data_ptr<float>();
+  check_kernel(sk::local_forward(fp, at::cuda::getCurrentCUDAStream()), "local forward");
+  return {out, lse};
+}
+
+// Part B's gradients (float32) given the whole attention's out and lse.
+std::tuple<Tensor, Tensor, Tensor> local_backward_cuda(const Tensor& q, const Tensor& k,
+                                                       const Tensor& v, const Pattern& p,
+                                                       double scale, const Tensor& out,
+                                                       const Tensor& lse, const Tensor& grad_out,
+                                                       bool deterministic) {
+  c10::cuda::CUDAGuard guard(q.device());
+  LocalCall call(q, k, v, p, scale);
+  sk::LocalBackwardParams bp;
+  bp.p = call.params;
+  Tensor o = out.stride(3) == 1 ? out : out.contiguous();
+  Tensor dout = grad_out.stride(3) == 1 ? grad_out : grad_out.contiguous();
+  Tensor l = lse.to(at::kFloat).contiguous();
+  auto f32 = q.options().dtype(at::kFloat);
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2);
+  Tensor delta = at::empty({B, H, Nq}, f32);
+  Tensor dq = at::empty({B, H, Nq, D}, f32);
+  Tensor dk = at::empty({B, Hkv, Nk, D}, f32), dv = at::empty({B, Hkv, Nk, D}, f32);
+  bp.out = o.data_ptr(), bp.out_layout = layout(o), bp.lse = l.data_ptr<float>();
+  bp.dout = dout.data_ptr(), bp.dout_layout = layout(dout);
+  bp.delta = delta.data_ptr<float>(), bp.dq = dq.data_ptr<float>();
+  bp.dk = dk.data_ptr<float>(), bp.dv = dv.data_ptr<float>();
+  const int64_t S = bp.p.sinks;
+  Tensor sink_dk, sink_dv;
+  if (deterministic && S > 0 && Nq > 0) {
+    const int64_t nblk = sk::local_query_blocks(static_cast<int>(Nq));
+    sink_dk = at::empty({B, Hkv, H / Hkv, nblk, S, D}, f32);
+    sink_dv = at::empty_like(sink_dk);
+    bp.sink_dk = sink_dk.data_ptr<float>(), bp.sink_dv = sink_dv.data_ptr<float>();
+  }
+  check_kernel(sk::local_backward(bp, at::cuda::getCurrentCUDAStream()), "local backward");
+  if (sink_dk.defined()) {
+    dk.slice(2, 0, S).add_(sink_dk.sum({2, 3}));
+    dv.slice(2, 0, S).add_(sink_dv.sum({2, 3}));
+  }
+  return {dq, dk, dv};
+}
+#endif  // SPARSEFLASH_WITH_CUDA
+
 struct LocalAttention : public torch::autograd::Function<LocalAttention> {
   static Tensor forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Pattern& p, bool kernel, int64_t chunk_size, double scale,
@@ -187,6 +302,16 @@ struct LocalAttention : public torch::autograd::Function<LocalAttention> {
     auto [out_a, lse_a] = kernel ? flash_attention_with_lse(q, k, v, base, scale)
                                  : reference_attention_with_lse(q, k, v, base, chunk_size, scale);
     Tensor out, lse;
+#ifdef SPARSEFLASH_WITH_CUDA
+    if (kernel && local_kernels_apply(q, k, v)) {
+      {
+        profile::Phase phase("attention.local");
+        std::tie(out, lse) = local_merge_cuda(q, k, v, p, scale, out_a, lse_a);
+      }
+      save(ctx, q, k, v, p, out, lse, kernel, chunk_size, scale, deterministic);
+      return out;
+    }
+#endif
     {
       profile::Phase phase("attention.local");
       auto [out_b, lse_b] = local_part(q, k, v, p, scale);
@@ -204,6 +329,13 @@ struct LocalAttention : public torch::autograd::Function<LocalAttention> {
     // reference keeps compute precision.
     Tensor out_saved = kernel ? out.to(q.scalar_type()) : out;
     Tensor lse_saved = kernel ? lse.to(at::kFloat).contiguous() : lse;
+    save(ctx, q, k, v, p, out_saved, lse_saved, kernel, chunk_size, scale, deterministic);
+    return out.to(q.scalar_type());
+  }
+
+  static void save(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                   const Pattern& p, const Tensor& out_saved, const Tensor& lse_saved,
+                   bool kernel, int64_t chunk_size, double scale, bool deterministic) {
     ctx->save_for_backward({q, k, v, out_saved, lse_saved});
     ctx->saved_data["q_bucket"] = p.q_bucket;
     ctx->saved_data["k_bucket"] = p.k_bucket;
@@ -216,7 +348,6 @@ struct LocalAttention : public torch::autograd::Function<LocalAttention> {
     ctx->saved_data["chunk"] = chunk_size;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["deterministic"] = deterministic;
-    return out.to(q.scalar_type());
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
@@ -242,7 +373,14 @@ struct LocalAttention : public torch::autograd::Function<LocalAttention> {
             : reference_backward(q, k, v, base, ctx->saved_data["chunk"].toInt(), scale, out, lse,
                                  dout);
     profile::Phase phase("attention.local");
-    auto [dq_b, dk_b, dv_b] = local_part_backward(q, k, v, p, scale, out, lse, dout);
+    Tensor dq_b, dk_b, dv_b;
+#ifdef SPARSEFLASH_WITH_CUDA
+    if (ctx->saved_data["kernel"].toBool() && local_kernels_apply(q, k, v))
+      std::tie(dq_b, dk_b, dv_b) = local_backward_cuda(q, k, v, p, scale, out, lse, dout,
+                                                       ctx->saved_data["deterministic"].toBool());
+#endif
+    if (!dq_b.defined())
+      std::tie(dq_b, dk_b, dv_b) = local_part_backward(q, k, v, p, scale, out, lse, dout);
     return {dq_a.add_(dq_b), dk_a.add_(dk_b), dv_a.add_(dv_b), Tensor(), Tensor(), Tensor(),
             Tensor(), Tensor()};
   }

@@ -18,8 +18,10 @@
 // Modes: dense (cuDNN where it applies: attention.backend AUTO), dense-ours
 // (our dense kernel), hash:NB (shared QK, the paper's LM setting),
 // hash:NB:sep (separate Q and K), with :raw LSH of the uncentred vectors
-// (attention.lsh_center=false), drop:P; all but hash:NB with separate
-// query and key projections. Anything else of the config can be set with
+// (attention.lsh_center=false), drop:P, shift[:G] (S2-Attn); all but
+// hash:NB with separate query and key projections. A sparse mode with :sN:wW
+// adds N sink tokens and a local window of W (attention.sink_tokens,
+// attention.local_window), e.g. hash:16:sep:s4:w64. Anything else of the config can be set with
 // --set as in `sparseflash train` (after the mode's own settings:
 // e.g. --set attention.lsh_center=false).
 //
@@ -51,6 +53,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "attention/attention.h"
 #include "configs/config.h"
@@ -67,7 +70,8 @@ ABSL_FLAG(std::vector<std::string>, n, std::vector<std::string>({"1024", "8192",
           "context lengths N, comma separated");
 ABSL_FLAG(std::vector<std::string>, modes,
           std::vector<std::string>({"dense", "hash:16", "hash:16:sep", "drop:0.5"}),
-          "attention modes: dense, dense-ours, hash:NB[:sep][:raw], drop:P, shift[:G]");
+          "attention modes: dense, dense-ours, hash:NB[:sep][:raw], drop:P, shift[:G]; sparse "
+          "kinds take :sN:wW (N sink tokens, a local window of W), e.g. hash:16:sep:s4:w64");
 ABSL_FLAG(int64_t, tokens, 16384, "tokens per step (B = tokens / N)");
 ABSL_FLAG(int64_t, warmup, 3, "untimed steps before timing");
 ABSL_FLAG(int64_t, steps, 20, "timed steps");
@@ -94,7 +98,32 @@ struct Mode {
   std::vector<std::string> overrides;
 };
 
+Mode parse_kind(const std::string& text);
+
 Mode parse_mode(const std::string& text) {
+  std::vector<std::string> all = absl::StrSplit(text, ':'), f;
+  // Sinks and a local window for the sparse kinds: fields sN and wN anywhere
+  // after the kind, e.g. hash:16:sep:s4:w64.
+  std::vector<std::string> local;
+  for (size_t i = 0; i < all.size(); ++i) {
+    int64_t v = 0;
+    if (i > 0 && all[i].size() > 1 && (all[i][0] == 's' || all[i][0] == 'w') &&
+        absl::SimpleAtoi(all[i].substr(1), &v)) {
+      local.push_back(absl::StrCat(all[i][0] == 's' ? "attention.sink_tokens=" : "attention.local_window=", v));
+    } else {
+      f.push_back(all[i]);
+    }
+  }
+  if (!local.empty() && (f[0] == "dense" || f[0] == "dense-ours"))
+    throw std::invalid_argument("bad mode " + text + ": sinks and a window are for the sparse kinds");
+  const std::string kind_text = absl::StrJoin(f, ":");
+  Mode m = parse_kind(kind_text);
+  m.name = text;
+  for (auto& o : local) m.overrides.push_back(o);
+  return m;
+}
+
+Mode parse_kind(const std::string& text) {
   std::vector<std::string> f = absl::StrSplit(text, ':');
   Mode m{text, {}};
   if (text == "dense") {
@@ -122,7 +151,8 @@ Mode parse_mode(const std::string& text) {
                    absl::StrCat("attention.drop_prob=", f[1])};
   } else {
     throw std::invalid_argument("unknown mode \"" + text +
-                                "\" (dense, dense-ours, hash:NB[:sep][:raw], drop:P, shift[:G])");
+                                "\" (dense, dense-ours, hash:NB[:sep][:raw], drop:P, shift[:G]; "
+                                "sparse kinds take :sN:wW for N sinks and a window of W)");
   }
   return m;
 }

@@ -1,0 +1,621 @@
+// The local part of attention with sinks and a local window (local_band.h):
+// forward with the merge into part A, and the two backward passes.
+#include "attention/kernels/local_band.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+namespace sparseflash::kernels {
+
+namespace {
+
+constexpr int kRows = 64;     // queries per block (forward, dQ pass): local_query_blocks
+constexpr int kChunk = 64;    // key slots per chunk; keys per block of the dK/dV pass
+constexpr int kThreads = 256;
+constexpr int kRowsPerWarp = 8;  // kRows / (kThreads / 32)
+constexpr unsigned kFull = 0xffffffffu;
+
+// Shared-memory row stride in floats: a multiple of 4 (float4 reads) whose
+// word offset moves 4 banks per row, so a warp reading one row per lane with
+// float4 loads hits every bank once per quarter-warp.
+template <int D>
+__host__ __device__ constexpr int row_stride() {
+  return D + 4;
+}
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16(x);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half(x);
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) x = fmaxf(x, __shfl_xor_sync(kFull, x, off));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(kFull, x, off);
+  return x;
+}
+
+template <int D>
+__device__ __forceinline__ float dot_row(const float* a, const float* b) {
+  float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma unroll
+  for (int d = 0; d < D; d += 4) {
+    const float4 x = *reinterpret_cast<const float4*>(a + d);
+    const float4 y = *reinterpret_cast<const float4*>(b + d);
+    s0 = fmaf(x.x, y.x, s0);
+    s1 = fmaf(x.y, y.y, s1);
+    s2 = fmaf(x.z, y.z, s2);
+    s3 = fmaf(x.w, y.w, s3);
+  }
+  return (s0 + s1) + (s2 + s3);
+}
+
+// rows rows of one (batch, head) sequence into shared memory as float, row r
+// taken from sequence row index[r] (zeros where index[r] < 0).
+template <int D, typename T>
+__device__ void load_rows(float* dst, const T* base, int64_t row_stride_elems, const int* index,
+                          int rows) {
+  constexpr int S = row_stride<D>();
+  for (int i = threadIdx.x; i < rows * D; i += kThreads) {
+    const int r = i / D, d = i % D;
+    const int row = index[r];
+    dst[r * S + d] = row >= 0 ? to_float(base[row * row_stride_elems + d]) : 0.f;
+  }
+}
+
+// The slots of query block blk: sink chunks first (slot t of sink chunk c is
+// key c * kChunk + t), then window chunks over the key positions
+// [p0 - window + 1, p0 + kRows - 1].
+struct Slots {
+  int p0;            // position of the block's first query
+  int sink_chunks;
+  int window_slots;  // kRows + window - 1, or 0 without a window
+  int chunks;
+};
+
+__device__ __forceinline__ Slots slots_of(const LocalParams& p, int blk) {
+  Slots s;
+  s.p0 = blk * kRows + (p.Nk - p.Nq);
+  s.sink_chunks = (p.sinks + kChunk - 1) / kChunk;
+  s.window_slots = p.window > 0 ? kRows + p.window - 1 : 0;
+  s.chunks = s.sink_chunks + (s.window_slots + kChunk - 1) / kChunk;
+  return s;
+}
+
+// The key position slot t of chunk c holds, or -1. Window slots leave the
+// sinks to the sink slots, so no key sits in two slots of one block.
+__device__ __forceinline__ int slot_key(const LocalParams& p, const Slots& s, int c, int t) {
+  if (c < s.sink_chunks) {
+    const int kp = c * kChunk + t;
+    return kp < p.sinks ? kp : -1;
+  }
+  const int w = (c - s.sink_chunks) * kChunk + t;
+  if (w >= s.window_slots) return -1;
+  const int kp = s.p0 - p.window + 1 + w;
+  return kp >= p.sinks && kp < p.Nk ? kp : -1;
+}
+
+// Is (query at qpos, key at kpos) a pair of part B? qpos < 0 or kpos < 0: no
+// query or key there.
+__device__ __forceinline__ bool local_pair(const LocalParams& p, int qpos, int qbucket,
+                                           bool qkeep, int kpos, int kbucket, bool kkeep,
+                                           bool sink_slot) {
+  if (kpos < 0 || qpos < 0 || kpos > qpos) return false;
+  if (!sink_slot && qpos - kpos >= p.window) return false;
+  if (p.q_bucket == nullptr && p.q_keep == nullptr) return true;  // no constraint: A holds nothing
+  bool in_a = true;
+  if (p.q_bucket != nullptr) in_a = qbucket == kbucket;
+  if (p.q_keep != nullptr) in_a = in_a && qkeep && kkeep;
+  return !in_a;
+}
+
+// Bucket and keep flag of row `row` of a side (0 and 1 when absent).
+__device__ __forceinline__ int bucket_at(const int* bucket, int64_t seq, int n, int row) {
+  return bucket != nullptr && row >= 0 ? bucket[seq * n + row] : 0;
+}
+__device__ __forceinline__ bool keep_at(const uint8_t* keep, int64_t seq, int n, int row) {
+  return keep == nullptr || (row >= 0 && keep[seq * n + row] != 0);
+}
+
+// Loads the slot table of chunk c (positions, buckets, keep flags) and the
+// chunk's keys and values.
+template <int D, typename T>
+__device__ void load_chunk(const LocalParams& p, const Slots& sl, int c, int64_t kseq,
+                           const T* k, const T* v, float* Ks, float* Vs, int* kpos_s,
+                           int* kbucket_s, int* kkeep_s) {
+  if (threadIdx.x < kChunk) {
+    const int kp = slot_key(p, sl, c, threadIdx.x);
+    kpos_s[threadIdx.x] = kp;
+    kbucket_s[threadIdx.x] = bucket_at(p.k_bucket, kseq, p.Nk, kp);
+    kkeep_s[threadIdx.x] = keep_at(p.k_keep, kseq, p.Nk, kp);
+  }
+  __syncthreads();
+  load_rows<D>(Ks, k, p.k_layout.n, kpos_s, kChunk);
+  load_rows<D>(Vs, v, p.v_layout.n, kpos_s, kChunk);
+  __syncthreads();
+}
+
+// ---------------------------------------------------------------------------
+// Forward: online softmax over the block's slots, then the merge with part A.
+
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads) local_forward_kernel(const LocalForwardParams fp) {
+  const LocalParams& p = fp.p;
+  constexpr int S = row_stride<D>();
+  constexpr int C = D / 32;  // output columns per lane: lane + 32 * cc
+  const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.H / p.Hkv);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t qseq = int64_t(b) * p.H + h, kseq = int64_t(b) * p.Hkv + hk;
+  const int offset = p.Nk - p.Nq;
+
+  extern __shared__ float4 smem_f4[];
+  float* Qs = reinterpret_cast<float*>(smem_f4);
+  float* Ks = Qs + kRows * S;
+  float* Vs = Ks + kChunk * S;
+  int* kpos_s = reinterpret_cast<int*>(Vs + kChunk * S);
+  int* kbucket_s = kpos_s + kChunk;
+  int* kkeep_s = kbucket_s + kChunk;
+  __shared__ int qidx_s[kRows];
+
+  const Slots sl = slots_of(p, blk);
+  const int q0 = blk * kRows;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_layout.b + h * p.q_layout.h;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_layout.b + hk * p.k_layout.h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_layout.b + hk * p.v_layout.h;
+  for (int i = threadIdx.x; i < kRows; i += kThreads) qidx_s[i] = q0 + i < p.Nq ? q0 + i : -1;
+  __syncthreads();
+  load_rows<D>(Qs, q, p.q_layout.n, qidx_s, kRows);
+
+  int qpos[kRowsPerWarp], qbucket[kRowsPerWarp];
+  bool qkeep[kRowsPerWarp];
+  float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][C];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int qi = qidx_s[warp * kRowsPerWarp + i];
+    qpos[i] = qi >= 0 ? qi + offset : -1;
+    qbucket[i] = bucket_at(p.q_bucket, qseq, p.Nq, qi);
+    qkeep[i] = keep_at(p.q_keep, qseq, p.Nq, qi);
+    m[i] = -INFINITY;
+    l[i] = 0;
+#pragma unroll
+    for (int cc = 0; cc < C; ++cc) acc[i][cc] = 0;
+  }
+
+  for (int c = 0; c < sl.chunks; ++c) {
+    const bool sink = c < sl.sink_chunks;
+    __syncthreads();  // the previous chunk is read
+    load_chunk<D>(p, sl, c, kseq, k, v, Ks, Vs, kpos_s, kbucket_s, kkeep_s);
+    const int kp0 = kpos_s[lane], kp1 = kpos_s[lane + 32];
+    const int kb0 = kbucket_s[lane], kb1 = kbucket_s[lane + 32];
+    const bool kk0 = kkeep_s[lane], kk1 = kkeep_s[lane + 32];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int r = warp * kRowsPerWarp + i;
+      const bool ok0 = local_pair(p, qpos[i], qbucket[i], qkeep[i], kp0, kb0, kk0, sink);
+      const bool ok1 = local_pair(p, qpos[i], qbucket[i], qkeep[i], kp1, kb1, kk1, sink);
+      if (!__any_sync(kFull, ok0 || ok1)) continue;
+      const float s0 = ok0 ? dot_row<D>(Qs + r * S, Ks + lane * S) * p.scale : -INFINITY;
+      const float s1 = ok1 ? dot_row<D>(Qs + r * S, Ks + (lane + 32) * S) * p.scale : -INFINITY;
+      const float m_new = fmaxf(m[i], warp_max(fmaxf(s0, s1)));
+      const float correction = __expf(m[i] - m_new);  // 0 while m is -inf
+      const float e0 = ok0 ? __expf(s0 - m_new) : 0.f;
+      const float e1 = ok1 ? __expf(s1 - m_new) : 0.f;
+      l[i] = l[i] * correction + warp_sum(e0 + e1);
+      m[i] = m_new;
+#pragma unroll
+      for (int cc = 0; cc < C; ++cc) acc[i][cc] *= correction;
+#pragma unroll 8
+      for (int j = 0; j < 32; ++j) {
+        const float pj = __shfl_sync(kFull, e0, j);
+#pragma unroll
+        for (int cc = 0; cc < C; ++cc) acc[i][cc] = fmaf(pj, Vs[j * S + lane + 32 * cc], acc[i][cc]);
+      }
+#pragma unroll 8
+      for (int j = 0; j < 32; ++j) {
+        const float pj = __shfl_sync(kFull, e1, j);
+#pragma unroll
+        for (int cc = 0; cc < C; ++cc)
+          acc[i][cc] = fmaf(pj, Vs[(j + 32) * S + lane + 32 * cc], acc[i][cc]);
+      }
+    }
+  }
+
+  // out = (out_a e^(lse_a - M) + acc e^(m - M)) / (e^(lse_a - M) + l e^(m - M)).
+  const T* out_a = static_cast<const T*>(fp.out_a) + b * fp.out_a_layout.b + h * fp.out_a_layout.h;
+  T* out = static_cast<T*>(fp.out) + b * fp.out_layout.b + h * fp.out_layout.h;
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int qi = qidx_s[warp * kRowsPerWarp + i];
+    if (qi < 0) continue;
+    const float lse_a = fp.lse_a[qseq * p.Nq + qi];
+    const float lse_b = l[i] > 0 ? m[i] + logf(l[i]) : -INFINITY;
+    const float M = fmaxf(lse_a, lse_b);
+    float wa = 0, wb = 0, denom = 0;
+    if (M != -INFINITY) {
+      wa = expf(lse_a - M);
+      wb = l[i] > 0 ? expf(m[i] - M) : 0.f;
+      denom = wa + l[i] * wb;
+    }
+#pragma unroll
+    for (int cc = 0; cc < C; ++cc) {
+      const int d = lane + 32 * cc;
+      float o = 0;
+      if (denom > 0) o = (to_float(out_a[qi * fp.out_a_layout.n + d]) * wa + acc[i][cc] * wb) / denom;
+      out[qi * fp.out_layout.n + d] = from_float<T>(o);
+    }
+    if (lane == 0) fp.lse[qseq * p.Nq + qi] = denom > 0 ? M + logf(denom) : -INFINITY;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward, pass 1 (per query block): delta = rowsum(dO * O), dQ over the
+// block's slots, and the sink keys' dK, dV summed over the block's rows and
+// added with atomics.
+
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads) local_backward_dq_kernel(const LocalBackwardParams bp) {
+  const LocalParams& p = bp.p;
+  constexpr int S = row_stride<D>();
+  constexpr int C = D / 32;
+  const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.H / p.Hkv);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t qseq = int64_t(b) * p.H + h, kseq = int64_t(b) * p.Hkv + hk;
+  const int offset = p.Nk - p.Nq;
+
+  extern __shared__ float4 smem_f4[];
+  float* Qs = reinterpret_cast<float*>(smem_f4);
+  float* dOs = Qs + kRows * S;
+  float* Ks = dOs + kRows * S;
+  float* Vs = Ks + kChunk * S;
+  float* Ps = Vs + kChunk * S;      // [kRows][kChunk], sink chunks only
+  float* dSs = Ps + kRows * kChunk;  // [kRows][kChunk]
+  int* kpos_s = reinterpret_cast<int*>(dSs + kRows * kChunk);
+  int* kbucket_s = kpos_s + kChunk;
+  int* kkeep_s = kbucket_s + kChunk;
+  __shared__ int qidx_s[kRows];
+
+  const Slots sl = slots_of(p, blk);
+  const int q0 = blk * kRows;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_layout.b + h * p.q_layout.h;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_layout.b + hk * p.k_layout.h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_layout.b + hk * p.v_layout.h;
+  const T* dout = static_cast<const T*>(bp.dout) + b * bp.dout_layout.b + h * bp.dout_layout.h;
+  const T* out = static_cast<const T*>(bp.out) + b * bp.out_layout.b + h * bp.out_layout.h;
+  for (int i = threadIdx.x; i < kRows; i += kThreads) qidx_s[i] = q0 + i < p.Nq ? q0 + i : -1;
+  __syncthreads();
+  load_rows<D>(Qs, q, p.q_layout.n, qidx_s, kRows);
+  load_rows<D>(dOs, dout, bp.dout_layout.n, qidx_s, kRows);
+  __syncthreads();
+
+  int qpos[kRowsPerWarp], qbucket[kRowsPerWarp];
+  bool qkeep[kRowsPerWarp];
+  float lse[kRowsPerWarp], delta[kRowsPerWarp], dq[kRowsPerWarp][C];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int r = warp * kRowsPerWarp + i;
+    const int qi = qidx_s[r];
+    qpos[i] = qi >= 0 ? qi + offset : -1;
+    qbucket[i] = bucket_at(p.q_bucket, qseq, p.Nq, qi);
+    qkeep[i] = keep_at(p.q_keep, qseq, p.Nq, qi);
+    lse[i] = qi >= 0 ? bp.lse[qseq * p.Nq + qi] : 0.f;
+    float part = 0;
+    if (qi >= 0) {
+#pragma unroll
+      for (int cc = 0; cc < C; ++cc) {
+        const int d = lane + 32 * cc;
+        part += dOs[r * S + d] * to_float(out[qi * bp.out_layout.n + d]);
+      }
+    }
+    delta[i] = warp_sum(part);
+    if (qi >= 0 && lane == 0) bp.delta[qseq * p.Nq + qi] = delta[i];
+#pragma unroll
+    for (int cc = 0; cc < C; ++cc) dq[i][cc] = 0;
+  }
+
+  for (int c = 0; c < sl.chunks; ++c) {
+    const bool sink = c < sl.sink_chunks;
+    __syncthreads();
+    load_chunk<D>(p, sl, c, kseq, k, v, Ks, Vs, kpos_s, kbucket_s, kkeep_s);
+    const int kp0 = kpos_s[lane], kp1 = kpos_s[lane + 32];
+    const int kb0 = kbucket_s[lane], kb1 = kbucket_s[lane + 32];
+    const bool kk0 = kkeep_s[lane], kk1 = kkeep_s[lane + 32];
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const int r = warp * kRowsPerWarp + i;
+      const bool ok0 = local_pair(p, qpos[i], qbucket[i], qkeep[i], kp0, kb0, kk0, sink);
+      const bool ok1 = local_pair(p, qpos[i], qbucket[i], qkeep[i], kp1, kb1, kk1, sink);
+      float p0 = 0, p1 = 0, ds0 = 0, ds1 = 0;
+      if (__any_sync(kFull, ok0 || ok1)) {
+        if (ok0) {
+          p0 = __expf(dot_row<D>(Qs + r * S, Ks + lane * S) * p.scale - lse[i]);
+          ds0 = p0 * (dot_row<D>(dOs + r * S, Vs + lane * S) - delta[i]) * p.scale;
+        }
+        if (ok1) {
+          p1 = __expf(dot_row<D>(Qs + r * S, Ks + (lane + 32) * S) * p.scale - lse[i]);
+          ds1 = p1 * (dot_row<D>(dOs + r * S, Vs + (lane + 32) * S) - delta[i]) * p.scale;
+        }
+#pragma unroll 8
+        for (int j = 0; j < 32; ++j) {
+          const float a = __shfl_sync(kFull, ds0, j), bb = __shfl_sync(kFull, ds1, j);
+#pragma unroll
+          for (int cc = 0; cc < C; ++cc) {
+            dq[i][cc] = fmaf(a, Ks[j * S + lane + 32 * cc], dq[i][cc]);
+            dq[i][cc] = fmaf(bb, Ks[(j + 32) * S + lane + 32 * cc], dq[i][cc]);
+          }
+        }
+      }
+      if (sink) {
+        Ps[r * kChunk + lane] = p0, Ps[r * kChunk + lane + 32] = p1;
+        dSs[r * kChunk + lane] = ds0, dSs[r * kChunk + lane + 32] = ds1;
+      }
+    }
+    if (sink) {
+      __syncthreads();
+      // dK[j] = sum_r dS[r][j] Q[r], dV[j] = sum_r P[r][j] dO[r]; a warp
+      // shares j, so the P and dS reads are broadcasts.
+      for (int idx = threadIdx.x; idx < kChunk * D; idx += kThreads) {
+        const int j = idx / D, d = idx % D;
+        const int kp = kpos_s[j];
+        if (kp < 0) continue;
+        float gk = 0, gv = 0;
+#pragma unroll 8
+        for (int r = 0; r < kRows; ++r) {
+          gk = fmaf(dSs[r * kChunk + j], Qs[r * S + d], gk);
+          gv = fmaf(Ps[r * kChunk + j], dOs[r * S + d], gv);
+        }
+        if (bp.sink_dk != nullptr) {
+          const int64_t at = ((qseq * gridDim.x + blk) * p.sinks + kp) * D + d;
+          bp.sink_dk[at] = gk;
+          bp.sink_dv[at] = gv;
+        } else {
+          const int64_t at = (kseq * p.Nk + kp) * D + d;
+          if (gk != 0) atomicAdd(bp.dk + at, gk);
+          if (gv != 0) atomicAdd(bp.dv + at, gv);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int qi = qidx_s[warp * kRowsPerWarp + i];
+    if (qi < 0) continue;
+#pragma unroll
+    for (int cc = 0; cc < C; ++cc) bp.dq[(qseq * p.Nq + qi) * D + lane + 32 * cc] = dq[i][cc];
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward, pass 2 (per block of kChunk window keys, all query heads of its
+// key head): dK, dV of keys at positions >= sinks from the queries up to
+// window - 1 positions after them. Each key is written by one block.
+
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads) local_backward_dkdv_kernel(const LocalBackwardParams bp) {
+  const LocalParams& p = bp.p;
+  constexpr int S = row_stride<D>();
+  constexpr int C = D / 32;
+  const int kblk = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int G = p.H / p.Hkv;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t kseq = int64_t(b) * p.Hkv + hk;
+  const int offset = p.Nk - p.Nq;
+
+  extern __shared__ float4 smem_f4[];
+  float* Ks = reinterpret_cast<float*>(smem_f4);
+  float* Vs = Ks + kChunk * S;
+  float* Qs = Vs + kChunk * S;
+  float* dOs = Qs + kRows * S;
+  __shared__ int kidx_s[kChunk], qidx_s[kRows], qbucket_s[kRows], qkeep_s[kRows];
+  __shared__ float lse_s[kRows], delta_s[kRows];
+
+  const int k0 = kblk * kChunk;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_layout.b + hk * p.k_layout.h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_layout.b + hk * p.v_layout.h;
+  for (int i = threadIdx.x; i < kChunk; i += kThreads) {
+    const int kp = k0 + i;
+    kidx_s[i] = kp >= p.sinks && kp < p.Nk ? kp : -1;
+  }
+  __syncthreads();
+  load_rows<D>(Ks, k, p.k_layout.n, kidx_s, kChunk);
+  load_rows<D>(Vs, v, p.v_layout.n, kidx_s, kChunk);
+
+  int kpos[kRowsPerWarp], kbucket[kRowsPerWarp];
+  bool kkeep[kRowsPerWarp];
+  float dk[kRowsPerWarp][C], dv[kRowsPerWarp][C];
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    kpos[i] = kidx_s[warp * kRowsPerWarp + i];
+    kbucket[i] = bucket_at(p.k_bucket, kseq, p.Nk, kpos[i]);
+    kkeep[i] = keep_at(p.k_keep, kseq, p.Nk, kpos[i]);
+#pragma unroll
+    for (int cc = 0; cc < C; ++cc) dk[i][cc] = dv[i][cc] = 0;
+  }
+
+  // The queries that can see these keys through the window.
+  const int qpos_lo = max(max(k0, offset), p.sinks);
+  const int qpos_hi = min(k0 + kChunk - 1 + p.window - 1, p.Nk - 1);
+  for (int g = 0; g < G; ++g) {
+    const int h = hk * G + g;
+    const int64_t qseq = int64_t(b) * p.H + h;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_layout.b + h * p.q_layout.h;
+    const T* dout = static_cast<const T*>(bp.dout) + b * bp.dout_layout.b + h * bp.dout_layout.h;
+    for (int first = qpos_lo; first <= qpos_hi; first += kRows) {
+      __syncthreads();  // the previous queries are read
+      if (threadIdx.x < kRows) {
+        const int qp = first + threadIdx.x;
+        const int qi = qp <= qpos_hi ? qp - offset : -1;
+        qidx_s[threadIdx.x] = qi;
+        qbucket_s[threadIdx.x] = bucket_at(p.q_bucket, qseq, p.Nq, qi);
+        qkeep_s[threadIdx.x] = keep_at(p.q_keep, qseq, p.Nq, qi);
+        lse_s[threadIdx.x] = qi >= 0 ? bp.lse[qseq * p.Nq + qi] : 0.f;
+        delta_s[threadIdx.x] = qi >= 0 ? bp.delta[qseq * p.Nq + qi] : 0.f;
+      }
+      __syncthreads();
+      load_rows<D>(Qs, q, p.q_layout.n, qidx_s, kRows);
+      load_rows<D>(dOs, dout, bp.dout_layout.n, qidx_s, kRows);
+      __syncthreads();
+      const int qi0 = qidx_s[lane], qi1 = qidx_s[lane + 32];
+      const int qp0 = qi0 >= 0 ? qi0 + offset : -1, qp1 = qi1 >= 0 ? qi1 + offset : -1;
+      const int qb0 = qbucket_s[lane], qb1 = qbucket_s[lane + 32];
+      const bool qk0 = qkeep_s[lane], qk1 = qkeep_s[lane + 32];
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const int c = warp * kRowsPerWarp + i;
+        const bool ok0 = local_pair(p, qp0, qb0, qk0, kpos[i], kbucket[i], kkeep[i], false);
+        const bool ok1 = local_pair(p, qp1, qb1, qk1, kpos[i], kbucket[i], kkeep[i], false);
+        if (!__any_sync(kFull, ok0 || ok1)) continue;
+        float p0 = 0, p1 = 0, ds0 = 0, ds1 = 0;
+        if (ok0) {
+          p0 = __expf(dot_row<D>(Qs + lane * S, Ks + c * S) * p.scale - lse_s[lane]);
+          ds0 = p0 * (dot_row<D>(dOs + lane * S, Vs + c * S) - delta_s[lane]) * p.scale;
+        }
+        if (ok1) {
+          p1 = __expf(dot_row<D>(Qs + (lane + 32) * S, Ks + c * S) * p.scale - lse_s[lane + 32]);
+          ds1 = p1 * (dot_row<D>(dOs + (lane + 32) * S, Vs + c * S) - delta_s[lane + 32]) *
+                p.scale;
+        }
+#pragma unroll 4
+        for (int j = 0; j < 32; ++j) {
+          const float pa = __shfl_sync(kFull, p0, j), pb = __shfl_sync(kFull, p1, j);
+          const float sa = __shfl_sync(kFull, ds0, j), sb = __shfl_sync(kFull, ds1, j);
+#pragma unroll
+          for (int cc = 0; cc < C; ++cc) {
+            const int d = lane + 32 * cc;
+            dv[i][cc] = fmaf(pa, dOs[j * S + d], dv[i][cc]);
+            dv[i][cc] = fmaf(pb, dOs[(j + 32) * S + d], dv[i][cc]);
+            dk[i][cc] = fmaf(sa, Qs[j * S + d], dk[i][cc]);
+            dk[i][cc] = fmaf(sb, Qs[(j + 32) * S + d], dk[i][cc]);
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    if (kpos[i] < 0) continue;
+#pragma unroll
+    for (int cc = 0; cc < C; ++cc) {
+      const int64_t at = (kseq * p.Nk + kpos[i]) * D + lane + 32 * cc;
+      bp.dk[at] = dk[i][cc];
+      bp.dv[at] = dv[i][cc];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Launchers.
+
+bool valid(const LocalParams& p) {
+  return local_head_dim_supported(p.D) && p.B > 0 && p.H > 0 && p.Hkv > 0 && p.H % p.Hkv == 0 &&
+         p.Nq >= 0 && p.Nq <= p.Nk && p.sinks >= 0 && p.sinks <= p.Nk && p.window >= 0 &&
+         p.q != nullptr && p.k != nullptr && p.v != nullptr && p.H <= 65535 && p.B <= 65535 &&
+         (p.q_bucket == nullptr) == (p.k_bucket == nullptr) &&
+         (p.q_keep == nullptr) == (p.k_keep == nullptr);
+}
+
+template <int D>
+constexpr size_t forward_smem() {
+  return (kRows + 2 * kChunk) * row_stride<D>() * sizeof(float) + 3 * kChunk * sizeof(int);
+}
+template <int D>
+constexpr size_t dq_smem() {
+  return ((2 * kRows + 2 * kChunk) * row_stride<D>() + 2 * kRows * kChunk) * sizeof(float) +
+         3 * kChunk * sizeof(int);
+}
+template <int D>
+constexpr size_t dkdv_smem() {
+  return (2 * kRows + 2 * kChunk) * row_stride<D>() * sizeof(float);
+}
+
+template <typename Params>
+cudaError_t run(void (*kernel)(const Params), dim3 grid, size_t smem, const Params& params,
+                cudaStream_t stream) {
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  kernel<<<grid, kThreads, smem, stream>>>(params);
+  return cudaGetLastError();
+}
+
+template <int D, typename T>
+cudaError_t forward_for(const LocalForwardParams& fp, cudaStream_t stream) {
+  const LocalParams& p = fp.p;
+  dim3 grid((p.Nq + kRows - 1) / kRows, p.H, p.B);
+  return run(local_forward_kernel<D, T>, grid, forward_smem<D>(), fp, stream);
+}
+
+template <int D, typename T>
+cudaError_t backward_for(const LocalBackwardParams& bp, cudaStream_t stream) {
+  const LocalParams& p = bp.p;
+  const size_t row_bytes = size_t(D) * sizeof(float);
+  const size_t seq_bytes = size_t(p.Nk) * row_bytes;
+  // dK, dV: the sink rows are sums of atomics (zero them); without a window
+  // no pass writes the other rows (zero all).
+  const size_t zero_rows = p.window > 0 ? p.sinks : p.Nk;
+  if (zero_rows > 0) {
+    for (float* g : {bp.dk, bp.dv}) {
+      cudaError_t e = cudaMemset2DAsync(g, seq_bytes, 0, zero_rows * row_bytes,
+                                        size_t(p.B) * p.Hkv, stream);
+      if (e != cudaSuccess) return e;
+    }
+  }
+  dim3 grid((p.Nq + kRows - 1) / kRows, p.H, p.B);
+  cudaError_t e = run(local_backward_dq_kernel<D, T>, grid, dq_smem<D>(), bp, stream);
+  if (e != cudaSuccess || p.window == 0) return e;
+  dim3 kgrid((p.Nk + kChunk - 1) / kChunk, p.Hkv, p.B);
+  return run(local_backward_dkdv_kernel<D, T>, kgrid, dkdv_smem<D>(), bp, stream);
+}
+
+}  // namespace
+
+bool local_head_dim_supported(int D) { return D == 64 || D == 128; }
+
+cudaError_t local_forward(const LocalForwardParams& fp, cudaStream_t stream) {
+  if (!valid(fp.p) || fp.out_a == nullptr || fp.lse_a == nullptr || fp.out == nullptr ||
+      fp.lse == nullptr)
+    return cudaErrorInvalidValue;
+  if (fp.p.Nq == 0) return cudaSuccess;
+  const bool bf16 = fp.p.dtype == DType::kBF16;
+  if (fp.p.D == 64)
+    return bf16 ? forward_for<64, __nv_bfloat16>(fp, stream) : forward_for<64, __half>(fp, stream);
+  return bf16 ? forward_for<128, __nv_bfloat16>(fp, stream) : forward_for<128, __half>(fp, stream);
+}
+
+cudaError_t local_backward(const LocalBackwardParams& bp, cudaStream_t stream) {
+  if (!valid(bp.p) || bp.out == nullptr || bp.lse == nullptr || bp.dout == nullptr ||
+      bp.delta == nullptr || bp.dq == nullptr || bp.dk == nullptr || bp.dv == nullptr ||
+      (bp.sink_dk == nullptr) != (bp.sink_dv == nullptr))
+    return cudaErrorInvalidValue;
+  const bool bf16 = bp.p.dtype == DType::kBF16;
+  if (bp.p.Nq == 0) {
+    // No query: every key gradient is zero.
+    const size_t bytes = size_t(bp.p.B) * bp.p.Hkv * bp.p.Nk * bp.p.D * sizeof(float);
+    cudaError_t e = cudaMemsetAsync(bp.dk, 0, bytes, stream);
+    return e != cudaSuccess ? e : cudaMemsetAsync(bp.dv, 0, bytes, stream);
+  }
+  if (bp.p.D == 64)
+    return bf16 ? backward_for<64, __nv_bfloat16>(bp, stream) : backward_for<64, __half>(bp, stream);
+  return bf16 ? backward_for<128, __nv_bfloat16>(bp, stream)
+              : backward_for<128, __half>(bp, stream);
+}
+
+}  // namespace sparseflash::kernels
