@@ -110,6 +110,18 @@ __device__ __forceinline__ int slot_key(const LocalParams& p, const Slots& s, in
   return kp >= p.sinks && kp < p.Nk ? kp : -1;
 }
 
+// The slots of chunk c that query row r of the block can use, [lo, hi)
+// (warp-uniform loop bounds): a sink chunk's slots, or the row's window
+// [r, r + window - 1] in window-slot coordinates.
+struct SlotRange {
+  int lo, hi;
+};
+__device__ __forceinline__ SlotRange row_slots(const LocalParams& p, const Slots& s, int c, int r) {
+  if (c < s.sink_chunks) return {0, min(kChunk, p.sinks - c * kChunk)};
+  const int w0 = (c - s.sink_chunks) * kChunk;
+  return {max(0, r - w0), min(min(kChunk, s.window_slots - w0), r + p.window - w0)};
+}
+
 // Is (query at qpos, key at kpos) a pair of part B? qpos < 0 or kpos < 0: no
 // query or key there.
 __device__ __forceinline__ bool local_pair(const LocalParams& p, int qpos, int qbucket,
@@ -220,18 +232,12 @@ __global__ void __launch_bounds__(kThreads) local_forward_kernel(const LocalForw
       m[i] = m_new;
 #pragma unroll
       for (int cc = 0; cc < C; ++cc) acc[i][cc] *= correction;
-#pragma unroll 8
-      for (int j = 0; j < 32; ++j) {
-        const float pj = __shfl_sync(kFull, e0, j);
+      const SlotRange range = row_slots(p, sl, c, r);
+#pragma unroll 4
+      for (int j = range.lo; j < range.hi; ++j) {
+        const float pj = __shfl_sync(kFull, j < 32 ? e0 : e1, j & 31);
 #pragma unroll
         for (int cc = 0; cc < C; ++cc) acc[i][cc] = fmaf(pj, Vs[j * S + lane + 32 * cc], acc[i][cc]);
-      }
-#pragma unroll 8
-      for (int j = 0; j < 32; ++j) {
-        const float pj = __shfl_sync(kFull, e1, j);
-#pragma unroll
-        for (int cc = 0; cc < C; ++cc)
-          acc[i][cc] = fmaf(pj, Vs[(j + 32) * S + lane + 32 * cc], acc[i][cc]);
       }
     }
   }
@@ -351,14 +357,12 @@ __global__ void __launch_bounds__(kThreads) local_backward_dq_kernel(const Local
           p1 = __expf(dot_row<D>(Qs + r * S, Ks + (lane + 32) * S) * p.scale - lse[i]);
           ds1 = p1 * (dot_row<D>(dOs + r * S, Vs + (lane + 32) * S) - delta[i]) * p.scale;
         }
-#pragma unroll 8
-        for (int j = 0; j < 32; ++j) {
-          const float a = __shfl_sync(kFull, ds0, j), bb = __shfl_sync(kFull, ds1, j);
+        const SlotRange range = row_slots(p, sl, c, r);
+#pragma unroll 4
+        for (int j = range.lo; j < range.hi; ++j) {
+          const float a = __shfl_sync(kFull, j < 32 ? ds0 : ds1, j & 31);
 #pragma unroll
-          for (int cc = 0; cc < C; ++cc) {
-            dq[i][cc] = fmaf(a, Ks[j * S + lane + 32 * cc], dq[i][cc]);
-            dq[i][cc] = fmaf(bb, Ks[(j + 32) * S + lane + 32 * cc], dq[i][cc]);
-          }
+          for (int cc = 0; cc < C; ++cc) dq[i][cc] = fmaf(a, Ks[j * S + lane + 32 * cc], dq[i][cc]);
         }
       }
       if (sink) {
@@ -492,17 +496,17 @@ __global__ void __launch_bounds__(kThreads) local_backward_dkdv_kernel(const Loc
           ds1 = p1 * (dot_row<D>(dOs + (lane + 32) * S, Vs + c * S) - delta_s[lane + 32]) *
                 p.scale;
         }
+        // The queries that see this key: positions [kpos, kpos + window - 1].
+        const int lo = max(0, kpos[i] - first), hi = min(kRows, kpos[i] - first + p.window);
 #pragma unroll 4
-        for (int j = 0; j < 32; ++j) {
-          const float pa = __shfl_sync(kFull, p0, j), pb = __shfl_sync(kFull, p1, j);
-          const float sa = __shfl_sync(kFull, ds0, j), sb = __shfl_sync(kFull, ds1, j);
+        for (int j = lo; j < hi; ++j) {
+          const float pj = __shfl_sync(kFull, j < 32 ? p0 : p1, j & 31);
+          const float sj = __shfl_sync(kFull, j < 32 ? ds0 : ds1, j & 31);
 #pragma unroll
           for (int cc = 0; cc < C; ++cc) {
             const int d = lane + 32 * cc;
-            dv[i][cc] = fmaf(pa, dOs[j * S + d], dv[i][cc]);
-            dv[i][cc] = fmaf(pb, dOs[(j + 32) * S + d], dv[i][cc]);
-            dk[i][cc] = fmaf(sa, Qs[j * S + d], dk[i][cc]);
-            dk[i][cc] = fmaf(sb, Qs[(j + 32) * S + d], dk[i][cc]);
+            dv[i][cc] = fmaf(pj, dOs[j * S + d], dv[i][cc]);
+            dk[i][cc] = fmaf(sj, Qs[j * S + d], dk[i][cc]);
           }
         }
       }
