@@ -1,5 +1,6 @@
 // Llama checkpoints from HF safetensors directories, GGUF files, llama2.c
-// .bin files and our native directories, as one set of HF-named tensors.
+// .bin files and our native directories, as one set of HF-named tensors; and
+// the writers of our native format and of GGUF for llama.cpp.
 #pragma once
 
 #include <cstdint>
@@ -8,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/gguf_writer.h"
 #include "checkpoint/mapped_file.h"
 #include "checkpoint/safetensors.h"
 #include "checkpoint/tensor.h"
@@ -104,5 +106,42 @@ std::string llama_identity(const LlamaCheckpoint& ckpt);
 // `tensors` use the HF names and layout (F32/F16/BF16), Q/K in rotate-half order.
 void write_native_llama(const std::string& dir, const LlamaConfig& config,
                         const std::vector<TensorToWrite>& tensors);
+
+struct GgufLlamaOptions {
+  DType type = DType::kF16;  // the matrices: F32, F16, BF16 or Q8_0 (norms stay F32)
+  std::string name;          // general.name
+  // rope_freqs.weight: head_dim / 2 divisors of the unscaled RoPE frequencies
+  // (how llama.cpp stores llama3 scaling). Needed when the config's scaling
+  // is llama3, written whenever not empty.
+  std::vector<float> rope_freq_factors;
+  // Further keys written as given: the tokenizer's (tokenizer.*) and a
+  // source's descriptive general.* keys (license, basename...). Not the keys
+  // written from the model (llama.*, general.architecture, name, file_type,
+  // quantization_version, alignment). Where they hold no
+  // tokenizer.ggml.bos/eos_token_id, the config's ids are added.
+  std::vector<GgufEntry> metadata;
+};
+
+// llama.cpp's general.file_type for `type` (LLAMA_FTYPE_ALL_F32 = 0,
+// MOSTLY_F16 = 1, MOSTLY_Q8_0 = 7, MOSTLY_BF16 = 32).
+uint32_t gguf_file_type(DType type);
+
+// Writes a GGUF v3 file that llama.cpp runs as architecture "llama" and that
+// load_llama_checkpoint reads back as the same model: the llama.* hyper-
+// parameters of `config`, its RoPE scaling (linear and yarn as
+// llama.rope.scaling.*, llama3 as rope_freqs.weight; dynamic NTK and yarn
+// without truncation have no llama.cpp form and are refused), llama.cpp's
+// tensor names (token_embd.weight, blk.N.attn_q.weight, ..., output_norm.weight,
+// output.weight unless tied) and the Q/K row order llama.cpp's convert gives
+// HF weights (each head's rotate-half rows interleaved, the inverse of what
+// load_llama undoes for qk_interleaved files). `tensors`: HF names and layout
+// as write_native_llama takes them, F32 only; 2-D ones are stored as
+// options.type (Q8_0 falls back to F16 for rows that are not whole blocks of
+// 32, as llama.cpp's convert does), 1-D ones as F32. Streams through
+// GgufWriter (atomic). Returns notes for the user (those fallbacks). Throws
+// std::runtime_error naming `path` and the tensor or setting at fault.
+std::vector<std::string> write_gguf_llama(const std::string& path, const LlamaConfig& config,
+                                          const std::vector<TensorToWrite>& tensors,
+                                          const GgufLlamaOptions& options);
 
 }  // namespace sparseflash::checkpoint

@@ -1,9 +1,7 @@
 // safetensors reader and writer.
 #include "checkpoint/safetensors.h"
 
-#include <fcntl.h>
 #include <sys/stat.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -13,6 +11,7 @@
 #include <set>
 #include <stdexcept>
 
+#include "checkpoint/atomic_file.h"
 #include "checkpoint/json_brief.h"
 #include "nlohmann/json.hpp"
 
@@ -300,41 +299,12 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   }
   text.append((8 - text.size() % 8) % 8, ' ');
 
-  std::string tmp = path + ".tmp." + std::to_string(getpid());
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) fail(tmp, "", std::string("cannot create: ") + std::strerror(errno));
-  auto write_all = [&](const void* data, size_t n) {
-    const char* p = static_cast<const char*>(data);
-    while (n > 0) {
-      ssize_t w = ::write(fd, p, n);
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) {
-        int err = errno;
-        ::close(fd);
-        ::unlink(tmp.c_str());
-        fail(tmp, "", std::string("write failed: ") + std::strerror(err));
-      }
-      p += w;
-      n -= static_cast<size_t>(w);
-    }
-  };
+  AtomicFile out(path);
   uint64_t header_len = text.size();
-  write_all(&header_len, 8);
-  write_all(text.data(), text.size());
-  for (const TensorToWrite& t : tensors) write_all(t.data, t.nbytes);
-  int sync_rc = fsync(fd);
-  int sync_err = errno;
-  int close_rc = ::close(fd);
-  if (sync_rc != 0 || close_rc != 0) {
-    int err = sync_rc != 0 ? sync_err : errno;
-    ::unlink(tmp.c_str());
-    fail(tmp, "", std::string("cannot flush: ") + std::strerror(err));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    fail(path, "", std::string("cannot rename the temporary file into place: ") + std::strerror(err));
-  }
+  out.write(&header_len, 8);
+  out.write(text.data(), text.size());
+  for (const TensorToWrite& t : tensors) out.write(t.data, t.nbytes);
+  out.commit();
 }
 
 }  // namespace sparseflash::checkpoint

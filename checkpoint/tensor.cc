@@ -1,6 +1,7 @@
-// Storage types and their conversion to float32.
+// Storage types and their conversion to float32 (and, for the types we write, back).
 #include "checkpoint/tensor.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -140,6 +141,44 @@ uint16_t float_to_half(float f) {
   }
   uint32_t rounded = abs + 0xfff + ((abs >> 13) & 1);
   return sign | static_cast<uint16_t>((rounded - (112u << 23)) >> 13);
+}
+
+// --- Encoding float32 ---------------------------------------------------------
+
+void quantize_q8_0(const float* x, int64_t n, uint8_t* out) {
+  if (n % 32 != 0)
+    throw std::invalid_argument("Q8_0: " + std::to_string(n) + " values are not whole blocks of 32");
+  for (int64_t b = 0; b < n / 32; ++b, x += 32, out += 34) {
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float d = amax / 127;
+    const float id = d != 0 ? 1.0f / d : 0.0f;
+    const uint16_t d16 = float_to_half(d);
+    std::memcpy(out, &d16, 2);
+    for (int j = 0; j < 32; ++j) out[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::round(x[j] * id)));
+  }
+}
+
+void from_float32(const float* x, int64_t n, DType dtype, uint8_t* out) {
+  switch (dtype) {
+    case DType::kF32: std::memcpy(out, x, static_cast<size_t>(n) * 4); return;
+    case DType::kF16:
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t h = float_to_half(x[i]);
+        std::memcpy(out + 2 * i, &h, 2);
+      }
+      return;
+    case DType::kBF16:
+      for (int64_t i = 0; i < n; ++i) {
+        const uint16_t b = float_to_bf16(x[i]);
+        std::memcpy(out + 2 * i, &b, 2);
+      }
+      return;
+    case DType::kQ8_0: quantize_q8_0(x, n, out); return;
+    default:
+      throw std::invalid_argument(std::string("cannot encode float32 as ") + dtype_name(dtype) +
+                                  " (F32, F16, BF16 or Q8_0)");
+  }
 }
 
 // --- Dequantisation ----------------------------------------------------------

@@ -61,6 +61,19 @@ std::string shape_string(const std::vector<int64_t>& shape);  // "[2, 3]"
 void to_float32(const TensorInfo& t, float* out);
 std::vector<float> to_float32(const TensorInfo& t);
 
+// The inverse for the types we write: n float32 values stored as `dtype`
+// (F32, F16, BF16 or Q8_0) into dtype_nbytes(dtype, n) bytes at out. F16 and
+// BF16 round to nearest even. Throws std::invalid_argument for other types
+// and for Q8_0 when n is not a multiple of 32.
+void from_float32(const float* x, int64_t n, DType dtype, uint8_t* out);
+
+// Q8_0 as llama.cpp's reference quantiser (quantize_row_q8_0_ref) and the
+// gguf package compute it, bit for bit: per block of 32, d = max|x| / 127 in
+// float32, q = round(x * (1 / d)) with halves rounded away from zero, d
+// stored as fp16 (rounded after q is computed); a block of zeros has d = 0
+// and q = 0.
+void quantize_q8_0(const float* x, int64_t n, uint8_t* out);
+
 // IEEE half and bfloat16 to float (exact).
 float half_to_float(uint16_t h);
 float bf16_to_float(uint16_t b);

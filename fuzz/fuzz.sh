@@ -56,7 +56,7 @@ COMMON=(-std=c++17 -O1 -g -fno-omit-frame-pointer -I"$ROOT"
 mkdir -p "$BUILD/obj"
 
 # --- Build --------------------------------------------------------------------
-LIB_SOURCES=(mapped_file tensor safetensors gguf gguf_writer llama)
+LIB_SOURCES=(mapped_file atomic_file tensor safetensors gguf gguf_writer llama)
 OBJECTS=()
 for name in "${LIB_SOURCES[@]}"; do
   src="$ROOT/checkpoint/$name.cc"

@@ -1,5 +1,5 @@
-// Exports. Reading order: helpers, Llama files, Llama runs, GPT runs, the
-// entry point for runs.
+// Exports. Reading order: helpers, Llama files (native, GGUF), Llama runs,
+// GPT runs, the entry point for runs.
 #include "model/export.h"
 
 #include <exception>
@@ -14,6 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "checkpoint/gguf.h"
+#include "checkpoint/gguf_writer.h"
 #include "checkpoint/llama.h"
 #include "checkpoint/safetensors.h"
 #include "model/gpt.h"
@@ -53,6 +55,49 @@ checkpoint::DType checkpoint_dtype(at::ScalarType t) {
     case at::kHalf: return checkpoint::DType::kF16;
     default: return checkpoint::DType::kF32;
   }
+}
+
+// The tokenizer.* keys of the GGUF file at `path` (with `general`, also its
+// descriptive general.* keys: license, basename, ...), unchanged; empty when
+// `path` is not a GGUF file.
+std::vector<checkpoint::GgufEntry> gguf_carried_entries(const std::string& path, bool general) {
+  std::vector<checkpoint::GgufEntry> entries;
+  if (path.empty() || !fs::is_regular_file(path)) return entries;
+  {
+    std::ifstream f(path, std::ios::binary);
+    char magic[4] = {};
+    if (!f.read(magic, 4) || std::string(magic, 4) != "GGUF") return entries;
+  }
+  auto file = checkpoint::GgufFile::open(path);
+  const std::set<std::string> written = {"general.architecture", "general.name", "general.file_type",
+                                          "general.quantization_version", "general.alignment"};
+  for (const auto& [key, value] : file->metadata()) {
+    const bool carried = key.rfind("tokenizer.", 0) == 0 ||
+                         (general && key.rfind("general.", 0) == 0 && written.count(key) == 0);
+    if (carried) entries.push_back(checkpoint::gguf_entry(*file, key));
+  }
+  return entries;
+}
+
+// options.metadata gets the tokenizer of `tokenizer_source` (a GGUF file's
+// keys; with `general`, its general.* keys too), or "no_vocab" and a warning
+// naming `what` when there is none.
+void add_gguf_tokenizer(const std::string& tokenizer_source, bool general, const std::string& what,
+                        checkpoint::GgufLlamaOptions* options, ExportResult* r) {
+  options->metadata = gguf_carried_entries(tokenizer_source, general);
+  for (const auto& e : options->metadata)
+    if (e.key == "tokenizer.ggml.model") return;
+  options->metadata.push_back({"tokenizer.ggml.model", static_cast<uint32_t>(checkpoint::GgufType::kString),
+                               checkpoint::GgufBuilder::encode_string("no_vocab")});
+  r->warnings.push_back(absl::StrCat(
+      "no tokenizer written (", what,
+      " has no GGUF vocabulary to carry over): tokenizer.ggml.model is \"no_vocab\", so llama.cpp "
+      "and our loader need the vocabulary from elsewhere (--tokenizer)"));
+}
+
+// The notes of a GGUF write, as warnings.
+void add_notes(const std::vector<std::string>& notes, ExportResult* r) {
+  r->warnings.insert(r->warnings.end(), notes.begin(), notes.end());
 }
 
 // Tensors to write, kept alive until written.
@@ -129,6 +174,54 @@ absl::StatusOr<ExportResult> export_llama_file(const std::string& input, const s
   }
 }
 
+absl::StatusOr<checkpoint::DType> parse_gguf_type(const std::string& name) {
+  if (name == "f32") return checkpoint::DType::kF32;
+  if (name == "f16") return checkpoint::DType::kF16;
+  if (name == "bf16") return checkpoint::DType::kBF16;
+  if (name == "q8_0") return checkpoint::DType::kQ8_0;
+  return absl::InvalidArgumentError(
+      absl::StrCat("--gguf-type: expected f32, f16, bf16 or q8_0, got \"", name, "\""));
+}
+
+absl::StatusOr<ExportResult> export_llama_file_gguf(const std::string& input, const std::string& out_path,
+                                                    const std::string& gguf_type,
+                                                    const std::string& rope_scaling) {
+  auto type = parse_gguf_type(gguf_type);
+  if (!type.ok()) return type.status();
+  try {
+    checkpoint::LlamaCheckpoint ckpt = checkpoint::load_llama_checkpoint(input);
+    if (!rope_scaling.empty()) {
+      if (!ckpt.rope_freq_factors.empty())
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--rope-scaling: ", input, " has per-frequency RoPE divisors (GGUF rope_freqs.weight); "
+            "other scaling cannot be applied on top"));
+      if (auto s = apply_rope_scaling(rope_scaling, &ckpt.config); !s.ok()) return s;
+    }
+    const auto& c = ckpt.config;
+    Llama m = load_llama(ckpt, LlamaLoadOptions{});  // float32 on the CPU: exact for every stored type
+    ExportResult r;
+    checkpoint::GgufLlamaOptions o;
+    o.type = *type;
+    if (ckpt.format == checkpoint::SourceFormat::kGguf) {
+      auto source = checkpoint::GgufFile::open(input);
+      if (source->has("general.name")) o.name = source->get_string("general.name");
+    }
+    if (o.name.empty()) o.name = fs::path(input).filename().replace_extension().string();
+    add_gguf_tokenizer(ckpt.format == checkpoint::SourceFormat::kGguf ? input : "", /*general=*/true, input,
+                       &o, &r);
+    add_notes(write_gguf_llama(*m, out_path, o), &r);
+    r.summary = absl::StrFormat(
+        "wrote %s: GGUF %s Llama (%d layers, d %d, vocab %d%s) from %s (%s)%s", out_path,
+        gguf_type, c.num_hidden_layers, c.hidden_size, c.vocab_size,
+        c.rope_scaling.type.empty() ? "" : ", rope_scaling " + c.rope_scaling.type, input,
+        checkpoint::source_format_name(ckpt.format),
+        ckpt.qk_interleaved ? "" : ", Q/K rows interleaved for llama.cpp");
+    return r;
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(message_of(e));
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Llama runs
 
@@ -165,6 +258,32 @@ absl::StatusOr<ExportResult> export_llama_run(LlamaImpl& llama, const RunSource&
       c.num_hidden_layers, c.hidden_size, c.vocab_size, c.max_position_embeddings,
       c.rope_scaling.type.empty() ? "" : ", rope_scaling " + c.rope_scaling.type, source.path,
       source.step, dtype_name(*dtype));
+  return r;
+}
+
+absl::StatusOr<ExportResult> export_llama_run_gguf(LlamaImpl& llama, const RunSource& source,
+                                                   const std::string& out_path,
+                                                   const std::string& gguf_type) {
+  auto type = parse_gguf_type(gguf_type);
+  if (!type.ok()) return type.status();
+  ExportResult r;
+  try {
+    checkpoint::GgufLlamaOptions o;
+    o.type = *type;
+    o.name = fs::path(source.path).filename().string();
+    add_gguf_tokenizer(source.tokenizer_source, /*general=*/false,
+                       source.tokenizer_source.empty() ? "the run's tokenizer (" + source.tokenizer + ")"
+                                                       : source.tokenizer_source,
+                       &o, &r);
+    add_notes(write_gguf_llama(llama, out_path, o), &r);
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(absl::StrCat(source.path, ": ", message_of(e)));
+  }
+  const auto& c = llama.config();
+  r.summary = absl::StrFormat(
+      "wrote %s: GGUF %s Llama (%d layers, d %d, vocab %d, context %d%s) from %s at step %d", out_path,
+      gguf_type, c.num_hidden_layers, c.hidden_size, c.vocab_size, c.max_position_embeddings,
+      c.rope_scaling.type.empty() ? "" : ", rope_scaling " + c.rope_scaling.type, source.path, source.step);
   return r;
 }
 
@@ -270,16 +389,18 @@ absl::StatusOr<ExportResult> export_run(CausalLM model, const config::Experiment
   const config::Model::Arch arch = model->arch();
   // A LoRA run exports as one model, its adapters folded into the weights.
   merge_lora(*model);
-  if (format == ExportFormat::kHfLlama) {
+  if (format == ExportFormat::kHfLlama || format == ExportFormat::kGguf) {
     if (arch != config::Model::LLAMA)
       return absl::InvalidArgumentError(absl::StrCat(source.path, " is a ", arch_name(arch),
                                                      " run of ours; export it with --to hf-gpt2"));
-    return export_llama_run(*static_cast<LlamaImpl*>(model.get()), source, out_dir, dtype);
+    auto& llama = *static_cast<LlamaImpl*>(model.get());
+    if (format == ExportFormat::kGguf) return export_llama_run_gguf(llama, source, out_dir, dtype);
+    return export_llama_run(llama, source, out_dir, dtype);
   }
   if (arch != config::Model::GPT)
     return absl::InvalidArgumentError(absl::StrCat(
         source.path, " holds a ", arch_name(arch),
-        " model; --to hf-gpt2 exports GPT runs (use --to native for Llama runs)"));
+        " model; --to hf-gpt2 exports GPT runs (use --to native or --to gguf for Llama runs)"));
   return export_gpt_run(*static_cast<GPTImpl*>(model.get()), config, source, out_dir);
 }
 

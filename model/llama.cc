@@ -496,6 +496,29 @@ Llama load_llama(const checkpoint::LlamaCheckpoint& ckpt, const LlamaLoadOptions
 // ---------------------------------------------------------------------------
 // export
 
+// The model's weights under their HF names, in HF order (lm_head only when untied).
+static std::vector<std::pair<std::string, Tensor>> hf_weights(LlamaImpl& model) {
+  const checkpoint::LlamaConfig& c = model.config();
+  std::vector<std::pair<std::string, Tensor>> out;
+  out.emplace_back("model.embed_tokens.weight", model.embed_tokens);
+  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+    auto layer = model.layers[i]->as<LlamaLayer>();
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    out.emplace_back(p + "self_attn.q_proj.weight", layer->self_attn->q_proj->weight);
+    out.emplace_back(p + "self_attn.k_proj.weight", layer->self_attn->k_proj->weight);
+    out.emplace_back(p + "self_attn.v_proj.weight", layer->self_attn->v_proj->weight);
+    out.emplace_back(p + "self_attn.o_proj.weight", layer->self_attn->o_proj->weight);
+    out.emplace_back(p + "mlp.gate_proj.weight", layer->gate_proj->weight);
+    out.emplace_back(p + "mlp.up_proj.weight", layer->up_proj->weight);
+    out.emplace_back(p + "mlp.down_proj.weight", layer->down_proj->weight);
+    out.emplace_back(p + "input_layernorm.weight", layer->input_layernorm->weight);
+    out.emplace_back(p + "post_attention_layernorm.weight", layer->post_attention_layernorm->weight);
+  }
+  out.emplace_back("model.norm.weight", model.norm->weight);
+  if (!c.tie_word_embeddings) out.emplace_back("lm_head.weight", model.lm_head);
+  return out;
+}
+
 void write_hf_llama(LlamaImpl& model, const std::string& dir, at::ScalarType dtype) {
   const checkpoint::LlamaConfig& c = model.config();
   if (!model.rope_frequency_factors().empty() && c.rope_scaling.type.empty())
@@ -513,24 +536,31 @@ void write_hf_llama(LlamaImpl& model, const std::string& dir, at::ScalarType dty
     entries.push_back({name, stored, std::vector<int64_t>(c.sizes().begin(), c.sizes().end()),
                        c.data_ptr(), static_cast<size_t>(c.nbytes())});
   };
-  add("model.embed_tokens.weight", model.embed_tokens);
-  for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-    auto layer = model.layers[i]->as<LlamaLayer>();
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    add(p + "self_attn.q_proj.weight", layer->self_attn->q_proj->weight);
-    add(p + "self_attn.k_proj.weight", layer->self_attn->k_proj->weight);
-    add(p + "self_attn.v_proj.weight", layer->self_attn->v_proj->weight);
-    add(p + "self_attn.o_proj.weight", layer->self_attn->o_proj->weight);
-    add(p + "mlp.gate_proj.weight", layer->gate_proj->weight);
-    add(p + "mlp.up_proj.weight", layer->up_proj->weight);
-    add(p + "mlp.down_proj.weight", layer->down_proj->weight);
-    add(p + "input_layernorm.weight", layer->input_layernorm->weight);
-    add(p + "post_attention_layernorm.weight", layer->post_attention_layernorm->weight);
-  }
-  add("model.norm.weight", model.norm->weight);
-  if (!c.tie_word_embeddings) add("lm_head.weight", model.lm_head);
+  for (const auto& [name, t] : hf_weights(model)) add(name, t);
   std::filesystem::create_directories(dir);
   checkpoint::write_native_llama(dir, c, entries);
+}
+
+std::vector<std::string> write_gguf_llama(LlamaImpl& model, const std::string& path,
+                                          checkpoint::GgufLlamaOptions options) {
+  const checkpoint::LlamaConfig& c = model.config();
+  options.rope_freq_factors = model.rope_frequency_factors();
+  if (options.rope_freq_factors.empty() && c.rope_scaling.type == "llama3") {
+    checkpoint::LlamaConfig unscaled = c;
+    unscaled.rope_scaling = checkpoint::RopeScaling{};
+    Tensor factors = (rope_inverse_frequencies(unscaled) / rope_inverse_frequencies(c)).contiguous();
+    options.rope_freq_factors.assign(factors.data_ptr<float>(), factors.data_ptr<float>() + factors.numel());
+  }
+  std::vector<Tensor> keep;  // alive until written
+  std::vector<checkpoint::TensorToWrite> entries;
+  auto add = [&](const std::string& name, const Tensor& t) {
+    Tensor f = t.detach().to(at::kCPU, at::kFloat).contiguous();
+    keep.push_back(f);
+    entries.push_back({name, checkpoint::DType::kF32, std::vector<int64_t>(f.sizes().begin(), f.sizes().end()),
+                       f.data_ptr(), static_cast<size_t>(f.nbytes())});
+  };
+  for (const auto& [name, t] : hf_weights(model)) add(name, t);
+  return checkpoint::write_gguf_llama(path, c, entries, options);
 }
 
 }  // namespace sparseflash::model

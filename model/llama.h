@@ -173,4 +173,14 @@ void copy_llama_weights(const checkpoint::LlamaCheckpoint& checkpoint, LlamaImpl
 // equivalent: throws std::runtime_error.
 void write_hf_llama(LlamaImpl& model, const std::string& dir, at::ScalarType dtype);
 
+// Writes `model` as a GGUF file that llama.cpp runs (checkpoint::write_gguf_llama:
+// llama.cpp's names and Q/K row order, options.type for the matrices). The
+// weights are read as float32 on the CPU: a float32 CPU model is written
+// without a copy of itself. llama3 RoPE scaling goes into rope_freqs.weight as
+// unscaled / scaled frequencies of this model (the model's own GGUF factors
+// when it has them; options.rope_freq_factors is set here). Returns the
+// writer's notes; throws std::runtime_error naming the path.
+std::vector<std::string> write_gguf_llama(LlamaImpl& model, const std::string& path,
+                                          checkpoint::GgufLlamaOptions options);
+
 }  // namespace sparseflash::model

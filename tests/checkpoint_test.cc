@@ -1,5 +1,6 @@
-// Checkpoint readers: safetensors, GGUF, llama2.c and the Llama loader, against
-// the Python reference packages (safetensors, gguf) and hostile inputs.
+// Checkpoint readers and writers: safetensors, GGUF, llama2.c and the Llama
+// loader, against the Python reference packages (safetensors, gguf) and hostile
+// inputs; the F16/BF16/Q8_0 encoders and the streaming GGUF writer.
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -158,6 +159,187 @@ TEST(DType, ToFloat32RejectsWrongByteCount) {
   t.shape = {2, 31};
   t.nbytes = 40;
   expect_error([&] { to_float32(t); }, {"tensor w"});
+}
+
+// --- Encoding float32: F16, BF16 and the Q8_0 quantiser ------------------------
+
+// Values that exercise Q8_0's corners: normal rows of several scales, a zero
+// block, blocks whose x / d land exactly on halves (d = 1: max 127), a
+// negative maximum, subnormal-half scales and a block of equal values.
+std::vector<float> q8_0_corner_values(uint32_t seed) {
+  std::vector<float> v;
+  for (float scale : {1e-3f, 0.02f, 1.0f, 300.0f}) {
+    std::vector<float> r = random_floats(32 * 64, seed++, scale);
+    v.insert(v.end(), r.begin(), r.end());
+  }
+  v.insert(v.end(), 32, 0.0f);
+  for (int j = 0; j < 32; ++j) v.push_back(j == 0 ? 127.0f : static_cast<float>(j % 15) - 7.5f);
+  for (int j = 0; j < 32; ++j) v.push_back(j == 5 ? -127.0f : 0.5f * static_cast<float>(j) - 3.5f);
+  for (int j = 0; j < 32; ++j) v.push_back(static_cast<float>(j - 16) * 1e-9f);
+  v.insert(v.end(), 32, -2.75f);
+  return v;
+}
+
+TEST(DType, EncodingsMatchGgufPackageBytes) {
+  std::string reason;
+  if (!python_has("gguf, numpy", &reason)) GTEST_SKIP() << reason;
+  const uint32_t seed = std::random_device{}();
+  const std::vector<float> values = q8_0_corner_values(seed);
+  const std::string dir = make_temp_dir();
+  write_file(dir + "/values.f32",
+             std::string(reinterpret_cast<const char*>(values.data()), values.size() * 4));
+  ASSERT_EQ(run_python("ckpt_quantize_reference.py " + dir + "/values.f32 " + dir), 0);
+  const int64_t n = static_cast<int64_t>(values.size());
+  for (DType dtype : {DType::kF16, DType::kBF16, DType::kQ8_0}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    std::string ours(static_cast<size_t>(dtype_nbytes(dtype, n)), '\0');
+    from_float32(values.data(), n, dtype, reinterpret_cast<uint8_t*>(ours.data()));
+    const std::string expected = read_file(dir + "/" + dtype_name(dtype) + ".raw");
+    ASSERT_EQ(ours.size(), expected.size());
+    size_t first_mismatch = ours.size();
+    for (size_t i = 0; i < ours.size() && first_mismatch == ours.size(); ++i)
+      if (ours[i] != expected[i]) first_mismatch = i;
+    EXPECT_EQ(first_mismatch, ours.size()) << "seed " << seed << ", first differing byte";
+  }
+}
+
+TEST(DType, Q8_0RoundTripIsWithinHalfAStepAndStable) {
+  const std::vector<float> values = q8_0_corner_values(7);
+  const int64_t n = static_cast<int64_t>(values.size());
+  std::vector<uint8_t> q(static_cast<size_t>(dtype_nbytes(DType::kQ8_0, n)));
+  quantize_q8_0(values.data(), n, q.data());
+  TensorInfo t{"w", DType::kQ8_0, {n / 32, 32}, q.data(), q.size()};
+  const std::vector<float> back = to_float32(t);
+  for (int64_t b = 0; b < n / 32; ++b) {
+    float amax = 0;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(values[b * 32 + j]));
+    const float d = half_to_float(static_cast<uint16_t>(q[b * 34] | q[b * 34 + 1] << 8));
+    // d is max / 127 rounded to fp16 (2^-11 relative; absolute below 2^-24),
+    // each value within half a step of the unrounded d.
+    EXPECT_NEAR(d, amax / 127, amax / 127 * 1e-3 + 6e-8) << "block " << b;
+    for (int j = 0; j < 32; ++j)
+      ASSERT_LE(std::fabs(back[b * 32 + j] - values[b * 32 + j]), 0.5f * amax / 127 + amax * 1e-3f + 8e-6f)
+          << "block " << b << " value " << j;
+  }
+  // Quantising what Q8_0 dequantises to gives the same bytes (d * 127 / 127
+  // == d), except where d underflowed fp16 to 0 (the 1e-9 block).
+  std::vector<uint8_t> again(q.size());
+  quantize_q8_0(back.data(), n, again.data());
+  for (int64_t b = 0; b < n / 32; ++b) {
+    const bool underflow = q[b * 34] == 0 && q[b * 34 + 1] == 0 && values[b * 32] != 0;
+    if (underflow) continue;
+    EXPECT_EQ(std::memcmp(&again[b * 34], &q[b * 34], 34), 0) << "block " << b;
+  }
+  EXPECT_THROW(quantize_q8_0(values.data(), 31, q.data()), std::invalid_argument);
+  EXPECT_THROW(from_float32(values.data(), 32, DType::kQ4_0, q.data()), std::invalid_argument);
+}
+
+// --- The streaming GGUF writer ---------------------------------------------------
+
+TEST(GgufWriter, WritesEveryTypeAndReadsBack) {
+  const std::string dir = make_temp_dir();
+  const std::string path = dir + "/w.gguf";
+  const std::vector<float> a = random_floats(4 * 64, 1), b = random_floats(3 * 32, 2);
+  GgufWriter w(path);
+  w.metadata().add_string("general.architecture", "test");
+  w.metadata().add_u32("test.count", 7);
+  w.add_tensor("a.f32", DType::kF32, {4, 64}, a.data());
+  w.add_tensor("a.f16", DType::kF16, {4, 64}, a.data());
+  w.add_tensor("a.bf16", DType::kBF16, {4, 64}, a.data());
+  w.add_tensor("a.q8_0", DType::kQ8_0, {4, 64}, a.data());
+  w.add_tensor("b.filled", DType::kF32, {3, 32}, [&](float* out) {
+    for (size_t i = 0; i < b.size(); ++i) out[i] = 2 * b[i];
+  });
+  w.add_tensor("c.1d", DType::kF32, {5}, a.data());
+  w.write();
+  auto g = GgufFile::open(path);
+  EXPECT_EQ(g->version(), 3u);
+  EXPECT_EQ(g->alignment(), 32u);
+  EXPECT_EQ(g->get_string("general.architecture"), "test");
+  EXPECT_EQ(g->get_int("test.count"), 7);
+  ASSERT_EQ(g->tensors().size(), 6u);
+  for (const TensorInfo& t : g->tensors()) {
+    SCOPED_TRACE(t.name);
+    std::vector<float> got = to_float32(t);
+    if (t.name == "b.filled") {
+      for (size_t i = 0; i < b.size(); ++i) ASSERT_EQ(got[i], 2 * b[i]);
+      continue;
+    }
+    if (t.name == "c.1d") {
+      EXPECT_EQ(t.shape, std::vector<int64_t>{5});
+      for (size_t i = 0; i < 5; ++i) ASSERT_EQ(got[i], a[i]);
+      continue;
+    }
+    EXPECT_EQ(t.shape, (std::vector<int64_t>{4, 64}));
+    std::vector<uint8_t> encoded(static_cast<size_t>(dtype_nbytes(t.dtype, 256)));
+    from_float32(a.data(), 256, t.dtype, encoded.data());
+    ASSERT_EQ(t.nbytes, encoded.size());
+    EXPECT_EQ(std::memcmp(t.data, encoded.data(), encoded.size()), 0);
+  }
+  EXPECT_EQ(g->find("a.q8_0")->dtype, DType::kQ8_0);
+  EXPECT_EQ(g->find("a.bf16")->dtype, DType::kBF16);
+}
+
+// The names in `dir`, sorted, one per line (for "nothing was left behind").
+std::string listing(const std::string& dir) {
+  const std::string out = dir + ".ls";
+  if (std::system(("ls -A '" + dir + "' > '" + out + "' 2>&1").c_str()) != 0) return "ls failed";
+  std::string names = read_file(out);
+  std::remove(out.c_str());
+  return names;
+}
+
+TEST(GgufWriter, RefusalsNameThePathAndLeaveNoFile) {
+  const std::string dir = make_temp_dir();
+  const std::string path = dir + "/bad.gguf";
+  const std::vector<float> v(64, 1.0f);
+  GgufWriter w(path);
+  expect_error([&] { w.add_tensor("q", DType::kQ4_0, {2, 32}, v.data()); }, {path, "tensor 'q'", "Q4_0"});
+  expect_error([&] { w.add_tensor("q", DType::kQ8_0, {2, 33}, v.data()); },
+               {path, "tensor 'q'", "[2, 33]", "blocks of 32"});
+  expect_error([&] { w.add_tensor(std::string(64, 'n'), DType::kF32, {2}, v.data()); }, {path, "63 bytes"});
+  expect_error([&] { w.add_tensor("s", DType::kF32, {1, 1, 1, 1, 2}, v.data()); }, {path, "dimensions"});
+  w.add_tensor("ok", DType::kF32, {2, 32}, v.data());
+  expect_error([&] { w.add_tensor("ok", DType::kF32, {2}, v.data()); }, {path, "duplicate"});
+
+  // A tensor whose values fail while the data streams out: nothing is left.
+  w.add_tensor("fails", DType::kQ8_0, {32}, [](float*) { throw std::runtime_error("no values today"); });
+  expect_error([&] { w.write(); }, {path, "tensor 'fails'", "no values today"});
+  EXPECT_EQ(listing(dir), "");
+
+  // An output whose directory cannot exist (its parent is a file).
+  write_file(dir + "/file", "x");
+  GgufWriter nowhere(dir + "/file/model.gguf");
+  nowhere.add_tensor("ok", DType::kF32, {2}, v.data());
+  expect_error([&] { nowhere.write(); }, {dir + "/file/model.gguf", "cannot create"});
+  EXPECT_EQ(listing(dir), "file\n");
+}
+
+TEST(GgufWriter, CopiesEntriesVerbatim) {
+  const std::string dir = make_temp_dir();
+  GgufBuilder b;
+  b.add_string("tokenizer.ggml.model", "gpt2");
+  b.add_string_array("tokenizer.ggml.tokens", {"a", "b", "ab"});
+  b.add_i32_array("tokenizer.ggml.token_type", {1, 1, 3});
+  b.add_f32_array("tokenizer.ggml.scores", {0.5f, -1.0f, 2.0f});
+  b.add_bool("tokenizer.ggml.add_bos_token", true);
+  b.add_u32("tokenizer.ggml.bos_token_id", 2);
+  write_file(dir + "/src.gguf", b.bytes());
+  auto src = GgufFile::open(dir + "/src.gguf");
+  GgufWriter w(dir + "/dst.gguf");
+  for (const auto& [key, value] : src->metadata()) w.metadata().add(gguf_entry(*src, key));
+  w.write();
+  auto dst = GgufFile::open(dir + "/dst.gguf");
+  for (const auto& [key, value] : src->metadata()) {
+    SCOPED_TRACE(key);
+    const GgufValue& d = dst->metadata().at(key);
+    EXPECT_EQ(d.type, value.type);
+    EXPECT_EQ(d.count, value.count);
+    EXPECT_EQ(std::string(reinterpret_cast<const char*>(d.raw), d.raw_size),
+              std::string(reinterpret_cast<const char*>(value.raw), value.raw_size));
+  }
+  EXPECT_EQ(dst->get_string_array("tokenizer.ggml.tokens"), (std::vector<std::string>{"a", "b", "ab"}));
+  expect_error([&] { gguf_entry(*src, "tokenizer.missing"); }, {dir + "/src.gguf", "tokenizer.missing"});
 }
 
 // --- safetensors -----------------------------------------------------------------

@@ -171,12 +171,16 @@ expect "eval --model not a checkpoint" 1 "doc1.txt" -- \
 expect "generate needs --model" 1 "--model is required" -- "$bin" generate --prompt hi
 expect "generate bad top-p" 1 "--top-p must be in" -- "$bin" generate --model x --top-p 0
 expect "convert needs --input" 1 "--input is required" -- "$bin" convert --output "$tmp/conv"
-expect "convert --to unknown" 1 "expected native or hf-gpt2" -- \
+expect "convert --to unknown" 1 "expected native, gguf or hf-gpt2" -- \
   "$bin" convert --input "$tmp/run" --output "$tmp/conv" --to onnx
 expect "convert GPT run to HF GPT-2 says it was sparse" 0 "trained with sparse attention" -- \
   "$bin" convert --to hf-gpt2 --input "$tmp/run" --output "$tmp/run_hf"
 expect "convert a GPT run as a Llama points to hf-gpt2" 1 "export it with --to hf-gpt2" -- \
   "$bin" convert --input "$tmp/run" --output "$tmp/conv"
+expect "convert a GPT run to GGUF points to hf-gpt2" 1 "export it with --to hf-gpt2" -- \
+  "$bin" convert --input "$tmp/run" --output "$tmp/conv.gguf"
+expect "convert --gguf-type unknown" 1 "expected f32, f16, bf16 or q8_0" -- \
+  "$bin" convert --input "$tmp/run" --output "$tmp/conv.gguf" --gguf-type q4_k
 expect "resume into another architecture" 1 "model.n_layer" -- \
   "$bin" train "${common[@]}" --set model.n_layer=3
 
