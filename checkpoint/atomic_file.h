@@ -1,7 +1,9 @@
 // Writing a file so that readers never see part of it: the bytes go to a
 // temporary beside it ("PATH.tmp.PID"), are fsync'd, and the temporary is
-// renamed over PATH only when everything was written. The safetensors and
-// GGUF writers stream through this.
+// renamed over PATH (and the directory fsync'd) only when everything was
+// written. A failed write (a full disk: ENOSPC, a file-size limit: EFBIG)
+// leaves PATH as it was. Training checkpoints, the safetensors and GGUF
+// writers stream through this.
 #pragma once
 
 #include <cstddef>
@@ -28,6 +30,11 @@ class AtomicFile {
   void commit();
 
   const std::string& path() const { return path_; }
+
+  // Removes temporaries of PATH that a killed writer left behind
+  // ("PATH.tmp.PID" of a process that no longer exists), so that they do not
+  // fill the disk. Returns how many were removed.
+  static int remove_stale_temporaries(const std::string& path);
 
  private:
   std::string path_, tmp_;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the checkpoint parsers' libFuzzer targets with clang++ and runs each
+# Builds the file parsers' libFuzzer targets with clang++ and runs each
 # for a bounded time on a generated seed corpus. See --help.
 set -euo pipefail
 
@@ -7,18 +7,24 @@ usage() {
   cat <<'USAGE'
 usage: fuzz/fuzz.sh [--build-dir DIR] [--seconds N] [--only NAME] [--no-run]
 
-Builds fuzz_safetensors, fuzz_gguf and fuzz_llama2c (clang++ with
+Builds the libFuzzer targets of the parsers of untrusted files (clang++ with
 -fsanitize=fuzzer,address,undefined; objects rebuilt only when a source
-changed), writes seed corpora with make_seeds, then runs each fuzzer for N
-seconds (default 20) on DIR/corpus/NAME (kept between runs, so it grows).
+changed): fuzz_safetensors, fuzz_gguf, fuzz_llama2c (checkpoint/),
+fuzz_tokenizer_json (tokenizer/hf_json.h, then encode/decode), fuzz_saap_index
+(saap/index_file.h) and fuzz_checkpoint_info (trainer/state.h
+read_checkpoint_info, linked against LibTorch). Writes seed corpora with
+make_seeds and make_checkpoint_seeds, then runs each fuzzer for N seconds
+(default 20) on DIR/corpus/NAME (kept between runs, so it grows).
 Crashing inputs land in DIR/artifacts/NAME/; the script then exits non-zero.
 Prints runs and runs/s per fuzzer.
 
   --build-dir DIR  where objects, binaries, corpora go (default build/fuzz)
   --seconds N      time per fuzzer (libFuzzer -max_total_time)
-  --only NAME      run only this fuzzer (safetensors, gguf or llama2c)
+  --only NAME      build and run only this fuzzer (safetensors, gguf, llama2c,
+                   tokenizer_json, saap_index or checkpoint_info)
   --no-run         build and write seeds only
 Environment: CXX_FUZZ (default clang++), FUZZ_FLAGS (extra libFuzzer flags),
+TORCH_DIR (the torch package or libtorch folder; default .venv's torch),
 SPARSEFLASH_ALLOW_NO_FUZZ=1 (exit 77, a ctest skip, when the compiler is missing).
 USAGE
 }
@@ -53,47 +59,130 @@ fi
 
 COMMON=(-std=c++17 -O1 -g -fno-omit-frame-pointer -I"$ROOT"
         -fsanitize=address,undefined -fno-sanitize-recover=all)
-mkdir -p "$BUILD/obj"
-
 # --- Build --------------------------------------------------------------------
-LIB_SOURCES=(mapped_file atomic_file tensor safetensors gguf gguf_writer llama)
-OBJECTS=()
-for name in "${LIB_SOURCES[@]}"; do
-  src="$ROOT/checkpoint/$name.cc"
-  obj="$BUILD/obj/$name.o"
-  # Rebuild when the source or any checkpoint header is newer than the object.
-  if [[ ! -f "$obj" || "$src" -nt "$obj" ]] || \
-     [[ -n "$(find "$ROOT/checkpoint" -name '*.h' -newer "$obj" -print -quit)" ]]; then
-    echo "compile $name.cc"
-    "$CXX" "${COMMON[@]}" -fsanitize=fuzzer-no-link -c "$src" -o "$obj"
-  fi
-  OBJECTS+=("$obj")
-done
+# Every fuzzer, the objects it links and its libraries. Objects are rebuilt when
+# their source or any of our headers (or a generated .pb.h) is newer.
+FUZZERS=(safetensors gguf llama2c tokenizer_json saap_index checkpoint_info)
+CHECKPOINT=(checkpoint/{mapped_file,atomic_file,tensor,safetensors,gguf,gguf_writer,llama}.cc)
+TOKENIZER=(tokenizer/{text,pretokenizer,byte,bpe,spm,hf_json,gguf_vocab,gguf_file_vocab,tokenizer}.cc)
+GEN="$BUILD/gen"
+PROTO_LIBS=($(pkg-config --libs protobuf absl_status absl_statusor absl_strings absl_str_format))
+sources_of() {  # the project sources (and generated ones, under $GEN) fuzzer $1 links
+  case "$1" in
+    safetensors|gguf|llama2c) echo "${CHECKPOINT[@]}" ;;
+    tokenizer_json) echo "${CHECKPOINT[@]} ${TOKENIZER[@]}" ;;
+    saap_index) echo "${CHECKPOINT[@]} $GEN/saap/saap_index.pb.cc saap/index_file.cc" ;;
+    checkpoint_info) echo "${CHECKPOINT[@]} $GEN/configs/experiment.pb.cc $GEN/configs/presets.cc" \
+                          "configs/config.cc trainer/state.cc" ;;
+  esac
+}
+libs_of() {
+  case "$1" in
+    tokenizer_json) pkg-config --libs re2 ;;
+    saap_index) echo "${PROTO_LIBS[@]}" ;;
+    checkpoint_info) echo "${PROTO_LIBS[@]} ${TORCH_LIBS[*]}" ;;
+  esac
+}
+uses_torch() { [[ "$1" == checkpoint_info ]]; }
 
-link() {  # link OUTPUT SOURCE SANITIZERS
-  local out="$1" src="$2" san="$3"
+SELECTED=()
+for f in "${FUZZERS[@]}"; do [[ -z "$ONLY" || "$ONLY" == "$f" ]] && SELECTED+=("$f"); done
+if [[ ${#SELECTED[@]} == 0 ]]; then
+  echo "fuzz.sh: no fuzzer named '$ONLY' (one of: ${FUZZERS[*]})" >&2
+  exit 2
+fi
+
+# LibTorch (checkpoint_info only): the wheel in .venv, as the CMake build uses,
+# or TORCH_DIR. Only our code is instrumented; libtorch.so is linked as is.
+TORCH_CFLAGS=() TORCH_LIBS=()
+if [[ " ${SELECTED[*]} " == *" checkpoint_info "* ]]; then
+  TORCH_DIR="${TORCH_DIR:-$(ls -d "$ROOT"/.venv/lib/python3*/site-packages/torch 2>/dev/null | head -1)}"
+  if [[ ! -f "$TORCH_DIR/include/torch/script.h" ]]; then
+    echo "fuzz.sh: LibTorch not found (set TORCH_DIR to the torch package or libtorch folder)" >&2
+    exit 1
+  fi
+  # Our protobuf headers (system) before torch's older copy, as CMakeLists.txt does.
+  mkdir -p "$BUILD/protobuf_shim"
+  ln -sfn /usr/include/google "$BUILD/protobuf_shim/google"
+  TORCH_CFLAGS=(-I"$BUILD/protobuf_shim" -isystem "$TORCH_DIR/include"
+                -isystem "$TORCH_DIR/include/torch/csrc/api/include")
+  # libstdc++ first: libtorch.so exports its own std::filesystem (CMakeLists.txt).
+  TORCH_LIBS=(-Wl,--push-state,--no-as-needed -lstdc++ -Wl,--pop-state -L"$TORCH_DIR/lib"
+              -Wl,-rpath,"$TORCH_DIR/lib" -ltorch -ltorch_cpu -lc10)
+fi
+
+# Generated sources: protobuf messages (our protoc, so they match the system
+# headers) and the embedded config presets.
+mkdir -p "$BUILD/obj" "$GEN/configs" "$GEN/saap"
+for proto in configs/experiment saap/saap_index; do
+  if [[ ! -f "$GEN/$proto.pb.cc" || "$ROOT/$proto.proto" -nt "$GEN/$proto.pb.cc" ]]; then
+    protoc --proto_path="$ROOT" --cpp_out="$GEN" "$ROOT/$proto.proto"
+  fi
+done
+if [[ ! -f "$GEN/configs/presets.cc" || -n "$(find "$ROOT/configs/presets" -newer "$GEN/configs/presets.cc" -print -quit)" ]]; then
+  cmake -DOUT="$GEN/configs/presets.cc" -DDIR="$ROOT/configs/presets" -P "$ROOT/configs/embed_presets.cmake"
+fi
+
+HEADER_DIRS=("$ROOT"/{checkpoint,tokenizer,saap,configs,trainer,model,attention} "$GEN")
+compile() {  # compile SOURCE (relative to ROOT, or absolute under GEN) -> prints the object
+  local src="$1" obj path
+  path="$src"; [[ "$src" == /* ]] || path="$ROOT/$src"
+  obj="$BUILD/obj/$(echo "${src#$GEN/}" | tr / _).o"; obj="${obj%.cc.o}.o"
+  if [[ ! -f "$obj" || "$path" -nt "$obj" ]] || \
+     [[ -n "$(find "${HEADER_DIRS[@]}" -name '*.h' -newer "$obj" -print -quit)" ]]; then
+    echo "compile ${src#$BUILD/}" >&2
+    "$CXX" "${COMMON[@]}" -I"$GEN" "${TORCH_CFLAGS[@]}" -fsanitize=fuzzer-no-link -c "$path" -o "$obj" \
+      || return 1
+  fi
+  echo "$obj"
+}
+
+link() {  # link OUTPUT SOURCE SANITIZERS OBJECTS... -- LIBS...
+  local out="$1" src="$2" san="$3" objs=() libs=()
+  shift 3
+  while [[ $# -gt 0 && "$1" != -- ]]; do objs+=("$1"); shift; done
+  [[ $# -gt 0 ]] && shift
+  libs=("$@")
   local newest_obj
-  newest_obj="$(ls -t "${OBJECTS[@]}" | head -1)"
+  newest_obj="$(ls -t "${objs[@]}" | head -1)"
   if [[ ! -f "$out" || "$src" -nt "$out" || "$newest_obj" -nt "$out" ]]; then
     echo "build $(basename "$out")"
-    "$CXX" "${COMMON[@]}" "$san" "$src" "${OBJECTS[@]}" -o "$out" -lpthread
+    "$CXX" "${COMMON[@]}" -I"$GEN" "${TORCH_CFLAGS[@]}" "$san" "$src" "${objs[@]}" -o "$out" \
+      "${libs[@]}" -lpthread
   fi
 }
-FUZZERS=(safetensors gguf llama2c)
-for f in "${FUZZERS[@]}"; do
-  link "$BUILD/fuzz_$f" "$ROOT/fuzz/fuzz_$f.cc" -fsanitize=fuzzer
-done
-link "$BUILD/make_seeds" "$ROOT/fuzz/make_seeds.cc" -fsanitize=address
 
+declare -A OBJECTS_OF
+for f in "${SELECTED[@]}"; do
+  objs=()
+  for src in $(sources_of "$f"); do obj="$(compile "$src")" || exit 1; objs+=("$obj"); done
+  OBJECTS_OF[$f]="${objs[*]}"
+  # shellcheck disable=SC2046
+  link "$BUILD/fuzz_$f" "$ROOT/fuzz/fuzz_$f.cc" -fsanitize=fuzzer ${OBJECTS_OF[$f]} -- $(libs_of "$f")
+done
+
+# Seeds: make_seeds writes every torch-free format; make_checkpoint_seeds writes
+# real (tiny) training checkpoints with LibTorch.
+seed_objs=()
+for src in "${CHECKPOINT[@]}" "${TOKENIZER[@]}" "$GEN/saap/saap_index.pb.cc" saap/index_file.cc; do
+  obj="$(compile "$src")" || exit 1; seed_objs+=("$obj")
+done
+link "$BUILD/make_seeds" "$ROOT/fuzz/make_seeds.cc" -fsanitize=address "${seed_objs[@]}" -- \
+  $(pkg-config --libs re2) "${PROTO_LIBS[@]}"
 rm -rf "$BUILD/seeds"
 "$BUILD/make_seeds" "$BUILD/seeds"
+if [[ " ${SELECTED[*]} " == *" checkpoint_info "* ]]; then
+  # shellcheck disable=SC2046
+  link "$BUILD/make_checkpoint_seeds" "$ROOT/fuzz/make_checkpoint_seeds.cc" -fsanitize=address \
+    ${OBJECTS_OF[checkpoint_info]} -- $(libs_of checkpoint_info)
+  "$BUILD/make_checkpoint_seeds" "$BUILD/seeds/checkpoint_info"
+fi
 [[ "$RUN" == 1 ]] || exit 0
 
 # --- Run --------------------------------------------------------------------------
 status=0
 SUMMARY=()
-for f in "${FUZZERS[@]}"; do
-  [[ -z "$ONLY" || "$ONLY" == "$f" ]] || continue
+for f in "${SELECTED[@]}"; do
   corpus="$BUILD/corpus/$f"
   artifacts="$BUILD/artifacts/$f/"
   mkdir -p "$corpus" "$artifacts"
@@ -113,7 +202,7 @@ for f in "${FUZZERS[@]}"; do
   secs="$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' "$log" | tail -1)"
   rate="?"
   if [[ -n "$runs" && -n "$secs" && "$secs" -gt 0 ]]; then rate=$((runs / secs)); fi
-  SUMMARY+=("$(printf '%-18s %12s runs %8s runs/s  corpus %s files' "fuzz_$f" "${runs:-?}" "$rate" \
+  SUMMARY+=("$(printf '%-22s %12s runs %8s runs/s  corpus %s files' "fuzz_$f" "${runs:-?}" "$rate" \
                 "$(ls "$corpus" | wc -l)")")
 done
 printf '%s\n' "${SUMMARY[@]}"

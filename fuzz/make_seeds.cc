@@ -1,20 +1,35 @@
-// Writes the fuzzers' seed corpora: small valid files of each format (and a
-// few near misses) into OUT/safetensors, OUT/gguf and OUT/llama2c.
+// Writes the torch-free fuzzers' seed corpora: small valid files of each format
+// (and a few near misses) into OUT/safetensors, OUT/gguf, OUT/llama2c,
+// OUT/tokenizer_json and OUT/saap_index. (make_checkpoint_seeds writes the
+// training checkpoints, which need LibTorch.)
 #include <sys/stat.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <random>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "absl/strings/escaping.h"
 #include "checkpoint/gguf_writer.h"
 #include "checkpoint/llama.h"
 #include "checkpoint/safetensors.h"
+#include "nlohmann/json.hpp"
+#include "saap/index_file.h"
+#include "tokenizer/bpe.h"
+#include "tokenizer/hf_json.h"
+#include "tokenizer/pretokenizer.h"
+#include "tokenizer/text.h"
 
 using namespace sparseflash::checkpoint;
+using nlohmann::json;
+namespace saap = sparseflash::saap;
+namespace tok = sparseflash::tokenizer;
 
 namespace {
 
@@ -161,18 +176,146 @@ void llama2c_seeds(const std::string& dir) {
   }
 }
 
+// Byte-level BPE tokenizer.json files: every byte a token, a few merges, the
+// pre-tokenizer, post-processor and added-token shapes the reader knows. A seed
+// is tokenizer.json [NUL tokenizer_config.json NUL config.json] (fuzz_tokenizer_json.cc).
+void tokenizer_json_seeds(const std::string& dir) {
+  json vocab = json::object();
+  for (int b = 0; b < 256; ++b) vocab[tok::bytes_to_byte_level(std::string(1, static_cast<char>(b)))] = b;
+  const std::vector<std::pair<std::string, std::string>> merges = {
+      {"h", "e"}, {"l", "l"}, {"he", "ll"}, {"hell", "o"}, {"\xc4\xa0", "w"}, {"1", "2"}};
+  int next = 256;
+  json merge_strings = json::array(), merge_pairs = json::array();
+  for (const auto& [a, b] : merges) {
+    vocab[a + b] = next++;
+    merge_strings.push_back(a + " " + b);
+    merge_pairs.push_back({a, b});
+  }
+  const json byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}};
+  json gpt2 = {{"version", "1.0"}, {"normalizer", nullptr}, {"pre_tokenizer", byte_level},
+               {"decoder", byte_level}, {"post_processor", byte_level},
+               {"added_tokens", {{{"id", next}, {"content", "<|endoftext|>"}, {"special", true}}}},
+               {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merge_strings}}}};
+  gpt2["model"]["vocab"]["<|endoftext|>"] = next;
+  save(dir + "/gpt2.json", gpt2.dump(1));
+
+  // Llama-3 style: a Split regex, then ByteLevel without its own; merges as pairs;
+  // a BOS template; BOS/EOS named by the files beside it.
+  json llama3 = gpt2;
+  llama3["pre_tokenizer"] = {
+      {"type", "Sequence"},
+      {"pretokenizers",
+       {{{"type", "Split"}, {"pattern", {{"Regex", tok::kLlama3Pattern}}}, {"behavior", "Isolated"},
+         {"invert", false}},
+        {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}}}};
+  llama3["decoder"] = {{"type", "Sequence"}, {"decoders", {byte_level}}};
+  llama3["model"]["merges"] = merge_pairs;
+  llama3["model"]["ignore_merges"] = true;
+  llama3["added_tokens"].push_back({{"id", next + 1}, {"content", "<|begin_of_text|>"}, {"lstrip", true}});
+  llama3["post_processor"] = {
+      {"type", "TemplateProcessing"},
+      {"single", {{{"SpecialToken", {{"id", "<|begin_of_text|>"}, {"type_id", 0}}}},
+                  {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+      {"special_tokens", {{"<|begin_of_text|>", {{"id", "<|begin_of_text|>"}, {"ids", {next + 1}}}}}}};
+  const json tokenizer_config = {{"bos_token", "<|begin_of_text|>"},
+                                 {"eos_token", {{"content", "<|endoftext|>"}}}};
+  const json model_config = {{"bos_token_id", next + 1}, {"eos_token_id", {next, 0}}};
+  save(dir + "/llama3.json", llama3.dump(1) + std::string(1, '\0') + tokenizer_config.dump() +
+                                 std::string(1, '\0') + model_config.dump());
+
+  // Digits split, byte fallback and an unknown token; a Roberta post-processor.
+  json digits = gpt2;
+  digits["pre_tokenizer"] = {{"type", "Sequence"},
+                             {"pretokenizers",
+                              {{{"type", "Digits"}, {"individual_digits", true}},
+                               {{"type", "Split"}, {"pattern", {{"String", " "}}}, {"behavior", "Isolated"}},
+                               byte_level}}};
+  digits["model"]["byte_fallback"] = true;
+  digits["model"]["unk_token"] = "<|endoftext|>";
+  digits["model"]["vocab"]["<0x41>"] = next + 2;
+  digits["post_processor"] = {{"type", "RobertaProcessing"}, {"cls", {"<|endoftext|>", next}}};
+  save(dir + "/digits.json", digits.dump());
+
+  for (const char* name : {"gpt2.json", "llama3.json", "digits.json"}) {
+    std::ifstream in(dir + "/" + name, std::ios::binary);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const size_t nul = text.find('\0');
+    std::string_view configs = nul == std::string::npos ? std::string_view() : std::string_view(text).substr(nul + 1);
+    const size_t nul2 = configs.find('\0');
+    tok::BpeTokenizer t(tok::parse_hf_tokenizer_json(name, std::string_view(text).substr(0, nul),
+                                                     configs.substr(0, nul2),
+                                                     nul2 == std::string_view::npos ? "" : configs.substr(nul2 + 1)),
+                        name);
+    if (t.decode(t.encode("hello world 12", true)).find("hello world 12") == std::string::npos) {
+      std::fprintf(stderr, "make_seeds: %s does not round-trip\n", name);
+      std::exit(1);
+    }
+  }
+}
+
+// SAAP index files (saap/index.h), with and without budget curves and recency bands.
+void saap_index_seeds(const std::string& dir) {
+  for (const bool extras : {false, true}) {
+    saap::SaapHeader h;
+    h.set_format_version(saap::kSaapFormatVersion);
+    h.set_model_identity("llama:fnv1a64:0123456789abcdef");
+    h.set_num_layers(extras ? 1 : 2);
+    h.set_num_query_heads(2);
+    h.set_num_kv_heads(1);
+    h.set_head_dim(2);
+    h.set_partitions(3);
+    h.set_classifier_hidden(4);
+    h.set_local_window(16);
+    h.set_sink_tokens(1);
+    if (extras) {
+      for (const float g : {0.0f, 0.25f, 1.0f}) h.add_budget_grid(g);
+      for (const int e : {4, 32}) h.add_recency_edges(e);
+      h.set_count_prior(true);
+    }
+    std::vector<std::vector<float>> values;
+    std::vector<TensorToWrite> tensors;
+    values.reserve(64);
+    for (int layer = 0; layer < h.num_layers(); ++layer) {
+      for (const std::string& suffix : saap::saap_tensor_suffixes(h)) {
+        const std::vector<int64_t> shape = saap::saap_tensor_shape(h, suffix);
+        values.push_back(floats(static_cast<size_t>(shape_numel(shape))));
+        for (float& v : values.back()) v = std::abs(v) + 0.125f;   // in_std > 0, budgets >= 0
+        tensors.push_back({saap::saap_tensor_name(layer, suffix), DType::kF32, shape, values.back().data(),
+                           values.back().size() * 4});
+      }
+    }
+    const std::string path = dir + (extras ? "/extras.saap" : "/plain.saap");
+    write_safetensors(path, tensors,
+                      {{saap::kSaapFormatKey, saap::kSaapFormatValue},
+                       {saap::kSaapHeaderKey, absl::Base64Escape(h.SerializeAsString())}});
+    std::vector<float> buffer;
+    const absl::StatusOr<saap::SaapHeader> back = saap::read_saap_file(
+        *SafetensorsFile::open(path), path, [&](size_t, const std::string&, const std::vector<int64_t>& shape) {
+          buffer.assign(static_cast<size_t>(shape_numel(shape)), 0.0f);
+          return buffer.data();
+        });
+    if (!back.ok()) {
+      std::fprintf(stderr, "make_seeds: %s\n", std::string(back.status().message()).c_str());
+      std::exit(1);
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 2 || std::strcmp(argv[1], "--help") == 0) {
-    std::fprintf(stderr, "usage: make_seeds OUT\nWrites seed corpora to OUT/{safetensors,gguf,llama2c}.\n");
+    std::fprintf(stderr, "usage: make_seeds OUT\nWrites seed corpora to OUT/{safetensors,gguf,llama2c,tokenizer_json,saap_index}.\n");
     return argc == 2 ? 0 : 2;
   }
   std::string out = argv[1];
-  for (const char* sub : {"", "/safetensors", "/gguf", "/llama2c"}) mkdir((out + sub).c_str(), 0755);
+  for (const char* sub : {"", "/safetensors", "/gguf", "/llama2c", "/tokenizer_json", "/saap_index"})
+    mkdir((out + sub).c_str(), 0755);
   safetensors_seeds(out + "/safetensors");
   gguf_seeds(out + "/gguf");
   llama2c_seeds(out + "/llama2c");
+  tokenizer_json_seeds(out + "/tokenizer_json");
+  saap_index_seeds(out + "/saap_index");
   // Every seed must parse: a corpus of broken files would fuzz only the first check.
   load_llama_checkpoint(out + "/gguf/llama.gguf");
   load_llama_checkpoint(out + "/llama2c/v1_untied.bin");

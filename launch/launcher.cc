@@ -274,7 +274,12 @@ Outcome run_group(const LaunchOptions& o, const std::string& binary, int restart
     }
     if (pid == 0) {
       // Own process group: a Ctrl-C in the terminal reaches the launcher
-      // only, which forwards it once. Die with the launcher.
+      // only, which forwards it once. Die with the launcher, however it ends
+      // (SIGKILL included): the kernel sends PR_SET_PDEATHSIG's signal when
+      // the forking thread exits, and this is the launcher's main thread. It
+      // survives the exec (and the worker's re-exec of itself, cli/main.cc);
+      // workers start no processes of their own. The getppid() check covers
+      // a launcher that died before the prctl.
       setpgid(0, 0);
       prctl(PR_SET_PDEATHSIG, SIGKILL);
       if (getppid() != launcher) _exit(127);
@@ -343,8 +348,15 @@ Outcome run_group(const LaunchOptions& o, const std::string& binary, int restart
                 std::chrono::milliseconds(static_cast<int>(kTerminateGraceSeconds * 1000));
     }
     if (failed && running > 0 && Clock::now() >= kill_at) {
+      // A worker hung in a collective, or stopped, does not act on SIGTERM.
       for (auto& w : workers)
-        if (w.running) kill(w.pid, SIGKILL);
+        if (w.running) {
+          std::cerr << absl::StrFormat(
+              "sparseflash launch: worker rank %d (pid %d) did not exit within %.0f s of "
+              "SIGTERM; killing it\n",
+              w.rank, w.pid, kTerminateGraceSeconds);
+          kill(w.pid, SIGKILL);
+        }
       kill_at = Clock::now() + std::chrono::hours(1);  // once
     }
     if (running > 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));

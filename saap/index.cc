@@ -2,11 +2,11 @@
 #include "saap/index.h"
 
 #include <exception>
+#include <map>
 
 #include <ATen/ATen.h>
 
 #include "absl/strings/escaping.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "checkpoint/safetensors.h"
 
@@ -19,109 +19,33 @@ struct NamedTensor {
   Tensor SaapLayer::*member;
 };
 
-const std::vector<NamedTensor>& layer_tensors() {
-  static const std::vector<NamedTensor> names = {
-      {"centroids", &SaapLayer::centroids},        {"classifier.in_mean", &SaapLayer::in_mean},
-      {"classifier.in_std", &SaapLayer::in_std},   {"classifier.w1", &SaapLayer::w1},
-      {"classifier.b1", &SaapLayer::b1},           {"classifier.w2", &SaapLayer::w2},
+Tensor SaapLayer::*member_of(const std::string& suffix) {
+  static const std::map<std::string, Tensor SaapLayer::*> members = {
+      {"centroids", &SaapLayer::centroids},
+      {"classifier.in_mean", &SaapLayer::in_mean},
+      {"classifier.in_std", &SaapLayer::in_std},
+      {"classifier.w1", &SaapLayer::w1},
+      {"classifier.b1", &SaapLayer::b1},
+      {"classifier.w2", &SaapLayer::w2},
       {"classifier.b2", &SaapLayer::b2},
-  };
-  return names;
-}
-
-// Present iff the header has a budget grid.
-const std::vector<NamedTensor>& budget_tensors() {
-  static const std::vector<NamedTensor> names = {
       {"budget.lost_mass", &SaapLayer::budget_lost_mass},
       {"budget.keys", &SaapLayer::budget_keys},
-      {"budget.output_error", &SaapLayer::budget_output_error}};
-  return names;
+      {"budget.output_error", &SaapLayer::budget_output_error},
+      {"recency", &SaapLayer::recency}};
+  return members.at(suffix);
 }
 
-// The tensors a layer holds under `h`.
+// The tensors a layer holds under `h` (saap_tensor_suffixes).
 std::vector<NamedTensor> tensors_of(const SaapHeader& h) {
-  std::vector<NamedTensor> names = layer_tensors();
-  if (h.budget_grid_size() > 0)
-    names.insert(names.end(), budget_tensors().begin(), budget_tensors().end());
-  if (h.recency_edges_size() > 0) names.push_back({"recency", &SaapLayer::recency});
+  std::vector<NamedTensor> names;
+  for (const std::string& suffix : saap_tensor_suffixes(h)) names.push_back({suffix, member_of(suffix)});
   return names;
-}
-
-std::string tensor_name(size_t layer, const std::string& suffix) {
-  return absl::StrCat("layers.", layer, ".", suffix);
-}
-
-// The shape each tensor must have under `h`.
-std::vector<int64_t> expected_shape(const SaapHeader& h, const std::string& suffix) {
-  const int64_t kv = h.num_kv_heads(), q = h.num_query_heads(), d = h.head_dim(),
-                c = h.partitions(), hidden = h.classifier_hidden();
-  if (suffix == "centroids") return {kv, c, d};
-  if (suffix == "classifier.in_mean" || suffix == "classifier.in_std") return {q, d};
-  if (suffix == "classifier.w1") return {q, d, hidden};
-  if (suffix == "classifier.b1") return {q, hidden};
-  if (suffix == "classifier.w2") return {q, hidden, c};
-  if (absl::StartsWith(suffix, "budget.")) return {q, h.budget_grid_size()};
-  if (suffix == "recency") return {q, h.recency_edges_size() + 1};
-  return {q, c};  // classifier.b2
 }
 
 std::string shape_text(at::IntArrayRef shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) absl::StrAppend(&s, i ? ", " : "", shape[i]);
   return s + "]";
-}
-
-absl::Status validate_header(const SaapHeader& h, const std::string& where) {
-  if (h.format_version() != kSaapFormatVersion) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ": format_version ", h.format_version(),
-                                                   ", this build reads ", kSaapFormatVersion));
-  }
-  if (h.model_identity().empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(where, ": model_identity is empty"));
-  }
-  const std::pair<const char*, int64_t> positive[] = {
-      {"num_layers", h.num_layers()},     {"num_query_heads", h.num_query_heads()},
-      {"num_kv_heads", h.num_kv_heads()}, {"head_dim", h.head_dim()},
-      {"classifier_hidden", h.classifier_hidden()}};
-  for (const auto& [field, value] : positive) {
-    if (value < 1) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": ", field, " must be positive, got ", value));
-    }
-  }
-  if (h.partitions() < 2) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(where, ": partitions must be >= 2, got ", h.partitions()));
-  }
-  if (h.num_query_heads() % h.num_kv_heads() != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(where, ": num_query_heads ", h.num_query_heads(),
-                     " is not a multiple of num_kv_heads ", h.num_kv_heads()));
-  }
-  if (h.local_window() < 0 || h.sink_tokens() < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(where, ": local_window and sink_tokens must be >= 0, got ",
-                     h.local_window(), " and ", h.sink_tokens()));
-  }
-  for (int i = 0; i < h.budget_grid_size(); ++i) {
-    const float g = h.budget_grid(i);
-    if (!(g >= 0 && g <= 1) || (i > 0 && !(g > h.budget_grid(i - 1)))) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ": budget_grid must ascend strictly within [0, 1], got ", g, " at ", i));
-    }
-  }
-  for (int i = 0; i < h.recency_edges_size(); ++i) {
-    const int32_t e = h.recency_edges(i);
-    if (e < 1 || (i > 0 && e <= h.recency_edges(i - 1))) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, ": recency_edges must ascend strictly from >= 1, got ", e, " at ", i));
-    }
-  }
-  if (h.recency_edges_size() > 0 && !h.count_prior()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(where, ": recency_edges need count_prior (the bands weight its counts)"));
-  }
-  return absl::OkStatus();
 }
 
 }  // namespace
@@ -158,7 +82,7 @@ QueryClassifier load_classifier(const SaapLayer& layer, torch::Device device) {
 
 absl::Status validate_saap_index(const SaapIndex& index) {
   const SaapHeader& h = index.header;
-  if (absl::Status s = validate_header(h, "SAAP index header"); !s.ok()) return s;
+  if (absl::Status s = validate_saap_header(h, "SAAP index header"); !s.ok()) return s;
   if (index.layers.size() != static_cast<size_t>(h.num_layers())) {
     return absl::InvalidArgumentError(absl::StrCat("SAAP index: header says ", h.num_layers(),
                                                    " layers, found ", index.layers.size()));
@@ -166,10 +90,10 @@ absl::Status validate_saap_index(const SaapIndex& index) {
   for (size_t i = 0; i < index.layers.size(); ++i) {
     for (const NamedTensor& t : tensors_of(h)) {
       const Tensor& value = index.layers[i].*t.member;
-      const std::vector<int64_t> want = expected_shape(h, t.suffix);
+      const std::vector<int64_t> want = saap_tensor_shape(h, t.suffix);
       if (!value.defined() || value.sizes() != at::IntArrayRef(want)) {
         return absl::InvalidArgumentError(absl::StrCat(
-            "SAAP index: ", tensor_name(i, t.suffix), " must be ", shape_text(want), ", got ",
+            "SAAP index: ", saap_tensor_name(i, t.suffix), " must be ", shape_text(want), ", got ",
             value.defined() ? shape_text(value.sizes()) : "undefined"));
       }
     }
@@ -197,7 +121,7 @@ absl::Status write_saap_index(const std::string& path, const SaapIndex& index) {
     for (const NamedTensor& t : tensors_of(index.header)) {
       Tensor value = (index.layers[i].*t.member).detach().to(at::kCPU, at::kFloat).contiguous();
       keep.push_back(value);
-      tensors.push_back({tensor_name(i, t.suffix), checkpoint::DType::kF32, value.sizes().vec(),
+      tensors.push_back({saap_tensor_name(i, t.suffix), checkpoint::DType::kF32, value.sizes().vec(),
                          value.data_ptr(), static_cast<size_t>(value.nbytes())});
     }
   }
@@ -222,64 +146,16 @@ absl::StatusOr<SaapIndex> read_saap_index(const std::string& path) {
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(e.what());
   }
-  const auto& meta = file->metadata();
-  auto format = meta.find(kSaapFormatKey);
-  if (format == meta.end() || format->second != kSaapFormatValue) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": not a SAAP index (metadata ", kSaapFormatKey, " is ",
-        format == meta.end() ? "missing" : "\"" + format->second + "\"", ", expected \"",
-        kSaapFormatValue, "\")"));
-  }
-  auto encoded = meta.find(kSaapHeaderKey);
-  std::string header_bytes;
   SaapIndex index;
-  if (encoded == meta.end() || !absl::Base64Unescape(encoded->second, &header_bytes) ||
-      !index.header.ParseFromString(header_bytes)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        path, ": metadata ", kSaapHeaderKey, " is missing or not a base64 SaapHeader protobuf"));
-  }
-  if (absl::Status s = validate_header(index.header, absl::StrCat(path, ": header"));
-      !s.ok()) {
-    return s;
-  }
-  const std::vector<NamedTensor> names = tensors_of(index.header);
-  const size_t expected_count = index.header.num_layers() * names.size();
-  if (file->tensors().size() != expected_count) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": ", file->tensors().size(),
-                                                   " tensors, the header implies ",
-                                                   expected_count));
-  }
-  index.layers.resize(index.header.num_layers());
-  for (size_t i = 0; i < index.layers.size(); ++i) {
-    for (const NamedTensor& t : names) {
-      const std::string name = tensor_name(i, t.suffix);
-      const checkpoint::TensorInfo* info = file->find(name);
-      const std::vector<int64_t> want = expected_shape(index.header, t.suffix);
-      if (info == nullptr) {
-        return absl::InvalidArgumentError(absl::StrCat(path, ": tensor ", name, " is missing"));
-      }
-      if (info->dtype != checkpoint::DType::kF32 || info->shape != want) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            path, ": tensor ", name, " must be F32 ", shape_text(want), ", found ",
-            checkpoint::dtype_name(info->dtype), " ", checkpoint::shape_string(info->shape)));
-      }
-      Tensor value = at::empty(want, at::kFloat);
-      checkpoint::to_float32(*info, value.data_ptr<float>());
-      if (!at::isfinite(value).all().item<bool>()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(path, ": tensor ", name, " holds NaN or Inf"));
-      }
-      if (t.suffix == "classifier.in_std" && !(value > 0).all().item<bool>()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(path, ": tensor ", name, " must be positive (it divides the queries)"));
-      }
-      if (absl::StartsWith(t.suffix, "budget.") && !(value >= 0).all().item<bool>()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(path, ": tensor ", name, " must be non-negative"));
-      }
-      index.layers[i].*t.member = value;
-    }
-  }
+  absl::StatusOr<SaapHeader> header = read_saap_file(
+      *file, path, [&](size_t layer, const std::string& suffix, const std::vector<int64_t>& shape) {
+        if (index.layers.size() <= layer) index.layers.resize(layer + 1);
+        Tensor& value = index.layers[layer].*member_of(suffix);
+        value = at::empty(shape, at::kFloat);
+        return value.data_ptr<float>();
+      });
+  if (!header.ok()) return header.status();
+  index.header = *std::move(header);
   return index;
 }
 

@@ -28,16 +28,12 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "saap/classifier.h"
+#include "saap/index_file.h"
 #include "saap/saap_index.pb.h"
 
 namespace sparseflash::saap {
 
 using at::Tensor;
-
-constexpr const char* kSaapFormatKey = "sparseflash_format";
-constexpr const char* kSaapFormatValue = "saap-v1";
-constexpr const char* kSaapHeaderKey = "saap_header";
-constexpr int kSaapFormatVersion = 1;
 
 struct SaapLayer {
   Tensor centroids;  // float32, CPU, shapes as in the file comment above

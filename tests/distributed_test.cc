@@ -3,207 +3,43 @@
 // process trains with the same global batch, with and without ZeRO-1; a
 // killed worker ends the job quickly with nothing left running; SIGINT leaves
 // a checkpoint that resumes. Also the environment parsing (SLURM, mpirun).
-#include <fcntl.h>
-#include <ftw.h>
 #include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <chrono>
-#include <filesystem>
-#include <fstream>
 #include <map>
-#include <random>
-#include <sstream>
-#include <thread>
 
 #include <gtest/gtest.h>
 #include <torch/serialize/archive.h>
 
-#include "tests/test_util.h"
-#include "data/prepare.h"
 #include "launch/launcher.h"
-#include "nlohmann/json.hpp"
+#include "tests/jobs.h"
 #include "trainer/trainer.h"
-
-extern char** environ;
 
 namespace sparseflash {
 namespace {
 
-namespace fs = std::filesystem;
-using Clock = std::chrono::steady_clock;
-
-using test_util::remove_tree;
-
-std::string read_file(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-// ---------------------------------------------------------------------------
-// processes
-
-// Starts `sparseflash args...` with the environment plus `extra` (and without
-// any job variables of the test's own environment), output to `log`.
-pid_t spawn(const std::vector<std::string>& args, const std::string& log,
-            const std::map<std::string, std::string>& extra = {}) {
-  std::vector<std::string> env;
-  for (char** e = environ; *e; ++e) {
-    const std::string entry = *e;
-    const std::string name = entry.substr(0, entry.find('='));
-    if (name == "RANK" || name == "WORLD_SIZE" || name.rfind("SLURM_", 0) == 0 ||
-        name.rfind("OMPI_", 0) == 0 || extra.count(name))
-      continue;
-    env.push_back(entry);
-  }
-  for (const auto& [k, v] : extra) env.push_back(k + "=" + v);
-  std::vector<std::string> argv_strings = {SF_BINARY};
-  argv_strings.insert(argv_strings.end(), args.begin(), args.end());
-  std::vector<char*> argv, envp;
-  for (auto& a : argv_strings) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  for (auto& e : env) envp.push_back(e.data());
-  envp.push_back(nullptr);
-  const pid_t pid = fork();
-  if (pid == 0) {
-    const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    dup2(fd, STDOUT_FILENO);
-    dup2(fd, STDERR_FILENO);
-    execve(argv[0], argv.data(), envp.data());
-    _exit(127);
-  }
-  return pid;
-}
-
-// Exit status (128 + signal for a signal), or -1 after `timeout_s`.
-int wait_for(pid_t pid, double timeout_s) {
-  const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
-  while (Clock::now() < deadline) {
-    int status = 0;
-    if (waitpid(pid, &status, WNOHANG) == pid)
-      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-  return -1;
-}
-
-// Direct children of `pid`, from /proc/*/stat.
-std::vector<pid_t> children_of(pid_t pid) {
-  std::vector<pid_t> found;
-  for (const auto& entry : fs::directory_iterator("/proc")) {
-    const std::string name = entry.path().filename().string();
-    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
-    const std::string stat = read_file(entry.path().string() + "/stat");
-    const size_t close = stat.rfind(')');
-    if (close == std::string::npos) continue;
-    std::istringstream rest(stat.substr(close + 2));
-    char state;
-    pid_t ppid = 0;
-    rest >> state >> ppid;
-    if (ppid == pid) found.push_back(std::stoi(name));
-  }
-  return found;
-}
-
-bool process_exists(pid_t pid) {
-  // A zombie still has a /proc entry; it is gone once reaped.
-  return fs::exists("/proc/" + std::to_string(pid));
-}
-
-// Losses by step from a run's metrics.jsonl.
-std::map<int64_t, double> losses(const std::string& run_dir) {
-  std::map<int64_t, double> out;
-  std::ifstream in(run_dir + "/metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) {
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    if (j.is_object() && j.contains("loss")) out[j["step"].get<int64_t>()] = j["loss"].get<double>();
-  }
-  return out;
-}
+using test_util::children_of;
+using test_util::Clock;
+using test_util::losses;
+using test_util::process_exists;
+using test_util::read_file;
+using test_util::spawn;
+using test_util::wait_for;
 
 // ---------------------------------------------------------------------------
 // fixture
 
-class DistributedTest : public ::testing::Test {
+class DistributedTest : public test_util::JobTest {
  protected:
+  DistributedTest() : JobTest("sf_distributed_") {}
   void SetUp() override {
 #ifndef SF_HAVE_GLOO
     GTEST_SKIP() << "built without Gloo headers (Debian: libgloo-dev; scripts/setup.sh installs "
                     "it): no CPU process group";
 #endif
-    // Parameterised test names hold a '/'.
-    std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    std::replace(name.begin(), name.end(), '/', '_');
-    root_ = (fs::temp_directory_path() / ("sf_distributed_" + name)).string();
-    remove_tree(root_);
-    fs::create_directories(root_ + "/text");
-    std::mt19937 rng(std::random_device{}());
-    const char* words[] = {"the ", "kernel ", "driver ", "maps ", "memory ", "and ", "calls ",
-                           "a ", "function ", "returns ", "zero.\n"};
-    for (int doc = 0; doc < 30; ++doc) {
-      std::ofstream out(root_ + "/text/doc" + std::to_string(doc) + ".txt");
-      for (int w = 0; w < 400; ++w) out << words[rng() % 11];
-    }
-    data::PrepareOptions o;
-    o.inputs = {root_ + "/text"};
-    o.out_dir = root_ + "/data";
-    o.val_fraction = 0.2;
-    ASSERT_TRUE(data::prepare(o).ok());
-    // A port per test and process, so that runs in parallel do not meet.
-    port_ = 20000 + (getpid() * 7 + ::testing::UnitTest::GetInstance()->random_seed()) % 20000;
+    JobTest::SetUp();
   }
-  void TearDown() override { remove_tree(root_); }
-
-  std::vector<std::string> train_args(const std::string& run, int batch_size, int steps,
-                                      std::vector<std::string> extra = {}) {
-    std::vector<std::string> a = {"train", "--config", "preset:tiny_test"};
-    for (const std::string& s :
-         {"data.dir=" + root_ + "/data", "checkpoint.out_dir=" + root_ + "/" + run,
-          "data.batch_size=" + std::to_string(batch_size), "train.max_steps=" + std::to_string(steps),
-          std::string("train.cpu_threads=1"), std::string("logging.interval=1"),
-          std::string("eval.sample_tokens=0"), std::string("eval.interval=4"),
-          std::string("checkpoint.interval=0"), std::string("distributed.timeout_s=30")}) {
-      a.push_back("--set");
-      a.push_back(s);
-    }
-    for (auto& s : extra) {
-      a.push_back("--set");
-      a.push_back(s);
-    }
-    return a;
-  }
-
-  std::vector<std::string> launch_args(int nproc, const std::vector<std::string>& worker) {
-    std::vector<std::string> a = {"launch", "--nproc-per-node", std::to_string(nproc),
-                                  "--master-port", std::to_string(port_), "--"};
-    a.insert(a.end(), worker.begin(), worker.end());
-    return a;
-  }
-
-  int run(const std::vector<std::string>& args, const std::string& log, double timeout_s = 120) {
-    const int rc = wait_for(spawn(args, root_ + "/" + log), timeout_s);
-    if (rc != 0) ADD_FAILURE() << log << ":\n" << read_file(root_ + "/" + log);
-    return rc;
-  }
-
-  // Waits until the run has logged `step` (or the process ended).
-  bool wait_for_step(const std::string& run, int64_t step, double timeout_s) {
-    const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
-    while (Clock::now() < deadline) {
-      auto l = losses(root_ + "/" + run);
-      if (!l.empty() && l.rbegin()->first >= step) return true;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    return false;
-  }
-
-  std::string root_;
-  int port_ = 29500;
 };
 
 // Same losses at every step, same weights and AdamW state at the end.
@@ -220,34 +56,22 @@ void expect_same_run(const std::string& one, const std::string& two, int steps) 
   for (const auto& [step, loss] : a) {
     EXPECT_NEAR(b.at(step), loss, 1e-4 * std::abs(loss)) << "step " << step;
   }
-  torch::serialize::InputArchive ca, cb;
-  ca.load_from(one + "/ckpt.pt");
-  cb.load_from(two + "/ckpt.pt");
-  auto m = trainer::load_model(one, "cpu");
-  ASSERT_TRUE(m.ok()) << m.status();
-  int compared = 0;
-  for (const auto& item : m->model->named_parameters()) {
-    for (const std::string key : {"model/" + item.key(), "optim/" + item.key() + "/exp_avg",
-                                  "optim/" + item.key() + "/exp_avg_sq"}) {
-      at::Tensor x, y;
-      ASSERT_TRUE(ca.try_read(key, x, key[0] == 'o')) << key;
-      ASSERT_TRUE(cb.try_read(key, y, key[0] == 'o')) << key;
-      ASSERT_EQ(x.sizes(), y.sizes()) << key;
-      const double scale = x.abs().max().item<double>() + 1e-12;
-      const double max_diff = (x - y).abs().max().item<double>();
-      const double mean_diff = (x - y).abs().mean().item<double>();
-      if (std::getenv("SF_DIST_DIFFS"))
-        std::fprintf(stderr, "DIFF %s max %.3e mean %.3e scale %.3e\n", key.c_str(),
-                     max_diff / scale, mean_diff / scale, scale);
-      // Typical: mean 1e-8, max 3e-6 of the scale; once an element of wpe
-      // was 1.8e-4 off (AdamW's sign-like update on a gradient near zero
-      // flips with rounding). A wrong split or a missing average moves every
-      // element by ~1e-3 of the scale: the mean catches it.
-      EXPECT_LT(mean_diff, 1e-6 * scale) << key;
-      EXPECT_LT(max_diff, 1e-3 * scale) << key;
-      ++compared;
-    }
-  }
+  const int compared = test_util::for_each_checkpoint_tensor(
+      one, two, [](const std::string& key, const at::Tensor& x, const at::Tensor& y) {
+        ASSERT_EQ(x.sizes(), y.sizes()) << key;
+        const double scale = x.abs().max().item<double>() + 1e-12;
+        const double max_diff = (x - y).abs().max().item<double>();
+        const double mean_diff = (x - y).abs().mean().item<double>();
+        if (std::getenv("SF_DIST_DIFFS"))
+          std::fprintf(stderr, "DIFF %s max %.3e mean %.3e scale %.3e\n", key.c_str(),
+                       max_diff / scale, mean_diff / scale, scale);
+        // Typical: mean 1e-8, max 3e-6 of the scale; once an element of wpe
+        // was 1.8e-4 off (AdamW's sign-like update on a gradient near zero
+        // flips with rounding). A wrong split or a missing average moves every
+        // element by ~1e-3 of the scale: the mean catches it.
+        EXPECT_LT(mean_diff, 1e-6 * scale) << key;
+        EXPECT_LT(max_diff, 1e-3 * scale) << key;
+      });
   EXPECT_GT(compared, 10);
 }
 

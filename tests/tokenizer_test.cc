@@ -595,6 +595,35 @@ TEST(Corrupt, TokenizerJsonErrorsNameTheFileAndField) {
   fs::remove_all(dir);
 }
 
+// parse_hf_tokenizer_json (the fuzzer's entry point) reads the texts as
+// read_hf_tokenizer_json reads the files, BOS/EOS from the files beside included.
+TEST(HfJson, ParsingTextsMatchesReadingTheFiles) {
+  const fs::path dir = fresh_dir("json_texts");
+  const std::string path = (dir / "tokenizer.json").string();
+  const json tokenizer = {
+      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+      {"added_tokens", json::array({{{"id", 4}, {"content", "<|end|>"}, {"special", true}},
+                                    {{"id", 5}, {"content", "<|begin|>"}, {"special", true}}})},
+      {"model", {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"ab", 2}, {"\xC4\xA0", 3}}},
+                 {"merges", json::array({"a b"})}}}};
+  const json tokenizer_config = {{"eos_token", {{"content", "<|end|>"}}}};
+  const json model_config = {{"bos_token_id", 5}};
+  write_file(path, tokenizer.dump());
+  write_file(dir / "tokenizer_config.json", tokenizer_config.dump());
+  write_file(dir / "config.json", model_config.dump());
+  const BpeTokenizer from_files(read_hf_tokenizer_json(path), path);
+  const BpeTokenizer from_texts(
+      parse_hf_tokenizer_json(path, tokenizer.dump(), tokenizer_config.dump(), model_config.dump()), path);
+  EXPECT_EQ(from_texts.identity(), from_files.identity());
+  EXPECT_EQ(from_texts.bos_id(), 5);
+  EXPECT_EQ(from_texts.eos_id(), 4);
+  EXPECT_EQ(from_texts.encode("ab<|end|>", false), (std::vector<int32_t>{2, 4}));
+  expect_error([&] { parse_hf_tokenizer_json(path, tokenizer.dump(), "{", ""); },
+               {(dir / "tokenizer_config.json").string(), "not valid JSON"});
+  expect_error([&] { parse_hf_tokenizer_json(path, "[1]"); }, {path, "expected a JSON object"});
+  fs::remove_all(dir);
+}
+
 TEST(Corrupt, GgufVocabularyErrorsNameTheKey) {
   GgufVocab v;
   v.model = "gpt2";

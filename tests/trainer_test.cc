@@ -1,11 +1,17 @@
 // The training loop on a tiny generated corpus: loss goes down, resume is
-// bit-identical on CPU, bad input fails clearly and leaves good files alone.
+// bit-identical on CPU, bad input fails clearly and leaves good files alone;
+// TensorBoard event files hold what metrics.jsonl holds (read back with the
+// tensorboard package: tests/python/tb_events.py).
 #include <ftw.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <random>
 
 #include <gtest/gtest.h>
@@ -15,6 +21,7 @@
 #include "data/prepare.h"
 #include "tokenizer/tokenizer.h"
 #include "trainer/state.h"
+#include "trainer/tensorboard.h"
 #include "trainer/trainer.h"
 
 namespace sparseflash {
@@ -163,6 +170,151 @@ TEST_F(TrainerTest, EvalAndSampleFromCheckpoint) {
   std::string text = trainer::sample_text(loaded->model, *tok, "the ", 20, 0.8, 10, 1);
   EXPECT_EQ(text.rfind("the ", 0), 0u);
   EXPECT_GE(text.size(), 4u);
+}
+
+// ---------------------------------------------------------------------------
+// TensorBoard event files
+
+// CRC-32C's catalogue check value (CRC of "123456789") is 0xe3069283; records
+// carry it masked: rotated right by 15 bits, plus 0xa282ead8.
+TEST(EventFiles, CrcIsMaskedCrc32c) {
+  const uint32_t crc = 0xe3069283u;
+  EXPECT_EQ(trainer::masked_crc32c("123456789"), ((crc >> 15) | (crc << 17)) + 0xa282ead8u);
+}
+
+TEST(EventFiles, RecordFramingIsLengthCrcDataCrc) {
+  const std::string data = "an event";
+  const std::string record = trainer::frame_record(data);
+  ASSERT_EQ(record.size(), 8 + 4 + data.size() + 4);
+  uint64_t length = 0;
+  uint32_t length_crc = 0, data_crc = 0;
+  std::memcpy(&length, record.data(), 8);  // little-endian, as on every host we run
+  std::memcpy(&length_crc, record.data() + 8, 4);
+  std::memcpy(&data_crc, record.data() + 12 + data.size(), 4);
+  EXPECT_EQ(length, data.size());
+  EXPECT_EQ(length_crc, trainer::masked_crc32c(record.substr(0, 8)));
+  EXPECT_EQ(record.substr(12, data.size()), data);
+  EXPECT_EQ(data_crc, trainer::masked_crc32c(data));
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+std::vector<std::string> event_files(const std::string& dir) {
+  std::vector<std::string> files;
+  for (const auto& entry : fs::directory_iterator(dir))
+    if (entry.path().filename().string().rfind("events.out.tfevents.", 0) == 0)
+      files.push_back(entry.path().string());
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
+TEST(EventFiles, ReaderFindsCorruptionAndTornTail) {
+  const std::string dir = (fs::temp_directory_path() / "sf_event_files").string();
+  remove_tree(dir);
+  fs::create_directories(dir);
+  std::string path;
+  {
+    auto writer = trainer::EventWriter::create(dir);
+    ASSERT_TRUE(writer.ok()) << writer.status();
+    path = (*writer)->path();
+    EXPECT_EQ(fs::path(path).filename().string().rfind("events.out.tfevents.", 0), 0u);
+    ASSERT_TRUE((*writer)->add_scalars(5, {{"loss", 2.5}, {"lr", 1e-3}}).ok());
+    ASSERT_TRUE((*writer)->add_text(5, "config", "```\nx: 1\n```\n").ok());
+  }
+  bool torn = true;
+  auto records = trainer::read_records(path, &torn);
+  ASSERT_TRUE(records.ok()) << records.status();
+  EXPECT_EQ(records->size(), 3u);  // file_version, scalars, text
+  EXPECT_FALSE(torn);
+
+  // A second writer in the same second gets a later name.
+  auto second = trainer::EventWriter::create(dir);
+  ASSERT_TRUE(second.ok()) << second.status();
+  EXPECT_GT((*second)->path(), path);
+
+  const std::string bytes = read_file(path);
+  // A record cut short (a killed writer) ends the file.
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes.substr(0, bytes.size() - 3);
+  records = trainer::read_records(path, &torn);
+  ASSERT_TRUE(records.ok()) << records.status();
+  EXPECT_EQ(records->size(), 2u);
+  EXPECT_TRUE(torn);
+  // A flipped byte is a CRC error naming the file.
+  std::string flipped = bytes;
+  flipped[bytes.size() / 2] ^= 0x20;
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << flipped;
+  records = trainer::read_records(path);
+  ASSERT_FALSE(records.ok());
+  EXPECT_EQ(records.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(records.status().message().find(path), std::string::npos) << records.status();
+  EXPECT_NE(records.status().message().find("CRC"), std::string::npos) << records.status();
+  // ... and stops a resume, naming the file.
+  auto opened = trainer::open_run_events(dir, 3);
+  ASSERT_FALSE(opened.ok());
+  EXPECT_NE(opened.status().message().find(path), std::string::npos) << opened.status();
+  remove_tree(dir);
+}
+
+TEST(EventFiles, UncreatableFileIsReported) {
+  auto writer = trainer::EventWriter::create("/nonexistent/sf_run");
+  ASSERT_FALSE(writer.ok());
+  EXPECT_NE(writer.status().message().find("/nonexistent/sf_run/events.out.tfevents."),
+            std::string::npos)
+      << writer.status();
+}
+
+using test_util::python_has;
+using test_util::run_python;
+
+constexpr char kTensorBoardReader[] = "tensorboard.backend.event_processing.event_accumulator";
+
+// What the acceptance asks: every scalar of the event files equal to metrics.jsonl.
+TEST_F(TrainerTest, TensorBoardScalarsEqualMetrics) {
+  // tiny_test: logs every 5 steps, evaluates every 10.
+  ASSERT_TRUE(trainer::train(config("run", {"train.max_steps=20"})).ok());
+  const std::string run = root_ + "/run";
+  ASSERT_EQ(event_files(run).size(), 1u);
+  std::string reason;
+  if (!python_has(kTensorBoardReader, &reason)) GTEST_SKIP() << reason;
+  EXPECT_EQ(run_python("tb_events.py check " + run + " --files 1"), 0);
+  EXPECT_EQ(run_python("tb_events.py corrupt " + run + " " + root_ + "/corrupt"), 0);
+}
+
+// A run killed after logging step 15 whose checkpoint is at step 10 logs
+// steps 11..15 again (other timings): the event files keep the new ones only.
+TEST_F(TrainerTest, TensorBoardResumeDoesNotDuplicateSteps) {
+  const std::string run = root_ + "/run";
+  const std::vector<std::string> common = {"train.max_steps=20", "checkpoint.interval=0"};
+  int stop_at = 10;
+  trainer::TrainHooks hooks;
+  hooks.on_step = [&](int64_t step, double) {
+    if (step == stop_at) trainer::request_stop(SIGINT);
+  };
+  ASSERT_TRUE(trainer::train(config("run", common), hooks).ok());  // checkpoint at 10
+  const std::string at_10 = read_file(run + "/ckpt.pt");
+  stop_at = 15;
+  ASSERT_TRUE(trainer::train(config("run", common), hooks).ok());  // logged up to 15
+  std::ofstream(run + "/ckpt.pt", std::ios::binary | std::ios::trunc) << at_10;
+  stop_at = -1;
+  auto r = trainer::train(config("run", common), hooks);  // from 10 to 20
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->steps, 20);
+  ASSERT_EQ(event_files(run).size(), 3u);
+  // Rerunning the finished run adds a file with its config, and no step.
+  ASSERT_TRUE(trainer::train(config("run", common), hooks).ok());
+  ASSERT_EQ(event_files(run).size(), 4u);
+
+  std::string reason;
+  if (!python_has(kTensorBoardReader, &reason)) GTEST_SKIP() << reason;
+  EXPECT_EQ(run_python("tb_events.py check " + run + " --files 4"), 0);
+
+  // Starting over (checkpoint.resume=false) drops the old files as it drops metrics.jsonl.
+  ASSERT_TRUE(trainer::train(config("run", {"train.max_steps=5", "checkpoint.resume=false"})).ok());
+  EXPECT_EQ(event_files(run).size(), 1u);
+  EXPECT_EQ(run_python("tb_events.py check " + run + " --files 1"), 0);
 }
 
 }  // namespace

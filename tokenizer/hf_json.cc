@@ -2,8 +2,10 @@
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <stdexcept>
+#include <string_view>
 
 #include "nlohmann/json.hpp"
 #include "re2/re2.h"
@@ -18,6 +20,14 @@ json read_json(const std::string& path) {
   if (!in) throw std::runtime_error(path + ": cannot open");
   try {
     return json::parse(in);
+  } catch (const json::exception& e) {
+    throw std::runtime_error(path + ": not valid JSON: " + e.what());
+  }
+}
+
+json parse_json(const std::string& path, std::string_view text) {
+  try {
+    return json::parse(text);
   } catch (const json::exception& e) {
     throw std::runtime_error(path + ": not valid JSON: " + e.what());
   }
@@ -164,10 +174,11 @@ int32_t first_id(const json& config, const std::string& key) {
   return static_cast<int32_t>(first.get<int64_t>());
 }
 
-}  // namespace
-
-BpeVocab read_hf_tokenizer_json(const std::string& path) {
-  const json root = read_json(path);
+// tokenizer.json as `root`. read_configs gives tokenizer_config.json and config.json
+// beside it (null when absent); it runs after tokenizer.json is checked, so that its
+// errors come first.
+using ConfigReader = std::function<void(json* tokenizer_config, json* model_config)>;
+BpeVocab vocab_from_json(const std::string& path, const json& root, const ConfigReader& read_configs) {
   const Reader r(path);
   if (!root.is_object()) r.fail("(top level)", "expected a JSON object");
   BpeVocab vocab;
@@ -267,11 +278,8 @@ BpeVocab read_hf_tokenizer_json(const std::string& path) {
     read_post_processor(r, root.at("post_processor"), "post_processor", &vocab.bos_prefix);
 
   // BOS/EOS: tokenizer_config.json, then config.json, then the post-processor's prefix.
-  const std::filesystem::path dir = std::filesystem::path(path).parent_path();
   json tokenizer_config, model_config;
-  if (std::filesystem::exists(dir / "tokenizer_config.json"))
-    tokenizer_config = read_json((dir / "tokenizer_config.json").string());
-  if (std::filesystem::exists(dir / "config.json")) model_config = read_json((dir / "config.json").string());
+  read_configs(&tokenizer_config, &model_config);
   const auto id_of_text = [&](const std::string& text) -> int32_t {
     if (text.empty()) return -1;
     for (const AddedToken& t : vocab.added)
@@ -285,6 +293,29 @@ BpeVocab read_hf_tokenizer_json(const std::string& path) {
   if (vocab.eos_id < 0) vocab.eos_id = first_id(model_config, "eos_token_id");
   if (vocab.bos_id < 0 && !vocab.bos_prefix.empty()) vocab.bos_id = vocab.bos_prefix.front();
   return vocab;
+}
+
+// The files beside tokenizer.json, as messages name them.
+std::string beside(const std::string& path, const char* name) {
+  return (std::filesystem::path(path).parent_path() / name).string();
+}
+
+}  // namespace
+
+BpeVocab read_hf_tokenizer_json(const std::string& path) {
+  return vocab_from_json(path, read_json(path), [&](json* tokenizer_config, json* model_config) {
+    if (std::filesystem::exists(beside(path, "tokenizer_config.json")))
+      *tokenizer_config = read_json(beside(path, "tokenizer_config.json"));
+    if (std::filesystem::exists(beside(path, "config.json"))) *model_config = read_json(beside(path, "config.json"));
+  });
+}
+
+BpeVocab parse_hf_tokenizer_json(const std::string& path, std::string_view text,
+                                 std::string_view tokenizer_config, std::string_view model_config) {
+  return vocab_from_json(path, parse_json(path, text), [&](json* tc, json* mc) {
+    if (!tokenizer_config.empty()) *tc = parse_json(beside(path, "tokenizer_config.json"), tokenizer_config);
+    if (!model_config.empty()) *mc = parse_json(beside(path, "config.json"), model_config);
+  });
 }
 
 }  // namespace sparseflash::tokenizer

@@ -1,6 +1,7 @@
 // Data parallelism: rendezvous, process group, gradient buckets with hooks,
-// ZeRO-1 AdamW. Reading order: connecting, buckets and hooks, the end of a
-// step (wait, average, clip), small collectives, ShardedAdamW.
+// ZeRO-1 AdamW. Reading order: connecting, collectives (numbering, waiting,
+// naming the ranks behind), buckets and hooks, the end of a step (wait,
+// average, clip), small collectives, ShardedAdamW.
 #include "trainer/distributed.h"
 
 #include "trainer/step.h"
@@ -10,7 +11,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <future>
+#include <iostream>
 #include <optional>
+#include <thread>
 
 #include <ATen/ATen.h>
 #include <c10/core/Event.h>
@@ -29,8 +33,12 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 
 namespace sparseflash::trainer {
 
@@ -43,6 +51,9 @@ std::string first_line(const std::string& s) { return s.substr(0, s.find('\n'));
 double ms_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
 }
+
+// The store key under which a rank records the last collective it started.
+std::string progress_key(int rank) { return absl::StrCat("sparseflash/collective/", rank); }
 
 }  // namespace
 
@@ -69,6 +80,14 @@ absl::StatusOr<std::unique_ptr<DataParallel>> DataParallel::connect(
     const World& world, const config::Distributed& options, c10::Device device) {
   std::unique_ptr<DataParallel> dp(new DataParallel(world, options, device));
   const auto timeout = std::chrono::milliseconds(int64_t{options.timeout_s()} * 1000);
+  if (const char* hang = std::getenv("SPARSEFLASH_TEST_HANG"); hang && *hang) {
+    const std::string text = hang;
+    const size_t colon = text.find(':');
+    if (colon == std::string::npos || !absl::SimpleAtoi(text.substr(0, colon), &dp->hang_rank_) ||
+        !absl::SimpleAtoi(text.substr(colon + 1), &dp->hang_step_) || dp->hang_step_ < 1)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "SPARSEFLASH_TEST_HANG=\"", text, "\": expected RANK:STEP (a test hook, e.g. 1:3)"));
+  }
   const std::string where = absl::StrCat(world.master_addr, ":", world.master_port);
 
   config::Distributed::Backend backend = options.backend();
@@ -134,15 +153,98 @@ absl::StatusOr<std::unique_ptr<DataParallel>> DataParallel::connect(
   return dp;
 }
 
-void DataParallel::wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what) {
+// ---------------------------------------------------------------------------
+// collectives: numbering, waiting, naming the ranks behind
+
+int64_t DataParallel::started(const char* what) {
+  ++collectives_;
+  // A diagnostic only: a store that fails here fails the collective too.
+  try {
+    const std::string record = absl::StrCat(collectives_, " ", what);
+    store_->set(progress_key(world_.rank), std::vector<uint8_t>(record.begin(), record.end()));
+  } catch (const std::exception&) {
+  }
+  return collectives_;
+}
+
+void DataParallel::run(const char* what,
+                       const std::function<c10::intrusive_ptr<c10d::Work>()>& collective) {
+  const auto start = Clock::now();
+  const int64_t number = started(what);
+  wait(collective(), what, number, start);
+}
+
+std::string DataParallel::ranks_behind(int64_t collective) const {
+  // On its own thread with a deadline: the store lives in rank 0, which may
+  // be the rank that stopped.
+  auto answer = std::make_shared<std::promise<std::string>>();
+  std::future<std::string> future = answer->get_future();
+  std::thread([store = store_, me = world_.rank, size = world_.world_size, collective, answer] {
+    std::vector<std::string> behind, ahead;
+    try {
+      for (int r = 0; r < size; ++r) {
+        if (r == me) continue;
+        if (!store->check({progress_key(r)})) {
+          behind.push_back(absl::StrCat("rank ", r, " has started none"));
+          continue;
+        }
+        const std::vector<uint8_t> bytes = store->get(progress_key(r));
+        const std::string record(bytes.begin(), bytes.end());
+        const size_t space = record.find(' ');
+        int64_t number = 0;
+        if (space == std::string::npos || !absl::SimpleAtoi(record.substr(0, space), &number))
+          continue;
+        const std::string last = absl::StrCat("#", number, ", ", record.substr(space + 1));
+        if (number < collective)
+          behind.push_back(
+              absl::StrCat("rank ", r, " has not started it (its last collective: ", last, ")"));
+        else if (number > collective)
+          ahead.push_back(absl::StrCat("rank ", r, " is past it (at ", last, ")"));
+      }
+    } catch (const std::exception&) {
+      answer->set_value("");
+      return;
+    }
+    std::string text = absl::StrJoin(behind, "; ");
+    if (!ahead.empty())
+      text = absl::StrCat(text, text.empty() ? "" : "; ", absl::StrJoin(ahead, "; "),
+                          ": the ranks disagree on the order of collectives");
+    answer->set_value(text);
+  }).detach();
+  if (future.wait_for(std::chrono::seconds(2)) != std::future_status::ready) return "";
+  return future.get();
+}
+
+void DataParallel::wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what,
+                        int64_t collective, Clock::time_point start) {
   try {
     work->wait();
   } catch (const std::exception& e) {
-    throw CollectiveError(absl::StrFormat(
-        "rank %d of %d: %s (%s) failed: %s. Another rank has probably died or stopped; a "
-        "collective waits at most distributed.timeout_s = %d s",
-        world_.rank, world_.world_size, what, backend_name_, first_line(e.what()),
-        options_.timeout_s()));
+    const std::string error = first_line(e.what());
+    const double waited = std::chrono::duration<double>(Clock::now() - start).count();
+    const std::string lower = absl::AsciiStrToLower(error);
+    const bool timed_out = waited >= 0.9 * options_.timeout_s() ||
+                           absl::StrContains(lower, "timed out") ||
+                           absl::StrContains(lower, "timeout");
+    std::string message = absl::StrFormat("rank %d of %d: %s (collective #%d, %s) ", world_.rank,
+                                          world_.world_size, what, collective, backend_name_);
+    if (timed_out)
+      absl::StrAppendFormat(&message, "timed out after distributed.timeout_s = %d s",
+                            options_.timeout_s());
+    else
+      absl::StrAppendFormat(&message, "failed after %.1f s: %s", waited, error);
+    const std::string behind = ranks_behind(collective);
+    if (!behind.empty())
+      absl::StrAppend(&message, ": ", behind);
+    else if (timed_out)
+      absl::StrAppend(&message, ". Another rank has probably stopped, or the network failed");
+    else
+      absl::StrAppendFormat(&message,
+                            ". Another rank has probably died or stopped; a collective waits at "
+                            "most distributed.timeout_s = %d s",
+                            options_.timeout_s());
+    if (timed_out) absl::StrAppend(&message, ". ", backend_name_, ": ", error);
+    throw CollectiveError(message);
   }
 }
 
@@ -182,7 +284,7 @@ void DataParallel::attach(const std::vector<std::pair<std::string, at::Tensor>>&
     std::vector<at::Tensor> flat = {at::cat(flat_list)};
     c10d::BroadcastOptions o;
     o.rootRank = 0;
-    wait(group_->broadcast(flat, o), "broadcast of the initial parameters");
+    run("broadcast of the initial parameters", [&] { return group_->broadcast(flat, o); });
     int64_t offset = 0;
     for (auto& p : params_) {
       p.copy_(flat[0].narrow(0, offset, p.numel()).view(p.sizes()));
@@ -240,6 +342,7 @@ void DataParallel::attach(const std::vector<std::pair<std::string, at::Tensor>>&
 void DataParallel::begin_backward(bool last) {
   communicate_ = last;
   if (!last) return;
+  ++steps_;
   next_launch_ = 0;
   for (auto& b : buckets_) {
     b.pending = static_cast<int>(b.params.size());
@@ -257,7 +360,16 @@ void DataParallel::on_gradient_ready(int param_index) {
 }
 
 void DataParallel::launch(Bucket& b) {
+  if (world_.rank == hang_rank_ && steps_ == hang_step_ && &b == &buckets_.front()) {
+    std::cerr << absl::StrFormat(
+                     "rank %d: SPARSEFLASH_TEST_HANG: hanging before the gradient collective "
+                     "of this process's step %d (a test hook)\n",
+                     world_.rank, steps_)
+              << std::flush;
+    for (;;) std::this_thread::sleep_for(std::chrono::hours(1));
+  }
   b.launched = Clock::now();
+  b.collective = started(zero1() ? "gradient reduce-scatter" : "gradient all-reduce");
   if (zero1()) b.work = group_->_reduce_scatter_base(b.grad_shard, b.grad);
   else {
     std::vector<at::Tensor> tensors = {b.grad};
@@ -298,7 +410,8 @@ CommStats DataParallel::finish_gradients() {
   while (next_launch_ < buckets_.size()) launch(buckets_[next_launch_++]);
   const double inv = 1.0 / world_.world_size;
   for (auto& b : buckets_) {
-    wait(b.work, zero1() ? "gradient reduce-scatter" : "gradient all-reduce");
+    wait(b.work, zero1() ? "gradient reduce-scatter" : "gradient all-reduce", b.collective,
+         b.launched);
     if (b.done_ns && b.done_ns->load() == 0)
       b.done_ns->store(Clock::now().time_since_epoch().count());
     (zero1() ? b.grad_shard : b.grad).mul_(inv);
@@ -353,7 +466,7 @@ double DataParallel::clip_grad_norm(double max_norm) {
   at::Tensor sum_sq = at::zeros({}, params_[0].options());
   for (auto& b : buckets_) sum_sq += b.grad_shard.square().sum();
   std::vector<at::Tensor> t = {sum_sq.reshape({1})};
-  wait(group_->allreduce(t), "all-reduce of the gradient norm");
+  run("all-reduce of the gradient norm", [&] { return group_->allreduce(t); });
   const double norm = std::sqrt(t[0].item<double>());
   if (max_norm > 0) {
     // clip_grad_norm_'s formula, so that one and several ranks agree.
@@ -370,7 +483,7 @@ double DataParallel::clip_grad_norm(double max_norm) {
 void DataParallel::all_reduce_sum(std::vector<double>& values, const char* what) {
   at::Tensor t = at::tensor(values, at::kDouble).to(device_);
   std::vector<at::Tensor> tensors = {t};
-  wait(group_->allreduce(tensors), what);
+  run(what, [&] { return group_->allreduce(tensors); });
   t = t.cpu();
   for (size_t i = 0; i < values.size(); ++i) values[i] = t[i].item<double>();
 }
@@ -385,10 +498,11 @@ void DataParallel::barrier(const char* what) {
 double DataParallel::measure_all_reduce_gb_per_s(double megabytes, int iterations) {
   const int64_t numel = std::max<int64_t>(1, static_cast<int64_t>(megabytes * 1024 * 1024 / 4));
   std::vector<at::Tensor> t = {at::ones({numel}, at::TensorOptions().device(device_))};
-  wait(group_->allreduce(t), "bandwidth probe");  // warm-up: connections, buffers
+  run("bandwidth probe", [&] { return group_->allreduce(t); });  // warm-up: connections, buffers
   t[0].sum().item<float>();                      // (on a GPU: the stream is idle)
   const auto start = Clock::now();
-  for (int i = 0; i < iterations; ++i) wait(group_->allreduce(t), "bandwidth probe");
+  for (int i = 0; i < iterations; ++i)
+    run("bandwidth probe", [&] { return group_->allreduce(t); });
   t[0].sum().item<float>();
   const double seconds = ms_between(start, Clock::now()) / 1000 / iterations;
   const double W = world_.world_size;
@@ -434,7 +548,8 @@ class ShardedAdamW : public Optimizer {
     // Every rank's updated slice into every rank's parameters.
     for (auto& b : dp_.buckets_) {
       at::Tensor mine = dp_.param_shard(b).clone();
-      dp_.wait(dp_.group_->_allgather_base(b.param, mine), "all-gather of the parameters");
+      dp_.run("all-gather of the parameters",
+              [&] { return dp_.group_->_allgather_base(b.param, mine); });
     }
   }
 
@@ -446,7 +561,8 @@ class ShardedAdamW : public Optimizer {
       auto& b = dp_.buckets_[i];
       for (at::Tensor* shard : {&exp_avg_[i], &exp_avg_sq_[i]}) {
         at::Tensor whole = at::empty({b.numel}, shard->options());
-        dp_.wait(dp_.group_->_allgather_base(whole, *shard), "all-gather of the optimizer state");
+        dp_.run("all-gather of the optimizer state",
+                [&] { return dp_.group_->_allgather_base(whole, *shard); });
         full_.push_back(whole.cpu());
       }
     }

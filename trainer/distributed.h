@@ -13,11 +13,18 @@
 // of every bucket, keeps AdamW state for that slice only (ShardedAdamW), steps
 // it, and the parameters (views into flat bucket buffers too) are
 // all-gathered.
+//
+// Every collective is numbered, and each rank records the number and name of
+// the last one it started in the TCPStore (one small message, no reply).
+// When a collective fails or times out (distributed.timeout_s), the error
+// names this rank, the operation, and the ranks that never started it, with
+// the last collective each of them did start: the ones hung or gone.
 #pragma once
 
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <stdexcept>
 #include <memory>
 #include <string>
@@ -51,7 +58,10 @@ struct World {
 };
 
 // A collective failed or timed out. Thrown from inside the step (collectives
-// run under autograd hooks); train() turns it into an error status.
+// run under autograd hooks); train() turns it into an error status. The
+// message reads "rank R of W: <operation> (collective #N, gloo) timed out
+// after distributed.timeout_s = T s: rank S has not started it (its last
+// collective: #M, <operation>)".
 class CollectiveError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
@@ -70,6 +80,11 @@ class DataParallel {
   // Rendezvous at world.master_addr:master_port (rank 0 hosts the TCPStore)
   // and creates the process group. Errors name the address, the rank and
   // the timeout.
+  //
+  // Test hook: SPARSEFLASH_TEST_HANG=R:N (read here, once) makes rank R hang
+  // for good where it would start the first gradient collective of the N-th
+  // optimizer step this process runs, so that the others time out in it
+  // (tests/failure_test.cc). Not for use outside tests.
   static absl::StatusOr<std::unique_ptr<DataParallel>> connect(const World& world,
                                                               const config::Distributed& options,
                                                               c10::Device device);
@@ -125,13 +140,25 @@ class DataParallel {
     at::Tensor param;                   // ZeRO-1: flat parameter buffer
     int pending = 0;                    // gradients still to arrive this step
     c10::intrusive_ptr<c10d::Work> work;
+    int64_t collective = 0;             // number of this step's collective (see started())
     std::chrono::steady_clock::time_point launched;
     std::shared_ptr<std::atomic<int64_t>> done_ns;  // Gloo: completion time (steady clock)
   };
   DataParallel(const World& world, const config::Distributed& options, c10::Device device);
   void on_gradient_ready(int param_index);
   void launch(Bucket& bucket);
-  void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what);
+  // Numbers a collective about to start and records it in the store.
+  int64_t started(const char* what);
+  // Waits for collective number `collective`, started at `start`; a failure
+  // or timeout throws CollectiveError naming it and the ranks behind.
+  void wait(const c10::intrusive_ptr<c10d::Work>& work, const char* what, int64_t collective,
+            std::chrono::steady_clock::time_point start);
+  // started() + the collective + wait().
+  void run(const char* what, const std::function<c10::intrusive_ptr<c10d::Work>()>& collective);
+  // "rank 1 has not started it (its last collective: #56, ...)", from the
+  // store; empty when every rank started it, or the store does not answer
+  // within 2 s.
+  std::string ranks_behind(int64_t collective) const;
   int64_t shard_numel(const Bucket& b) const { return b.numel / world_.world_size; }
   at::Tensor param_shard(Bucket& b);
 
@@ -148,6 +175,10 @@ class DataParallel {
   std::unique_ptr<c10::Event> wait_start_, wait_end_;  // GPU: the step's wait for gradients
   size_t next_launch_ = 0;
   bool communicate_ = false;
+  int64_t collectives_ = 0;  // collectives started by this rank
+  int64_t steps_ = 0;        // optimizer steps started by this process
+  int hang_rank_ = -1;       // SPARSEFLASH_TEST_HANG
+  int64_t hang_step_ = 0;
 };
 
 }  // namespace sparseflash::trainer

@@ -76,8 +76,9 @@ struct TrainState {
 
 inline constexpr int64_t kCheckpointFormat = 1;
 
-// Writes everything a resume needs to `path` atomically (path.tmp + rename).
-// Errors name the path.
+// Writes everything a resume needs to `path` atomically (checkpoint/atomic_file.h:
+// a temporary beside it, fsync, rename). A failed write (full disk, file-size
+// limit) leaves the previous file as it was; the error names the path.
 absl::Status save_checkpoint(const std::string& path, const config::Experiment& exp,
                              const std::string& tokenizer, model::CausalLM model,
                              const Optimizer* optimizer, const TrainState& state);

@@ -35,6 +35,7 @@
 #include "trainer/schedule.h"
 #include "trainer/state.h"
 #include "trainer/step.h"
+#include "trainer/tensorboard.h"
 
 namespace sparseflash::trainer {
 
@@ -167,30 +168,53 @@ absl::Status write_text_atomically(const std::string& path, const std::string& t
 }
 
 // Keeps the records of steps <= `step` (a resumed run rewrites what follows).
-absl::Status truncate_metrics(const std::string& path, int64_t step) {
+// Returns the last step with an evaluation among them (-1: none), so that
+// rerunning a finished run does not log its final evaluation twice.
+absl::StatusOr<int64_t> truncate_metrics(const std::string& path, int64_t step) {
   std::ifstream in(path);
-  if (!in) return absl::OkStatus();
+  if (!in) return -1;
   std::string kept, line;
+  int64_t last_eval_step = -1;
   while (std::getline(in, line)) {
     auto record = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (record.is_object() && record.contains("step") && record["step"].is_number_integer() &&
-        record["step"].get<int64_t>() <= step)
+        record["step"].get<int64_t>() <= step) {
       kept += line + "\n";
+      if (record.contains("val_loss"))
+        last_eval_step = std::max(last_eval_step, record["step"].get<int64_t>());
+    }
   }
-  return write_text_atomically(path, kept);
+  if (auto s = write_text_atomically(path, kept); !s.ok()) return s;
+  return last_eval_step;
 }
 
+// metrics.jsonl, and every number of a record but its step also as a
+// TensorBoard scalar of that step, tagged with its JSON key (when `events`).
 class Metrics {
  public:
-  explicit Metrics(const std::string& path) : out_(path, std::ios::app) {}
-  void write(const nlohmann::json& record) {
+  Metrics(std::string path, std::unique_ptr<EventWriter> events)
+      : path_(std::move(path)), out_(path_, std::ios::app), events_(std::move(events)) {}
+  absl::Status write(const nlohmann::json& record) {
     out_ << record.dump() << "\n";
     out_.flush();
+    if (!out_) return absl::InternalError(absl::StrCat("cannot write ", path_));
+    if (!events_) return absl::OkStatus();
+    std::vector<std::pair<std::string, double>> scalars;
+    for (const auto& [key, value] : record.items())
+      if (key != "step" && value.is_number()) scalars.emplace_back(key, value.get<double>());
+    return events_->add_scalars(record["step"].get<int64_t>(), scalars);
   }
 
  private:
+  std::string path_;
   std::ofstream out_;
+  std::unique_ptr<EventWriter> events_;
 };
+
+// The config as TensorBoard's text dashboard shows it: Markdown, so fenced.
+std::string config_markdown(const config::Experiment& exp) {
+  return absl::StrCat("```\n", config_to_text(exp), "```\n");
+}
 
 std::string format_duration(double seconds) {
   if (!std::isfinite(seconds) || seconds < 0) return "?";
@@ -353,10 +377,21 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
     if (auto s = load_checkpoint(ckpt, model, optimizer.get()); !s.ok()) return s;
     if (rank0) std::cerr << absl::StrFormat("resumed from %s at step %d\n", ckpt, state.step);
   }
-  // Only rank 0 writes metrics; the others append to /dev/null.
-  if (rank0)
-    if (auto s = truncate_metrics(metrics_path, resuming ? state.step : -1); !s.ok()) return s;
-  Metrics metrics(rank0 ? metrics_path : "/dev/null");
+  // Only rank 0 writes metrics (metrics.jsonl and event files, which keep the
+  // same steps); the others append to /dev/null.
+  std::unique_ptr<EventWriter> events;
+  int64_t last_eval_step = -1;
+  if (rank0) {
+    const int64_t resume_step = resuming ? state.step : -1;
+    auto truncated = truncate_metrics(metrics_path, resume_step);
+    if (!truncated.ok()) return truncated.status();
+    last_eval_step = *truncated;
+    auto opened = open_run_events(out_dir, resume_step);
+    if (!opened.ok()) return opened.status();
+    events = *std::move(opened);
+    if (auto s = events->add_text(state.step, "config", config_markdown(exp)); !s.ok()) return s;
+  }
+  Metrics metrics(rank0 ? metrics_path : "/dev/null", std::move(events));
 
   const int B = d.batch_size(), N = d.seq_len(), accum = exp.train().grad_accum();
   const int64_t max_steps = exp.train().max_steps();
@@ -410,8 +445,8 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
   // Rank 0 only. Evaluation leaves the attention's random stream where it was,
   // so that training draws the same patterns on every rank (and with any
   // eval.interval).
-  auto run_eval = [&](int64_t step) {
-    if (!rank0) return;
+  auto run_eval = [&](int64_t step) -> absl::Status {
+    if (!rank0) return absl::OkStatus();
     const Tensor rng = model->attention_generator().get_state();
     // The windows one process evaluates with batch_size W B, in W times as
     // many batches of B (equal-sized batches: the same mean).
@@ -420,10 +455,13 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
     model->attention_generator().set_state(rng);
     result.val_loss = e.loss;
     result.val_bits_per_byte = e.bits_per_byte;
-    metrics.write({{"step", step}, {"val_loss", e.loss}, {"val_bits_per_byte", e.bits_per_byte}});
     std::cerr << (tty ? "\r\033[K" : "")
               << absl::StrFormat("step %d: val loss %.4f, %.4f bits/byte (unigram %.3f)\n", step,
                                  e.loss, e.bits_per_byte, meta.unigram_bits_per_byte);
+    if (step <= last_eval_step) return absl::OkStatus();  // a finished run rerun
+    last_eval_step = step;
+    return metrics.write(
+        {{"step", step}, {"val_loss", e.loss}, {"val_bits_per_byte", e.bits_per_byte}});
   };
 
   model->train();
@@ -509,7 +547,7 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
           record["comm_wait_ms"] = window_comm.wait_ms / n;
           record["comm_bus_gb_per_s"] = comm_bw;
         }
-        metrics.write(record);
+        if (auto s = metrics.write(record); !s.ok()) return s;
         result.tokens_per_second = tps;
         window_start = now;
         window_tokens = 0;
@@ -522,7 +560,7 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
 
     const bool last = state.step == max_steps;
     if (exp.eval().interval() > 0 && state.step % exp.eval().interval() == 0 && !last)
-      run_eval(state.step);
+      if (auto s = run_eval(state.step); !s.ok()) return s;
     // Whether any rank got a signal: all ranks stop after the same step.
     int stop_signal = pending_signal();
     if (dp) {
@@ -550,7 +588,7 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
 
   if (steps_this_run > 0)
     if (auto s = save(); !s.ok()) return s;
-  run_eval(state.step);
+  if (auto s = run_eval(state.step); !s.ok()) return s;
   if (rank0 && exp.eval().sample_tokens() > 0) {
     result.sample = sample_text(model, **tokenizer, exp.eval().sample_prompt(),
                                 exp.eval().sample_tokens(), /*temperature=*/0.8, /*top_k=*/40,
