@@ -67,9 +67,12 @@ void expect_same_run(const std::string& one, const std::string& two, int steps) 
                        max_diff / scale, mean_diff / scale, scale);
         // Typical: mean 1e-8, max 3e-6 of the scale; once an element of wpe
         // was 1.8e-4 off (AdamW's sign-like update on a gradient near zero
-        // flips with rounding). A wrong split or a missing average moves every
-        // element by ~1e-3 of the scale: the mean catches it.
-        EXPECT_LT(mean_diff, 1e-6 * scale) << key;
+        // flips with rounding). The AdamW moments of the LayerNorm weights
+        // (768 values, small gradients) reached a mean of 2.0e-6 of the scale
+        // in 1 of 52 runs (2026-12-07), over the 1e-6 bound then used. A wrong
+        // split or a missing average moves every element by ~1e-3 of the
+        // scale: a mean bound of 1e-5 still catches it 100 times over.
+        EXPECT_LT(mean_diff, 1e-5 * scale) << key;
         EXPECT_LT(max_diff, 1e-3 * scale) << key;
       });
   EXPECT_GT(compared, 10);
