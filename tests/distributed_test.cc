@@ -9,6 +9,7 @@
 #include <chrono>
 #include <map>
 
+#include <absl/strings/str_format.h>
 #include <gtest/gtest.h>
 #include <torch/serialize/archive.h>
 
@@ -56,6 +57,12 @@ void expect_same_run(const std::string& one, const std::string& two, int steps) 
   for (const auto& [step, loss] : a) {
     EXPECT_NEAR(b.at(step), loss, 1e-4 * std::abs(loss)) << "step " << step;
   }
+  // Where the runs part, should the tensors below differ.
+  std::string table;
+  for (const auto& [step, loss] : a)
+    table += absl::StrFormat("  step %d: one %.9g two %.9g (rel %.2e)\n", step, loss, b.at(step),
+                             std::abs(b.at(step) - loss) / std::abs(loss));
+  SCOPED_TRACE("losses:\n" + table);
   const int compared = test_util::for_each_checkpoint_tensor(
       one, two, [](const std::string& key, const at::Tensor& x, const at::Tensor& y) {
         ASSERT_EQ(x.sizes(), y.sizes()) << key;

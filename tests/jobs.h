@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iostream>
 #include <map>
 #include <random>
 #include <sstream>
@@ -199,7 +200,14 @@ class JobTest : public ::testing::Test {
     // A port per test and process, so that runs in parallel do not meet.
     port_ = 20000 + (getpid() * 7 + ::testing::UnitTest::GetInstance()->random_seed()) % 20000;
   }
-  void TearDown() override { remove_tree(root_); }
+  // A failed test keeps its runs (logs, metrics.jsonl, checkpoints) for a look.
+  void TearDown() override {
+    if (::testing::Test::HasFailure()) {
+      std::cerr << "kept the runs of this failed test in " << root_ << "\n";
+      return;
+    }
+    remove_tree(root_);
+  }
 
   std::vector<std::string> train_args(const std::string& run, int batch_size, int steps,
                                       std::vector<std::string> extra = {}) {
