@@ -21,6 +21,8 @@
 #                         ("configure build", then "ctest prepare train bench train8k")
 #   GPU_TRAIN_STEPS=N     steps of the gpu_default training check (default 300)
 #   GPU_BUILD_TARGETS="t1 t2"  build only these targets (default: everything)
+#   SF_CMAKE_ARGS="-D..."  extra CMake arguments of the configure phase, e.g.
+#                         -DSF_PRECOMPILED_HEADERS=OFF
 #   SPARSEFLASH_DEPS_ROOT where to unpack .deps/*.deb (default /opt/deps)
 set -euo pipefail
 
@@ -171,7 +173,8 @@ phase_configure() {
   # 90a only (H100/H200): TORCH_CUDA_ARCH_LIST too, or Torch adds sm_80 code as well.
   cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DCMAKE_PREFIX_PATH="$DEPS_ROOT/usr;$TORCH_PREFIX" \
-        -DCMAKE_CUDA_ARCHITECTURES=90a -DTORCH_CUDA_ARCH_LIST=9.0a 2>&1 | tee "$OUT/configure.log"
+        -DCMAKE_CUDA_ARCHITECTURES=90a -DTORCH_CUDA_ARCH_LIST=9.0a ${SF_CMAKE_ARGS:-} 2>&1 |
+    tee "$OUT/configure.log"
 }
 
 phase_build() {
