@@ -13,6 +13,7 @@
 #   TORCH_CASES=...  the anchors (llama_step_torch.py --cases); none: skip them
 #   STEP_CKPT="false true"  activation checkpointing settings to time
 #   STEP_PHASES=true GPU time per phase of the step (default false)
+#   STEP_KERNELS=true the top kernels of one step by GPU time (Kineto; default false)
 #   RUN_TESTS=1      also build and run fused_test and attention_test first
 #   TEST_FILTER=...  their --gtest_filter (default: all)
 set -uo pipefail
@@ -47,7 +48,8 @@ shape="$shape,model.norm_eps=1e-5,model.rope_scaling.type=linear,model.rope_scal
 shape="$shape,model.rope_scaling.original_max_position_embeddings=8192"
 for ck in ${STEP_CKPT:-false true}; do
   build-gpu/bench/bench_train_step --config preset:llama_finetune --vocab 49152 --n "$N" \
-    --tokens "$N" --modes "${STEP_MODES:-dense,hash:16:sep,shift}" --phases="${STEP_PHASES:-false}" --steps 5 \
+    --tokens "$N" --modes "${STEP_MODES:-dense,hash:16:sep,shift}" --phases="${STEP_PHASES:-false}" \
+    --kernels="${STEP_KERNELS:-false}" --steps 5 \
     --warmup 2 --set "$shape,train.activation_checkpointing=$ck" \
     --json "$OUT/llama-step-ours-ckpt-$ck.json" >"$LOGS/ours-$ck.log" 2>&1 || status=1
   grep -E "^N " "$LOGS/ours-$ck.log" | head -20 | sed "s/^/[ours, checkpointing $ck] /"
