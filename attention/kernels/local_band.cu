@@ -65,6 +65,66 @@ __device__ __forceinline__ float dot_row(const float* a, const float* b) {
   return (s0 + s1) + (s2 + s3);
 }
 
+// Register tiling: a warp owns kRowsPerWarp rows (queries, or keys in the dK/dV
+// pass) and lane owns the two slots lane and lane + 32 of a chunk. One float4
+// step over d reads the lane's two slot rows once and each owned row once (a
+// broadcast), for 8 FMAs per owned row: a fifth of the shared-memory traffic of
+// one dot product per (row, slot) pair, which made these kernels bound by
+// shared-memory bandwidth (1.7 ms forward per layer at N = 32k on an H100).
+// x[i][0..1] = <own[i], slot lane>, <own[i], slot lane + 32>; own rows at
+// own_base + i * S, slot rows at slot_base + j * S.
+template <int D>
+__device__ __forceinline__ void tile_dots(const float* own_base, const float* slot_base, int lane,
+                                          float (&x)[kRowsPerWarp][2]) {
+  constexpr int S = row_stride<D>();
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) x[i][0] = x[i][1] = 0.f;
+#pragma unroll 4
+  for (int d = 0; d < D; d += 4) {
+    const float4 a = *reinterpret_cast<const float4*>(slot_base + lane * S + d);
+    const float4 b = *reinterpret_cast<const float4*>(slot_base + (lane + 32) * S + d);
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const float4 o = *reinterpret_cast<const float4*>(own_base + i * S + d);
+      x[i][0] = fmaf(o.x, a.x, fmaf(o.y, a.y, fmaf(o.z, a.z, fmaf(o.w, a.w, x[i][0]))));
+      x[i][1] = fmaf(o.x, b.x, fmaf(o.y, b.y, fmaf(o.z, b.z, fmaf(o.w, b.w, x[i][1]))));
+    }
+  }
+}
+
+// A warp's [64 slots][kRowsPerWarp] scratch of per-(slot, row) weights, read
+// back as two float4 broadcasts per slot: w[j][i] for the warp's row i.
+__device__ __forceinline__ void store_weights(float* w, int lane,
+                                              const float (&x)[kRowsPerWarp][2]) {
+  static_assert(kRowsPerWarp == 8, "two float4 per slot");
+  float4* a = reinterpret_cast<float4*>(w + lane * kRowsPerWarp);
+  float4* b = reinterpret_cast<float4*>(w + (lane + 32) * kRowsPerWarp);
+  a[0] = make_float4(x[0][0], x[1][0], x[2][0], x[3][0]);
+  a[1] = make_float4(x[4][0], x[5][0], x[6][0], x[7][0]);
+  b[0] = make_float4(x[0][1], x[1][1], x[2][1], x[3][1]);
+  b[1] = make_float4(x[4][1], x[5][1], x[6][1], x[7][1]);
+}
+
+// acc[i][cc] += sum over slots j in [lo, hi) of w[j][i] * rows[j * S + lane + 32 cc].
+template <int D>
+__device__ __forceinline__ void tile_accumulate(const float* w, const float* rows, int lo, int hi,
+                                                int lane, float (&acc)[kRowsPerWarp][D / 32]) {
+  constexpr int S = row_stride<D>();
+  constexpr int C = D / 32;
+#pragma unroll 2
+  for (int j = lo; j < hi; ++j) {
+    const float4 wa = *reinterpret_cast<const float4*>(w + j * kRowsPerWarp);
+    const float4 wb = *reinterpret_cast<const float4*>(w + j * kRowsPerWarp + 4);
+    const float wi[kRowsPerWarp] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
+#pragma unroll
+    for (int cc = 0; cc < C; ++cc) {
+      const float r = rows[j * S + lane + 32 * cc];
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) acc[i][cc] = fmaf(wi[i], r, acc[i][cc]);
+    }
+  }
+}
+
 // rows rows of one (batch, head) sequence into shared memory as float, row r
 // taken from sequence row index[r] (zeros where index[r] < 0).
 template <int D, typename T>
@@ -209,6 +269,8 @@ __global__ void __launch_bounds__(kThreads) local_forward_kernel(const LocalForw
     for (int cc = 0; cc < C; ++cc) acc[i][cc] = 0;
   }
 
+  float* Ws = reinterpret_cast<float*>(kkeep_s + kChunk) + warp * kChunk * kRowsPerWarp;
+  const int r0 = warp * kRowsPerWarp;
   for (int c = 0; c < sl.chunks; ++c) {
     const bool sink = c < sl.sink_chunks;
     __syncthreads();  // the previous chunk is read
@@ -216,30 +278,39 @@ __global__ void __launch_bounds__(kThreads) local_forward_kernel(const LocalForw
     const int kp0 = kpos_s[lane], kp1 = kpos_s[lane + 32];
     const int kb0 = kbucket_s[lane], kb1 = kbucket_s[lane + 32];
     const bool kk0 = kkeep_s[lane], kk1 = kkeep_s[lane + 32];
+    bool ok[kRowsPerWarp][2];
+    bool any = false;
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {
-      const int r = warp * kRowsPerWarp + i;
-      const bool ok0 = local_pair(p, qpos[i], qbucket[i], qkeep[i], kp0, kb0, kk0, sink);
-      const bool ok1 = local_pair(p, qpos[i], qbucket[i], qkeep[i], kp1, kb1, kk1, sink);
-      if (!__any_sync(kFull, ok0 || ok1)) continue;
-      const float s0 = ok0 ? dot_row<D>(Qs + r * S, Ks + lane * S) * p.scale : -INFINITY;
-      const float s1 = ok1 ? dot_row<D>(Qs + r * S, Ks + (lane + 32) * S) * p.scale : -INFINITY;
+      ok[i][0] = local_pair(p, qpos[i], qbucket[i], qkeep[i], kp0, kb0, kk0, sink);
+      ok[i][1] = local_pair(p, qpos[i], qbucket[i], qkeep[i], kp1, kb1, kk1, sink);
+      any = any || ok[i][0] || ok[i][1];
+    }
+    if (!__any_sync(kFull, any)) continue;
+    float x[kRowsPerWarp][2];
+    tile_dots<D>(Qs + r0 * S, Ks, lane, x);
+#pragma unroll
+    for (int i = 0; i < kRowsPerWarp; ++i) {
+      const float s0 = ok[i][0] ? x[i][0] * p.scale : -INFINITY;
+      const float s1 = ok[i][1] ? x[i][1] * p.scale : -INFINITY;
       const float m_new = fmaxf(m[i], warp_max(fmaxf(s0, s1)));
-      const float correction = __expf(m[i] - m_new);  // 0 while m is -inf
-      const float e0 = ok0 ? __expf(s0 - m_new) : 0.f;
-      const float e1 = ok1 ? __expf(s1 - m_new) : 0.f;
-      l[i] = l[i] * correction + warp_sum(e0 + e1);
+      // Rows with no pair yet keep m = -inf and weights 0.
+      const float base = m_new == -INFINITY ? 0.f : m_new;
+      const float correction = __expf(m[i] - base);  // 0 while m is -inf
+      x[i][0] = ok[i][0] ? __expf(s0 - base) : 0.f;
+      x[i][1] = ok[i][1] ? __expf(s1 - base) : 0.f;
+      l[i] = l[i] * correction + warp_sum(x[i][0] + x[i][1]);
       m[i] = m_new;
 #pragma unroll
       for (int cc = 0; cc < C; ++cc) acc[i][cc] *= correction;
-      const SlotRange range = row_slots(p, sl, c, r);
-#pragma unroll 4
-      for (int j = range.lo; j < range.hi; ++j) {
-        const float pj = __shfl_sync(kFull, j < 32 ? e0 : e1, j & 31);
-#pragma unroll
-        for (int cc = 0; cc < C; ++cc) acc[i][cc] = fmaf(pj, Vs[j * S + lane + 32 * cc], acc[i][cc]);
-      }
     }
+    store_weights(Ws, lane, x);
+    __syncwarp();
+    // The slots any of the warp's rows can use (lo grows, hi grows with the row).
+    const int lo = row_slots(p, sl, c, r0).lo;
+    const int hi = row_slots(p, sl, c, r0 + kRowsPerWarp - 1).hi;
+    tile_accumulate<D>(Ws, Vs, lo, hi, lane, acc);
+    __syncwarp();  // Ws is read before the next chunk's weights
   }
 
   // out = (out_a e^(lse_a - M) + acc e^(m - M)) / (e^(lse_a - M) + l e^(m - M)).
@@ -335,6 +406,8 @@ __global__ void __launch_bounds__(kThreads) local_backward_dq_kernel(const Local
     for (int cc = 0; cc < C; ++cc) dq[i][cc] = 0;
   }
 
+  float* Ws = reinterpret_cast<float*>(kkeep_s + kChunk) + warp * kChunk * kRowsPerWarp;
+  const int r0 = warp * kRowsPerWarp;
   for (int c = 0; c < sl.chunks; ++c) {
     const bool sink = c < sl.sink_chunks;
     __syncthreads();
@@ -342,32 +415,42 @@ __global__ void __launch_bounds__(kThreads) local_backward_dq_kernel(const Local
     const int kp0 = kpos_s[lane], kp1 = kpos_s[lane + 32];
     const int kb0 = kbucket_s[lane], kb1 = kbucket_s[lane + 32];
     const bool kk0 = kkeep_s[lane], kk1 = kkeep_s[lane + 32];
+    bool ok[kRowsPerWarp][2];
+    bool any = false;
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {
-      const int r = warp * kRowsPerWarp + i;
-      const bool ok0 = local_pair(p, qpos[i], qbucket[i], qkeep[i], kp0, kb0, kk0, sink);
-      const bool ok1 = local_pair(p, qpos[i], qbucket[i], qkeep[i], kp1, kb1, kk1, sink);
-      float p0 = 0, p1 = 0, ds0 = 0, ds1 = 0;
-      if (__any_sync(kFull, ok0 || ok1)) {
-        if (ok0) {
-          p0 = __expf(dot_row<D>(Qs + r * S, Ks + lane * S) * p.scale - lse[i]);
-          ds0 = p0 * (dot_row<D>(dOs + r * S, Vs + lane * S) - delta[i]) * p.scale;
-        }
-        if (ok1) {
-          p1 = __expf(dot_row<D>(Qs + r * S, Ks + (lane + 32) * S) * p.scale - lse[i]);
-          ds1 = p1 * (dot_row<D>(dOs + r * S, Vs + (lane + 32) * S) - delta[i]) * p.scale;
-        }
-        const SlotRange range = row_slots(p, sl, c, r);
-#pragma unroll 4
-        for (int j = range.lo; j < range.hi; ++j) {
-          const float a = __shfl_sync(kFull, j < 32 ? ds0 : ds1, j & 31);
+      ok[i][0] = local_pair(p, qpos[i], qbucket[i], qkeep[i], kp0, kb0, kk0, sink);
+      ok[i][1] = local_pair(p, qpos[i], qbucket[i], qkeep[i], kp1, kb1, kk1, sink);
+      any = any || ok[i][0] || ok[i][1];
+    }
+    float pr[kRowsPerWarp][2], ds[kRowsPerWarp][2];
+    if (__any_sync(kFull, any)) {
+      tile_dots<D>(Qs + r0 * S, Ks, lane, pr);   // Q K^T
+      tile_dots<D>(dOs + r0 * S, Vs, lane, ds);  // dO V^T
 #pragma unroll
-          for (int cc = 0; cc < C; ++cc) dq[i][cc] = fmaf(a, Ks[j * S + lane + 32 * cc], dq[i][cc]);
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+#pragma unroll
+        for (int t = 0; t < 2; ++t) {
+          pr[i][t] = ok[i][t] ? __expf(pr[i][t] * p.scale - lse[i]) : 0.f;
+          ds[i][t] = ok[i][t] ? pr[i][t] * (ds[i][t] - delta[i]) * p.scale : 0.f;
         }
       }
-      if (sink) {
-        Ps[r * kChunk + lane] = p0, Ps[r * kChunk + lane + 32] = p1;
-        dSs[r * kChunk + lane] = ds0, dSs[r * kChunk + lane + 32] = ds1;
+      store_weights(Ws, lane, ds);
+      __syncwarp();
+      const int lo = row_slots(p, sl, c, r0).lo;
+      const int hi = row_slots(p, sl, c, r0 + kRowsPerWarp - 1).hi;
+      tile_accumulate<D>(Ws, Ks, lo, hi, lane, dq);  // dQ += dS K
+      __syncwarp();
+    } else {
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) pr[i][0] = pr[i][1] = ds[i][0] = ds[i][1] = 0.f;
+    }
+    if (sink) {
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const int r = r0 + i;
+        Ps[r * kChunk + lane] = pr[i][0], Ps[r * kChunk + lane + 32] = pr[i][1];
+        dSs[r * kChunk + lane] = ds[i][0], dSs[r * kChunk + lane + 32] = ds[i][1];
       }
     }
     if (sink) {
@@ -453,6 +536,9 @@ __global__ void __launch_bounds__(kThreads) local_backward_dkdv_kernel(const Loc
     for (int cc = 0; cc < C; ++cc) dk[i][cc] = dv[i][cc] = 0;
   }
 
+  float* Wp = dOs + kRows * S + warp * 2 * kRows * kRowsPerWarp;  // [64 queries][8 keys]
+  float* Wd = Wp + kRows * kRowsPerWarp;
+  const int c0 = warp * kRowsPerWarp;  // the warp's first key of the block
   // The queries that can see these keys through the window.
   const int qpos_lo = max(max(k0, offset), p.sinks);
   const int qpos_hi = min(k0 + kChunk - 1 + p.window - 1, p.Nk - 1);
@@ -480,36 +566,38 @@ __global__ void __launch_bounds__(kThreads) local_backward_dkdv_kernel(const Loc
       const int qp0 = qi0 >= 0 ? qi0 + offset : -1, qp1 = qi1 >= 0 ? qi1 + offset : -1;
       const int qb0 = qbucket_s[lane], qb1 = qbucket_s[lane + 32];
       const bool qk0 = qkeep_s[lane], qk1 = qkeep_s[lane + 32];
+      bool ok[kRowsPerWarp][2];
+      bool any = false;
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) {
-        const int c = warp * kRowsPerWarp + i;
-        const bool ok0 = local_pair(p, qp0, qb0, qk0, kpos[i], kbucket[i], kkeep[i], false);
-        const bool ok1 = local_pair(p, qp1, qb1, qk1, kpos[i], kbucket[i], kkeep[i], false);
-        if (!__any_sync(kFull, ok0 || ok1)) continue;
-        float p0 = 0, p1 = 0, ds0 = 0, ds1 = 0;
-        if (ok0) {
-          p0 = __expf(dot_row<D>(Qs + lane * S, Ks + c * S) * p.scale - lse_s[lane]);
-          ds0 = p0 * (dot_row<D>(dOs + lane * S, Vs + c * S) - delta_s[lane]) * p.scale;
-        }
-        if (ok1) {
-          p1 = __expf(dot_row<D>(Qs + (lane + 32) * S, Ks + c * S) * p.scale - lse_s[lane + 32]);
-          ds1 = p1 * (dot_row<D>(dOs + (lane + 32) * S, Vs + c * S) - delta_s[lane + 32]) *
-                p.scale;
-        }
-        // The queries that see this key: positions [kpos, kpos + window - 1].
-        const int lo = max(0, kpos[i] - first), hi = min(kRows, kpos[i] - first + p.window);
-#pragma unroll 4
-        for (int j = lo; j < hi; ++j) {
-          const float pj = __shfl_sync(kFull, j < 32 ? p0 : p1, j & 31);
-          const float sj = __shfl_sync(kFull, j < 32 ? ds0 : ds1, j & 31);
-#pragma unroll
-          for (int cc = 0; cc < C; ++cc) {
-            const int d = lane + 32 * cc;
-            dv[i][cc] = fmaf(pj, dOs[j * S + d], dv[i][cc]);
-            dk[i][cc] = fmaf(sj, Qs[j * S + d], dk[i][cc]);
-          }
-        }
+        ok[i][0] = local_pair(p, qp0, qb0, qk0, kpos[i], kbucket[i], kkeep[i], false);
+        ok[i][1] = local_pair(p, qp1, qb1, qk1, kpos[i], kbucket[i], kkeep[i], false);
+        any = any || ok[i][0] || ok[i][1];
       }
+      if (!__any_sync(kFull, any)) continue;
+      // Here the warp's rows are keys and the slots are the 64 queries.
+      float pr[kRowsPerWarp][2], ds[kRowsPerWarp][2];
+      tile_dots<D>(Ks + c0 * S, Qs, lane, pr);   // (Q K^T)^T
+      tile_dots<D>(Vs + c0 * S, dOs, lane, ds);  // (dO V^T)^T
+      const float lse0 = lse_s[lane], lse1 = lse_s[lane + 32];
+      const float delta0 = delta_s[lane], delta1 = delta_s[lane + 32];
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        pr[i][0] = ok[i][0] ? __expf(pr[i][0] * p.scale - lse0) : 0.f;
+        pr[i][1] = ok[i][1] ? __expf(pr[i][1] * p.scale - lse1) : 0.f;
+        ds[i][0] = ok[i][0] ? pr[i][0] * (ds[i][0] - delta0) * p.scale : 0.f;
+        ds[i][1] = ok[i][1] ? pr[i][1] * (ds[i][1] - delta1) * p.scale : 0.f;
+      }
+      store_weights(Wp, lane, pr);
+      store_weights(Wd, lane, ds);
+      __syncwarp();
+      // The queries that see one of the warp's keys: positions [kpos, kpos + window - 1]
+      // of its first to its last key.
+      const int lo = max(0, k0 + c0 - first);
+      const int hi = min(kRows, k0 + c0 + kRowsPerWarp - 1 - first + p.window);
+      tile_accumulate<D>(Wp, dOs, lo, hi, lane, dv);  // dV += P^T dO
+      tile_accumulate<D>(Wd, Qs, lo, hi, lane, dk);   // dK += dS^T Q
+      __syncwarp();
     }
   }
 
@@ -538,16 +626,17 @@ bool valid(const LocalParams& p) {
 
 template <int D>
 constexpr size_t forward_smem() {
-  return (kRows + 2 * kChunk) * row_stride<D>() * sizeof(float) + 3 * kChunk * sizeof(int);
+  return (kRows + 2 * kChunk) * row_stride<D>() * sizeof(float) + 3 * kChunk * sizeof(int) +
+         kRows * kChunk * sizeof(float);  // the warps' weights (tile_accumulate)
 }
 template <int D>
 constexpr size_t dq_smem() {
   return ((2 * kRows + 2 * kChunk) * row_stride<D>() + 2 * kRows * kChunk) * sizeof(float) +
-         3 * kChunk * sizeof(int);
+         3 * kChunk * sizeof(int) + kRows * kChunk * sizeof(float);  // + the warps' weights
 }
 template <int D>
 constexpr size_t dkdv_smem() {
-  return (2 * kRows + 2 * kChunk) * row_stride<D>() * sizeof(float);
+  return ((2 * kRows + 2 * kChunk) * row_stride<D>() + 2 * kRows * kChunk) * sizeof(float);
 }
 
 template <typename Params>
