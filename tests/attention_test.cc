@@ -641,6 +641,7 @@ TEST(LocalWindow, AttentionInterfaceUsesThem) {
 // gradients, hash and drop, both head dims, GQA, Nq < Nk.
 TEST(LocalWindowGpu, KernelSplitMatchesReference) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  setenv("SPARSEFLASH_LOCAL_KERNELS", "0", 1);  // part B on LibTorch (attention/local.cc)
   for (Kind kind : {Kind::kHash, Kind::kDrop}) {
     for (int64_t D : {64, 128}) {
       for (auto [Nq, Nk] : {std::pair<int64_t, int64_t>{1000, 1000}, {77, 300}}) {
@@ -685,7 +686,7 @@ TEST(LocalWindowGpu, KernelSplitMatchesReference) {
 // than keys (the last block padded); every kind; float16 and bfloat16.
 TEST(LocalWindowGpu, LocalKernelsMatchReferenceAcrossGeometry) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
-  setenv("SPARSEFLASH_LOCAL_KERNELS", "1", 1);  // opt-in until verified (attention/local.cc)
+  setenv("SPARSEFLASH_LOCAL_KERNELS", "1", 1);  // the default; a test before may have set 0
   struct Case {
     Kind kind;
     int64_t sinks, window, Nq, Nk, D;

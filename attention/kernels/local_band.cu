@@ -346,7 +346,9 @@ __global__ void __launch_bounds__(kThreads) local_forward_kernel(const LocalForw
 // added with atomics.
 
 template <int D, typename T>
-__global__ void __launch_bounds__(kThreads) local_backward_dq_kernel(const LocalBackwardParams bp) {
+// D = 64: two blocks per SM (smem 103 KB each; registers capped at 128).
+__global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1)
+    local_backward_dq_kernel(const LocalBackwardParams bp) {
   const LocalParams& p = bp.p;
   constexpr int S = row_stride<D>();
   constexpr int C = D / 32;
@@ -361,9 +363,7 @@ __global__ void __launch_bounds__(kThreads) local_backward_dq_kernel(const Local
   float* dOs = Qs + kRows * S;
   float* Ks = dOs + kRows * S;
   float* Vs = Ks + kChunk * S;
-  float* Ps = Vs + kChunk * S;      // [kRows][kChunk], sink chunks only
-  float* dSs = Ps + kRows * kChunk;  // [kRows][kChunk]
-  int* kpos_s = reinterpret_cast<int*>(dSs + kRows * kChunk);
+  int* kpos_s = reinterpret_cast<int*>(Vs + kChunk * S);
   int* kbucket_s = kpos_s + kChunk;
   int* kkeep_s = kbucket_s + kChunk;
   __shared__ int qidx_s[kRows];
@@ -406,11 +406,15 @@ __global__ void __launch_bounds__(kThreads) local_backward_dq_kernel(const Local
     for (int cc = 0; cc < C; ++cc) dq[i][cc] = 0;
   }
 
-  float* Ws = reinterpret_cast<float*>(kkeep_s + kChunk) + warp * kChunk * kRowsPerWarp;
+  // Per warp: dS, then P (sink chunks), as [slot][the warp's 8 rows].
+  float* const Wall = reinterpret_cast<float*>(kkeep_s + kChunk);
+  constexpr int kWarpWeights = 2 * kChunk * kRowsPerWarp;
+  float* Ws = Wall + warp * kWarpWeights;
+  float* Wp = Ws + kChunk * kRowsPerWarp;
   const int r0 = warp * kRowsPerWarp;
   for (int c = 0; c < sl.chunks; ++c) {
     const bool sink = c < sl.sink_chunks;
-    __syncthreads();
+    __syncthreads();  // the previous chunk's weights are read
     load_chunk<D>(p, sl, c, kseq, k, v, Ks, Vs, kpos_s, kbucket_s, kkeep_s);
     const int kp0 = kpos_s[lane], kp1 = kpos_s[lane + 32];
     const int kb0 = kbucket_s[lane], kb1 = kbucket_s[lane + 32];
@@ -424,7 +428,8 @@ __global__ void __launch_bounds__(kThreads) local_backward_dq_kernel(const Local
       any = any || ok[i][0] || ok[i][1];
     }
     float pr[kRowsPerWarp][2], ds[kRowsPerWarp][2];
-    if (__any_sync(kFull, any)) {
+    const bool active = __any_sync(kFull, any);
+    if (active) {
       tile_dots<D>(Qs + r0 * S, Ks, lane, pr);   // Q K^T
       tile_dots<D>(dOs + r0 * S, Vs, lane, ds);  // dO V^T
 #pragma unroll
@@ -435,28 +440,25 @@ __global__ void __launch_bounds__(kThreads) local_backward_dq_kernel(const Local
           ds[i][t] = ok[i][t] ? pr[i][t] * (ds[i][t] - delta[i]) * p.scale : 0.f;
         }
       }
-      store_weights(Ws, lane, ds);
-      __syncwarp();
-      const int lo = row_slots(p, sl, c, r0).lo;
-      const int hi = row_slots(p, sl, c, r0 + kRowsPerWarp - 1).hi;
-      tile_accumulate<D>(Ws, Ks, lo, hi, lane, dq);  // dQ += dS K
-      __syncwarp();
     } else {
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) pr[i][0] = pr[i][1] = ds[i][0] = ds[i][1] = 0.f;
     }
-    if (sink) {
-#pragma unroll
-      for (int i = 0; i < kRowsPerWarp; ++i) {
-        const int r = r0 + i;
-        Ps[r * kChunk + lane] = pr[i][0], Ps[r * kChunk + lane + 32] = pr[i][1];
-        dSs[r * kChunk + lane] = ds[i][0], dSs[r * kChunk + lane + 32] = ds[i][1];
-      }
+    if (active || sink) {
+      store_weights(Ws, lane, ds);
+      if (sink) store_weights(Wp, lane, pr);
+      __syncwarp();
+    }
+    if (active) {
+      const int lo = row_slots(p, sl, c, r0).lo;
+      const int hi = row_slots(p, sl, c, r0 + kRowsPerWarp - 1).hi;
+      tile_accumulate<D>(Ws, Ks, lo, hi, lane, dq);  // dQ += dS K
     }
     if (sink) {
       __syncthreads();
-      // dK[j] = sum_r dS[r][j] Q[r], dV[j] = sum_r P[r][j] dO[r]; a warp
-      // shares j, so the P and dS reads are broadcasts.
+      // dK[j] = sum_r dS[r][j] Q[r], dV[j] = sum_r P[r][j] dO[r] (row r is row
+      // r % 8 of warp r / 8's weights); a warp shares j, so the weight reads
+      // are broadcasts.
       for (int idx = threadIdx.x; idx < kChunk * D; idx += kThreads) {
         const int j = idx / D, d = idx % D;
         const int kp = kpos_s[j];
@@ -464,8 +466,9 @@ __global__ void __launch_bounds__(kThreads) local_backward_dq_kernel(const Local
         float gk = 0, gv = 0;
 #pragma unroll 8
         for (int r = 0; r < kRows; ++r) {
-          gk = fmaf(dSs[r * kChunk + j], Qs[r * S + d], gk);
-          gv = fmaf(Ps[r * kChunk + j], dOs[r * S + d], gv);
+          const float* w = Wall + (r / kRowsPerWarp) * kWarpWeights + j * kRowsPerWarp + r % kRowsPerWarp;
+          gk = fmaf(w[0], Qs[r * S + d], gk);
+          gv = fmaf(w[kChunk * kRowsPerWarp], dOs[r * S + d], gv);
         }
         if (bp.sink_dk != nullptr) {
           const int64_t at = ((qseq * gridDim.x + blk) * p.sinks + kp) * D + d;
@@ -632,7 +635,7 @@ constexpr size_t forward_smem() {
 template <int D>
 constexpr size_t dq_smem() {
   return ((2 * kRows + 2 * kChunk) * row_stride<D>() + 2 * kRows * kChunk) * sizeof(float) +
-         3 * kChunk * sizeof(int) + kRows * kChunk * sizeof(float);  // + the warps' weights
+         3 * kChunk * sizeof(int);  // 2 kRows kChunk: the warps' dS and P weights
 }
 template <int D>
 constexpr size_t dkdv_smem() {
