@@ -73,35 +73,23 @@ __device__ __forceinline__ float dot_row(const float* a, const float* b) {
 // shared-memory bandwidth (1.7 ms forward per layer at N = 32k on an H100).
 // x[i][0..1] = <own[i], slot lane>, <own[i], slot lane + 32>; own rows at
 // own_base + i * S, slot rows at slot_base + j * S.
-// With Both false only the slots lane (the first 32) are computed and x[i][1]
-// is 0: for a sink chunk of at most 32 sinks.
-template <int D, bool Both>
-__device__ __forceinline__ void tile_dots_impl(const float* own_base, const float* slot_base,
-                                               int lane, float (&x)[kRowsPerWarp][2]) {
+template <int D>
+__device__ __forceinline__ void tile_dots(const float* own_base, const float* slot_base, int lane,
+                                          float (&x)[kRowsPerWarp][2]) {
   constexpr int S = row_stride<D>();
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) x[i][0] = x[i][1] = 0.f;
 #pragma unroll 4
   for (int d = 0; d < D; d += 4) {
     const float4 a = *reinterpret_cast<const float4*>(slot_base + lane * S + d);
-    float4 b = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (Both) b = *reinterpret_cast<const float4*>(slot_base + (lane + 32) * S + d);
+    const float4 b = *reinterpret_cast<const float4*>(slot_base + (lane + 32) * S + d);
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {
       const float4 o = *reinterpret_cast<const float4*>(own_base + i * S + d);
       x[i][0] = fmaf(o.x, a.x, fmaf(o.y, a.y, fmaf(o.z, a.z, fmaf(o.w, a.w, x[i][0]))));
-      if (Both) x[i][1] = fmaf(o.x, b.x, fmaf(o.y, b.y, fmaf(o.z, b.z, fmaf(o.w, b.w, x[i][1]))));
+      x[i][1] = fmaf(o.x, b.x, fmaf(o.y, b.y, fmaf(o.z, b.z, fmaf(o.w, b.w, x[i][1]))));
     }
   }
-}
-
-// first_half_only: the chunk's slots lane + 32 hold no key (a sink chunk of at
-// most 32 sinks, e.g. the usual 4): half the work.
-template <int D>
-__device__ __forceinline__ void tile_dots(const float* own_base, const float* slot_base, int lane,
-                                          float (&x)[kRowsPerWarp][2], bool first_half_only = false) {
-  if (first_half_only) tile_dots_impl<D, false>(own_base, slot_base, lane, x);
-  else tile_dots_impl<D, true>(own_base, slot_base, lane, x);
 }
 
 // A warp's [64 slots][kRowsPerWarp] scratch of per-(slot, row) weights, read
@@ -300,7 +288,7 @@ __global__ void __launch_bounds__(kThreads) local_forward_kernel(const LocalForw
     }
     if (!__any_sync(kFull, any)) continue;
     float x[kRowsPerWarp][2];
-    tile_dots<D>(Qs + r0 * S, Ks, lane, x, sink && p.sinks - c * kChunk <= 32);
+    tile_dots<D>(Qs + r0 * S, Ks, lane, x);
 #pragma unroll
     for (int i = 0; i < kRowsPerWarp; ++i) {
       const float s0 = ok[i][0] ? x[i][0] * p.scale : -INFINITY;
@@ -442,9 +430,8 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 2 : 1)
     float pr[kRowsPerWarp][2], ds[kRowsPerWarp][2];
     const bool active = __any_sync(kFull, any);
     if (active) {
-      const bool half = sink && p.sinks - c * kChunk <= 32;
-      tile_dots<D>(Qs + r0 * S, Ks, lane, pr, half);   // Q K^T
-      tile_dots<D>(dOs + r0 * S, Vs, lane, ds, half);  // dO V^T
+      tile_dots<D>(Qs + r0 * S, Ks, lane, pr);   // Q K^T
+      tile_dots<D>(dOs + r0 * S, Vs, lane, ds);  // dO V^T
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) {
 #pragma unroll
