@@ -16,6 +16,7 @@
 
 #include <gtest/gtest.h>
 
+#include "nlohmann/json.hpp"
 #include "tests/test_util.h"
 #include "configs/config.h"
 #include "data/prepare.h"
@@ -119,6 +120,45 @@ TEST_F(TrainerTest, ResumeGivesBitIdenticalLosses) {
     ASSERT_EQ(resumed.size(), 12u);
     for (size_t i = 0; i < 12; ++i) EXPECT_EQ(straight[i], resumed[i]) << "step " << i + 1;
   }
+}
+
+// metrics' train_s: the training clock, without evaluations and checkpoint
+// writes, carried over a resume by the checkpoint.
+TEST_F(TrainerTest, TrainingClockSkipsEvaluationAndCarriesOverResume) {
+  const std::vector<std::string> common = {"train.max_steps=8", "logging.interval=1",
+                                           "eval.interval=2", "eval.batches=6"};
+  trainer::TrainHooks hooks;
+  hooks.on_step = [](int64_t step, double) {
+    if (step == 5) trainer::request_stop(SIGINT);
+  };
+  ASSERT_TRUE(trainer::train(config("run", common), hooks).ok());
+  ASSERT_TRUE(trainer::train(config("run", common), hooks).ok());
+  struct Row { int64_t step; double elapsed, train; };
+  std::vector<Row> rows;
+  std::ifstream in(root_ + "/run/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("train_s"))
+      rows.push_back({j["step"].get<int64_t>(), j["elapsed_s"].get<double>(),
+                      j["train_s"].get<double>()});
+  }
+  ASSERT_EQ(rows.size(), 8u);
+  for (size_t i = 0; i < rows.size(); ++i) ASSERT_EQ(rows[i].step, static_cast<int64_t>(i) + 1);
+  // Before the first evaluation the two clocks are one.
+  EXPECT_EQ(rows[0].train, rows[0].elapsed);
+  EXPECT_EQ(rows[1].train, rows[1].elapsed);
+  // From the evaluation after step 2 on, the training clock lags the wall clock.
+  EXPECT_GT(rows[2].elapsed - rows[2].train, 0);
+  EXPECT_GT(rows[4].elapsed - rows[4].train, rows[2].elapsed - rows[2].train);
+  // The resumed process (steps 6-8) starts its wall clock again; the training
+  // clock goes on from what the checkpoint after step 5 counted.
+  EXPECT_LT(rows[5].elapsed, rows[4].elapsed);
+  for (size_t i = 1; i < rows.size(); ++i)
+    EXPECT_GT(rows[i].train, rows[i - 1].train) << "step " << rows[i].step;
+  auto info = trainer::read_checkpoint_info(root_ + "/run/ckpt.pt");
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->state.step, 8);
+  EXPECT_GE(info->state.train_seconds, rows[7].train);
 }
 
 TEST_F(TrainerTest, RefusesCheckpointOfAnotherArchitecture) {

@@ -1,5 +1,5 @@
 // AdamW and checkpoints. A checkpoint is one LibTorch archive holding:
-//   format, config (text), tokenizer, state/step, state/tokens,
+//   format, config (text), tokenizer, state/step, state/tokens, state/train_seconds,
 //   model/<parameter name>, optim/<parameter name>/{exp_avg,exp_avg_sq,step},
 //   rng/attention, rng/cpu.
 #include "trainer/state.h"
@@ -151,6 +151,7 @@ absl::Status save_checkpoint(const std::string& path, const config::Experiment& 
     archive.write("tokenizer", c10::IValue(tokenizer));
     archive.write("state/step", c10::IValue(state.step));
     archive.write("state/tokens", c10::IValue(state.tokens));
+    archive.write("state/train_seconds", c10::IValue(state.train_seconds));
     for (const auto& item : model->named_parameters())
       archive.write("model/" + item.key(), item.value().detach().cpu());
     if (optimizer) optimizer->save(archive);
@@ -398,6 +399,10 @@ static absl::StatusOr<CheckpointInfo> read_info(const std::string& path) {
   info.tokenizer = tokenizer.toStringRef();
   info.state.step = step.toInt();
   info.state.tokens = tokens.toInt();
+  // Optional: checkpoints written before it was recorded count from zero.
+  c10::IValue train_seconds;
+  if (archive.try_read("state/train_seconds", train_seconds) && train_seconds.isDouble())
+    info.state.train_seconds = train_seconds.toDouble();
   return info;
 }
 

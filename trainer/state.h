@@ -72,6 +72,9 @@ class AdamW : public Optimizer {
 struct TrainState {
   int64_t step = 0;    // optimizer steps done; the data position (windows are keyed on it)
   int64_t tokens = 0;  // training tokens seen
+  // Seconds spent training up to `step`, over every process of the run
+  // (resumes included), without evaluation and checkpoint writes.
+  double train_seconds = 0;
 };
 
 inline constexpr int64_t kCheckpointFormat = 1;

@@ -427,12 +427,6 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
       exp.train().activation_checkpointing() ? ", activation checkpointing" : "",
       d.dir(), meta.train_tokens, meta.val_tokens, tokens_per_step, meta.unigram_bits_per_byte);
 
-  // Every rank calls save() (a sharded optimizer gathers its state first).
-  auto save = [&]() -> absl::Status {
-    optimizer->gather_state();
-    if (!rank0) return absl::OkStatus();
-    return save_checkpoint(ckpt, exp, meta.tokenizer, model, optimizer.get(), state);
-  };
   RunResult result;
   result.unigram_bits_per_byte = meta.unigram_bits_per_byte;
   const bool tty = rank0 && isatty(STDERR_FILENO);
@@ -441,7 +435,32 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
   int64_t window_tokens = 0, steps_this_run = 0, window_steps = 0;
   double last_loss = NAN;
   CommStats window_comm;  // summed over the steps of the logging window
+  // Training time (state.train_seconds, metrics' train_s): this process's time
+  // since run_start without evaluations and checkpoint writes, added to what
+  // the checkpoint it resumed from had counted. The pauses also leave the
+  // logging window, so tokens_per_s is the speed of training alone.
+  const double train_seconds_at_start = state.train_seconds;
+  double paused_s = 0;
+  auto train_seconds_at = [&](Clock::time_point t) {
+    return train_seconds_at_start + std::chrono::duration<double>(t - run_start).count() -
+           paused_s;
+  };
+  auto paused = [&](auto&& work) -> absl::Status {
+    const auto start = Clock::now();
+    absl::Status s = work();
+    const auto pause = Clock::now() - start;
+    paused_s += std::chrono::duration<double>(pause).count();
+    window_start += pause;
+    return s;
+  };
 
+  // Every rank calls save() (a sharded optimizer gathers its state first).
+  auto save = [&]() -> absl::Status {
+    state.train_seconds = train_seconds_at(Clock::now());
+    optimizer->gather_state();
+    if (!rank0) return absl::OkStatus();
+    return save_checkpoint(ckpt, exp, meta.tokenizer, model, optimizer.get(), state);
+  };
   // Rank 0 only. Evaluation leaves the attention's random stream where it was,
   // so that training draws the same patterns on every rank (and with any
   // eval.interval).
@@ -539,7 +558,8 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
       if (log_now) {
         nlohmann::json record = {{"step", state.step}, {"loss", loss_value}, {"lr", lr},
                                  {"grad_norm", grad_norm}, {"tokens_per_s", tps},
-                                 {"tokens", state.tokens}, {"elapsed_s", elapsed}};
+                                 {"tokens", state.tokens}, {"elapsed_s", elapsed},
+                                 {"train_s", train_seconds_at(now)}};
         if (device.is_cuda()) record["peak_gpu_gib"] = peak_gpu_gib(device);
         if (dp) {
           record["world_size"] = world_size;
@@ -560,7 +580,7 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
 
     const bool last = state.step == max_steps;
     if (exp.eval().interval() > 0 && state.step % exp.eval().interval() == 0 && !last)
-      if (auto s = run_eval(state.step); !s.ok()) return s;
+      if (auto s = paused([&] { return run_eval(state.step); }); !s.ok()) return s;
     // Whether any rank got a signal: all ranks stop after the same step.
     int stop_signal = pending_signal();
     if (dp) {
@@ -582,7 +602,7 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
       return result;
     }
     if (exp.checkpoint().interval() > 0 && state.step % exp.checkpoint().interval() == 0 && !last)
-      if (auto s = save(); !s.ok()) return s;
+      if (auto s = paused(save); !s.ok()) return s;
   }
   if (tty) std::cerr << "\n";
 
