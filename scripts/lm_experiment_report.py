@@ -140,7 +140,8 @@ def acceptance(summary):
         lines.append(
             f"| {n} | {LABEL[best['run']]}: {fmt(best['vs_dense_pct'], '+.2f')}% "
             f"({'met' if ok_loss else 'missed'}) | "
-            f"{fmt(ratio, '.2f', 'never reached')}x dense's time, limit {limit}x "
+            f"{'never reached' if ratio is None else format(ratio, '.2f') + 'x dense' + chr(39) + 's time'}"
+            f", limit {limit}x "
             f"({'met' if ok_time else 'missed'}) | {fmt(best['speed_vs_dense'], '.2f')}x |")
     return lines
 
