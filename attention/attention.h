@@ -74,7 +74,17 @@ struct Pattern {
 
 // Angular LSH: x [B, Hx, N, D], rotations [Hr, D, nb/2] with Hx a multiple of
 // Hr (query head h uses rotation h / (Hx / Hr)). bucket = argmax([xR, -xR]).
-Tensor lsh_buckets(const Tensor& x, const Tensor& rotations);
+// center_block > 0 hashes the rows centred as center_by_earlier_blocks(x,
+// center_block) does; on the GPU kernel's path the earlier blocks' means are
+// projected (float32) and subtracted from xR in the kernel, without a centred
+// copy of x, so rows whose two best projections are within rounding may pick
+// the other one.
+Tensor lsh_buckets(const Tensor& x, const Tensor& rotations, int64_t center_block = 0);
+
+// The mean of the rows of the whole blocks of `block` rows before each block:
+// float32 [B, H, ceil(N / block), D], zero for the first block (the vector
+// center_by_earlier_blocks subtracts from the rows of each block).
+Tensor earlier_block_means(const Tensor& x, int64_t block);
 
 // x [B, H, N, D] minus, for each row, the mean of the rows of the whole
 // blocks of `block` rows before its block (same batch and head); rows of the

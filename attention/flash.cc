@@ -30,7 +30,7 @@ Tensor cudnn_attention(const Tensor&, const Tensor&, const Tensor&, double) {
   TORCH_CHECK(false, "cudnn_attention: this build has no CUDA support (nvcc was not found)");
 }
 bool flash_lsh_supported(const Tensor&, const Tensor&) { return false; }
-Tensor flash_lsh_buckets(const Tensor&, const Tensor&) {
+Tensor flash_lsh_buckets(const Tensor&, const Tensor&, const Tensor&, int64_t) {
   TORCH_CHECK(false, "flash_lsh_buckets: this build has no CUDA kernels (nvcc was not found)");
 }
 Tensor flash_attention(const Tensor&, const Tensor&, const Tensor&, const Pattern&, double, bool) {
@@ -410,7 +410,8 @@ bool flash_lsh_supported(const Tensor& x, const Tensor& rotations) {
   return addr % 16 == 0 && x.stride(0) % 8 == 0 && x.stride(1) % 8 == 0 && x.stride(2) % 8 == 0;
 }
 
-Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations) {
+Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations, const Tensor& offsets,
+                         int64_t offset_block) {
   TORCH_CHECK(flash_lsh_supported(x, rotations), "flash_lsh_buckets: unsupported x ", x.sizes(),
               " (", x.scalar_type(), ", strides ", x.strides(), ") or rotations ",
               rotations.sizes());
@@ -418,13 +419,28 @@ Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations) {
   Tensor r = rotations.to(x.device(), at::kFloat).contiguous();
   Tensor out = at::empty({x.size(0), x.size(1), x.size(2)}, x.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
+  Tensor off;
+  if (offsets.defined()) {
+    TORCH_CHECK(offset_block >= 1, "flash_lsh_buckets: offset_block must be >= 1, got ",
+                offset_block);
+    const int64_t blocks = (x.size(2) + offset_block - 1) / offset_block;
+    TORCH_CHECK(offsets.dim() == 4 && offsets.size(0) == x.size(0) &&
+                    offsets.size(1) == x.size(1) && offsets.size(2) == blocks &&
+                    offsets.size(3) == r.size(2),
+                "flash_lsh_buckets: offsets must be [B, H, ceil(N / offset_block), nb/2] = [",
+                x.size(0), ", ", x.size(1), ", ", blocks, ", ", r.size(2), "], got ",
+                offsets.sizes());
+    off = offsets.to(x.device(), at::kFloat).contiguous();
+  }
   check_cuda(sk::lsh_bucket_ids(x.scalar_type() == at::kBFloat16 ? sk::DType::kBF16 : sk::DType::kFP16,
                                 x.data_ptr(), {x.stride(0), x.stride(1), x.stride(2)},
                                 static_cast<int>(x.size(0)), static_cast<int>(x.size(1)),
                                 static_cast<int>(x.size(2)), static_cast<int>(x.size(3)),
                                 r.data_ptr<float>(), static_cast<int>(r.size(0)),
                                 static_cast<int>(r.size(2)), out.data_ptr<int64_t>(),
-                                at::cuda::getCurrentCUDAStream()),
+                                at::cuda::getCurrentCUDAStream(),
+                                off.defined() ? off.data_ptr<float>() : nullptr,
+                                static_cast<int>(offset_block)),
              "LSH bucket ids");
   return out;
 }

@@ -35,8 +35,11 @@ Tensor cudnn_attention(const Tensor& q, const Tensor& k, const Tensor& v, double
 // whose two best projections are within float rounding may pick the other one.
 // flash_lsh_supported: CUDA, bf16/fp16, head dim a multiple of 8 up to 256,
 // contiguous head dim, strides and start 16-byte aligned.
+// With offsets ([B, H, ceil(N / offset_block), nb/2]), row n hashes
+// x R - offsets[b, h, n / offset_block] (see lsh_buckets' center_block).
 bool flash_lsh_supported(const Tensor& x, const Tensor& rotations);
-Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations);
+Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations, const Tensor& offsets = {},
+                         int64_t offset_block = 0);
 
 // Forward only, with the log-sum-exp ([B, H, Nq] float32): for tests.
 std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor& q, const Tensor& k,

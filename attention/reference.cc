@@ -58,39 +58,59 @@ Options Options::from_config(const config::Attention& c) {
 // ---------------------------------------------------------------------------
 // the pattern
 
-Tensor lsh_buckets(const Tensor& x, const Tensor& rotations) {
-  TORCH_CHECK(x.dim() == 4, "lsh_buckets: x must be [B, H, N, D], got ", x.sizes());
-  TORCH_CHECK(rotations.dim() == 3 && rotations.size(1) == x.size(3),
-              "lsh_buckets: rotations must be [H, D, nb/2] with D = ", x.size(3), ", got ",
+Tensor lsh_buckets(const Tensor& x_in, const Tensor& rotations, int64_t center_block) {
+  TORCH_CHECK(x_in.dim() == 4, "lsh_buckets: x must be [B, H, N, D], got ", x_in.sizes());
+  TORCH_CHECK(rotations.dim() == 3 && rotations.size(1) == x_in.size(3),
+              "lsh_buckets: rotations must be [H, D, nb/2] with D = ", x_in.size(3), ", got ",
               rotations.sizes());
-  const int64_t heads = x.size(1), rot_heads = rotations.size(0);
+  TORCH_CHECK(center_block >= 0, "lsh_buckets: center_block must be >= 0, got ", center_block);
+  const int64_t heads = x_in.size(1), rot_heads = rotations.size(0);
   TORCH_CHECK(heads % rot_heads == 0, "lsh_buckets: ", heads,
               " heads is not a multiple of ", rot_heads, " rotations");
-  // On the GPU one fused kernel (attention/kernels) does it without copies.
-  if (flash_lsh_supported(x, rotations)) return flash_lsh_buckets(x, rotations);
+  const bool center = center_block > 0 && x_in.size(2) > center_block;
   // Head h uses rotation h / group: expand the rotations to one per head.
-  Tensor r = rotations.to(x.device(), at::kFloat).repeat_interleave(heads / rot_heads, 0);
-  Tensor proj = at::matmul(x.to(at::kFloat), r.unsqueeze(0));  // [B, H, N, nb/2]
+  auto per_head = [&] {
+    return rotations.to(x_in.device(), at::kFloat).repeat_interleave(heads / rot_heads, 0);
+  };
+  // On the GPU one fused kernel (attention/kernels) does it without copies;
+  // the centring enters as the projected means of the earlier blocks.
+  if (flash_lsh_supported(x_in, rotations)) {
+    if (!center) return flash_lsh_buckets(x_in, rotations);
+    Tensor offsets = at::matmul(earlier_block_means(x_in, center_block), per_head().unsqueeze(0));
+    return flash_lsh_buckets(x_in, rotations, offsets, center_block);
+  }
+  Tensor x = center ? center_by_earlier_blocks(x_in, center_block) : x_in;
+  Tensor proj = at::matmul(x.to(at::kFloat), per_head().unsqueeze(0));  // [B, H, N, nb/2]
   return at::cat({proj, -proj}, -1).argmax(-1);
+}
+
+Tensor earlier_block_means(const Tensor& x, int64_t block) {
+  TORCH_CHECK(x.dim() == 4, "earlier_block_means: x must be [B, H, N, D], got ", x.sizes());
+  TORCH_CHECK(block >= 1, "earlier_block_means: block must be >= 1, got ", block);
+  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3);
+  const int64_t blocks = (N + block - 1) / block, whole = N / block;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor means = at::zeros({B, blocks, H, D}, x.options().dtype(acc));
+  if (blocks <= 1 || whole == 0) return means.permute({0, 2, 1, 3});
+  // Token-major: for the usual [B, N, H, D] memory of a projection's view,
+  // the block split is a view and the sum one pass over the rows.
+  Tensor sums = x.slice(2, 0, whole * block).transpose(1, 2).reshape({B, whole, block, H, D})
+                    .sum(2, false, acc);  // [B, whole, H, D]
+  // Mean of blocks 0..j-1 for block j = 1..blocks-1.
+  Tensor prefix = sums.cumsum(1).slice(1, 0, blocks - 1);
+  Tensor count = at::arange(1, blocks, sums.options()).mul_(static_cast<double>(block));
+  means.slice(1, 1, blocks).copy_(prefix / count.view({1, blocks - 1, 1, 1}));
+  return means.permute({0, 2, 1, 3});
 }
 
 Tensor center_by_earlier_blocks(const Tensor& x, int64_t block) {
   TORCH_CHECK(x.dim() == 4, "center_by_earlier_blocks: x must be [B, H, N, D], got ", x.sizes());
   TORCH_CHECK(block >= 1, "center_by_earlier_blocks: block must be >= 1, got ", block);
-  const int64_t B = x.size(0), H = x.size(1), N = x.size(2), D = x.size(3);
-  const int64_t blocks = (N + block - 1) / block;
-  if (blocks <= 1) return x;
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  // Sums of the whole blocks (the last, partial block is never an earlier one).
-  const int64_t whole = N / block;
-  Tensor sums = x.slice(2, 0, whole * block).reshape({B, H, whole, block, D}).sum(3, false, acc);
-  // Mean of blocks 0..j-1 for block j (j = 1..blocks-1).
-  Tensor prefix = sums.cumsum(2).slice(2, 0, blocks - 1);
-  Tensor count = at::arange(1, blocks, sums.options()).mul_(static_cast<double>(block));
-  Tensor mean = (prefix / count.view({1, 1, blocks - 1, 1})).to(x.scalar_type());
-  // Rows of block j >= 1 minus mean[j - 1]; the first block as it is.
-  Tensor per_row = mean.repeat_interleave(block, 2).slice(2, 0, N - block);
-  return at::cat({x.slice(2, 0, block), x.slice(2, block, N) - per_row}, 2);
+  const int64_t N = x.size(2);
+  if (N <= block) return x;
+  // Rows of block j minus mean[j] (zero for the first block).
+  Tensor means = earlier_block_means(x, block).to(x.scalar_type());
+  return x - means.repeat_interleave(block, 2).slice(2, 0, N);
 }
 
 // A generator seeded from (seed, layer) that always draws the same rotation.
@@ -165,11 +185,8 @@ Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
         at::Generator g = draw_generator(generator, q.device());
         rotations = at::randn({Hkv, D, options.num_buckets / 2}, g, draw_float);
       }
-      auto hashed = [&](const Tensor& x) {
-        return options.lsh_center ? center_by_earlier_blocks(x.detach(), options.lsh_center_block)
-                                  : x.detach();
-      };
-      p.q_bucket = lsh_buckets(hashed(q), rotations);
+      const int64_t center = options.lsh_center ? options.lsh_center_block : 0;
+      p.q_bucket = lsh_buckets(q.detach(), rotations, center);
       p.num_buckets = options.num_buckets;
       if (options.shared_qk) {
         // k = q / |q| has the same argmax as q: reuse the query buckets.
@@ -178,7 +195,7 @@ Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
                     " k ", k.sizes());
         p.k_bucket = p.q_bucket;
       } else {
-        p.k_bucket = lsh_buckets(hashed(k), rotations);
+        p.k_bucket = lsh_buckets(k.detach(), rotations, center);
       }
       break;
     }

@@ -188,6 +188,36 @@ TEST(LshBuckets, CudaKernelMatchesCpu) {
   }
 }
 
+// Centred LSH on CUDA: the kernel subtracts the projected means of the
+// earlier blocks from xR. Against float64 on the centred rows: the same
+// buckets except near-ties, and every pick a maximum up to rounding. Rows
+// with a large common direction (as a trained model's queries have), a
+// token-major view, N not a multiple of the block.
+TEST(LshBuckets, CudaCentredKernelMatchesCentredRows) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  at::manual_seed(5);
+  const int64_t B = 2, N = 777, H = 4, D = 64, block = 128;
+  for (auto dtype : {at::kBFloat16, at::kHalf}) {
+    Tensor offset = at::randn({1, 1, H, D}) * 4.0;
+    Tensor x = (at::randn({B, N, H, D}) + offset).to(dtype).transpose(1, 2);  // [B, H, N, D] view
+    Tensor r = at::randn({2, D, 8});
+    Tensor cuda = x.cuda();
+    ASSERT_TRUE(flash_lsh_supported(cuda, r));
+    Tensor got = lsh_buckets(cuda, r, block).cpu();
+    Tensor centred = center_by_earlier_blocks(x.to(at::kDouble), block);
+    Tensor proj = at::matmul(centred, r.to(at::kDouble).repeat_interleave(2, 0).unsqueeze(0));
+    Tensor v = at::cat({proj, -proj}, -1);
+    Tensor want = v.argmax(-1);
+    const int64_t same = got.eq(want).sum().item<int64_t>();
+    EXPECT_GE(same, want.numel() - want.numel() / 200) << "of " << want.numel() << " rows";
+    Tensor gap = v.gather(-1, want.unsqueeze(-1)) - v.gather(-1, got.unsqueeze(-1));
+    EXPECT_LT(gap.abs().max().item<double>(), 5e-3);
+    // Not the uncentred buckets: the offset would put most rows in a few.
+    Tensor raw = lsh_buckets(cuda, r).cpu();
+    EXPECT_LT(raw.eq(got).to(at::kDouble).mean().item<double>(), 0.9);
+  }
+}
+
 TEST(HashAttention, QueryAttendsOnlyToEarlierKeysOfItsBucket) {
   const int64_t N = 40, D = 8;
   Inputs in = random_inputs(1, 2, 2, N, N, D, 21);

@@ -342,6 +342,26 @@ TEST(CenterByEarlierBlocks, SpreadsOffsetRowsOverTheBuckets) {
   EXPECT_LT(centred, 2.0 / nb);
 }
 
+// The means LSH centring subtracts (and, projected, the GPU kernel), on the
+// token-major view a projection gives ([B, N, H, D] memory seen as
+// [B, H, N, D]), against a loop over rows.
+TEST(CenterByEarlierBlocks, MeansOfTokenMajorViewsMatchALoop) {
+  auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const int64_t B = 2, H = 3, D = 5, block = 4;
+  for (int64_t N : {0, 1, 4, 5, 12, 13}) {
+    Tensor x = (at::randn({B, N, H, D}, f64) + 2.0).transpose(1, 2);
+    Tensor m = attention::earlier_block_means(x, block);
+    const int64_t blocks = (N + block - 1) / block;
+    ASSERT_EQ(m.sizes(), (std::vector<int64_t>{B, H, blocks, D})) << "N " << N;
+    for (int64_t j = 0; j < blocks; ++j) {
+      Tensor want = at::zeros({B, H, D}, f64);
+      for (int64_t i = 0; i < j * block; ++i) want += x.select(2, i);
+      if (j > 0) want /= static_cast<double>(j * block);
+      EXPECT_LT(max_diff(m.select(2, j), want), 1e-12) << "N " << N << " block " << j;
+    }
+  }
+}
+
 TEST(CudnnAttentionGpu, MatchesReferenceOnModelLayout) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
   for (int64_t D : {64, 128}) {

@@ -221,7 +221,7 @@ inline size_t lsh_smem_bytes(int D, int half, int elem_bytes) {
 template <typename T>
 __global__ void __launch_bounds__(kLshThreads)
     lsh_kernel(const T* x, Layout layout, int H, int N, int D, const float* rotations, int Hr,
-               int half, int64_t* out) {
+               int half, const float* offsets, int offset_block, int64_t* out) {
   extern __shared__ __align__(16) float sR[];  // [D][hp], then [kLshThreads][D + 8] of T
   const int bh = blockIdx.y, b = bh / H, h = bh % H, hr = h / (H / Hr);
   const int hp = lsh_padded_half(half);
@@ -244,6 +244,11 @@ __global__ void __launch_bounds__(kLshThreads)
   const int n = n0 + threadIdx.x;
   if (n >= N) return;
   const T* row = sX + threadIdx.x * row_elems;
+  // The projection of what is subtracted from this row (its block's offsets).
+  const float* off =
+      offsets ? offsets + (static_cast<int64_t>(bh) * ((N + offset_block - 1) / offset_block) +
+                           n / offset_block) * half
+              : nullptr;
   float best = -INFINITY;
   int best_pos = 0, best_neg = 0;
   float best_neg_val = -INFINITY;
@@ -273,6 +278,7 @@ __global__ void __launch_bounds__(kLshThreads)
 #pragma unroll
     for (int j = 0; j < kLshGroup; ++j) {
       if (j0 + j >= half) break;
+      if (off) acc[j] -= off[j0 + j];
       if (acc[j] > best) best = acc[j], best_pos = j0 + j;
       if (-acc[j] > best_neg_val) best_neg_val = -acc[j], best_neg = j0 + j;
     }
@@ -2404,9 +2410,9 @@ bool lsh_shape_fits(int D, int half, size_t block_smem_limit) {
 
 cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int H, int N, int D,
                            const float* rotations, int Hr, int half, int64_t* out,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, const float* offsets, int offset_block) {
   if (B <= 0 || H <= 0 || N <= 0 || Hr <= 0 || H % Hr != 0 || half <= 0 || D <= 0 || D % 8 != 0 ||
-      D > 256 || !rows_aligned16(x, layout) ||
+      D > 256 || !rows_aligned16(x, layout) || (offsets && offset_block <= 0) ||
       !lsh_shape_fits(D, half, SIZE_MAX))  // shape errors before the device
     return cudaErrorInvalidValue;
   int device = 0, optin = 0;
@@ -2420,9 +2426,10 @@ cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int
   if (dtype == DType::kBF16)
     return launch_kernel(lsh_kernel<__nv_bfloat16>, grid, kLshThreads, smem, stream,
                          static_cast<const __nv_bfloat16*>(x), layout, H, N, D, rotations, Hr,
-                         half, out);
+                         half, offsets, offset_block, out);
   return launch_kernel(lsh_kernel<__half>, grid, kLshThreads, smem, stream,
-                       static_cast<const __half*>(x), layout, H, N, D, rotations, Hr, half, out);
+                       static_cast<const __half*>(x), layout, H, N, D, rotations, Hr, half,
+                       offsets, offset_block, out);
 }
 
 cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, int n,

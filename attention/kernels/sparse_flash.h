@@ -124,9 +124,14 @@ struct BackwardParams {
 // any D <= 256 that is a multiple of 8), with R = rotations[h / (H / Hr)]
 // ([Hr, D, half] float32, contiguous; nb = 2 * half buckets). Projections are
 // accumulated in float32. out: int64 [B, H, N] contiguous, original order.
+// With offsets ([B * H][ceil(N / offset_block)][half] float32, contiguous),
+// row n of (b, h) hashes x R - offsets[b H + h][n / offset_block]: the
+// projection of a vector subtracted from every row of a block of
+// offset_block rows (the LSH centring), without a centred copy of x.
 cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int H, int N, int D,
                            const float* rotations, int Hr, int half, int64_t* out,
-                           cudaStream_t stream);
+                           cudaStream_t stream, const float* offsets = nullptr,
+                           int offset_block = 0);
 // Whether lsh_bucket_ids serves head dim D with `half` rotation columns on a
 // device that allows a block block_smem_limit bytes of shared memory (its
 // rotations, at most 96 KB, and staged rows); it refuses other shapes.
