@@ -9,6 +9,7 @@
 //
 // usage: bench_attention [--n 2048,4096,...] [--d 64,128] [--reps 20] [--json FILE]
 //                        [--cases dense,hash:16,drop:0.7] [--nosdpa] [--deterministic]
+//                        [--lsh-center]
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -292,11 +293,45 @@ std::vector<int> parse_list(const std::string& s) {
 
 }  // namespace
 
+// --lsh-center: the LSH centring (attention.lsh_center) on the model's layout
+// (q a [B, N, H, D] view of the fused projection, B*N = 65,536, 12 heads,
+// D = 64, nb 16, blocks of 256 rows): centred rows in ATen ops then the LSH
+// kernel, against the kernel subtracting the projected block means, and the
+// uncentred kernel alone. Prints ms per call (one side).
+int bench_lsh_center(const std::vector<int>& ns, int reps, const std::string& json_path) {
+  nlohmann::json j = nlohmann::json::array();
+  std::cout << absl::StrFormat("%-22s %6s %10s\n", "impl", "N", "ms");
+  for (int N : ns) {
+    const int64_t B = std::max(1, 65536 / N), H = 12, D = 64, block = 256;
+    auto o = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+    // Rows with a common direction, as a trained model's queries have.
+    Tensor qkv = at::randn({B, N, 3 * H * D}, o) + 2.0 * at::randn({1, 1, 3 * H * D}, o);
+    Tensor q = qkv.narrow(2, 0, H * D).view({B, N, H, D}).transpose(1, 2);
+    Tensor r = at::randn({H, D, 8}, at::TensorOptions().device(at::kCUDA));
+    Tensor a = attention::lsh_buckets(attention::center_by_earlier_blocks(q, block), r);
+    Tensor f = attention::lsh_buckets(q, r, block);
+    const double agree = a.eq(f).to(at::kDouble).mean().item<double>();
+    const std::vector<std::pair<std::string, std::function<void()>>> impls = {
+        {"lsh_center_aten", [&] { attention::lsh_buckets(attention::center_by_earlier_blocks(q, block), r); }},
+        {"lsh_center_fused", [&] { attention::lsh_buckets(q, r, block); }},
+        {"lsh_raw", [&] { attention::lsh_buckets(q, r); }}};
+    for (const auto& [name, fn] : impls) {
+      const double ms = median_ms(fn, reps);
+      std::cout << absl::StrFormat("%-22s %6d %10.4f\n", name, N, ms);
+      j.push_back({{"impl", name}, {"N", N}, {"B", B}, {"H", H}, {"D", D}, {"ms", ms},
+                   {"buckets_agree", agree}});
+    }
+    std::cout << absl::StrFormat("  buckets equal in %.4f of the rows (aten vs fused)\n", agree);
+  }
+  if (!json_path.empty()) std::ofstream(json_path) << j.dump(1) << "\n";
+  return 0;
+}
+
 int main(int argc, char** argv) {
   std::vector<int> ns = {2048, 4096, 8192, 16384, 32768}, ds = {64, 128};
   int reps = 20;
   std::string json_path;
-  bool deterministic = false, sdpa = true;
+  bool deterministic = false, sdpa = true, lsh_center = false;
   std::vector<Case> cases = {{"dense", 0}, {"hash", 2}, {"hash", 8}, {"hash", 16}, {"hash", 32},
                              {"drop", 0.3}, {"drop", 0.5}, {"drop", 0.7}, {"shift", 4}};
   const char* usage =
@@ -308,7 +343,9 @@ int main(int argc, char** argv) {
       "                   drop: the dropped fraction s in [0, 1); shift: groups per\n"
       "                   sequence, LongLoRA's S2-Attn with half the heads shifted);\n"
       "                   default all nine\n"
-      "  --nosdpa         leave out the SDPA anchors (for profiling our kernels alone)\n";
+      "  --nosdpa         leave out the SDPA anchors (for profiling our kernels alone)\n"
+      "  --lsh-center     only time the LSH centring: ATen ops + kernel against the kernel\n"
+      "                   subtracting the projected block means (one side, nb 16, D 64)\n";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--deterministic") {
@@ -317,6 +354,10 @@ int main(int argc, char** argv) {
     }
     if (a == "--nosdpa") {
       sdpa = false;
+      continue;
+    }
+    if (a == "--lsh-center") {
+      lsh_center = true;
       continue;
     }
     if (a == "--help" || a == "-h") {
@@ -346,6 +387,7 @@ int main(int argc, char** argv) {
     std::cerr << "bench_attention: no CUDA GPU\n";
     return 1;
   }
+  if (lsh_center) return bench_lsh_center(ns, reps, json_path);
   cudaDeviceProp prop;
   cudaGetDeviceProperties(&prop, 0);
   std::vector<Row> rows;
