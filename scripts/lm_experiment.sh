@@ -48,6 +48,9 @@
 #               stopped with a checkpoint (SIGTERM), to resume on the next call
 #               [0 = none]
 #   DEVICE      [cuda]
+#   SOURCE_REV  the code's revision, recorded in each run's JSON [git describe
+#               --always --dirty of this tree; on the GPU host, whose checkout is
+#               the last landed commit plus a diff, pass this machine's commit]
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 SECONDS=0
@@ -75,6 +78,8 @@ INCLUDE=${INCLUDE:-*.py}
 DEADLINE=${DEADLINE:-0}
 DEVICE=${DEVICE:-cuda}
 PHASES=${*:-data train report}
+SOURCE_REV=${SOURCE_REV:-$(git describe --always --dirty 2>/dev/null || echo unknown)}
+export SOURCE_REV
 DATA=$EXP/data
 mkdir -p "$EXP"/{results,logs,runs}
 log() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*"; }
@@ -163,7 +168,7 @@ train_run() {
   fi
   [ $rc -eq 0 ] || { log "  failed (exit $rc): $(tail -2 "$EXP/logs/$name-train.log")"; return 1; }
   python3 - "$EXP/runs/$name" "$EXP/results/$name-train.json" "$run" "$n" "$seed" <<'PY'
-import json, statistics, sys
+import json, os, statistics, sys
 run_dir, out, run, n, seed = sys.argv[1:]
 rows = [json.loads(l) for l in open(run_dir + "/metrics.jsonl") if l.strip()]
 train = [r for r in rows if "loss" in r]
@@ -186,7 +191,8 @@ json.dump({"run": run, "n": int(n), "seed": int(seed),
            "tokens": train[-1]["tokens"] if train else None,
            "median_tokens_per_s": statistics.median(tps) if tps else None,
            "peak_gpu_gib": max((r.get("peak_gpu_gib", 0) for r in train), default=None),
-           "device_s": device_s, "config": config},
+           "device_s": device_s, "source_rev": os.environ.get("SOURCE_REV", "unknown"),
+           "config": config},
           open(out, "w"), indent=1)
 PY
   [ "$KEEP_CHECKPOINTS" = 1 ] || rm -f "$EXP/runs/$name/ckpt.pt"

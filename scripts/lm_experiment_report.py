@@ -156,6 +156,8 @@ def write_report(exp, runs, meta, summary, title):
                   f"{meta['train']['documents']} documents, {meta['val']['tokens']:,} held-out "
                   f"tokens in {meta['val']['documents']} documents; tokenizer "
                   f"{meta.get('tokenizer_kind', '?')} ({meta.get('vocab_size', '?')} tokens).")
+    revs = sorted({r.get("source_rev", "not recorded") for r in runs})
+    md.append(f"Code revision(s) of the runs: {', '.join(revs)}.")
     md.append("")
     for n, s in summary.items():
         md += [f"## N = {n}", "",
