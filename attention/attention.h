@@ -49,6 +49,7 @@ struct Options {
   bool deterministic = false;   // kernels: bit-identical gradients (slower dQ)
   bool lsh_center = true;       // HASH: hash rows minus the mean of earlier blocks
   int64_t lsh_center_block = 256;
+  double lsh_capacity = 0;      // HASH: bucket capacity (lsh_buckets' capacity); 0 = none
   int64_t group_size = 0;       // SHIFT: 0 = ceil(Nk / 4)
   int64_t sink_tokens = 0;      // HASH, DROP, SHIFT: first keys every query sees
   int64_t local_window = 0;     // HASH, DROP, SHIFT: and the keys this close behind it
@@ -79,7 +80,30 @@ struct Pattern {
 // projected (float32) and subtracted from xR in the kernel, without a centred
 // copy of x, so rows whose two best projections are within rounding may pick
 // the other one.
-Tensor lsh_buckets(const Tensor& x, const Tensor& rotations, int64_t center_block = 0);
+//
+// capacity > 0 caps the buckets: of each block of kLshCapacityBlock
+// consecutive rows, at most lsh_bucket_capacity(capacity, nb) go to one
+// bucket, the rows of a block taken in order, each to its best-scoring bucket
+// with room (capped_argmax on the scores [xR, -xR]). Causal: a row's bucket
+// depends only on the rows before it in its block.
+Tensor lsh_buckets(const Tensor& x, const Tensor& rotations, int64_t center_block = 0,
+                   double capacity = 0);
+
+// The block of lsh_buckets' capacity: the rows of one CUDA thread block of
+// the LSH kernel, which assigns them in order.
+constexpr int64_t kLshCapacityBlock = 128;
+
+// Rows per bucket per block for a capacity factor: ceil(capacity *
+// kLshCapacityBlock / num_buckets); 0 for capacity 0 (no cap). Throws unless
+// capacity is 0 or >= 1 (every row then finds a bucket with room).
+int64_t lsh_bucket_capacity(double capacity, int64_t num_buckets);
+
+// scores [..., N, nb] (float or double, on the CPU) -> int64 [..., N]: the
+// rows of each block of `block` consecutive rows in order, each to the index
+// of its largest score among the buckets that hold fewer than `cap` rows of
+// the block so far (the first of equal scores). With cap >= block it is
+// scores.argmax(-1). Needs cap * nb >= block.
+Tensor capped_argmax(const Tensor& scores, int64_t block, int64_t cap);
 
 // The mean of the rows of the whole blocks of `block` rows before each block:
 // float32 [B, H, ceil(N / block), D], zero for the first block (the vector

@@ -30,7 +30,7 @@ Tensor cudnn_attention(const Tensor&, const Tensor&, const Tensor&, double) {
   TORCH_CHECK(false, "cudnn_attention: this build has no CUDA support (nvcc was not found)");
 }
 bool flash_lsh_supported(const Tensor&, const Tensor&) { return false; }
-Tensor flash_lsh_buckets(const Tensor&, const Tensor&, const Tensor&, int64_t) {
+Tensor flash_lsh_buckets(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t) {
   TORCH_CHECK(false, "flash_lsh_buckets: this build has no CUDA kernels (nvcc was not found)");
 }
 Tensor flash_attention(const Tensor&, const Tensor&, const Tensor&, const Pattern&, double, bool) {
@@ -49,6 +49,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_backward_part(const Tensor&, const Tens
 #else
 
 namespace sk = sparseflash::kernels;
+static_assert(kLshCapacityBlock == sk::kLshCapRows, "lsh_buckets and the LSH kernel cap the same blocks");
 using torch::autograd::AutogradContext;
 using torch::autograd::tensor_list;
 
@@ -411,12 +412,16 @@ bool flash_lsh_supported(const Tensor& x, const Tensor& rotations) {
 }
 
 Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations, const Tensor& offsets,
-                         int64_t offset_block) {
+                         int64_t offset_block, int64_t cap) {
   TORCH_CHECK(flash_lsh_supported(x, rotations), "flash_lsh_buckets: unsupported x ", x.sizes(),
               " (", x.scalar_type(), ", strides ", x.strides(), ") or rotations ",
               rotations.sizes());
   c10::cuda::CUDAGuard guard(x.device());
   Tensor r = rotations.to(x.device(), at::kFloat).contiguous();
+  const int64_t nb = 2 * rotations.size(2);
+  TORCH_CHECK(cap == 0 || (cap > 0 && nb <= 64 && cap * nb >= kLshCapacityBlock),
+              "flash_lsh_buckets: a bucket capacity needs nb <= 64 and cap * nb >= ",
+              kLshCapacityBlock, ", got cap ", cap, " with nb ", nb);
   Tensor out = at::empty({x.size(0), x.size(1), x.size(2)}, x.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
   Tensor off;
@@ -440,7 +445,7 @@ Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations, const Tensor&
                                 static_cast<int>(r.size(2)), out.data_ptr<int64_t>(),
                                 at::cuda::getCurrentCUDAStream(),
                                 off.defined() ? off.data_ptr<float>() : nullptr,
-                                static_cast<int>(offset_block)),
+                                static_cast<int>(offset_block), static_cast<int>(cap)),
              "LSH bucket ids");
   return out;
 }

@@ -37,9 +37,12 @@ Tensor cudnn_attention(const Tensor& q, const Tensor& k, const Tensor& v, double
 // contiguous head dim, strides and start 16-byte aligned.
 // With offsets ([B, H, ceil(N / offset_block), nb/2]), row n hashes
 // x R - offsets[b, h, n / offset_block] (see lsh_buckets' center_block).
+// cap > 0: at most cap rows of each block of kLshCapacityBlock rows per
+// bucket, as capped_argmax (attention.h) on the same scores; cap > 0 needs
+// nb <= 64 and cap * nb >= kLshCapacityBlock.
 bool flash_lsh_supported(const Tensor& x, const Tensor& rotations);
 Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations, const Tensor& offsets = {},
-                         int64_t offset_block = 0);
+                         int64_t offset_block = 0, int64_t cap = 0);
 
 // Forward only, with the log-sum-exp ([B, H, Nq] float32): for tests.
 std::pair<Tensor, Tensor> flash_attention_with_lse(const Tensor& q, const Tensor& k,

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <mutex>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -43,6 +44,7 @@ Options Options::from_config(const config::Attention& c) {
   o.deterministic = c.deterministic();
   o.lsh_center = c.lsh_center();
   o.lsh_center_block = c.lsh_center_block();
+  o.lsh_capacity = c.lsh_capacity();
   o.group_size = c.group_size();
   o.sink_tokens = c.sink_tokens();
   o.local_window = c.local_window();
@@ -58,7 +60,47 @@ Options Options::from_config(const config::Attention& c) {
 // ---------------------------------------------------------------------------
 // the pattern
 
-Tensor lsh_buckets(const Tensor& x_in, const Tensor& rotations, int64_t center_block) {
+int64_t lsh_bucket_capacity(double capacity, int64_t num_buckets) {
+  TORCH_CHECK(capacity == 0 || capacity >= 1,
+              "lsh bucket capacity must be 0 (no cap) or >= 1, got ", capacity);
+  TORCH_CHECK(num_buckets >= 1, "lsh bucket capacity: num_buckets must be >= 1, got ", num_buckets);
+  if (capacity == 0) return 0;
+  const auto rows = static_cast<int64_t>(
+      std::ceil(capacity * static_cast<double>(kLshCapacityBlock) / static_cast<double>(num_buckets)));
+  return std::min(rows, kLshCapacityBlock);
+}
+
+Tensor capped_argmax(const Tensor& scores, int64_t block, int64_t cap) {
+  TORCH_CHECK(scores.dim() >= 2 && scores.device().is_cpu(),
+              "capped_argmax: scores must be CPU [..., N, nb], got ", scores.sizes(), " on ",
+              scores.device());
+  TORCH_CHECK(block >= 1 && cap >= 1, "capped_argmax: block and cap must be >= 1, got ", block,
+              " and ", cap);
+  const int64_t N = scores.size(-2), nb = scores.size(-1);
+  TORCH_CHECK(cap * nb >= block, "capped_argmax: cap * nb (", cap, " * ", nb,
+              ") must be >= block (", block, ") so that every row finds room");
+  Tensor s = scores.to(at::kDouble).contiguous().view({-1, N, nb});
+  Tensor out = at::empty({s.size(0), N}, at::kLong);
+  const double* v = s.data_ptr<double>();
+  int64_t* o = out.data_ptr<int64_t>();
+  std::vector<int64_t> count(static_cast<size_t>(nb));
+  for (int64_t row = 0; row < s.size(0); ++row) {
+    for (int64_t n = 0; n < N; ++n) {
+      if (n % block == 0) std::fill(count.begin(), count.end(), 0);
+      const double* p = v + (row * N + n) * nb;
+      int64_t best = -1;
+      for (int64_t j = 0; j < nb; ++j)
+        if (count[j] < cap && (best < 0 || p[j] > p[best])) best = j;
+      ++count[best];
+      o[row * N + n] = best;
+    }
+  }
+  std::vector<int64_t> shape(scores.sizes().begin(), scores.sizes().end() - 1);
+  return out.view(shape);
+}
+
+Tensor lsh_buckets(const Tensor& x_in, const Tensor& rotations, int64_t center_block,
+                   double capacity) {
   TORCH_CHECK(x_in.dim() == 4, "lsh_buckets: x must be [B, H, N, D], got ", x_in.sizes());
   TORCH_CHECK(rotations.dim() == 3 && rotations.size(1) == x_in.size(3),
               "lsh_buckets: rotations must be [H, D, nb/2] with D = ", x_in.size(3), ", got ",
@@ -68,6 +110,9 @@ Tensor lsh_buckets(const Tensor& x_in, const Tensor& rotations, int64_t center_b
   TORCH_CHECK(heads % rot_heads == 0, "lsh_buckets: ", heads,
               " heads is not a multiple of ", rot_heads, " rotations");
   const bool center = center_block > 0 && x_in.size(2) > center_block;
+  const int64_t nb = 2 * rotations.size(2);
+  const int64_t cap = lsh_bucket_capacity(capacity, nb);
+  TORCH_CHECK(cap == 0 || nb <= 64, "lsh_buckets: a bucket capacity needs nb <= 64, got ", nb);
   // Head h uses rotation h / group: expand the rotations to one per head.
   auto per_head = [&] {
     return rotations.to(x_in.device(), at::kFloat).repeat_interleave(heads / rot_heads, 0);
@@ -75,13 +120,15 @@ Tensor lsh_buckets(const Tensor& x_in, const Tensor& rotations, int64_t center_b
   // On the GPU one fused kernel (attention/kernels) does it without copies;
   // the centring enters as the projected means of the earlier blocks.
   if (flash_lsh_supported(x_in, rotations)) {
-    if (!center) return flash_lsh_buckets(x_in, rotations);
+    if (!center) return flash_lsh_buckets(x_in, rotations, {}, 0, cap);
     Tensor offsets = at::matmul(earlier_block_means(x_in, center_block), per_head().unsqueeze(0));
-    return flash_lsh_buckets(x_in, rotations, offsets, center_block);
+    return flash_lsh_buckets(x_in, rotations, offsets, center_block, cap);
   }
   Tensor x = center ? center_by_earlier_blocks(x_in, center_block) : x_in;
   Tensor proj = at::matmul(x.to(at::kFloat), per_head().unsqueeze(0));  // [B, H, N, nb/2]
-  return at::cat({proj, -proj}, -1).argmax(-1);
+  Tensor scores = at::cat({proj, -proj}, -1);
+  if (cap == 0) return scores.argmax(-1);
+  return capped_argmax(scores.cpu(), kLshCapacityBlock, cap).to(x_in.device());
 }
 
 Tensor earlier_block_means(const Tensor& x, int64_t block) {
@@ -186,7 +233,7 @@ Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
         rotations = at::randn({Hkv, D, options.num_buckets / 2}, g, draw_float);
       }
       const int64_t center = options.lsh_center ? options.lsh_center_block : 0;
-      p.q_bucket = lsh_buckets(q.detach(), rotations, center);
+      p.q_bucket = lsh_buckets(q.detach(), rotations, center, options.lsh_capacity);
       p.num_buckets = options.num_buckets;
       if (options.shared_qk) {
         // k = q / |q| has the same argmax as q: reuse the query buckets.
@@ -195,7 +242,7 @@ Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
                     " k ", k.sizes());
         p.k_bucket = p.q_bucket;
       } else {
-        p.k_bucket = lsh_buckets(k.detach(), rotations, center);
+        p.k_bucket = lsh_buckets(k.detach(), rotations, center, options.lsh_capacity);
       }
       break;
     }

@@ -18,7 +18,8 @@
 // Modes: dense (cuDNN where it applies: attention.backend AUTO), dense-ours
 // (our dense kernel), hash:NB (shared QK, the paper's LM setting),
 // hash:NB:sep (separate Q and K), with :raw LSH of the uncentred vectors
-// (attention.lsh_center=false), drop:P, shift[:G] (S2-Attn); all but
+// (attention.lsh_center=false), with :cap buckets of equal size in each block
+// of 128 rows (attention.lsh_capacity=1), drop:P, shift[:G] (S2-Attn); all but
 // hash:NB with separate query and key projections. A sparse mode with :sN:wW
 // adds N sink tokens and a local window of W (attention.sink_tokens,
 // attention.local_window), e.g. hash:16:sep:s4:w64. Anything else of the config can be set with
@@ -70,7 +71,7 @@ ABSL_FLAG(std::vector<std::string>, n, std::vector<std::string>({"1024", "8192",
           "context lengths N, comma separated");
 ABSL_FLAG(std::vector<std::string>, modes,
           std::vector<std::string>({"dense", "hash:16", "hash:16:sep", "drop:0.5"}),
-          "attention modes: dense, dense-ours, hash:NB[:sep][:raw], drop:P, shift[:G]; sparse "
+          "attention modes: dense, dense-ours, hash:NB[:sep][:raw][:cap], drop:P, shift[:G]; sparse "
           "kinds take :sN:wW (N sink tokens, a local window of W), e.g. hash:16:sep:s4:w64");
 ABSL_FLAG(int64_t, tokens, 16384, "tokens per step (B = tokens / N)");
 ABSL_FLAG(int64_t, warmup, 3, "untimed steps before timing");
@@ -132,16 +133,18 @@ Mode parse_kind(const std::string& text) {
     m.overrides = {"attention.kind=DENSE", "attention.shared_qk=false", "attention.backend=KERNEL"};
   } else if (f[0] == "hash" && f.size() >= 2) {
     int nb = 0;
-    bool sep = false, raw = false;
+    bool sep = false, raw = false, capped = false;
     for (size_t i = 2; i < f.size(); ++i) {
       if (f[i] == "sep") sep = true;
       else if (f[i] == "raw") raw = true;
-      else throw std::invalid_argument("bad mode " + text + " (hash:NB[:sep][:raw])");
+      else if (f[i] == "cap") capped = true;
+      else throw std::invalid_argument("bad mode " + text + " (hash:NB[:sep][:raw][:cap])");
     }
     if (!absl::SimpleAtoi(f[1], &nb)) throw std::invalid_argument("bad mode " + text);
     m.overrides = {"attention.kind=HASH", absl::StrCat("attention.num_buckets=", nb),
                    absl::StrCat("attention.shared_qk=", sep ? "false" : "true"),
-                   absl::StrCat("attention.lsh_center=", raw ? "false" : "true")};
+                   absl::StrCat("attention.lsh_center=", raw ? "false" : "true"),
+                   absl::StrCat("attention.lsh_capacity=", capped ? 1 : 0)};
   } else if (f[0] == "shift" && f.size() <= 2) {
     // S2-Attn; shift:G fixes the group size, plain shift takes N / 4.
     m.overrides = {"attention.kind=SHIFT", "attention.shared_qk=false",
@@ -151,7 +154,7 @@ Mode parse_kind(const std::string& text) {
                    absl::StrCat("attention.drop_prob=", f[1])};
   } else {
     throw std::invalid_argument("unknown mode \"" + text +
-                                "\" (dense, dense-ours, hash:NB[:sep][:raw], drop:P, shift[:G]; "
+                                "\" (dense, dense-ours, hash:NB[:sep][:raw][:cap], drop:P, shift[:G]; "
                                 "sparse kinds take :sN:wW for N sinks and a window of W)");
   }
   return m;

@@ -445,6 +445,12 @@ void check_attention(Checker& c, const config::Attention& a, const std::string& 
   c.at_least(prefix + ".group_size", a.group_size(), 0);
   c.at_least(prefix + ".sink_tokens", a.sink_tokens(), 0);
   c.at_least(prefix + ".local_window", a.local_window(), 0);
+  if (a.lsh_capacity() != 0 && !(a.lsh_capacity() >= 1)) {
+    c.fail(prefix + ".lsh_capacity", absl::StrCat(a.lsh_capacity()), "must be 0 (no cap) or >= 1");
+  } else if (a.lsh_capacity() != 0 && nb > 64) {
+    c.fail(prefix + ".lsh_capacity", absl::StrCat(a.lsh_capacity()),
+           absl::StrCat("needs num_buckets <= 64, got ", nb));
+  }
 }
 
 bool valid_device(const std::string& d) {

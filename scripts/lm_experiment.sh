@@ -33,7 +33,9 @@
 #               model of the family, e.g. "model.n_layer=6 model.d_model=384
 #               model.n_head=6"); the report names the model from the config
 #   RUNS        [dense,hash16,hash16sep,hash8,hash8sep,drop30,drop50,hybrid]
-#               (hybrid: HYBRID_KIND [hash16] in every layer but the first two, dense)
+#               (hybrid: HYBRID_KIND [hash16] in every layer but the first two, dense;
+#               a hash run or hybrid named ...cap has capped buckets: equal sizes in
+#               each block of 128 rows, attention.lsh_capacity=1; e.g. hash16cap)
 #   SEEDS       [1,2]; the first seed runs every run at every context, later
 #               seeds only SEED_RUNS [dense,hash16] at SEED_CONTEXTS [8192]
 #   NAMES       the runs to train, in this order, as RUN-N-sSEED (e.g.
@@ -105,13 +107,17 @@ run_settings() {
                            "attention.shared_qk=true" ;;
     hash8sep|hash16sep|hash32sep) local nb=${1#hash}; nb=${nb%sep}
       printf '%s\n' "attention.kind=HASH" "attention.num_buckets=$nb" "attention.shared_qk=false" ;;
+    # ...cap: buckets of equal size in each block of 128 rows (attention.lsh_capacity=1).
+    hash8cap|hash16cap|hash32cap|hash8sepcap|hash16sepcap|hash32sepcap)
+      run_settings "${1%cap}"; echo "attention.lsh_capacity=1" ;;
     drop30) printf '%s\n' "attention.kind=DROP" "attention.drop_prob=0.3" "attention.shared_qk=false" ;;
     drop50) printf '%s\n' "attention.kind=DROP" "attention.drop_prob=0.5" "attention.shared_qk=false" ;;
     # The first two layers dense: the layers whose attention is most local,
     # where a bucket or a drop loses the neighbours the model relies on most.
     hybrid) run_settings "$HYBRID_KIND"
       echo "layer_attention=[{layers: [0, 1] attention {kind: DENSE}}]" ;;
-    *) die "unknown run $1 (dense hashNB hashNBsep drop30 drop50 hybrid)" ;;
+    hybridcap) run_settings hybrid; echo "attention.lsh_capacity=1" ;;
+    *) die "unknown run $1 (dense hashNB[sep][cap] drop30 drop50 hybrid)" ;;
   esac
 }
 

@@ -206,23 +206,54 @@ __global__ void __launch_bounds__(kSortThreads)
 // read as 16-byte broadcasts, 8 columns per group: the projection's
 // shared-memory loads were one 4-byte load per multiply-add before, which
 // bounded the kernel (80 us per side at B*N = 65,536, 12 heads, D = 64, nb 16).
-constexpr int kLshThreads = 128, kLshGroup = 8;
+constexpr int kLshThreads = kLshCapRows, kLshGroup = 8;
 
 __host__ __device__ inline int lsh_padded_half(int half) {
   return (half + kLshGroup - 1) / kLshGroup * kLshGroup;
 }
 
-// Shared memory of lsh_kernel: the rotations, then the padded rows.
-inline size_t lsh_smem_bytes(int D, int half, int elem_bytes) {
+// Shared memory of lsh_kernel: the rotations, then the padded rows, then
+// with a bucket cap the rows' scores ([kLshThreads][half + 1] float).
+inline size_t lsh_smem_bytes(int D, int half, int elem_bytes, bool capped = false) {
   return static_cast<size_t>(D) * lsh_padded_half(half) * sizeof(float) +
-         static_cast<size_t>(kLshThreads) * (D * elem_bytes + 16);
+         static_cast<size_t>(kLshThreads) * (D * elem_bytes + 16) +
+         (capped ? static_cast<size_t>(kLshThreads) * (half + 1) * sizeof(float) : 0);
+}
+
+// The capped assignment of lsh_kernel, by one warp: the block's rows in order,
+// each to the best bucket with room. Lane l holds buckets l (score +p) and
+// half + l (score -p) and their counts; a warp reduction picks the largest
+// score among buckets with room, ties to the lower bucket, as capped_argmax
+// (attention/reference.cc) does. sP: the rows' projections, [rows][half + 1].
+__device__ void lsh_assign_capped(const float* sP, int rows, int half, int cap, int64_t* out) {
+  const int lane = threadIdx.x % 32;
+  int count_pos = 0, count_neg = 0;
+  for (int r = 0; r < rows; ++r) {
+    const float p = lane < half ? sP[r * (half + 1) + lane] : 0.f;
+    // The lane's candidate: +p (bucket lane) before -p (bucket half + lane).
+    bool ok = lane < half && count_pos < cap;
+    float val = p;
+    int id = lane;
+    const bool neg_ok = lane < half && count_neg < cap;
+    if (neg_ok && (!ok || -p > val)) ok = true, val = -p, id = half + lane;
+#pragma unroll
+    for (int step = 16; step >= 1; step /= 2) {
+      const bool o_ok = __shfl_xor_sync(0xffffffffu, ok, step);
+      const float o_val = __shfl_xor_sync(0xffffffffu, val, step);
+      const int o_id = __shfl_xor_sync(0xffffffffu, id, step);
+      if (o_ok && (!ok || o_val > val || (o_val == val && o_id < id))) ok = o_ok, val = o_val, id = o_id;
+    }
+    if (id == lane) ++count_pos;
+    if (id == half + lane) ++count_neg;
+    if (lane == 0) out[r] = id;
+  }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kLshThreads)
     lsh_kernel(const T* x, Layout layout, int H, int N, int D, const float* rotations, int Hr,
-               int half, const float* offsets, int offset_block, int64_t* out) {
-  extern __shared__ __align__(16) float sR[];  // [D][hp], then [kLshThreads][D + 8] of T
+               int half, const float* offsets, int offset_block, int cap, int64_t* out) {
+  extern __shared__ __align__(16) float sR[];  // [D][hp], [kLshThreads][D + 8] of T, scores
   const int bh = blockIdx.y, b = bh / H, h = bh % H, hr = h / (H / Hr);
   const int hp = lsh_padded_half(half);
   const float* R = rotations + static_cast<int64_t>(hr) * D * half;
@@ -242,48 +273,57 @@ __global__ void __launch_bounds__(kLshThreads)
   }
   __syncthreads();
   const int n = n0 + threadIdx.x;
-  if (n >= N) return;
-  const T* row = sX + threadIdx.x * row_elems;
-  // The projection of what is subtracted from this row (its block's offsets).
-  const float* off =
-      offsets ? offsets + (static_cast<int64_t>(bh) * ((N + offset_block - 1) / offset_block) +
-                           n / offset_block) * half
-              : nullptr;
-  float best = -INFINITY;
+  float* sP = reinterpret_cast<float*>(sX + kLshThreads * row_elems);  // with a cap
+  float best = -INFINITY, best_neg_val = -INFINITY;
   int best_pos = 0, best_neg = 0;
-  float best_neg_val = -INFINITY;
-  for (int j0 = 0; j0 < half; j0 += kLshGroup) {
-    float acc[kLshGroup];
+  if (n < N) {
+    const T* row = sX + threadIdx.x * row_elems;
+    // The projection of what is subtracted from this row (its block's offsets).
+    const float* off =
+        offsets ? offsets + (static_cast<int64_t>(bh) * ((N + offset_block - 1) / offset_block) +
+                             n / offset_block) * half
+                : nullptr;
+    for (int j0 = 0; j0 < half; j0 += kLshGroup) {
+      float acc[kLshGroup];
 #pragma unroll
-    for (int j = 0; j < kLshGroup; ++j) acc[j] = 0.f;
-    for (int d0 = 0; d0 < D; d0 += 8) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(row + d0);
-      const T* e = reinterpret_cast<const T*>(&raw);
+      for (int j = 0; j < kLshGroup; ++j) acc[j] = 0.f;
+      for (int d0 = 0; d0 < D; d0 += 8) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(row + d0);
+        const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float xv = Pack2<T>::to_float(e[i]);
-        const float4* r = reinterpret_cast<const float4*>(sR + (d0 + i) * hp + j0);
-        const float4 lo = r[0], hi = r[1];
-        acc[0] = fmaf(xv, lo.x, acc[0]);
-        acc[1] = fmaf(xv, lo.y, acc[1]);
-        acc[2] = fmaf(xv, lo.z, acc[2]);
-        acc[3] = fmaf(xv, lo.w, acc[3]);
-        acc[4] = fmaf(xv, hi.x, acc[4]);
-        acc[5] = fmaf(xv, hi.y, acc[5]);
-        acc[6] = fmaf(xv, hi.z, acc[6]);
-        acc[7] = fmaf(xv, hi.w, acc[7]);
+        for (int i = 0; i < 8; ++i) {
+          const float xv = Pack2<T>::to_float(e[i]);
+          const float4* r = reinterpret_cast<const float4*>(sR + (d0 + i) * hp + j0);
+          const float4 lo = r[0], hi = r[1];
+          acc[0] = fmaf(xv, lo.x, acc[0]);
+          acc[1] = fmaf(xv, lo.y, acc[1]);
+          acc[2] = fmaf(xv, lo.z, acc[2]);
+          acc[3] = fmaf(xv, lo.w, acc[3]);
+          acc[4] = fmaf(xv, hi.x, acc[4]);
+          acc[5] = fmaf(xv, hi.y, acc[5]);
+          acc[6] = fmaf(xv, hi.z, acc[6]);
+          acc[7] = fmaf(xv, hi.w, acc[7]);
+        }
+      }
+      // argmax over [p, -p]: all +p columns come first, then the -p ones.
+#pragma unroll
+      for (int j = 0; j < kLshGroup; ++j) {
+        if (j0 + j >= half) break;
+        if (off) acc[j] -= off[j0 + j];
+        if (cap > 0) sP[threadIdx.x * (half + 1) + j0 + j] = acc[j];
+        if (acc[j] > best) best = acc[j], best_pos = j0 + j;
+        if (-acc[j] > best_neg_val) best_neg_val = -acc[j], best_neg = j0 + j;
       }
     }
-    // argmax over [p, -p]: all +p columns come first, then the -p ones.
-#pragma unroll
-    for (int j = 0; j < kLshGroup; ++j) {
-      if (j0 + j >= half) break;
-      if (off) acc[j] -= off[j0 + j];
-      if (acc[j] > best) best = acc[j], best_pos = j0 + j;
-      if (-acc[j] > best_neg_val) best_neg_val = -acc[j], best_neg = j0 + j;
-    }
   }
-  out[static_cast<int64_t>(bh) * N + n] = best_neg_val > best ? half + best_neg : best_pos;
+  if (cap > 0) {  // the block's rows in order, by its first warp
+    __syncthreads();
+    if (threadIdx.x < 32)
+      lsh_assign_capped(sP, min(kLshThreads, N - n0), half, cap,
+                        out + static_cast<int64_t>(bh) * N + n0);
+    return;
+  }
+  if (n < N) out[static_cast<int64_t>(bh) * N + n] = best_neg_val > best ? half + best_neg : best_pos;
 }
 
 // ---------------------------------------------------------------------------
@@ -2410,26 +2450,29 @@ bool lsh_shape_fits(int D, int half, size_t block_smem_limit) {
 
 cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int H, int N, int D,
                            const float* rotations, int Hr, int half, int64_t* out,
-                           cudaStream_t stream, const float* offsets, int offset_block) {
+                           cudaStream_t stream, const float* offsets, int offset_block,
+                           int cap) {
   if (B <= 0 || H <= 0 || N <= 0 || Hr <= 0 || H % Hr != 0 || half <= 0 || D <= 0 || D % 8 != 0 ||
       D > 256 || !rows_aligned16(x, layout) || (offsets && offset_block <= 0) ||
-      !lsh_shape_fits(D, half, SIZE_MAX))  // shape errors before the device
+      !lsh_shape_fits(D, half, SIZE_MAX) ||  // shape errors before the device
+      cap < 0 || (cap > 0 && (half > 32 || cap * 2 * half < kLshCapRows)))
     return cudaErrorInvalidValue;
   int device = 0, optin = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
   if (cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
       e != cudaSuccess)
     return e;
-  if (!lsh_shape_fits(D, half, static_cast<size_t>(optin))) return cudaErrorInvalidValue;
-  const size_t smem = lsh_smem_bytes(D, half, 2);
+  const size_t smem = lsh_smem_bytes(D, half, 2, cap > 0);
+  if (!lsh_shape_fits(D, half, static_cast<size_t>(optin)) || smem > static_cast<size_t>(optin))
+    return cudaErrorInvalidValue;
   const dim3 grid((N + kLshThreads - 1) / kLshThreads, B * H);
   if (dtype == DType::kBF16)
     return launch_kernel(lsh_kernel<__nv_bfloat16>, grid, kLshThreads, smem, stream,
                          static_cast<const __nv_bfloat16*>(x), layout, H, N, D, rotations, Hr,
-                         half, offsets, offset_block, out);
+                         half, offsets, offset_block, cap, out);
   return launch_kernel(lsh_kernel<__half>, grid, kLshThreads, smem, stream,
                        static_cast<const __half*>(x), layout, H, N, D, rotations, Hr, half,
-                       offsets, offset_block, out);
+                       offsets, offset_block, cap, out);
 }
 
 cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, int n,

@@ -128,10 +128,16 @@ struct BackwardParams {
 // row n of (b, h) hashes x R - offsets[b H + h][n / offset_block]: the
 // projection of a vector subtracted from every row of a block of
 // offset_block rows (the LSH centring), without a centred copy of x.
+// With cap > 0 (needs 2 * half <= 64 and cap * 2 * half >= kLshCapRows), the
+// rows of each block of kLshCapRows consecutive rows (of one b, h) are taken
+// in order, each to its best-scoring bucket that holds fewer than cap rows of
+// the block so far (the first of equal scores): no bucket gets more than cap
+// rows of a block, and a row's bucket depends only on the rows before it.
+constexpr int kLshCapRows = 128;
 cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int H, int N, int D,
                            const float* rotations, int Hr, int half, int64_t* out,
                            cudaStream_t stream, const float* offsets = nullptr,
-                           int offset_block = 0);
+                           int offset_block = 0, int cap = 0);
 // Whether lsh_bucket_ids serves head dim D with `half` rotation columns on a
 // device that allows a block block_smem_limit bytes of shared memory (its
 // rotations, at most 96 KB, and staged rows); it refuses other shapes.
