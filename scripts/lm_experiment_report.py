@@ -194,6 +194,17 @@ def write_report(exp, runs, meta, summary, title):
     open(os.path.join(exp, "report.md"), "w").write("\n".join(md))
 
 
+BASE_KINDS = [k for k in ORDER if not k.endswith("cap")]
+
+
+def color_of(run):
+    """One colour per kind, the same in every plot; a capped run shares its
+    kind's colour (and is drawn dash-dotted)."""
+    base = run[:-3] if run.endswith("cap") else run
+    i = BASE_KINDS.index(base) if base in BASE_KINDS else len(BASE_KINDS)
+    return f"C{i % 10}"
+
+
 def plot(exp, runs, summary):
     try:
         import matplotlib
@@ -213,11 +224,11 @@ def plot(exp, runs, summary):
                     continue
                 xs = [p[x_key] / (1e6 if x_key == "tokens" else 1) for p in r["val"]]
                 ys = [p["val_loss"] for p in r["val"]]
-                style = "-" if r["seed"] == 1 else ":"
+                capped = r["run"].endswith("cap")
+                style = ("-." if capped else "-") if r["seed"] == 1 else ("--" if capped else ":")
                 ax.plot(xs, ys, style, label=f"{LABEL.get(r['run'], r['run'])} s{r['seed']}",
                         linewidth=2.2 if r["run"] == "dense" else 1.2,
-                        color="black" if r["run"] == "dense" else
-                        f"C{ORDER.index(r['run']) % 10 if r['run'] in ORDER else 9}")
+                        color="black" if r["run"] == "dense" else color_of(r["run"]))
             target = summary[n]["dense_final_val_loss"]
             if target is not None:
                 ax.axhline(target, color="grey", linewidth=0.8, linestyle="--")
