@@ -424,6 +424,9 @@ Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations, const Tensor&
               kLshCapacityBlock, ", got cap ", cap, " with nb ", nb);
   Tensor out = at::empty({x.size(0), x.size(1), x.size(2)}, x.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
+  // With a cap the kernel stages the projections here for its assignment pass.
+  Tensor scores;
+  if (cap > 0) scores = at::empty({out.numel() * r.size(2)}, x.options().dtype(at::kFloat));
   Tensor off;
   if (offsets.defined()) {
     TORCH_CHECK(offset_block >= 1, "flash_lsh_buckets: offset_block must be >= 1, got ",
@@ -445,7 +448,8 @@ Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations, const Tensor&
                                 static_cast<int>(r.size(2)), out.data_ptr<int64_t>(),
                                 at::cuda::getCurrentCUDAStream(),
                                 off.defined() ? off.data_ptr<float>() : nullptr,
-                                static_cast<int>(offset_block), static_cast<int>(cap)),
+                                static_cast<int>(offset_block), static_cast<int>(cap),
+                                scores.defined() ? scores.data_ptr<float>() : nullptr),
              "LSH bucket ids");
   return out;
 }

@@ -212,48 +212,80 @@ __host__ __device__ inline int lsh_padded_half(int half) {
   return (half + kLshGroup - 1) / kLshGroup * kLshGroup;
 }
 
-// Shared memory of lsh_kernel: the rotations, then the padded rows, then
-// with a bucket cap the rows' scores ([kLshThreads][half + 1] float).
-inline size_t lsh_smem_bytes(int D, int half, int elem_bytes, bool capped = false) {
+// Shared memory of lsh_kernel: the rotations, then the padded rows.
+inline size_t lsh_smem_bytes(int D, int half, int elem_bytes) {
   return static_cast<size_t>(D) * lsh_padded_half(half) * sizeof(float) +
-         static_cast<size_t>(kLshThreads) * (D * elem_bytes + 16) +
-         (capped ? static_cast<size_t>(kLshThreads) * (half + 1) * sizeof(float) : 0);
+         static_cast<size_t>(kLshThreads) * (D * elem_bytes + 16);
 }
 
-// The capped assignment of lsh_kernel, by one warp: the block's rows in order,
-// each to the best bucket with room. Lane l holds buckets l (score +p) and
-// half + l (score -p) and their counts; a warp reduction picks the largest
-// score among buckets with room, ties to the lower bucket, as capped_argmax
-// (attention/reference.cc) does. sP: the rows' projections, [rows][half + 1].
-__device__ void lsh_assign_capped(const float* sP, int rows, int half, int cap, int64_t* out) {
+// A float's bits as an unsigned key with the same order (-0 and +0 equal: the
+// caller adds +0 first). Key 0 is below every number's key.
+__device__ __forceinline__ unsigned lsh_order_key(float v) {
+  const unsigned u = __float_as_uint(v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+constexpr int kCapWarps = 4;   // chains per block of lsh_capped_kernel
+constexpr int kCapChunk = 32;  // rows whose scores a lane loads at once
+
+// The capped assignment (lsh_bucket_ids with cap > 0): one warp per chain, a
+// block of kLshCapRows rows of one (b, h), taken in order; each row goes to
+// its best-scoring bucket that holds fewer than cap rows of the block so far.
+// Lane l holds buckets l (score +p) and half + l (score -p) and their counts;
+// per row one max-reduction over the lanes' best candidates and two ballots
+// pick the winner, ties to the lower bucket (every +p bucket before every -p
+// one, then the lower lane), as capped_argmax (attention/reference.cc) does.
+// scores: [B * H][N][half] float32, the centred projections from lsh_kernel.
+__global__ void __launch_bounds__(kCapWarps * 32)
+    lsh_capped_kernel(const float* scores, int BH, int N, int half, int cap, int64_t* out) {
   const int lane = threadIdx.x % 32;
+  const int blocks = (N + kLshCapRows - 1) / kLshCapRows;
+  const int64_t chain = static_cast<int64_t>(blockIdx.x) * kCapWarps + threadIdx.x / 32;
+  if (chain >= static_cast<int64_t>(BH) * blocks) return;
+  const int64_t bh = chain / blocks;
+  const int n0 = static_cast<int>(chain % blocks) * kLshCapRows;
+  const int rows = min(kLshCapRows, N - n0);
+  const float* s = scores + (bh * N + n0) * half;
+  int64_t* o = out + bh * N + n0;
   int count_pos = 0, count_neg = 0;
-  for (int r = 0; r < rows; ++r) {
-    const float p = lane < half ? sP[r * (half + 1) + lane] : 0.f;
-    // The lane's candidate: +p (bucket lane) before -p (bucket half + lane).
-    bool ok = lane < half && count_pos < cap;
-    float val = p;
-    int id = lane;
-    const bool neg_ok = lane < half && count_neg < cap;
-    if (neg_ok && (!ok || -p > val)) ok = true, val = -p, id = half + lane;
+  for (int c0 = 0; c0 < rows; c0 += kCapChunk) {
+    // The chunk's scores first, all loads in flight at once.
+    float p[kCapChunk];
 #pragma unroll
-    for (int step = 16; step >= 1; step /= 2) {
-      const bool o_ok = __shfl_xor_sync(0xffffffffu, ok, step);
-      const float o_val = __shfl_xor_sync(0xffffffffu, val, step);
-      const int o_id = __shfl_xor_sync(0xffffffffu, id, step);
-      if (o_ok && (!ok || o_val > val || (o_val == val && o_id < id))) ok = o_ok, val = o_val, id = o_id;
+    for (int i = 0; i < kCapChunk; ++i)
+      p[i] = (lane < half && c0 + i < rows) ? s[(c0 + i) * half + lane] + 0.f : 0.f;
+    int64_t mine = 0;  // the bucket of row c0 + lane
+#pragma unroll
+    for (int i = 0; i < kCapChunk; ++i) {
+      if (c0 + i >= rows) break;
+      const unsigned kp = (lane < half && count_pos < cap) ? lsh_order_key(p[i]) : 0u;
+      const unsigned kn = (lane < half && count_neg < cap) ? lsh_order_key(0.f - p[i]) : 0u;
+      const bool take_neg = kn > kp;  // equal: +p, the lower bucket
+      const unsigned k = take_neg ? kn : kp;
+      const unsigned best = __reduce_max_sync(0xffffffffu, k);
+      const unsigned pos_win = __ballot_sync(0xffffffffu, k == best && !take_neg);
+      const unsigned neg_win = __ballot_sync(0xffffffffu, k == best && take_neg);
+      int id;
+      if (pos_win != 0) {
+        const int l = __ffs(pos_win) - 1;
+        id = l;
+        if (lane == l) ++count_pos;
+      } else {
+        const int l = __ffs(neg_win) - 1;
+        id = half + l;
+        if (lane == l) ++count_neg;
+      }
+      if (lane == i) mine = id;
     }
-    if (id == lane) ++count_pos;
-    if (id == half + lane) ++count_neg;
-    if (lane == 0) out[r] = id;
+    if (c0 + lane < rows) o[c0 + lane] = mine;
   }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kLshThreads)
     lsh_kernel(const T* x, Layout layout, int H, int N, int D, const float* rotations, int Hr,
-               int half, const float* offsets, int offset_block, int cap, int64_t* out) {
-  extern __shared__ __align__(16) float sR[];  // [D][hp], [kLshThreads][D + 8] of T, scores
+               int half, const float* offsets, int offset_block, float* scores, int64_t* out) {
+  extern __shared__ __align__(16) float sR[];  // [D][hp], then [kLshThreads][D + 8] of T
   const int bh = blockIdx.y, b = bh / H, h = bh % H, hr = h / (H / Hr);
   const int hp = lsh_padded_half(half);
   const float* R = rotations + static_cast<int64_t>(hr) * D * half;
@@ -273,7 +305,6 @@ __global__ void __launch_bounds__(kLshThreads)
   }
   __syncthreads();
   const int n = n0 + threadIdx.x;
-  float* sP = reinterpret_cast<float*>(sX + kLshThreads * row_elems);  // with a cap
   float best = -INFINITY, best_neg_val = -INFINITY;
   int best_pos = 0, best_neg = 0;
   if (n < N) {
@@ -310,20 +341,15 @@ __global__ void __launch_bounds__(kLshThreads)
       for (int j = 0; j < kLshGroup; ++j) {
         if (j0 + j >= half) break;
         if (off) acc[j] -= off[j0 + j];
-        if (cap > 0) sP[threadIdx.x * (half + 1) + j0 + j] = acc[j];
+        if (scores) scores[(static_cast<int64_t>(bh) * N + n) * half + j0 + j] = acc[j];
         if (acc[j] > best) best = acc[j], best_pos = j0 + j;
         if (-acc[j] > best_neg_val) best_neg_val = -acc[j], best_neg = j0 + j;
       }
     }
   }
-  if (cap > 0) {  // the block's rows in order, by its first warp
-    __syncthreads();
-    if (threadIdx.x < 32)
-      lsh_assign_capped(sP, min(kLshThreads, N - n0), half, cap,
-                        out + static_cast<int64_t>(bh) * N + n0);
-    return;
-  }
-  if (n < N) out[static_cast<int64_t>(bh) * N + n] = best_neg_val > best ? half + best_neg : best_pos;
+  // With scores (a bucket cap), lsh_capped_kernel assigns the rows.
+  if (n < N && !scores)
+    out[static_cast<int64_t>(bh) * N + n] = best_neg_val > best ? half + best_neg : best_pos;
 }
 
 // ---------------------------------------------------------------------------
@@ -2451,28 +2477,34 @@ bool lsh_shape_fits(int D, int half, size_t block_smem_limit) {
 cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int H, int N, int D,
                            const float* rotations, int Hr, int half, int64_t* out,
                            cudaStream_t stream, const float* offsets, int offset_block,
-                           int cap) {
+                           int cap, float* scores) {
   if (B <= 0 || H <= 0 || N <= 0 || Hr <= 0 || H % Hr != 0 || half <= 0 || D <= 0 || D % 8 != 0 ||
       D > 256 || !rows_aligned16(x, layout) || (offsets && offset_block <= 0) ||
       !lsh_shape_fits(D, half, SIZE_MAX) ||  // shape errors before the device
-      cap < 0 || (cap > 0 && (half > 32 || cap * 2 * half < kLshCapRows)))
+      cap < 0 || (cap > 0 && (half > 32 || cap * 2 * half < kLshCapRows || !scores)))
     return cudaErrorInvalidValue;
+  if (cap == 0) scores = nullptr;
   int device = 0, optin = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
   if (cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
       e != cudaSuccess)
     return e;
-  const size_t smem = lsh_smem_bytes(D, half, 2, cap > 0);
-  if (!lsh_shape_fits(D, half, static_cast<size_t>(optin)) || smem > static_cast<size_t>(optin))
-    return cudaErrorInvalidValue;
+  if (!lsh_shape_fits(D, half, static_cast<size_t>(optin))) return cudaErrorInvalidValue;
+  const size_t smem = lsh_smem_bytes(D, half, 2);
   const dim3 grid((N + kLshThreads - 1) / kLshThreads, B * H);
-  if (dtype == DType::kBF16)
-    return launch_kernel(lsh_kernel<__nv_bfloat16>, grid, kLshThreads, smem, stream,
-                         static_cast<const __nv_bfloat16*>(x), layout, H, N, D, rotations, Hr,
-                         half, offsets, offset_block, cap, out);
-  return launch_kernel(lsh_kernel<__half>, grid, kLshThreads, smem, stream,
-                       static_cast<const __half*>(x), layout, H, N, D, rotations, Hr, half,
-                       offsets, offset_block, cap, out);
+  const cudaError_t e =
+      dtype == DType::kBF16
+          ? launch_kernel(lsh_kernel<__nv_bfloat16>, grid, kLshThreads, smem, stream,
+                          static_cast<const __nv_bfloat16*>(x), layout, H, N, D, rotations, Hr,
+                          half, offsets, offset_block, scores, out)
+          : launch_kernel(lsh_kernel<__half>, grid, kLshThreads, smem, stream,
+                          static_cast<const __half*>(x), layout, H, N, D, rotations, Hr, half,
+                          offsets, offset_block, scores, out);
+  if (e != cudaSuccess || cap == 0) return e;
+  const int64_t chains = static_cast<int64_t>(B) * H * ((N + kLshCapRows - 1) / kLshCapRows);
+  const auto cap_blocks = static_cast<unsigned>((chains + kCapWarps - 1) / kCapWarps);
+  lsh_capped_kernel<<<cap_blocks, kCapWarps * 32, 0, stream>>>(scores, B * H, N, half, cap, out);
+  return cudaGetLastError();
 }
 
 cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, int n,

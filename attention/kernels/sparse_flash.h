@@ -133,11 +133,14 @@ struct BackwardParams {
 // in order, each to its best-scoring bucket that holds fewer than cap rows of
 // the block so far (the first of equal scores): no bucket gets more than cap
 // rows of a block, and a row's bucket depends only on the rows before it.
+// It then needs `scores`, B * H * N * half floats of device workspace (the
+// projections go there, and a second kernel assigns the rows, one warp per
+// block of rows).
 constexpr int kLshCapRows = 128;
 cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int H, int N, int D,
                            const float* rotations, int Hr, int half, int64_t* out,
                            cudaStream_t stream, const float* offsets = nullptr,
-                           int offset_block = 0, int cap = 0);
+                           int offset_block = 0, int cap = 0, float* scores = nullptr);
 // Whether lsh_bucket_ids serves head dim D with `half` rotation columns on a
 // device that allows a block block_smem_limit bytes of shared memory (its
 // rotations, at most 96 KB, and staged rows); it refuses other shapes.
