@@ -197,6 +197,9 @@ json.dump({"run": run, "n": int(n), "seed": int(seed),
            "tokens": train[-1]["tokens"] if train else None,
            "median_tokens_per_s": statistics.median(tps) if tps else None,
            "peak_gpu_gib": max((r.get("peak_gpu_gib", 0) for r in train), default=None),
+           # Per layer, the share of the dense pairs the pattern allowed (sparse runs).
+           "pattern_density": [(r["step"], r["pattern_density"]) for r in train
+                               if "pattern_density" in r],
            "device_s": device_s, "source_rev": os.environ.get("SOURCE_REV", "unknown"),
            "config": config},
           open(out, "w"), indent=1)

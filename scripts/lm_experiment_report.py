@@ -113,7 +113,7 @@ def summarise(runs):
                 "train_s": r["train_s"], "time_to_dense_loss_s": t,
                 "time_ratio": t / dense_time if t is not None and dense_time else None,
                 "peak_gpu_gib": r["peak_gpu_gib"], "device_s": r["device_s"],
-                "tokens": r["tokens"]})
+                "tokens": r["tokens"], "final_density": final_density(r)})
         # The spread over seeds of each run that has more than one.
         spread = {}
         for run in sorted({r["run"] for r in at_n}):
@@ -172,15 +172,16 @@ def write_report(exp, runs, meta, summary, title):
                f"{fmt(s['dense_final_val_loss'])}, in {fmt(s['dense_train_s'], '.0f')} s of training.",
                "",
                "| run | seed | final val loss | vs dense | tokens/s | speed vs dense | training s "
-               "| time to dense's loss | of dense's time | peak GiB | device s |",
-               "|---|---|---|---|---|---|---|---|---|---|---|"]
+               "| time to dense's loss | of dense's time | pattern density | peak GiB | device s |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in s["rows"]:
             md.append(
                 f"| {LABEL.get(r['run'], r['run'])} | {r['seed']} | {fmt(r['final_val_loss'])} | "
                 f"{fmt(r['vs_dense_pct'], '+.2f')}% | {fmt(r['tokens_per_s'], ',.0f')} | "
                 f"{fmt(r['speed_vs_dense'], '.2f')}x | {fmt(r['train_s'], '.0f')} | "
                 f"{fmt(r['time_to_dense_loss_s'], '.0f', 'not reached')} | "
-                f"{fmt(r['time_ratio'], '.2f')} | {fmt(r['peak_gpu_gib'], '.1f')} | "
+                f"{fmt(r['time_ratio'], '.2f')} | {fmt(r['final_density'], '.3f', '–')} | "
+                f"{fmt(r['peak_gpu_gib'], '.1f')} | "
                 f"{r['device_s']} |")
         if s["seed_spread"]:
             md += ["", "Spread over seeds (final validation loss, mean ± half the range):"]
@@ -195,6 +196,17 @@ def write_report(exp, runs, meta, summary, title):
 
 
 BASE_KINDS = [k for k in ORDER if not k.endswith("cap")]
+
+
+def final_density(run):
+    """The sparse layers' mean pattern density (share of the dense pairs
+    allowed) at the last logged step; None for dense runs and for runs made
+    before metrics logged it."""
+    logged = run.get("pattern_density") or []
+    if not logged:
+        return None
+    layers = [d for d in logged[-1][1] if d < 1.0]
+    return sum(layers) / len(layers) if layers else None
 
 
 def color_of(run):

@@ -161,6 +161,40 @@ TEST_F(TrainerTest, TrainingClockSkipsEvaluationAndCarriesOverResume) {
   EXPECT_GE(info->state.train_seconds, rows[7].train);
 }
 
+// metrics' pattern_density: per layer, the share of the dense causal pairs
+// the last step's pattern allowed; 1 for a dense layer; absent when all are dense.
+TEST_F(TrainerTest, MetricsLogPatternDensityPerLayer) {
+  auto densities = [&](const std::string& name) {
+    std::vector<std::vector<double>> out;
+    std::ifstream in(root_ + "/" + name + "/metrics.jsonl");
+    for (std::string line; std::getline(in, line);) {
+      const auto j = nlohmann::json::parse(line);
+      if (j.contains("loss")) {
+        out.emplace_back();
+        if (j.contains("pattern_density"))
+          out.back() = j["pattern_density"].get<std::vector<double>>();
+      }
+    }
+    return out;
+  };
+  // tiny_test: 2 layers of hash attention; layer 0 dense here.
+  ASSERT_TRUE(trainer::train(config("hybrid", {"train.max_steps=10",
+                                               "layer_attention=[{layers: [0] attention {kind: DENSE}}]"}))
+                  .ok());
+  const auto hybrid = densities("hybrid");
+  ASSERT_EQ(hybrid.size(), 2u);  // logged every 5 steps
+  for (const auto& d : hybrid) {
+    ASSERT_EQ(d.size(), 2u);
+    EXPECT_EQ(d[0], 1.0);
+    EXPECT_GT(d[1], 0.0);
+    EXPECT_LT(d[1], 1.0);
+  }
+  ASSERT_TRUE(trainer::train(config("dense", {"train.max_steps=5", "attention.kind=DENSE"})).ok());
+  const auto dense = densities("dense");
+  ASSERT_EQ(dense.size(), 1u);
+  EXPECT_TRUE(dense[0].empty());
+}
+
 TEST_F(TrainerTest, RefusesCheckpointOfAnotherArchitecture) {
   ASSERT_TRUE(trainer::train(config("run", {"train.max_steps=2"})).ok());
   auto r = trainer::train(config("run", {"train.max_steps=4", "model.n_layer=3"}));

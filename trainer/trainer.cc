@@ -54,6 +54,27 @@ static double peak_gpu_gib(const c10::Device& device) {
   return static_cast<double>(stats.allocated_bytes[kAll].peak) / (1 << 30);
 }
 
+// Each layer's share of the dense causal pairs its last pattern allowed
+// (attention::pattern_density; 1 for a dense layer), read with one copy to the
+// host; empty when every layer is dense. Trained LSH buckets are uneven, and
+// the sparse kernels' time grows with this share.
+static std::vector<double> pattern_densities(const model::CausalLM& model) {
+  const std::vector<attention::Pattern> patterns = model->last_patterns();
+  std::vector<at::Tensor> sparse;
+  std::vector<size_t> layers;
+  for (size_t i = 0; i < patterns.size(); ++i) {
+    const attention::Pattern& p = patterns[i];
+    if (!p.q_bucket.defined() && !p.q_keep.defined()) continue;
+    sparse.push_back(attention::pattern_density(p).to(at::kFloat).reshape({}));
+    layers.push_back(i);
+  }
+  if (sparse.empty()) return {};
+  std::vector<double> out(patterns.size(), 1.0);
+  const at::Tensor values = at::stack(sparse).cpu().to(at::kDouble);
+  for (size_t j = 0; j < layers.size(); ++j) out[layers[j]] = values[j].item<double>();
+  return out;
+}
+
 absl::StatusOr<c10::Device> resolve_device(const std::string& name) {
   const bool have_cuda = torch::cuda::is_available();
   if (name == "auto") return have_cuda ? c10::Device(c10::kCUDA, 0) : c10::Device(c10::kCPU);
@@ -189,7 +210,8 @@ absl::StatusOr<int64_t> truncate_metrics(const std::string& path, int64_t step) 
 }
 
 // metrics.jsonl, and every number of a record but its step also as a
-// TensorBoard scalar of that step, tagged with its JSON key (when `events`).
+// TensorBoard scalar of that step, tagged with its JSON key (when `events`);
+// element i of a list of numbers is tagged KEY/i.
 class Metrics {
  public:
   Metrics(std::string path, std::unique_ptr<EventWriter> events)
@@ -200,8 +222,14 @@ class Metrics {
     if (!out_) return absl::InternalError(absl::StrCat("cannot write ", path_));
     if (!events_) return absl::OkStatus();
     std::vector<std::pair<std::string, double>> scalars;
-    for (const auto& [key, value] : record.items())
+    for (const auto& [key, value] : record.items()) {
       if (key != "step" && value.is_number()) scalars.emplace_back(key, value.get<double>());
+      // A list of numbers (one per layer): tags KEY/0, KEY/1, ...
+      if (value.is_array())
+        for (size_t i = 0; i < value.size(); ++i)
+          if (value[i].is_number())
+            scalars.emplace_back(absl::StrCat(key, "/", i), value[i].get<double>());
+    }
     return events_->add_scalars(record["step"].get<int64_t>(), scalars);
   }
 
@@ -561,6 +589,8 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
                                  {"tokens", state.tokens}, {"elapsed_s", elapsed},
                                  {"train_s", train_seconds_at(now)}};
         if (device.is_cuda()) record["peak_gpu_gib"] = peak_gpu_gib(device);
+        if (std::vector<double> d = pattern_densities(model); !d.empty())
+          record["pattern_density"] = d;
         if (dp) {
           record["world_size"] = world_size;
           record["comm_ms"] = window_comm.comm_ms / n;

@@ -84,8 +84,16 @@ def check(run, files_expected):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         for line in f:
             record = json.loads(line)
+            # Numbers, and lists of numbers as KEY/0, KEY/1, ... (the trainer's
+            # per-layer pattern_density).
+            flat = []
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+                if isinstance(value, list):
+                    flat += [(f"{key}/{i}", v) for i, v in enumerate(value)]
+                else:
+                    flat.append((key, value))
+            for key, value in flat:
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     if (key, record["step"]) in expected:
                         fail(f"metrics.jsonl: {key} at step {record['step']} appears twice")
                     expected[(key, record["step"])] = value
