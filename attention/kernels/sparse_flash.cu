@@ -218,10 +218,12 @@ inline size_t lsh_smem_bytes(int D, int half, int elem_bytes) {
          static_cast<size_t>(kLshThreads) * (D * elem_bytes + 16);
 }
 
-// A float's bits as an unsigned key with the same order (-0 and +0 equal: the
-// caller adds +0 first). Key 0 is below every number's key.
+// A float's bits as an unsigned key with the same order, -0 and +0 one key
+// (on the bits, so no compiler flag can change it). Key 0 is below every
+// number's key.
 __device__ __forceinline__ unsigned lsh_order_key(float v) {
-  const unsigned u = __float_as_uint(v);
+  unsigned u = __float_as_uint(v);
+  if ((u << 1) == 0) u = 0;  // -0 -> +0
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -253,13 +255,13 @@ __global__ void __launch_bounds__(kCapWarps * 32)
     float p[kCapChunk];
 #pragma unroll
     for (int i = 0; i < kCapChunk; ++i)
-      p[i] = (lane < half && c0 + i < rows) ? s[(c0 + i) * half + lane] + 0.f : 0.f;
+      p[i] = (lane < half && c0 + i < rows) ? s[(c0 + i) * half + lane] : 0.f;
     int64_t mine = 0;  // the bucket of row c0 + lane
 #pragma unroll
     for (int i = 0; i < kCapChunk; ++i) {
       if (c0 + i >= rows) break;
       const unsigned kp = (lane < half && count_pos < cap) ? lsh_order_key(p[i]) : 0u;
-      const unsigned kn = (lane < half && count_neg < cap) ? lsh_order_key(0.f - p[i]) : 0u;
+      const unsigned kn = (lane < half && count_neg < cap) ? lsh_order_key(-p[i]) : 0u;
       const bool take_neg = kn > kp;  // equal: +p, the lower bucket
       const unsigned k = take_neg ? kn : kp;
       const unsigned best = __reduce_max_sync(0xffffffffu, k);
