@@ -1222,6 +1222,50 @@ TEST(SparseFlash, LshBucketIds) {
   }
 }
 
+// The capped assignment (cap > 0): refusals of bad arguments, and on rows
+// that all prefer bucket 0 every block of kLshCapRows rows spreads over the
+// buckets in score order, each bucket taking at most cap rows of the block.
+TEST(SparseFlash, LshBucketIdsCapped) {
+  SF_SKIP_WITHOUT_GPU();
+  const int B = 1, H = 2, N = 300, D = 64, half = 8, nb = 2 * half, cap = sfk::kLshCapRows / nb;
+  const sfk::Layout l = make_layout(H, N, D, false);
+  // Every row is e_0 scaled: projection j is x0 * R[0][j]; R[0][j] = half - j,
+  // so the scores are ordered +p_0 > +p_1 > ... > -p_7 > ... > -p_0.
+  std::vector<uint16_t> xb(size_t(B) * H * N * D, to_bits(DType::kBF16, 0.f));
+  for (int h = 0; h < H; ++h)
+    for (int n = 0; n < N; ++n) xb[h * l.h + n * l.n] = to_bits(DType::kBF16, 1.f + n % 3);
+  std::vector<float> R(size_t(D) * half, 0.f);
+  for (int j = 0; j < half; ++j) R[j] = float(half - j);
+  DeviceBuffer<uint16_t> x(xb.size());
+  DeviceBuffer<float> rot(R.size()), scores(size_t(B) * H * N * half);
+  DeviceBuffer<int64_t> out(size_t(B) * H * N);
+  x.upload(xb);
+  rot.upload(R);
+  Stream stream;
+  // Refused: no workspace; nb > 64; cap * nb below the block.
+  EXPECT_EQ(sfk::lsh_bucket_ids(DType::kBF16, x.get(), l, B, H, N, D, rot.get(), 1, half, out.get(),
+                                stream.get(), nullptr, 0, cap, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(sfk::lsh_bucket_ids(DType::kBF16, x.get(), l, B, H, N, D, rot.get(), 1, 40, out.get(),
+                                stream.get(), nullptr, 0, 4, scores.get()),
+            cudaErrorInvalidValue);
+  EXPECT_EQ(sfk::lsh_bucket_ids(DType::kBF16, x.get(), l, B, H, N, D, rot.get(), 1, half, out.get(),
+                                stream.get(), nullptr, 0, cap - 1, scores.get()),
+            cudaErrorInvalidValue);
+  out.poison(stream.get());
+  SF_CUDA_CHECK(sfk::lsh_bucket_ids(DType::kBF16, x.get(), l, B, H, N, D, rot.get(), 1, half,
+                                    out.get(), stream.get(), nullptr, 0, cap, scores.get()));
+  stream.sync("lsh_bucket_ids capped");
+  const std::vector<int64_t> got = out.download();
+  for (int h = 0; h < H; ++h)
+    for (int n = 0; n < N; ++n) {
+      // Row i of its block: buckets fill in score order, cap rows each.
+      const int i = n % sfk::kLshCapRows, rank = i / cap;
+      const int want = rank < half ? rank : nb - 1 - (rank - half);
+      ASSERT_EQ(got[size_t(h) * N + n], want) << "head " << h << " row " << n;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // GPU: packing and tile ranges on their own.
 
