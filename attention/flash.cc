@@ -419,9 +419,10 @@ Tensor flash_lsh_buckets(const Tensor& x, const Tensor& rotations, const Tensor&
   c10::cuda::CUDAGuard guard(x.device());
   Tensor r = rotations.to(x.device(), at::kFloat).contiguous();
   const int64_t nb = 2 * rotations.size(2);
-  TORCH_CHECK(cap == 0 || (cap > 0 && nb <= 64 && cap * nb >= kLshCapacityBlock),
-              "flash_lsh_buckets: a bucket capacity needs nb <= 64 and cap * nb >= ",
-              kLshCapacityBlock, ", got cap ", cap, " with nb ", nb);
+  TORCH_CHECK(cap == 0 || (cap > 0 && cap <= kLshCapacityBlock && nb <= 64 &&
+                           cap * nb >= kLshCapacityBlock),
+              "flash_lsh_buckets: a bucket capacity needs nb <= 64 and ", kLshCapacityBlock,
+              " >= cap >= ", kLshCapacityBlock, " / nb, got cap ", cap, " with nb ", nb);
   Tensor out = at::empty({x.size(0), x.size(1), x.size(2)}, x.options().dtype(at::kLong));
   if (out.numel() == 0) return out;
   // With a cap the kernel stages the projections here for its assignment pass.

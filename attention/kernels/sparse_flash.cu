@@ -219,12 +219,15 @@ inline size_t lsh_smem_bytes(int D, int half, int elem_bytes) {
 }
 
 // A float's bits as an unsigned key with the same order, -0 and +0 one key
-// (on the bits, so no compiler flag can change it). Key 0 is below every
-// number's key.
+// (on the bits, so no compiler flag can change it). Keys are >= 1: 0 marks a
+// full bucket, below every score, NaN included (a NaN with every bit set
+// would map to 0; it takes 1, the lowest key). NaN scores get some bucket
+// with room, not necessarily capped_argmax's.
 __device__ __forceinline__ unsigned lsh_order_key(float v) {
   unsigned u = __float_as_uint(v);
   if ((u << 1) == 0) u = 0;  // -0 -> +0
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  const unsigned key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return max(key, 1u);
 }
 
 constexpr int kCapWarps = 4;   // chains per block of lsh_capped_kernel
@@ -2483,7 +2486,8 @@ cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int
   if (B <= 0 || H <= 0 || N <= 0 || Hr <= 0 || H % Hr != 0 || half <= 0 || D <= 0 || D % 8 != 0 ||
       D > 256 || !rows_aligned16(x, layout) || (offsets && offset_block <= 0) ||
       !lsh_shape_fits(D, half, SIZE_MAX) ||  // shape errors before the device
-      cap < 0 || (cap > 0 && (half > 32 || cap * 2 * half < kLshCapRows || !scores)))
+      cap < 0 || cap > kLshCapRows ||
+      (cap > 0 && (half > 32 || cap * 2 * half < kLshCapRows || !scores)))
     return cudaErrorInvalidValue;
   if (cap == 0) scores = nullptr;
   int device = 0, optin = 0;

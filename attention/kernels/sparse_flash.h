@@ -128,7 +128,8 @@ struct BackwardParams {
 // row n of (b, h) hashes x R - offsets[b H + h][n / offset_block]: the
 // projection of a vector subtracted from every row of a block of
 // offset_block rows (the LSH centring), without a centred copy of x.
-// With cap > 0 (needs 2 * half <= 64 and cap * 2 * half >= kLshCapRows), the
+// With 0 < cap <= kLshCapRows (needs 2 * half <= 64 and cap * 2 * half >=
+// kLshCapRows; needs sm_80+ for the warp reductions), the
 // rows of each block of kLshCapRows consecutive rows (of one b, h) are taken
 // in order, each to its best-scoring bucket that holds fewer than cap rows of
 // the block so far (the first of equal scores): no bucket gets more than cap

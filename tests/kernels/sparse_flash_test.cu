@@ -1264,6 +1264,26 @@ TEST(SparseFlash, LshBucketIdsCapped) {
       const int want = rank < half ? rank : nb - 1 - (rank - half);
       ASSERT_EQ(got[size_t(h) * N + n], want) << "head " << h << " row " << n;
     }
+  // NaN rows (an fp16 overflow upstream) still respect the cap.
+  for (int h = 0; h < H; ++h)
+    for (int n = 0; n < N; n += 2) xb[h * l.h + n * l.n] = 0x7fc0;  // bf16 NaN
+  x.upload(xb);
+  out.poison(stream.get());
+  SF_CUDA_CHECK(sfk::lsh_bucket_ids(DType::kBF16, x.get(), l, B, H, N, D, rot.get(), 1, half,
+                                    out.get(), stream.get(), nullptr, 0, cap, scores.get()));
+  stream.sync("lsh_bucket_ids capped, NaN rows");
+  const std::vector<int64_t> with_nan = out.download();
+  for (int h = 0; h < H; ++h)
+    for (int n0 = 0; n0 < N; n0 += sfk::kLshCapRows) {
+      std::vector<int> count(nb);
+      for (int n = n0; n < std::min(N, n0 + sfk::kLshCapRows); ++n) {
+        const int64_t b = with_nan[size_t(h) * N + n];
+        ASSERT_GE(b, 0);
+        ASSERT_LT(b, nb);
+        ++count[b];
+      }
+      for (int b = 0; b < nb; ++b) EXPECT_LE(count[b], cap) << "head " << h << " block " << n0;
+    }
 }
 
 // ---------------------------------------------------------------------------
