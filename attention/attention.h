@@ -141,7 +141,8 @@ Pattern draw_pattern(const Options& options, const Tensor& q, const Tensor& k,
 // sum_b P(q in b) P(k in b) for hash, P(q kept) P(k kept) for drop, 1 for
 // dense; averaged over batch and heads. Uniform buckets give 1 / nb; real
 // LSH buckets of a trained model are rarely uniform, and the kernels' work
-// grows with this figure. A float32 scalar on the pattern's device.
+// grows with this figure (sinks and a local window, which add a few pairs per
+// query, are not counted). A float32 scalar on the pattern's device.
 Tensor pattern_density(const Pattern& pattern);
 
 // Reference attention under `pattern`: differentiable (custom backward that
