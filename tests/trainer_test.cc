@@ -94,14 +94,19 @@ TEST_F(TrainerTest, LossGoesDown) {
 }
 
 TEST_F(TrainerTest, ResumeGivesBitIdenticalLosses) {
-  for (const char* kind : {"HASH", "DROP"}) {
+  // Hash with capped buckets too (attention.lsh_capacity).
+  for (const std::string kind : {"HASH", "DROP", "HASH_CAPPED"}) {
     SCOPED_TRACE(kind);
-    const std::vector<std::string> common = {"train.max_steps=12", std::string("attention.kind=") + kind,
-                                             "train.grad_accum=2"};
+    std::vector<std::string> common = {"train.max_steps=12", "train.grad_accum=2"};
+    if (kind == "HASH_CAPPED") {
+      common.insert(common.end(), {"attention.kind=HASH", "attention.lsh_capacity=1"});
+    } else {
+      common.push_back("attention.kind=" + kind);
+    }
     std::vector<double> straight, resumed;
     trainer::TrainHooks a;
     a.on_step = [&](int64_t, double loss) { straight.push_back(loss); };
-    ASSERT_TRUE(trainer::train(config(std::string("a") + kind, common), a).ok());
+    ASSERT_TRUE(trainer::train(config("a" + kind, common), a).ok());
 
     // Stop after step 5 the way SIGINT does, then rerun the same config.
     trainer::TrainHooks b;
@@ -109,11 +114,11 @@ TEST_F(TrainerTest, ResumeGivesBitIdenticalLosses) {
       resumed.push_back(loss);
       if (step == 5) trainer::request_stop(SIGINT);
     };
-    auto first = trainer::train(config(std::string("b") + kind, common), b);
+    auto first = trainer::train(config("b" + kind, common), b);
     ASSERT_TRUE(first.ok()) << first.status();
     EXPECT_EQ(first->interrupted_by, SIGINT);
     EXPECT_EQ(first->steps, 5);
-    auto second = trainer::train(config(std::string("b") + kind, common), b);
+    auto second = trainer::train(config("b" + kind, common), b);
     ASSERT_TRUE(second.ok()) << second.status();
     EXPECT_EQ(second->interrupted_by, 0);
     ASSERT_EQ(straight.size(), 12u);
