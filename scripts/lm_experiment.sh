@@ -84,14 +84,10 @@ SOURCE_REV=${SOURCE_REV:-$(git describe --always --dirty 2>/dev/null || echo unk
 export SOURCE_REV
 DATA=$EXP/data
 mkdir -p "$EXP"/{results,logs,runs}
-log() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*"; }
-die() { echo "lm_experiment: $*" >&2; exit 1; }
-past_deadline() {
-  [ "$DEADLINE" -gt 0 ] && [ "$SECONDS" -ge "$DEADLINE" ] || return 1
-  [ -n "${said_deadline:-}" ] || log "deadline of ${DEADLINE}s reached: run again to go on"
-  said_deadline=1
-}
-[ -x "$SF" ] || [ "$PHASES" = report ] || die "no binary at $SF (build it, or set SF)"
+ME=lm_experiment
+# log, die, past_deadline; refuses a missing binary.
+# shellcheck source=scripts/experiment_lib.sh
+source scripts/experiment_lib.sh
 for phase in $PHASES; do
   case $phase in data|train|report) ;; *) die "unknown phase $phase (data train report)" ;; esac
 done

@@ -74,15 +74,10 @@ DEVICE=${DEVICE:-cuda}
 INCLUDE=${INCLUDE:-*.py}
 PHASES=${*:-data zeroshot train eval saap report}
 mkdir -p "$EXP"/{results,logs,runs}
-log() { echo "[$(date +%H:%M:%S) +${SECONDS}s] $*"; }
-die() { echo "long_context_experiment: $*" >&2; exit 1; }
-# past_deadline: true (and says so once) when DEADLINE is set and reached.
-past_deadline() {
-  [ "$DEADLINE" -gt 0 ] && [ "$SECONDS" -ge "$DEADLINE" ] || return 1
-  [ -n "${said_deadline:-}" ] || log "deadline of ${DEADLINE}s reached: run again to go on"
-  said_deadline=1
-}
-[ -x "$SF" ] || [ "$PHASES" = report ] || die "no binary at $SF (build it, or set SF)"
+ME=long_context_experiment
+# log, die, past_deadline; refuses a missing binary.
+# shellcheck source=scripts/experiment_lib.sh
+source scripts/experiment_lib.sh
 
 if [ -z "${MODEL:-}" ]; then
   MODEL=$EXP/model.gguf
