@@ -9,7 +9,9 @@ and under torch.compile. For each context N, B = --tokens / N. Warm-up steps
 (compilation included) are not timed; then --steps steps are timed by wall
 clock with one loss read per step, as a training loop logs it.
 
-Writes JSON rows {n, impl, backend, tokens_per_s, ms_per_step, peak_gib}.
+Writes JSON rows {n, impl, backend, tokens_per_s, ms_per_step, peak_gib}; with
+--kernels also the top CUDA kernels of one more step by GPU time (torch.profiler),
+to set beside `bench_train_step --kernels` of the same shape.
 Runs on the GPU host's Python (torch 2.11); nothing is downloaded.
 """
 import argparse
@@ -87,9 +89,34 @@ def run(n, impl, backend, args):
 
     row = {"n": n, "impl": impl, "backend": backend, "batch": B,
            **time_steps(step, args.warmup, args.steps, B * n)}
+    if args.kernels:
+        row["kernels"] = top_kernels(step, args.kernels)
     del model, opt, fwd
     torch.cuda.empty_cache()
     return row
+
+
+def top_kernels(step, count):
+    """GPU time of one step per CUDA kernel (and memcpy/memset), the `count`
+    largest, plus the step's total kernel time: [{name, ms, calls}]."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    totals = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        ms, calls = totals.get(e.name, (0.0, 0))
+        totals[e.name] = (ms + e.device_time_total / 1e3, calls + 1)
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    rows = [{"name": "(all kernels)", "ms": sum(v[0] for v in totals.values()),
+             "calls": sum(v[1] for v in totals.values())}]
+    rows += [{"name": k, "ms": v[0], "calls": v[1]} for k, v in ranked[:count]]
+    print("\n".join(f"{r['ms']:9.3f} ms {r['calls']:5d}x  {r['name'][:110]}" for r in rows),
+          flush=True)
+    return rows
 
 
 def main():
@@ -102,6 +129,8 @@ def main():
                     help="backends also run under torch.compile (compilation is slow)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--kernels", type=int, default=0, metavar="K",
+                    help="also profile one step and list its K largest kernels by GPU time")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
