@@ -25,8 +25,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "data/files.h"
 #include "data/shard.h"
-#include "nlohmann/json.hpp"
 
 #ifdef SPARSEFLASH_WITH_LIBARCHIVE
 #include <archive.h>
@@ -35,115 +35,16 @@
 
 namespace sparseflash::data {
 
-double Meta::bytes_per_token() const {
-  const uint64_t tokens = train_tokens + val_tokens;
-  return tokens == 0 ? 0.0 : static_cast<double>(train_bytes + val_bytes) / tokens;
-}
-
-// --- File system helpers ----------------------------------------------------
-
 namespace {
 
-absl::Status errno_error(int err, const std::string& path, const std::string& what) {
-  return absl::ErrnoToStatus(err, absl::StrCat(what, " ", path));
-}
-
-std::string join_path(const std::string& dir, const std::string& name) {
-  if (dir.empty()) return name;
-  if (dir.back() == '/') return dir + name;
-  return dir + "/" + name;
-}
-
-// "./a/b" -> "a/b": tar members are often written with a leading "./", and a
-// document's path must not depend on how it was packed (it keys the split).
-std::string strip_dot_slash(std::string path) {
-  while (path.size() > 2 && path[0] == '.' && path[1] == '/') {
-    size_t i = 2;
-    while (i < path.size() && path[i] == '/') ++i;
-    path.erase(0, i);
-  }
-  return path;
-}
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-bool is_archive_name(const std::string& path) {
-  std::string lower = path;
-  std::transform(lower.begin(), lower.end(), lower.begin(),
-                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  for (const char* ext : {".tar", ".tar.xz", ".txz", ".tar.gz", ".tgz"}) {
-    if (ends_with(lower, ext)) return true;
-  }
-  return false;
-}
-
-absl::StatusOr<std::string> read_file(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return errno_error(errno, path, "cannot open");
-  std::string data;
-  struct stat st;
-  if (::fstat(fd, &st) == 0 && st.st_size > 0) data.reserve(static_cast<size_t>(st.st_size));
-  char buffer[1 << 16];
-  while (true) {
-    ssize_t n = ::read(fd, buffer, sizeof(buffer));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      absl::Status status = errno_error(errno, path, "cannot read");
-      ::close(fd);
-      return status;
-    }
-    if (n == 0) break;
-    data.append(buffer, static_cast<size_t>(n));
-  }
-  ::close(fd);
-  return data;
-}
-
-
-// Writes `contents` to `path` (truncating); on failure removes the file.
-absl::Status write_file(const std::string& path, const std::string& contents) {
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return errno_error(errno, path, "cannot create");
-  if (!write_all(fd, contents.data(), contents.size()) || ::fsync(fd) != 0) {
-    absl::Status status = errno_error(errno, path, "cannot write");
-    ::close(fd);
-    ::unlink(path.c_str());
-    return status;
-  }
-  if (::close(fd) != 0) {
-    absl::Status status = errno_error(errno, path, "cannot write");
-    ::unlink(path.c_str());
-    return status;
-  }
-  return absl::OkStatus();
-}
-
-// mkdir -p. Directories it creates are appended to `created` (outermost
-// first) so that a failed run can remove them again. Errors name `target`,
-// the directory the user asked for, and the component that failed.
-absl::Status make_dirs(const std::string& dir, const std::string& target,
-                       std::vector<std::string>* created) {
-  struct stat st;
-  if (::stat(dir.c_str(), &st) == 0) {
-    if (S_ISDIR(st.st_mode)) return absl::OkStatus();
-    return absl::FailedPreconditionError(absl::StrCat("cannot create output directory ", target,
-                                                      ": ", dir, " is not a directory"));
-  }
-  const size_t slash = dir.find_last_of('/');
-  if (slash != std::string::npos && slash > 0) {
-    absl::Status parent = make_dirs(dir.substr(0, slash), target, created);
-    if (!parent.ok()) return parent;
-  }
-  if (::mkdir(dir.c_str(), 0755) != 0) {
-    if (errno == EEXIST) return absl::OkStatus();
-    return errno_error(errno, dir == target ? target : absl::StrCat(target, " (at ", dir, ")"),
-                       "cannot create output directory");
-  }
-  created->push_back(dir);
-  return absl::OkStatus();
-}
+using files::ends_with;
+using files::errno_error;
+using files::is_archive_name;
+using files::join_path;
+using files::make_dirs;
+using files::read_file;
+using files::strip_dot_slash;
+using files::write_file;
 
 // --- Document checks ----------------------------------------------------------
 
@@ -668,221 +569,6 @@ const std::regex& shard_name_regex() {
 
 }  // namespace
 
-// --- meta.json ----------------------------------------------------------------
-
-namespace {
-
-nlohmann::ordered_json meta_to_json(const Meta& m) {
-  nlohmann::ordered_json j;
-  j["format"] = "sparseflash-shards";
-  j["version"] = 1;
-  j["tokenizer"] = m.tokenizer;
-  j["tokenizer_source"] = m.tokenizer_source;
-  j["tokenizer_kind"] = m.tokenizer_kind;
-  j["vocab_size"] = m.vocab_size;
-  j["document_separator"] = m.document_separator;
-  j["add_bos"] = m.add_bos;
-  j["train"] = {{"tokens", m.train_tokens},
-                {"documents", m.train_documents},
-                {"bytes", m.train_bytes},
-                {"shards", m.train_shards}};
-  j["val"] = {{"tokens", m.val_tokens},
-              {"documents", m.val_documents},
-              {"bytes", m.val_bytes},
-              {"shards", m.val_shards}};
-  j["skipped_documents"] = m.skipped_documents;
-  if (m.min_document_tokens > 0) {
-    j["min_document_tokens"] = m.min_document_tokens;
-    j["short_documents"] = m.short_documents;
-  }
-  j["unigram_bits_per_byte"] = m.unigram_bits_per_byte;
-  return j;
-}
-
-// Typed access to meta.json with errors that name the file and the key.
-class MetaReader {
- public:
-  explicit MetaReader(std::string file) : file_(std::move(file)) {}
-
-  absl::StatusOr<const nlohmann::json*> field(const nlohmann::json& obj, const std::string& key,
-                                              const std::string& full_key) const {
-    auto it = obj.find(key);
-    if (it == obj.end()) return error(full_key, "is missing");
-    return &*it;
-  }
-  absl::StatusOr<uint64_t> u64(const nlohmann::json& obj, const std::string& key,
-                               const std::string& prefix = "") const {
-    auto f = field(obj, key, prefix + key);
-    if (!f.ok()) return f.status();
-    if (!(*f)->is_number_unsigned() && !((*f)->is_number_integer() && (*f)->get<int64_t>() >= 0)) {
-      return error(prefix + key, "must be a non-negative integer");
-    }
-    return (*f)->get<uint64_t>();
-  }
-  absl::StatusOr<std::string> str(const nlohmann::json& obj, const std::string& key) const {
-    auto f = field(obj, key, key);
-    if (!f.ok()) return f.status();
-    if (!(*f)->is_string()) return error(key, "must be a string");
-    return (*f)->get<std::string>();
-  }
-  // A key that older meta.json files lack: `fallback` when absent.
-  absl::StatusOr<std::string> optional_str(const nlohmann::json& obj, const std::string& key,
-                                           const std::string& fallback) const {
-    if (!obj.contains(key)) return fallback;
-    return str(obj, key);
-  }
-  absl::StatusOr<int64_t> optional_int(const nlohmann::json& obj, const std::string& key,
-                                       int64_t fallback) const {
-    if (!obj.contains(key)) return fallback;
-    if (!obj.at(key).is_number_integer()) return error(key, "must be an integer");
-    return obj.at(key).get<int64_t>();
-  }
-  absl::StatusOr<bool> optional_bool(const nlohmann::json& obj, const std::string& key,
-                                     bool fallback) const {
-    if (!obj.contains(key)) return fallback;
-    if (!obj.at(key).is_boolean()) return error(key, "must be true or false");
-    return obj.at(key).get<bool>();
-  }
-  absl::StatusOr<double> number(const nlohmann::json& obj, const std::string& key) const {
-    auto f = field(obj, key, key);
-    if (!f.ok()) return f.status();
-    if (!(*f)->is_number()) return error(key, "must be a number");
-    return (*f)->get<double>();
-  }
-  absl::Status error(const std::string& key, const std::string& what) const {
-    return absl::DataLossError(absl::StrCat(file_, ": key \"", key, "\" ", what));
-  }
-
-  // Reads one split object into the Meta fields passed by pointer.
-  absl::Status split(const nlohmann::json& root, const std::string& name, uint64_t* tokens,
-                     uint64_t* documents, uint64_t* bytes, std::vector<std::string>* shards) const {
-    auto f = field(root, name, name);
-    if (!f.ok()) return f.status();
-    const nlohmann::json& s = **f;
-    if (!s.is_object()) return error(name, "must be an object");
-    const std::string prefix = name + ".";
-    auto t = u64(s, "tokens", prefix);
-    if (!t.ok()) return t.status();
-    auto d = u64(s, "documents", prefix);
-    if (!d.ok()) return d.status();
-    auto b = u64(s, "bytes", prefix);
-    if (!b.ok()) return b.status();
-    auto sh = field(s, "shards", prefix + "shards");
-    if (!sh.ok()) return sh.status();
-    if (!(*sh)->is_array()) return error(prefix + "shards", "must be an array of file names");
-    shards->clear();
-    for (const auto& e : **sh) {
-      // Plain file names only: meta.json must not point outside its directory.
-      if (!e.is_string() || e.get<std::string>().empty() ||
-          e.get<std::string>().find('/') != std::string::npos) {
-        return error(prefix + "shards", "must be an array of file names (no '/')");
-      }
-      shards->push_back(e.get<std::string>());
-    }
-    *tokens = *t;
-    *documents = *d;
-    *bytes = *b;
-    return absl::OkStatus();
-  }
-
- private:
-  std::string file_;
-};
-
-}  // namespace
-
-absl::StatusOr<Meta> read_meta(const std::string& dir) {
-  const std::string file = join_path(dir, "meta.json");
-  auto text = read_file(file);
-  if (!text.ok()) {
-    return absl::Status(text.status().code(),
-                        absl::StrCat(text.status().message(),
-                                     " (is this a directory written by `sparseflash prepare`?)"));
-  }
-  nlohmann::json root = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
-  if (root.is_discarded()) return absl::DataLossError(absl::StrCat(file, ": not valid JSON"));
-  if (!root.is_object()) return absl::DataLossError(absl::StrCat(file, ": not a JSON object"));
-  MetaReader r(file);
-
-  auto format = r.str(root, "format");
-  if (!format.ok()) return format.status();
-  if (*format != "sparseflash-shards") {
-    return r.error("format", absl::StrCat("is \"", *format, "\", expected \"sparseflash-shards\""));
-  }
-  auto version = r.u64(root, "version");
-  if (!version.ok()) return version.status();
-  if (*version != 1) return r.error("version", absl::StrCat("is ", *version, ", this build reads 1"));
-
-  Meta m;
-  auto tokenizer = r.str(root, "tokenizer");
-  if (!tokenizer.ok()) return tokenizer.status();
-  m.tokenizer = *tokenizer;
-  auto vocab = r.u64(root, "vocab_size");
-  if (!vocab.ok()) return vocab.status();
-  if (*vocab == 0 || *vocab > static_cast<uint64_t>(INT32_MAX)) {
-    return r.error("vocab_size", "must be in [1, 2^31)");
-  }
-  m.vocab_size = static_cast<int>(*vocab);
-  // Written since prepare took tokenizer files; before, every tokenizer was "byte".
-  const bool byte = m.tokenizer == "byte";
-  auto source = r.optional_str(root, "tokenizer_source", byte ? "byte" : "");
-  if (!source.ok()) return source.status();
-  m.tokenizer_source = *source;
-  auto kind = r.optional_str(root, "tokenizer_kind", byte ? "byte" : "");
-  if (!kind.ok()) return kind.status();
-  m.tokenizer_kind = *kind;
-  auto separator = r.optional_int(root, "document_separator", byte ? 0 : -1);
-  if (!separator.ok()) return separator.status();
-  if (*separator < -1 || *separator >= m.vocab_size)
-    return r.error("document_separator", absl::StrCat("is ", *separator, ", outside the vocabulary of ",
-                                                      m.vocab_size, " tokens"));
-  m.document_separator = *separator;
-  auto add_bos = r.optional_bool(root, "add_bos", false);
-  if (!add_bos.ok()) return add_bos.status();
-  m.add_bos = *add_bos;
-  absl::Status s = r.split(root, "train", &m.train_tokens, &m.train_documents, &m.train_bytes,
-                           &m.train_shards);
-  if (!s.ok()) return s;
-  s = r.split(root, "val", &m.val_tokens, &m.val_documents, &m.val_bytes, &m.val_shards);
-  if (!s.ok()) return s;
-  auto skipped = r.u64(root, "skipped_documents");
-  if (!skipped.ok()) return skipped.status();
-  m.skipped_documents = *skipped;
-  for (auto [key, target] : {std::pair{"min_document_tokens", &m.min_document_tokens},
-                             std::pair{"short_documents", &m.short_documents}}) {
-    if (!root.contains(key)) continue;
-    auto v = r.u64(root, key);
-    if (!v.ok()) return v.status();
-    *target = *v;
-  }
-  auto bpb = r.number(root, "unigram_bits_per_byte");
-  if (!bpb.ok()) return bpb.status();
-  m.unigram_bits_per_byte = *bpb;
-  return m;
-}
-
-absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> open_data_tokenizer(const Meta& meta) {
-  if (meta.tokenizer_source.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the prepared data's tokenizer \"", meta.tokenizer,
-        "\" cannot be opened: its meta.json does not say where it came from (no "
-        "\"tokenizer_source\"); prepare the data again"));
-  }
-  std::unique_ptr<tokenizer::Tokenizer> tok;
-  try {
-    tok = tokenizer::open_tokenizer(meta.tokenizer_source);
-  } catch (const std::exception& e) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot open the tokenizer the data was prepared with: ", e.what()));
-  }
-  if (tok->identity() != meta.tokenizer) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "the tokenizer ", meta.tokenizer_source, " is now ", tok->identity(),
-        ", but the data was prepared with ", meta.tokenizer,
-        ": the file changed since `sparseflash prepare`; restore it or prepare the data again"));
-  }
-  return tok;
-}
 
 // --- prepare() ------------------------------------------------------------------
 
@@ -1017,7 +703,7 @@ absl::StatusOr<Meta> prepare(const PrepareOptions& options) {
   // Commit: meta.json is staged first, then the shards are renamed into
   // place, and meta.json last, so that a reader never sees a meta.json
   // listing shards of a different run that are not there.
-  status = write_file(meta_temp, meta_to_json(meta).dump(2) + "\n");
+  status = write_file(meta_temp, meta_json(meta));
   if (!status.ok()) return cleanup(status);
   for (auto* w : {&run.train(), &run.val()}) {
     for (size_t i = 0; i < w->names().size(); ++i) {
