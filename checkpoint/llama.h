@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "checkpoint/gguf_writer.h"
@@ -94,6 +95,19 @@ LlamaCheckpoint gguf_llama(std::shared_ptr<const GgufFile> file);
 // rows in the interleaved order llama2.c uses); lm_head.weight only if untied.
 std::string llama2c_bytes(const LlamaConfig& config, int version,
                           const std::map<std::string, std::vector<float>>& tensors);
+
+// Checks the config's sizes (positive, within limits, heads divisible by KV
+// heads, even head_dim, RoPE scaling fields); throws naming `path` and the field.
+void check_llama_config(const std::string& path, const LlamaConfig& config);
+
+// llama.cpp's tensor names for a layer's tensors (blk.N.*) and ours (HF's,
+// model.layers.N.*), in the order llama.cpp's convert writes them.
+inline constexpr std::pair<const char*, const char*> kGgufLayerNames[] = {
+    {"attn_norm.weight", "input_layernorm.weight"},   {"attn_q.weight", "self_attn.q_proj.weight"},
+    {"attn_k.weight", "self_attn.k_proj.weight"},     {"attn_v.weight", "self_attn.v_proj.weight"},
+    {"attn_output.weight", "self_attn.o_proj.weight"}, {"ffn_norm.weight", "post_attention_layernorm.weight"},
+    {"ffn_gate.weight", "mlp.gate_proj.weight"},      {"ffn_down.weight", "mlp.down_proj.weight"},
+    {"ffn_up.weight", "mlp.up_proj.weight"}};
 
 // Name of layer i's tensor `suffix` ("self_attn.q_proj.weight").
 std::string llama_layer_tensor(int64_t layer, const std::string& suffix);
