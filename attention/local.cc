@@ -33,6 +33,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "attention/kernels/local_band.h"
+#include "attention/kernels/options.h"
 #endif
 
 namespace sparseflash::attention {
@@ -193,10 +194,7 @@ namespace sk = sparseflash::kernels;
 // Part B runs on the local kernels on a GPU (attention_test LocalWindowGpu.*
 // checks them against the float64 reference); SPARSEFLASH_LOCAL_KERNELS=0 takes
 // the LibTorch path instead (to compare, and what KernelSplitMatchesReference tests).
-bool local_kernels_enabled() {
-  const char* v = std::getenv("SPARSEFLASH_LOCAL_KERNELS");
-  return v == nullptr || std::string(v) != "0";
-}
+bool local_kernels_enabled() { return sk::local_kernels_from_environment(); }
 
 // Can part B run on the local kernels? (Else the LibTorch blocks above.)
 bool local_kernels_apply(const Tensor& q, const Tensor& k, const Tensor& v) {

@@ -47,6 +47,7 @@
 #include <gtest/gtest.h>
 
 #include "attention/kernels/mma.cuh"
+#include "attention/kernels/options.h"
 #include "attention/kernels/sparse_flash.h"
 #include "tests/kernels/cpu_reference.h"
 
@@ -1030,12 +1031,42 @@ TEST(SparseFlash, ForwardKernelChoice) {
   ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
   ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
   ASSERT_EQ(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), cudaSuccess);
-  const bool hopper = major == 9 && minor == 0 && std::getenv("SPARSEFLASH_NO_WGMMA") == nullptr;
+  const bool hopper = major == 9 && minor == 0 && sfk::kernel_options().wgmma_forward;
   EXPECT_EQ(forward_uses_wgmma(DType::kBF16), hopper) << "compute capability " << major << "." << minor;
   EXPECT_FALSE(forward_uses_wgmma(DType::kFP16));
-  EXPECT_EQ(backward_uses_wgmma(DType::kBF16),
-            hopper && std::getenv("SPARSEFLASH_NO_WGMMA_BWD") == nullptr);
+  EXPECT_EQ(backward_uses_wgmma(DType::kBF16), hopper && sfk::kernel_options().wgmma_backward);
   EXPECT_FALSE(backward_uses_wgmma(DType::kFP16));
+}
+
+// Every instantiation of the forward, dK/dV and dQ kernels runs here: bf16 and
+// fp16, D 64 and 128, dQ by atomics and by the deterministic pass, and bf16
+// both on warpgroup MMA (on Hopper) and on mma.sync (KernelOptions off). Each
+// kernel checks on entry that its launch gave it exactly the dynamic shared
+// memory of its layout (traits.cuh: the launcher asks for kBytes of the same
+// struct whose offsets the kernel carves) and traps otherwise, so a launcher
+// that disagrees with its kernel fails this test; the results must match the
+// reference as well.
+TEST(SparseFlash, EveryKernelGetsTheSharedMemoryOfItsLayout) {
+  SF_SKIP_WITHOUT_GPU();
+  const sfk::KernelOptions saved = sfk::kernel_options();
+  for (bool wgmma : {true, false}) {
+    sfk::KernelOptions o = saved;
+    o.wgmma_forward = o.wgmma_backward = wgmma;
+    sfk::set_kernel_options(o);
+    EXPECT_FALSE(!wgmma && forward_uses_wgmma(DType::kBF16));
+    for (DType dtype : {DType::kBF16, DType::kFP16}) {
+      for (int D : {64, 128}) {
+        SCOPED_TRACE(::testing::Message() << dtype_name(dtype) << " D " << D
+                                          << (wgmma ? " (wgmma where it applies)" : " (mma.sync)"));
+        const Case c{Mode::kHash16, dtype, D, Shape{1, 2, 1, 64, 200}};
+        const RefProblem p = make_problem(c.shape, c.D, c.dtype, c.mode, seed_of(c) + 7u);
+        const KernelResult got = run_kernels(p, c.dtype, options_for(c.mode));
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        check_against_reference(p, reference_attention(p), got, c.dtype);
+      }
+    }
+  }
+  sfk::set_kernel_options(saved);
 }
 
 // Strided inputs and outputs: [B, N, heads, D] memory seen as [B, heads, N, D].
