@@ -129,7 +129,9 @@ Tensor empty_in_order_of(const Tensor& t) {
 }
 
 void check_cuda(cudaError_t e, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, "flash_attention: ", what, " failed: ", cudaGetErrorString(e));
+  const std::string why = e == cudaErrorInvalidValue ? sk::last_refusal() : "";
+  TORCH_CHECK(e == cudaSuccess, "flash_attention: ", what, " failed: ", cudaGetErrorString(e),
+              why.empty() ? "" : " (", why, why.empty() ? "" : ")");
 }
 
 

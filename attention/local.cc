@@ -239,7 +239,9 @@ struct LocalCall {
 };
 
 void check_kernel(cudaError_t e, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, "local_attention: ", what, " failed: ", cudaGetErrorString(e));
+  const std::string why = e == cudaErrorInvalidValue ? sk::last_refusal() : "";
+  TORCH_CHECK(e == cudaSuccess, "local_attention: ", what, " failed: ", cudaGetErrorString(e),
+              why.empty() ? "" : " (", why, why.empty() ? "" : ")");
 }
 
 // A's output and log-sum-exp merged with part B: the whole attention's.

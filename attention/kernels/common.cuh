@@ -23,10 +23,12 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "attention/kernels/mma.cuh"
 #include "attention/kernels/options.h"
+#include "attention/kernels/refusal.h"
 #include "attention/kernels/sparse_flash.h"
 #include "attention/kernels/wgmma.cuh"
 

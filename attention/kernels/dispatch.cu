@@ -2,6 +2,7 @@
 // checks, the choice of kernel (wgmma on sm_90a for bf16, mma.sync otherwise),
 // and the order of the backward's passes. The kernels and their launchers are
 // in the stage headers (common.cuh lists them).
+#include <string>
 #include <type_traits>
 
 #include "attention/kernels/common.cuh"
@@ -36,16 +37,30 @@ bool wgmma_backward_enabled(DType dtype) {
 // The identity permutation's tile searches assume positions that ascend over
 // the tiles, which tiles of dropped rows alone (no positions) break: dropped
 // rows need a permutation.
-bool valid_packing(const Packing& pk) {
-  return pk.tiles &&
-         (pk.segments == nullptr ||
-          (pk.perm && pk.bucket && pk.num_segments > 0 && pk.num_segments <= (1 << 30))) &&
-         (pk.perm != nullptr || pk.dead_bucket == INT_MAX) && pk.dead_bucket >= 0;
+// Why a side's packing is refused ("" when it is fine).
+std::string packing_problem(const Packing& pk, const char* side) {
+  const std::string s = std::string(side) + "_pack";
+  if (!pk.tiles) return s + ".tiles is missing";
+  if (pk.segments != nullptr && !(pk.perm && pk.bucket))
+    return s + ".segments needs perm and bucket";
+  if (pk.segments != nullptr && !(pk.num_segments > 0 && pk.num_segments <= (1 << 30)))
+    return s + "." + arg("num_segments", pk.num_segments) + ", expected 1..2^30";
+  if (pk.perm == nullptr && pk.dead_bucket != INT_MAX)
+    return s + "." + arg("dead_bucket", pk.dead_bucket) + " (dropped rows) needs a permutation";
+  if (pk.dead_bucket < 0) return s + "." + arg("dead_bucket", pk.dead_bucket) + ", must be >= 0";
+  return "";
 }
 
-bool valid_shape(const ForwardParams& p) {
-  return p.B > 0 && p.H > 0 && p.Hkv > 0 && p.H % p.Hkv == 0 && p.Nq > 0 && p.Nk >= p.Nq &&
-         (p.D == 64 || p.D == 128) && valid_packing(p.q_pack) && valid_packing(p.k_pack);
+// Why the shapes are refused ("" when they are fine).
+std::string shape_problem(const ForwardParams& p) {
+  if (p.B <= 0 || p.H <= 0 || p.Hkv <= 0 || p.Nq <= 0)
+    return arg("B", p.B) + ", " + arg("H", p.H) + ", " + arg("Hkv", p.Hkv) + ", " + arg("Nq", p.Nq) +
+           ": all must be positive";
+  if (p.H % p.Hkv != 0) return arg("Hkv", p.Hkv) + " does not divide " + arg("H", p.H);
+  if (p.Nk < p.Nq) return arg("Nk", p.Nk) + " is below " + arg("Nq", p.Nq);
+  if (p.D != 64 && p.D != 128) return arg("D", p.D) + ", expected 64 or 128";
+  if (std::string q = packing_problem(p.q_pack, "q"); !q.empty()) return q;
+  return packing_problem(p.k_pack, "k");
 }
 
 // The backward's passes for one dtype and head size (launch.h).
@@ -79,7 +94,8 @@ bool forward_uses_wgmma(DType dtype) { return wgmma_forward_enabled(dtype); }
 bool backward_uses_wgmma(DType dtype) { return wgmma_backward_enabled(dtype); }
 
 cudaError_t attention_forward(const ForwardParams& p, cudaStream_t stream) {
-  if (!valid_shape(p)) return cudaErrorInvalidValue;
+  clear_refusal();
+  if (std::string why = shape_problem(p); !why.empty()) return refuse("attention_forward: " + why);
   if (has_dead_rows(p.q_pack)) {
     const DeadRowsOut o{p.out, p.out_layout};
     const cudaError_t e =
@@ -97,8 +113,11 @@ cudaError_t attention_forward(const ForwardParams& p, cudaStream_t stream) {
 }
 
 cudaError_t attention_backward(const BackwardParams& p, cudaStream_t stream) {
-  if (!valid_shape(p.fwd) || !p.delta) return cudaErrorInvalidValue;
-  if (p.dq_accum && reinterpret_cast<uintptr_t>(p.dq_accum) % 16 != 0) return cudaErrorInvalidValue;
+  clear_refusal();
+  if (std::string why = shape_problem(p.fwd); !why.empty()) return refuse("attention_backward: " + why);
+  if (!p.delta) return refuse("attention_backward: the delta buffer is missing");
+  if (p.dq_accum && reinterpret_cast<uintptr_t>(p.dq_accum) % 16 != 0)
+    return refuse("attention_backward: dq_accum must be 16-byte aligned");
   if (p.fwd.dtype == DType::kBF16)
     return p.fwd.D == 64 ? backward_typed<__nv_bfloat16, 64>(p, stream)
                          : backward_typed<__nv_bfloat16, 128>(p, stream);

@@ -6,6 +6,9 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <string>
+
+#include "attention/kernels/refusal.h"
 
 namespace sparseflash::kernels {
 
@@ -619,12 +622,23 @@ __global__ void __launch_bounds__(kThreads) local_backward_dkdv_kernel(const Loc
 // ---------------------------------------------------------------------------
 // Launchers.
 
-bool valid(const LocalParams& p) {
-  return local_head_dim_supported(p.D) && p.B > 0 && p.H > 0 && p.Hkv > 0 && p.H % p.Hkv == 0 &&
-         p.Nq >= 0 && p.Nq <= p.Nk && p.sinks >= 0 && p.sinks <= p.Nk && p.window >= 0 &&
-         p.q != nullptr && p.k != nullptr && p.v != nullptr && p.H <= 65535 && p.B <= 65535 &&
-         (p.q_bucket == nullptr) == (p.k_bucket == nullptr) &&
-         (p.q_keep == nullptr) == (p.k_keep == nullptr);
+// Why the parameters are refused ("" when they are fine).
+std::string problem(const LocalParams& p) {
+  if (!local_head_dim_supported(p.D)) return detail::arg("D", p.D) + ", expected 64 or 128";
+  if (p.B <= 0 || p.H <= 0 || p.Hkv <= 0 || p.B > 65535 || p.H > 65535)
+    return detail::arg("B", p.B) + ", " + detail::arg("H", p.H) + ", " + detail::arg("Hkv", p.Hkv) +
+           ": each must be in 1..65535";
+  if (p.H % p.Hkv != 0) return detail::arg("Hkv", p.Hkv) + " does not divide " + detail::arg("H", p.H);
+  if (p.Nq < 0 || p.Nq > p.Nk)
+    return detail::arg("Nq", p.Nq) + ", expected 0.." + std::to_string(p.Nk) + " (Nk)";
+  if (p.sinks < 0 || p.sinks > p.Nk)
+    return detail::arg("sinks", p.sinks) + ", expected 0.." + std::to_string(p.Nk) + " (Nk)";
+  if (p.window < 0) return detail::arg("window", p.window) + ", must be >= 0";
+  if (p.q == nullptr || p.k == nullptr || p.v == nullptr) return "q, k or v is missing";
+  if ((p.q_bucket == nullptr) != (p.k_bucket == nullptr))
+    return "q_bucket and k_bucket: give both or neither";
+  if ((p.q_keep == nullptr) != (p.k_keep == nullptr)) return "q_keep and k_keep: give both or neither";
+  return "";
 }
 
 template <int D>
@@ -686,9 +700,10 @@ cudaError_t backward_for(const LocalBackwardParams& bp, cudaStream_t stream) {
 bool local_head_dim_supported(int D) { return D == 64 || D == 128; }
 
 cudaError_t local_forward(const LocalForwardParams& fp, cudaStream_t stream) {
-  if (!valid(fp.p) || fp.out_a == nullptr || fp.lse_a == nullptr || fp.out == nullptr ||
-      fp.lse == nullptr)
-    return cudaErrorInvalidValue;
+  detail::clear_refusal();
+  if (std::string why = problem(fp.p); !why.empty()) return detail::refuse("local_forward: " + why);
+  if (fp.out_a == nullptr || fp.lse_a == nullptr || fp.out == nullptr || fp.lse == nullptr)
+    return detail::refuse("local_forward: out_a, lse_a, out or lse is missing");
   if (fp.p.Nq == 0) return cudaSuccess;
   const bool bf16 = fp.p.dtype == DType::kBF16;
   if (fp.p.D == 64)
@@ -697,10 +712,13 @@ cudaError_t local_forward(const LocalForwardParams& fp, cudaStream_t stream) {
 }
 
 cudaError_t local_backward(const LocalBackwardParams& bp, cudaStream_t stream) {
-  if (!valid(bp.p) || bp.out == nullptr || bp.lse == nullptr || bp.dout == nullptr ||
-      bp.delta == nullptr || bp.dq == nullptr || bp.dk == nullptr || bp.dv == nullptr ||
-      (bp.sink_dk == nullptr) != (bp.sink_dv == nullptr))
-    return cudaErrorInvalidValue;
+  detail::clear_refusal();
+  if (std::string why = problem(bp.p); !why.empty()) return detail::refuse("local_backward: " + why);
+  if (bp.out == nullptr || bp.lse == nullptr || bp.dout == nullptr || bp.delta == nullptr ||
+      bp.dq == nullptr || bp.dk == nullptr || bp.dv == nullptr)
+    return detail::refuse("local_backward: out, lse, dout, delta, dq, dk or dv is missing");
+  if ((bp.sink_dk == nullptr) != (bp.sink_dv == nullptr))
+    return detail::refuse("local_backward: sink_dk and sink_dv: give both or neither");
   const bool bf16 = bp.p.dtype == DType::kBF16;
   if (bp.p.Nq == 0) {
     // No query: every key gradient is zero.

@@ -180,19 +180,37 @@ cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int
                            const float* rotations, int Hr, int half, int64_t* out,
                            cudaStream_t stream, const float* offsets, int offset_block,
                            int cap, float* scores) {
-  if (B <= 0 || H <= 0 || N <= 0 || Hr <= 0 || H % Hr != 0 || half <= 0 || D <= 0 || D % 8 != 0 ||
-      D > 256 || !rows_aligned16(x, layout) || (offsets && offset_block <= 0) ||
-      !lsh_shape_fits(D, half, SIZE_MAX) ||  // shape errors before the device
-      cap < 0 || cap > kLshCapRows ||
-      (cap > 0 && (half > 32 || cap * 2 * half < kLshCapRows || !scores)))
-    return cudaErrorInvalidValue;
+  clear_refusal();
+  const std::string fn = "lsh_bucket_ids: ";
+  // Shape errors before the device is asked anything.
+  if (B <= 0 || H <= 0 || N <= 0 || Hr <= 0 || half <= 0)
+    return refuse(fn + arg("B", B) + ", " + arg("H", H) + ", " + arg("N", N) + ", " + arg("Hr", Hr) +
+                  ", " + arg("half", half) + ": all must be positive");
+  if (H % Hr != 0) return refuse(fn + arg("Hr", Hr) + " does not divide " + arg("H", H));
+  if (D <= 0 || D % 8 != 0 || D > 256) return refuse(fn + arg("D", D) + ", expected a multiple of 8 in 8..256");
+  if (!rows_aligned16(x, layout))
+    return refuse(fn + "x and its strides (" + arg("b", layout.b) + ", " + arg("h", layout.h) + ", " +
+                  arg("n", layout.n) + ") must be 16-byte aligned");
+  if (offsets && offset_block <= 0) return refuse(fn + arg("offset_block", offset_block) + " with offsets");
+  if (!lsh_shape_fits(D, half, SIZE_MAX))
+    return refuse(fn + arg("D", D) + " x " + arg("half", half) + ": the rotations exceed 96 KB");
+  if (cap < 0 || cap > kLshCapRows)
+    return refuse(fn + arg("cap", cap) + ", expected 0..." + std::to_string(kLshCapRows));
+  if (cap > 0 && half > 32) return refuse(fn + "cap needs half <= 32, got " + std::to_string(half));
+  if (cap > 0 && cap * 2 * half < kLshCapRows)
+    return refuse(fn + arg("cap", cap) + " x 2 x " + arg("half", half) + " buckets hold fewer than " +
+                  std::to_string(kLshCapRows) + " rows");
+  if (cap > 0 && !scores) return refuse(fn + "cap needs the scores workspace");
   if (cap == 0) scores = nullptr;
   int device = 0, optin = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
   if (cudaError_t e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
       e != cudaSuccess)
     return e;
-  if (!lsh_shape_fits(D, half, static_cast<size_t>(optin))) return cudaErrorInvalidValue;
+  if (!lsh_shape_fits(D, half, static_cast<size_t>(optin)))
+    return refuse(fn + arg("D", D) + ", " + arg("half", half) + ": needs " +
+                  std::to_string(lsh_smem_bytes(D, half, 2)) + " bytes of shared memory, the device " +
+                  std::to_string(optin));
   const size_t smem = lsh_smem_bytes(D, half, 2);
   const dim3 grid((N + kLshThreads - 1) / kLshThreads, B * H);
   const cudaError_t e =

@@ -201,13 +201,24 @@ cudaError_t pack_by_bucket(const int* bucket_in, int rows, int n, int sort_bits,
                            int* bucket_out, int* segments_out, void* workspace,
                            size_t workspace_bytes, cudaStream_t stream, const bool* keep,
                            int dropped_bucket) {
-  if (rows <= 0 || n <= 0 || sort_bits < 0 || sort_bits > 30 ||
-      (segments_out != nullptr && sort_bits > kMaxSegmentBits) ||
-      workspace_bytes < pack_workspace_bytes(rows, n, sort_bits) ||
-      (bucket_in == nullptr && keep == nullptr) ||
-      (keep != nullptr && (sort_bits > kMaxSegmentBits || dropped_bucket < 0 ||
-                           dropped_bucket >= (1 << sort_bits))))
-    return cudaErrorInvalidValue;
+  clear_refusal();
+  const std::string fn = "pack_by_bucket: ";
+  if (rows <= 0 || n <= 0)
+    return refuse(fn + arg("rows", rows) + ", " + arg("n", n) + ": both must be positive");
+  if (sort_bits < 0 || sort_bits > 30) return refuse(fn + arg("sort_bits", sort_bits) + ", expected 0..30");
+  if (segments_out != nullptr && sort_bits > kMaxSegmentBits)
+    return refuse(fn + "segments_out needs sort_bits <= " + std::to_string(kMaxSegmentBits) + ", got " +
+                  std::to_string(sort_bits));
+  if (const size_t need = pack_workspace_bytes(rows, n, sort_bits); workspace_bytes < need)
+    return refuse(fn + arg("workspace_bytes", workspace_bytes) + ", needs " + std::to_string(need) +
+                  " (pack_workspace_bytes)");
+  if (bucket_in == nullptr && keep == nullptr) return refuse(fn + "neither bucket_in nor keep given");
+  if (keep != nullptr && sort_bits > kMaxSegmentBits)
+    return refuse(fn + "keep needs sort_bits <= " + std::to_string(kMaxSegmentBits) + ", got " +
+                  std::to_string(sort_bits));
+  if (keep != nullptr && (dropped_bucket < 0 || dropped_bucket >= (1 << sort_bits)))
+    return refuse(fn + arg("dropped_bucket", dropped_bucket) + ", outside [0, 2^sort_bits = " +
+                  std::to_string(1 << sort_bits) + ")");
   const int64_t items = static_cast<int64_t>(rows) * n;
   if (sort_bits <= kMaxSegmentBits) {
     const int nseg = 1 << sort_bits, chunks = (n + kSortChunk - 1) / kSortChunk;
@@ -237,7 +248,10 @@ cudaError_t pack_by_bucket(const int* bucket_in, int rows, int n, int sort_bits,
 cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, int n,
                                 int position_offset, int dead_bucket, TileRange* tiles,
                                 cudaStream_t stream) {
-  if (rows <= 0 || n <= 0) return cudaErrorInvalidValue;
+  clear_refusal();
+  if (rows <= 0 || n <= 0)
+    return refuse("compute_tile_ranges: " + arg("rows", rows) + ", " + arg("n", n) +
+                  ": both must be positive");
   const int64_t warps = static_cast<int64_t>(rows) * num_tiles(n);
   const int64_t blocks = (warps * 32 + kTileRangeThreads - 1) / kTileRangeThreads;
   tile_ranges_kernel<<<static_cast<unsigned>(blocks), kTileRangeThreads, 0, stream>>>(

@@ -185,15 +185,21 @@ cudaError_t compute_tile_ranges(const int* perm, const int* bucket, int rows, in
 
 cudaError_t attention_forward(const ForwardParams& p, cudaStream_t stream);
 // Whether attention_forward runs the Hopper warpgroup-MMA kernel for this
-// dtype on the current device: bf16 on compute capability 9.0, unless the
-// environment variable SPARSEFLASH_NO_WGMMA is set (then the mma.sync kernel,
+// dtype on the current device: bf16 on compute capability 9.0, unless
+// KernelOptions::wgmma_forward is off (options.h; SPARSEFLASH_NO_WGMMA) (then the mma.sync kernel,
 // which serves fp16 and other GPUs, runs everywhere).
 bool forward_uses_wgmma(DType dtype);
 // The same for the dK/dV pass of attention_backward (also off with
-// SPARSEFLASH_NO_WGMMA_BWD).
+// KernelOptions::wgmma_backward; SPARSEFLASH_NO_WGMMA_BWD).
 bool backward_uses_wgmma(DType dtype);
 // dK/dV per block of keys; dQ by atomics into dq_accum or, without it, by a
 // deterministic second pass over key tiles.
 cudaError_t attention_backward(const BackwardParams& p, cudaStream_t stream);
+
+// Why the last call of an entry point above (or of local_band.h's) on this
+// thread returned cudaErrorInvalidValue for its arguments: the function, the
+// argument and its value, e.g. "attention_forward: D = 96, expected 64 or 128".
+// Empty when that call did not refuse its arguments.
+const char* last_refusal();
 
 }  // namespace sparseflash::kernels

@@ -1499,6 +1499,54 @@ TEST(SparseFlash, RefusesPackingsTheKernelsCannotServe) {
   EXPECT_TRUE(refused(packing(true, true, true, -1))) << "a negative dead bucket";
 }
 
+// Every refusal says why: the function, the argument and its value
+// (last_refusal()). These refusals come before the device is touched, so this
+// runs without a GPU too.
+TEST(SparseFlash, RefusalsNameTheArgumentAndItsValue) {
+  alignas(16) static int dummy[64];
+  auto has = [](const std::string& needle) {
+    const std::string got = sfk::last_refusal();
+    return got.find(needle) != std::string::npos ? ::testing::AssertionSuccess()
+                                                 : ::testing::AssertionFailure() << "last_refusal() is \"" << got << "\"";
+  };
+  sfk::ForwardParams f;
+  f.B = f.H = f.Hkv = 1;
+  f.Nq = f.Nk = 64;
+  f.D = 96;
+  f.q = f.k = f.v = f.out = dummy;
+  f.lse = reinterpret_cast<float*>(dummy);
+  f.q_pack.tiles = f.k_pack.tiles = reinterpret_cast<const sfk::TileRange*>(dummy);
+  EXPECT_EQ(sfk::attention_forward(f, nullptr), cudaErrorInvalidValue);
+  EXPECT_TRUE(has("attention_forward: D = 96, expected 64 or 128"));
+  f.D = 64;
+  f.Hkv = 3;
+  f.H = 4;
+  EXPECT_EQ(sfk::attention_forward(f, nullptr), cudaErrorInvalidValue);
+  EXPECT_TRUE(has("attention_forward: Hkv = 3 does not divide H = 4"));
+  f.H = f.Hkv = 1;
+  f.k_pack.dead_bucket = -2;
+  sfk::BackwardParams b;
+  b.fwd = f;
+  b.delta = reinterpret_cast<float*>(dummy);
+  EXPECT_EQ(sfk::attention_backward(b, nullptr), cudaErrorInvalidValue);
+  EXPECT_TRUE(has("attention_backward: k_pack.dead_bucket = -2"));
+
+  EXPECT_EQ(sfk::pack_by_bucket(dummy, 0, 100, 4, dummy, dummy, nullptr, dummy, 1 << 20, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_TRUE(has("pack_by_bucket: rows = 0"));
+  EXPECT_EQ(sfk::pack_by_bucket(dummy, 1, 100, 31, dummy, dummy, nullptr, dummy, 1 << 20, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_TRUE(has("pack_by_bucket: sort_bits = 31"));
+  EXPECT_EQ(sfk::compute_tile_ranges(dummy, dummy, 1, -5, 0, INT_MAX, nullptr, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_TRUE(has("compute_tile_ranges: rows = 1, n = -5"));
+  const sfk::Layout l{64 * 12, 12, 64 * 12};
+  EXPECT_EQ(sfk::lsh_bucket_ids(DType::kBF16, dummy, l, 1, 1, 64, 12, reinterpret_cast<float*>(dummy),
+                                1, 8, reinterpret_cast<int64_t*>(dummy), nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_TRUE(has("lsh_bucket_ids: D = 12"));
+}
+
 // Hash buckets through fixed row blocks (no segments given) agree with the
 // reference too: both block schemes stay correct.
 TEST(SparseFlash, HashWithFixedRowBlocks) {
