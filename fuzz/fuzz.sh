@@ -63,7 +63,7 @@ COMMON=(-std=c++17 -O1 -g -fno-omit-frame-pointer -I"$ROOT"
 # Every fuzzer, the objects it links and its libraries. Objects are rebuilt when
 # their source or any of our headers (or a generated .pb.h) is newer.
 FUZZERS=(safetensors gguf llama2c tokenizer_json saap_index checkpoint_info)
-CHECKPOINT=(checkpoint/{mapped_file,atomic_file,tensor,safetensors,gguf,gguf_writer,llama}.cc)
+CHECKPOINT=(checkpoint/{mapped_file,atomic_file,tensor,safetensors,gguf,gguf_writer,llama,llama_write}.cc)
 TOKENIZER=(tokenizer/{text,pretokenizer,byte,bpe,spm,hf_json,gguf_vocab,gguf_file_vocab,tokenizer}.cc)
 GEN="$BUILD/gen"
 PROTO_LIBS=($(pkg-config --libs protobuf absl_status absl_statusor absl_strings absl_str_format))
@@ -73,7 +73,7 @@ sources_of() {  # the project sources (and generated ones, under $GEN) fuzzer $1
     tokenizer_json) echo "${CHECKPOINT[@]} ${TOKENIZER[@]}" ;;
     saap_index) echo "${CHECKPOINT[@]} $GEN/saap/saap_index.pb.cc saap/index_file.cc" ;;
     checkpoint_info) echo "${CHECKPOINT[@]} $GEN/configs/experiment.pb.cc $GEN/configs/presets.cc" \
-                          "configs/config.cc trainer/state.cc" ;;
+                          "configs/config.cc configs/validate.cc trainer/state.cc" ;;
   esac
 }
 libs_of() {
