@@ -10,7 +10,7 @@
 #include "data/tokens.h"
 #include "model/load.h"
 #include "nlohmann/json.hpp"
-#include "saap/evaluate.h"
+#include "saap/model/evaluate.h"
 
 namespace sparseflash::cli {
 

@@ -14,7 +14,7 @@
 #include "cli/model_flags.h"
 #include "cli/saap.h"
 #include "model/perplexity.h"
-#include "saap/evaluate.h"
+#include "saap/model/evaluate.h"
 
 ABSL_FLAG(std::string, rope_index, "",
           "saap eval: an index fitted with --key-space rope, for the RoPE'd k-means baseline.");

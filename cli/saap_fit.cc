@@ -15,7 +15,7 @@
 #include "cli/command.h"
 #include "cli/model_flags.h"
 #include "cli/saap.h"
-#include "saap/calibrate.h"
+#include "saap/model/calibrate.h"
 #include "saap/targets.h"
 
 ABSL_FLAG(int64_t, partitions, 256, "saap fit: key partitions (k-means centroids) per KV head.");

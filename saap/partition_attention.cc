@@ -1,6 +1,6 @@
 // SAAP attention: the full-sequence path (masked, chunked over queries) and
 // the partition-contiguous decode cache. See attention.h for the contract.
-#include "saap/attention.h"
+#include "saap/partition_attention.h"
 
 #include <algorithm>
 #include <array>

@@ -23,7 +23,7 @@ status=0
 build-gpu/tests/saap_test --gtest_brief=1 2>&1 | tee "$OUT/saap_test.log" | tail -n 20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 # shellcheck disable=SC2086  # SAAP_BENCH_ARGS is a list of flags
-build-gpu/saap/saap_bench --device cuda --json "$OUT/saap_bench.json" ${SAAP_BENCH_ARGS:-} \
+build-gpu/bench/saap_bench --device cuda --json "$OUT/saap_bench.json" ${SAAP_BENCH_ARGS:-} \
   2>&1 | tee "$OUT/saap_bench.log" || status=1
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

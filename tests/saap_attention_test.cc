@@ -16,7 +16,7 @@
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
-#include "saap/attention.h"
+#include "saap/partition_attention.h"
 
 namespace sparseflash::saap {
 namespace {

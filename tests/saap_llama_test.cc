@@ -16,9 +16,9 @@
 #include "model/generate.h"
 #include "model/llama.h"
 #include "saap/budgets.h"
-#include "saap/calibrate.h"
+#include "saap/model/calibrate.h"
 #include "saap/index.h"
-#include "saap/inference.h"
+#include "saap/model/inference.h"
 #include "tests/test_util.h"
 
 namespace sparseflash::saap {

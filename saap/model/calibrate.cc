@@ -1,7 +1,7 @@
 // Fitting a SAAP index on a loaded Llama, and measuring routing quality.
 // Reading order: helpers (windows, the recording hook, checks), fitting
 // (keys -> k-means -> targets -> classifiers -> index), routing evaluation.
-#include "saap/calibrate.h"
+#include "saap/model/calibrate.h"
 
 #include <algorithm>
 #include <chrono>

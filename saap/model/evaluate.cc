@@ -1,6 +1,6 @@
 // SAAP evaluation. Reading order: options and hooks, perplexity rows, the
 // pass-key check, the whole evaluation.
-#include "saap/evaluate.h"
+#include "saap/model/evaluate.h"
 
 #include <chrono>
 #include <random>

@@ -1,5 +1,5 @@
 // Measuring a SAAP index on a loaded model (`sparseflash saap eval`): routing
-// recall and keys visited against the baselines (saap/calibrate.h), sliding-
+// recall and keys visited against the baselines (saap/model/calibrate.h), sliding-
 // window perplexity dense vs SAAP at each l, key budget and mass threshold,
 // and a pass-key retrieval check. Also the pieces `eval`/`generate --attention
 // saap` use: option parsing and opening an index as an attention hook.
@@ -12,9 +12,9 @@
 
 #include "absl/status/statusor.h"
 #include "model/causal_lm.h"
-#include "saap/calibrate.h"
+#include "saap/model/calibrate.h"
 #include "saap/index.h"
-#include "saap/inference.h"
+#include "saap/model/inference.h"
 #include "tokenizer/tokenizer.h"
 
 namespace sparseflash::saap {

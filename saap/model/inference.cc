@@ -1,5 +1,5 @@
 // The SAAP attention hook. See inference.h.
-#include "saap/inference.h"
+#include "saap/model/inference.h"
 
 #include <stdexcept>
 

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "model/causal_lm.h"
-#include "saap/attention.h"
+#include "saap/partition_attention.h"
 #include "saap/budgets.h"
 #include "saap/classifier.h"
 #include "saap/index.h"
