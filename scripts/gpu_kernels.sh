@@ -4,8 +4,8 @@
 # set-up of scripts/gpu_host.sh (phases deps, configure, build).
 #   OUT=DIR   results (ctest log, bench JSON); BENCH_N / BENCH_D: lists for the benchmark;
 #   BENCH_ARGS: more bench_attention flags (e.g. --deterministic); KERNEL_TEST_FILTER:
-#   a gtest filter for sparse_flash_test; RUN_ATTENTION_TEST=0 skips attention_test;
-#   RUN_KERNEL_TEST=0 skips sparse_flash_test; RUN_FLEX=1 also times FlexAttention
+#   a gtest filter for sparse_flash_test and lsh_packing_test; RUN_ATTENTION_TEST=0 skips attention_test;
+#   RUN_KERNEL_TEST=0 skips sparse_flash_test and lsh_packing_test; RUN_FLEX=1 also times FlexAttention
 #   (bench/flex_attention.py, causal and hash over sorted rows, D = 64) at FLEX_N
 #   (default BENCH_N);
 #   NCU_CASES="hash:16 drop:0.7": afterwards, every kernel's time for these cases
@@ -15,14 +15,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 GPU_PHASES="deps configure build" \
-  GPU_BUILD_TARGETS="${GPU_BUILD_TARGETS:-sparse_flash_test bench_attention attention_test}" \
+  GPU_BUILD_TARGETS="${GPU_BUILD_TARGETS:-sparse_flash_test lsh_packing_test bench_attention attention_test}" \
   bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 || {
   echo "setup failed"; tail -30 "$OUT/setup.log"; }
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 status=0
 if [ "${RUN_KERNEL_TEST:-1}" = 1 ]; then
-  build-gpu/tests/sparse_flash_test --gtest_brief=1 ${KERNEL_TEST_FILTER:+--gtest_filter=$KERNEL_TEST_FILTER} 2>&1 | tee "$OUT/kernel_test.log" | tail -60
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  for t in sparse_flash_test lsh_packing_test; do
+    build-gpu/tests/$t --gtest_brief=1 ${KERNEL_TEST_FILTER:+--gtest_filter=$KERNEL_TEST_FILTER} 2>&1 | tee "$OUT/$t.log" | tail -60
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
 fi
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 if [ "${RUN_ATTENTION_TEST:-1}" = 1 ]; then
