@@ -181,26 +181,26 @@ cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int
                            cudaStream_t stream, const float* offsets, int offset_block,
                            int cap, float* scores) {
   clear_refusal();
-  const std::string fn = "lsh_bucket_ids: ";
+  const char* const fn = "lsh_bucket_ids: ";  // a std::string only when refusing
   // Shape errors before the device is asked anything.
   if (B <= 0 || H <= 0 || N <= 0 || Hr <= 0 || half <= 0)
-    return refuse(fn + arg("B", B) + ", " + arg("H", H) + ", " + arg("N", N) + ", " + arg("Hr", Hr) +
+    return refuse(std::string(fn) + arg("B", B) + ", " + arg("H", H) + ", " + arg("N", N) + ", " + arg("Hr", Hr) +
                   ", " + arg("half", half) + ": all must be positive");
-  if (H % Hr != 0) return refuse(fn + arg("Hr", Hr) + " does not divide " + arg("H", H));
-  if (D <= 0 || D % 8 != 0 || D > 256) return refuse(fn + arg("D", D) + ", expected a multiple of 8 in 8..256");
+  if (H % Hr != 0) return refuse(std::string(fn) + arg("Hr", Hr) + " does not divide " + arg("H", H));
+  if (D <= 0 || D % 8 != 0 || D > 256) return refuse(std::string(fn) + arg("D", D) + ", expected a multiple of 8 in 8..256");
   if (!rows_aligned16(x, layout))
-    return refuse(fn + "x and its strides (" + arg("b", layout.b) + ", " + arg("h", layout.h) + ", " +
+    return refuse(std::string(fn) + "x and its strides (" + arg("b", layout.b) + ", " + arg("h", layout.h) + ", " +
                   arg("n", layout.n) + ") must be 16-byte aligned");
-  if (offsets && offset_block <= 0) return refuse(fn + arg("offset_block", offset_block) + " with offsets");
+  if (offsets && offset_block <= 0) return refuse(std::string(fn) + arg("offset_block", offset_block) + " with offsets");
   if (!lsh_shape_fits(D, half, SIZE_MAX))
-    return refuse(fn + arg("D", D) + " x " + arg("half", half) + ": the rotations exceed 96 KB");
+    return refuse(std::string(fn) + arg("D", D) + " x " + arg("half", half) + ": the rotations exceed 96 KB");
   if (cap < 0 || cap > kLshCapRows)
-    return refuse(fn + arg("cap", cap) + ", expected 0..." + std::to_string(kLshCapRows));
-  if (cap > 0 && half > 32) return refuse(fn + "cap needs half <= 32, got " + std::to_string(half));
+    return refuse(std::string(fn) + arg("cap", cap) + ", expected 0..." + std::to_string(kLshCapRows));
+  if (cap > 0 && half > 32) return refuse(std::string(fn) + "cap needs half <= 32, got " + std::to_string(half));
   if (cap > 0 && cap * 2 * half < kLshCapRows)
-    return refuse(fn + arg("cap", cap) + " x 2 x " + arg("half", half) + " buckets hold fewer than " +
+    return refuse(std::string(fn) + arg("cap", cap) + " x 2 x " + arg("half", half) + " buckets hold fewer than " +
                   std::to_string(kLshCapRows) + " rows");
-  if (cap > 0 && !scores) return refuse(fn + "cap needs the scores workspace");
+  if (cap > 0 && !scores) return refuse(std::string(fn) + "cap needs the scores workspace");
   if (cap == 0) scores = nullptr;
   int device = 0, optin = 0;
   if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
@@ -208,7 +208,7 @@ cudaError_t lsh_bucket_ids(DType dtype, const void* x, Layout layout, int B, int
       e != cudaSuccess)
     return e;
   if (!lsh_shape_fits(D, half, static_cast<size_t>(optin)))
-    return refuse(fn + arg("D", D) + ", " + arg("half", half) + ": needs " +
+    return refuse(std::string(fn) + arg("D", D) + ", " + arg("half", half) + ": needs " +
                   std::to_string(lsh_smem_bytes(D, half, 2)) + " bytes of shared memory, the device " +
                   std::to_string(optin));
   const size_t smem = lsh_smem_bytes(D, half, 2);

@@ -202,22 +202,22 @@ cudaError_t pack_by_bucket(const int* bucket_in, int rows, int n, int sort_bits,
                            size_t workspace_bytes, cudaStream_t stream, const bool* keep,
                            int dropped_bucket) {
   clear_refusal();
-  const std::string fn = "pack_by_bucket: ";
+  const char* const fn = "pack_by_bucket: ";  // a std::string only when refusing
   if (rows <= 0 || n <= 0)
-    return refuse(fn + arg("rows", rows) + ", " + arg("n", n) + ": both must be positive");
-  if (sort_bits < 0 || sort_bits > 30) return refuse(fn + arg("sort_bits", sort_bits) + ", expected 0..30");
+    return refuse(std::string(fn) + arg("rows", rows) + ", " + arg("n", n) + ": both must be positive");
+  if (sort_bits < 0 || sort_bits > 30) return refuse(std::string(fn) + arg("sort_bits", sort_bits) + ", expected 0..30");
   if (segments_out != nullptr && sort_bits > kMaxSegmentBits)
-    return refuse(fn + "segments_out needs sort_bits <= " + std::to_string(kMaxSegmentBits) + ", got " +
+    return refuse(std::string(fn) + "segments_out needs sort_bits <= " + std::to_string(kMaxSegmentBits) + ", got " +
                   std::to_string(sort_bits));
   if (const size_t need = pack_workspace_bytes(rows, n, sort_bits); workspace_bytes < need)
-    return refuse(fn + arg("workspace_bytes", workspace_bytes) + ", needs " + std::to_string(need) +
+    return refuse(std::string(fn) + arg("workspace_bytes", workspace_bytes) + ", needs " + std::to_string(need) +
                   " (pack_workspace_bytes)");
-  if (bucket_in == nullptr && keep == nullptr) return refuse(fn + "neither bucket_in nor keep given");
+  if (bucket_in == nullptr && keep == nullptr) return refuse(std::string(fn) + "neither bucket_in nor keep given");
   if (keep != nullptr && sort_bits > kMaxSegmentBits)
-    return refuse(fn + "keep needs sort_bits <= " + std::to_string(kMaxSegmentBits) + ", got " +
+    return refuse(std::string(fn) + "keep needs sort_bits <= " + std::to_string(kMaxSegmentBits) + ", got " +
                   std::to_string(sort_bits));
   if (keep != nullptr && (dropped_bucket < 0 || dropped_bucket >= (1 << sort_bits)))
-    return refuse(fn + arg("dropped_bucket", dropped_bucket) + ", outside [0, 2^sort_bits = " +
+    return refuse(std::string(fn) + arg("dropped_bucket", dropped_bucket) + ", outside [0, 2^sort_bits = " +
                   std::to_string(1 << sort_bits) + ")");
   const int64_t items = static_cast<int64_t>(rows) * n;
   if (sort_bits <= kMaxSegmentBits) {
