@@ -99,10 +99,12 @@ done
 run_settings() {
   case $1 in
     dense) printf "%s\n" "attention.kind=DENSE" "attention.shared_qk=false" ;;
+    # The preset caps the buckets; these runs are the paper's uncapped LSH.
     hash8|hash16|hash32) printf '%s\n' "attention.kind=HASH" "attention.num_buckets=${1#hash}" \
-                           "attention.shared_qk=true" ;;
+                           "attention.shared_qk=true" "attention.lsh_capacity=0" ;;
     hash8sep|hash16sep|hash32sep) local nb=${1#hash}; nb=${nb%sep}
-      printf '%s\n' "attention.kind=HASH" "attention.num_buckets=$nb" "attention.shared_qk=false" ;;
+      printf '%s\n' "attention.kind=HASH" "attention.num_buckets=$nb" "attention.shared_qk=false" \
+        "attention.lsh_capacity=0" ;;
     # ...cap: buckets of equal size in each block of 128 rows (attention.lsh_capacity=1).
     hash8cap|hash16cap|hash32cap|hash8sepcap|hash16sepcap|hash32sepcap)
       run_settings "${1%cap}"; echo "attention.lsh_capacity=1" ;;
@@ -221,10 +223,16 @@ for phase in $PHASES; do
     ;;
   train)
     [ -s "$DATA/meta.json" ] || die "no data at $DATA: run the data phase first"
+    # Exit 0 when every run is done; 2 when the deadline stopped one (run the
+    # phase again to resume); 1 when a run failed (the others still train).
+    train_status=0
     for name in $(run_names); do
       train_run "$name"
-      [ $? -eq 2 ] && break
+      rc=$?
+      [ $rc -eq 2 ] && { train_status=2; break; }
+      [ $rc -eq 0 ] || train_status=1
     done
+    [ $train_status -eq 0 ] || exit $train_status
     ;;
   report)
     "${PYTHON:-python3}" scripts/lm_experiment_report.py "$EXP"

@@ -135,21 +135,30 @@ def acceptance(summary):
         if not s:
             lines.append(f"| {n} | not run | | |")
             continue
-        cands = [r for r in s["rows"] if r["run"] in ("hash16", "hash16sep", "hash16cap", "hash16sepcap")
-                 and r["seed"] == 1]
-        if not cands or s["dense_final_val_loss"] is None:
+        # Each kind over all its seeds: the mean final loss, and the time
+        # ratio only where every seed reached dense's final loss.
+        kinds = {}
+        for r in s["rows"]:
+            if r["run"] in ("hash16", "hash16sep", "hash16cap", "hash16sepcap"):
+                kinds.setdefault(r["run"], []).append(r)
+        if not kinds or s["dense_final_val_loss"] is None:
             lines.append(f"| {n} | not run | | |")
             continue
-        best = min(cands, key=lambda r: r["final_val_loss"])
-        ok_loss = best["vs_dense_pct"] <= 1.0
-        ratio = best["time_ratio"]
+        def mean_of(rows, key):
+            values = [r[key] for r in rows]
+            return None if any(v is None for v in values) else statistics.mean(values)
+        run, rows = min(kinds.items(), key=lambda kv: mean_of(kv[1], "vs_dense_pct"))
+        vs_dense = mean_of(rows, "vs_dense_pct")
+        ratio = mean_of(rows, "time_ratio")
+        ok_loss = vs_dense <= 1.0
         ok_time = ratio is not None and ratio <= limit
+        seeds = f"{len(rows)} seed{'s' if len(rows) > 1 else ''}"
         lines.append(
-            f"| {n} | {LABEL[best['run']]}: {fmt(best['vs_dense_pct'], '+.2f')}% "
+            f"| {n} | {LABEL[run]} ({seeds}): {fmt(vs_dense, '+.2f')}% "
             f"({'met' if ok_loss else 'missed'}) | "
             f"{'never reached' if ratio is None else format(ratio, '.2f') + 'x dense' + chr(39) + 's time'}"
             f", limit {limit}x "
-            f"({'met' if ok_time else 'missed'}) | {fmt(best['speed_vs_dense'], '.2f')}x |")
+            f"({'met' if ok_time else 'missed'}) | {fmt(mean_of(rows, 'speed_vs_dense'), '.2f')}x |")
     return lines
 
 
@@ -189,7 +198,7 @@ def write_report(exp, runs, meta, summary, title):
                 md.append(f"- {LABEL.get(run, run)}: {sp['mean']:.4f} ± {sp['half_range']:.4f} "
                           f"({sp['n']} seeds)")
         md.append("")
-    md += ["## Acceptance (hash nb 16, the best of shared and separate Q/K, with and without capped buckets, seed 1)", "",
+    md += ["## Acceptance (hash nb 16, the best of shared and separate Q/K, with and without capped buckets; the mean over its seeds)", "",
            "| N | final val loss vs dense (≤ 1%) | time to dense's final loss | step speed |",
            "|---|---|---|---|"] + acceptance(summary) + [""]
     open(os.path.join(exp, "report.md"), "w").write("\n".join(md))

@@ -116,6 +116,7 @@ TEST(ConfigPresets, PresetValues) {
   EXPECT_EQ(paper->data().seq_len(), 8192);
   EXPECT_TRUE(paper->attention().shared_qk());
   EXPECT_EQ(paper->attention().num_buckets(), 16);
+  EXPECT_EQ(paper->attention().lsh_capacity(), 1.0f);
   EXPECT_FALSE(paper->model().bias());
 }
 
