@@ -64,7 +64,7 @@
 #include "model/factory.h"
 #include "profile/phases.h"
 #include "trainer/schedule.h"
-#include "trainer/state.h"
+#include "trainer/optimizer.h"
 #include "trainer/step.h"
 
 ABSL_FLAG(std::vector<std::string>, n, std::vector<std::string>({"1024", "8192", "16384"}),

@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <stdexcept>
 
-#include "checkpoint/atomic_file.h"
+#include "io/atomic_file.h"
 
 namespace sparseflash::checkpoint {
 
@@ -140,7 +140,7 @@ void GgufWriter::add(Pending t, const std::vector<int64_t>& shape) {
 }
 
 void GgufWriter::write() const {
-  AtomicFile out(path_);
+  io::AtomicFile out(path_);
   const std::string header = header_.bytes();  // ends padded to the alignment
   out.write(header.data(), header.size());
   const uint64_t data_start = out.size();

@@ -81,7 +81,7 @@ class GgufBuilder {
 // add_* calls; alignment 32, stated in general.alignment), tensors given as
 // float32 values and stored as F32, F16, BF16 or Q8_0 (from_float32), each
 // converted in slices while the data section streams out, so a model needs no
-// second copy of itself in memory. write() goes through AtomicFile: on any
+// second copy of itself in memory. write() goes through io::AtomicFile: on any
 // error no file (and no temporary) is left at the path. Errors throw
 // std::runtime_error naming the path and, for a tensor, its name.
 class GgufWriter {

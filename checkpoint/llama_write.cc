@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "checkpoint/atomic_file.h"
+#include "io/atomic_file.h"
 #include "checkpoint/gguf.h"
 #include "checkpoint/gguf_writer.h"
 #include "checkpoint/llama.h"
@@ -27,7 +27,7 @@ void write_native_llama(const std::string& dir, const LlamaConfig& config,
   }
   write_safetensors(dir + "/model.safetensors", tensors, {{kNativeFormatKey, kNativeFormatValue}});
   const std::string text = llama_config_to_json(config);
-  AtomicFile config_json(dir + "/config.json");
+  io::AtomicFile config_json(dir + "/config.json");
   config_json.write(text.data(), text.size());
   config_json.commit();
   // Read back: a native checkpoint that does not load is worse than none.

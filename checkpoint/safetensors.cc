@@ -11,7 +11,7 @@
 #include <set>
 #include <stdexcept>
 
-#include "checkpoint/atomic_file.h"
+#include "io/atomic_file.h"
 #include "checkpoint/json_brief.h"
 #include "nlohmann/json.hpp"
 
@@ -299,7 +299,7 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   }
   text.append((8 - text.size() % 8) % 8, ' ');
 
-  AtomicFile out(path);
+  io::AtomicFile out(path);
   uint64_t header_len = text.size();
   out.write(&header_len, 8);
   out.write(text.data(), text.size());

@@ -38,7 +38,7 @@ struct ConvertOptions {
 
 absl::StatusOr<model::ExportResult> convert(const ConvertOptions& o) {
   const bool gguf = o.format == model::ExportFormat::kGguf;
-  // hf-gpt2 reads runs only: anything else fails in trainer::load_model, naming it.
+  // hf-gpt2 reads runs only: anything else fails in trainer::restore_run, naming it.
   if (o.format != model::ExportFormat::kHfGpt2 && !model::is_training_checkpoint(o.input)) {
     if (gguf) return model::export_llama_file_gguf(o.input, o.output, o.gguf_type, o.rope_scaling);
     return model::export_llama_file(o.input, o.output, o.dtype);
@@ -46,7 +46,7 @@ absl::StatusOr<model::ExportResult> convert(const ConvertOptions& o) {
   if (!o.rope_scaling.empty())
     return absl::InvalidArgumentError(
         "--rope-scaling: runs keep the context they were trained for; it applies to pretrained files");
-  auto run = trainer::load_model(o.input, "cpu");
+  auto run = trainer::restore_run(o.input, "cpu");
   if (!run.ok()) return run.status();
   model::RunSource source{o.input, run->step, run->tokenizer, trainer::run_tokenizer_source(*run)};
   return model::export_run(run->model, run->config, source, o.format, o.output,

@@ -116,7 +116,7 @@ int dispatch(int argc, char** argv) {
   }
 
   // Collect --set, translate hyphens, refuse flags of other commands.
-  const bool takes_set = name == "train";
+  const bool takes_set = name == "train" || name == "saap";  // saap fit: its saap_fit section
   Args overrides;
   std::vector<std::string> kept = {argv[0]};
   for (int i = 2; i < argc; ++i) {
@@ -132,12 +132,12 @@ int dispatch(int argc, char** argv) {
     }
     if (arg == "--set" || arg.rfind("--set=", 0) == 0) {
       if (!takes_set) {
-        std::cerr << "sparseflash " << name << ": --set is an option of train only\n";
+        std::cerr << "sparseflash " << name << ": --set is an option of train and saap fit only\n";
         return 2;
       }
       if (arg == "--set") {
         if (i + 1 >= argc) {
-          std::cerr << "sparseflash train: --set needs a value: --set path=value\n";
+          std::cerr << "sparseflash " << name << ": --set needs a value: --set path=value\n";
           return 2;
         }
         overrides.push_back(argv[++i]);

@@ -1,7 +1,6 @@
 // The shared model flags and loading from them.
 #include "cli/model_flags.h"
 
-#include <fstream>
 #include <iostream>
 
 #include "absl/flags/flag.h"
@@ -9,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "io/atomic_file.h"
 #include "trainer/trainer.h"
 
 ABSL_FLAG(std::string, model, "",
@@ -190,11 +190,8 @@ absl::StatusOr<data::Tokens> read_tokens_from_flags(const model::LoadedModel& lo
 absl::Status write_json_file(const nlohmann::json& j) {
   const std::string path = absl::GetFlag(FLAGS_json_file);
   if (path.empty()) return absl::OkStatus();
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f << j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
-  f.close();
-  if (!f) return absl::InternalError(absl::StrCat("cannot write ", path));
-  return absl::OkStatus();
+  return io::write_file_atomically(
+      path, j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
 }
 
 }  // namespace sparseflash::cli

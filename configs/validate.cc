@@ -214,6 +214,22 @@ absl::Status validate_with(const Experiment& exp, const Origins& origins) {
   c.at_least("eval.sample_tokens", exp.eval().sample_tokens(), 0);
   c.positive("distributed.bucket_mb", exp.distributed().bucket_mb());
   c.at_least("distributed.timeout_s", exp.distributed().timeout_s(), 1);
+
+  // (recency_bands and budget_grid are parsed, and checked, by saap fit itself.)
+  const config::SaapFit& f = exp.saap_fit();
+  c.at_least("saap_fit.partitions", f.partitions(), 1);
+  c.at_least("saap_fit.classifier_hidden", f.classifier_hidden(), 1);
+  c.at_least("saap_fit.local_window", f.local_window(), 1);
+  c.at_least("saap_fit.sink_tokens", f.sink_tokens(), 0);
+  c.at_least("saap_fit.kmeans_keys", f.kmeans_keys(), 1);
+  c.at_least("saap_fit.kmeans_iterations", f.kmeans_iterations(), 1);
+  c.at_least("saap_fit.queries_per_window", f.queries_per_window(), 1);
+  c.at_least("saap_fit.classifier_steps", f.classifier_steps(), 1);
+  c.at_least("saap_fit.budget_windows", f.budget_windows(), 1);
+  c.at_least("saap_fit.budget_queries_per_window", f.budget_queries_per_window(), 1);
+  c.at_least("saap_fit.windows", f.windows(), 0);
+  if (f.key_space() != "pre-rope" && f.key_space() != "rope")
+    c.fail("saap_fit.key_space", quoted(f.key_space()), "must be \"pre-rope\" or \"rope\"");
   return c.status();
 }
 

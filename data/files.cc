@@ -70,23 +70,6 @@ absl::StatusOr<std::string> read_file(const std::string& path) {
 }
 
 
-absl::Status write_file(const std::string& path, const std::string& contents) {
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return errno_error(errno, path, "cannot create");
-  if (!write_all(fd, contents.data(), contents.size()) || ::fsync(fd) != 0) {
-    absl::Status status = errno_error(errno, path, "cannot write");
-    ::close(fd);
-    ::unlink(path.c_str());
-    return status;
-  }
-  if (::close(fd) != 0) {
-    absl::Status status = errno_error(errno, path, "cannot write");
-    ::unlink(path.c_str());
-    return status;
-  }
-  return absl::OkStatus();
-}
-
 absl::Status make_dirs(const std::string& dir, const std::string& target,
                        std::vector<std::string>* created) {
   struct stat st;

@@ -27,9 +27,6 @@ bool is_archive_name(const std::string& path);
 // The whole file.
 absl::StatusOr<std::string> read_file(const std::string& path);
 
-// Writes `contents` to `path` (truncating) and fsyncs it; on failure removes the file.
-absl::Status write_file(const std::string& path, const std::string& contents);
-
 // mkdir -p. Directories it creates are appended to `created` (outermost
 // first) so that a failed run can remove them again. Errors name `target`,
 // the directory the user asked for, and the component that failed.

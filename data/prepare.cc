@@ -27,6 +27,7 @@
 #include "absl/strings/str_join.h"
 #include "data/files.h"
 #include "data/shard.h"
+#include "io/atomic_file.h"
 
 #ifdef SPARSEFLASH_WITH_LIBARCHIVE
 #include <archive.h>
@@ -44,7 +45,6 @@ using files::join_path;
 using files::make_dirs;
 using files::read_file;
 using files::strip_dot_slash;
-using files::write_file;
 
 // --- Document checks ----------------------------------------------------------
 
@@ -629,8 +629,7 @@ absl::StatusOr<Meta> prepare(const PrepareOptions& options) {
   auto cleanup = [&](absl::Status failure) {
     for (auto* w : {&run.train(), &run.val()}) {
       for (const auto& p : w->temp_paths()) {
-        ::unlink(p.c_str());
-        ::unlink((p + ".tmp").c_str());
+        ::unlink(p.c_str());  // (a shard's own temporary is gone with its failed write)
       }
     }
     ::unlink(meta_temp.c_str());
@@ -703,7 +702,7 @@ absl::StatusOr<Meta> prepare(const PrepareOptions& options) {
   // Commit: meta.json is staged first, then the shards are renamed into
   // place, and meta.json last, so that a reader never sees a meta.json
   // listing shards of a different run that are not there.
-  status = write_file(meta_temp, meta_json(meta));
+  status = io::write_file_atomically(meta_temp, meta_json(meta));
   if (!status.ok()) return cleanup(status);
   for (auto* w : {&run.train(), &run.val()}) {
     for (size_t i = 0; i < w->names().size(); ++i) {

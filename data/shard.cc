@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "io/atomic_file.h"
 
 // The format is little-endian and tokens are copied with memcpy: a big-endian
 // host would need byte swaps everywhere, and none is supported.
@@ -61,21 +62,6 @@ std::string show_bytes(const uint8_t* p, size_t n) {
 
 }  // namespace
 
-// write() until everything is out; EINTR and short writes are not errors.
-bool write_all(int fd, const void* data, size_t size) {
-  const auto* p = static_cast<const uint8_t*>(data);
-  while (size > 0) {
-    ssize_t n = ::write(fd, p, size);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    p += n;
-    size -= static_cast<size_t>(n);
-  }
-  return true;
-}
-
 uint32_t token_bytes_for_vocab(int vocab_size) {
   if (vocab_size <= (1 << 8)) return 1;
   if (vocab_size <= (1 << 16)) return 2;
@@ -107,62 +93,35 @@ absl::Status write_shard(const std::string& path, const std::vector<int32_t>& to
   }
   const uint32_t dtype = token_bytes_for_vocab(vocab_size);
 
-  const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return errno_error(errno, tmp, "cannot create");
-  // Every failure below closes and removes the temporary file so that a
-  // failed write leaves neither `path` nor `path.tmp` behind.
-  auto fail = [&](const char* what) {
-    absl::Status status = errno_error(errno, tmp, what);
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    return status;
-  };
-
   // The header (with the checksum) is only known after the tokens: write a
-  // placeholder, stream the tokens in chunks, then overwrite the header.
-  uint8_t header[kShardHeaderBytes] = {};
-  if (!write_all(fd, header, sizeof(header))) return fail("write failed");
-
-  uint64_t checksum = 14695981039346656037ull;
-  constexpr size_t kChunk = 1 << 20;
-  std::vector<uint8_t> buffer;
-  buffer.reserve(kChunk * dtype);
-  for (size_t begin = 0; begin < tokens.size(); begin += kChunk) {
-    const size_t n = std::min(kChunk, tokens.size() - begin);
-    buffer.resize(n * dtype);
-    for (size_t i = 0; i < n; ++i) {
-      const uint32_t v = static_cast<uint32_t>(tokens[begin + i]);
-      std::memcpy(buffer.data() + i * dtype, &v, dtype);  // low bytes: little-endian
+  // placeholder, stream the tokens in chunks, then overwrite the header. A
+  // failure anywhere leaves neither `path` nor a temporary behind.
+  return io::run_atomic_write(path, [&](io::AtomicFile& file) {
+    uint8_t header[kShardHeaderBytes] = {};
+    file.write(header, sizeof(header));
+    uint64_t checksum = 14695981039346656037ull;
+    constexpr size_t kChunk = 1 << 20;
+    std::vector<uint8_t> buffer;
+    buffer.reserve(kChunk * dtype);
+    for (size_t begin = 0; begin < tokens.size(); begin += kChunk) {
+      const size_t n = std::min(kChunk, tokens.size() - begin);
+      buffer.resize(n * dtype);
+      for (size_t i = 0; i < n; ++i) {
+        const uint32_t v = static_cast<uint32_t>(tokens[begin + i]);
+        std::memcpy(buffer.data() + i * dtype, &v, dtype);  // low bytes: little-endian
+      }
+      checksum = fnv1a64(buffer.data(), buffer.size(), checksum);
+      file.write(buffer.data(), buffer.size());
     }
-    checksum = fnv1a64(buffer.data(), buffer.size(), checksum);
-    if (!write_all(fd, buffer.data(), buffer.size())) return fail("write failed");
-  }
-
-  std::memcpy(header, kShardMagic, sizeof(kShardMagic));
-  put<uint32_t>(header, kOffVersion, kShardVersion);
-  put<uint32_t>(header, kOffDtype, dtype);
-  put<uint64_t>(header, kOffCount, tokens.size());
-  put<uint64_t>(header, kOffChecksum, checksum);
-  put<uint32_t>(header, kOffVocab, static_cast<uint32_t>(vocab_size));
-  put<uint32_t>(header, kOffDocs, document_count);
-  if (::pwrite(fd, header, sizeof(header), 0) != static_cast<ssize_t>(sizeof(header))) {
-    if (errno == 0) errno = EIO;
-    return fail("header write failed");
-  }
-  // fsync before rename: otherwise a crash can leave a renamed but empty file.
-  if (::fsync(fd) != 0) return fail("fsync failed");
-  if (::close(fd) != 0) {
-    absl::Status status = errno_error(errno, tmp, "close failed");
-    ::unlink(tmp.c_str());
-    return status;
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    absl::Status status = errno_error(errno, path, "cannot rename temporary file into place");
-    ::unlink(tmp.c_str());
-    return status;
-  }
-  return absl::OkStatus();
+    std::memcpy(header, kShardMagic, sizeof(kShardMagic));
+    put<uint32_t>(header, kOffVersion, kShardVersion);
+    put<uint32_t>(header, kOffDtype, dtype);
+    put<uint64_t>(header, kOffCount, tokens.size());
+    put<uint64_t>(header, kOffChecksum, checksum);
+    put<uint32_t>(header, kOffVocab, static_cast<uint32_t>(vocab_size));
+    put<uint32_t>(header, kOffDocs, document_count);
+    file.write_at(0, header, sizeof(header));
+  });
 }
 
 // --- Reader -----------------------------------------------------------------

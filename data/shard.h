@@ -29,9 +29,6 @@ inline constexpr size_t kShardHeaderBytes = 64;
 // Smallest dtype (1, 2 or 4 bytes) that holds ids in [0, vocab_size).
 uint32_t token_bytes_for_vocab(int vocab_size);
 
-// write() until everything is out; EINTR and short writes are not errors.
-bool write_all(int fd, const void* data, size_t size);
-
 uint64_t fnv1a64(const void* data, size_t size, uint64_t state = 14695981039346656037ull);
 
 // Writes a shard atomically (path + ".tmp", then rename): a failure never

@@ -11,7 +11,7 @@ Builds the libFuzzer targets of the parsers of untrusted files (clang++ with
 -fsanitize=fuzzer,address,undefined; objects rebuilt only when a source
 changed): fuzz_safetensors, fuzz_gguf, fuzz_llama2c (checkpoint/),
 fuzz_tokenizer_json (tokenizer/hf_json.h, then encode/decode), fuzz_saap_index
-(saap/index_file.h) and fuzz_checkpoint_info (trainer/state.h
+(saap/index_file.h) and fuzz_checkpoint_info (trainer/checkpoint.h
 read_checkpoint_info, linked against LibTorch). Writes seed corpora with
 make_seeds and make_checkpoint_seeds, then runs each fuzzer for N seconds
 (default 20) on DIR/corpus/NAME (kept between runs, so it grows).
@@ -63,7 +63,7 @@ COMMON=(-std=c++17 -O1 -g -fno-omit-frame-pointer -I"$ROOT"
 # Every fuzzer, the objects it links and its libraries. Objects are rebuilt when
 # their source or any of our headers (or a generated .pb.h) is newer.
 FUZZERS=(safetensors gguf llama2c tokenizer_json saap_index checkpoint_info)
-CHECKPOINT=(checkpoint/{mapped_file,atomic_file,tensor,safetensors,gguf,gguf_writer,llama,llama_write}.cc)
+CHECKPOINT=(io/atomic_file.cc checkpoint/{mapped_file,tensor,safetensors,gguf,gguf_writer,llama,llama_write}.cc)
 TOKENIZER=(tokenizer/{text,pretokenizer,byte,bpe,spm,hf_json,gguf_vocab,gguf_file_vocab,tokenizer}.cc)
 GEN="$BUILD/gen"
 PROTO_LIBS=($(pkg-config --libs protobuf absl_status absl_statusor absl_strings absl_str_format))
@@ -73,12 +73,13 @@ sources_of() {  # the project sources (and generated ones, under $GEN) fuzzer $1
     tokenizer_json) echo "${CHECKPOINT[@]} ${TOKENIZER[@]}" ;;
     saap_index) echo "${CHECKPOINT[@]} $GEN/saap/saap_index.pb.cc saap/index_file.cc" ;;
     checkpoint_info) echo "${CHECKPOINT[@]} $GEN/configs/experiment.pb.cc $GEN/configs/presets.cc" \
-                          "configs/config.cc configs/validate.cc trainer/state.cc" ;;
+                          "configs/config.cc configs/validate.cc trainer/checkpoint.cc trainer/optimizer.cc" ;;
   esac
 }
-libs_of() {
+libs_of() {  # io/atomic_file.cc (in every fuzzer) needs Abseil's status and strings
   case "$1" in
-    tokenizer_json) pkg-config --libs re2 ;;
+    safetensors|gguf|llama2c) pkg-config --libs absl_status absl_strings ;;
+    tokenizer_json) pkg-config --libs re2 absl_status absl_strings ;;
     saap_index) echo "${PROTO_LIBS[@]}" ;;
     checkpoint_info) echo "${PROTO_LIBS[@]} ${TORCH_LIBS[*]}" ;;
   esac
@@ -123,7 +124,7 @@ if [[ ! -f "$GEN/configs/presets.cc" || -n "$(find "$ROOT/configs/presets" -newe
   cmake -DOUT="$GEN/configs/presets.cc" -DDIR="$ROOT/configs/presets" -P "$ROOT/configs/embed_presets.cmake"
 fi
 
-HEADER_DIRS=("$ROOT"/{checkpoint,tokenizer,saap,configs,trainer,model,attention} "$GEN")
+HEADER_DIRS=("$ROOT"/{io,checkpoint,tokenizer,saap,configs,trainer,model,attention} "$GEN")
 compile() {  # compile SOURCE (relative to ROOT, or absolute under GEN) -> prints the object
   local src="$1" obj path
   path="$src"; [[ "$src" == /* ]] || path="$ROOT/$src"

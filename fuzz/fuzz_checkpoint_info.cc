@@ -1,5 +1,5 @@
-// libFuzzer target: read_checkpoint_info (trainer/state.h), the header of our
-// training checkpoints: our check of the archive's pickles (trainer/state.cc
+// libFuzzer target: read_checkpoint_info (trainer/checkpoint.h), the header of our
+// training checkpoints: our check of the archive's pickles (trainer/checkpoint.cc
 // check_archive), LibTorch's zip reader and unpickler (InputArchive), then the
 // "format", "config" (text proto, configs/), "tokenizer" and "state/*" entries. LibTorch is not instrumented, so coverage guides only
 // through our code; sanitizers still see what LibTorch does to our memory.
@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <string>
 
-#include "trainer/state.h"
+#include "trainer/checkpoint.h"
 
 // LibTorch's PyTorchStreamReader leaks miniz's reader state (about 1.3 KB)
 // when a file is not a readable zip: its constructor throws after

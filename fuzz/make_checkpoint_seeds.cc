@@ -1,5 +1,5 @@
 // Writes fuzz_checkpoint_info's seed corpus into OUT: real training checkpoints
-// from save_checkpoint (trainer/state.h), of a model with two tiny parameters
+// from save_checkpoint (trainer/checkpoint.h), of a model with two tiny parameters
 // (the header is what the fuzzer reads; weights only make the file bigger),
 // with and without optimizer state, for two presets. Each must read back.
 #include <sys/stat.h>
@@ -16,7 +16,7 @@
 #include "configs/config.h"
 #include "model/causal_lm.h"
 #include "tests/tiny_causal_lm.h"
-#include "trainer/state.h"
+#include "trainer/checkpoint.h"
 
 using namespace sparseflash;
 

@@ -18,6 +18,7 @@
 #include "checkpoint/gguf_writer.h"
 #include "checkpoint/llama.h"
 #include "checkpoint/safetensors.h"
+#include "io/atomic_file.h"
 #include "model/gpt.h"
 #include "model/llama.h"
 #include "model/load.h"
@@ -35,13 +36,6 @@ std::string message_of(const std::exception& e) {
   return what.substr(0, what.find("\nException raised from"));
 }
 
-absl::Status write_text_file(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f << text;
-  f.close();
-  if (!f) return absl::InternalError(absl::StrCat("cannot write ", path));
-  return absl::OkStatus();
-}
 
 // "auto" is `auto_dtype`; other names as parse_dtype reads them.
 absl::StatusOr<at::ScalarType> export_dtype(const std::string& name, at::ScalarType auto_dtype) {
@@ -368,7 +362,8 @@ absl::StatusOr<ExportResult> export_gpt_run(GPTImpl& gpt, const config::Experime
                  {"bos_token_id", 0},
                  {"eos_token_id", 0},
                  {"torch_dtype", "float32"}};
-  auto s = write_text_file((fs::path(out_dir) / "config.json").string(), config.dump(2) + "\n");
+  auto s = io::write_file_atomically((fs::path(out_dir) / "config.json").string(),
+                                     config.dump(2) + "\n");
   if (!s.ok()) return s;
   r.summary = absl::StrFormat(
       "wrote %s: GPT-2 (%d layers, d %d, %d heads, vocab %d = %s tokenizer, %d positions) from "

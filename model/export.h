@@ -2,7 +2,7 @@
 // format (an HF Llama directory) or to GGUF for llama.cpp, and a run of ours
 // to the HF format of its family (Llama -> HF Llama, GPT -> HF GPT-2) or, for
 // Llama runs, to GGUF. `sparseflash convert` calls
-// these; runs are restored by the caller (trainer::load_model).
+// these; runs are restored by the caller (trainer::restore_run).
 #pragma once
 
 #include <cstdint>

@@ -86,7 +86,7 @@ void set_llama_fields(const checkpoint::LlamaConfig& c, config::Model* m) {
 }
 
 // ---------------------------------------------------------------------------
-// our training checkpoints (trainer/state.h writes them)
+// our training checkpoints (trainer/checkpoint.h writes them)
 
 bool is_training_checkpoint(const std::string& path) {
   std::error_code ec;

@@ -86,7 +86,7 @@ struct LoadedModel {
 absl::StatusOr<LoadedModel> load_pretrained_model(const std::string& path,
                                                   const LoadOptions& options);
 
-// A run of ours already restored (trainer::load_model: `trained` on the CPU,
+// A run of ours already restored (trainer::restore_run: `trained` on the CPU,
 // float32, with its `config`): rebuilt with options.attention when given,
 // moved to the device and dtype. `tokenizer` is the run's (see
 // trainer::load_for_inference); options.tokenizer replaces it.

@@ -18,7 +18,7 @@
 # Inputs the host lacks travel with the call: .deps always; for long-context the
 # model's GGUF in pieces (data/llama-parts-a with .deps on the first call, then
 # data/llama-parts-b; or MODEL=PATH); for lm the tokenizer (TOKENIZER=FILE, e.g.
-# data/tokenizers/smollm2.gguf made by scripts/tokenizer_gguf.py).
+# data/tokenizers/smollm2.gguf made by scripts/staging/tokenizer_gguf.py).
 #
 # Usage (on the host, from the repo root):
 #   EXPERIMENT=lm PHASE=build bash scripts/gpu_experiment.sh         # build only

@@ -5,7 +5,7 @@
 # The host (Ubuntu 24.04, no network) has cmake, ninja, nvcc 13, cuDNN, protobuf
 # 3.21 + protoc, GoogleTest, nlohmann-json, and torch 2.11 in /opt/torch/.venv
 # (whose python3 is on PATH). It lacks Abseil and libarchive: those come as Debian
-# .deb files in .deps/ (made by scripts/fetch_gpu_debs.sh; .deps/ is git-ignored,
+# .deb files in .deps/ (made by scripts/staging/fetch_gpu_debs.sh; .deps/ is git-ignored,
 # so it must be carried to the host explicitly) and are unpacked, not installed,
 # into /opt/deps.
 #
@@ -20,7 +20,10 @@
 #                         always runs), e.g. to split the work over several calls
 #                         ("configure build", then "ctest prepare train bench train8k")
 #   GPU_TRAIN_STEPS=N     steps of the gpu_default training check (default 300)
-#   GPU_BUILD_TARGETS="t1 t2"  build only these targets (default: everything)
+#   GPU_BUILD_TARGETS="t1 t2"  build only these targets (default: everything);
+#                         "label:L" stands for the test programs of ctest label L
+#                         (build-gpu/tests/targets-L.txt, written by the configure step)
+#   CTEST_LABEL=L         the ctest phase runs only the tests of label L (ctest -L L)
 #   SF_CMAKE_ARGS="-D..."  extra CMake arguments of the configure phase, e.g.
 #                         -DSF_PRECOMPILED_HEADERS=OFF
 #   SPARSEFLASH_DEPS_ROOT where to unpack .deps/*.deb (default /opt/deps)
@@ -130,7 +133,7 @@ phase_deps() {
   shopt -s nullglob   # (this runs in a subshell: the setting does not leak)
   local debs=(.deps/*.deb) f pc missing
   if [ ${#debs[@]} -eq 0 ]; then
-    echo "no .deb files in .deps/: run scripts/fetch_gpu_debs.sh on the development" \
+    echo "no .deb files in .deps/: run scripts/staging/fetch_gpu_debs.sh on the development" \
          "machine and carry .deps/ to this host" >&2
     return 1
   fi
@@ -151,7 +154,7 @@ phase_deps() {
             done | sort -u)
   if [ -n "$missing" ]; then
     echo "libraries the unpacked packages need but this host lacks: ${missing//$'\n'/ }" >&2
-    echo "add the Debian packages that provide them: scripts/fetch_gpu_debs.sh PACKAGE..." >&2
+    echo "add the Debian packages that provide them: scripts/staging/fetch_gpu_debs.sh PACKAGE..." >&2
     return 1
   fi
   local libs=("$LIBDIR"/*.so.*)
@@ -180,14 +183,23 @@ phase_configure() {
 phase_build() {
   # -k 0: build everything that can be built, so one broken target does not
   # stop the GPU checks whose binaries are fine.
-  local targets=()
-  for t in ${GPU_BUILD_TARGETS:-}; do targets+=(--target "$t"); done
+  local targets=() t
+  for t in ${GPU_BUILD_TARGETS:-}; do
+    if [[ $t == label:* ]]; then
+      local list="$B/tests/targets-${t#label:}.txt"
+      [ -f "$list" ] || { echo "no test programs of label ${t#label:} ($list missing)" >&2; return 1; }
+      for t in $(cat "$list"); do targets+=(--target "$t"); done
+    else
+      targets+=(--target "$t")
+    fi
+  done
   cmake --build "$B" -j16 "${targets[@]}" -- -k 0 2>&1 | tee "$OUT/build.log"
 }
 
 phase_ctest() {
   # The host has no clang: the fuzz test skips instead of failing.
-  SPARSEFLASH_ALLOW_NO_FUZZ=1 ctest --test-dir "$B" --output-on-failure 2>&1 | tee "$OUT/ctest.log"
+  SPARSEFLASH_ALLOW_NO_FUZZ=1 ctest --test-dir "$B" --output-on-failure ${CTEST_LABEL:+-L "$CTEST_LABEL"} \
+    2>&1 | tee "$OUT/ctest.log"
 }
 
 phase_prepare() {

@@ -4,7 +4,7 @@
 # set-up of scripts/gpu_host.sh (phases deps, configure, build).
 #   OUT=DIR   results (ctest log, bench JSON); BENCH_N / BENCH_D: lists for the benchmark;
 #   BENCH_ARGS: more bench_attention flags (e.g. --deterministic); KERNEL_TEST_FILTER:
-#   a gtest filter for sparse_flash_test and lsh_packing_test; RUN_ATTENTION_TEST=0 skips attention_test;
+#   a gtest filter for sparse_flash_test and lsh_packing_test; RUN_ATTENTION_TEST=0 skips attention_test, lsh_test and local_window_test;
 #   RUN_KERNEL_TEST=0 skips sparse_flash_test and lsh_packing_test; RUN_FLEX=1 also times FlexAttention
 #   (bench/flex_attention.py, causal and hash over sorted rows, D = 64) at FLEX_N
 #   (default BENCH_N);
@@ -15,7 +15,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 GPU_PHASES="deps configure build" \
-  GPU_BUILD_TARGETS="${GPU_BUILD_TARGETS:-sparse_flash_test lsh_packing_test bench_attention attention_test}" \
+  GPU_BUILD_TARGETS="${GPU_BUILD_TARGETS:-sparse_flash_test lsh_packing_test bench_attention attention_test lsh_test local_window_test}" \
   bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 || {
   echo "setup failed"; tail -30 "$OUT/setup.log"; }
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
@@ -28,8 +28,10 @@ if [ "${RUN_KERNEL_TEST:-1}" = 1 ]; then
 fi
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
 if [ "${RUN_ATTENTION_TEST:-1}" = 1 ]; then
-  build-gpu/tests/attention_test --gtest_brief=1 2>&1 | tee "$OUT/attention_test.log" | tail -15
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  for t in attention_test lsh_test local_window_test; do
+    build-gpu/tests/$t --gtest_brief=1 2>&1 | tee "$OUT/$t.log" | tail -15
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
 fi
 if [ "${RUN_FLEX:-0}" = 1 ]; then
   PYTHONUNBUFFERED=1 python3 bench/flex_attention.py --n "${FLEX_N:-${BENCH_N:-8192,16384}}" \

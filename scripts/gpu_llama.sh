@@ -5,7 +5,7 @@
 # 64 greedy tokens from both (float32) compared token by token. Prints a table last;
 # JSON and logs go to $OUT.
 #
-# Inputs (made on the development machine by scripts/fetch_gpu_llama.sh; git-ignored,
+# Inputs (made on the development machine by scripts/staging/fetch_gpu_llama.sh; git-ignored,
 # so they must be carried):
 #   .deps/          (the Debian packages gpu_host.sh unpacks, and .deps/llama/: the text,
 #                    the gguf wheel, the model's checksum)
@@ -35,10 +35,10 @@ GREEDY=${LLAMA_GREEDY:-64}
 PROMPT="The Linux kernel's memory management subsystem"
 
 # --- the model: stage the halves, join them once both are here
-# shellcheck source=scripts/stage_smollm2.sh
-. scripts/stage_smollm2.sh
+# shellcheck source=scripts/staging/stage_smollm2.sh
+. scripts/staging/stage_smollm2.sh
 stage_smollm2 || exit $?
-[ -f "$TEXT" ] || die "$TEXT missing: carry .deps (scripts/fetch_gpu_llama.sh)"
+[ -f "$TEXT" ] || die "$TEXT missing: carry .deps (scripts/staging/fetch_gpu_llama.sh)"
 
 # --- transformers needs the gguf package to read the file
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \

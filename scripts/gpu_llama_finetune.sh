@@ -34,11 +34,11 @@ export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 
 if [ "$PHASE" = build ] || [ "$PHASE" = all ]; then
   OUT=$LOGS GPU_PHASES="deps configure build" \
-    GPU_BUILD_TARGETS="${GPU_BUILD_TARGETS:-bench_train_step sparseflash model_test fused_test attention_test llama_test llama_finetune_test}" \
+    GPU_BUILD_TARGETS="${GPU_BUILD_TARGETS:-bench_train_step sparseflash model_test fused_test attention_test lsh_test local_window_test llama_test llama_finetune_test}" \
     bash scripts/gpu_host.sh >"$LOGS/setup.log" 2>&1 || {
     echo "setup failed"; grep -E "error|FAILED" "$LOGS/setup.log" | head -30; tail -5 "$LOGS/setup.log"; status=1; }
   echo "setup: ${SECONDS}s"
-  for t in model_test fused_test attention_test "llama_test --gtest_filter=LlamaGpu.*:Llama.*" llama_finetune_test; do
+  for t in model_test fused_test attention_test lsh_test local_window_test "llama_test --gtest_filter=LlamaGpu.*:Llama.*" llama_finetune_test; do
     name=${t%% *}
     [ -x "build-gpu/tests/$name" ] || { echo "$name: not built"; status=1; continue; }
     # shellcheck disable=SC2086

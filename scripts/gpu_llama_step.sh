@@ -14,7 +14,7 @@
 #   STEP_CKPT="false true"  activation checkpointing settings to time
 #   STEP_PHASES=true GPU time per phase of the step (default false)
 #   STEP_KERNELS=true the top kernels of one step by GPU time (Kineto; default false)
-#   RUN_TESTS=1      also build and run fused_test and attention_test first
+#   RUN_TESTS=1      also build and run fused_test and the attention tests (attention_test, lsh_test, local_window_test) first
 #   TEST_FILTER=...  their --gtest_filter (default: all)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -25,7 +25,7 @@ LOGS=$(mktemp -d /tmp/gpu-llama-step.XXXX)
 trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null' EXIT
 SECONDS=0
 targets="bench_train_step"
-[ "${RUN_TESTS:-0}" = 1 ] && targets="$targets fused_test attention_test"
+[ "${RUN_TESTS:-0}" = 1 ] && targets="$targets fused_test attention_test lsh_test local_window_test"
 OUT=$LOGS GPU_PHASES="deps configure build" GPU_BUILD_TARGETS="$targets" \
   bash scripts/gpu_host.sh >"$LOGS/setup.log" 2>&1 || {
   echo "setup failed"; grep -E "error|FAILED" "$LOGS/setup.log" | head -30; exit 1; }
@@ -33,7 +33,7 @@ echo "setup: ${SECONDS}s"
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 status=0
 if [ "${RUN_TESTS:-0}" = 1 ]; then
-  for t in fused_test attention_test; do
+  for t in fused_test attention_test lsh_test local_window_test; do
     "build-gpu/tests/$t" --gtest_brief=1 --gtest_filter="${TEST_FILTER:-*}" >"$LOGS/$t.log" 2>&1 ||
       status=1
     echo "$t: $(grep -E '^\[  PASSED  \]|^\[  FAILED  \]' "$LOGS/$t.log" | tr '\n' ' ')"

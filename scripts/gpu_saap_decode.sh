@@ -43,7 +43,11 @@ if ! wanted bench; then
   exit $status
 fi
 
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr ' ' '_' | tr -cd 'A-Za-z0-9_-')
+# bench/results/<what>-<gpu>.json (bench/results/README.md): the GPU's short model name
+# (h100, h200), else its whole name.
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)
+gpu=$(printf '%s' "$gpu_name" | grep -oE '\b[A-Z][0-9]{2,4}\b' | head -n 1 | tr '[:upper:]' '[:lower:]')
+[ -n "$gpu" ] || gpu=$(printf '%s' "$gpu_name" | tr ' ' '_' | tr -cd 'A-Za-z0-9_-' | tr '[:upper:]' '[:lower:]')
 mkdir -p bench/results
 json="bench/results/saap-decode-${gpu:-gpu}.json"
 # shellcheck disable=SC2086  # SAAP_DECODE_BENCH_ARGS is a list of flags

@@ -6,9 +6,9 @@
 # perplexity dense vs SAAP, pass-key retrieval), and `eval` / `generate` with
 # --attention saap. Prints the tables last; JSON and logs go to $OUT.
 #
-# Inputs (scripts/fetch_gpu_llama.sh makes them; git-ignored, so carry them):
+# Inputs (scripts/staging/fetch_gpu_llama.sh makes them; git-ignored, so carry them):
 #   .deps/ (Debian packages, .deps/llama/SmolLM2.sha256, .deps/saap/{calibration,heldout}.txt)
-#   .deps-gguf/part1, part2: the model in halves, in two calls (scripts/stage_smollm2.sh).
+#   .deps-gguf/part1, part2: the model in halves, in two calls (scripts/staging/stage_smollm2.sh).
 #
 # Environment: OUT (default ./gpu-out); SAAP_PHASES (default "build tests fit eval"; the
 # index files stay in build-gpu/saap-run/ between calls on the same host);
@@ -25,12 +25,12 @@ die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 PHASES=" ${SAAP_PHASES:-build tests fit eval} "
 want() { [[ "$PHASES" == *" $1 "* ]]; }
 
-# shellcheck source=scripts/stage_smollm2.sh
-. scripts/stage_smollm2.sh
+# shellcheck source=scripts/staging/stage_smollm2.sh
+. scripts/staging/stage_smollm2.sh
 stage_smollm2 || exit $?
 CAL=.deps/saap/calibration.txt
 HELD=.deps/saap/heldout.txt
-[ -f "$CAL" ] && [ -f "$HELD" ] || die "$CAL / $HELD missing: carry .deps (scripts/fetch_gpu_llama.sh)"
+[ -f "$CAL" ] && [ -f "$HELD" ] || die "$CAL / $HELD missing: carry .deps (scripts/staging/fetch_gpu_llama.sh)"
 BIN=build-gpu/cli/sparseflash
 RUN=build-gpu/saap-run
 TAG=${SAAP_TAG:-smollm2}

@@ -15,7 +15,7 @@
 #   STEP_ARGS=...      more bench_train_step flags (--kernels, --steps 10, ...)
 #   TORCH_N=...        contexts of the anchors (default STEP_N); TORCH_ARGS: more
 #                      train_step_torch.py flags; RUN_TORCH=0 skips the anchors
-#   RUN_TESTS=1        also run fused_test, attention_test and model_test first
+#   RUN_TESTS=1        also run fused_test, attention_test, lsh_test, local_window_test and model_test first
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -27,14 +27,14 @@ N=${STEP_N:-1024,4096,8192,16384,32768}
 MODES=${STEP_MODES:-dense,dense-ours,hash:8,hash:16,hash:32,hash:8:sep,hash:16:sep,hash:32:sep,drop:0.3,drop:0.5,drop:0.7}
 SECONDS=0
 OUT=$LOGS GPU_PHASES="deps configure build" \
-  GPU_BUILD_TARGETS="${GPU_BUILD_TARGETS:-bench_train_step fused_test attention_test model_test}" \
+  GPU_BUILD_TARGETS="${GPU_BUILD_TARGETS:-bench_train_step fused_test attention_test lsh_test local_window_test model_test}" \
   bash scripts/gpu_host.sh >"$LOGS/setup.log" 2>&1 || {
   echo "setup failed"; grep -E "error|FAILED" "$LOGS/setup.log" | head -30; tail -5 "$LOGS/setup.log"; }
 echo "setup: ${SECONDS}s"
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 status=0
 if [ "${RUN_TESTS:-1}" = 1 ]; then
-  for t in fused_test attention_test model_test; do
+  for t in fused_test attention_test lsh_test local_window_test model_test; do
     [ -x "build-gpu/tests/$t" ] || { echo "$t: not built"; status=1; continue; }
     "build-gpu/tests/$t" --gtest_brief=1 >"$LOGS/$t.log" 2>&1
     rc=$?

@@ -20,7 +20,7 @@
 #   EXP         where everything goes [runs/lm-experiment]
 #   TOKENIZER   the tokenizer of `prepare` (.gguf, tokenizer.json); the
 #               SmolLM2 tokenizer (49152 tokens) as a tokenizer-only GGUF made
-#               by scripts/tokenizer_gguf.py is what the report used
+#               by scripts/staging/tokenizer_gguf.py is what the report used
 #   SOURCE      what `prepare` reads [the Python site-packages of python3]: files
 #               matching INCLUDE ['*.py'], one document per directory, documents
 #               shorter than MIN_DOC_TOKENS [16384] dropped, VAL_FRACTION [0.05]

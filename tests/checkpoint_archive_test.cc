@@ -1,4 +1,4 @@
-// Corrupt training checkpoints (trainer/state.h) are refused before LibTorch's
+// Corrupt training checkpoints (trainer/checkpoint.h) are refused before LibTorch's
 // unpickler sees them: a fuzzer-found file whose data.pkl made it allocate
 // ~10 GB, and corruptions built here from a real tiny checkpoint by rewriting
 // its data.pkl and zipping it again with LibTorch's own writer.
@@ -19,7 +19,7 @@
 #include "model/causal_lm.h"
 #include "tests/test_util.h"
 #include "tests/tiny_causal_lm.h"
-#include "trainer/state.h"
+#include "trainer/checkpoint.h"
 
 namespace sparseflash {
 namespace {

@@ -48,6 +48,23 @@ expect "saap fit bad --recency-bands" 1 "recency band edges must ascend strictly
   "$bin" saap fit --model x --saap-index "$tmp/i.saap" --recency-bands 64,32
 expect "saap fit --recency-bands not a number" 1 "--recency-bands: \"soon\" is not a whole number" -- \
   "$bin" saap fit --model x --saap-index "$tmp/i.saap" --recency-bands 32,soon
+# saap fit's settings: the saap_fit section of --config, then --set, then the flags.
+printf 'saap_fit {\n  partitions: 512\n  classifier_steps: 300\n}\n' >"$tmp/saap.txtpb"
+expect "saap fit --config --print-config" 0 "classifier_steps: 300" -- \
+  "$bin" saap fit --config "$tmp/saap.txtpb" --print-config
+expect "saap fit --set over --config" 0 "partitions: 128" -- \
+  "$bin" saap fit --config "$tmp/saap.txtpb" --set saap_fit.partitions=128 --print-config
+expect "saap fit flag over --set" 0 "partitions: 64" -- \
+  "$bin" saap fit --set saap_fit.partitions=128 --partitions 64 --print-config
+expect "saap fit --set outside saap_fit" 1 "saap fit reads the saap_fit section only" -- \
+  "$bin" saap fit --set optim.lr=1 --print-config
+expect "saap fit bad saap_fit value names the field" 1 "saap_fit.classifier_steps = 0 must be >= 1" -- \
+  "$bin" saap fit --set saap_fit.classifier_steps=0 --print-config
+printf 'saap_fit { partitions: 0 }\n' >"$tmp/saap_bad.txtpb"
+expect "saap fit bad config value names the file line" 1 "saap_bad.txtpb:1: field saap_fit.partitions = 0" -- \
+  "$bin" saap fit --config "$tmp/saap_bad.txtpb" --print-config
+expect "saap eval refuses --set" 1 "--set is an option of saap fit" -- \
+  "$bin" saap eval --model x --set saap_fit.partitions=1
 expect "saap eval bad --top-l" 1 "--top-l: expected positive integers" -- \
   "$bin" saap eval --model x --saap-index "$tmp/i.saap" --top-l 0
 expect "eval --attention saap needs an index" 1 "--attention saap needs --saap-index" -- \

@@ -306,6 +306,18 @@ TEST(ConfigValidate, RangeRules) {
       {"eval.interval=-1", "eval.interval"},
       {"eval.batches=0", "eval.batches"},
       {"eval.sample_tokens=-1", "eval.sample_tokens"},
+      {"saap_fit.partitions=0", "saap_fit.partitions = 0 must be >= 1"},
+      {"saap_fit.classifier_hidden=0", "saap_fit.classifier_hidden = 0"},
+      {"saap_fit.local_window=0", "saap_fit.local_window = 0 must be >= 1"},
+      {"saap_fit.sink_tokens=-1", "saap_fit.sink_tokens = -1"},
+      {"saap_fit.kmeans_keys=0", "saap_fit.kmeans_keys = 0"},
+      {"saap_fit.kmeans_iterations=0", "saap_fit.kmeans_iterations = 0"},
+      {"saap_fit.queries_per_window=0", "saap_fit.queries_per_window = 0"},
+      {"saap_fit.classifier_steps=0", "saap_fit.classifier_steps = 0"},
+      {"saap_fit.budget_windows=0", "saap_fit.budget_windows = 0"},
+      {"saap_fit.budget_queries_per_window=0", "saap_fit.budget_queries_per_window = 0"},
+      {"saap_fit.windows=-1", "saap_fit.windows = -1"},
+      {"saap_fit.key_space=sideways", "saap_fit.key_space = \"sideways\" must be \"pre-rope\" or \"rope\""},
   };
   for (const auto& [assignment, expected] : cases) {
     Experiment exp = tiny();
@@ -557,6 +569,41 @@ TEST(ConfigResolve, PresetsByNameAndDefault) {
   ASSERT_FALSE(exp.ok());
   EXPECT_EQ(exp.status().code(), absl::StatusCode::kNotFound);
   EXPECT_TRUE(Contains(exp.status().message(), {"/no/such/dir/x.txtpb"}));
+}
+
+// saap fit's section: its defaults are the fit's (the flags' help repeats
+// them), and a file that holds only that section resolves on a preset.
+TEST(ConfigSaapFit, DefaultsAndAFileWithOnlyTheSection) {
+  config::SaapFit d;
+  EXPECT_EQ(d.partitions(), 256);
+  EXPECT_EQ(d.classifier_hidden(), 256);
+  EXPECT_EQ(d.local_window(), 64);
+  EXPECT_EQ(d.sink_tokens(), 4);
+  EXPECT_EQ(d.kmeans_keys(), 65536);
+  EXPECT_EQ(d.kmeans_iterations(), 25);
+  EXPECT_EQ(d.queries_per_window(), 1024);
+  EXPECT_EQ(d.classifier_steps(), 2000);
+  EXPECT_TRUE(d.weight_by_mass());
+  EXPECT_TRUE(d.count_prior());
+  EXPECT_EQ(d.recency_bands(), "auto");
+  EXPECT_EQ(d.budget_grid(), "0,0.005,0.01,0.02,0.035,0.05,0.075,0.1,0.15,0.2,0.3,0.45,0.7,1");
+  EXPECT_EQ(d.budget_windows(), 4);
+  EXPECT_EQ(d.budget_queries_per_window(), 256);
+  EXPECT_EQ(d.windows(), 0);
+  EXPECT_EQ(d.key_space(), "pre-rope");
+
+  const std::string path = write_temp("saap.txtpb", "saap_fit {\n  partitions: 1024\n  local_window: 0\n}\n");
+  absl::StatusOr<Experiment> exp = resolve_config(path, {}, "cpu_default");
+  ASSERT_FALSE(exp.ok());
+  EXPECT_TRUE(Contains(exp.status().message(), {"saap.txtpb:3: field saap_fit.local_window = 0"}))
+      << exp.status();
+  exp = resolve_config(path, {"saap_fit.local_window=128", "saap_fit.recency_bands=none"},
+                       "cpu_default");
+  ASSERT_TRUE(exp.ok()) << exp.status();
+  EXPECT_EQ(exp->saap_fit().partitions(), 1024);
+  EXPECT_EQ(exp->saap_fit().local_window(), 128);
+  EXPECT_EQ(exp->saap_fit().recency_bands(), "none");
+  EXPECT_EQ(exp->saap_fit().classifier_steps(), 2000);
 }
 
 TEST(ConfigResolve, OverrideCanFixTheFile) {

@@ -20,7 +20,7 @@ TEST(Shard, RoundTripAllDtypes) {
     const std::string path = tmp / ("s" + std::to_string(vocab) + ".bin");
     const std::vector<int32_t> tokens = random_tokens(vocab, 5003, vocab);
     ASSERT_TRUE(write_shard(path, tokens, vocab, 17).ok());
-    EXPECT_FALSE(exists(path + ".tmp"));
+    EXPECT_FALSE(has_temporary(path));
     struct stat st;
     ASSERT_EQ(::stat(path.c_str(), &st), 0);
     EXPECT_EQ(static_cast<uint64_t>(st.st_size), kShardHeaderBytes + tokens.size() * dtype);
@@ -169,7 +169,7 @@ TEST(Shard, WriteRejectsOutOfRangeIdsAndLeavesNoFile) {
   ASSERT_FALSE(s.ok());
   EXPECT_TRUE(contains(s, "256")) << s;
   EXPECT_FALSE(exists(path));
-  EXPECT_FALSE(exists(path + ".tmp"));
+  EXPECT_FALSE(has_temporary(path));
 }
 
 TEST(Shard, WriteErrorNamesPath) {

@@ -108,6 +108,16 @@ std::vector<std::string> list_dir(const std::string& dir) {
   return names;
 }
 
+// Whether a temporary of `path` ("PATH.tmp" or "PATH.tmp.PID") is left beside it.
+bool has_temporary(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  const std::string dir = path.substr(0, slash), prefix = path.substr(slash + 1) + ".tmp";
+  for (const std::string& name : list_dir(dir)) {
+    if (name.compare(0, prefix.size(), prefix) == 0) return true;
+  }
+  return false;
+}
+
 // Random text of `words` words, with some multi-byte UTF-8 mixed in.
 std::string random_text(std::mt19937_64& rng, int words) {
   static const char* kWords[] = {"attention", "sparse", "flash", "token", "gradient", "the",

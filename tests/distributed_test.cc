@@ -215,7 +215,7 @@ TEST_F(DistributedTest, SigintToLauncherCheckpointsAndResumes) {
   kill(launcher, SIGINT);
   EXPECT_EQ(wait_for(launcher, 30), 128 + SIGINT) << read_file(root_ + "/launch.log");
   for (pid_t w : workers) EXPECT_FALSE(process_exists(w));
-  auto info = trainer::load_model(root_ + "/run", "cpu");
+  auto info = trainer::restore_run(root_ + "/run", "cpu");
   ASSERT_TRUE(info.ok()) << info.status();
   const int64_t stopped = info->step;
   EXPECT_GE(stopped, 3);

@@ -21,6 +21,7 @@
 #include <torch/serialize/archive.h>
 
 #include "tests/jobs.h"
+#include "trainer/checkpoint.h"
 #include "trainer/trainer.h"
 
 namespace sparseflash {

@@ -18,7 +18,7 @@
 #include "configs/config.h"
 #include "model/fused.h"
 #include "model/gpt.h"
-#include "trainer/state.h"
+#include "trainer/optimizer.h"
 #include "trainer/step.h"
 
 namespace sparseflash {

@@ -267,7 +267,7 @@ inline int for_each_checkpoint_tensor(
   torch::serialize::InputArchive ca, cb;
   ca.load_from(one + "/ckpt.pt");
   cb.load_from(two + "/ckpt.pt");
-  auto m = trainer::load_model(one, "cpu");
+  auto m = trainer::restore_run(one, "cpu");
   EXPECT_TRUE(m.ok()) << m.status();
   if (!m.ok()) return 0;
   int compared = 0;

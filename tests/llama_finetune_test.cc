@@ -198,7 +198,7 @@ TEST_F(FineTune, ExportBeforeAndAfterTrainingLoadsInTransformers) {
             0)
       << read_file(log);
   EXPECT_NE(read_file(log).find("rope_scaling llama3"), std::string::npos) << read_file(log);
-  auto loaded = trainer::load_model(dir("export"), "cpu");
+  auto loaded = trainer::restore_run(dir("export"), "cpu");
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   Tensor trained = our_logits(loaded->model, ids);
   EXPECT_GT(max_abs_diff(trained, our_logits(*pretrained_, ids)), 1e-3);  // it did train
@@ -216,7 +216,7 @@ TEST_F(FineTune, RunExportsToGguf) {
   auto exp = config("gguf_run", {"train.max_steps=3"});
   ASSERT_TRUE(exp.ok()) << exp.status();
   ASSERT_TRUE(trainer::train(*exp).ok());
-  auto loaded = trainer::load_model(dir("gguf_run"), "cpu");
+  auto loaded = trainer::restore_run(dir("gguf_run"), "cpu");
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   std::mt19937 rng(3);
   const auto ids = random_ids(40, 256, rng);
@@ -326,7 +326,7 @@ TEST_F(FineTune, LoraTrainsOnlyAdaptersAndMergesOnExport) {
   }
   EXPECT_LT(losses.back(), losses.front());
 
-  auto lora_run = trainer::load_model(dir("lora"), "cpu");
+  auto lora_run = trainer::restore_run(dir("lora"), "cpu");
   ASSERT_TRUE(lora_run.ok()) << lora_run.status();
   auto before = (*pretrained_)->named_parameters();
   int adapters = 0, norms = 0;

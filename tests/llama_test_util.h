@@ -40,7 +40,7 @@
 #include "model/passkey.h"
 #include "nlohmann/json.hpp"
 #include "tokenizer/tokenizer.h"
-#include "trainer/state.h"
+#include "trainer/checkpoint.h"
 #include "trainer/trainer.h"
 
 namespace sparseflash {

@@ -14,7 +14,7 @@
 #include "model/gpt.h"
 #include "model/llama.h"
 #include "trainer/schedule.h"
-#include "trainer/state.h"
+#include "trainer/optimizer.h"
 
 namespace sparseflash {
 namespace {

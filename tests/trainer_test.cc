@@ -21,7 +21,7 @@
 #include "configs/config.h"
 #include "data/prepare.h"
 #include "tokenizer/tokenizer.h"
-#include "trainer/state.h"
+#include "trainer/checkpoint.h"
 #include "trainer/tensorboard.h"
 #include "trainer/trainer.h"
 
@@ -237,7 +237,7 @@ TEST_F(TrainerTest, CorruptCheckpointIsReported) {
 
 TEST_F(TrainerTest, EvalAndSampleFromCheckpoint) {
   ASSERT_TRUE(trainer::train(config("run", {"train.max_steps=3"})).ok());
-  auto loaded = trainer::load_model(root_ + "/run", "cpu");
+  auto loaded = trainer::restore_run(root_ + "/run", "cpu");
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   EXPECT_EQ(loaded->step, 3);
   auto val = data::TokenLoader::open(data_dir_, data::Split::kVal, 32);

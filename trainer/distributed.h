@@ -39,7 +39,7 @@
 
 #include "absl/status/statusor.h"
 #include "configs/experiment.pb.h"
-#include "trainer/state.h"
+#include "trainer/optimizer.h"
 
 
 namespace sparseflash::trainer {

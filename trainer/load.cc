@@ -6,7 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "data/prepare.h"
 #include "model/factory.h"
-#include "trainer/state.h"
+#include "trainer/checkpoint.h"
 #include "trainer/trainer.h"
 
 namespace sparseflash::trainer {
@@ -14,7 +14,7 @@ namespace sparseflash::trainer {
 // ---------------------------------------------------------------------------
 // a run's tokenizer
 
-absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> run_tokenizer(const LoadedModel& run) {
+absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> run_tokenizer(const RestoredRun& run) {
   if (run.tokenizer == "byte") return tokenizer::open_tokenizer("byte");
   const std::string& dir = run.config.data().dir();
   absl::Status problem;
@@ -44,7 +44,7 @@ absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> run_tokenizer(const Loaded
   return problem;
 }
 
-std::string run_tokenizer_source(const LoadedModel& run) {
+std::string run_tokenizer_source(const RestoredRun& run) {
   auto meta = data::read_meta(run.config.data().dir());
   return meta.ok() ? meta->tokenizer_source : "";
 }
@@ -59,7 +59,7 @@ absl::StatusOr<model::LoadedModel> load_for_inference(const std::string& path,
     return absl::InvalidArgumentError(absl::StrCat(
         "--rope-scaling applies to pretrained files; the run ", path,
         " keeps the RoPE scaling it was trained with (its config's model.rope_scaling)"));
-  auto run = load_model(path, "cpu");
+  auto run = restore_run(path, "cpu");
   if (!run.ok()) return run.status();
   std::unique_ptr<tokenizer::Tokenizer> tokenizer;
   if (options.need_tokenizer && options.tokenizer.empty()) {
@@ -76,7 +76,7 @@ absl::StatusOr<model::LoadedModel> load_for_inference(const std::string& path,
 // validation loss of a run
 
 absl::StatusOr<ValidationReport> evaluate_run(const ValidationOptions& o) {
-  auto loaded = load_model(o.checkpoint, o.device);
+  auto loaded = restore_run(o.checkpoint, o.device);
   if (!loaded.ok()) return loaded.status();
   const auto& cfg = loaded->config;
   ValidationReport report;

@@ -19,7 +19,7 @@
 
 #include "model/causal_lm.h"
 #include "trainer/distributed.h"
-#include "trainer/state.h"
+#include "trainer/optimizer.h"
 
 namespace sparseflash::trainer {
 

@@ -15,6 +15,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "io/atomic_file.h"
 #include "trainer/tensorboard.pb.h"
 
 namespace sparseflash::trainer {
@@ -231,23 +232,9 @@ absl::Status cut_event_file(const std::string& path, int64_t resume_step) {
     dropped |= !keep;
   }
   if (!dropped) return absl::OkStatus();
-  // Not "<path>.tmp": readers take every name with "tfevents" in it.
-  const std::string tmp = (fs::path(path).parent_path() / ".events_cut.tmp").string();
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << kept;
-    out.close();
-    if (!out) {
-      std::remove(tmp.c_str());
-      return absl::InternalError(absl::StrCat("cannot write ", tmp));
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    std::remove(tmp.c_str());
-    return absl::ErrnoToStatus(err, absl::StrCat("cannot move ", tmp, " to ", path));
-  }
-  return absl::OkStatus();
+  // Not "<path>.tmp.PID": readers take every name with "tfevents" in it.
+  return io::write_file_atomically(path, kept,
+                                   (fs::path(path).parent_path() / ".events_cut.tmp").string());
 }
 
 }  // namespace

@@ -27,13 +27,14 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "configs/config.h"
+#include "io/atomic_file.h"
 #include "nlohmann/json.hpp"
 #include "model/factory.h"
 #include "tokenizer/tokenizer.h"
 #include "model/generate.h"
 #include "trainer/distributed.h"
 #include "trainer/schedule.h"
-#include "trainer/state.h"
+#include "trainer/checkpoint.h"
 #include "trainer/step.h"
 #include "trainer/tensorboard.h"
 
@@ -170,24 +171,6 @@ absl::Status prepare_out_dir(const std::string& dir) {
   return absl::OkStatus();
 }
 
-absl::Status write_text_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << text;
-    out.close();
-    if (!out) {
-      std::remove(tmp.c_str());
-      return absl::InternalError(absl::StrCat("cannot write ", path));
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    return absl::InternalError(absl::StrCat("cannot move ", tmp, " to ", path));
-  }
-  return absl::OkStatus();
-}
-
 // Keeps the records of steps <= `step` (a resumed run rewrites what follows).
 // Returns the last step with an evaluation among them (-1: none), so that
 // rerunning a finished run does not log its final evaluation twice.
@@ -205,7 +188,7 @@ absl::StatusOr<int64_t> truncate_metrics(const std::string& path, int64_t step) 
         last_eval_step = std::max(last_eval_step, record["step"].get<int64_t>());
     }
   }
-  if (auto s = write_text_atomically(path, kept); !s.ok()) return s;
+  if (auto s = io::write_file_atomically(path, kept); !s.ok()) return s;
   return last_eval_step;
 }
 
@@ -353,8 +336,8 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
   if (rank0) {
     if (auto s = prepare_out_dir(out_dir); !s.ok()) return s;
     std::cerr << "# resolved config\n" << config_to_text(exp) << std::flush;
-    if (auto s = write_text_atomically((fs::path(out_dir) / "config.txtpb").string(),
-                                       config_to_text(exp));
+    if (auto s = io::write_file_atomically((fs::path(out_dir) / "config.txtpb").string(),
+                                           config_to_text(exp));
         !s.ok())
       return s;
   }
@@ -688,14 +671,14 @@ std::string sample_text(model::CausalLM model, const tokenizer::Tokenizer& token
   return tokenizer.decode(out32);
 }
 
-absl::StatusOr<LoadedModel> load_model(const std::string& checkpoint_file_or_dir,
-                                       const std::string& device_name) {
+absl::StatusOr<RestoredRun> restore_run(const std::string& checkpoint_file_or_dir,
+                                        const std::string& device_name) {
   const std::string path = checkpoint_path(checkpoint_file_or_dir);
   auto info = read_checkpoint_info(path);
   if (!info.ok()) return info.status();
   auto device = resolve_device(device_name);
   if (!device.ok()) return device.status();
-  LoadedModel loaded;
+  RestoredRun loaded;
   loaded.config = info->config;
   loaded.tokenizer = info->tokenizer;
   loaded.step = info->state.step;

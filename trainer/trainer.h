@@ -69,15 +69,15 @@ std::string sample_text(model::CausalLM model, const tokenizer::Tokenizer& token
                         uint64_t seed);
 
 // A model restored from a checkpoint for eval/sample.
-struct LoadedModel {
+struct RestoredRun {
   config::Experiment config;
   std::string tokenizer;
   int64_t step = 0;
   model::CausalLM model{nullptr};
   c10::Device device{c10::kCPU};
 };
-absl::StatusOr<LoadedModel> load_model(const std::string& checkpoint_file_or_dir,
-                                       const std::string& device);
+absl::StatusOr<RestoredRun> restore_run(const std::string& checkpoint_file_or_dir,
+                                        const std::string& device);
 
 // ---------------------------------------------------------------------------
 // runs and pretrained files for evaluation, generation and export (trainer/load.cc)
@@ -86,10 +86,10 @@ absl::StatusOr<LoadedModel> load_model(const std::string& checkpoint_file_or_dir
 // (data.dir of its config) was made with, which must be the one the run
 // names and unchanged since `prepare`; failing that, the tokenizer of the
 // pretrained file it was fine-tuned from (model.init_from) when identical.
-absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> run_tokenizer(const LoadedModel& run);
+absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> run_tokenizer(const RestoredRun& run);
 
 // The tokenizer file the run's data was prepared with ("" when unknown).
-std::string run_tokenizer_source(const LoadedModel& run);
+std::string run_tokenizer_source(const RestoredRun& run);
 
 // A pretrained file (model::load_pretrained_model) or a run of ours
 // (load_model, then model::prepare_run_model with run_tokenizer): what

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# scripts/fetch_gpu_debs.sh: download, on the development machine (Debian 12), the
+# scripts/staging/fetch_gpu_debs.sh: download, on the development machine (Debian 12), the
 # .deb files the offline GPU host lacks into .deps/, for scripts/gpu_host.sh to
 # unpack there. .deps/ is git-ignored: carry it to the host explicitly.
 #
-# Usage: scripts/fetch_gpu_debs.sh [EXTRA_PACKAGE...]
+# Usage: scripts/staging/fetch_gpu_debs.sh [EXTRA_PACKAGE...]
 #   Extra packages are fetched too, e.g. a library that gpu_host.sh's deps phase
 #   reports missing on the host (libxml2, ...).
 # Files already in .deps/ are not downloaded again; delete .deps/ to refresh.
 set -euo pipefail
 
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
-ME=scripts/fetch_gpu_debs.sh
+ME=scripts/staging/fetch_gpu_debs.sh
 die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 
 # Abseil, libarchive, RE2 and ISA-L (CRC-32C of TensorBoard's event records),

@@ -4,7 +4,7 @@ and the tokenizer.* metadata, no tensors): a few MB instead of the model's
 size, for `sparseflash prepare --tokenizer FILE` on a machine the model file
 cannot travel to whole (the GPU host takes at most 64 MiB per call).
 
-Usage: python3 scripts/tokenizer_gguf.py MODEL.gguf OUT.gguf
+Usage: python3 scripts/staging/tokenizer_gguf.py MODEL.gguf OUT.gguf
 Needs the `gguf` package (installed by scripts/setup.sh).
 """
 import argparse

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/fetch_gpu_llama.sh: on the development machine, prepare what
+# scripts/staging/fetch_gpu_llama.sh: on the development machine, prepare what
 # scripts/gpu_llama.sh needs on the offline GPU host (both folders are git-ignored):
 #   .deps/llama/linux_docs.txt        long prose: the Documentation/*.rst files of
 #                                     /usr/src/linux-source-6.1.tar.xz, concatenated in
@@ -18,8 +18,8 @@
 #                                     calls and gpu_llama.sh joins them there.
 # Files already there are kept; delete them to refresh.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ME=scripts/fetch_gpu_llama.sh
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+ME=scripts/staging/fetch_gpu_llama.sh
 die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 
 PY=${SF_PYTHON:-.venv/bin/python}

@@ -1,6 +1,6 @@
-# scripts/stage_smollm2.sh: sourced by the GPU-host scripts that need
+# scripts/staging/stage_smollm2.sh: sourced by the GPU-host scripts that need
 # SmolLM2-135M-Instruct (scripts/gpu_llama.sh, scripts/gpu_saap_llama.sh).
-# A device call carries at most 64 MiB, so scripts/fetch_gpu_llama.sh splits the
+# A device call carries at most 64 MiB, so scripts/staging/fetch_gpu_llama.sh splits the
 # 98 MB GGUF into .deps-gguf/part1 and part2; they travel in two calls and are
 # joined in build-gpu/llama/, which stays on the host while it is warm:
 #   call 1: carry .deps-gguf/part1             (stages part 1, exits 3)
@@ -30,7 +30,7 @@ stage_smollm2() {
     fi
   fi
   if [ -z "$want_sha" ]; then
-    echo ".deps/llama/SmolLM2.sha256 missing: carry .deps (scripts/fetch_gpu_llama.sh)" >&2
+    echo ".deps/llama/SmolLM2.sha256 missing: carry .deps (scripts/staging/fetch_gpu_llama.sh)" >&2
     return 1
   fi
   have_sha=$(sha256sum "$GGUF" | awk '{print $1}')

@@ -1,5 +1,5 @@
 // Temporary file + fsync + rename.
-#include "checkpoint/atomic_file.h"
+#include "io/atomic_file.h"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -8,17 +8,31 @@
 
 #include <cerrno>
 #include <cstdio>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 
-#include "checkpoint/mapped_file.h"
+#include "absl/strings/str_cat.h"
 
-namespace sparseflash::checkpoint {
+namespace sparseflash::io {
+namespace {
 
-AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
-  tmp_ = path_ + ".tmp." + std::to_string(getpid());
+[[noreturn]] void fail(const std::string& file, const std::string& what, int error) {
+  if (error == 0) error = EIO;
+  throw FileError(absl::StrCat(file, ": ", what, ": ", std::strerror(error)), error);
+}
+
+std::string directory_of(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  return slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+}
+
+}  // namespace
+
+AtomicFile::AtomicFile(std::string path, std::string temporary)
+    : path_(std::move(path)), tmp_(std::move(temporary)) {
+  if (tmp_.empty()) tmp_ = path_ + ".tmp." + std::to_string(getpid());
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd_ < 0) fail(path_, "", "cannot create its temporary " + tmp_ + ": " + std::strerror(errno));
+  if (fd_ < 0) fail(path_, "cannot create its temporary " + tmp_, errno);
 }
 
 AtomicFile::~AtomicFile() {
@@ -33,7 +47,7 @@ void AtomicFile::write(const void* data, size_t n) {
   while (n > 0) {
     ssize_t w = ::write(fd_, p, n);
     if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) fail(tmp_, "", std::string("write failed: ") + std::strerror(w < 0 ? errno : ENOSPC));
+    if (w <= 0) fail(tmp_, "write failed", w < 0 ? errno : ENOSPC);
     p += w;
     n -= static_cast<size_t>(w);
     size_ += static_cast<uint64_t>(w);
@@ -49,6 +63,23 @@ void AtomicFile::write_zeros(size_t n) {
   }
 }
 
+void AtomicFile::write_at(uint64_t offset, const void* data, size_t n) {
+  if (offset > size_ || n > size_ - offset) {
+    fail(tmp_, absl::StrCat("write of ", n, " bytes at offset ", offset, " past the ", size_,
+                            " bytes written"),
+         EINVAL);
+  }
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    ssize_t w = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) fail(tmp_, "write failed", w < 0 ? errno : EIO);
+    p += w;
+    n -= static_cast<size_t>(w);
+    offset += static_cast<uint64_t>(w);
+  }
+}
+
 void AtomicFile::commit() {
   const int sync_rc = ::fsync(fd_);
   const int sync_err = errno;
@@ -57,18 +88,16 @@ void AtomicFile::commit() {
   fd_ = -1;
   if (sync_rc != 0 || close_rc != 0) {
     ::unlink(tmp_.c_str());
-    fail(tmp_, "", std::string("cannot flush: ") + std::strerror(sync_rc != 0 ? sync_err : close_err));
+    fail(tmp_, "cannot flush", sync_rc != 0 ? sync_err : close_err);
   }
   if (std::rename(tmp_.c_str(), path_.c_str()) != 0) {
     const int err = errno;
     ::unlink(tmp_.c_str());
-    fail(path_, "", std::string("cannot rename the temporary file into place: ") + std::strerror(err));
+    fail(path_, "cannot rename the temporary file into place", err);
   }
   // The rename is durable once the directory is on disk. Best effort: some
   // file systems refuse fsync on a directory, and PATH is complete either way.
-  const size_t slash = path_.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path_.substr(0, slash);
-  const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  const int dir_fd = ::open(directory_of(path_).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir_fd >= 0) {
     ::fsync(dir_fd);
     ::close(dir_fd);
@@ -77,7 +106,7 @@ void AtomicFile::commit() {
 
 int AtomicFile::remove_stale_temporaries(const std::string& path) {
   const size_t slash = path.rfind('/');
-  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  const std::string dir = directory_of(path);
   const std::string prefix = (slash == std::string::npos ? path : path.substr(slash + 1)) + ".tmp.";
   // (POSIX directory calls: std::filesystem is unsafe in programs that load
   // libtorch.so, which exports its own copy.)
@@ -98,4 +127,23 @@ int AtomicFile::remove_stale_temporaries(const std::string& path) {
   return removed;
 }
 
-}  // namespace sparseflash::checkpoint
+absl::Status run_atomic_write(const std::string& path, const std::function<void(AtomicFile& file)>& write,
+                              const std::string& temporary) {
+  try {
+    AtomicFile file(path, temporary);
+    write(file);
+    file.commit();
+  } catch (const FileError& e) {
+    return absl::ErrnoToStatus(e.error(), e.what());
+  } catch (const std::exception& e) {
+    return absl::InternalError(absl::StrCat(path, ": ", e.what()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status write_file_atomically(const std::string& path, std::string_view contents,
+                                   const std::string& temporary) {
+  return run_atomic_write(path, [&](AtomicFile& file) { file.write(contents); }, temporary);
+}
+
+}  // namespace sparseflash::io
