@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <iostream>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -22,6 +23,7 @@
 #include "absl/strings/str_replace.h"
 #include "cli/command.h"
 #include "configs/config.h"
+#include "launch/launcher.h"
 
 namespace sparseflash::cli {
 
@@ -183,8 +185,8 @@ int dispatch(int argc, char** argv) {
 // once more with OMP_WAIT_POLICY=PASSIVE (same pid, arguments and everything
 // else). SPARSEFLASH_KEEP_OMP=1 keeps OpenMP's own default.
 static void exec_with_passive_openmp_waits(char** argv) {
-  if (std::getenv("OMP_WAIT_POLICY") != nullptr || std::getenv("SPARSEFLASH_KEEP_OMP") != nullptr)
-    return;
+  const std::map<std::string, std::string> env = sparseflash::launch::process_environment();
+  if (env.count("OMP_WAIT_POLICY") > 0 || env.count("SPARSEFLASH_KEEP_OMP") > 0) return;
   if (setenv("OMP_WAIT_POLICY", "PASSIVE", 1) != 0) return;
   execv("/proc/self/exe", argv);
   // Only reached when exec failed (no /proc): go on with the default policy.

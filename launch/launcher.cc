@@ -90,8 +90,6 @@ absl::StatusOr<std::vector<std::string>> expand_hostlist(std::string_view list) 
 // ---------------------------------------------------------------------------
 // the worker's environment
 
-namespace {
-
 std::map<std::string, std::string> process_environment() {
   std::map<std::string, std::string> env;
   for (char** e = environ; e && *e; ++e) {
@@ -101,8 +99,6 @@ std::map<std::string, std::string> process_environment() {
   }
   return env;
 }
-
-}  // namespace
 
 std::map<std::string, std::string> worker_environment(const LaunchOptions& o, int local_rank,
                                                       int restart) {
@@ -144,6 +140,7 @@ absl::StatusOr<trainer::World> world_from_environment(
   };
 
   trainer::World w;
+  if (has("SPARSEFLASH_TEST_HANG")) w.test_hang = env.at("SPARSEFLASH_TEST_HANG");
   absl::Status s;
   if (has("RANK") || has("WORLD_SIZE")) {
     if (!has("RANK") || !has("WORLD_SIZE"))

@@ -31,6 +31,10 @@ struct LaunchOptions {
 // for bad options. Messages go to stderr.
 int run_launcher(const LaunchOptions& options);
 
+// The process environment, read once per call (the project's one reader of
+// it besides the kernels' switches, attention/kernels/options.h).
+std::map<std::string, std::string> process_environment();
+
 // Variables every worker gets (besides the inherited environment): RANK,
 // LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR,
 // MASTER_PORT, SPARSEFLASH_LAUNCHED, SPARSEFLASH_RESTART, and the NCCL/NVSHMEM

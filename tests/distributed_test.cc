@@ -288,6 +288,9 @@ TEST(WorldFromEnvironment, Sources) {
   auto single = launch::world_from_environment(&none);
   ASSERT_TRUE(single.ok());
   EXPECT_FALSE(single->distributed());
+  EXPECT_EQ(single->test_hang, "");
+  Env hang = {{"SPARSEFLASH_TEST_HANG", "1:5"}};
+  EXPECT_EQ(launch::world_from_environment(&hang)->test_hang, "1:5");
 
   Env launcher = {{"RANK", "3"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "1"},
                   {"LOCAL_WORLD_SIZE", "2"}, {"MASTER_ADDR", "10.0.0.5"},

@@ -80,8 +80,8 @@ absl::StatusOr<std::unique_ptr<DataParallel>> DataParallel::connect(
     const World& world, const config::Distributed& options, c10::Device device) {
   std::unique_ptr<DataParallel> dp(new DataParallel(world, options, device));
   const auto timeout = std::chrono::milliseconds(int64_t{options.timeout_s()} * 1000);
-  if (const char* hang = std::getenv("SPARSEFLASH_TEST_HANG"); hang && *hang) {
-    const std::string text = hang;
+  if (!world.test_hang.empty()) {
+    const std::string& text = world.test_hang;
     const size_t colon = text.find(':');
     if (colon == std::string::npos || !absl::SimpleAtoi(text.substr(0, colon), &dp->hang_rank_) ||
         !absl::SimpleAtoi(text.substr(colon + 1), &dp->hang_step_) || dp->hang_step_ < 1)

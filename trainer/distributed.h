@@ -54,6 +54,10 @@ struct World {
   std::string master_addr = "127.0.0.1";  // where rank 0 hosts the c10d::TCPStore
   int master_port = 29500;
   std::string launched_by = "single process";  // for messages
+  // Test hook SPARSEFLASH_TEST_HANG ("RANK:STEP", read from the environment with
+  // the rest; empty: off): that rank hangs before the gradient collective of
+  // that step (tests/failure_test.cc).
+  std::string test_hang;
   bool distributed() const { return world_size > 1; }
 };
 
@@ -81,7 +85,7 @@ class DataParallel {
   // and creates the process group. Errors name the address, the rank and
   // the timeout.
   //
-  // Test hook: SPARSEFLASH_TEST_HANG=R:N (read here, once) makes rank R hang
+  // Test hook: SPARSEFLASH_TEST_HANG=R:N (World::test_hang) makes rank R hang
   // for good where it would start the first gradient collective of the N-th
   // optimizer step this process runs, so that the others time out in it
   // (tests/failure_test.cc). Not for use outside tests.
