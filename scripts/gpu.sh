@@ -48,6 +48,11 @@ case $task in
     # Configure first: the label's program list is written by CMake.
     GPU_PHASES="deps configure" bash scripts/gpu_host.sh >/dev/null || {
       echo "gpu.sh: configure failed (run: bash scripts/gpu.sh host configure)" >&2; exit 1; }
+    # A build tree configured by an older checkout lacks the list: regenerate it.
+    [ -f "build-gpu/tests/targets-$label.txt" ] || cmake build-gpu >/dev/null ||
+      { echo "gpu.sh: cmake build-gpu failed" >&2; exit 1; }
+    [ -f "build-gpu/tests/targets-$label.txt" ] || {
+      echo "gpu.sh: no test label '$label' (labels: gpu kernels saap slow cpu)" >&2; exit 2; }
     GPU_PHASES="deps build ctest" GPU_BUILD_TARGETS="label:$label" CTEST_LABEL="$label" \
       run gpu_host.sh ;;
   kernels) run gpu_kernels.sh "$@" ;;
