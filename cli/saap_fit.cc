@@ -312,8 +312,10 @@ int run_saap(const Args& positional, const Args& overrides) {
     return fail("saap", "expected `saap fit` or `saap eval` (see sparseflash saap --help)");
   const bool is_fit = positional[0] == "fit";
   try {
-    if (!is_fit && !overrides.empty())
-      return fail("saap eval", "--set is an option of saap fit (its saap_fit section) and train");
+    if (!is_fit && (!overrides.empty() || flag_given("config") || flag_given("print_config")))
+      return fail("saap eval",
+                  "--set, --config and --print-config are options of saap fit (its saap_fit "
+                  "section) and train");
     return is_fit ? run_saap_fit(overrides) : run_saap_eval();
   } catch (const std::exception& e) {
     return fail(is_fit ? "saap fit" : "saap eval", error_text(e));

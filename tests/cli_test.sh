@@ -63,8 +63,10 @@ expect "saap fit bad saap_fit value names the field" 1 "saap_fit.classifier_step
 printf 'saap_fit { partitions: 0 }\n' >"$tmp/saap_bad.txtpb"
 expect "saap fit bad config value names the file line" 1 "saap_bad.txtpb:1: field saap_fit.partitions = 0" -- \
   "$bin" saap fit --config "$tmp/saap_bad.txtpb" --print-config
-expect "saap eval refuses --set" 1 "--set is an option of saap fit" -- \
+expect "saap eval refuses --set" 1 "--set, --config and --print-config are options of saap fit" -- \
   "$bin" saap eval --model x --set saap_fit.partitions=1
+expect "saap eval refuses --config" 1 "--set, --config and --print-config are options of saap fit" -- \
+  "$bin" saap eval --model x --config "$tmp/saap.txtpb"
 expect "saap eval bad --top-l" 1 "--top-l: expected positive integers" -- \
   "$bin" saap eval --model x --saap-index "$tmp/i.saap" --top-l 0
 expect "eval --attention saap needs an index" 1 "--attention saap needs --saap-index" -- \
