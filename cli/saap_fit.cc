@@ -1,12 +1,12 @@
 // `sparseflash saap fit`: fit a SAAP index (key partitions + query
 // classifiers) on calibration text with saap::fit_saap_index, write it and
 // report; also the `saap` command that dispatches to fit or eval.
+#include <google/protobuf/text_format.h>
+
 #include <algorithm>
 #include <chrono>
 #include <iostream>
 #include <stdexcept>
-
-#include <google/protobuf/text_format.h>
 
 #include "absl/flags/declare.h"
 #include "absl/flags/flag.h"
@@ -25,17 +25,24 @@
 
 // The fit's settings are the saap_fit section of the config (configs/experiment.proto,
 // SaapFit, with the same defaults); each flag below is a shorthand of one field.
-ABSL_FLAG(int64_t, partitions, 256, "saap fit: key partitions (k-means centroids) per KV head (saap_fit.partitions).");
-ABSL_FLAG(int64_t, classifier_hidden, 256, "saap fit: hidden width of each query head's MLP (saap_fit.classifier_hidden).");
+ABSL_FLAG(int64_t, partitions, 256,
+          "saap fit: key partitions (k-means centroids) per KV head (saap_fit.partitions).");
+ABSL_FLAG(int64_t, classifier_hidden, 256,
+          "saap fit: hidden width of each query head's MLP (saap_fit.classifier_hidden).");
 ABSL_FLAG(int64_t, local_window, 64,
-          "saap fit: always-attended most recent keys (>= 1); the targets exclude them (saap_fit.local_window).");
-ABSL_FLAG(int64_t, sink_tokens, 4, "saap fit: always-attended first keys of the context (saap_fit.sink_tokens).");
-ABSL_FLAG(int64_t, kmeans_keys, 65536, "saap fit: keys per KV head given to k-means (saap_fit.kmeans_keys).");
-ABSL_FLAG(int64_t, kmeans_iterations, 25, "saap fit: Lloyd iterations at most (saap_fit.kmeans_iterations).");
+          "saap fit: always-attended most recent keys (>= 1); the targets exclude them "
+          "(saap_fit.local_window).");
+ABSL_FLAG(int64_t, sink_tokens, 4,
+          "saap fit: always-attended first keys of the context (saap_fit.sink_tokens).");
+ABSL_FLAG(int64_t, kmeans_keys, 65536,
+          "saap fit: keys per KV head given to k-means (saap_fit.kmeans_keys).");
+ABSL_FLAG(int64_t, kmeans_iterations, 25,
+          "saap fit: Lloyd iterations at most (saap_fit.kmeans_iterations).");
 ABSL_FLAG(int64_t, queries_per_window, 1024,
           "saap fit / eval: query positions sampled per window (every head and layer; "
           "saap_fit.queries_per_window).");
-ABSL_FLAG(int64_t, classifier_steps, 2000, "saap fit: AdamW steps of the classifiers (saap_fit.classifier_steps).");
+ABSL_FLAG(int64_t, classifier_steps, 2000,
+          "saap fit: AdamW steps of the classifiers (saap_fit.classifier_steps).");
 ABSL_FLAG(bool, weight_by_mass, true,
           "saap fit: weight each query's loss by the attention mass it sends beyond the local "
           "window and sinks (saap_fit.weight_by_mass).");
@@ -48,7 +55,8 @@ ABSL_FLAG(std::string, recency_bands, "auto",
           "per key measured for it, per head (docs/saap.md). \"auto\": 32, 96, 224, 480, ... "
           "(each band twice the previous one) while the calibration context can measure the "
           "oldest band; \"none\": the plain count prior (saap_fit.recency_bands).");
-ABSL_FLAG(std::string, budget_grid, "0,0.005,0.01,0.02,0.035,0.05,0.075,0.1,0.15,0.2,0.3,0.45,0.7,1",
+ABSL_FLAG(std::string, budget_grid,
+          "0,0.005,0.01,0.02,0.035,0.05,0.075,0.1,0.15,0.2,0.3,0.45,0.7,1",
           "saap fit: fractions of the routable keys (ascending) at which each query head's lost "
           "attention is measured on held-out queries and stored, for --per-head-budgets at "
           "inference; \"none\" stores no curves (saap_fit.budget_grid).");
@@ -57,7 +65,8 @@ ABSL_FLAG(int64_t, budget_windows, 4,
           "attention-output error at every --budget-grid value (through the trained classifiers; "
           "saap_fit.budget_windows).");
 ABSL_FLAG(int64_t, budget_queries_per_window, 256,
-          "saap fit: query positions sampled per window in that pass (saap_fit.budget_queries_per_window).");
+          "saap fit: query positions sampled per window in that pass "
+          "(saap_fit.budget_queries_per_window).");
 ABSL_FLAG(int64_t, windows, 0,
           "saap fit / eval: windows of --context tokens used at most (0 = all the text gives; "
           "saap_fit.windows).");
@@ -131,7 +140,8 @@ absl::Status parse_recency_bands(const std::string& bands, saap::FitOptions* o) 
     return absl::InvalidArgumentError(e.what());
   }
   if (!o->count_prior)
-    return absl::InvalidArgumentError(absl::StrCat(name, " needs ", origin("count_prior", "count_prior")));
+    return absl::InvalidArgumentError(
+        absl::StrCat(name, " needs ", origin("count_prior", "count_prior")));
   return absl::OkStatus();
 }
 
@@ -219,7 +229,8 @@ int run_saap_fit(const Args& overrides) {
   if (flag_given("key_space")) {
     const std::string key_space = absl::GetFlag(FLAGS_key_space);
     if (key_space != "pre-rope" && key_space != "rope")
-      return fail(cmd, absl::StrCat("--key-space: expected pre-rope or rope, got \"", key_space, "\""));
+      return fail(cmd,
+                  absl::StrCat("--key-space: expected pre-rope or rope, got \"", key_space, "\""));
   }
   auto fit = resolve_fit_config(overrides);
   if (!fit.ok()) return fail(cmd, std::string(fit.status().message()));
@@ -252,37 +263,56 @@ int run_saap_fit(const Args& overrides) {
 
   saap::FitReport r;
   saap::SaapIndex index = saap::fit_saap_index(m.model, m.identity, tokens->ids, *o, &r, log_line);
-  if (auto s = saap::write_saap_index(out, index); !s.ok()) return fail(cmd, std::string(s.message()));
+  if (auto s = saap::write_saap_index(out, index); !s.ok())
+    return fail(cmd, std::string(s.message()));
 
   json recency_mean = nullptr;  // mean over heads of each band's log weight (newest band first)
   if (r.recency_log_weights.defined()) {
     at::Tensor mean = r.recency_log_weights.mean(0).contiguous();
-    recency_mean = std::vector<float>(mean.data_ptr<float>(), mean.data_ptr<float>() + mean.numel());
+    recency_mean =
+        std::vector<float>(mean.data_ptr<float>(), mean.data_ptr<float>() + mean.numel());
   }
   json recall = json::array();
   for (size_t i = 0; i < r.classifier.recall_at.size(); ++i)
     recall.push_back({{"l", r.classifier.recall_at[i]},
                       {"recall", r.classifier.recall[i]},
                       {"oracle", r.classifier.oracle_recall[i]}});
-  json j = {{"index", out}, {"model", m.path}, {"model_identity", m.identity},
-            {"source", tokens->source}, {"key_space", key_space}, {"device", m.device.str()},
-            {"context", o->context}, {"windows", r.windows}, {"tokens", r.tokens},
-            {"partitions", o->partitions}, {"classifier_hidden", o->hidden},
-            {"local_window", o->local_window}, {"sink_tokens", o->sink_tokens},
-            {"kmeans_keys_per_head", r.keys_per_head}, {"kmeans_iterations", r.kmeans_iterations},
+  json j = {{"index", out},
+            {"model", m.path},
+            {"model_identity", m.identity},
+            {"source", tokens->source},
+            {"key_space", key_space},
+            {"device", m.device.str()},
+            {"context", o->context},
+            {"windows", r.windows},
+            {"tokens", r.tokens},
+            {"partitions", o->partitions},
+            {"classifier_hidden", o->hidden},
+            {"local_window", o->local_window},
+            {"sink_tokens", o->sink_tokens},
+            {"kmeans_keys_per_head", r.keys_per_head},
+            {"kmeans_iterations", r.kmeans_iterations},
             {"kmeans_converged", r.kmeans_converged},
             {"partition_sizes", {r.smallest_partition, r.largest_partition}},
-            {"queries_per_head", r.queries_per_head}, {"classifier_steps", o->train.steps},
-            {"weight_by_mass", o->train.weight_by_mass}, {"count_prior", o->count_prior},
-            {"train_kl", r.classifier.train_kl}, {"holdout_kl", r.classifier.holdout_kl},
-            {"holdout_recall", recall}, {"recency_bands", o->recency_edges},
-            {"recency_log_weights_mean", recency_mean}, {"budget_grid", o->budget_grid},
+            {"queries_per_head", r.queries_per_head},
+            {"classifier_steps", o->train.steps},
+            {"weight_by_mass", o->train.weight_by_mass},
+            {"count_prior", o->count_prior},
+            {"train_kl", r.classifier.train_kl},
+            {"holdout_kl", r.classifier.holdout_kl},
+            {"holdout_recall", recall},
+            {"recency_bands", o->recency_edges},
+            {"recency_log_weights_mean", recency_mean},
+            {"budget_grid", o->budget_grid},
             {"budget_windows", o->budget_windows},
             {"budget_queries_per_window", o->budget_queries_per_window},
             {"seconds",
-             {{"load", load_seconds}, {"capture_keys", r.capture_seconds},
-              {"kmeans", r.kmeans_seconds}, {"targets", r.targets_seconds},
-              {"classifiers", r.train_seconds}, {"budget_curves", r.budget_seconds},
+             {{"load", load_seconds},
+              {"capture_keys", r.capture_seconds},
+              {"kmeans", r.kmeans_seconds},
+              {"targets", r.targets_seconds},
+              {"classifiers", r.train_seconds},
+              {"budget_curves", r.budget_seconds},
               {"fit_total", r.total_seconds}}}};
   if (auto s = write_json_file(j); !s.ok()) return fail(cmd, std::string(s.message()));
   std::cout << absl::StrFormat(
@@ -325,20 +355,47 @@ int run_saap(const Args& positional, const Args& overrides) {
 }  // namespace
 
 Command saap_command() {
-  std::vector<std::string> flags = {
-      "model", "tokenizer", "text", "data", "max_tokens", "context", "stride", "saap_index",
-      "partitions", "classifier_hidden", "local_window", "sink_tokens", "kmeans_keys",
-      "kmeans_iterations", "queries_per_window", "classifier_steps", "weight_by_mass",
-      "count_prior", "recency_bands", "windows", "key_space", "top_l", "per_head_budgets",
-      "budget_objective", "budget_grid", "budget_windows", "budget_queries_per_window", "dtype",
-      "device", "seed", "json_file", "config", "print_config"};
+  std::vector<std::string> flags = {"model",
+                                    "tokenizer",
+                                    "text",
+                                    "data",
+                                    "max_tokens",
+                                    "context",
+                                    "stride",
+                                    "saap_index",
+                                    "partitions",
+                                    "classifier_hidden",
+                                    "local_window",
+                                    "sink_tokens",
+                                    "kmeans_keys",
+                                    "kmeans_iterations",
+                                    "queries_per_window",
+                                    "classifier_steps",
+                                    "weight_by_mass",
+                                    "count_prior",
+                                    "recency_bands",
+                                    "windows",
+                                    "key_space",
+                                    "top_l",
+                                    "per_head_budgets",
+                                    "budget_objective",
+                                    "budget_grid",
+                                    "budget_windows",
+                                    "budget_queries_per_window",
+                                    "dtype",
+                                    "device",
+                                    "seed",
+                                    "json_file",
+                                    "config",
+                                    "print_config"};
   for (const auto& f : saap_eval_flag_names()) flags.push_back(f);
   return {
       "saap",
       "sparseflash saap fit --model PATH (--text FILE | --data SHARDS) --saap-index OUT\n"
       "                         [--context L] [--config FILE] [--set saap_fit.FIELD=VALUE ...]\n"
       "                         [--partitions C] [--key-space pre-rope|rope] ... [--print-config]\n"
-      "       sparseflash saap eval --model PATH --text FILE --saap-index FILE [--rope-index FILE]\n"
+      "       sparseflash saap eval --model PATH --text FILE --saap-index FILE [--rope-index "
+      "FILE]\n"
       "                         [--context L] [--top-l 4,8,16,32] [--noperplexity] [--noneedle]",
       "fit SAAP key partitions and query classifiers; measure them",
       "fit: runs the model over windows of --context tokens of calibration text, clusters\n"

@@ -65,8 +65,9 @@ void AtomicFile::write_zeros(size_t n) {
 
 void AtomicFile::write_at(uint64_t offset, const void* data, size_t n) {
   if (offset > size_ || n > size_ - offset) {
-    fail(tmp_, absl::StrCat("write of ", n, " bytes at offset ", offset, " past the ", size_,
-                            " bytes written"),
+    fail(tmp_,
+         absl::StrCat("write of ", n, " bytes at offset ", offset, " past the ", size_,
+                      " bytes written"),
          EINVAL);
   }
   const char* p = static_cast<const char*>(data);
@@ -127,7 +128,8 @@ int AtomicFile::remove_stale_temporaries(const std::string& path) {
   return removed;
 }
 
-absl::Status run_atomic_write(const std::string& path, const std::function<void(AtomicFile& file)>& write,
+absl::Status run_atomic_write(const std::string& path,
+                              const std::function<void(AtomicFile& file)>& write,
                               const std::string& temporary) {
   try {
     AtomicFile file(path, temporary);
@@ -143,7 +145,8 @@ absl::Status run_atomic_write(const std::string& path, const std::function<void(
 
 absl::Status write_file_atomically(const std::string& path, std::string_view contents,
                                    const std::string& temporary) {
-  return run_atomic_write(path, [&](AtomicFile& file) { file.write(contents); }, temporary);
+  return run_atomic_write(
+      path, [&](AtomicFile& file) { file.write(contents); }, temporary);
 }
 
 }  // namespace sparseflash::io

@@ -50,7 +50,7 @@ class AtomicFile {
 
   void write(const void* data, size_t n);  // throws FileError naming the temporary
   void write(std::string_view bytes) { write(bytes.data(), bytes.size()); }
-  void write_zeros(size_t n);              // padding
+  void write_zeros(size_t n);  // padding
   // Overwrites n bytes at `offset` (< size()) of what was written, e.g. a
   // header whose checksum is known only after the payload.
   void write_at(uint64_t offset, const void* data, size_t n);
@@ -76,7 +76,8 @@ class AtomicFile {
 // commits. A FileError becomes the status of its errno with its message; any
 // other exception an internal error naming PATH. PATH is left as it was on
 // every failure.
-absl::Status run_atomic_write(const std::string& path, const std::function<void(AtomicFile& file)>& write,
+absl::Status run_atomic_write(const std::string& path,
+                              const std::function<void(AtomicFile& file)>& write,
                               const std::string& temporary = "");
 
 // The whole of `contents` as PATH, atomically.

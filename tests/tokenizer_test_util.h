@@ -22,6 +22,7 @@
 #include <gtest/gtest.h>
 
 #include "checkpoint/gguf_writer.h"
+#include "tests/test_util.h"
 #include "nlohmann/json.hpp"
 #include "tokenizer/bpe.h"
 #include "tokenizer/byte.h"
