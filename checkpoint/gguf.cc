@@ -5,6 +5,9 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <utility>
+
+#include "io/errors.h"
 
 namespace sparseflash::checkpoint {
 
@@ -183,11 +186,18 @@ const char* gguf_type_name(GgufType type) {
 
 // --- Parsing ---------------------------------------------------------------------
 
-std::shared_ptr<const GgufFile> GgufFile::open(const std::string& path) {
-  return parse(MappedFile::open(path));
+absl::StatusOr<std::shared_ptr<const GgufFile>> GgufFile::open(const std::string& path) {
+  absl::StatusOr<std::shared_ptr<const MappedFile>> file = MappedFile::open(path);
+  if (!file.ok()) return file.status();
+  return parse(*std::move(file));
 }
 
-std::shared_ptr<const GgufFile> GgufFile::parse(std::shared_ptr<const MappedFile> file) {
+absl::StatusOr<std::shared_ptr<const GgufFile>> GgufFile::parse(
+    std::shared_ptr<const MappedFile> file) {
+  return io::status_of([&] { return parse_or_throw(file); });
+}
+
+std::shared_ptr<const GgufFile> GgufFile::parse_or_throw(const std::shared_ptr<const MappedFile>& file) {
   const std::string& path = file->path();
   ByteReader r(path, file->data(), file->size());
   uint32_t magic = r.read<uint32_t>("magic");

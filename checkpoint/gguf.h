@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "checkpoint/mapped_file.h"
 #include "checkpoint/tensor.h"
 
@@ -39,8 +40,10 @@ struct GgufValue {
 
 class GgufFile {
  public:
-  static std::shared_ptr<const GgufFile> open(const std::string& path);
-  static std::shared_ptr<const GgufFile> parse(std::shared_ptr<const MappedFile> file);
+  // The error names the file and the field at fault (NotFound for a missing
+  // file, InvalidArgument for a malformed one).
+  static absl::StatusOr<std::shared_ptr<const GgufFile>> open(const std::string& path);
+  static absl::StatusOr<std::shared_ptr<const GgufFile>> parse(std::shared_ptr<const MappedFile> file);
 
   uint32_t version() const { return version_; }
   uint64_t alignment() const { return alignment_; }
@@ -49,7 +52,8 @@ class GgufFile {
   const std::string& path() const { return file_->path(); }
 
   // Metadata. Each getter throws std::runtime_error naming the file and the
-  // key when it is absent or of another type. get_int accepts every integer
+  // key when it is absent or of another type (for the readers inside
+  // checkpoint/ and tokenizer/, which convert at their boundary: io/errors.h). get_int accepts every integer
   // type (and bool); get_float every float or integer type; the array getters
   // likewise for the element type.
   bool has(const std::string& key) const { return values_.count(key) != 0; }
@@ -66,6 +70,7 @@ class GgufFile {
 
  private:
   GgufFile() = default;
+  static std::shared_ptr<const GgufFile> parse_or_throw(const std::shared_ptr<const MappedFile>& file);
   const GgufValue& value(const std::string& key) const;
   std::shared_ptr<const MappedFile> file_;
   uint32_t version_ = 0;

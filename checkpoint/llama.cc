@@ -18,6 +18,7 @@
 
 #include "checkpoint/gguf.h"
 #include "checkpoint/json_brief.h"
+#include "io/errors.h"
 #include "nlohmann/json.hpp"
 
 namespace sparseflash::checkpoint {
@@ -73,7 +74,7 @@ void check_positive(const std::string& path, const std::string& field, int64_t v
 
 }  // namespace
 
-void check_llama_config(const std::string& path, const LlamaConfig& c) {
+static void check_config_or_throw(const std::string& path, const LlamaConfig& c) {
   check_positive(path, "vocab_size", c.vocab_size);
   check_positive(path, "hidden_size", c.hidden_size);
   check_positive(path, "intermediate_size", c.intermediate_size);
@@ -115,7 +116,7 @@ void check_llama_config(const std::string& path, const LlamaConfig& c) {
 
 // --- HF config.json -------------------------------------------------------------
 
-LlamaConfig llama_config_from_json(const std::string& path, const std::string& json_text) {
+static LlamaConfig config_from_json_or_throw(const std::string& path, const std::string& json_text) {
   json j;
   try {
     j = json::parse(json_text);
@@ -212,12 +213,12 @@ LlamaConfig llama_config_from_json(const std::string& path, const std::string& j
            "unsupported rope type \"" + type + "\" (default, linear, dynamic, yarn, llama3)");
     }
   }
-  check_llama_config(path, c);
+  check_config_or_throw(path, c);
   return c;
 }
 
-LlamaConfig parse_hf_llama_config(const std::string& config_json_path) {
-  return llama_config_from_json(config_json_path, read_text_file(config_json_path));
+static LlamaConfig parse_config_or_throw(const std::string& config_json_path) {
+  return config_from_json_or_throw(config_json_path, read_text_file(config_json_path));
 }
 
 std::string llama_config_to_json(const LlamaConfig& c) {
@@ -294,7 +295,7 @@ std::string llama_layer_tensor(int64_t layer, const std::string& suffix) {
   return "model.layers." + std::to_string(layer) + "." + suffix;
 }
 
-void validate_llama_tensors(const LlamaCheckpoint& ckpt) {
+static void validate_tensors_or_throw(const LlamaCheckpoint& ckpt) {
   const LlamaConfig& c = ckpt.config;
   const int64_t q_dim = c.num_attention_heads * c.head_dim;
   const int64_t kv_dim = c.num_key_value_heads * c.head_dim;
@@ -402,8 +403,8 @@ namespace {
 LlamaCheckpoint load_hf_directory(const std::string& dir) {
   LlamaCheckpoint ckpt;
   ckpt.path = dir;
-  ckpt.config = parse_hf_llama_config(dir + "/config.json");
-  auto model = SafetensorsModel::open(dir);
+  ckpt.config = parse_config_or_throw(dir + "/config.json");
+  auto model = io::value_or_throw(SafetensorsModel::open(dir));
   ckpt.keepalive = model;
   ckpt.format = SourceFormat::kHfSafetensors;
   auto native = model->metadata().find(kNativeFormatKey);
@@ -423,7 +424,7 @@ LlamaCheckpoint load_hf_directory(const std::string& dir) {
     }
     ckpt.tensors[name] = t;
   }
-  validate_llama_tensors(ckpt);
+  validate_tensors_or_throw(ckpt);
   return ckpt;
 }
 
@@ -497,7 +498,7 @@ LlamaCheckpoint gguf_llama_from(std::shared_ptr<const GgufFile> g) {
   if (g->has("tokenizer.ggml.bos_token_id")) c.bos_token_id = g->get_int("tokenizer.ggml.bos_token_id");
   if (g->has("tokenizer.ggml.eos_token_id")) c.eos_token_id = g->get_int("tokenizer.ggml.eos_token_id");
   c.tie_word_embeddings = g->find("output.weight") == nullptr;
-  check_llama_config(path, c);
+  check_config_or_throw(path, c);
 
   auto take = [&](const std::string& gguf_name, const std::string& hf_name) {
     const TensorInfo* t = g->find(gguf_name);
@@ -521,15 +522,12 @@ LlamaCheckpoint gguf_llama_from(std::shared_ptr<const GgufFile> g) {
     }
     ckpt.rope_freq_factors = to_float32(*freqs);
   }
-  validate_llama_tensors(ckpt);
+  validate_tensors_or_throw(ckpt);
   return ckpt;
 }
 
 }  // namespace
 
-LlamaCheckpoint load_gguf_llama(const std::string& path) { return gguf_llama_from(GgufFile::open(path)); }
-
-LlamaCheckpoint gguf_llama(std::shared_ptr<const GgufFile> file) { return gguf_llama_from(std::move(file)); }
 
 // --- llama2.c --------------------------------------------------------------------
 
@@ -583,7 +581,7 @@ std::vector<Llama2cBlock> llama2c_layout(const LlamaConfig& c, bool v1) {
 
 }  // namespace
 
-LlamaCheckpoint parse_llama2c(std::shared_ptr<const MappedFile> file) {
+static LlamaCheckpoint parse_llama2c_or_throw(const std::shared_ptr<const MappedFile>& file) {
   const std::string& path = file->path();
   ByteReader r(path, file->data(), file->size());
   bool v1 = file->size() >= 4 && r.read<uint32_t>("magic") == kLlama2cMagic;
@@ -638,7 +636,7 @@ LlamaCheckpoint parse_llama2c(std::shared_ptr<const MappedFile> file) {
     fail(path, "n_kv_heads", std::to_string(c.num_key_value_heads) + " exceeds n_heads");
   }
   c.head_dim = c.hidden_size / c.num_attention_heads;
-  check_llama_config(path, c);
+  check_config_or_throw(path, c);
 
   const int64_t layers = c.num_hidden_layers;
   std::vector<Llama2cBlock> order = llama2c_layout(c, v1);
@@ -677,11 +675,11 @@ LlamaCheckpoint parse_llama2c(std::shared_ptr<const MappedFile> file) {
       offset += nbytes;
     }
   }
-  validate_llama_tensors(ckpt);
+  validate_tensors_or_throw(ckpt);
   return ckpt;
 }
 
-std::string llama2c_bytes(const LlamaConfig& c, int version,
+static std::string llama2c_bytes_or_throw(const LlamaConfig& c, int version,
                           const std::map<std::string, std::vector<float>>& tensors) {
   if (version != 0 && version != 1) throw std::runtime_error("llama2c_bytes: version must be 0 or 1");
   if (c.head_dim * c.num_attention_heads != c.hidden_size) {
@@ -736,7 +734,7 @@ std::string llama2c_bytes(const LlamaConfig& c, int version,
 
 // --- Entry point -------------------------------------------------------------------
 
-LlamaCheckpoint load_llama_checkpoint(const std::string& path) {
+static LlamaCheckpoint load_or_throw(const std::string& path) {
   LlamaCheckpoint ckpt;
   if (is_directory(path)) {
     ckpt = load_hf_directory(path);
@@ -745,16 +743,56 @@ LlamaCheckpoint load_llama_checkpoint(const std::string& path) {
     // A file of an HF or native directory: load the directory.
     ckpt = load_hf_directory(dirname_of(path));
   } else {
-    auto file = MappedFile::open(path);
+    auto file = io::value_or_throw(MappedFile::open(path));
     bool gguf = file->size() >= 4 && std::memcmp(file->data(), "GGUF", 4) == 0;
     if (gguf || ends_with(path, ".gguf")) {
-      ckpt = gguf_llama_from(GgufFile::parse(file));
+      ckpt = gguf_llama_from(io::value_or_throw(GgufFile::parse(file)));
     } else {
-      ckpt = parse_llama2c(file);
+      ckpt = parse_llama2c_or_throw(file);
     }
   }
   ckpt.identity = llama_identity(ckpt);
   return ckpt;
+}
+
+// --- The boundary: every public reader returns a Status (io/errors.h) ------------
+
+absl::Status check_llama_config(const std::string& path, const LlamaConfig& config) {
+  return io::status_of([&] { check_config_or_throw(path, config); });
+}
+
+absl::StatusOr<LlamaConfig> llama_config_from_json(const std::string& path,
+                                                   const std::string& json_text) {
+  return io::status_of([&] { return config_from_json_or_throw(path, json_text); });
+}
+
+absl::StatusOr<LlamaConfig> parse_hf_llama_config(const std::string& config_json_path) {
+  return io::status_of([&] { return parse_config_or_throw(config_json_path); });
+}
+
+absl::Status validate_llama_tensors(const LlamaCheckpoint& ckpt) {
+  return io::status_of([&] { validate_tensors_or_throw(ckpt); });
+}
+
+absl::StatusOr<LlamaCheckpoint> load_gguf_llama(const std::string& path) {
+  return io::status_of([&] { return gguf_llama_from(io::value_or_throw(GgufFile::open(path))); });
+}
+
+absl::StatusOr<LlamaCheckpoint> gguf_llama(std::shared_ptr<const GgufFile> file) {
+  return io::status_of([&] { return gguf_llama_from(std::move(file)); });
+}
+
+absl::StatusOr<LlamaCheckpoint> parse_llama2c(std::shared_ptr<const MappedFile> file) {
+  return io::status_of([&] { return parse_llama2c_or_throw(file); });
+}
+
+absl::StatusOr<std::string> llama2c_bytes(const LlamaConfig& config, int version,
+                                          const std::map<std::string, std::vector<float>>& tensors) {
+  return io::status_of([&] { return llama2c_bytes_or_throw(config, version, tensors); });
+}
+
+absl::StatusOr<LlamaCheckpoint> load_llama_checkpoint(const std::string& path) {
+  return io::status_of([&] { return load_or_throw(path); });
 }
 
 }  // namespace sparseflash::checkpoint

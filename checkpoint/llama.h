@@ -1,6 +1,8 @@
 // Llama checkpoints from HF safetensors directories, GGUF files, llama2.c
 // .bin files and our native directories, as one set of HF-named tensors; and
-// the writers of our native format and of GGUF for llama.cpp.
+// the writers of our native format and of GGUF for llama.cpp. Every reader and
+// writer returns absl::Status(Or) whose message names the file and the field or
+// tensor at fault (io/errors.h).
 #pragma once
 
 #include <cstdint>
@@ -10,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "checkpoint/gguf_writer.h"
 #include "checkpoint/mapped_file.h"
 #include "checkpoint/safetensors.h"
@@ -40,9 +44,10 @@ struct LlamaConfig {
 // "rope_scaling" or transformers 5 "rope_parameters"). Defaults as in
 // transformers' LlamaConfig; biases, activations other than silu and rope
 // types other than default/linear/llama3 are refused.
-LlamaConfig parse_hf_llama_config(const std::string& config_json_path);
-// The same from a parsed JSON object; `path` is for error messages.
-LlamaConfig llama_config_from_json(const std::string& path, const std::string& json_text);
+absl::StatusOr<LlamaConfig> parse_hf_llama_config(const std::string& config_json_path);
+// The same from a config.json's text; `path` is for error messages.
+absl::StatusOr<LlamaConfig> llama_config_from_json(const std::string& path,
+                                                   const std::string& json_text);
 // HF config.json text for `config` (what our native format stores).
 std::string llama_config_to_json(const LlamaConfig& config);
 
@@ -80,25 +85,26 @@ struct LlamaCheckpoint {
 // path: HF dir (config.json + safetensors), a .gguf file, a llama2.c .bin,
 // or our native dir (a .safetensors, index or config.json file in such a
 // directory stands for the directory). GGUF is recognised by its magic,
-// anything else that is not a directory is read as llama2.c. Throws std::runtime_error naming the file and field.
-LlamaCheckpoint load_llama_checkpoint(const std::string& path);
+// anything else that is not a directory is read as llama2.c. The error names
+// the file and the field (NotFound for a missing file).
+absl::StatusOr<LlamaCheckpoint> load_llama_checkpoint(const std::string& path);
 
 // The parsers behind load_llama_checkpoint, on bytes already in memory.
-LlamaCheckpoint parse_llama2c(std::shared_ptr<const MappedFile> file);
-LlamaCheckpoint load_gguf_llama(const std::string& path);
+absl::StatusOr<LlamaCheckpoint> parse_llama2c(std::shared_ptr<const MappedFile> file);
+absl::StatusOr<LlamaCheckpoint> load_gguf_llama(const std::string& path);
 class GgufFile;
-LlamaCheckpoint gguf_llama(std::shared_ptr<const GgufFile> file);
+absl::StatusOr<LlamaCheckpoint> gguf_llama(std::shared_ptr<const GgufFile> file);
 
 // A llama2.c checkpoint file's bytes: version 0 = the legacy 7-int header
 // (negative vocab_size when untied, freq_cis tables after the final norm),
 // 1 = the "ak42" 256-byte header. `tensors` maps HF names to F32 values (Q/K
 // rows in the interleaved order llama2.c uses); lm_head.weight only if untied.
-std::string llama2c_bytes(const LlamaConfig& config, int version,
-                          const std::map<std::string, std::vector<float>>& tensors);
+absl::StatusOr<std::string> llama2c_bytes(const LlamaConfig& config, int version,
+                                          const std::map<std::string, std::vector<float>>& tensors);
 
 // Checks the config's sizes (positive, within limits, heads divisible by KV
-// heads, even head_dim, RoPE scaling fields); throws naming `path` and the field.
-void check_llama_config(const std::string& path, const LlamaConfig& config);
+// heads, even head_dim, RoPE scaling fields); the error names `path` and the field.
+absl::Status check_llama_config(const std::string& path, const LlamaConfig& config);
 
 // llama.cpp's tensor names for a layer's tensors (blk.N.*) and ours (HF's,
 // model.layers.N.*), in the order llama.cpp's convert writes them.
@@ -112,14 +118,15 @@ inline constexpr std::pair<const char*, const char*> kGgufLayerNames[] = {
 // Name of layer i's tensor `suffix` ("self_attn.q_proj.weight").
 std::string llama_layer_tensor(int64_t layer, const std::string& suffix);
 // Checks that every expected tensor exists with the shape the config implies.
-void validate_llama_tensors(const LlamaCheckpoint& ckpt);
+absl::Status validate_llama_tensors(const LlamaCheckpoint& ckpt);
 std::string llama_identity(const LlamaCheckpoint& ckpt);
 
 // Writes our native checkpoint: dir/config.json (llama_config_to_json) and
 // dir/model.safetensors with kNativeFormatKey in its metadata; both atomic.
 // `tensors` use the HF names and layout (F32/F16/BF16), Q/K in rotate-half order.
-void write_native_llama(const std::string& dir, const LlamaConfig& config,
-                        const std::vector<TensorToWrite>& tensors);
+// The written directory is read back before this returns OK.
+absl::Status write_native_llama(const std::string& dir, const LlamaConfig& config,
+                                const std::vector<TensorToWrite>& tensors);
 
 struct GgufLlamaOptions {
   DType type = DType::kF16;  // the matrices: F32, F16, BF16 or Q8_0 (norms stay F32)
@@ -152,10 +159,11 @@ uint32_t gguf_file_type(DType type);
 // as write_native_llama takes them, F32 only; 2-D ones are stored as
 // options.type (Q8_0 falls back to F16 for rows that are not whole blocks of
 // 32, as llama.cpp's convert does), 1-D ones as F32. Streams through
-// GgufWriter (atomic). Returns notes for the user (those fallbacks). Throws
-// std::runtime_error naming `path` and the tensor or setting at fault.
-std::vector<std::string> write_gguf_llama(const std::string& path, const LlamaConfig& config,
-                                          const std::vector<TensorToWrite>& tensors,
-                                          const GgufLlamaOptions& options);
+// GgufWriter (atomic). Returns notes for the user (those fallbacks); the error
+// names `path` and the tensor or setting at fault.
+absl::StatusOr<std::vector<std::string>> write_gguf_llama(const std::string& path,
+                                                          const LlamaConfig& config,
+                                                          const std::vector<TensorToWrite>& tensors,
+                                                          const GgufLlamaOptions& options);
 
 }  // namespace sparseflash::checkpoint

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "io/atomic_file.h"
+#include "io/errors.h"
 #include "checkpoint/gguf.h"
 #include "checkpoint/gguf_writer.h"
 #include "checkpoint/llama.h"
@@ -19,19 +20,25 @@ namespace sparseflash::checkpoint {
 
 // --- Native writer -----------------------------------------------------------------
 
-void write_native_llama(const std::string& dir, const LlamaConfig& config,
-                        const std::vector<TensorToWrite>& tensors) {
-  check_llama_config(dir + "/config.json", config);
+absl::Status write_native_llama(const std::string& dir, const LlamaConfig& config,
+                                const std::vector<TensorToWrite>& tensors) {
+  if (absl::Status s = check_llama_config(dir + "/config.json", config); !s.ok()) return s;
   if (mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
-    fail(dir, "", std::string("cannot create directory: ") + std::strerror(errno));
+    int err = errno;
+    return absl::Status(absl::ErrnoToStatusCode(err),
+                        dir + ": cannot create directory: " + std::strerror(err));
   }
-  write_safetensors(dir + "/model.safetensors", tensors, {{kNativeFormatKey, kNativeFormatValue}});
-  const std::string text = llama_config_to_json(config);
-  io::AtomicFile config_json(dir + "/config.json");
-  config_json.write(text.data(), text.size());
-  config_json.commit();
+  if (absl::Status s = write_safetensors(dir + "/model.safetensors", tensors,
+                                         {{kNativeFormatKey, kNativeFormatValue}});
+      !s.ok()) {
+    return s;
+  }
+  if (absl::Status s = io::write_file_atomically(dir + "/config.json", llama_config_to_json(config));
+      !s.ok()) {
+    return s;
+  }
   // Read back: a native checkpoint that does not load is worse than none.
-  load_llama_checkpoint(dir);
+  return load_llama_checkpoint(dir).status();
 }
 
 // --- GGUF writer ---------------------------------------------------------------------
@@ -95,10 +102,12 @@ void interleave_rows(const float* src, int64_t heads, int64_t head_dim, int64_t 
 
 }  // namespace
 
-std::vector<std::string> write_gguf_llama(const std::string& path, const LlamaConfig& c,
-                                          const std::vector<TensorToWrite>& tensors,
-                                          const GgufLlamaOptions& o) {
-  check_llama_config(path, c);
+namespace {
+
+std::vector<std::string> write_gguf_or_throw(const std::string& path, const LlamaConfig& c,
+                                             const std::vector<TensorToWrite>& tensors,
+                                             const GgufLlamaOptions& o) {
+  io::ok_or_throw(check_llama_config(path, c));
   if (o.type != DType::kF32 && o.type != DType::kF16 && o.type != DType::kBF16 && o.type != DType::kQ8_0)
     fail(path, "type", std::string("cannot write ") + dtype_name(o.type) + " matrices (F32, F16, BF16 or Q8_0)");
   const uint32_t file_type = gguf_file_type(o.type);
@@ -121,7 +130,7 @@ std::vector<std::string> write_gguf_llama(const std::string& path, const LlamaCo
     info.nbytes = t.nbytes;
     expected.tensors[t.name] = info;
   }
-  validate_llama_tensors(expected);
+  io::ok_or_throw(validate_llama_tensors(expected));
   if (!o.rope_freq_factors.empty() && static_cast<int64_t>(o.rope_freq_factors.size()) != c.head_dim / 2)
     fail(path, "rope_freqs.weight", std::to_string(o.rope_freq_factors.size()) + " factors, head_dim / 2 is " +
                                         std::to_string(c.head_dim / 2));
@@ -208,6 +217,15 @@ std::vector<std::string> write_gguf_llama(const std::string& path, const LlamaCo
     notes.push_back(std::to_string(kept_f16.size()) + " matri" + (kept_f16.size() == 1 ? "x" : "ces") +
                     " (first: " + kept_f16.front() + ") stored as F16: rows of Q8_0 must be whole blocks of 32");
   return notes;
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<std::string>> write_gguf_llama(const std::string& path,
+                                                          const LlamaConfig& config,
+                                                          const std::vector<TensorToWrite>& tensors,
+                                                          const GgufLlamaOptions& options) {
+  return io::status_of([&] { return write_gguf_or_throw(path, config, tensors, options); });
 }
 
 }  // namespace sparseflash::checkpoint

@@ -61,18 +61,22 @@ std::string read_text_file(const std::string& path) {
   return ss.str();
 }
 
-std::shared_ptr<const MappedFile> MappedFile::open(const std::string& path) {
+absl::StatusOr<std::shared_ptr<const MappedFile>> MappedFile::open(const std::string& path) {
+  const auto error = [&](const char* what, int err) {
+    return absl::Status(absl::ErrnoToStatusCode(err),
+                        path + ": " + what + ": " + std::strerror(err));
+  };
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail(path, "", std::string("cannot open: ") + std::strerror(errno));
+  if (fd < 0) return error("cannot open", errno);
   struct stat st;
   if (fstat(fd, &st) != 0) {
     int err = errno;
     ::close(fd);
-    fail(path, "", std::string("cannot stat: ") + std::strerror(err));
+    return error("cannot stat", err);
   }
   if (!S_ISREG(st.st_mode)) {
     ::close(fd);
-    fail(path, "", "not a regular file");
+    return absl::InvalidArgumentError(path + ": not a regular file");
   }
   std::shared_ptr<MappedFile> file(new MappedFile());
   file->path_ = path;
@@ -82,7 +86,7 @@ std::shared_ptr<const MappedFile> MappedFile::open(const std::string& path) {
     if (p == MAP_FAILED) {
       int err = errno;
       ::close(fd);
-      fail(path, "", std::string("cannot mmap: ") + std::strerror(err));
+      return error("cannot mmap", err);
     }
     file->mapping_ = p;
     file->data_ = static_cast<const uint8_t*>(p);
@@ -91,7 +95,7 @@ std::shared_ptr<const MappedFile> MappedFile::open(const std::string& path) {
     file->data_ = &kEmpty;
   }
   ::close(fd);
-  return file;
+  return std::shared_ptr<const MappedFile>(std::move(file));
 }
 
 std::shared_ptr<const MappedFile> MappedFile::from_bytes(const std::string& name, const void* data,

@@ -1,6 +1,10 @@
 // Read-only views of checkpoint files: a memory mapping of a file on disk, or
 // an owned copy of bytes (fuzzers, tests). Parsers see only data()/size() and
 // the name they put in error messages.
+//
+// Also the readers' internal toolkit: ByteReader and fail() throw (a parser fails
+// deep inside a loop); every public reader of checkpoint/ converts at its
+// boundary with io::status_of (io/errors.h) and returns absl::Status(Or).
 #pragma once
 
 #include <cstddef>
@@ -8,12 +12,15 @@
 #include <memory>
 #include <string>
 
+#include "absl/status/statusor.h"
+
 namespace sparseflash::checkpoint {
 
 class MappedFile {
  public:
-  // Maps `path` read-only. Throws std::runtime_error naming the path on failure.
-  static std::shared_ptr<const MappedFile> open(const std::string& path);
+  // Maps `path` read-only. The error names the path; its code is the errno's
+  // (a missing file: NotFound).
+  static absl::StatusOr<std::shared_ptr<const MappedFile>> open(const std::string& path);
   // Copies [data, data + size); `name` stands in for the path in error messages.
   static std::shared_ptr<const MappedFile> from_bytes(const std::string& name, const void* data,
                                                       size_t size);

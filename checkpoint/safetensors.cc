@@ -12,6 +12,7 @@
 #include <stdexcept>
 
 #include "io/atomic_file.h"
+#include "io/errors.h"
 #include "checkpoint/json_brief.h"
 #include "nlohmann/json.hpp"
 
@@ -72,12 +73,20 @@ std::string safetensors_dtype_name(DType dtype) {
 
 // --- SafetensorsFile ------------------------------------------------------------
 
-std::shared_ptr<const SafetensorsFile> SafetensorsFile::open(const std::string& path) {
-  return parse(MappedFile::open(path));
+absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::open(
+    const std::string& path) {
+  absl::StatusOr<std::shared_ptr<const MappedFile>> file = MappedFile::open(path);
+  if (!file.ok()) return file.status();
+  return parse(*std::move(file));
 }
 
-std::shared_ptr<const SafetensorsFile> SafetensorsFile::parse(
+absl::StatusOr<std::shared_ptr<const SafetensorsFile>> SafetensorsFile::parse(
     std::shared_ptr<const MappedFile> file) {
+  return io::status_of([&] { return parse_or_throw(file); });
+}
+
+std::shared_ptr<const SafetensorsFile> SafetensorsFile::parse_or_throw(
+    const std::shared_ptr<const MappedFile>& file) {
   const std::string& path = file->path();
   ByteReader reader(path, file->data(), file->size());
   uint64_t header_len = reader.read<uint64_t>("header length");
@@ -202,7 +211,12 @@ json read_json_file(const std::string& path) {
 
 }  // namespace
 
-std::shared_ptr<const SafetensorsModel> SafetensorsModel::open(const std::string& path) {
+absl::StatusOr<std::shared_ptr<const SafetensorsModel>> SafetensorsModel::open(
+    const std::string& path) {
+  return io::status_of([&] { return open_or_throw(path); });
+}
+
+std::shared_ptr<const SafetensorsModel> SafetensorsModel::open_or_throw(const std::string& path) {
   std::string index_path;
   std::string single_path;
   if (is_directory(path)) {
@@ -229,7 +243,7 @@ std::shared_ptr<const SafetensorsModel> SafetensorsModel::open(const std::string
     model->files_.push_back(std::move(f));
   };
   if (!single_path.empty()) {
-    add_file(SafetensorsFile::open(single_path));
+    add_file(io::value_or_throw(SafetensorsFile::open(single_path)));
     return model;
   }
 
@@ -249,7 +263,7 @@ std::shared_ptr<const SafetensorsModel> SafetensorsModel::open(const std::string
       fail(index_path, field, "shard name '" + shard + "' is not a plain file name");
     }
     if (shards.count(shard) == 0) {
-      auto f = SafetensorsFile::open(dir + "/" + shard);
+      auto f = io::value_or_throw(SafetensorsFile::open(dir + "/" + shard));
       shards[shard] = f;
       add_file(f);
     }
@@ -268,8 +282,10 @@ const TensorInfo* SafetensorsModel::find(const std::string& name) const {
 
 // --- Writer ------------------------------------------------------------------
 
-void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
+namespace {
+
+void write_safetensors_or_throw(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                                const std::map<std::string, std::string>& metadata) {
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   uint64_t offset = 0;
@@ -305,6 +321,13 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   out.write(text.data(), text.size());
   for (const TensorToWrite& t : tensors) out.write(t.data, t.nbytes);
   out.commit();
+}
+
+}  // namespace
+
+absl::Status write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                               const std::map<std::string, std::string>& metadata) {
+  return io::status_of([&] { write_safetensors_or_throw(path, tensors, metadata); });
 }
 
 }  // namespace sparseflash::checkpoint

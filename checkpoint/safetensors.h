@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "checkpoint/mapped_file.h"
 #include "checkpoint/tensor.h"
 
@@ -27,9 +29,11 @@ std::string safetensors_dtype_name(DType dtype);
 
 class SafetensorsFile {
  public:
-  static std::shared_ptr<const SafetensorsFile> open(const std::string& path);
+  // The error names the file and the field at fault.
+  static absl::StatusOr<std::shared_ptr<const SafetensorsFile>> open(const std::string& path);
   // Parses bytes already in memory (the fuzzer's entry point).
-  static std::shared_ptr<const SafetensorsFile> parse(std::shared_ptr<const MappedFile> file);
+  static absl::StatusOr<std::shared_ptr<const SafetensorsFile>> parse(
+      std::shared_ptr<const MappedFile> file);
 
   const std::vector<TensorInfo>& tensors() const { return tensors_; }  // in file order
   const TensorInfo* find(const std::string& name) const;
@@ -38,6 +42,8 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  static std::shared_ptr<const SafetensorsFile> parse_or_throw(
+      const std::shared_ptr<const MappedFile>& file);
   std::shared_ptr<const MappedFile> file_;
   std::vector<TensorInfo> tensors_;
   std::map<std::string, size_t> index_;
@@ -48,7 +54,7 @@ class SafetensorsFile {
 // model.safetensors.index.json, or a directory holding either (the index wins).
 class SafetensorsModel {
  public:
-  static std::shared_ptr<const SafetensorsModel> open(const std::string& path);
+  static absl::StatusOr<std::shared_ptr<const SafetensorsModel>> open(const std::string& path);
 
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
   const TensorInfo* find(const std::string& name) const;
@@ -58,6 +64,7 @@ class SafetensorsModel {
 
  private:
   SafetensorsModel() = default;
+  static std::shared_ptr<const SafetensorsModel> open_or_throw(const std::string& path);
   std::vector<std::shared_ptr<const SafetensorsFile>> files_;
   std::map<std::string, TensorInfo> tensors_;
 };
@@ -72,8 +79,10 @@ struct TensorToWrite {
 
 // Writes a safetensors file: to a temporary in the same directory, fsync'd,
 // then renamed over `path`, so readers never see a partial file. The header is
-// padded with spaces to a multiple of 8 bytes.
-void write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
-                       const std::map<std::string, std::string>& metadata);
+// padded with spaces to a multiple of 8 bytes. Refuses empty, reserved or
+// duplicate names and sizes that do not match the shape; a failed write leaves
+// `path` as it was.
+absl::Status write_safetensors(const std::string& path, const std::vector<TensorToWrite>& tensors,
+                               const std::map<std::string, std::string>& metadata);
 
 }  // namespace sparseflash::checkpoint

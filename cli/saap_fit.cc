@@ -107,11 +107,7 @@ absl::StatusOr<std::vector<double>> parse_budget_grid(const std::string& text) {
           absl::StrCat(name, ": expected fractions in [0, 1], got \"", text, "\""));
     grid.push_back(v);
   }
-  try {
-    saap::check_budget_grid(grid, name);
-  } catch (const std::invalid_argument& e) {
-    return absl::InvalidArgumentError(e.what());
-  }
+  if (absl::Status s = saap::check_budget_grid(grid, name); !s.ok()) return s;
   return grid;
 }
 
@@ -134,11 +130,7 @@ absl::Status parse_recency_bands(const std::string& bands, saap::FitOptions* o) 
   if (o->recency_edges.empty())
     return absl::InvalidArgumentError(
         absl::StrCat(name, ": give band edges (for example 128,384,896) or none"));
-  try {
-    saap::check_recency_edges(o->recency_edges, name.c_str());
-  } catch (const std::invalid_argument& e) {
-    return absl::InvalidArgumentError(e.what());
-  }
+  if (absl::Status s = saap::check_recency_edges(o->recency_edges, name.c_str()); !s.ok()) return s;
   if (!o->count_prior)
     return absl::InvalidArgumentError(
         absl::StrCat(name, " needs ", origin("count_prior", "count_prior")));
@@ -262,8 +254,10 @@ int run_saap_fit(const Args& overrides) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
   saap::FitReport r;
-  saap::SaapIndex index = saap::fit_saap_index(m.model, m.identity, tokens->ids, *o, &r, log_line);
-  if (auto s = saap::write_saap_index(out, index); !s.ok())
+  absl::StatusOr<saap::SaapIndex> index =
+      saap::fit_saap_index(m.model, m.identity, tokens->ids, *o, &r, log_line);
+  if (!index.ok()) return fail(cmd, std::string(index.status().message()));
+  if (auto s = saap::write_saap_index(out, *index); !s.ok())
     return fail(cmd, std::string(s.message()));
 
   json recency_mean = nullptr;  // mean over heads of each band's log weight (newest band first)
@@ -318,8 +312,8 @@ int run_saap_fit(const Args& overrides) {
   std::cout << absl::StrFormat(
       "wrote %s: %d layers x %d KV heads x %d partitions (%s keys), classifiers for %d query "
       "heads\n",
-      out, index.header.num_layers(), index.header.num_kv_heads(), o->partitions, key_space,
-      index.header.num_query_heads());
+      out, index->header.num_layers(), index->header.num_kv_heads(), o->partitions, key_space,
+      index->header.num_query_heads());
   std::cout << absl::StrFormat(
       "time: load %.1f s, keys %.1f s, k-means %.1f s, targets %.1f s, classifiers %.1f s; fit "
       "%.1f s\n",

@@ -217,13 +217,13 @@ absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> open_data_tokenizer(const 
         "\" cannot be opened: its meta.json does not say where it came from (no "
         "\"tokenizer_source\"); prepare the data again"));
   }
-  std::unique_ptr<tokenizer::Tokenizer> tok;
-  try {
-    tok = tokenizer::open_tokenizer(meta.tokenizer_source);
-  } catch (const std::exception& e) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot open the tokenizer the data was prepared with: ", e.what()));
+  absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> opened =
+      tokenizer::open_tokenizer(meta.tokenizer_source);
+  if (!opened.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cannot open the tokenizer the data was prepared with: ", opened.status().message()));
   }
+  std::unique_ptr<tokenizer::Tokenizer> tok = *std::move(opened);
   if (tok->identity() != meta.tokenizer) {
     return absl::FailedPreconditionError(absl::StrCat(
         "the tokenizer ", meta.tokenizer_source, " is now ", tok->identity(),

@@ -28,6 +28,7 @@
 #include "data/files.h"
 #include "data/shard.h"
 #include "io/atomic_file.h"
+#include "io/errors.h"
 
 #ifdef SPARSEFLASH_WITH_LIBARCHIVE
 #include <archive.h>
@@ -580,12 +581,10 @@ absl::StatusOr<Meta> prepare(const PrepareOptions& options) {
         absl::StrCat("prepare: val_fraction must be in [0, 1], got ", options.val_fraction));
   }
   if (options.shard_tokens == 0) return absl::InvalidArgumentError("prepare: shard_tokens must be > 0");
-  std::unique_ptr<tokenizer::Tokenizer> tokenizer;
-  try {
-    tokenizer = tokenizer::open_tokenizer(options.tokenizer);
-  } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat("prepare: tokenizer: ", e.what()));
-  }
+  absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> opened =
+      tokenizer::open_tokenizer(options.tokenizer);
+  if (!opened.ok()) return io::with_context(opened.status(), "prepare: tokenizer");
+  std::unique_ptr<tokenizer::Tokenizer> tokenizer = *std::move(opened);
   const int64_t vocab_size = tokenizer->vocab_size();
   const int64_t separator =
       options.document_separator >= 0 ? options.document_separator : tokenizer->eos_id();

@@ -63,7 +63,7 @@ COMMON=(-std=c++17 -O1 -g -fno-omit-frame-pointer -I"$ROOT"
 # Every fuzzer, the objects it links and its libraries. Objects are rebuilt when
 # their source or any of our headers (or a generated .pb.h) is newer.
 FUZZERS=(safetensors gguf llama2c tokenizer_json saap_index checkpoint_info)
-CHECKPOINT=(io/atomic_file.cc checkpoint/{mapped_file,tensor,safetensors,gguf,gguf_writer,llama,llama_write}.cc)
+CHECKPOINT=(io/atomic_file.cc io/errors.cc checkpoint/{mapped_file,tensor,safetensors,gguf,gguf_writer,llama,llama_write}.cc)
 TOKENIZER=(tokenizer/{text,pretokenizer,byte,bpe,spm,hf_json,gguf_vocab,gguf_file_vocab,tokenizer}.cc)
 GEN="$BUILD/gen"
 PROTO_LIBS=($(pkg-config --libs protobuf absl_status absl_statusor absl_strings absl_str_format))
@@ -76,10 +76,10 @@ sources_of() {  # the project sources (and generated ones, under $GEN) fuzzer $1
                           "configs/config.cc configs/validate.cc trainer/checkpoint.cc trainer/optimizer.cc" ;;
   esac
 }
-libs_of() {  # io/atomic_file.cc (in every fuzzer) needs Abseil's status and strings
+libs_of() {  # io/ (in every fuzzer) needs Abseil's status, statusor and strings
   case "$1" in
-    safetensors|gguf|llama2c) pkg-config --libs absl_status absl_strings ;;
-    tokenizer_json) pkg-config --libs re2 absl_status absl_strings ;;
+    safetensors|gguf|llama2c) pkg-config --libs absl_status absl_statusor absl_strings ;;
+    tokenizer_json) pkg-config --libs re2 absl_status absl_statusor absl_strings ;;
     saap_index) echo "${PROTO_LIBS[@]}" ;;
     checkpoint_info) echo "${PROTO_LIBS[@]} ${TORCH_LIBS[*]}" ;;
   esac

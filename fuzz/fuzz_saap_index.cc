@@ -15,12 +15,10 @@
 using namespace sparseflash;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  std::shared_ptr<const checkpoint::SafetensorsFile> file;
-  try {
-    file = checkpoint::SafetensorsFile::parse(checkpoint::MappedFile::from_bytes("fuzz.saap", data, size));
-  } catch (const std::runtime_error&) {
-    return 0;
-  }
+  auto parsed =
+      checkpoint::SafetensorsFile::parse(checkpoint::MappedFile::from_bytes("fuzz.saap", data, size));
+  if (!parsed.ok()) return 0;
+  const std::shared_ptr<const checkpoint::SafetensorsFile> file = *parsed;
   std::vector<std::vector<float>> buffers;
   absl::StatusOr<saap::SaapHeader> header = saap::read_saap_file(
       *file, "fuzz.saap", [&](size_t, const std::string&, const std::vector<int64_t>& shape) {

@@ -33,6 +33,18 @@ namespace tok = sparseflash::tokenizer;
 
 namespace {
 
+// A seed that cannot be written or read back ends the run with the error.
+void must(const absl::Status& status) {
+  if (status.ok()) return;
+  std::fprintf(stderr, "make_seeds: %s\n", std::string(status.message()).c_str());
+  std::exit(1);
+}
+template <typename T>
+T must(absl::StatusOr<T> value) {
+  must(value.status());
+  return *std::move(value);
+}
+
 std::mt19937 rng(1234);
 
 std::vector<float> floats(size_t n) {
@@ -95,14 +107,14 @@ void safetensors_seeds(const std::string& dir) {
   for (size_t k = 0; k < h.size(); ++k) h[k] = float_to_half(static_cast<float>(k) - 2.5f);
   std::vector<int64_t> ids = {1, -2, 3};
   std::string path = dir + "/a.safetensors";
-  write_safetensors(path,
-                    {{"a", DType::kF32, {3, 4}, a.data(), 48},
-                     {"h", DType::kF16, {2, 3}, h.data(), 12},
-                     {"bf", DType::kBF16, {3}, h.data(), 6},
-                     {"ids", DType::kI64, {3}, ids.data(), 24},
-                     {"empty", DType::kU8, {0}, nullptr, 0}},
-                    {{"format", "pt"}, {"sparseflash_format", "llama-v1"}});
-  write_safetensors(dir + "/b.safetensors", {{"x", DType::kF32, {}, a.data(), 4}}, {});
+  must(write_safetensors(path,
+                         {{"a", DType::kF32, {3, 4}, a.data(), 48},
+                          {"h", DType::kF16, {2, 3}, h.data(), 12},
+                          {"bf", DType::kBF16, {3}, h.data(), 6},
+                          {"ids", DType::kI64, {3}, ids.data(), 24},
+                          {"empty", DType::kU8, {0}, nullptr, 0}},
+                         {{"format", "pt"}, {"sparseflash_format", "llama-v1"}}));
+  must(write_safetensors(dir + "/b.safetensors", {{"x", DType::kF32, {}, a.data(), 4}}, {}));
   save(dir + "/config.json", llama_config_to_json(tiny(false, 2)));
 }
 
@@ -171,7 +183,7 @@ void llama2c_seeds(const std::string& dir) {
     for (bool tied : {true, false}) {
       LlamaConfig c = tiny(tied, tied ? 4 : 2);
       std::string name = dir + "/v" + std::to_string(version) + (tied ? "_tied" : "_untied") + ".bin";
-      save(name, llama2c_bytes(c, version, weights(c)));
+      save(name, must(llama2c_bytes(c, version, weights(c))));
     }
   }
 }
@@ -285,12 +297,12 @@ void saap_index_seeds(const std::string& dir) {
       }
     }
     const std::string path = dir + (extras ? "/extras.saap" : "/plain.saap");
-    write_safetensors(path, tensors,
-                      {{saap::kSaapFormatKey, saap::kSaapFormatValue},
-                       {saap::kSaapHeaderKey, absl::Base64Escape(h.SerializeAsString())}});
+    must(write_safetensors(path, tensors,
+                           {{saap::kSaapFormatKey, saap::kSaapFormatValue},
+                            {saap::kSaapHeaderKey, absl::Base64Escape(h.SerializeAsString())}}));
     std::vector<float> buffer;
     const absl::StatusOr<saap::SaapHeader> back = saap::read_saap_file(
-        *SafetensorsFile::open(path), path, [&](size_t, const std::string&, const std::vector<int64_t>& shape) {
+        *must(SafetensorsFile::open(path)), path, [&](size_t, const std::string&, const std::vector<int64_t>& shape) {
           buffer.assign(static_cast<size_t>(shape_numel(shape)), 0.0f);
           return buffer.data();
         });
@@ -317,10 +329,10 @@ int main(int argc, char** argv) {
   tokenizer_json_seeds(out + "/tokenizer_json");
   saap_index_seeds(out + "/saap_index");
   // Every seed must parse: a corpus of broken files would fuzz only the first check.
-  load_llama_checkpoint(out + "/gguf/llama.gguf");
-  load_llama_checkpoint(out + "/llama2c/v1_untied.bin");
-  load_llama_checkpoint(out + "/llama2c/v0_tied.bin");
-  SafetensorsFile::open(out + "/safetensors/a.safetensors");
-  GgufFile::open(out + "/gguf/test.gguf");
+  must(load_llama_checkpoint(out + "/gguf/llama.gguf"));
+  must(load_llama_checkpoint(out + "/llama2c/v1_untied.bin"));
+  must(load_llama_checkpoint(out + "/llama2c/v0_tied.bin"));
+  must(SafetensorsFile::open(out + "/safetensors/a.safetensors"));
+  must(GgufFile::open(out + "/gguf/test.gguf"));
   return 0;
 }

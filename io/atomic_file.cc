@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "io/errors.h"
 
 namespace sparseflash::io {
 namespace {
@@ -136,7 +137,7 @@ absl::Status run_atomic_write(const std::string& path,
     write(file);
     file.commit();
   } catch (const FileError& e) {
-    return absl::ErrnoToStatus(e.error(), e.what());
+    return status_from_exception(e);
   } catch (const std::exception& e) {
     return absl::InternalError(absl::StrCat(path, ": ", e.what()));
   }

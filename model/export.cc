@@ -19,6 +19,7 @@
 #include "checkpoint/llama.h"
 #include "checkpoint/safetensors.h"
 #include "io/atomic_file.h"
+#include "io/errors.h"
 #include "model/gpt.h"
 #include "model/llama.h"
 #include "model/load.h"
@@ -31,10 +32,6 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-std::string message_of(const std::exception& e) {
-  std::string what = e.what();
-  return what.substr(0, what.find("\nException raised from"));
-}
 
 
 // "auto" is `auto_dtype`; other names as parse_dtype reads them.
@@ -62,7 +59,7 @@ std::vector<checkpoint::GgufEntry> gguf_carried_entries(const std::string& path,
     char magic[4] = {};
     if (!f.read(magic, 4) || std::string(magic, 4) != "GGUF") return entries;
   }
-  auto file = checkpoint::GgufFile::open(path);
+  auto file = io::value_or_throw(checkpoint::GgufFile::open(path));
   const std::set<std::string> written = {"general.architecture", "general.name", "general.file_type",
                                           "general.quantization_version", "general.alignment"};
   for (const auto& [key, value] : file->metadata()) {
@@ -106,7 +103,7 @@ class Writer {
                         static_cast<size_t>(c.nbytes())});
   }
   void write(const std::string& path, const std::map<std::string, std::string>& metadata) {
-    checkpoint::write_safetensors(path, entries_, metadata);
+    io::ok_or_throw(checkpoint::write_safetensors(path, entries_, metadata));
   }
 
  private:
@@ -123,7 +120,7 @@ class Writer {
 absl::StatusOr<ExportResult> export_llama_file(const std::string& input, const std::string& out_dir,
                                                const std::string& dtype_text) {
   try {
-    checkpoint::LlamaCheckpoint ckpt = checkpoint::load_llama_checkpoint(input);
+    checkpoint::LlamaCheckpoint ckpt = io::value_or_throw(checkpoint::load_llama_checkpoint(input));
     // auto: keep one float type when every matrix is stored in it.
     std::set<checkpoint::DType> stored;
     for (const auto& [name, info] : ckpt.tensors) stored.insert(info.dtype);
@@ -139,7 +136,7 @@ absl::StatusOr<ExportResult> export_llama_file(const std::string& input, const s
           "equivalent without rope_scaling; the native format cannot represent it"));
     LlamaLoadOptions o;  // float32 on the CPU: exact for every stored type
     Llama m = load_llama(ckpt, o);
-    write_hf_llama(*m, out_dir, *dtype);
+    io::ok_or_throw(write_hf_llama(*m, out_dir, *dtype));
     ExportResult r;
     const fs::path in(input);
     const fs::path tokenizer_json =
@@ -164,7 +161,7 @@ absl::StatusOr<ExportResult> export_llama_file(const std::string& input, const s
         ckpt.qk_interleaved ? ", Q/K permuted to rotate-half" : "");
     return r;
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(message_of(e));
+    return io::status_from_exception(e);
   }
 }
 
@@ -183,7 +180,7 @@ absl::StatusOr<ExportResult> export_llama_file_gguf(const std::string& input, co
   auto type = parse_gguf_type(gguf_type);
   if (!type.ok()) return type.status();
   try {
-    checkpoint::LlamaCheckpoint ckpt = checkpoint::load_llama_checkpoint(input);
+    checkpoint::LlamaCheckpoint ckpt = io::value_or_throw(checkpoint::load_llama_checkpoint(input));
     if (!rope_scaling.empty()) {
       if (!ckpt.rope_freq_factors.empty())
         return absl::InvalidArgumentError(absl::StrCat(
@@ -197,13 +194,13 @@ absl::StatusOr<ExportResult> export_llama_file_gguf(const std::string& input, co
     checkpoint::GgufLlamaOptions o;
     o.type = *type;
     if (ckpt.format == checkpoint::SourceFormat::kGguf) {
-      auto source = checkpoint::GgufFile::open(input);
+      auto source = io::value_or_throw(checkpoint::GgufFile::open(input));
       if (source->has("general.name")) o.name = source->get_string("general.name");
     }
     if (o.name.empty()) o.name = fs::path(input).filename().replace_extension().string();
     add_gguf_tokenizer(ckpt.format == checkpoint::SourceFormat::kGguf ? input : "", /*general=*/true, input,
                        &o, &r);
-    add_notes(write_gguf_llama(*m, out_path, o), &r);
+    add_notes(io::value_or_throw(write_gguf_llama(*m, out_path, o)), &r);
     r.summary = absl::StrFormat(
         "wrote %s: GGUF %s Llama (%d layers, d %d, vocab %d%s) from %s (%s)%s", out_path,
         gguf_type, c.num_hidden_layers, c.hidden_size, c.vocab_size,
@@ -212,7 +209,7 @@ absl::StatusOr<ExportResult> export_llama_file_gguf(const std::string& input, co
         ckpt.qk_interleaved ? "" : ", Q/K rows interleaved for llama.cpp");
     return r;
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(message_of(e));
+    return io::status_from_exception(e);
   }
 }
 
@@ -227,9 +224,9 @@ absl::StatusOr<ExportResult> export_llama_run(LlamaImpl& llama, const RunSource&
   auto dtype = export_dtype(dtype_text, at::kFloat);
   if (!dtype.ok()) return dtype.status();
   try {
-    write_hf_llama(llama, out_dir, *dtype);
+    io::ok_or_throw(write_hf_llama(llama, out_dir, *dtype));
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(source.path, ": ", message_of(e)));
+    return io::with_context(io::status_from_exception(e), source.path);
   }
   ExportResult r;
   // The tokenizer the run was trained with, where it is a tokenizer.json.
@@ -269,9 +266,9 @@ absl::StatusOr<ExportResult> export_llama_run_gguf(LlamaImpl& llama, const RunSo
                        source.tokenizer_source.empty() ? "the run's tokenizer (" + source.tokenizer + ")"
                                                        : source.tokenizer_source,
                        &o, &r);
-    add_notes(write_gguf_llama(llama, out_path, o), &r);
+    add_notes(io::value_or_throw(write_gguf_llama(llama, out_path, o)), &r);
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(source.path, ": ", message_of(e)));
+    return io::with_context(io::status_from_exception(e), source.path);
   }
   const auto& c = llama.config();
   r.summary = absl::StrFormat(
@@ -341,7 +338,7 @@ absl::StatusOr<ExportResult> export_gpt_run(GPTImpl& gpt, const config::Experime
              {"sparseflash_step", std::to_string(source.step)},
              {"sparseflash_tokenizer", source.tokenizer}});
   } catch (const std::exception& e) {
-    return absl::InternalError(message_of(e));
+    return io::status_from_exception(e, absl::StatusCode::kInternal);
   }
   // The byte tokenizer's ids are the bytes; its end-of-document id is 0.
   json config = {{"architectures", {"GPT2LMHeadModel"}},

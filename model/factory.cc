@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "configs/config.h"
+#include "io/errors.h"
 #include "model/gpt.h"
 #include "model/llama.h"
 
@@ -160,14 +161,11 @@ absl::Status complete_from_pretrained(config::Experiment* exp) {
     if (from_file.arch() == config::Model::GPT && !exp->has_attention())
       *exp->mutable_attention() = ckpt_config->attention();
   } else {
-    try {
-      const checkpoint::LlamaCheckpoint ckpt = checkpoint::load_llama_checkpoint(path);
-      set_llama_fields(ckpt.config, &from_file);
-      for (float f : ckpt.rope_freq_factors) from_file.add_rope_freq_factors(f);
-    } catch (const std::exception& e) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("model.init_from: cannot read ", path, ": ", e.what()));
-    }
+    const absl::StatusOr<checkpoint::LlamaCheckpoint> ckpt = checkpoint::load_llama_checkpoint(path);
+    if (!ckpt.ok())
+      return io::with_context(ckpt.status(), absl::StrCat("model.init_from: cannot read ", path));
+    set_llama_fields(ckpt->config, &from_file);
+    for (float f : ckpt->rope_freq_factors) from_file.add_rope_freq_factors(f);
     if (given.has_arch() && given.arch() != config::Model::LLAMA)
       return absl::InvalidArgumentError(absl::StrCat(
           "model.init_from: ", path, " is a Llama-family model; set model.arch = LLAMA (or leave it out)"));
@@ -338,12 +336,12 @@ absl::Status load_pretrained(const config::Experiment& exp, CausalLM& model) {
     return absl::InvalidArgumentError(absl::StrCat(
         "model.init_from: ", path, " is a Llama-family file but the model is ",
         arch_name(model->arch())));
+  const absl::StatusOr<checkpoint::LlamaCheckpoint> ckpt = checkpoint::load_llama_checkpoint(path);
+  if (!ckpt.ok()) return io::with_context(ckpt.status(), "model.init_from");
   try {
-    copy_llama_weights(checkpoint::load_llama_checkpoint(path), *llama);
+    copy_llama_weights(*ckpt, *llama);
   } catch (const std::exception& e) {
-    std::string what = e.what();
-    return absl::InvalidArgumentError(
-        absl::StrCat("model.init_from: ", what.substr(0, what.find('\n'))));
+    return io::with_context(io::status_from_exception(e), "model.init_from");
   }
   return absl::OkStatus();
 }

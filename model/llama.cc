@@ -519,12 +519,12 @@ static std::vector<std::pair<std::string, Tensor>> hf_weights(LlamaImpl& model) 
   return out;
 }
 
-void write_hf_llama(LlamaImpl& model, const std::string& dir, at::ScalarType dtype) {
+absl::Status write_hf_llama(LlamaImpl& model, const std::string& dir, at::ScalarType dtype) {
   const checkpoint::LlamaConfig& c = model.config();
   if (!model.rope_frequency_factors().empty() && c.rope_scaling.type.empty())
-    throw std::runtime_error(
-        "the model has per-frequency RoPE divisors (GGUF rope_freqs.weight) and no rope_scaling "
-        "type: an HF config.json cannot express that");
+    return absl::InvalidArgumentError(
+        dir + ": the model has per-frequency RoPE divisors (GGUF rope_freqs.weight) and no "
+        "rope_scaling type: an HF config.json cannot express that");
   const checkpoint::DType stored = dtype == at::kBFloat16 ? checkpoint::DType::kBF16
                                    : dtype == at::kHalf   ? checkpoint::DType::kF16
                                                           : checkpoint::DType::kF32;
@@ -537,12 +537,16 @@ void write_hf_llama(LlamaImpl& model, const std::string& dir, at::ScalarType dty
                        c.data_ptr(), static_cast<size_t>(c.nbytes())});
   };
   for (const auto& [name, t] : hf_weights(model)) add(name, t);
-  std::filesystem::create_directories(dir);
-  checkpoint::write_native_llama(dir, c, entries);
+  std::error_code error;
+  std::filesystem::create_directories(dir, error);
+  if (error)
+    return absl::Status(absl::ErrnoToStatusCode(error.value()),
+                        dir + ": cannot create the directory: " + error.message());
+  return checkpoint::write_native_llama(dir, c, entries);
 }
 
-std::vector<std::string> write_gguf_llama(LlamaImpl& model, const std::string& path,
-                                          checkpoint::GgufLlamaOptions options) {
+absl::StatusOr<std::vector<std::string>> write_gguf_llama(LlamaImpl& model, const std::string& path,
+                                                          checkpoint::GgufLlamaOptions options) {
   const checkpoint::LlamaConfig& c = model.config();
   options.rope_freq_factors = model.rope_frequency_factors();
   if (options.rope_freq_factors.empty() && c.rope_scaling.type == "llama3") {

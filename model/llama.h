@@ -25,6 +25,8 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "attention/attention.h"
 #include "checkpoint/llama.h"
 #include "model/causal_lm.h"
@@ -170,8 +172,8 @@ void copy_llama_weights(const checkpoint::LlamaCheckpoint& checkpoint, LlamaImpl
 // dir/model.safetensors in HF names, rotate-half Q/K, weights cast to dtype
 // (float32, bfloat16 or float16); both files atomic (checkpoint::write_native_llama).
 // A model with GGUF rope frequency factors and no rope_scaling type has no HF
-// equivalent: throws std::runtime_error.
-void write_hf_llama(LlamaImpl& model, const std::string& dir, at::ScalarType dtype);
+// equivalent: InvalidArgument. The directory is created when missing.
+absl::Status write_hf_llama(LlamaImpl& model, const std::string& dir, at::ScalarType dtype);
 
 // Writes `model` as a GGUF file that llama.cpp runs (checkpoint::write_gguf_llama:
 // llama.cpp's names and Q/K row order, options.type for the matrices). The
@@ -179,8 +181,8 @@ void write_hf_llama(LlamaImpl& model, const std::string& dir, at::ScalarType dty
 // without a copy of itself. llama3 RoPE scaling goes into rope_freqs.weight as
 // unscaled / scaled frequencies of this model (the model's own GGUF factors
 // when it has them; options.rope_freq_factors is set here). Returns the
-// writer's notes; throws std::runtime_error naming the path.
-std::vector<std::string> write_gguf_llama(LlamaImpl& model, const std::string& path,
-                                          checkpoint::GgufLlamaOptions options);
+// writer's notes; the error names the path.
+absl::StatusOr<std::vector<std::string>> write_gguf_llama(LlamaImpl& model, const std::string& path,
+                                                          checkpoint::GgufLlamaOptions options);
 
 }  // namespace sparseflash::model

@@ -15,18 +15,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "checkpoint/llama.h"
+#include "io/errors.h"
 #include "model/factory.h"
 #include "model/llama.h"
 
 namespace sparseflash::model {
 
 namespace {
-
-// An exception's text without LibTorch's C++ backtrace.
-std::string message_of(const std::exception& e) {
-  std::string what = e.what();
-  return what.substr(0, what.find("\nException raised from"));
-}
 
 absl::Status check_vocabulary(const LoadedModel& l) {
   if (l.tokenizer && l.tokenizer->vocab_size() > l.model->vocab_size())
@@ -137,8 +132,10 @@ absl::StatusOr<LoadedModel> load_pretrained_model(const std::string& path,
   auto dtype = parse_dtype(options.dtype, options.device);
   if (!dtype.ok()) return dtype.status();
   l.dtype = *dtype;
+  absl::StatusOr<checkpoint::LlamaCheckpoint> read = checkpoint::load_llama_checkpoint(path);
+  if (!read.ok()) return read.status();
+  checkpoint::LlamaCheckpoint ckpt = *std::move(read);
   try {
-    checkpoint::LlamaCheckpoint ckpt = checkpoint::load_llama_checkpoint(path);
     if (!options.rope_scaling.empty()) {
       if (!ckpt.rope_freq_factors.empty())
         return absl::InvalidArgumentError(
@@ -167,9 +164,13 @@ absl::StatusOr<LoadedModel> load_pretrained_model(const std::string& path,
                                               : ckpt.identity + "+rope:" + options.rope_scaling;
     l.attention = kind_name(a.kind);
     l.eos_id = ckpt.config.eos_token_id;
-    if (options.need_tokenizer) l.tokenizer = tokenizer::load_tokenizer(path, options.tokenizer);
-  } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(message_of(e));
+  } catch (const std::exception& e) {  // load_llama's messages name the file
+    return io::status_from_exception(e);
+  }
+  if (options.need_tokenizer) {
+    auto tokenizer = tokenizer::load_tokenizer(path, options.tokenizer);
+    if (!tokenizer.ok()) return tokenizer.status();
+    l.tokenizer = *std::move(tokenizer);
   }
   if (auto s = check_vocabulary(l); !s.ok()) return s;
   return l;
@@ -223,10 +224,13 @@ absl::StatusOr<LoadedModel> prepare_run_model(CausalLM trained, const config::Ex
     l.model->to(l.device, l.dtype);
     fuse_for_inference(l.model);
     l.model->eval();
-    if (options.need_tokenizer && !options.tokenizer.empty())
-      tokenizer = tokenizer::open_tokenizer(options.tokenizer);
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": ", message_of(e)));
+    return io::with_context(io::status_from_exception(e), path);
+  }
+  if (options.need_tokenizer && !options.tokenizer.empty()) {
+    auto opened = tokenizer::open_tokenizer(options.tokenizer);
+    if (!opened.ok()) return opened.status();
+    tokenizer = *std::move(opened);
   }
   if (options.need_tokenizer) l.tokenizer = std::move(tokenizer);
   if (auto s = check_vocabulary(l); !s.ok()) return s;

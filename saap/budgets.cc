@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include "absl/strings/str_format.h"
+#include "io/errors.h"
 
 namespace sparseflash::saap {
 
@@ -22,14 +23,15 @@ const char* objective_name(BudgetObjective objective) {
   return objective == BudgetObjective::kOutputError ? "output" : "attention";
 }
 
-void check_budget_grid(const std::vector<double>& grid, const std::string& what) {
+absl::Status check_budget_grid(const std::vector<double>& grid, const std::string& what) {
   if (grid.empty())
-    throw std::invalid_argument(absl::StrFormat("%s: the budget grid is empty", what));
+    return absl::InvalidArgumentError(absl::StrFormat("%s: the budget grid is empty", what));
   for (size_t i = 0; i < grid.size(); ++i)
     if (!(grid[i] >= 0 && grid[i] <= 1) || (i > 0 && !(grid[i] > grid[i - 1])))
-      throw std::invalid_argument(absl::StrFormat(
+      return absl::InvalidArgumentError(absl::StrFormat(
           "%s: the budget grid must ascend strictly within [0, 1], got %g at position %d", what,
           grid[i], i));
+  return absl::OkStatus();
 }
 
 namespace {
@@ -58,7 +60,7 @@ Tensor taken_sorted(const BudgetOrder& o, double g) { return o.before.lt(o.total
 Tensor budget_output_errors(const Tensor& q, const Tensor& k, const Tensor& v,
                             const Tensor& partition, const Tensor& q_pos, const Tensor& density,
                             const std::vector<double>& grid, const MassOptions& options) {
-  check_budget_grid(grid, "budget_output_errors");
+  io::check_argument(check_budget_grid(grid, "budget_output_errors"));
   if (q.dim() != 3 || k.dim() != 3 || v.sizes() != k.sizes() || q.size(2) != k.size(2) ||
       k.size(0) < 1 || q.size(0) % k.size(0) != 0)
     throw std::invalid_argument(absl::StrFormat(
@@ -127,7 +129,7 @@ BudgetCurves measure_budget_curves(const Tensor& density, const Tensor& mass,
         "measure_budget_curves: density, mass and counts must be [H, n, C] of one shape, got "
         "%s, %s and %s",
         c10::str(density.sizes()), c10::str(mass.sizes()), c10::str(counts.sizes())));
-  check_budget_grid(grid, "measure_budget_curves");
+  io::check_argument(check_budget_grid(grid, "measure_budget_curves"));
   const int64_t H = density.size(0), n = density.size(1), G = static_cast<int64_t>(grid.size());
   auto f32 = density.options().dtype(at::kFloat);
   Tensor lost = at::zeros({H, G}, f32.dtype(at::kDouble));

@@ -37,9 +37,10 @@ const char* objective_name(BudgetObjective objective);
 // The default grid of the fit: fractions of a query's routable keys.
 const std::vector<double>& default_budget_grid();
 
-// Throws std::invalid_argument, prefixed with `what`, unless the grid is
-// non-empty and ascends strictly within [0, 1].
-void check_budget_grid(const std::vector<double>& grid, const std::string& what);
+// InvalidArgument, prefixed with `what`, unless the grid is non-empty and
+// ascends strictly within [0, 1] (a user's --budget-grid; the tensor functions
+// below throw std::invalid_argument with this message, as LibTorch's ops do).
+absl::Status check_budget_grid(const std::vector<double>& grid, const std::string& what);
 
 struct BudgetCurves {
   // float32 [H, G], CPU. lost_mass[h][g]: mean over queries of the routed

@@ -129,26 +129,18 @@ absl::Status write_saap_index(const std::string& path, const SaapIndex& index) {
   if (!index.header.SerializeToString(&header_bytes)) {
     return absl::InternalError(absl::StrCat(path, ": cannot serialise the SAAP header"));
   }
-  try {
-    checkpoint::write_safetensors(path, tensors,
-                                  {{kSaapFormatKey, kSaapFormatValue},
-                                   {kSaapHeaderKey, absl::Base64Escape(header_bytes)}});
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(e.what());
-  }
-  return absl::OkStatus();
+  return checkpoint::write_safetensors(path, tensors,
+                                      {{kSaapFormatKey, kSaapFormatValue},
+                                       {kSaapHeaderKey, absl::Base64Escape(header_bytes)}});
 }
 
 absl::StatusOr<SaapIndex> read_saap_index(const std::string& path) {
-  std::shared_ptr<const checkpoint::SafetensorsFile> file;
-  try {
-    file = checkpoint::SafetensorsFile::open(path);
-  } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(e.what());
-  }
+  absl::StatusOr<std::shared_ptr<const checkpoint::SafetensorsFile>> file =
+      checkpoint::SafetensorsFile::open(path);
+  if (!file.ok()) return file.status();
   SaapIndex index;
   absl::StatusOr<SaapHeader> header = read_saap_file(
-      *file, path, [&](size_t layer, const std::string& suffix, const std::vector<int64_t>& shape) {
+      **file, path, [&](size_t layer, const std::string& suffix, const std::vector<int64_t>& shape) {
         if (index.layers.size() <= layer) index.layers.resize(layer + 1);
         Tensor& value = index.layers[layer].*member_of(suffix);
         value = at::empty(shape, at::kFloat);

@@ -10,6 +10,7 @@
 #include <c10/util/Exception.h>
 
 #include "absl/strings/str_format.h"
+#include "io/errors.h"
 
 namespace sparseflash::saap {
 
@@ -91,18 +92,19 @@ Tensor partition_attention_mass(const Tensor& q, const Tensor& k, const Tensor& 
   return result;
 }
 
-void check_recency_edges(const std::vector<int64_t>& edges, const char* what) {
+absl::Status check_recency_edges(const std::vector<int64_t>& edges, const char* what) {
   for (size_t i = 0; i < edges.size(); ++i) {
     if (edges[i] < 1 || (i > 0 && edges[i] <= edges[i - 1]))
-      throw std::invalid_argument(absl::StrFormat(
+      return absl::InvalidArgumentError(absl::StrFormat(
           "%s: recency band edges must ascend strictly from >= 1, got %d at %d", what, edges[i],
           i));
   }
+  return absl::OkStatus();
 }
 
 Tensor distance_band_mass(const Tensor& q, const Tensor& k, const Tensor& q_pos,
                           const std::vector<int64_t>& edges, const MassOptions& options) {
-  check_recency_edges(edges, "distance_band_mass");
+  io::check_argument(check_recency_edges(edges, "distance_band_mass"));
   const int64_t group = check_mass_inputs(q, k, q_pos, options, "distance_band_mass");
   const int64_t hq = q.size(0), nq = q.size(1), hkv = k.size(0), nk = k.size(1);
   const int64_t bands = static_cast<int64_t>(edges.size()) + 1;
@@ -126,7 +128,7 @@ Tensor distance_band_mass(const Tensor& q, const Tensor& k, const Tensor& q_pos,
 
 Tensor distance_band_counts(const Tensor& q_pos, int64_t local_window, int64_t sink_tokens,
                             const std::vector<int64_t>& edges) {
-  check_recency_edges(edges, "distance_band_counts");
+  io::check_argument(check_recency_edges(edges, "distance_band_counts"));
   TORCH_CHECK(q_pos.dim() == 1, "distance_band_counts: q_pos must be [nq], got ", q_pos.sizes());
   // Routable keys at or before position x: |[sink_tokens, x]|.
   auto upto = [&](const Tensor& x) { return (x - sink_tokens + 1).clamp_min(0); };
@@ -146,7 +148,7 @@ Tensor recency_weighted_counts(const Tensor& routable, const Tensor& partition,
                                int64_t first_position, const Tensor& q_pos,
                                int64_t local_window, int64_t sink_tokens,
                                const std::vector<int64_t>& edges, const Tensor& log_weights) {
-  check_recency_edges(edges, "recency_weighted_counts");
+  io::check_argument(check_recency_edges(edges, "recency_weighted_counts"));
   const int64_t B = static_cast<int64_t>(edges.size());
   TORCH_CHECK(partition.dim() >= 2 && routable.dim() == partition.dim() + 1 && q_pos.dim() == 1,
               "recency_weighted_counts: routable must be [..., Hkv, nq, C], partition "

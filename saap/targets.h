@@ -8,6 +8,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "absl/status/status.h"
+
 namespace sparseflash::saap {
 
 using at::Tensor;
@@ -53,9 +55,10 @@ Tensor routable_key_counts(const Tensor& partition, int64_t num_partitions, cons
 // query head h has log weights beta[h, 0..B]; the prior of partition c is
 // log sum_b exp(beta[h, b]) * (keys of c in band b).
 
-// Throws std::invalid_argument (naming `what`) unless the edges ascend
-// strictly from >= 1.
-void check_recency_edges(const std::vector<int64_t>& edges, const char* what);
+// InvalidArgument (naming `what`) unless the edges ascend strictly from >= 1
+// (a user's --recency-edges; the tensor functions below throw
+// std::invalid_argument with this message).
+absl::Status check_recency_edges(const std::vector<int64_t>& edges, const char* what);
 
 // Routed attention per recency band: q, k, q_pos as in
 // partition_attention_mass -> float32 [Hq, nq, B + 1] (a row sums to the

@@ -163,7 +163,7 @@ TEST(GgufWriter, WritesEveryTypeAndReadsBack) {
   });
   w.add_tensor("c.1d", DType::kF32, {5}, a.data());
   w.write();
-  auto g = GgufFile::open(path);
+  auto g = must(GgufFile::open(path));
   EXPECT_EQ(g->version(), 3u);
   EXPECT_EQ(g->alignment(), 32u);
   EXPECT_EQ(g->get_string("general.architecture"), "test");
@@ -236,11 +236,11 @@ TEST(GgufWriter, CopiesEntriesVerbatim) {
   b.add_bool("tokenizer.ggml.add_bos_token", true);
   b.add_u32("tokenizer.ggml.bos_token_id", 2);
   write_file(dir + "/src.gguf", b.bytes());
-  auto src = GgufFile::open(dir + "/src.gguf");
+  auto src = must(GgufFile::open(dir + "/src.gguf"));
   GgufWriter w(dir + "/dst.gguf");
   for (const auto& [key, value] : src->metadata()) w.metadata().add(gguf_entry(*src, key));
   w.write();
-  auto dst = GgufFile::open(dir + "/dst.gguf");
+  auto dst = must(GgufFile::open(dir + "/dst.gguf"));
   for (const auto& [key, value] : src->metadata()) {
     SCOPED_TRACE(key);
     const GgufValue& d = dst->metadata().at(key);
@@ -263,13 +263,13 @@ TEST(Safetensors, WriteThenReadRoundTrip) {
   std::vector<uint16_t> b(b_src.size());
   for (size_t i = 0; i < b.size(); ++i) b[i] = float_to_bf16(b_src[i]);
   std::vector<int64_t> c = {3, -4, 1LL << 40};
-  write_safetensors(dir + "/m.safetensors",
+  must(write_safetensors(dir + "/m.safetensors",
                     {{"a", DType::kF32, {6, 7}, a.data(), a.size() * 4},
                      {"b", DType::kBF16, {5}, b.data(), b.size() * 2},
                      {"c", DType::kI64, {3}, c.data(), c.size() * 8},
                      {"empty", DType::kF16, {0, 4}, nullptr, 0}},
-                    {{"sparseflash_format", "llama-v1"}});
-  auto f = SafetensorsFile::open(dir + "/m.safetensors");
+                    {{"sparseflash_format", "llama-v1"}}));
+  auto f = must(SafetensorsFile::open(dir + "/m.safetensors"));
   ASSERT_EQ(f->tensors().size(), 4u);
   EXPECT_EQ(f->metadata().at("sparseflash_format"), "llama-v1");
   EXPECT_EQ(to_float32(*f->find("a")), a);
@@ -290,13 +290,13 @@ TEST(Safetensors, WriteThenReadRoundTrip) {
 TEST(Safetensors, WriterRejectsInconsistentTensors) {
   std::string dir = make_temp_dir();
   std::vector<float> a(6, 1.5f);
-  expect_error([&] { write_safetensors(dir + "/x", {{"a", DType::kF32, {2, 4}, a.data(), 24}}, {}); },
+  expect_error([&] { return write_safetensors(dir + "/x", {{"a", DType::kF32, {2, 4}, a.data(), 24}}, {}); },
                {"tensor 'a'", "[2, 4]", "24 bytes"});
   expect_error([&] {
-    write_safetensors(dir + "/x", {{"a", DType::kF32, {6}, a.data(), 24},
+    return write_safetensors(dir + "/x", {{"a", DType::kF32, {6}, a.data(), 24},
                                    {"a", DType::kF32, {6}, a.data(), 24}}, {});
   }, {"duplicate"});
-  expect_error([&] { write_safetensors(dir + "/x", {{"q", DType::kQ4_0, {32}, a.data(), 18}}, {}); },
+  expect_error([&] { return write_safetensors(dir + "/x", {{"q", DType::kQ4_0, {32}, a.data(), 18}}, {}); },
                {"Q4_0"});
   EXPECT_NE(access((dir + "/x").c_str(), F_OK), 0);
 }
@@ -308,7 +308,7 @@ TEST(Safetensors, ReadsShardedModelWrittenByPythonPackage) {
   uint32_t seed = std::random_device{}() % 100000;
   ASSERT_EQ(run_python("ckpt_safetensors_reference.py write " + dir + " --seed " + std::to_string(seed)), 0);
   json expected = json::parse(read_file(dir + "/expected.json"));
-  auto model = SafetensorsModel::open(dir);
+  auto model = must(SafetensorsModel::open(dir));
   EXPECT_EQ(model->files().size(), 2u);
   EXPECT_EQ(model->metadata().at("format"), "pt");
   ASSERT_EQ(model->tensors().size(), expected.size());
@@ -324,7 +324,7 @@ TEST(Safetensors, ReadsShardedModelWrittenByPythonPackage) {
     for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(values[i], static_cast<float>(want[i]));
   }
   // The index file itself works as a path too.
-  EXPECT_EQ(SafetensorsModel::open(dir + "/model.safetensors.index.json")->tensors().size(),
+  EXPECT_EQ(must(SafetensorsModel::open(dir + "/model.safetensors.index.json"))->tensors().size(),
             expected.size());
 }
 
@@ -345,10 +345,10 @@ TEST(Safetensors, PythonPackageReadsOurFiles) {
     hv.push_back(half_to_float(h[i]));
   }
   expected["h"] = {{"dtype", "F16"}, {"shape", {2, 2}}, {"values", hv}};
-  write_safetensors(dir + "/ours.safetensors",
+  must(write_safetensors(dir + "/ours.safetensors",
                     {{"a", DType::kF32, {3, 11}, a.data(), a.size() * 4},
                      {"h", DType::kF16, {2, 2}, h.data(), 8}},
-                    {{"sparseflash_format", "llama-v1"}, {"k", "v"}});
+                    {{"sparseflash_format", "llama-v1"}, {"k", "v"}}));
   write_file(dir + "/expected.json", expected.dump());
   EXPECT_EQ(run_python("ckpt_safetensors_reference.py check " + dir + "/ours.safetensors " + dir +
                        "/expected.json"), 0);
@@ -397,13 +397,13 @@ TEST(Gguf, ReadsEveryValueAndTensorTypeOfTheGgufPackage) {
   uint32_t seed = std::random_device{}() % 100000;
   ASSERT_EQ(run_python("ckpt_gguf_reference.py write " + dir + " --seed " + std::to_string(seed)), 0);
   json expected = json::parse(read_file(dir + "/expected.json"));
-  auto g = GgufFile::open(dir + "/test.gguf");
+  auto g = must(GgufFile::open(dir + "/test.gguf"));
   EXPECT_EQ(g->version(), 3u);
   check_gguf_against_expected(*g, expected);
   // Version 2 has the same layout for little-endian files.
   std::string bytes = read_file(dir + "/test.gguf");
   bytes[4] = 2;
-  auto g2 = GgufFile::parse(MappedFile::from_bytes("v2.gguf", bytes.data(), bytes.size()));
+  auto g2 = must(GgufFile::parse(MappedFile::from_bytes("v2.gguf", bytes.data(), bytes.size())));
   EXPECT_EQ(g2->version(), 2u);
   check_gguf_against_expected(*g2, expected);
 }
@@ -415,7 +415,7 @@ TEST(Gguf, GettersNameFileAndKey) {
   b.add_u64("big", ~uint64_t{0});
   b.add_f32_array("fa", {1.0f});
   std::string bytes = b.bytes();
-  auto g = GgufFile::parse(MappedFile::from_bytes("mem.gguf", bytes.data(), bytes.size()));
+  auto g = must(GgufFile::parse(MappedFile::from_bytes("mem.gguf", bytes.data(), bytes.size())));
   expect_error([&] { g->get_string("absent"); }, {"mem.gguf", "'absent'", "missing"});
   expect_error([&] { g->get_int("s"); }, {"mem.gguf", "'s'", "string"});
   expect_error([&] { g->get_string("i"); }, {"mem.gguf", "'i'", "int32"});
@@ -452,7 +452,7 @@ TEST(Gguf, SmolLM2MatchesGgufPackage) {
   ASSERT_EQ(run_python("ckpt_gguf_reference.py real " + path + " " + dir), 0);
   json expected = json::parse(read_file(dir + "/expected.json"));
   std::string rows = read_file(dir + "/rows.f32");
-  auto g = GgufFile::open(path);
+  auto g = must(GgufFile::open(path));
   EXPECT_EQ(g->version(), expected["version"].get<uint32_t>());
   EXPECT_EQ(g->metadata().size(), expected["metadata_count"].get<size_t>());
   const json& meta = expected["metadata"];
@@ -500,7 +500,7 @@ TEST(Gguf, SmolLM2MatchesGgufPackage) {
   EXPECT_GT(type_counts["F32"], 0);
 
   // And as a Llama checkpoint.
-  LlamaCheckpoint ckpt = load_llama_checkpoint(path);
+  LlamaCheckpoint ckpt = must(load_llama_checkpoint(path));
   EXPECT_EQ(ckpt.format, SourceFormat::kGguf);
   EXPECT_TRUE(ckpt.qk_interleaved);
   EXPECT_EQ(ckpt.config.num_hidden_layers, 30);
@@ -513,7 +513,7 @@ TEST(Gguf, SmolLM2MatchesGgufPackage) {
   EXPECT_EQ(ckpt.config.rope_theta, 100000.0);
   EXPECT_TRUE(ckpt.config.tie_word_embeddings);
   EXPECT_EQ(ckpt.tensors.size(), 2u + 9u * 30u);
-  EXPECT_EQ(ckpt.identity, load_llama_checkpoint(path).identity);
+  EXPECT_EQ(ckpt.identity, must(load_llama_checkpoint(path)).identity);
 }
 
 }  // namespace

@@ -67,18 +67,8 @@ void append(std::string* s, T value) {
 using sparseflash::test_util::python_has;
 using sparseflash::test_util::run_python;
 
-// Expects fn to throw std::runtime_error whose message contains every needle.
-void expect_error(const std::function<void()>& fn, const std::vector<std::string>& needles) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception; expected one mentioning " << needles.front();
-  } catch (const std::runtime_error& e) {
-    for (const std::string& needle : needles) {
-      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
-          << "message: " << e.what() << "\nlacks: " << needle;
-    }
-  }
-}
+using sparseflash::test_util::expect_error;
+using sparseflash::test_util::must;
 
 std::vector<float> random_floats(size_t n, uint32_t seed, float scale = 1.0f) {
   std::mt19937 gen(seed);

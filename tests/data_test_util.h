@@ -198,6 +198,7 @@ uint64_t split_key_for_test(const std::string& path) { return fnv1a64(path.data(
 
 namespace fs = std::filesystem;
 using nlohmann::json;
+using test_util::must;
 
 // A generated corpus under <root>/corpus with text files in nested
 // directories plus files that prepare must skip or filter.

@@ -17,7 +17,7 @@ TEST(Llama, GgufTinyModelMapsToHfNames) {
     ASSERT_EQ(run_python("ckpt_gguf_reference.py llama " + dir + " --seed " + std::to_string(seed) +
                          (untied ? " --untied" : "")), 0);
     json expected = json::parse(read_file(dir + "/expected.json"));
-    LlamaCheckpoint ckpt = load_llama_checkpoint(dir + "/llama.gguf");
+    LlamaCheckpoint ckpt = must(load_llama_checkpoint(dir + "/llama.gguf"));
     const json& cfg = expected["config"];
     EXPECT_EQ(ckpt.format, SourceFormat::kGguf);
     EXPECT_EQ(ckpt.config.vocab_size, cfg["vocab_size"].get<int64_t>());
@@ -67,8 +67,8 @@ TEST(Llama, Llama2cLegacyAndVersion1RoundTrip) {
       LlamaConfig c = tiny_config(tied);
       auto weights = random_llama(c, seed + version * 2 + tied);
       std::string path = dir + "/model_" + std::to_string(version) + (tied ? "t" : "u") + ".bin";
-      write_file(path, llama2c_bytes(c, version, weights));
-      LlamaCheckpoint ckpt = load_llama_checkpoint(path);
+      write_file(path, must(llama2c_bytes(c, version, weights)));
+      LlamaCheckpoint ckpt = must(load_llama_checkpoint(path));
       EXPECT_EQ(ckpt.format, SourceFormat::kLlama2c);
       EXPECT_TRUE(ckpt.qk_interleaved);
       EXPECT_EQ(ckpt.config.vocab_size, 37);
@@ -91,7 +91,7 @@ TEST(Llama, Llama2cV1HeaderLayout) {
   // The version-1 header as llama2.c's export.py writes it, field by field.
   LlamaConfig c = tiny_config(false);
   auto weights = random_llama(c, 7);
-  std::string bytes = llama2c_bytes(c, 1, weights);
+  std::string bytes = must(llama2c_bytes(c, 1, weights));
   ASSERT_GE(bytes.size(), 256u);
   EXPECT_EQ(bytes.substr(0, 4), "24ka");  // uint32 0x616b3432, little-endian
   int32_t ints[8];
@@ -103,7 +103,7 @@ TEST(Llama, Llama2cV1HeaderLayout) {
   const std::vector<float>& norm0 = weights.at(llama_layer_tensor(0, "input_layernorm.weight"));
   EXPECT_EQ(std::memcmp(bytes.data() + 256, norm0.data(), norm0.size() * 4), 0);
   // Legacy: embedding first, right after the 28-byte header; negative vocab = untied.
-  std::string legacy = llama2c_bytes(c, 0, weights);
+  std::string legacy = must(llama2c_bytes(c, 0, weights));
   std::memcpy(ints, legacy.data(), 28);
   EXPECT_EQ(ints[5], -37);
   const std::vector<float>& emb = weights.at("model.embed_tokens.weight");
@@ -135,8 +135,8 @@ TEST(Llama, NativeRoundTripAndIdentity) {
     }
     to_write.push_back({name, DType::kF32, shape, v.data(), v.size() * 4});
   }
-  write_native_llama(dir + "/native", c, to_write);
-  LlamaCheckpoint ckpt = load_llama_checkpoint(dir + "/native");
+  must(write_native_llama(dir + "/native", c, to_write));
+  LlamaCheckpoint ckpt = must(load_llama_checkpoint(dir + "/native"));
   EXPECT_EQ(ckpt.format, SourceFormat::kNative);
   EXPECT_FALSE(ckpt.qk_interleaved);
   EXPECT_EQ(ckpt.config.rope_theta, 123456.0);
@@ -149,20 +149,20 @@ TEST(Llama, NativeRoundTripAndIdentity) {
   expect_tensors_equal(ckpt, weights);
   // Identity: stable across loads and paths, sensitive to a weight.
   std::string id = ckpt.identity;
-  EXPECT_EQ(load_llama_checkpoint(dir + "/native").identity, id);
+  EXPECT_EQ(must(load_llama_checkpoint(dir + "/native")).identity, id);
   ASSERT_EQ(std::rename((dir + "/native").c_str(), (dir + "/moved").c_str()), 0);
-  EXPECT_EQ(load_llama_checkpoint(dir + "/moved").identity, id);
-  EXPECT_EQ(load_llama_checkpoint(dir + "/moved/model.safetensors").identity, id);
+  EXPECT_EQ(must(load_llama_checkpoint(dir + "/moved")).identity, id);
+  EXPECT_EQ(must(load_llama_checkpoint(dir + "/moved/model.safetensors")).identity, id);
   weights["model.norm.weight"][0] += 1.0f;
-  write_native_llama(dir + "/changed", c, to_write);
-  EXPECT_NE(load_llama_checkpoint(dir + "/changed").identity, id);
+  must(write_native_llama(dir + "/changed", c, to_write));
+  EXPECT_NE(must(load_llama_checkpoint(dir + "/changed")).identity, id);
 }
 
 TEST(Llama, HfConfigVariants) {
   std::string v4 = R"({"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
     "num_hidden_layers": 2, "num_attention_heads": 8, "rope_theta": 500000.0,
     "rope_scaling": {"type": "linear", "factor": 4.0}, "eos_token_id": [7, 8], "bos_token_id": null})";
-  LlamaConfig c = llama_config_from_json("v4.json", v4);
+  LlamaConfig c = must(llama_config_from_json("v4.json", v4));
   EXPECT_EQ(c.num_key_value_heads, 8);
   EXPECT_EQ(c.head_dim, 8);
   EXPECT_EQ(c.max_position_embeddings, 2048);
@@ -177,42 +177,42 @@ TEST(Llama, HfConfigVariants) {
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 1, "tie_word_embeddings": true,
     "rope_parameters": {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64}})";
-  c = llama_config_from_json("v5.json", v5);
+  c = must(llama_config_from_json("v5.json", v5));
   EXPECT_EQ(c.head_dim, 32);
   EXPECT_EQ(c.rope_theta, 50000.0);
   EXPECT_EQ(c.rope_scaling.type, "llama3");
   EXPECT_EQ(c.rope_scaling.original_max_position_embeddings, 64);
   EXPECT_TRUE(c.tie_word_embeddings);
   // The JSON we write reads back the same.
-  LlamaConfig back = llama_config_from_json("back.json", llama_config_to_json(c));
+  LlamaConfig back = must(llama_config_from_json("back.json", llama_config_to_json(c)));
   EXPECT_EQ(back.rope_scaling.type, "llama3");
   EXPECT_EQ(back.head_dim, 32);
   EXPECT_EQ(back.num_key_value_heads, 1);
   EXPECT_EQ(back.rope_theta, 50000.0);
 
-  expect_error([&] { llama_config_from_json("a.json", "{\"vocab_size\": 1"); }, {"a.json", "invalid JSON"});
-  expect_error([&] { llama_config_from_json("a.json", R"({"hidden_size": 8})"); }, {"a.json", "vocab_size", "missing"});
-  expect_error([&] { llama_config_from_json("a.json", R"({"model_type": "gpt2"})"); }, {"model_type"});
+  expect_error([&] { return llama_config_from_json("a.json", "{\"vocab_size\": 1"); }, {"a.json", "invalid JSON"});
+  expect_error([&] { return llama_config_from_json("a.json", R"({"hidden_size": 8})"); }, {"a.json", "vocab_size", "missing"});
+  expect_error([&] { return llama_config_from_json("a.json", R"({"model_type": "gpt2"})"); }, {"model_type"});
   std::string base = R"("vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2)";
-  expect_error([&] { llama_config_from_json("a.json", "{" + base + R"(, "num_key_value_heads": 3})"); },
+  expect_error([&] { return llama_config_from_json("a.json", "{" + base + R"(, "num_key_value_heads": 3})"); },
                {"num_key_value_heads", "does not divide"});
-  expect_error([&] { llama_config_from_json("a.json", "{" + base + R"(, "rope_scaling": {"rope_type": "longrope", "factor": 2}})"); },
+  expect_error([&] { return llama_config_from_json("a.json", "{" + base + R"(, "rope_scaling": {"rope_type": "longrope", "factor": 2}})"); },
                {"rope_scaling.rope_type", "longrope"});
   // yarn: the pretraining context from the block (or max_position_embeddings),
   // a missing factor as the ratio; dynamic: the reference is max_position_embeddings.
-  LlamaConfig yarn = llama_config_from_json("a.json", "{" + base + R"(, "max_position_embeddings": 64,
-      "rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 16, "beta_fast": 0}})");
+  LlamaConfig yarn = must(llama_config_from_json("a.json", "{" + base + R"(, "max_position_embeddings": 64,
+      "rope_scaling": {"rope_type": "yarn", "original_max_position_embeddings": 16, "beta_fast": 0}})"));
   EXPECT_EQ(yarn.rope_scaling.type, "yarn");
   EXPECT_EQ(yarn.rope_scaling.factor, 4.0);
   EXPECT_EQ(yarn.rope_scaling.beta_fast, 32.0);  // transformers' "or 32"
-  LlamaConfig dynamic = llama_config_from_json("a.json", "{" + base + R"(, "max_position_embeddings": 100,
-      "rope_scaling": {"rope_type": "dynamic", "factor": 2}})");
+  LlamaConfig dynamic = must(llama_config_from_json("a.json", "{" + base + R"(, "max_position_embeddings": 100,
+      "rope_scaling": {"rope_type": "dynamic", "factor": 2}})"));
   EXPECT_EQ(dynamic.rope_scaling.original_max_position_embeddings, 100);
   EXPECT_EQ(dynamic.max_position_embeddings, 200);
-  expect_error([&] { llama_config_from_json("a.json", "{" + base + R"(, "attention_bias": true})"); }, {"attention_bias"});
-  expect_error([&] { llama_config_from_json("a.json", "{" + base + R"(, "hidden_size": "8"})"); },
+  expect_error([&] { return llama_config_from_json("a.json", "{" + base + R"(, "attention_bias": true})"); }, {"attention_bias"});
+  expect_error([&] { return llama_config_from_json("a.json", "{" + base + R"(, "hidden_size": "8"})"); },
                {"hidden_size", "expected an integer"});
-  expect_error([&] { llama_config_from_json("a.json", "{" + base + R"(, "num_hidden_layers": -1})"); },
+  expect_error([&] { return llama_config_from_json("a.json", "{" + base + R"(, "num_hidden_layers": -1})"); },
                {"num_hidden_layers", "positive"});
 }
 
@@ -226,7 +226,7 @@ TEST(Llama, HfDirectoryFromTransformersAndNativeBack) {
     ASSERT_EQ(run_python("ckpt_hf_llama.py " + dir + " --seed " + std::to_string(seed) +
                          (sharded ? " --sharded" : " --tied")), 0);
     json expected = json::parse(read_file(dir + "/expected.json"));
-    LlamaCheckpoint ckpt = load_llama_checkpoint(dir + "/model");
+    LlamaCheckpoint ckpt = must(load_llama_checkpoint(dir + "/model"));
     EXPECT_EQ(ckpt.format, SourceFormat::kHfSafetensors);
     EXPECT_FALSE(ckpt.qk_interleaved);
     const json& cfg = expected["config"];
@@ -250,7 +250,7 @@ TEST(Llama, HfDirectoryFromTransformersAndNativeBack) {
       to_write.push_back({t->first, t->second.dtype, t->second.shape, t->second.data, t->second.nbytes});
     }
     // Our native format, loaded back by transformers.
-    write_native_llama(dir + "/native", ckpt.config, to_write);
+    must(write_native_llama(dir + "/native", ckpt.config, to_write));
     EXPECT_EQ(run_python("ckpt_hf_llama.py " + dir + " --check " + dir + "/native"), 0);
   }
 }

@@ -42,8 +42,8 @@ class FineTune : public ::testing::Test {
     auto built = model::build_model(*exp);
     ASSERT_TRUE(built.ok()) << built.status();
     pretrained_ = new model::CausalLM(*built);
-    model::write_hf_llama(*dynamic_cast<model::LlamaImpl*>(pretrained_->get()),
-                          (*root_ / "pretrained").string(), at::kFloat);
+    must(model::write_hf_llama(*dynamic_cast<model::LlamaImpl*>(pretrained_->get()),
+                          (*root_ / "pretrained").string(), at::kFloat));
   }
   static void TearDownTestSuite() {
     delete pretrained_;
@@ -227,7 +227,7 @@ TEST_F(FineTune, RunExportsToGguf) {
             0)
       << read_file(log);
   EXPECT_NE(read_file(log).find("no_vocab"), std::string::npos) << read_file(log);
-  auto ckpt = checkpoint::load_llama_checkpoint(out);
+  auto ckpt = must(checkpoint::load_llama_checkpoint(out));
   EXPECT_EQ(ckpt.rope_freq_factors.size(), 8u);  // head_dim 16
   EXPECT_EQ(ckpt.config.rope_scaling.type, "");  // llama.cpp's form of llama3
   // F16 weights (the default type): close, not equal.
@@ -240,7 +240,7 @@ TEST_F(FineTune, RunExportsToGguf) {
             0)
       << read_file(log);
   EXPECT_NE(read_file(log).find("stored as F16"), std::string::npos) << read_file(log);
-  auto q8_ckpt = checkpoint::load_llama_checkpoint(q8);
+  auto q8_ckpt = must(checkpoint::load_llama_checkpoint(q8));
   EXPECT_EQ(q8_ckpt.tensors.at("model.layers.0.mlp.down_proj.weight").dtype, checkpoint::DType::kF16);
   EXPECT_EQ(q8_ckpt.tensors.at("model.layers.0.mlp.up_proj.weight").dtype, checkpoint::DType::kQ8_0);
   EXPECT_EQ(q8_ckpt.tensors.at("model.norm.weight").dtype, checkpoint::DType::kF32);
@@ -250,7 +250,7 @@ TEST_F(FineTune, RunExportsToGguf) {
   const std::string f32 = dir("run_f32.gguf");
   checkpoint::GgufLlamaOptions o;
   o.type = checkpoint::DType::kF32;
-  model::write_gguf_llama(*dynamic_cast<model::LlamaImpl*>(loaded->model.get()), f32, o);
+  must(model::write_gguf_llama(*dynamic_cast<model::LlamaImpl*>(loaded->model.get()), f32, o));
   auto back = load(f32);
   EXPECT_LE(max_abs_diff(our_logits(back, ids), trained), 1e-4);
   // read(write(m)) == m: the Q/K interleaving is undone exactly at load.

@@ -83,7 +83,7 @@ TEST(Llama, FusedProjectionsMatchTheModules) {
 TEST(Llama, InterleavedQkRowsArePermutedAtLoad) {
   if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
   const std::string dir = (tiny_models() / "odd_sizes").string();
-  auto ckpt = checkpoint::load_llama_checkpoint(dir);
+  auto ckpt = must(checkpoint::load_llama_checkpoint(dir));
   auto reference_model = model::load_llama(ckpt, {});
   const auto& c = ckpt.config;
   std::vector<std::vector<float>> storage;
@@ -158,7 +158,7 @@ TEST(Llama, RopeScalingKindsSurviveExport) {
   for (const std::string name : {"dynamic_ntk", "yarn", "yarn_mscale"}) {
     auto m = load((tiny_models() / name).string());
     const std::string out = (scratch() / (name + "_export")).string();
-    model::write_hf_llama(*m, out, at::kFloat);
+    must(model::write_hf_llama(*m, out, at::kFloat));
     auto back = load(out);
     EXPECT_EQ(back->config().rope_scaling.type, m->config().rope_scaling.type) << name;
     EXPECT_EQ(back->config().max_position_embeddings, m->config().max_position_embeddings) << name;
@@ -248,7 +248,7 @@ TEST(LlamaGpu, CudaFloat32AndBf16KernelsMatchTheCpuModel) {
 
 TEST(LlamaLoad, MissingMisshapenAndUnknownTensorsAreNamed) {
   if (!python_has_transformers()) GTEST_SKIP() << kPython << " lacks transformers";
-  auto good = checkpoint::load_llama_checkpoint((tiny_models() / "odd_sizes").string());
+  auto good = must(checkpoint::load_llama_checkpoint((tiny_models() / "odd_sizes").string()));
   auto expect_error = [](const checkpoint::LlamaCheckpoint& ckpt, const std::string& needle) {
     try {
       model::load_llama(ckpt, {});
@@ -288,7 +288,7 @@ TEST(Convert, NativeRoundTripKeepsLogitsAndTransformersLoadsIt) {
   ASSERT_EQ(run(quote(kBinary) + " convert --input " + quote(src) + " --output " + quote(out), log), 0)
       << read_file(log);
   EXPECT_NE(read_file(log).find("wrote"), std::string::npos) << read_file(log);
-  auto native = checkpoint::load_llama_checkpoint(out);
+  auto native = must(checkpoint::load_llama_checkpoint(out));
   EXPECT_EQ(native.format, checkpoint::SourceFormat::kNative);
   auto a = load(src);
   auto b = model::load_llama(native, {});

@@ -49,6 +49,7 @@ namespace {
 namespace fs = std::filesystem;
 using at::Tensor;
 using nlohmann::json;
+using test_util::must;
 
 const std::string kPython = SF_PYTHON;
 const std::string kScripts = std::string(SF_SOURCE_DIR) + "/tests/python/";
@@ -174,7 +175,7 @@ double max_abs_diff(const Tensor& a, const Tensor& b) {
 }
 
 model::Llama load(const std::string& path, model::LlamaLoadOptions o = {}) {
-  return model::load_llama(checkpoint::load_llama_checkpoint(path), o);
+  return model::load_llama(must(checkpoint::load_llama_checkpoint(path)), o);
 }
 
 }  // namespace

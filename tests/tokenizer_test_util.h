@@ -167,15 +167,8 @@ std::vector<std::pair<std::string, float>> llama2c_vocab() {
   return v;
 }
 
-void expect_error(const std::function<void()>& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one mentioning " << json(parts).dump();
-  } catch (const std::exception& e) {
-    for (const std::string& p : parts)
-      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << "\"" << p << "\" not in: " << e.what();
-  }
-}
+using sparseflash::test_util::expect_error;
+using sparseflash::test_util::must;
 
 // A GGUF file holding a small "gpt2" vocabulary; `edit` changes the metadata.
 std::string gguf_with_vocab(const std::function<void(checkpoint::GgufBuilder&)>& edit) {

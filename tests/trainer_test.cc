@@ -31,6 +31,7 @@ namespace {
 namespace fs = std::filesystem;
 
 using test_util::remove_tree;
+using test_util::must;
 
 // A corpus with structure a small model learns in a few dozen steps.
 std::string make_corpus(const std::string& root) {
@@ -245,7 +246,7 @@ TEST_F(TrainerTest, EvalAndSampleFromCheckpoint) {
   auto e = trainer::evaluate(loaded->model, *val, 2, 4, loaded->device, false);
   EXPECT_GT(e.loss, 0);
   EXPECT_LT(e.loss, 10);
-  const auto tok = tokenizer::open_tokenizer("byte");
+  const auto tok = must(tokenizer::open_tokenizer("byte"));
   std::string text = trainer::sample_text(loaded->model, *tok, "the ", 20, 0.8, 10, 1);
   EXPECT_EQ(text.rfind("the ", 0), 0u);
   EXPECT_GE(text.size(), 4u);

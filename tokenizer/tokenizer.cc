@@ -9,6 +9,7 @@
 #include "tokenizer/gguf_vocab.h"
 #include "tokenizer/hf_json.h"
 #include "checkpoint/gguf.h"
+#include "io/errors.h"
 #include "tokenizer/spm.h"
 
 namespace sparseflash::tokenizer {
@@ -46,20 +47,12 @@ FileKind sniff(const std::string& path) {
 }
 
 std::unique_ptr<Tokenizer> load_gguf(const std::string& path, const LoadOptions& options) {
-  const auto file = checkpoint::GgufFile::open(path);
-  try {
-    return make_gguf_tokenizer(read_gguf_vocab(*file), path, options.gguf_pre_as_transformers);
-  } catch (const std::invalid_argument& e) {
-    throw std::runtime_error(e.what());
-  }
+  const auto file = io::value_or_throw(checkpoint::GgufFile::open(path));
+  return make_gguf_tokenizer(read_gguf_vocab(*file), path, options.gguf_pre_as_transformers);
 }
 
 std::unique_ptr<Tokenizer> load_json(const std::string& path) {
-  try {
-    return std::make_unique<BpeTokenizer>(read_hf_tokenizer_json(path), path);
-  } catch (const std::invalid_argument& e) {
-    throw std::runtime_error(e.what());
-  }
+  return std::make_unique<BpeTokenizer>(read_hf_tokenizer_json(path), path);
 }
 
 // A tokenizer file whose kind is told by its contents.
@@ -69,11 +62,7 @@ std::unique_ptr<Tokenizer> load_file(const std::string& path, const LoadOptions&
     case FileKind::kJson: return load_json(path);
     case FileKind::kOther: break;
   }
-  try {
-    return Llama2cTokenizer::load(path);
-  } catch (const std::invalid_argument& e) {
-    throw std::runtime_error(e.what());
-  }
+  return Llama2cTokenizer::load(path);
 }
 
 std::unique_ptr<Tokenizer> load_from_dir(const fs::path& dir) {
@@ -82,18 +71,19 @@ std::unique_ptr<Tokenizer> load_from_dir(const fs::path& dir) {
   throw std::runtime_error(dir.string() + ": no tokenizer.json in this directory; pass --tokenizer "
                            "with a tokenizer.json, a .gguf file or a llama2.c tokenizer.bin");
 }
-}  // namespace
 
-std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_path, const std::string& tokenizer_path,
-                                          const LoadOptions& options) {
+std::unique_ptr<Tokenizer> load_or_throw(const std::string& model_path, const std::string& tokenizer_path,
+                                         const LoadOptions& options) {
   if (!tokenizer_path.empty()) {
     if (fs::is_directory(tokenizer_path)) return load_from_dir(tokenizer_path);
-    if (!fs::exists(tokenizer_path)) throw std::runtime_error(tokenizer_path + ": no such tokenizer file");
+    if (!fs::exists(tokenizer_path))
+      throw io::StatusError(absl::NotFoundError(tokenizer_path + ": no such tokenizer file"));
     return load_file(tokenizer_path, options);
   }
-  if (model_path.empty()) throw std::runtime_error("load_tokenizer: neither a model nor a tokenizer path given");
+  if (model_path.empty()) throw std::invalid_argument("load_tokenizer: neither a model nor a tokenizer path given");
   if (fs::is_directory(model_path)) return load_from_dir(model_path);
-  if (!fs::exists(model_path)) throw std::runtime_error(model_path + ": no such file or directory");
+  if (!fs::exists(model_path))
+    throw io::StatusError(absl::NotFoundError(model_path + ": no such file or directory"));
   switch (sniff(model_path)) {
     case FileKind::kGguf: return load_gguf(model_path, options);
     case FileKind::kJson: return load_json(model_path);
@@ -105,12 +95,21 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_path, const s
   throw std::runtime_error(model_path + ": no tokenizer found (not a .gguf, no tokenizer.bin beside it); "
                            "pass --tokenizer with a tokenizer.json, a .gguf file or a llama2.c tokenizer.bin");
 }
+}  // namespace
 
-std::unique_ptr<Tokenizer> open_tokenizer(const std::string& spec, const LoadOptions& options) {
-  if (spec == "byte") return std::make_unique<ByteTokenizer>();
+absl::StatusOr<std::unique_ptr<Tokenizer>> load_tokenizer(const std::string& model_path,
+                                                          const std::string& tokenizer_path,
+                                                          const LoadOptions& options) {
+  return io::status_of([&] { return load_or_throw(model_path, tokenizer_path, options); });
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> open_tokenizer(const std::string& spec,
+                                                          const LoadOptions& options) {
+  if (spec == "byte") return std::unique_ptr<Tokenizer>(std::make_unique<ByteTokenizer>());
   if (spec.empty())
-    throw std::runtime_error("no tokenizer given: expected \"byte\", a tokenizer.json, a directory holding "
-                             "one, a .gguf file or a llama2.c tokenizer.bin");
+    return absl::InvalidArgumentError(
+        "no tokenizer given: expected \"byte\", a tokenizer.json, a directory holding one, a .gguf "
+        "file or a llama2.c tokenizer.bin");
   return load_tokenizer("", spec, options);
 }
 

@@ -5,7 +5,9 @@
 //   tokenizer.json (HF)          -> byte-level BPE            (bpe.h, hf_json.h)
 //   GGUF tokenizer.ggml.model    -> "gpt2": byte-level BPE, "llama": SentencePiece (spm.h)
 //   llama2.c tokenizer.bin       -> llama2.c's greedy score merges               (spm.h)
-// Torch-free. Errors are std::runtime_error naming the file and the field at fault.
+// Torch-free. load_tokenizer and open_tokenizer return absl::StatusOr whose message names
+// the file and the field at fault (io/errors.h); the readers behind them (bpe.h, spm.h,
+// hf_json.h, gguf_vocab.h, pretokenizer.h) throw and are converted there.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +15,8 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "absl/status/statusor.h"
 
 namespace sparseflash::tokenizer {
 
@@ -74,14 +78,15 @@ struct LoadOptions {
 // vocabulary), a llama2.c checkpoint .bin (tokenizer.bin beside it), or a tokenizer.json.
 // tokenizer_path, when not empty, wins: a tokenizer.json, a directory holding one, a
 // .gguf file, or a llama2.c tokenizer.bin (the kind is detected from the contents).
-std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_path,
-                                          const std::string& tokenizer_path,
-                                          const LoadOptions& options = {});
+absl::StatusOr<std::unique_ptr<Tokenizer>> load_tokenizer(const std::string& model_path,
+                                                          const std::string& tokenizer_path,
+                                                          const LoadOptions& options = {});
 
 // A tokenizer named the way `sparseflash prepare --tokenizer` names it: "byte" (the byte
 // tokenizer; write "./byte" for a file of that name), or a tokenizer.json, a directory
-// holding one, a .gguf file or a llama2.c tokenizer.bin. Throws std::runtime_error
-// naming the file.
-std::unique_ptr<Tokenizer> open_tokenizer(const std::string& spec, const LoadOptions& options = {});
+// holding one, a .gguf file or a llama2.c tokenizer.bin. The error names the file
+// (NotFound when it does not exist).
+absl::StatusOr<std::unique_ptr<Tokenizer>> open_tokenizer(const std::string& spec,
+                                                          const LoadOptions& options = {});
 
 }  // namespace sparseflash::tokenizer

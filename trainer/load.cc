@@ -35,11 +35,8 @@ absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> run_tokenizer(const Restor
   // A fine-tuned run: the pretrained file may carry the same tokenizer.
   const std::string& init_from = run.config.model().init_from();
   if (!init_from.empty() && !model::is_training_checkpoint(init_from)) {
-    try {
-      auto own = tokenizer::load_tokenizer(init_from, "");
-      if (own->identity() == run.tokenizer) return own;
-    } catch (const std::exception&) {
-    }
+    auto own = tokenizer::load_tokenizer(init_from, "");
+    if (own.ok() && (*own)->identity() == run.tokenizer) return own;
   }
   return problem;
 }

@@ -253,16 +253,16 @@ absl::Status check_pretrained_tokenizer(const std::string& init_from, const data
     if (!info.ok()) return info.status();
     identity = info->tokenizer;
   } else {
-    try {
-      identity = tokenizer::load_tokenizer(init_from, "")->identity();
-    } catch (const std::exception& e) {
+    auto own = tokenizer::load_tokenizer(init_from, "");
+    if (!own.ok()) {
       // A model file without a tokenizer (e.g. an HF directory without
       // tokenizer.json): nothing to compare with.
       std::cerr << "note: model.init_from " << init_from
-                << " has no tokenizer to compare the data's with (" << e.what()
+                << " has no tokenizer to compare the data's with (" << own.status().message()
                 << "); make sure " << data_dir << " was prepared with the model's tokenizer\n";
       return absl::OkStatus();
     }
+    identity = (*own)->identity();
   }
   if (identity == meta.tokenizer) return absl::OkStatus();
   return absl::FailedPreconditionError(absl::StrCat(
@@ -315,11 +315,8 @@ static absl::StatusOr<RunResult> train_ranks(config::Experiment exp, const Train
       !model::is_training_checkpoint(exp.model().init_from())) {
     // The data's tokenizer file is not here (data prepared on another
     // machine), but the pretrained model carries the same tokenizer.
-    try {
-      auto own = tokenizer::load_tokenizer(exp.model().init_from(), "");
-      if (own->identity() == meta.tokenizer) tokenizer = std::move(own);
-    } catch (const std::exception&) {
-    }
+    auto own = tokenizer::load_tokenizer(exp.model().init_from(), "");
+    if (own.ok() && (*own)->identity() == meta.tokenizer) tokenizer = std::move(own);
   }
   if (!tokenizer.ok()) return tokenizer.status();
   if (exp.model().vocab_size() == 0) exp.mutable_model()->set_vocab_size(meta.vocab_size);

@@ -16,6 +16,7 @@
 #include <torch/utils.h>
 
 #include "absl/strings/str_format.h"
+#include "io/errors.h"
 #include "saap/baselines.h"
 #include "saap/kmeans.h"
 #include "saap/targets.h"
@@ -112,9 +113,11 @@ std::vector<std::vector<int64_t>> token_windows(const std::vector<int64_t>& ids,
 // ---------------------------------------------------------------------------
 // fitting
 
-SaapIndex fit_saap_index(model::CausalLM model, const std::string& model_identity,
-                         const std::vector<int64_t>& ids, const FitOptions& o, FitReport* report,
-                         const Log& log) {
+namespace {
+
+SaapIndex fit_or_throw(model::CausalLM model, const std::string& model_identity,
+                       const std::vector<int64_t>& ids, const FitOptions& o, FitReport* report,
+                       const Log& log) {
   const auto start = Clock::now();
   const model::AttentionShape cfg = model->attention_shape();
   const int64_t layers = cfg.layers, hq = cfg.heads, hkv = cfg.kv_heads, d = cfg.head_dim,
@@ -131,7 +134,7 @@ SaapIndex fit_saap_index(model::CausalLM model, const std::string& model_identit
   if (o.queries_per_window < 1) throw std::invalid_argument("queries per window must be >= 1");
   const bool recency = !o.recency_edges.empty();
   if (recency) {
-    check_recency_edges(o.recency_edges, "saap fit");
+    io::ok_or_throw(check_recency_edges(o.recency_edges, "saap fit"));
     if (!o.count_prior)
       throw std::invalid_argument("saap fit: recency bands weight the count prior; they need it");
     if (o.context < o.local_window + o.sink_tokens + o.recency_edges.back() + 1)
@@ -141,7 +144,7 @@ SaapIndex fit_saap_index(model::CausalLM model, const std::string& model_identit
           o.recency_edges.back(), o.context, o.recency_edges.back(),
           o.local_window + o.sink_tokens + o.recency_edges.back() + 1));
   }
-  if (!o.budget_grid.empty()) check_budget_grid(o.budget_grid, "saap fit");
+  if (!o.budget_grid.empty()) io::ok_or_throw(check_budget_grid(o.budget_grid, "saap fit"));
   if (!o.budget_grid.empty() && (o.budget_windows < 1 || o.budget_queries_per_window < 1))
     throw std::invalid_argument(absl::StrFormat(
         "budget windows and queries per window must be >= 1, got %d and %d", o.budget_windows,
@@ -435,6 +438,18 @@ SaapIndex fit_saap_index(model::CausalLM model, const std::string& model_identit
   return index;
 }
 
+}  // namespace
+
+absl::StatusOr<SaapIndex> fit_saap_index(model::CausalLM model, const std::string& model_identity,
+                                         const std::vector<int64_t>& ids, const FitOptions& options,
+                                         FitReport* report, const Log& log) {
+  try {
+    return fit_or_throw(std::move(model), model_identity, ids, options, report, log);
+  } catch (const std::exception& e) {  // the options' checks, and LibTorch's (c10::Error)
+    return io::status_from_exception(e);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // routing evaluation
 
@@ -530,11 +545,10 @@ class RoutingAccumulator {
   std::map<std::string, int> order_;
 };
 
-}  // namespace
-
-RoutingEvalReport evaluate_routing(model::CausalLM model, const SaapIndex& index,
-                                   const SaapIndex* rope_index, const std::vector<int64_t>& ids,
-                                   const RoutingEvalOptions& o, const Log& log) {
+RoutingEvalReport evaluate_routing_or_throw(model::CausalLM model, const SaapIndex& index,
+                                            const SaapIndex* rope_index,
+                                            const std::vector<int64_t>& ids,
+                                            const RoutingEvalOptions& o, const Log& log) {
   const auto start = Clock::now();
   const model::AttentionShape cfg = model->attention_shape();
   const SaapHeader& h = index.header;
@@ -666,6 +680,20 @@ RoutingEvalReport evaluate_routing(model::CausalLM model, const SaapIndex& index
   report.rows = acc.rows();
   report.seconds = seconds_since(start);
   return report;
+}
+
+}  // namespace
+
+absl::StatusOr<RoutingEvalReport> evaluate_routing(model::CausalLM model, const SaapIndex& index,
+                                                   const SaapIndex* rope_index,
+                                                   const std::vector<int64_t>& ids,
+                                                   const RoutingEvalOptions& options,
+                                                   const Log& log) {
+  try {
+    return evaluate_routing_or_throw(std::move(model), index, rope_index, ids, options, log);
+  } catch (const std::exception& e) {
+    return io::status_from_exception(e);
+  }
 }
 
 }  // namespace sparseflash::saap

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "model/causal_lm.h"
 #include "saap/budgets.h"
 #include "saap/classifier.h"
@@ -95,10 +96,10 @@ struct FitReport {
 
 // Fits a SAAP index for `model` (identity stored in the header) on `ids`.
 // Runs on the model's device; `log` (optional) receives progress lines.
-// Throws c10::Error / std::invalid_argument naming the option at fault.
-SaapIndex fit_saap_index(model::CausalLM model, const std::string& model_identity,
-                         const std::vector<int64_t>& ids, const FitOptions& options,
-                         FitReport* report, const Log& log = nullptr);
+// The error (InvalidArgument) names the option at fault.
+absl::StatusOr<SaapIndex> fit_saap_index(model::CausalLM model, const std::string& model_identity,
+                                         const std::vector<int64_t>& ids, const FitOptions& options,
+                                         FitReport* report, const Log& log = nullptr);
 
 // ---------------------------------------------------------------------------
 // routing evaluation
@@ -147,9 +148,12 @@ struct RoutingEvalReport {
 // random choice, and the oracle (true top-l partitions). With `rope_index`
 // (fitted with pre_rope_keys = false), also rope_kmeans (RoPE'd queries to the
 // nearest RoPE'd-key centroid) and rope_saap (its classifier). Keys sit in the
-// partition of their nearest centroid, computed on this text.
-RoutingEvalReport evaluate_routing(model::CausalLM model, const SaapIndex& index,
-                                   const SaapIndex* rope_index, const std::vector<int64_t>& ids,
-                                   const RoutingEvalOptions& options, const Log& log = nullptr);
+// partition of their nearest centroid, computed on this text. The error names
+// the option or index at fault.
+absl::StatusOr<RoutingEvalReport> evaluate_routing(model::CausalLM model, const SaapIndex& index,
+                                                   const SaapIndex* rope_index,
+                                                   const std::vector<int64_t>& ids,
+                                                   const RoutingEvalOptions& options,
+                                                   const Log& log = nullptr);
 
 }  // namespace sparseflash::saap

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "io/errors.h"
 #include "model/passkey.h"
 #include "model/perplexity.h"
 
@@ -16,11 +17,6 @@ namespace {
 
 double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
-std::string message_of(const std::exception& e) {
-  std::string what = e.what();
-  return what.substr(0, what.find("\nException raised from"));
 }
 
 }  // namespace
@@ -65,7 +61,7 @@ absl::StatusOr<std::shared_ptr<SaapAttentionHook>> open_saap_hook(
   try {
     return std::make_shared<SaapAttentionHook>(*index, o, device);
   } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": ", message_of(e)));
+    return io::with_context(io::status_from_exception(e), path);
   }
 }
 
@@ -263,11 +259,13 @@ std::vector<NeedleRow> needle_rows(model::CausalLM& model, const tokenizer::Toke
 // ---------------------------------------------------------------------------
 // the whole evaluation
 
-absl::StatusOr<SaapEvalReport> evaluate_saap(model::CausalLM model,
-                                             const tokenizer::Tokenizer* tokenizer,
-                                             const SaapIndex& index, const SaapIndex* rope_index,
-                                             const std::vector<int64_t>& ids,
-                                             const SaapEvalOptions& o, const Log& log) {
+namespace {
+
+absl::StatusOr<SaapEvalReport> evaluate_unguarded(model::CausalLM model,
+                                                  const tokenizer::Tokenizer* tokenizer,
+                                                  const SaapIndex& index, const SaapIndex* rope_index,
+                                                  const std::vector<int64_t>& ids,
+                                                  const SaapEvalOptions& o, const Log& log) {
   for (int64_t v : o.top_l)
     if (v > index.header.partitions())
       return absl::InvalidArgumentError(absl::StrCat("--top-l ", v, " exceeds the index's ",
@@ -294,7 +292,9 @@ absl::StatusOr<SaapEvalReport> evaluate_saap(model::CausalLM model,
   ro.top_l = o.top_l;
   ro.key_budgets = o.key_budgets;
   ro.seed = o.seed;
-  report.routing = evaluate_routing(model, index, rope_index, ids, ro, log);
+  auto routing = evaluate_routing(model, index, rope_index, ids, ro, log);
+  if (!routing.ok()) return routing.status();
+  report.routing = *std::move(routing);
   if (o.perplexity) {
     std::vector<int64_t> scored = ids;
     if (o.perplexity_tokens > 0 && static_cast<int64_t>(scored.size()) > o.perplexity_tokens)
@@ -306,6 +306,20 @@ absl::StatusOr<SaapEvalReport> evaluate_saap(model::CausalLM model,
     report.needle = needle_rows(model, *tokenizer, index, filler, filler_tokens, o, log);
   }
   return report;
+}
+
+}  // namespace
+
+absl::StatusOr<SaapEvalReport> evaluate_saap(model::CausalLM model,
+                                             const tokenizer::Tokenizer* tokenizer,
+                                             const SaapIndex& index, const SaapIndex* rope_index,
+                                             const std::vector<int64_t>& ids,
+                                             const SaapEvalOptions& options, const Log& log) {
+  try {
+    return evaluate_unguarded(std::move(model), tokenizer, index, rope_index, ids, options, log);
+  } catch (const std::exception& e) {  // LibTorch's checks (c10::Error) on the way
+    return io::status_from_exception(e);
+  }
 }
 
 }  // namespace sparseflash::saap
