@@ -20,6 +20,14 @@
 // throwing with value_or_throw() / ok_or_throw(), which keep the status code.
 // Exceptions that escape to a caller are programming errors (a violated
 // precondition), never bad input.
+//
+// Where the line runs: tensor-level functions (attention ops, the fused ops,
+// model::load_llama and generate, saap's k-means, targets and budgets) check
+// their arguments by throwing, as LibTorch's own ops do (c10::Error,
+// std::invalid_argument); the layers that take user input call them behind a
+// Status boundary: configs/, data/, io/, checkpoint/, tokenizer/tokenizer.h,
+// model/load.h, model/factory.h, model/export.h, trainer/, launch/,
+// saap/index.h and saap/model/ (fit, evaluate, the inference hook).
 #pragma once
 
 #include <exception>
