@@ -163,6 +163,30 @@ double scalar_as_float(GgufType type, const uint8_t* p, const std::string& file,
   fail(file, key, std::string("expected a number, found ") + gguf_type_name(type));
 }
 
+// The "found ..." half of an array getter's wrong-type message: "found string",
+// "found array of float32".
+std::string found_type(const GgufValue& v) {
+  std::string found = std::string("found ") + gguf_type_name(v.type);
+  if (v.type == GgufType::kArray) found += std::string(" of ") + gguf_type_name(v.elem_type);
+  return found;
+}
+
+// get_int_array and get_float_array: an array whose element type passes
+// `accepts`, each element decoded by `convert` (scalar_as_int or scalar_as_float).
+template <typename T, typename Accepts, typename Convert>
+std::vector<T> numeric_array(const GgufValue& v, Accepts accepts, const char* expected,
+                             Convert convert, const std::string& file, const std::string& field) {
+  if (v.type != GgufType::kArray || !accepts(v.elem_type)) {
+    fail(file, field, std::string("expected an array of ") + expected + ", " + found_type(v));
+  }
+  size_t size = scalar_size(v.elem_type);
+  std::vector<T> out(v.count);
+  for (uint64_t i = 0; i < v.count; ++i) {
+    out[i] = convert(v.elem_type, v.raw + i * size, file, field);
+  }
+  return out;
+}
+
 }  // namespace
 
 const char* gguf_type_name(GgufType type) {
@@ -376,8 +400,7 @@ std::vector<std::string> GgufFile::get_string_array(const std::string& key) cons
   const GgufValue& v = value(key);
   std::string field = "metadata '" + key + "'";
   if (v.type != GgufType::kArray || v.elem_type != GgufType::kString) {
-    fail(path(), field, std::string("expected an array of strings, found ") + gguf_type_name(v.type) +
-                            (v.type == GgufType::kArray ? std::string(" of ") + gguf_type_name(v.elem_type) : ""));
+    fail(path(), field, "expected an array of strings, " + found_type(v));
   }
   std::vector<std::string> out;
   out.reserve(v.count);
@@ -387,29 +410,14 @@ std::vector<std::string> GgufFile::get_string_array(const std::string& key) cons
 }
 
 std::vector<int64_t> GgufFile::get_int_array(const std::string& key) const {
-  const GgufValue& v = value(key);
-  std::string field = "metadata '" + key + "'";
-  if (v.type != GgufType::kArray || !is_integer(v.elem_type)) {
-    fail(path(), field, std::string("expected an array of integers, found ") + gguf_type_name(v.type) +
-                            (v.type == GgufType::kArray ? std::string(" of ") + gguf_type_name(v.elem_type) : ""));
-  }
-  size_t size = scalar_size(v.elem_type);
-  std::vector<int64_t> out(v.count);
-  for (uint64_t i = 0; i < v.count; ++i) out[i] = scalar_as_int(v.elem_type, v.raw + i * size, path(), field);
-  return out;
+  return numeric_array<int64_t>(value(key), is_integer, "integers", scalar_as_int, path(),
+                                "metadata '" + key + "'");
 }
 
 std::vector<double> GgufFile::get_float_array(const std::string& key) const {
-  const GgufValue& v = value(key);
-  std::string field = "metadata '" + key + "'";
-  if (v.type != GgufType::kArray || scalar_size(v.elem_type) == 0 || v.elem_type == GgufType::kBool) {
-    fail(path(), field, std::string("expected an array of numbers, found ") + gguf_type_name(v.type) +
-                            (v.type == GgufType::kArray ? std::string(" of ") + gguf_type_name(v.elem_type) : ""));
-  }
-  size_t size = scalar_size(v.elem_type);
-  std::vector<double> out(v.count);
-  for (uint64_t i = 0; i < v.count; ++i) out[i] = scalar_as_float(v.elem_type, v.raw + i * size, path(), field);
-  return out;
+  auto is_number = [](GgufType t) { return scalar_size(t) != 0 && t != GgufType::kBool; };
+  return numeric_array<double>(value(key), is_number, "numbers", scalar_as_float, path(),
+                               "metadata '" + key + "'");
 }
 
 std::string GgufFile::describe(const std::string& key) const {
