@@ -8,6 +8,7 @@
 #include <cmath>
 #include <string>
 
+#include "attention/kernels/convert.cuh"
 #include "attention/kernels/refusal.h"
 
 namespace sparseflash::kernels {
@@ -26,19 +27,6 @@ constexpr unsigned kFull = 0xffffffffu;
 template <int D>
 __host__ __device__ constexpr int row_stride() {
   return D + 4;
-}
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half(x);
 }
 
 __device__ __forceinline__ float warp_max(float x) {

@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "attention/kernels/convert.cuh"
+
 namespace sparseflash::kernels {
 
 // ---------------------------------------------------------------------------
@@ -27,8 +29,10 @@ struct Pack2<__nv_bfloat16> {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
-  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16(x); }
-  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
+    return kernels::from_float<__nv_bfloat16>(x);
+  }
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return kernels::to_float(x); }
   // The two values of a packed pair (low half first).
   static __device__ __forceinline__ float2 unpack(uint32_t w) {
     __nv_bfloat162 v;
@@ -42,8 +46,8 @@ struct Pack2<__half> {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
-  static __device__ __forceinline__ __half from_float(float x) { return __float2half(x); }
-  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return kernels::from_float<__half>(x); }
+  static __device__ __forceinline__ float to_float(__half x) { return kernels::to_float(x); }
   static __device__ __forceinline__ float2 unpack(uint32_t w) {
     __half2 v;
     *reinterpret_cast<uint32_t*>(&v) = w;

@@ -15,6 +15,8 @@
 // merges its groups through shared memory at the end. No atomics.
 #include "saap/kernels/decode.h"
 
+#include "attention/kernels/convert.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -71,16 +73,7 @@ __device__ __forceinline__ void unpack8<__half>(const uint4& raw, float (&f)[8])
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
+using sparseflash::kernels::from_float;  // attention/kernels/convert.cuh
 
 template <int D>
 struct Shape {
