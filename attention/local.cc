@@ -26,6 +26,7 @@
 
 #include "attention/attention.h"
 #include "attention/flash.h"
+#include "attention/pattern_context.h"
 #include "profile/phases.h"
 
 #ifdef SPARSEFLASH_WITH_CUDA
@@ -347,13 +348,7 @@ struct LocalAttention : public torch::autograd::Function<LocalAttention> {
                    const Pattern& p, const Tensor& out_saved, const Tensor& lse_saved,
                    bool kernel, int64_t chunk_size, double scale, bool deterministic) {
     ctx->save_for_backward({q, k, v, out_saved, lse_saved});
-    ctx->saved_data["q_bucket"] = p.q_bucket;
-    ctx->saved_data["k_bucket"] = p.k_bucket;
-    ctx->saved_data["q_keep"] = p.q_keep;
-    ctx->saved_data["k_keep"] = p.k_keep;
-    ctx->saved_data["num_buckets"] = p.num_buckets;
-    ctx->saved_data["sink_tokens"] = p.sink_tokens;
-    ctx->saved_data["local_window"] = p.local_window;
+    save_pattern(ctx, p);
     ctx->saved_data["kernel"] = kernel;
     ctx->saved_data["chunk"] = chunk_size;
     ctx->saved_data["scale"] = scale;
@@ -364,14 +359,7 @@ struct LocalAttention : public torch::autograd::Function<LocalAttention> {
     NoAutocast no_autocast;
     auto saved = ctx->get_saved_variables();
     const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    auto tensor = [&](const char* key) {
-      const c10::IValue& value = ctx->saved_data[key];
-      return value.isTensor() ? value.toTensor() : Tensor();
-    };
-    Pattern p{tensor("q_bucket"), tensor("k_bucket"), tensor("q_keep"), tensor("k_keep")};
-    p.num_buckets = ctx->saved_data["num_buckets"].toInt();
-    p.sink_tokens = ctx->saved_data["sink_tokens"].toInt();
-    p.local_window = ctx->saved_data["local_window"].toInt();
+    Pattern p = load_pattern(ctx);
     Pattern base = p;
     base.sink_tokens = base.local_window = 0;
     const double scale = ctx->saved_data["scale"].toDouble();

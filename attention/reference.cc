@@ -20,6 +20,7 @@
 
 #include "attention/attention.h"
 #include "attention/flash.h"
+#include "attention/pattern_context.h"
 #include "profile/phases.h"
 
 namespace sparseflash::attention {
@@ -496,12 +497,7 @@ struct ReferenceAttention : public torch::autograd::Function<ReferenceAttention>
     Shapes s = make_shapes(q, k, chunk_size, scale);
     auto [out, lse] = attend(q, k, v, p, s);
     ctx->save_for_backward({q, k, v, out, lse});
-    ctx->saved_data["q_bucket"] = p.q_bucket;
-    ctx->saved_data["k_bucket"] = p.k_bucket;
-    ctx->saved_data["q_keep"] = p.q_keep;
-    ctx->saved_data["k_keep"] = p.k_keep;
-    ctx->saved_data["sink_tokens"] = p.sink_tokens;
-    ctx->saved_data["local_window"] = p.local_window;
+    save_pattern(ctx, p);
     ctx->saved_data["chunk"] = chunk_size;
     ctx->saved_data["scale"] = s.scale;
     return out.to(q.scalar_type());
@@ -509,14 +505,7 @@ struct ReferenceAttention : public torch::autograd::Function<ReferenceAttention>
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     auto saved = ctx->get_saved_variables();
-    auto tensor = [&](const char* key) {
-      const c10::IValue& value = ctx->saved_data[key];
-      return value.isTensor() ? value.toTensor() : Tensor();
-    };
-    Pattern p{tensor("q_bucket"), tensor("k_bucket"), tensor("q_keep"), tensor("k_keep")};
-    p.sink_tokens = ctx->saved_data["sink_tokens"].toInt();
-    p.local_window = ctx->saved_data["local_window"].toInt();
-    auto [dq, dk, dv] = reference_backward(saved[0], saved[1], saved[2], p,
+    auto [dq, dk, dv] = reference_backward(saved[0], saved[1], saved[2], load_pattern(ctx),
                                            ctx->saved_data["chunk"].toInt(),
                                            ctx->saved_data["scale"].toDouble(), saved[3],
                                            saved[4], grads[0]);
