@@ -12,7 +12,7 @@ OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   GPU_PHASES="deps configure build" GPU_BUILD_TARGETS="bench_attention" \
-    bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 || { echo "setup failed"; tail -30 "$OUT/setup.log"; }
+    bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 || { echo "setup failed"; tail -30 "$OUT/setup.log"; exit 1; }
 fi
 case_args=()
 if [ -n "${CASES:-}" ]; then case_args=(--cases "$CASES" --nosdpa); fi
