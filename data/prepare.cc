@@ -242,27 +242,20 @@ class Preparer {
   absl::Status finish() {
     // Held documents go to the other split only if theirs would otherwise be
     // the only non-empty one; see route().
-    if (held_train_) {
-      if (val_.documents() == 0 && train_.documents() > 0) {
-        absl::Status s = val_.add(held_train_->tokens, held_train_->bytes);
-        if (!s.ok()) return s;
-      } else {
-        absl::Status s = train_.add(held_train_->tokens, held_train_->bytes);
-        if (!s.ok()) return s;
-      }
-      held_train_.reset();
-    }
-    if (held_val_) {
-      if (train_.documents() == 0 && val_.documents() > 0) {
-        absl::Status s = train_.add(held_val_->tokens, held_val_->bytes);
-        if (!s.ok()) return s;
-      } else {
-        absl::Status s = val_.add(held_val_->tokens, held_val_->bytes);
-        if (!s.ok()) return s;
-      }
-      held_val_.reset();
-    }
-    absl::Status s = train_.finish();
+    auto flush_held = [](std::optional<HeldDocument>& held, SplitWriter& own,
+                         SplitWriter& other) -> absl::Status {
+      if (!held) return absl::OkStatus();
+      SplitWriter& to = other.documents() == 0 && own.documents() > 0 ? other : own;
+      absl::Status s = to.add(held->tokens, held->bytes);
+      if (!s.ok()) return s;
+      held.reset();
+      return absl::OkStatus();
+    };
+    absl::Status s = flush_held(held_train_, train_, val_);
+    if (!s.ok()) return s;
+    s = flush_held(held_val_, val_, train_);
+    if (!s.ok()) return s;
+    s = train_.finish();
     if (!s.ok()) return s;
     return val_.finish();
   }
