@@ -128,18 +128,7 @@ std::string write_llama2c(const std::string& path) {
     tokens.emplace_back(name, 0);
   }
   for (const auto& piece : scored_pieces(" ")) tokens.push_back(piece);
-  std::string out;
-  const auto put = [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); };
-  int32_t max_length = 0;
-  for (const auto& t : tokens) max_length = std::max<int32_t>(max_length, t.first.size());
-  put(&max_length, 4);
-  for (const auto& [text, score] : tokens) {
-    const int32_t length = static_cast<int32_t>(text.size());
-    put(&score, 4);
-    put(&length, 4);
-    out += text;
-  }
-  write_file(path, out);
+  write_file(path, test_util::llama2c_bin(tokens));
   return path;
 }
 

@@ -5,9 +5,13 @@
 #include <ftw.h>
 #include <sys/stat.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "tests/status_util.h"
 
@@ -21,6 +25,24 @@ inline void remove_tree(const std::string& path) {
   ::nftw(
       path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); },
       16, FTW_DEPTH | FTW_PHYS);
+}
+
+// A llama2.c tokenizer.bin holding `tokens` (text, score) in id order: the
+// longest token's length (i32), then per token its score (f32), length (i32)
+// and bytes.
+inline std::string llama2c_bin(const std::vector<std::pair<std::string, float>>& tokens) {
+  std::string out;
+  const auto put = [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); };
+  int32_t max_len = 0;
+  for (const auto& t : tokens) max_len = std::max<int32_t>(max_len, t.first.size());
+  put(&max_len, 4);
+  for (const auto& [text, score] : tokens) {
+    const int32_t len = static_cast<int32_t>(text.size());
+    put(&score, 4);
+    put(&len, 4);
+    out += text;
+  }
+  return out;
 }
 
 #if defined(SF_PYTHON)

@@ -136,20 +136,7 @@ std::string random_text(std::mt19937_64& rng, bool invalid) {
   return out;
 }
 
-std::string llama2c_bin(const std::vector<std::pair<std::string, float>>& tokens) {
-  std::string out;
-  const auto put = [&](const void* p, size_t n) { out.append(static_cast<const char*>(p), n); };
-  int32_t max_len = 0;
-  for (const auto& t : tokens) max_len = std::max<int32_t>(max_len, t.first.size());
-  put(&max_len, 4);
-  for (const auto& [text, score] : tokens) {
-    const int32_t len = static_cast<int32_t>(text.size());
-    put(&score, 4);
-    put(&len, 4);
-    out += text;
-  }
-  return out;
-}
+using sparseflash::test_util::llama2c_bin;
 
 // A llama2.c vocabulary: <unk>, <s>, </s>, the 256 bytes, then scored pieces.
 std::vector<std::pair<std::string, float>> llama2c_vocab() {
