@@ -71,14 +71,7 @@ TEST(Corrupt, Llama2cRandomByteChangesNeverCrash) {
 TEST(Corrupt, TokenizerJsonErrorsNameTheFileAndField) {
   const fs::path dir = fresh_dir("json_corrupt");
   const std::string path = (dir / "tokenizer.json").string();
-  json good = {
-      {"normalizer", nullptr},
-      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
-      {"decoder", {{"type", "ByteLevel"}}},
-      {"post_processor", nullptr},
-      {"added_tokens", json::array({{{"id", 4}, {"content", "<|end|>"}, {"special", true}}})},
-      {"model", {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"ab", 2}, {"\xC4\xA0", 3}}},
-                 {"merges", json::array({"a b"})}}}};
+  const json good = small_tokenizer_json();
   write_file(path, good.dump());
   const auto tok = must(load_tokenizer("", path));
   EXPECT_EQ(tok->encode("ab a<|end|>", false), (std::vector<int32_t>{2, 3, 0, 4}));

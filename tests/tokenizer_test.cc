@@ -169,16 +169,6 @@ TEST(ByteTokenizer, IdsAreTheBytesAndByteZeroEndsADocument) {
   EXPECT_THROW(tok.decode({-1}), std::out_of_range);
 }
 
-json small_tokenizer_json() {
-  return {{"normalizer", nullptr},
-          {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
-          {"decoder", {{"type", "ByteLevel"}}},
-          {"post_processor", nullptr},
-          {"added_tokens", json::array({{{"id", 4}, {"content", "<|end|>"}, {"special", true}}})},
-          {"model", {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"ab", 2}, {"\xC4\xA0", 3}}},
-                     {"merges", json::array({"a b"})}}}};
-}
-
 TEST(Identity, StableAcrossLoadsAndPathsDifferentBetweenTokenizers) {
   const fs::path dir = fresh_dir("identity");
   fs::create_directories(dir / "one");

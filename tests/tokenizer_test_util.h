@@ -154,6 +154,18 @@ std::vector<std::pair<std::string, float>> llama2c_vocab() {
   return v;
 }
 
+// A small tokenizer.json: byte-level BPE over "a", "b", "ab" and "\xC4\xA0" (a
+// space), one merge, and the special token <|end|> (id 4).
+json small_tokenizer_json() {
+  return {{"normalizer", nullptr},
+          {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+          {"decoder", {{"type", "ByteLevel"}}},
+          {"post_processor", nullptr},
+          {"added_tokens", json::array({{{"id", 4}, {"content", "<|end|>"}, {"special", true}}})},
+          {"model", {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"ab", 2}, {"\xC4\xA0", 3}}},
+                     {"merges", json::array({"a b"})}}}};
+}
+
 using sparseflash::test_util::expect_error;
 using sparseflash::test_util::must;
 
