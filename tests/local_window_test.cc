@@ -125,7 +125,10 @@ TEST(LocalWindow, AttentionInterfaceUsesThem) {
   const Pattern& p = attention.last_pattern();
   EXPECT_EQ(p.sink_tokens, 2);
   EXPECT_EQ(p.local_window, 16);
-  expect_close(out, naive_attention(in.q, in.k, in.v, p), 1e-10, "out");
+  // 1e-8, not 1e-10: on the GPU host (16 cores, ctest -j2) one run out of many
+  // differed by 5.9e-10 (outputs are O(1)); not reproduced on 2 cores with 1 to
+  // 32 threads. A wrong sink or window changes outputs by more than 1e-3 (below).
+  expect_close(out, naive_attention(in.q, in.k, in.v, p), 1e-8, "out");
   // Without them the same draw gives a different (sparser) result.
   Pattern plain = p;
   plain.sink_tokens = plain.local_window = 0;
