@@ -165,12 +165,8 @@ train_run() {
     >>"$EXP/logs/$name-train.log" 2>&1
   local rc=$?
   # The device time of the run, over every call it took (evaluations included).
-  echo $(( SECONDS - start )) >>"$EXP/runs/$name/device-seconds"
-  if [ $rc -eq 143 ] || [ $rc -eq 124 ]; then
-    log "  stopped at the deadline (checkpoint written): run again to resume"
-    return 2
-  fi
-  [ $rc -eq 0 ] || { log "  failed (exit $rc): $(tail -2 "$EXP/logs/$name-train.log")"; return 1; }
+  mkdir -p "$EXP/runs/$name" && echo $(( SECONDS - start )) >>"$EXP/runs/$name/device-seconds"
+  train_exit "$rc" "$name" || return
   python3 - "$EXP/runs/$name" "$EXP/results/$name-train.json" "$run" "$n" "$seed" <<'PY'
 import json, os, statistics, sys
 run_dir, out, run, n, seed = sys.argv[1:]
@@ -209,17 +205,9 @@ PY
 for phase in $PHASES; do
   case $phase in
   data)
-    if [ ! -s "$DATA/meta.json" ]; then
-      [ -n "${TOKENIZER:-}" ] || die "set TOKENIZER (a tokenizer file: .gguf or tokenizer.json)"
-      src=${SOURCE:-$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
-      log "data: $src ($INCLUDE, one document per directory, >= $MIN_DOC_TOKENS tokens), tokenizer $TOKENIZER"
-      # shellcheck disable=SC2086
-      "$SF" prepare "$src" --out "$DATA" --include "$INCLUDE" --join-dir --tokenizer "$TOKENIZER" \
-        --val-fraction "$VAL_FRACTION" --min-document-tokens "$MIN_DOC_TOKENS" ${PREPARE_ARGS:-} \
-        >"$EXP/logs/prepare.log" 2>&1 || die "prepare failed: $(tail -3 "$EXP/logs/prepare.log")"
-      tail -1 "$EXP/logs/prepare.log"
-    fi
-    cp "$DATA/meta.json" "$EXP/results/data-meta.json"
+    [ -s "$DATA/meta.json" ] || [ -n "${TOKENIZER:-}" ] ||
+      die "set TOKENIZER (a tokenizer file: .gguf or tokenizer.json)"
+    prepare_data "${TOKENIZER:-}" "with tokenizer ${TOKENIZER:-}"
     ;;
   train)
     [ -s "$DATA/meta.json" ] || die "no data at $DATA: run the data phase first"

@@ -202,11 +202,7 @@ train_run() {
     --set "train.device=$DEVICE" --set logging.interval=10 "${sets[@]}" \
     >>"$EXP/logs/$name-train.log" 2>&1
   local rc=$?
-  if [ $rc -eq 143 ] || [ $rc -eq 124 ]; then
-    log "  stopped at the deadline (checkpoint written): run again to resume"
-    return 2
-  fi
-  [ $rc -eq 0 ] || { log "  failed (exit $rc): $(tail -2 "$EXP/logs/$name-train.log")"; return 1; }
+  train_exit "$rc" "$name" || return
   # The run's losses, speed and peak memory, from its metrics.
   python3 - "$EXP/runs/$name/metrics.jsonl" "$EXP/results/$name-train.json" "$run" "$seed" \
     "$lr" <<'PY'
@@ -231,16 +227,7 @@ PY
 for phase in $PHASES; do
   case $phase in
   data)
-    if [ ! -s "$DATA/meta.json" ]; then
-      src=${SOURCE:-$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')}
-      log "data: $src ($INCLUDE, one document per directory, >= $MIN_DOC_TOKENS tokens) with the model's tokenizer"
-      # shellcheck disable=SC2086
-      "$SF" prepare "$src" --out "$DATA" --include "$INCLUDE" --join-dir --tokenizer "$MODEL" \
-        --val-fraction "$VAL_FRACTION" --min-document-tokens "$MIN_DOC_TOKENS" ${PREPARE_ARGS:-} \
-        >"$EXP/logs/prepare.log" 2>&1 || die "prepare failed: $(tail -3 "$EXP/logs/prepare.log")"
-      tail -1 "$EXP/logs/prepare.log"
-    fi
-    cp "$DATA/meta.json" "$EXP/results/data-meta.json"
+    prepare_data "$MODEL" "with the model's tokenizer"
     # Pass-key filler: the usual repeated sentences (Mohtashami and Jaggi 2023).
     if [ ! -s "$FILLER" ]; then
       for _ in $(seq 1 $(( 2 * N / 20 + 100 ))); do
