@@ -28,7 +28,9 @@
 #                        prepare train bench train8k)
 #   list                 this list
 #
-# Inputs the host lacks travel with the device call (carry): .deps always
+# Every task script starts from scripts/gpu_env.sh (repository root, OUT, the
+# unpacked libraries on LD_LIBRARY_PATH, gpu_logs). Inputs the host lacks travel
+# with the device call (carry): .deps always
 # (scripts/staging/fetch_gpu_debs.sh), data/tokenizers for the LM experiment, model
 # pieces for the Llama tasks (scripts/staging/fetch_gpu_llama.sh, scripts/staging/stage_smollm2.sh).
 set -uo pipefail

@@ -20,12 +20,7 @@
 #
 # Environment: OUT (default ./gpu-out), STEPS (default 25), WARMUP (steps left
 # out of tokens/s and communication figures, default 5), ZERO1 (default 1).
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-SECONDS=0
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 STEPS=${STEPS:-25}
 WARMUP=${WARMUP:-5}
 B=build-gpu
@@ -41,7 +36,6 @@ echo "==> [${SECONDS}s] deps, configure"
 OUT=$OUT/host GPU_PHASES=configure scripts/gpu_host.sh >"$OUT/host.log" 2>&1 ||
   { tail -20 "$OUT/host.log"; die "gpu_host.sh configure failed (log: $OUT/host.log)"; }
 export PATH=/usr/local/cuda/bin:$PATH
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 echo "==> [${SECONDS}s] build sparseflash"
 cmake --build "$B" --target sparseflash -j16 >"$OUT/build.log" 2>&1 ||
   { tail -30 "$OUT/build.log"; die "build failed (log: $OUT/build.log)"; }

@@ -25,20 +25,14 @@
 #   EXPERIMENT=lm DEADLINE=540 bash scripts/gpu_experiment.sh [PHASE...]
 # Environment: OUT (default ./gpu-out), DEADLINE (default 540), GPU_BUILD_TARGETS
 # (default sparseflash), and everything the experiment's script reads.
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
-SECONDS=0
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 case ${EXPERIMENT:-} in
   long-context) script=scripts/long_context_experiment.sh; EXP=${EXP:-runs/long-context} ;;
   lm) script=scripts/lm_experiment.sh; EXP=${EXP:-runs/lm-experiment} ;;
   *) echo "gpu_experiment.sh: set EXPERIMENT=long-context or EXPERIMENT=lm" >&2; exit 2 ;;
 esac
 export EXP
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 mkdir -p "$EXP/logs" "$EXP/results"
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 if [ -n "${RESULTS_FROM:-}" ]; then
   cp -n "$RESULTS_FROM"/*.json "$EXP/results/" 2>/dev/null || true
 fi

@@ -7,15 +7,11 @@
 #   CASES    bench_attention --cases entries, space-separated (default: dense hash:16 drop:0.5 drop:0.7)
 #   BENCH_N / BENCH_D  the shape (default 16384 / 64)
 #   SKIP_BUILD=1  reuse build-gpu
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   GPU_PHASES="deps configure build" GPU_BUILD_TARGETS="bench_attention" \
     bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 || { echo "setup failed"; tail -30 "$OUT/setup.log"; exit 1; }
 fi
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 for c in ${CASES:-dense hash:16 drop:0.5 drop:0.7}; do
   for d in ${BENCH_D:-64}; do
     tag=$(echo "${c}_d$d" | tr ':.' '__')

@@ -10,15 +10,11 @@
 #   (default BENCH_N);
 #   NCU_CASES="hash:16 drop:0.7": afterwards, every kernel's time for these cases
 #   (scripts/gpu_kernel_times.sh on the same build, D = 64).
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 GPU_PHASES="deps configure build" \
   GPU_BUILD_TARGETS="${GPU_BUILD_TARGETS:-sparse_flash_test lsh_packing_test bench_attention attention_test lsh_test local_window_test}" \
   bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 || {
   echo "setup failed"; tail -30 "$OUT/setup.log"; }
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 status=0
 if [ "${RUN_KERNEL_TEST:-1}" = 1 ]; then
   for t in sparse_flash_test lsh_packing_test; do

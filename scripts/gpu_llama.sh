@@ -18,13 +18,8 @@
 #
 # Environment: OUT (default ./gpu-out), LLAMA_CONTEXT (8192), LLAMA_STRIDE (4096),
 # LLAMA_GREEDY (64).
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 ME=scripts/gpu_llama.sh
-SECONDS=0
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 
 TEXT=.deps/llama/linux_docs.txt
@@ -49,7 +44,6 @@ export PYTHONPATH=/tmp/sf-llama-site${PYTHONPATH:+:$PYTHONPATH}
 GPU_PHASES="configure build" GPU_BUILD_TARGETS=sparseflash OUT=/tmp/sf-llama-host \
   scripts/gpu_host.sh >/tmp/sf-llama-host.log 2>&1 ||
   { tail -n 40 /tmp/sf-llama-host.log; die "build failed (log above)"; }
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 echo "[${SECONDS}s] built $BIN"
 
 # --- ours

@@ -20,17 +20,10 @@
 #                        hash:8:sep,drop:0.5,drop:0.3)
 #   LLAMA_TRAIN_STEPS=30 steps of the closing `sparseflash train` (0 skips it);
 #                        LLAMA_TRAIN_SET: its attention overrides (default hash nb 16)
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-LOGS=$(mktemp -d /tmp/gpu-llama.XXXX)
-trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null' EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
+gpu_logs logs
 PHASE=${PHASE:-all}
-SECONDS=0
 status=0
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 
 if [ "$PHASE" = build ] || [ "$PHASE" = all ]; then
   OUT=$LOGS GPU_PHASES="deps configure build" \

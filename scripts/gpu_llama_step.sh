@@ -16,21 +16,14 @@
 #   STEP_KERNELS=true the top kernels of one step by GPU time (Kineto; default false)
 #   RUN_TESTS=1      also build and run fused_test and the attention tests (attention_test, lsh_test, local_window_test) first
 #   TEST_FILTER=...  their --gtest_filter (default: all)
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-LOGS=$(mktemp -d /tmp/gpu-llama-step.XXXX)
-trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null' EXIT
-SECONDS=0
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
+gpu_logs logs
 targets="bench_train_step"
 [ "${RUN_TESTS:-0}" = 1 ] && targets="$targets fused_test attention_test lsh_test local_window_test"
 OUT=$LOGS GPU_PHASES="deps configure build" GPU_BUILD_TARGETS="$targets" \
   bash scripts/gpu_host.sh >"$LOGS/setup.log" 2>&1 || {
   echo "setup failed"; grep -E "error|FAILED" "$LOGS/setup.log" | head -30; exit 1; }
 echo "setup: ${SECONDS}s"
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 status=0
 if [ "${RUN_TESTS:-0}" = 1 ]; then
   for t in fused_test attention_test lsh_test local_window_test; do

@@ -20,16 +20,9 @@
 #   REACH_N=65536,131072  contexts of the checkpointing rows (REACH_MODES: dense,hash:16:sep,shift)
 #   LORA_SET=a=1,b=2   the LoRA overrides (default rank 8, alpha 16, embeddings and norms train)
 #   STEPS=5 WARMUP=2   timed and untimed steps per row
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-LOGS=$(mktemp -d /tmp/gpu-long.XXXX)
-trap 'tar czf "$OUT/logs-long.tgz" -C "$LOGS" . 2>/dev/null' EXIT
-SECONDS=0
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
+gpu_logs logs-long
 status=0
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 
 if [ "${PHASE:-run}" = all ]; then
   OUT=$LOGS PHASE=build bash scripts/gpu_llama_finetune.sh || status=1

@@ -6,17 +6,13 @@
 #   BENCH_N / BENCH_D   the shape (default 16384 / 64); OUT=DIR for the report.
 #   CASES=LIST  bench_attention --cases (e.g. drop:0.7); SDPA is left out then
 #   SKIP_BUILD=1  reuse build-gpu
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   GPU_PHASES="deps configure build" GPU_BUILD_TARGETS="bench_attention" \
     bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 || { echo "setup failed"; tail -30 "$OUT/setup.log"; exit 1; }
 fi
 case_args=()
 if [ -n "${CASES:-}" ]; then case_args=(--cases "$CASES" --nosdpa); fi
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 m=smsp__pcsamp_warps_issue_stalled
 metrics=$(for s in barrier wait math_pipe_throttle short_scoreboard long_scoreboard mio_throttle \
   lg_throttle dispatch_stall not_selected selected tex_throttle branch_resolving no_instructions; do

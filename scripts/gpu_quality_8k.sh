@@ -15,19 +15,13 @@
 #   QUALITY_MODES=...     space-separated NAME=override,override entries
 #   OLD_SRC=DIR           the earlier source tree (e.g. `git archive COMMIT | tar -x -C DIR`);
 #                         built in DIR/build-gpu; empty: this tree only
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-LOGS=$(mktemp -d /tmp/gpu-quality.XXXX)
-trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null' EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
+gpu_logs logs
 DATA=${QUALITY_DATA:?set QUALITY_DATA to a prepared corpus}
 DATA=$(cd "$DATA" && pwd)
 STEPS=${QUALITY_STEPS:-200}
 SEEDS=${QUALITY_SEEDS:-1 2}
 MODES=${QUALITY_MODES:-"dense=attention.kind=DENSE,attention.shared_qk=false hash16=attention.kind=HASH,attention.shared_qk=true hash16sep=attention.kind=HASH,attention.shared_qk=false hash16raw=attention.kind=HASH,attention.shared_qk=true,attention.lsh_center=false drop0.5=attention.kind=DROP,attention.shared_qk=false"}
-SECONDS=0
 build() {  # build DIR NAME: the sparseflash binary of that tree
   mkdir -p "$LOGS/build-$2"
   (cd "$1" && OUT="$LOGS/build-$2" GPU_PHASES="deps configure build" GPU_BUILD_TARGETS=sparseflash \
@@ -40,7 +34,6 @@ trees=("new=.")
 for t in "${trees[@]}"; do build "${t#*=}" "${t%%=*}" & done
 wait
 echo "builds: ${SECONDS}s"
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 results="$OUT/quality-8k.jsonl"
 : >"$results"
 for t in "${trees[@]}"; do

@@ -6,18 +6,13 @@
 # Uses scripts/gpu_host.sh's set-up (carry .deps). Prints the bench table last;
 # logs and saap_bench.json go to $OUT.
 #   SAAP_BENCH_ARGS: more saap_bench flags (e.g. "--partitions 1024 --keys 131072").
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 ME=scripts/gpu_saap.sh
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 
 GPU_PHASES="deps configure build" GPU_BUILD_TARGETS="saap_test saap_bench" OUT=/tmp/sf-saap-host \
   bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 ||
   { tail -n 40 "$OUT/setup.log"; die "build failed (log above)"; }
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 status=0
 build-gpu/tests/saap_test --gtest_brief=1 2>&1 | tee "$OUT/saap_test.log" | tail -n 20

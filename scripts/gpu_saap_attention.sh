@@ -8,22 +8,17 @@
 # timed tests print their lines (ms per layer for saap_attention at l = 16,
 # us per append + decode step); they are shown last. Logs go to $OUT.
 #   --help: this text.
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 ME=scripts/gpu_saap_attention.sh
 if [ "${1:-}" = "--help" ] || [ "${1:-}" = "-h" ]; then
   sed -n '2,10p' "$ME" | sed 's/^# \{0,1\}//'
   exit 0
 fi
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 
 GPU_PHASES="deps configure build" GPU_BUILD_TARGETS="saap_attention_test" \
   OUT=/tmp/sf-saap-attention-host bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 ||
   { tail -n 40 "$OUT/setup.log"; die "build failed (log above)"; }
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 build-gpu/tests/saap_attention_test --gtest_brief=1 \
   --gtest_output="json:$OUT/saap_attention_test.json" >"$OUT/saap_attention_test.log" 2>&1

@@ -9,12 +9,8 @@
 #   SAAP_DECODE_TEST_FILTER: a gtest filter for saap_decode_test.
 #   SAAP_DECODE_PHASES: any of "build test bench" (default all three), e.g. "build" in
 #   one call and "test bench" in the next (the build tree stays on a warm host).
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 ME=scripts/gpu_saap_decode.sh
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 
 PHASES=" ${SAAP_DECODE_PHASES:-build test bench} "
@@ -29,7 +25,6 @@ GPU_PHASES="$gpu_phases" GPU_BUILD_TARGETS="saap_decode_test bench_saap_decode" 
   OUT=/tmp/sf-saap-decode-host bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 ||
   { tail -n 40 "$OUT/setup.log"; die "set-up or build failed (log above)"; }
 cp /tmp/sf-saap-decode-host/build.log "$OUT/build.log" 2>/dev/null
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 status=0
 if wanted test; then

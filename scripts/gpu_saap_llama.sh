@@ -14,13 +14,8 @@
 # index files stay in build-gpu/saap-run/ between calls on the same host);
 # SAAP_FIT_ARGS / SAAP_EVAL_ARGS: more flags for saap fit / saap eval; SAAP_SPACES (default
 # "pre-rope rope"): the indexes to fit; SAAP_TAG: a name for this configuration's index files.
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 ME=scripts/gpu_saap_llama.sh
-SECONDS=0
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 PHASES=" ${SAAP_PHASES:-build tests fit eval} "
 want() { [[ "$PHASES" == *" $1 "* ]]; }
@@ -35,7 +30,6 @@ BIN=build-gpu/cli/sparseflash
 RUN=build-gpu/saap-run
 TAG=${SAAP_TAG:-smollm2}
 mkdir -p "$RUN"
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 status=0
 
 if want build; then

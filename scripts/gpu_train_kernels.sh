@@ -3,11 +3,7 @@
 # built build-gpu and prepared /tmp/pycorpus: GPT-2-small at N = 8192 with hash
 # attention (nb 16, shared QK), 30 steps with the CUDA kernels and 30 with the
 # LibTorch reference; prints tokens/s and losses of both.
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 BIN=build-gpu/cli/sparseflash
 for backend in AUTO REFERENCE; do
   rm -rf "/tmp/run8k_$backend"

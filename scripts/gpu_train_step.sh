@@ -16,22 +16,15 @@
 #   TORCH_N=...        contexts of the anchors (default STEP_N); TORCH_ARGS: more
 #                      train_step_torch.py flags; RUN_TORCH=0 skips the anchors
 #   RUN_TESTS=1        also run fused_test, attention_test, lsh_test, local_window_test and model_test first
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
-LOGS=$(mktemp -d /tmp/gpu-train-step.XXXX)
-trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null' EXIT
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
+gpu_logs logs
 N=${STEP_N:-1024,4096,8192,16384,32768}
 MODES=${STEP_MODES:-dense,dense-ours,hash:8,hash:16,hash:32,hash:8:sep,hash:16:sep,hash:32:sep,drop:0.3,drop:0.5,drop:0.7}
-SECONDS=0
 OUT=$LOGS GPU_PHASES="deps configure build" \
   GPU_BUILD_TARGETS="${GPU_BUILD_TARGETS:-bench_train_step fused_test attention_test lsh_test local_window_test model_test}" \
   bash scripts/gpu_host.sh >"$LOGS/setup.log" 2>&1 || {
   echo "setup failed"; grep -E "error|FAILED" "$LOGS/setup.log" | head -30; tail -5 "$LOGS/setup.log"; }
 echo "setup: ${SECONDS}s"
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 status=0
 if [ "${RUN_TESTS:-1}" = 1 ]; then
   for t in fused_test attention_test lsh_test local_window_test model_test; do

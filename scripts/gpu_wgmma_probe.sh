@@ -7,8 +7,7 @@
 # Logs go to $OUT; a short summary is printed last.
 #   WGMMA_PROBE_TEST_FILTER: a gtest filter for wgmma_probe_test.
 #   WGMMA_PROBE_PHASES: any of "build test" (default both).
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"
 ME=scripts/gpu_wgmma_probe.sh
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then
   sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
@@ -16,9 +15,6 @@ if [[ ${1:-} == -h || ${1:-} == --help ]]; then
   exit 0
 fi
 [ $# -eq 0 ] || { printf '%s: error: no arguments expected (got "%s"); see --help\n' "$ME" "$*" >&2; exit 1; }
-OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 die() { printf '%s: error: %s\n' "$ME" "$*" >&2; exit 1; }
 
 PHASES=" ${WGMMA_PROBE_PHASES:-build test} "
@@ -33,7 +29,6 @@ GPU_PHASES="$gpu_phases" GPU_BUILD_TARGETS="wgmma_probe_test" \
   OUT=/tmp/sf-wgmma-probe-host bash scripts/gpu_host.sh >"$OUT/setup.log" 2>&1 ||
   { tail -n 40 "$OUT/setup.log"; die "set-up or build failed (log above)"; }
 cp /tmp/sf-wgmma-probe-host/build.log "$OUT/build.log" 2>/dev/null
-export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 
 status=0
 if wanted test; then
