@@ -39,6 +39,8 @@ results="$OUT/quality-8k.jsonl"
 for t in "${trees[@]}"; do
   name=${t%%=*} dir=${t#*=}
   bin="$dir/build-gpu/cli/sparseflash"
+  # Trees before the CLI moved to cli/ (d19867c among them) built it in launch/.
+  [ -x "$bin" ] || bin="$dir/build-gpu/launch/sparseflash"
   [ -x "$bin" ] || { echo "$name: no binary"; continue; }
   for m in $MODES; do
     mode=${m%%=*} sets=()
