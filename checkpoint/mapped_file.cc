@@ -12,6 +12,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "io/errors.h"
+
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "checkpoint readers assume a little-endian host");
 
@@ -54,7 +56,11 @@ std::string dirname_of(const std::string& path) {
 
 std::string read_text_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail(path, "", std::string("cannot open: ") + std::strerror(errno));
+  if (!in) {
+    const int err = errno;
+    throw io::StatusError(absl::Status(absl::ErrnoToStatusCode(err),
+                                       path + ": cannot open: " + std::strerror(err)));
+  }
   std::stringstream ss;
   ss << in.rdbuf();
   if (in.bad()) fail(path, "", "read failed");

@@ -80,7 +80,8 @@ bool is_directory(const std::string& path);
 bool is_regular_file(const std::string& path);
 bool ends_with(const std::string& s, const std::string& suffix);
 std::string dirname_of(const std::string& path);  // "." when there is no slash
-// The whole file as a string; throws naming the path when it cannot be read.
+// The whole file as a string; throws naming the path when it cannot be read
+// (an io::StatusError with the errno's code when it cannot be opened).
 std::string read_text_file(const std::string& path);
 
 // Throws std::runtime_error("<file>: <field>: <what>").

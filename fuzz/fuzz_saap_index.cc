@@ -1,8 +1,8 @@
 // libFuzzer target: the SAAP index reader (saap/index_file.h: safetensors
 // container, base64 SaapHeader protobuf in the metadata, header checks, every
 // tensor's name, dtype, shape and values) without LibTorch; read_saap_index
-// only wraps the buffers it fills into tensors. Errors must be a Status
-// (or std::runtime_error from the container parser); anything else is a bug.
+// only wraps the buffers it fills into tensors. Errors must be a Status (the
+// container parser's too); any exception is a bug.
 #include <cstddef>
 #include <cstdint>
 #include <stdexcept>

@@ -79,6 +79,7 @@ T value_or_throw(absl::StatusOr<T> value) {
 // InvalidArgument: at a boundary that reads user input, a failure the
 // implementation did not classify is the input's). The message is what(),
 // without the C++ backtrace LibTorch appends ("\nException raised from ...").
+// Never OK (an OK status or errno 0 inside an exception: Unknown).
 absl::Status status_from_exception(const std::exception& e,
                                    absl::StatusCode code = absl::StatusCode::kInvalidArgument);
 
@@ -88,10 +89,12 @@ absl::Status with_context(const absl::Status& status, absl::string_view context)
 // Runs f() and returns its result as a Status (f returns void or absl::Status)
 // or absl::StatusOr<R> (f returns R or absl::StatusOr<R>), converting what an
 // implementation throws on bad input (std::runtime_error and its kin,
-// std::invalid_argument, std::bad_alloc) with status_from_exception. Other
-// exceptions (std::logic_error and kin: an index out of range, a violated
-// precondition) are bugs, not input errors: they propagate, so that tests and
-// fuzzers see them. The boundary of a library whose implementation throws.
+// std::invalid_argument, std::bad_alloc) with status_from_exception. The other
+// std::logic_errors (std::out_of_range from an index, std::length_error, a
+// violated precondition) are bugs, not input errors: they propagate, so that
+// tests and fuzzers see them. The boundary of a library whose implementation
+// throws; model/torch_status.h adds LibTorch's c10::Error for boundaries over
+// LibTorch code.
 template <typename F>
 auto status_of(F&& f, absl::StatusCode code = absl::StatusCode::kInvalidArgument) {
   using R = std::invoke_result_t<F>;

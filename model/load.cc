@@ -229,7 +229,7 @@ absl::StatusOr<LoadedModel> prepare_run_model(CausalLM trained, const config::Ex
   }
   if (options.need_tokenizer && !options.tokenizer.empty()) {
     auto opened = tokenizer::open_tokenizer(options.tokenizer);
-    if (!opened.ok()) return opened.status();
+    if (!opened.ok()) return io::with_context(opened.status(), path);
     tokenizer = *std::move(opened);
   }
   if (options.need_tokenizer) l.tokenizer = std::move(tokenizer);

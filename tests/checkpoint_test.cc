@@ -9,6 +9,17 @@ namespace {
 
 // --- Scalar conversions and dequantisation ------------------------------------
 
+TEST(Readers, AMissingFileIsNotFoundNamingThePath) {
+  const std::string path = make_temp_dir() + "/absent";
+  for (const absl::Status& s :
+       {load_llama_checkpoint(path + ".gguf").status(), GgufFile::open(path + ".gguf").status(),
+        SafetensorsFile::open(path + ".safetensors").status(),
+        parse_hf_llama_config(path + "/config.json").status()}) {
+    EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+    EXPECT_NE(std::string(s.message()).find(path), std::string::npos) << s;
+  }
+}
+
 TEST(DType, HalfAndBf16RoundTripEveryPattern) {
   for (uint32_t h = 0; h < 65536; ++h) {
     float f = half_to_float(static_cast<uint16_t>(h));

@@ -14,6 +14,7 @@
 
 #include "gtest/gtest.h"
 #include "io/atomic_file.h"
+#include "io/errors.h"
 #include "tests/test_util.h"
 
 namespace sparseflash::io {
@@ -159,6 +160,50 @@ TEST_F(IoTest, StaleTemporariesOfDeadWritersAreRemovedLiveOnesKept) {
   EXPECT_NE(::access(stale.c_str(), F_OK), 0);
   EXPECT_EQ(::access(mine.c_str(), F_OK), 0);
   EXPECT_EQ(::access(other.c_str(), F_OK), 0);
+}
+
+// --- io/errors.h: the exception <-> Status bridge of the library boundaries ----------
+
+TEST(StatusOf, ConvertsInputErrorsAndKeepsCodes) {
+  absl::StatusOr<int> ok = status_of([] { return 7; });
+  ASSERT_TRUE(ok.ok());
+  EXPECT_EQ(*ok, 7);
+  EXPECT_TRUE(status_of([] {}).ok());
+  const absl::Status bad_file = status_of([] { throw std::runtime_error("m.gguf: magic: bad"); });
+  EXPECT_EQ(bad_file.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(bad_file.message(), "m.gguf: magic: bad");
+  // A status travelling as StatusError comes back with its own code.
+  absl::StatusOr<std::string> missing = status_of([]() -> std::string {
+    throw StatusError(absl::NotFoundError("x.json: no such file"));
+  });
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  // A FileError's errno becomes the code; its message is kept as it is.
+  const absl::Status full = status_of([] { throw FileError("out.bin: write: No space left", ENOSPC); });
+  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(full.message(), "out.bin: write: No space left");
+  EXPECT_EQ(status_of([] { throw std::bad_alloc(); }).code(), absl::StatusCode::kResourceExhausted);
+  // A function returning a Status itself passes it through.
+  EXPECT_EQ(status_of([] { return absl::DataLossError("d"); }).code(), absl::StatusCode::kDataLoss);
+}
+
+TEST(StatusOf, LetsLogicErrorsThrough) {
+  // An index out of range is a bug, not bad input: tests and fuzzers must see it.
+  EXPECT_THROW(status_of([] { return std::vector<int>{}.at(3); }), std::out_of_range);
+  EXPECT_THROW(status_of([] { throw std::logic_error("precondition"); }), std::logic_error);
+}
+
+TEST(StatusFromException, TrimsLibTorchsBacktraceAndIsNeverOk) {
+  const absl::Status s = status_from_exception(
+      std::runtime_error("shape mismatch: [2] vs [3]\nException raised from foo at bar.cpp:1"));
+  EXPECT_EQ(s.message(), "shape mismatch: [2] vs [3]");
+  EXPECT_EQ(status_from_exception(StatusError(absl::OkStatus())).code(), absl::StatusCode::kUnknown);
+  EXPECT_EQ(status_from_exception(FileError("f: what", 0)).code(), absl::StatusCode::kUnknown);
+  EXPECT_EQ(with_context(absl::NotFoundError("gone"), "model.init_from").message(),
+            "model.init_from: gone");
+  EXPECT_TRUE(with_context(absl::OkStatus(), "x").ok());
+  EXPECT_THROW(ok_or_throw(absl::InternalError("i")), StatusError);
+  EXPECT_EQ(value_or_throw(absl::StatusOr<int>(3)), 3);
+  EXPECT_THROW(check_argument(absl::InvalidArgumentError("grid")), std::invalid_argument);
 }
 
 }  // namespace

@@ -26,6 +26,12 @@ namespace {
 
 using test_util::must;
 
+// An options error: InvalidArgument whose message holds `text`.
+void expect_refused(const absl::Status& status, const std::string& text) {
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+  EXPECT_NE(std::string(status.message()).find(text), std::string::npos) << status;
+}
+
 checkpoint::LlamaConfig tiny_config() {
   checkpoint::LlamaConfig c;
   c.vocab_size = 97;
@@ -320,10 +326,12 @@ TEST_F(SaapLlama, RecencyBandsFitAndRouteTheSameInPrefillAndDecode) {
   // prior, are refused.
   FitOptions too_old = o;
   too_old.recency_edges = {4, 200};
-  EXPECT_EQ(fit_saap_index(model_, "id", ids_, too_old, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  expect_refused(fit_saap_index(model_, "id", ids_, too_old, nullptr).status(),
+                 "the oldest recency band starts");
   FitOptions no_prior = o;
   no_prior.count_prior = false;
-  EXPECT_EQ(fit_saap_index(model_, "id", ids_, no_prior, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  expect_refused(fit_saap_index(model_, "id", ids_, no_prior, nullptr).status(),
+                 "recency bands weight the count prior");
 }
 
 TEST_F(SaapLlama, RoutingEvaluationRanksTheOracleFirst) {
@@ -373,8 +381,10 @@ TEST_F(SaapLlama, RoutingEvaluationRanksTheOracleFirst) {
   // An index of another shape is refused.
   SaapIndex wrong = index;
   wrong.header.set_num_kv_heads(4);
-  EXPECT_EQ(evaluate_routing(model_, wrong, nullptr, ids_, o).status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(evaluate_routing(model_, rope, nullptr, ids_, o).status().code(), absl::StatusCode::kInvalidArgument);
+  expect_refused(evaluate_routing(model_, wrong, nullptr, ids_, o).status(),
+                 "saap eval --index: the index has 2 layers");
+  expect_refused(evaluate_routing(model_, rope, nullptr, ids_, o).status(),
+                 "--index was fitted on RoPE'd keys");
 }
 
 }  // namespace

@@ -552,8 +552,9 @@ TEST(SaapIndex, RefusesCorruptOrInconsistentFiles) {
   float dummy[4] = {1, 2, 3, 4};
   auto expect_refused = [&](const std::map<std::string, std::string>& metadata,
                             const std::string& expected_text) {
-    checkpoint::write_safetensors(path, {{"x", checkpoint::DType::kF32, {4}, dummy, 16}},
-                                  metadata);
+    ASSERT_TRUE(checkpoint::write_safetensors(path, {{"x", checkpoint::DType::kF32, {4}, dummy, 16}},
+                                              metadata)
+                    .ok());
     absl::StatusOr<SaapIndex> back = read_saap_index(path);
     ASSERT_FALSE(back.ok()) << expected_text;
     EXPECT_NE(std::string(back.status().message()).find(expected_text), std::string::npos)

@@ -17,6 +17,7 @@
 
 #include "absl/strings/str_format.h"
 #include "io/errors.h"
+#include "model/torch_status.h"
 #include "saap/baselines.h"
 #include "saap/kmeans.h"
 #include "saap/targets.h"
@@ -443,11 +444,9 @@ SaapIndex fit_or_throw(model::CausalLM model, const std::string& model_identity,
 absl::StatusOr<SaapIndex> fit_saap_index(model::CausalLM model, const std::string& model_identity,
                                          const std::vector<int64_t>& ids, const FitOptions& options,
                                          FitReport* report, const Log& log) {
-  try {
-    return fit_or_throw(std::move(model), model_identity, ids, options, report, log);
-  } catch (const std::exception& e) {  // the options' checks, and LibTorch's (c10::Error)
-    return io::status_from_exception(e);
-  }
+  // The options' checks throw std::invalid_argument, LibTorch's c10::Error.
+  return model::torch_status_of(
+      [&] { return fit_or_throw(std::move(model), model_identity, ids, options, report, log); });
 }
 
 // ---------------------------------------------------------------------------
@@ -689,11 +688,9 @@ absl::StatusOr<RoutingEvalReport> evaluate_routing(model::CausalLM model, const 
                                                    const std::vector<int64_t>& ids,
                                                    const RoutingEvalOptions& options,
                                                    const Log& log) {
-  try {
+  return model::torch_status_of([&] {
     return evaluate_routing_or_throw(std::move(model), index, rope_index, ids, options, log);
-  } catch (const std::exception& e) {
-    return io::status_from_exception(e);
-  }
+  });
 }
 
 }  // namespace sparseflash::saap

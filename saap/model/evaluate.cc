@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "io/errors.h"
+#include "model/torch_status.h"
 #include "model/passkey.h"
 #include "model/perplexity.h"
 
@@ -315,11 +316,9 @@ absl::StatusOr<SaapEvalReport> evaluate_saap(model::CausalLM model,
                                              const SaapIndex& index, const SaapIndex* rope_index,
                                              const std::vector<int64_t>& ids,
                                              const SaapEvalOptions& options, const Log& log) {
-  try {
+  return model::torch_status_of([&] {  // LibTorch's checks (c10::Error) on the way
     return evaluate_unguarded(std::move(model), tokenizer, index, rope_index, ids, options, log);
-  } catch (const std::exception& e) {  // LibTorch's checks (c10::Error) on the way
-    return io::status_from_exception(e);
-  }
+  });
 }
 
 }  // namespace sparseflash::saap
