@@ -49,6 +49,9 @@ ABSL_FLAG(int64_t, sparse_sinks, 0,
 ABSL_FLAG(int64_t, sparse_window, 0,
           "--attention hash/drop/shift: every query also sees its N nearest keys, itself "
           "included (attention.local_window).");
+ABSL_FLAG(double, lsh_capacity, 0,
+          "--attention hash: cap each bucket at this multiple of an even share of every block "
+          "of rows (attention.lsh_capacity; 0 = uncapped LSH, else >= 1).");
 ABSL_FLAG(std::string, rope_scaling, "",
           "Pretrained files: TYPE:FACTOR (linear, dynamic or yarn, e.g. linear:4) replaces the "
           "file's RoPE scaling, extending its context zero-shot to FACTOR times its pretraining "
@@ -87,7 +90,7 @@ namespace sparseflash::cli {
 const std::vector<std::string>& model_flag_names() {
   static const std::vector<std::string> f = {
       "model", "tokenizer", "attention", "num_buckets", "drop_prob", "group_size",
-      "sparse_sinks", "sparse_window", "rope_scaling", "saap_index",
+      "sparse_sinks", "sparse_window", "lsh_capacity", "rope_scaling", "saap_index",
       "top_l", "key_budget", "per_head_budgets", "budget_objective", "mass_threshold",
       "saap_routing", "dtype", "device", "seed", "json", "json_file"};
   return f;
@@ -149,7 +152,8 @@ absl::StatusOr<LoadedFromFlags> load_model_from_flags(bool need_tokenizer) {
     auto a = model::parse_attention(attention == "saap" ? "dense" : attention,
                                     absl::GetFlag(FLAGS_num_buckets), absl::GetFlag(FLAGS_drop_prob),
                                     absl::GetFlag(FLAGS_group_size), absl::GetFlag(FLAGS_sparse_sinks),
-                                    absl::GetFlag(FLAGS_sparse_window));
+                                    absl::GetFlag(FLAGS_sparse_window),
+                                    absl::GetFlag(FLAGS_lsh_capacity));
     if (!a.ok()) return a.status();
     o.attention = *a;
   }

@@ -52,7 +52,8 @@ void fuse_for_inference(CausalLM& model) {
 
 absl::StatusOr<AttentionOverride> parse_attention(const std::string& kind, int num_buckets,
                                                   double drop_prob, int64_t group_size,
-                                                  int64_t sink_tokens, int64_t local_window) {
+                                                  int64_t sink_tokens, int64_t local_window,
+                                                  double lsh_capacity) {
   AttentionOverride o;
   if (kind == "dense") o.kind = attention::Kind::kDense;
   else if (kind == "hash") o.kind = attention::Kind::kHash;
@@ -81,6 +82,14 @@ absl::StatusOr<AttentionOverride> parse_attention(const std::string& kind, int n
         absl::StrCat("--num-buckets must be even and >= 2, got ", o.num_buckets));
   if (o.kind == attention::Kind::kDrop && !(o.drop_prob >= 0 && o.drop_prob < 1))
     return absl::InvalidArgumentError(absl::StrCat("--drop-prob must be in [0, 1), got ", o.drop_prob));
+  o.lsh_capacity = lsh_capacity;
+  if (lsh_capacity != 0 && (o.kind != attention::Kind::kHash || !(lsh_capacity >= 1)))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--lsh-capacity applies to --attention hash and must be 0 (no cap) or >= 1, got ",
+        lsh_capacity));
+  if (lsh_capacity != 0 && o.num_buckets > 64)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--lsh-capacity needs --num-buckets <= 64 (capped buckets), got ", o.num_buckets));
   return o;
 }
 
@@ -152,6 +161,7 @@ absl::StatusOr<LoadedModel> load_pretrained_model(const std::string& path,
       a.group_size = options.attention->group_size;
       a.sink_tokens = options.attention->sink_tokens;
       a.local_window = options.attention->local_window;
+      a.lsh_capacity = options.attention->lsh_capacity;
     }
     o.attention = {a};
     o.dtype = l.dtype;
@@ -210,6 +220,7 @@ absl::StatusOr<LoadedModel> prepare_run_model(CausalLM trained, const config::Ex
     a->set_group_size(static_cast<int32_t>(options.attention->group_size));
     a->set_sink_tokens(static_cast<int32_t>(options.attention->sink_tokens));
     a->set_local_window(static_cast<int32_t>(options.attention->local_window));
+    a->set_lsh_capacity(options.attention->lsh_capacity);
     exp.clear_layer_attention();
     auto built = build_model(exp, trained->vocab_size());
     if (!built.ok()) return built.status();

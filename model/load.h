@@ -29,15 +29,17 @@ struct AttentionOverride {
   int64_t group_size = 0; // kShift: >= 0 (0 = a quarter of the keys)
   int64_t sink_tokens = 0;   // sparse kinds: first keys every query sees (>= 0)
   int64_t local_window = 0;  // sparse kinds: and its nearest keys (>= 0)
+  double lsh_capacity = 0;   // kHash: bucket capacity factor (0 = none, else >= 1)
 };
 
 // "dense", "hash", "drop" or "shift" with the given parameters; errors name
 // the flag (--attention, --num-buckets, --drop-prob, --group-size,
-// --sparse-sinks, --sparse-window).
+// --sparse-sinks, --sparse-window, --lsh-capacity).
 absl::StatusOr<AttentionOverride> parse_attention(const std::string& kind, int num_buckets,
                                                   double drop_prob, int64_t group_size = 0,
                                                   int64_t sink_tokens = 0,
-                                                  int64_t local_window = 0);
+                                                  int64_t local_window = 0,
+                                                  double lsh_capacity = 0);
 
 // "auto" (bfloat16 on CUDA, float32 on CPU), "float32"/"fp32", "bfloat16"/"bf16",
 // "float16"/"fp16"; errors name --dtype.

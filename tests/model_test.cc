@@ -13,6 +13,7 @@
 #include "model/generate.h"
 #include "model/gpt.h"
 #include "model/llama.h"
+#include "model/load.h"
 #include "trainer/schedule.h"
 #include "trainer/optimizer.h"
 
@@ -311,6 +312,32 @@ TEST(Llama, KvCacheGivesTheFullForwardsLogits) {
   at::Tensor a = m->forward(ids.slice(1, 0, 11), &cache);
   at::Tensor b = m->forward(ids.slice(1, 11, 19), &cache);
   EXPECT_LE((at::cat({a, b}, 1) - full).abs().max().item<double>(), 1e-5);
+}
+
+// --attention and the flags that shape it: values carried over, each bad one
+// refused with the flag named.
+TEST(ParseAttention, CarriesTheFlagsAndNamesTheBadOne) {
+  auto hash = model::parse_attention("hash", 8, 0.5, 0, 4, 64, 1.0);
+  ASSERT_TRUE(hash.ok()) << hash.status();
+  EXPECT_EQ(hash->kind, attention::Kind::kHash);
+  EXPECT_EQ(hash->num_buckets, 8);
+  EXPECT_EQ(hash->sink_tokens, 4);
+  EXPECT_EQ(hash->local_window, 64);
+  EXPECT_EQ(hash->lsh_capacity, 1.0);
+  auto expect_refused = [](const absl::StatusOr<model::AttentionOverride>& got,
+                           const std::string& flag) {
+    ASSERT_FALSE(got.ok()) << flag;
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(got.status().message().find(flag), std::string::npos) << got.status();
+  };
+  expect_refused(model::parse_attention("sparse", 16, 0.5), "--attention");
+  expect_refused(model::parse_attention("hash", 7, 0.5), "--num-buckets");
+  expect_refused(model::parse_attention("drop", 16, 1.0), "--drop-prob");
+  expect_refused(model::parse_attention("hash", 16, 0.5, 0, -1, 0), "--sparse-sinks");
+  expect_refused(model::parse_attention("dense", 16, 0.5, 0, 0, 64), "--sparse-window");
+  expect_refused(model::parse_attention("hash", 16, 0.5, 0, 0, 0, 0.5), "--lsh-capacity");
+  expect_refused(model::parse_attention("drop", 16, 0.5, 0, 0, 0, 2.0), "--lsh-capacity");
+  expect_refused(model::parse_attention("hash", 128, 0.5, 0, 0, 0, 1.0), "--num-buckets <= 64");
 }
 
 // ---------------------------------------------------------------------------
