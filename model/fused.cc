@@ -1,6 +1,9 @@
-// Fused model operations: chunked linear + cross-entropy, unit-norm rows.
+// Fused model operations: chunked linear + cross-entropy, residual add +
+// LayerNorm / RMSNorm, SwiGLU, rotary positions, unit-norm rows.
 // Reading order: the cross-entropy of one chunk of rows (CUDA kernel or ATen
-// ops), the chunk loop and its autograd function, then unit-norm rows.
+// ops), the chunk loop and its autograd function, then the others, each an
+// autograd function over its kernels and a public function choosing between
+// it and ATen ops.
 #include "model/fused.h"
 
 #include <algorithm>
@@ -237,7 +240,7 @@ struct AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
   // y and bias with no elements stand for "none" (autograd takes no undefined inputs).
   static tensor_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& y_in,
                              const Tensor& weight, const Tensor& bias_in, double eps,
-                             at::ScalarType out_type) {
+                             at::ScalarType out_type, bool rms) {
     c10::cuda::CUDAGuard guard(x.device());
     const Tensor y = y_in.numel() > 0 ? y_in : Tensor();
     const Tensor bias = bias_in.numel() > 0 ? bias_in : Tensor();
@@ -262,9 +265,12 @@ struct AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
     kernel_type(out_type, p.out_type);
     p.mean = stats[0].data_ptr<float>();
     p.rstd = stats[1].data_ptr<float>();
-    check_cuda(sk::add_layer_norm_forward(p, at::cuda::getCurrentCUDAStream()), "add_layer_norm");
+    p.rms = rms;
+    check_cuda(sk::add_layer_norm_forward(p, at::cuda::getCurrentCUDAStream()),
+               rms ? "add_rms_norm" : "add_layer_norm");
     ctx->save_for_backward({h, stats, weight, bias_in});
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["rms"] = rms;
     ctx->saved_data["y_type"] = y.defined() ? static_cast<int64_t>(y.scalar_type()) : int64_t{-1};
     return {h, out};
   }
@@ -291,6 +297,7 @@ struct AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
     kernel_type(dout.scalar_type(), p.out_type);
     p.mean = const_cast<float*>(stats[0].data_ptr<float>());
     p.rstd = const_cast<float*>(stats[1].data_ptr<float>());
+    p.rms = ctx->saved_data["rms"].toBool();
     const int blocks = sk::add_layer_norm_backward_blocks(static_cast<int>(rows));
     Tensor dx = at::empty_like(h);
     Tensor dy = y_type >= 0 ? at::empty(h.sizes(), h.options().dtype(static_cast<at::ScalarType>(y_type)))
@@ -304,42 +311,70 @@ struct AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
     g.partial_dw = partial[0].data_ptr<float>();
     g.partial_db = bias.defined() ? partial[1].data_ptr<float>() : nullptr;
     check_cuda(sk::add_layer_norm_backward(p, g, at::cuda::getCurrentCUDAStream()),
-               "add_layer_norm backward");
+               p.rms ? "add_rms_norm backward" : "add_layer_norm backward");
     Tensor sums = partial.sum(1);
-    return {dx, dy, sums[0], bias.defined() ? sums[1] : Tensor(), Tensor(), Tensor()};
+    return {dx, dy, sums[0], bias.defined() ? sums[1] : Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 }  // namespace
 #endif
 
+namespace {
+
+void check_residual_norm(const char* what, const Tensor& x, const Tensor& y, const Tensor& weight,
+                         const Tensor& bias) {
+  const int64_t width = x.size(-1);
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == width, what, ": weight ", weight.sizes(),
+              " does not match x ", x.sizes());
+  TORCH_CHECK(!bias.defined() || bias.sizes() == weight.sizes(), what, ": bias ", bias.sizes(),
+              " does not match weight ", weight.sizes());
+  TORCH_CHECK(!y.defined() || y.sizes() == x.sizes(), what, ": y ", y.sizes(), " does not match x ",
+              x.sizes());
+}
+
+// The output type under CUDA autocast (the next matmul's), else `otherwise`.
+at::ScalarType norm_out_type(const Tensor& x, at::ScalarType otherwise) {
+  if (x.is_cuda() && at::autocast::is_autocast_enabled(at::kCUDA))
+    return at::autocast::get_autocast_dtype(at::kCUDA);
+  return otherwise;
+}
+
+#ifdef SPARSEFLASH_WITH_CUDA
+// Whether the residual-norm kernels take these inputs (see fused.h).
+bool residual_norm_kernel_applies(const Tensor& x, const Tensor& y, const Tensor& weight,
+                                  const Tensor& bias, at::ScalarType out_type) {
+  const int64_t width = x.size(-1);
+  sparseflash::kernels::RowType unused;
+  return x.is_cuda() && x.scalar_type() == at::kFloat && x.is_contiguous() && width % 4 == 0 &&
+         width <= sparseflash::kernels::kMaxLayerNormWidth &&
+         (!y.defined() || kernel_type(y.scalar_type(), unused)) &&
+         weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
+         (!bias.defined() || (bias.scalar_type() == at::kFloat && bias.is_contiguous())) &&
+         kernel_type(out_type, unused) && x.numel() / width <= INT32_MAX;
+}
+
+std::pair<Tensor, Tensor> residual_norm_kernel(const Tensor& x, const Tensor& y,
+                                               const Tensor& weight, const Tensor& bias,
+                                               double eps, at::ScalarType out_type, bool rms) {
+  NoAutocast no_autocast;
+  Tensor none = at::empty({0}, x.options());
+  auto r = AddLayerNorm::apply(x, y.defined() ? y : none, weight, bias.defined() ? bias : none,
+                               eps, out_type, rms);
+  return {r[0], r[1]};
+}
+#endif
+
+}  // namespace
+
 std::pair<Tensor, Tensor> add_layer_norm(const Tensor& x, const Tensor& y, const Tensor& weight,
                                          const Tensor& bias, double eps) {
+  check_residual_norm("add_layer_norm", x, y, weight, bias);
   const int64_t width = x.size(-1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == width, "add_layer_norm: weight ",
-              weight.sizes(), " does not match x ", x.sizes());
-  TORCH_CHECK(!bias.defined() || bias.sizes() == weight.sizes(), "add_layer_norm: bias ",
-              bias.sizes(), " does not match weight ", weight.sizes());
-  TORCH_CHECK(!y.defined() || y.sizes() == x.sizes(), "add_layer_norm: y ", y.sizes(),
-              " does not match x ", x.sizes());
-  at::ScalarType out_type = x.scalar_type();
-  if (x.is_cuda() && at::autocast::is_autocast_enabled(at::kCUDA))
-    out_type = at::autocast::get_autocast_dtype(at::kCUDA);
+  const at::ScalarType out_type = norm_out_type(x, x.scalar_type());
 #ifdef SPARSEFLASH_WITH_CUDA
-  sparseflash::kernels::RowType unused;
-  const bool kernel = x.is_cuda() && x.scalar_type() == at::kFloat && x.is_contiguous() &&
-                      width % 4 == 0 && width <= sparseflash::kernels::kMaxLayerNormWidth &&
-                      (!y.defined() || kernel_type(y.scalar_type(), unused)) &&
-                      weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
-                      (!bias.defined() || (bias.scalar_type() == at::kFloat && bias.is_contiguous())) &&
-                      kernel_type(out_type, unused) && x.numel() / width <= INT32_MAX;
-  if (kernel) {
-    NoAutocast no_autocast;
-    Tensor none = at::empty({0}, x.options());
-    auto r = AddLayerNorm::apply(x, y.defined() ? y : none, weight, bias.defined() ? bias : none,
-                                 eps, out_type);
-    return {r[0], r[1]};
-  }
+  if (residual_norm_kernel_applies(x, y, weight, bias, out_type))
+    return residual_norm_kernel(x, y, weight, bias, eps, out_type, /*rms=*/false);
 #endif
   Tensor h = y.defined() ? x + y : x;
   Tensor out;
@@ -348,6 +383,148 @@ std::pair<Tensor, Tensor> add_layer_norm(const Tensor& x, const Tensor& y, const
     out = at::layer_norm(h, {width}, weight, bias, eps).to(out_type);
   }
   return {h, out};
+}
+
+std::pair<Tensor, Tensor> add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight,
+                                       double eps) {
+  check_residual_norm("add_rms_norm", x, y, weight, Tensor());
+  // Without autocast the output keeps the type of weight * h, as transformers' RMSNorm.
+  const at::ScalarType product_type = at::promote_types(weight.scalar_type(), x.scalar_type());
+  const at::ScalarType out_type = norm_out_type(x, product_type);
+#ifdef SPARSEFLASH_WITH_CUDA
+  if (residual_norm_kernel_applies(x, y, weight, Tensor(), out_type))
+    return residual_norm_kernel(x, y, weight, Tensor(), eps, out_type, /*rms=*/true);
+#endif
+  Tensor h = y.defined() ? x + y : x;
+  // transformers' LlamaRMSNorm, op for op: float32 statistics, back to h's
+  // type, then the gain.
+  Tensor hf = h.to(at::kFloat);
+  hf = hf * at::rsqrt(hf.pow(2).mean(-1, /*keepdim=*/true) + eps);
+  Tensor out = weight * hf.to(h.scalar_type());
+  if (out.scalar_type() != out_type) out = out.to(out_type);
+  return {h, out};
+}
+
+// ---------------------------------------------------------------------------
+// SwiGLU
+
+#ifdef SPARSEFLASH_WITH_CUDA
+namespace {
+
+struct Swiglu : public torch::autograd::Function<Swiglu> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& gate, const Tensor& up) {
+    c10::cuda::CUDAGuard guard(gate.device());
+    sparseflash::kernels::RowType type;
+    kernel_type(gate.scalar_type(), type);
+    Tensor out = at::empty_like(gate, at::MemoryFormat::Contiguous);
+    check_cuda(sparseflash::kernels::swiglu_forward(type, gate.data_ptr(), up.data_ptr(),
+                                                    out.data_ptr(), gate.numel(),
+                                                    at::cuda::getCurrentCUDAStream()),
+               "swiglu");
+    ctx->save_for_backward({gate, up});
+    return out;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &gate = saved[0], &up = saved[1];
+    c10::cuda::CUDAGuard guard(gate.device());
+    sparseflash::kernels::RowType type;
+    kernel_type(gate.scalar_type(), type);
+    Tensor dout = grads[0].to(gate.scalar_type()).contiguous();
+    Tensor dgate = at::empty_like(gate), dup = at::empty_like(up);
+    check_cuda(sparseflash::kernels::swiglu_backward(type, gate.data_ptr(), up.data_ptr(),
+                                                     dout.data_ptr(), dgate.data_ptr(),
+                                                     dup.data_ptr(), gate.numel(),
+                                                     at::cuda::getCurrentCUDAStream()),
+               "swiglu backward");
+    return {dgate, dup};
+  }
+};
+
+}  // namespace
+#endif
+
+Tensor swiglu(const Tensor& gate, const Tensor& up) {
+  TORCH_CHECK(gate.sizes() == up.sizes(), "swiglu: gate ", gate.sizes(), " and up ", up.sizes(),
+              " differ in shape");
+#ifdef SPARSEFLASH_WITH_CUDA
+  sparseflash::kernels::RowType type;
+  if (gate.is_cuda() && up.device() == gate.device() && gate.scalar_type() == up.scalar_type() &&
+      kernel_type(gate.scalar_type(), type) && gate.is_contiguous() && up.is_contiguous()) {
+    NoAutocast no_autocast;
+    return Swiglu::apply(gate, up);
+  }
+#endif
+  return at::silu(gate) * up;
+}
+
+// ---------------------------------------------------------------------------
+// rotary positions
+
+#ifdef SPARSEFLASH_WITH_CUDA
+namespace {
+
+// y = rotary(x) (transpose false) or its adjoint, both [B, H, N, D] with D contiguous.
+void rotary_kernel(const Tensor& x, const Tensor& y, const Tensor& cos, const Tensor& sin,
+                   bool transpose) {
+  sparseflash::kernels::RowType type;
+  kernel_type(x.scalar_type(), type);
+  check_cuda(sparseflash::kernels::rotary(
+                 type, rows_view(x), rows_view(y), cos.data_ptr(), sin.data_ptr(),
+                 static_cast<int>(x.size(0)), static_cast<int>(x.size(1)),
+                 static_cast<int>(x.size(2)), static_cast<int>(x.size(3)), transpose,
+                 at::cuda::getCurrentCUDAStream()),
+             transpose ? "rotary backward" : "rotary");
+}
+
+struct Rotary : public torch::autograd::Function<Rotary> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& cos,
+                        const Tensor& sin) {
+    c10::cuda::CUDAGuard guard(x.device());
+    // Token-major, as ATen's x * cos gives for the heads view of a [B, N, H * D] projection.
+    Tensor y = empty_token_major(x);
+    rotary_kernel(x, y, cos, sin, /*transpose=*/false);
+    ctx->save_for_backward({cos, sin});
+    return y;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &cos = saved[0], &sin = saved[1];
+    c10::cuda::CUDAGuard guard(cos.device());
+    Tensor dy = grads[0].to(cos.scalar_type());
+    if (dy.stride(3) != 1) dy = dy.contiguous();
+    Tensor dx = empty_token_major(dy);
+    rotary_kernel(dy, dx, cos, sin, /*transpose=*/true);
+    return {dx, Tensor(), Tensor()};
+  }
+};
+
+}  // namespace
+#endif
+
+Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
+  TORCH_CHECK(x.dim() == 4 && x.size(3) % 2 == 0, "rotary: x must be [B, H, N, D] with D even, got ",
+              x.sizes());
+  const int64_t N = x.size(2), D = x.size(3);
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == N && cos.size(1) == D && sin.sizes() == cos.sizes(),
+              "rotary: cos ", cos.sizes(), " and sin ", sin.sizes(), " must both be [N, D] = [", N,
+              ", ", D, "] for x ", x.sizes());
+#ifdef SPARSEFLASH_WITH_CUDA
+  sparseflash::kernels::RowType type;
+  if (x.is_cuda() && kernel_type(x.scalar_type(), type) && x.stride(3) == 1 &&
+      cos.device() == x.device() && sin.device() == x.device() &&
+      cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() &&
+      cos.is_contiguous() && sin.is_contiguous() && !cos.requires_grad() &&
+      !sin.requires_grad() && x.numel() / D <= INT32_MAX) {
+    NoAutocast no_autocast;
+    return Rotary::apply(x, cos, sin);
+  }
+#endif
+  const int64_t half = D / 2;
+  Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos + rotated * sin;
 }
 
 // ---------------------------------------------------------------------------

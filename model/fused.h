@@ -43,4 +43,26 @@ Tensor unit_norm_rows(const Tensor& x, double eps = 1e-6);
 std::pair<Tensor, Tensor> add_layer_norm(const Tensor& x, const Tensor& y, const Tensor& weight,
                                          const Tensor& bias, double eps);
 
+// The same for RMSNorm (Llama): h = x + y (y undefined: h = x) and
+// out = weight * (h * rsqrt(mean(h^2) + eps)) over the last dimension, with
+// h normalised in float32 as transformers does. Returns {h, out}: out in the
+// autocast dtype under CUDA autocast, else in the type of that product. On
+// CUDA (the same conditions as add_layer_norm) one kernel each way.
+std::pair<Tensor, Tensor> add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& weight,
+                                       double eps);
+
+// The SwiGLU product silu(gate) * up (gate, up of one shape and type). On
+// CUDA (bf16, fp16 or float32, both contiguous) one kernel each way, which
+// keeps no silu(gate) for the backward; elsewhere ATen ops.
+Tensor swiglu(const Tensor& gate, const Tensor& up);
+
+// Rotary positions, rotate-half layout: x [B, H, N, D] (any strides, D even),
+// cos and sin [N, D]; returns x * cos + rotate_half(x) * sin with
+// rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]), in x's type and memory
+// order. On CUDA (bf16, fp16 or float32; x's last dimension contiguous; cos
+// and sin of x's type, not requiring gradients) one kernel each way,
+// computing in float32 (ATen rounds each product to x's type); elsewhere
+// ATen ops.
+Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin);
+
 }  // namespace sparseflash::model

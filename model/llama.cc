@@ -19,6 +19,7 @@
 
 #include "checkpoint/tensor.h"
 #include "model/checkpointing.h"
+#include "model/fused.h"
 
 namespace sparseflash::model {
 
@@ -107,13 +108,6 @@ Tensor interleaved_to_rotate_half(const Tensor& weight, int64_t heads) {
   return weight.view({heads, head_dim / 2, 2, in}).transpose(1, 2).reshape({rows, in});
 }
 
-// x [B, H, N, D]; cos, sin [N, D].
-static Tensor apply_rope(const Tensor& x, const Tensor& cos, const Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  Tensor rotated = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
-  return x * cos + rotated * sin;
-}
-
 // ---------------------------------------------------------------------------
 // RMSNorm
 
@@ -121,11 +115,7 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
 
-Tensor RMSNormImpl::forward(const Tensor& x) {
-  Tensor h = x.to(at::kFloat);
-  h = h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps_);
-  return weight * h.to(x.scalar_type());
-}
+Tensor RMSNormImpl::forward(const Tensor& x) { return add_rms_norm(x, Tensor(), weight, eps_).second; }
 
 // ---------------------------------------------------------------------------
 // fused projections
@@ -194,8 +184,8 @@ Tensor LlamaAttentionImpl::forward(const Tensor& x, const Tensor& cos, const Ten
     q = q_proj->forward(x), k = k_proj->forward(x), v = v_proj->forward(x);
   }
   Tensor q_pre = heads(q, heads_), k_pre = heads(k, kv_heads_);
-  q = apply_rope(q_pre, cos, sin);
-  k = apply_rope(k_pre, cos, sin);
+  q = rotary(q_pre, cos, sin);
+  k = rotary(k_pre, cos, sin);
   v = heads(v, kv_heads_);
   Tensor y = attend_layer(attention, hook, layer_, cache, q_pre, k_pre, q, k, v, generator);
   return o_proj->forward(y.transpose(1, 2).reshape({B, N, heads_ * head_dim_}));
@@ -225,10 +215,14 @@ LlamaLayerImpl::LlamaLayerImpl(const checkpoint::LlamaConfig& c, attention::Opti
   down_proj = register_module("down_proj", linear(f, d));
 }
 
-Tensor LlamaLayerImpl::forward(const Tensor& x, const Tensor& cos, const Tensor& sin,
-                               KVCache* cache, at::Generator& generator) {
-  Tensor h = x + self_attn->forward(input_layernorm->forward(x), cos, sin, cache, generator);
-  Tensor m = post_attention_layernorm->forward(h);
+std::pair<Tensor, Tensor> LlamaLayerImpl::forward_residual(const Tensor& x, const Tensor& pending,
+                                                           const Tensor& cos, const Tensor& sin,
+                                                           KVCache* cache,
+                                                           at::Generator& generator) {
+  // Each residual add travels with the RMSNorm that reads its sum.
+  auto [r, a_in] = add_rms_norm(x, pending, input_layernorm->weight, input_layernorm->eps());
+  auto [h, m] = add_rms_norm(r, self_attn->forward(a_in, cos, sin, cache, generator),
+                             post_attention_layernorm->weight, post_attention_layernorm->eps());
   Tensor gate, up;
   if (can_use_fused(gate_up_weight_, {gate_proj->weight, up_proj->weight})) {
     auto parts = F::linear(m, gate_up_weight_).chunk(2, -1);
@@ -236,7 +230,13 @@ Tensor LlamaLayerImpl::forward(const Tensor& x, const Tensor& cos, const Tensor&
   } else {
     gate = gate_proj->forward(m), up = up_proj->forward(m);
   }
-  return h + down_proj->forward(at::silu(gate) * up);
+  return {h, down_proj->forward(swiglu(gate, up))};
+}
+
+Tensor LlamaLayerImpl::forward(const Tensor& x, const Tensor& cos, const Tensor& sin,
+                               KVCache* cache, at::Generator& generator) {
+  auto [h, m] = forward_residual(x, Tensor(), cos, sin, cache, generator);
+  return h + m;
 }
 
 void LlamaLayerImpl::fuse_projections() {
@@ -337,21 +337,25 @@ Tensor LlamaImpl::hidden_states(const Tensor& ids, KVCache* cache) {
   if (attention_factor_ != 1.0) cos = cos * attention_factor_, sin = sin * attention_factor_;
   cos = cos.to(rope_dtype), sin = sin.to(rope_dtype);
   Tensor x = at::embedding(embed_tokens, ids.to(dev));
+  Tensor pending;  // the last layer's MLP output, added by the next RMSNorm
   const bool recompute = checkpoint_blocks(cache);
   for (auto& layer : *layers) {
     LlamaLayerImpl* l = layer->as<LlamaLayer>();
     if (recompute) {
-      x = checkpointed(
+      auto out = checkpointed(
           [this, l](const std::vector<Tensor>& in) -> std::vector<Tensor> {
-            return {l->forward(in[0], in[1], in[2], nullptr, attention_generator_)};
+            auto [h, m] = l->forward_residual(in[0], in[1], in[2], in[3], nullptr,
+                                              attention_generator_);
+            return {h, m};
           },
-          {x, cos, sin}, attention_generator_)[0];
+          {x, pending, cos, sin}, attention_generator_);
+      x = out[0], pending = out[1];
     } else {
-      x = l->forward(x, cos, sin, cache, attention_generator_);
+      std::tie(x, pending) = l->forward_residual(x, pending, cos, sin, cache, attention_generator_);
     }
   }
   if (cache) cache->length += N;
-  return norm->forward(x);
+  return add_rms_norm(x, pending, norm->weight, norm->eps()).second;
 }
 
 void LlamaImpl::set_rope_frequency_factors(const std::vector<float>& factors) {

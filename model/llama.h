@@ -15,6 +15,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Generator.h>
@@ -55,8 +56,11 @@ Tensor interleaved_to_rotate_half(const Tensor& weight, int64_t heads);
 class RMSNormImpl : public torch::nn::Module {
  public:
   RMSNormImpl(int64_t dim, double eps);
-  // Normalises in float32 and returns x's dtype, as transformers does.
+  // Normalises in float32 and returns weight * the normalised x in x's dtype,
+  // as transformers does (model::add_rms_norm; under CUDA autocast, in the
+  // autocast dtype).
   Tensor forward(const Tensor& x);
+  double eps() const { return eps_; }
   Tensor weight;
 
  private:
@@ -91,6 +95,13 @@ class LlamaLayerImpl : public torch::nn::Module {
   LlamaLayerImpl(const checkpoint::LlamaConfig& c, attention::Options options, int layer);
   Tensor forward(const Tensor& x, const Tensor& cos, const Tensor& sin, KVCache* cache,
                  at::Generator& generator);
+  // The layer with its residual adds deferred: takes the residual stream as
+  // x + pending (pending undefined: x alone) and returns {h, m} whose sum is
+  // the layer's output, so that the add of m runs inside the next RMSNorm
+  // (model::add_rms_norm). forward(x) = h + m of forward_residual(x, {}).
+  std::pair<Tensor, Tensor> forward_residual(const Tensor& x, const Tensor& pending,
+                                             const Tensor& cos, const Tensor& sin,
+                                             KVCache* cache, at::Generator& generator);
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   LlamaAttention self_attn{nullptr};
   LoraLinear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};

@@ -1,5 +1,6 @@
 // The training step's fused pieces against plain LibTorch: the chunked linear
-// + cross-entropy, unit-norm rows, multi-tensor gradient clipping, cuDNN
+// + cross-entropy, unit-norm rows, residual add + LayerNorm / RMSNorm, SwiGLU,
+// rotary positions, multi-tensor gradient clipping, cuDNN
 // dense attention, device-drawn patterns. CPU checks run everywhere; the
 // kernel checks skip without a GPU.
 #include <cmath>
@@ -257,6 +258,171 @@ TEST(AddLayerNormGpu, KernelMatchesFloat64WithGradients) {
           EXPECT_LT(rel(w.grad(), w64.grad()), 1e-2) << what;
           if (with_bias) EXPECT_LT(rel(b.grad(), b64.grad()), 1e-2) << what;
         }
+}
+
+// ---------------------------------------------------------------------------
+// residual add + RMSNorm, SwiGLU, rotary positions (the Llama layer)
+
+// transformers' LlamaRMSNorm in float64.
+Tensor rms_norm64(const Tensor& h, const Tensor& w, double eps) {
+  return w * (h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps));
+}
+
+TEST(AddRmsNorm, EqualsAddThenRmsNormOnCpu) {
+  Tensor x = at::randn({3, 5, 12}), y = at::randn({3, 5, 12}), w = at::randn({12});
+  auto [h, out] = model::add_rms_norm(x, y, w, 1e-5);
+  EXPECT_TRUE(at::equal(h, x + y));
+  Tensor expected = rms_norm64((x + y).to(at::kDouble), w.to(at::kDouble), 1e-5);
+  EXPECT_EQ(out.scalar_type(), at::kFloat);
+  EXPECT_LT(max_diff(out, expected), 1e-5 * expected.abs().max().item<double>());
+  auto [h2, out2] = model::add_rms_norm(x, Tensor(), w, 1e-5);
+  EXPECT_TRUE(at::equal(h2, x));
+  EXPECT_LT(max_diff(out2, rms_norm64(x.to(at::kDouble), w.to(at::kDouble), 1e-5)), 1e-4);
+  EXPECT_THROW(model::add_rms_norm(x, y, at::randn({5}), 1e-5), c10::Error);
+  EXPECT_THROW(model::add_rms_norm(x, at::randn({3, 5, 11}), w, 1e-5), c10::Error);
+}
+
+TEST(AddRmsNormGpu, KernelMatchesFloat64WithGradients) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  auto cuda = at::TensorOptions().device(at::kCUDA);
+  for (int64_t C : {576, 12, 2048, 964})
+    for (auto y_type : {at::kFloat, at::kBFloat16})
+      for (bool with_y : {true, false})
+        for (bool autocast : {true, false}) {
+          const int64_t rows = 4001;  // more than the backward's 264 blocks x 8 warps, odd
+          Tensor x = (at::randn({rows, C}, cuda) + 0.5).requires_grad_(true);
+          Tensor y = with_y ? at::randn({rows, C}, cuda).to(y_type).requires_grad_(true) : Tensor();
+          Tensor w = (at::randn({C}, cuda) * 0.3 + 1).requires_grad_(true);
+          Tensor h, out;
+          {
+            at::autocast::set_autocast_enabled(at::kCUDA, autocast);
+            at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+            std::tie(h, out) = model::add_rms_norm(x, y, w, 1e-5);
+            at::autocast::set_autocast_enabled(at::kCUDA, false);
+            at::autocast::clear_cache();
+          }
+          EXPECT_EQ(out.scalar_type(), autocast ? at::kBFloat16 : at::kFloat);
+          EXPECT_EQ(h.scalar_type(), at::kFloat);
+          Tensor gh = at::randn(h.sizes(), cuda), gout = at::randn(out.sizes(), cuda).to(out.scalar_type());
+          ((h * gh).sum() + (out.to(at::kFloat) * gout.to(at::kFloat)).sum()).backward();
+          auto d = [](const Tensor& t) {
+            return t.defined() ? t.detach().cpu().to(at::kDouble).requires_grad_(true) : Tensor();
+          };
+          Tensor x64 = d(x), y64 = d(y), w64 = d(w);
+          Tensor h64 = with_y ? x64 + y64 : x64 * 1.0;
+          Tensor o64 = rms_norm64(h64, w64, 1e-5);
+          ((h64 * gh.cpu().to(at::kDouble)).sum() + (o64 * gout.cpu().to(at::kDouble)).sum()).backward();
+          const std::string what = "C " + std::to_string(C) + " y " + c10::toString(y_type) +
+                                   (with_y ? "" : " no y") + (autocast ? " autocast" : "");
+          EXPECT_LT(max_diff(h.cpu(), h64), 1e-5) << what;
+          const double out_tol = autocast ? std::max(3e-2, 1e-2 * o64.abs().max().item<double>())
+                                          : 1e-4 * o64.abs().max().item<double>();
+          EXPECT_LT(max_diff(out.cpu(), o64), out_tol) << what;
+          auto rel = [](const Tensor& a, const Tensor& ref) {
+            return max_diff(a.cpu(), ref) / std::max(1e-12, ref.abs().max().item<double>());
+          };
+          const double grad_tol = autocast ? 1e-2 : 1e-4;
+          EXPECT_LT(rel(x.grad(), x64.grad()), grad_tol) << what;
+          if (with_y) EXPECT_LT(rel(y.grad(), y64.grad()), y_type == at::kFloat ? grad_tol : 1e-2) << what;
+          EXPECT_LT(rel(w.grad(), w64.grad()), grad_tol) << what;
+        }
+}
+
+TEST(Swiglu, IsSiluTimesUpWithItsGradientsOnCpu) {
+  Tensor g = at::randn({4, 7}, at::kDouble).requires_grad_(true);
+  Tensor u = at::randn({4, 7}, at::kDouble).requires_grad_(true);
+  Tensor out = model::swiglu(g, u);
+  Tensor gd = g.detach(), ud = u.detach(), s = at::sigmoid(gd);
+  EXPECT_LT(max_diff(out, gd * s * ud), 1e-12);
+  Tensor dout = at::randn({4, 7}, at::kDouble);
+  out.backward(dout);
+  // The closed forms the CUDA kernel uses.
+  EXPECT_LT(max_diff(g.grad(), dout * ud * s * (1 + gd * (1 - s))), 1e-12);
+  EXPECT_LT(max_diff(u.grad(), dout * gd * s), 1e-12);
+  EXPECT_THROW(model::swiglu(g, at::randn({4, 6}, at::kDouble)), c10::Error);
+}
+
+TEST(SwigluGpu, KernelMatchesFloat64WithGradients) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  for (auto type : {at::kBFloat16, at::kHalf, at::kFloat})
+    for (int64_t n : {1, 3, 1536 * 37 + 1, 1536 * 64})
+      for (bool offset : {false, true}) {  // offset by one element: no aligned pairs
+        auto opts = at::TensorOptions().device(at::kCUDA).dtype(type);
+        Tensor gbuf = at::randn({n + 1}, opts) * 3, ubuf = at::randn({n + 1}, opts);
+        Tensor g = gbuf.narrow(0, offset ? 1 : 0, n).detach().requires_grad_(true);
+        Tensor u = ubuf.narrow(0, offset ? 1 : 0, n).detach().requires_grad_(true);
+        Tensor out = model::swiglu(g, u);
+        EXPECT_EQ(out.scalar_type(), type);
+        Tensor dout = at::randn({n}, opts);
+        out.backward(dout);
+        Tensor g64 = g.detach().cpu().to(at::kDouble).requires_grad_(true);
+        Tensor u64 = u.detach().cpu().to(at::kDouble).requires_grad_(true);
+        Tensor o64 = at::silu(g64) * u64;
+        o64.backward(dout.cpu().to(at::kDouble));
+        const double tol = type == at::kFloat ? 1e-5 : type == at::kHalf ? 2e-3 : 1e-2;
+        auto rel = [](const Tensor& a, const Tensor& ref) {
+          return max_diff(a.cpu(), ref) / std::max(1e-12, ref.abs().max().item<double>());
+        };
+        const std::string what = c10::toString(type) + std::string(" n ") + std::to_string(n) +
+                                 (offset ? " offset" : "");
+        EXPECT_LT(rel(out, o64), tol) << what;
+        EXPECT_LT(rel(g.grad(), g64.grad()), tol) << what;
+        EXPECT_LT(rel(u.grad(), u64.grad()), tol) << what;
+      }
+}
+
+// cos/sin tables of rotate-half RoPE: column i and i + D/2 share angle pos * f_i.
+std::pair<Tensor, Tensor> rope_tables(int64_t N, int64_t D, at::TensorOptions opts) {
+  Tensor f = at::pow(10000.0, -at::arange(0, D / 2, at::kDouble) * 2.0 / D);
+  Tensor angles = at::arange(N, at::kDouble).unsqueeze(1) * f.unsqueeze(0);
+  angles = at::cat({angles, angles}, -1);
+  return {angles.cos().to(opts), angles.sin().to(opts)};
+}
+
+TEST(Rotary, RotatesEachPairOfHalvesOnCpu) {
+  const int64_t B = 2, H = 3, N = 5, D = 6;
+  Tensor x = at::randn({B, N, H, D}, at::kDouble).transpose(1, 2).requires_grad_(false);
+  auto [cos, sin] = rope_tables(N, D, at::TensorOptions().dtype(at::kDouble));
+  Tensor y = model::rotary(x, cos, sin);
+  // (x_i + i x_j) e^{i theta}: the pair as one complex number.
+  Tensor c = cos.narrow(1, 0, D / 2), s = sin.narrow(1, 0, D / 2);
+  Tensor a = x.narrow(3, 0, D / 2), b = x.narrow(3, D / 2, D / 2);
+  EXPECT_LT(max_diff(y.narrow(3, 0, D / 2), a * c - b * s), 1e-12);
+  EXPECT_LT(max_diff(y.narrow(3, D / 2, D / 2), b * c + a * s), 1e-12);
+  // A rotation keeps each pair's norm.
+  EXPECT_LT(max_diff(y.narrow(3, 0, D / 2).pow(2) + y.narrow(3, D / 2, D / 2).pow(2), a * a + b * b),
+            1e-12);
+  EXPECT_THROW(model::rotary(x, cos.narrow(0, 0, N - 1), sin.narrow(0, 0, N - 1)), c10::Error);
+  EXPECT_THROW(model::rotary(at::randn({1, 1, N, 5}), cos, sin), c10::Error);
+}
+
+TEST(RotaryGpu, KernelMatchesFloat64WithGradients) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  for (auto type : {at::kBFloat16, at::kHalf, at::kFloat})
+    for (int64_t D : {64, 128, 6, 2})  // D / 2 odd: one column per thread
+      for (bool token_major : {true, false}) {
+        const int64_t B = 2, H = 3, N = 257;
+        auto opts = at::TensorOptions().device(at::kCUDA).dtype(type);
+        Tensor x = token_major ? at::randn({B, N, H, D}, opts).transpose(1, 2)
+                               : at::randn({B, H, N, D}, opts);
+        x.requires_grad_(true);
+        auto [cos, sin] = rope_tables(N, D, opts);
+        Tensor y = model::rotary(x, cos, sin);
+        EXPECT_EQ(y.scalar_type(), type);
+        EXPECT_EQ(y.sizes(), x.sizes());
+        // An upstream gradient whose last dimension is not contiguous.
+        Tensor dy = at::randn({B, H, D, N}, opts).transpose(2, 3);
+        y.backward(dy);
+        Tensor x64 = x.detach().cpu().to(at::kDouble).requires_grad_(true);
+        Tensor c64 = cos.cpu().to(at::kDouble), s64 = sin.cpu().to(at::kDouble);
+        Tensor y64 = model::rotary(x64, c64, s64);
+        y64.backward(dy.cpu().to(at::kDouble));
+        const double tol = type == at::kFloat ? 1e-5 : type == at::kHalf ? 2e-3 : 1e-2;
+        const std::string what = c10::toString(type) + std::string(" D ") + std::to_string(D) +
+                                 (token_major ? " token-major" : " head-major");
+        EXPECT_LT(max_diff(y.cpu(), y64), tol * 4) << what;
+        EXPECT_LT(max_diff(x.grad().cpu(), x64.grad()), tol * 4) << what;
+      }
 }
 
 // ---------------------------------------------------------------------------

@@ -1,11 +1,14 @@
-// Fused model kernels: cross-entropy rows with the gradient in place, and
-// unit-norm rows. Both are memory-bound; they exist so that the step never
-// materialises float32 copies of the logits or of the keys.
+// Fused model kernels: cross-entropy rows with the gradient in place,
+// unit-norm rows, residual add + LayerNorm / RMSNorm, SwiGLU and rotary
+// positions. All are memory-bound; they exist so that the step never
+// materialises float32 copies of the logits or of the keys, and reads each
+// activation once where ATen ops would read it several times.
 #include "model/kernels/fused.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -232,7 +235,7 @@ __global__ void __launch_bounds__(kNormWarps * 32)
 }
 
 // ---------------------------------------------------------------------------
-// residual add + LayerNorm: one warp per row, the row in registers
+// residual add + LayerNorm or RMSNorm: one warp per row, the row in registers
 
 struct alignas(8) Half4 {
   __half2 a, b;
@@ -241,26 +244,26 @@ struct alignas(8) Bf164 {
   __nv_bfloat162 a, b;
 };
 
-__device__ __forceinline__ float4 load4(const float* p, int i) {
+__device__ __forceinline__ float4 load4(const float* p, int64_t i) {
   return reinterpret_cast<const float4*>(p)[i];
 }
-__device__ __forceinline__ float4 load4(const __nv_bfloat16* p, int i) {
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p, int64_t i) {
   const Bf164 v = reinterpret_cast<const Bf164*>(p)[i];
   const float2 a = __bfloat1622float2(v.a), b = __bfloat1622float2(v.b);
   return {a.x, a.y, b.x, b.y};
 }
-__device__ __forceinline__ float4 load4(const __half* p, int i) {
+__device__ __forceinline__ float4 load4(const __half* p, int64_t i) {
   const Half4 v = reinterpret_cast<const Half4*>(p)[i];
   const float2 a = __half22float2(v.a), b = __half22float2(v.b);
   return {a.x, a.y, b.x, b.y};
 }
-__device__ __forceinline__ void store4(float* p, int i, float4 v) {
+__device__ __forceinline__ void store4(float* p, int64_t i, float4 v) {
   reinterpret_cast<float4*>(p)[i] = v;
 }
-__device__ __forceinline__ void store4(__nv_bfloat16* p, int i, float4 v) {
+__device__ __forceinline__ void store4(__nv_bfloat16* p, int64_t i, float4 v) {
   reinterpret_cast<Bf164*>(p)[i] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
 }
-__device__ __forceinline__ void store4(__half* p, int i, float4 v) {
+__device__ __forceinline__ void store4(__half* p, int64_t i, float4 v) {
   reinterpret_cast<Half4*>(p)[i] = {__floats2half2_rn(v.x, v.y), __floats2half2_rn(v.z, v.w)};
 }
 
@@ -289,7 +292,8 @@ __global__ void __launch_bounds__(kLnWarps * 32)
       sum += v[j].x + v[j].y + v[j].z + v[j].w;
     }
   }
-  const float mean = warp_sum(sum) / p.width;
+  // (every lane takes the same branch: p.rms is uniform)
+  const float mean = p.rms ? 0.f : warp_sum(sum) / p.width;
   float sq = 0.f;
 #pragma unroll
   for (int j = 0; j < kChunks; ++j) {
@@ -350,7 +354,7 @@ __global__ void __launch_bounds__(kLnWarps * 32)
         db[j].x += d.x, db[j].y += d.y, db[j].z += d.z, db[j].w += d.w;
       }
     }
-    const float a = warp_sum(sum_g) / p.width, b = warp_sum(sum_gx) / p.width;
+    const float a = p.rms ? 0.f : warp_sum(sum_g) / p.width, b = warp_sum(sum_gx) / p.width;
 #pragma unroll
     for (int j = 0; j < kChunks; ++j) {
       const int i = lane + 32 * j;
@@ -381,6 +385,121 @@ __global__ void __launch_bounds__(kLnWarps * 32)
     }
     if (i < n4) store4(g.partial_dw + static_cast<int64_t>(blockIdx.x) * p.width, i, t);
     else if (g.partial_db) store4(g.partial_db + static_cast<int64_t>(blockIdx.x) * p.width, i - n4, t);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// SwiGLU: grid-stride over elements, pairs where the pointers allow
+
+constexpr int kElementwiseThreads = 256;
+
+__device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
+
+template <typename T, bool kPairs>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    swiglu_forward_kernel(const T* gate, const T* up, T* out, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if constexpr (kPairs) {
+    using P = Pair<T>;
+    using V = typename P::type;
+    for (; i < n / 2; i += stride) {
+      const float2 g = P::to_float2(reinterpret_cast<const V*>(gate)[i]);
+      const float2 u = P::to_float2(reinterpret_cast<const V*>(up)[i]);
+      reinterpret_cast<V*>(out)[i] = P::from_float2({g.x * sigmoid(g.x) * u.x, g.y * sigmoid(g.y) * u.y});
+    }
+  } else {
+    for (; i < n; i += stride) {
+      const float g = to_float(gate[i]);
+      out[i] = from_float<T>(g * sigmoid(g) * to_float(up[i]));
+    }
+  }
+}
+
+// d(silu(g) u) / dg = u s (1 + g (1 - s)), / du = g s.
+__device__ __forceinline__ void swiglu_grads(float g, float u, float d, float& dg, float& du) {
+  const float s = sigmoid(g);
+  dg = d * u * s * (1.f + g * (1.f - s));
+  du = d * g * s;
+}
+
+template <typename T, bool kPairs>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    swiglu_backward_kernel(const T* gate, const T* up, const T* dout, T* dgate, T* dup, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if constexpr (kPairs) {
+    using P = Pair<T>;
+    using V = typename P::type;
+    for (; i < n / 2; i += stride) {
+      const float2 g = P::to_float2(reinterpret_cast<const V*>(gate)[i]);
+      const float2 u = P::to_float2(reinterpret_cast<const V*>(up)[i]);
+      const float2 d = P::to_float2(reinterpret_cast<const V*>(dout)[i]);
+      float2 dg, du;
+      swiglu_grads(g.x, u.x, d.x, dg.x, du.x);
+      swiglu_grads(g.y, u.y, d.y, dg.y, du.y);
+      reinterpret_cast<V*>(dgate)[i] = P::from_float2(dg);
+      reinterpret_cast<V*>(dup)[i] = P::from_float2(du);
+    }
+  } else {
+    for (; i < n; i += stride) {
+      float dg, du;
+      swiglu_grads(to_float(gate[i]), to_float(up[i]), to_float(dout[i]), dg, du);
+      dgate[i] = from_float<T>(dg);
+      dup[i] = from_float<T>(du);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// rotary positions: one thread per pair of columns (i, i + D/2) of a row, or
+// per two such pairs (i, i + 1) where the rows allow aligned element pairs
+
+template <typename T, bool kTranspose, bool kPairs>
+__global__ void __launch_bounds__(kElementwiseThreads)
+    rotary_kernel(RowsView x, RowsView y, const T* cos, const T* sin, int64_t rows, int H, int N,
+                  int D) {
+  const int half = D / 2, per_row = kPairs ? half / 2 : half;
+  const int64_t total = rows * per_row, stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total;
+       t += stride) {
+    const int64_t row = t / per_row;
+    const int i = static_cast<int>(t % per_row) * (kPairs ? 2 : 1), j = i + half;
+    const int64_t n = row % N;
+    const T* xr = row_ptr<T>(x, row, H, N);
+    T* yr = row_ptr<T>(y, row, H, N);
+    const T* c = cos + n * D;
+    const T* s = sin + n * D;
+    // forward: y_i = x_i c_i - x_j s_i, y_j = x_j c_j + x_i s_j
+    // adjoint: y_i = x_i c_i + x_j s_j, y_j = x_j c_j - x_i s_i
+    auto rotate = [](float a, float b, float ci, float cj, float si, float sj, float& yi, float& yj) {
+      if constexpr (kTranspose) {
+        yi = a * ci + b * sj, yj = b * cj - a * si;
+      } else {
+        yi = a * ci - b * si, yj = b * cj + a * sj;
+      }
+    };
+    if constexpr (kPairs) {
+      using P = Pair<T>;
+      using V = typename P::type;
+      const float2 a = P::to_float2(*reinterpret_cast<const V*>(xr + i));
+      const float2 b = P::to_float2(*reinterpret_cast<const V*>(xr + j));
+      const float2 ci = P::to_float2(*reinterpret_cast<const V*>(c + i));
+      const float2 cj = P::to_float2(*reinterpret_cast<const V*>(c + j));
+      const float2 si = P::to_float2(*reinterpret_cast<const V*>(s + i));
+      const float2 sj = P::to_float2(*reinterpret_cast<const V*>(s + j));
+      float2 yi, yj;
+      rotate(a.x, b.x, ci.x, cj.x, si.x, sj.x, yi.x, yj.x);
+      rotate(a.y, b.y, ci.y, cj.y, si.y, sj.y, yi.y, yj.y);
+      *reinterpret_cast<V*>(yr + i) = P::from_float2(yi);
+      *reinterpret_cast<V*>(yr + j) = P::from_float2(yj);
+    } else {
+      float yi, yj;
+      rotate(to_float(xr[i]), to_float(xr[j]), to_float(c[i]), to_float(c[j]), to_float(s[i]),
+             to_float(s[j]), yi, yj);
+      yr[i] = from_float<T>(yi);
+      yr[j] = from_float<T>(yj);
+    }
   }
 }
 
@@ -491,7 +610,7 @@ cudaError_t dispatch_layer_norm(const AddLayerNormParams& p, F&& launch) {
 
 bool valid(const AddLayerNormParams& p) {
   return p.rows >= 0 && p.width > 0 && p.width % 4 == 0 && p.width <= kMaxLayerNormWidth &&
-         p.x && p.weight && p.h && p.out && p.mean && p.rstd;
+         p.x && p.weight && p.h && p.out && p.mean && p.rstd && !(p.rms && p.bias);
 }
 
 }  // namespace
@@ -522,6 +641,87 @@ cudaError_t add_layer_norm_backward(const AddLayerNormParams& p, const AddLayerN
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          static_cast<int>(shared));
     kernel<<<blocks, kLnWarps * 32, shared, stream>>>(p, g);
+  });
+}
+
+namespace {
+
+// Blocks for a grid-stride loop over `work` items: enough to fill the GPU
+// several times over, no more.
+unsigned elementwise_blocks(int64_t work) {
+  const int64_t blocks = (work + kElementwiseThreads - 1) / kElementwiseThreads;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 132 * 32)));
+}
+
+bool aligned_pairs(RowType type, std::initializer_list<const void*> pointers) {
+  const uintptr_t pair = type == RowType::kF32 ? 8 : 4;
+  for (const void* p : pointers)
+    if (reinterpret_cast<uintptr_t>(p) % pair != 0) return false;
+  return true;
+}
+
+}  // namespace
+
+cudaError_t swiglu_forward(RowType type, const void* gate, const void* up, void* out, int64_t n,
+                           cudaStream_t stream) {
+  if (n < 0 || (n > 0 && (!gate || !up || !out))) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  const bool pairs = n % 2 == 0 && aligned_pairs(type, {gate, up, out});
+  const unsigned blocks = elementwise_blocks(pairs ? n / 2 : n);
+  return dispatch(type, [&](auto zero) {
+    using T = decltype(zero);
+    auto g = static_cast<const T*>(gate);
+    auto u = static_cast<const T*>(up);
+    auto o = static_cast<T*>(out);
+    if (pairs)
+      swiglu_forward_kernel<T, true><<<blocks, kElementwiseThreads, 0, stream>>>(g, u, o, n);
+    else
+      swiglu_forward_kernel<T, false><<<blocks, kElementwiseThreads, 0, stream>>>(g, u, o, n);
+  });
+}
+
+cudaError_t swiglu_backward(RowType type, const void* gate, const void* up, const void* dout,
+                            void* dgate, void* dup, int64_t n, cudaStream_t stream) {
+  if (n < 0 || (n > 0 && (!gate || !up || !dout || !dgate || !dup))) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;
+  const bool pairs = n % 2 == 0 && aligned_pairs(type, {gate, up, dout, dgate, dup});
+  const unsigned blocks = elementwise_blocks(pairs ? n / 2 : n);
+  return dispatch(type, [&](auto zero) {
+    using T = decltype(zero);
+    auto g = static_cast<const T*>(gate);
+    auto u = static_cast<const T*>(up);
+    auto d = static_cast<const T*>(dout);
+    auto dg = static_cast<T*>(dgate);
+    auto du = static_cast<T*>(dup);
+    if (pairs)
+      swiglu_backward_kernel<T, true><<<blocks, kElementwiseThreads, 0, stream>>>(g, u, d, dg, du, n);
+    else
+      swiglu_backward_kernel<T, false><<<blocks, kElementwiseThreads, 0, stream>>>(g, u, d, dg, du, n);
+  });
+}
+
+cudaError_t rotary(RowType type, RowsView x, RowsView y, const void* cos, const void* sin, int B,
+                   int H, int N, int D, bool transpose, cudaStream_t stream) {
+  if (B < 0 || H < 0 || N < 0 || D <= 0 || D % 2 != 0) return cudaErrorInvalidValue;
+  const int64_t rows = static_cast<int64_t>(B) * H * N;
+  if (rows == 0) return cudaSuccess;
+  if (!x.data || !y.data || !cos || !sin) return cudaErrorInvalidValue;
+  // Element pairs (i, i + 1) need an even half and pair-aligned rows and tables.
+  bool pairs = (D / 2) % 2 == 0 && aligned_pairs(type, {x.data, y.data, cos, sin});
+  for (const RowsView* v : {&x, &y})
+    if (v->sb % 2 || v->sh % 2 || v->sn % 2) pairs = false;
+  const unsigned blocks = elementwise_blocks(rows * (pairs ? D / 4 : D / 2));
+  return dispatch(type, [&](auto zero) {
+    using T = decltype(zero);
+    auto c = static_cast<const T*>(cos);
+    auto s = static_cast<const T*>(sin);
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, kElementwiseThreads, 0, stream>>>(x, y, c, s, rows, H, N, D);
+    };
+    if (transpose)
+      pairs ? launch(rotary_kernel<T, true, true>) : launch(rotary_kernel<T, true, false>);
+    else
+      pairs ? launch(rotary_kernel<T, false, true>) : launch(rotary_kernel<T, false, false>);
   });
 }
 

@@ -1,7 +1,8 @@
 // Fused elementwise kernels of the language models, torch-free: the
 // cross-entropy of a block of logit rows with its gradient written in place,
-// unit-norm rows (the keys k = q / |q| of shared-QK attention), and the
-// residual add + LayerNorm, each with its backward. model/fused.h wraps them as LibTorch autograd functions.
+// unit-norm rows (the keys k = q / |q| of shared-QK attention), the residual
+// add + LayerNorm or RMSNorm, the SwiGLU product and rotary positions, each
+// with its backward. model/fused.h wraps them as LibTorch autograd functions.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +43,8 @@ cudaError_t unit_norm_rows_backward(RowType type, RowsView x, RowsView dy, RowsV
 // at most kMaxLayerNormWidth): h = x + y (y optional, of `y_type`),
 // out = (h - mean) * rstd * weight (+ bias), in `out_type`; mean and rstd
 // (float32 per row) are kept for the backward. All row-major, contiguous.
+// With `rms` it is RMSNorm instead (Llama): mean is taken as 0, so
+// rstd = 1 / sqrt(mean(h^2) + eps) and out = h * rstd * weight (no bias).
 inline constexpr int kMaxLayerNormWidth = 2048;
 
 struct AddLayerNormParams {
@@ -57,11 +60,13 @@ struct AddLayerNormParams {
   RowType out_type = RowType::kF32;
   float* mean = nullptr;
   float* rstd = nullptr;
+  bool rms = false;
 };
 cudaError_t add_layer_norm_forward(const AddLayerNormParams& p, cudaStream_t stream);
 
 // The backward: with g = dout * weight and xhat = (h - mean) * rstd,
-// dh_total = dh + rstd * (g - mean(g) - xhat * mean(g * xhat)) (dh optional),
+// dh_total = dh + rstd * (g - mean(g) - xhat * mean(g * xhat)) (dh optional;
+// RMSNorm drops the mean(g) term),
 // written to dx (float32) and, if given, to dy (in y_type); the weight and
 // bias gradients are summed per block into partial_dw / partial_db
 // ([blocks, C] float32, blocks = add_layer_norm_backward_blocks(rows)), for
@@ -77,5 +82,23 @@ struct AddLayerNormGrads {
 int add_layer_norm_backward_blocks(int rows);
 cudaError_t add_layer_norm_backward(const AddLayerNormParams& p, const AddLayerNormGrads& g,
                                     cudaStream_t stream);
+
+// SwiGLU: out = silu(gate) * up over n elements of one type, silu(g) =
+// g / (1 + exp(-g)), in float32 arithmetic. The backward, from dout:
+// dgate = dout * up * s * (1 + gate * (1 - s)) with s = sigmoid(gate),
+// dup = dout * silu(gate). All contiguous.
+cudaError_t swiglu_forward(RowType type, const void* gate, const void* up, void* out, int64_t n,
+                           cudaStream_t stream);
+cudaError_t swiglu_backward(RowType type, const void* gate, const void* up, const void* dout,
+                            void* dgate, void* dup, int64_t n, cudaStream_t stream);
+
+// Rotary positions in the rotate-half layout on the rows of a [B, H, N, D]
+// view (D even and contiguous): with i < D/2 and j = i + D/2,
+//   y_i = x_i cos_i - x_j sin_i,   y_j = x_j cos_j + x_i sin_j,
+// cos and sin [N, D] contiguous, of x's type; float32 arithmetic. With
+// `transpose` the adjoint (the backward, dx from dy):
+//   dx_i = dy_i cos_i + dy_j sin_j,   dx_j = dy_j cos_j - dy_i sin_i.
+cudaError_t rotary(RowType type, RowsView x, RowsView y, const void* cos, const void* sin, int B,
+                   int H, int N, int D, bool transpose, cudaStream_t stream);
 
 }  // namespace sparseflash::kernels
