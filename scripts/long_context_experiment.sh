@@ -27,7 +27,8 @@
 #   STEPS        optimizer steps per run [150]; LR [5e-5]; LORA_LR [5e-4]; WARMUP [15]
 #   RUNS         which runs [dense,hash16,shift,drop50,hash8,hybrid,lora-dense,lora-hash16];
 #                a sparse run NAME-local adds SINKS [4] sink tokens and a local window
-#                of WINDOW [64] keys (attention.sink_tokens, attention.local_window);
+#                of WINDOW [64] keys (attention.sink_tokens, attention.local_window),
+#                NAME-localW a window of W keys (e.g. hash16-local256);
 #                a hash run NAME-cap caps the LSH buckets (attention.lsh_capacity=1:
 #                equal sizes in each block of 128 rows), e.g. hash16-cap-local
 #   SEEDS        [1,2]; the first seed runs every run, later seeds only SEED_RUNS [dense,hash16]
@@ -100,15 +101,18 @@ FILLER=$EXP/filler.txt
 # The attention overrides of a run (train --set values, one per line).
 run_settings() {
   local run=$1
-  # Suffixes, in either order: -local (sinks and a window), -cap (capped buckets).
+  # Suffixes, in either order: -local (sinks and a window of WINDOW keys),
+  # -localW (a window of W keys), -cap (capped buckets).
   while :; do
-    case $run in
-      *-local) run=${run%-local}
-        printf '%s\n' "attention.sink_tokens=$SINKS" "attention.local_window=$WINDOW" ;;
-      *-cap) run=${run%-cap}
-        echo "attention.lsh_capacity=1" ;;
-      *) break ;;
-    esac
+    if [[ $run =~ ^(.+)-local([0-9]*)$ ]]; then
+      run=${BASH_REMATCH[1]}
+      printf '%s\n' "attention.sink_tokens=$SINKS" "attention.local_window=${BASH_REMATCH[2]:-$WINDOW}"
+    elif [[ $run == *-cap ]]; then
+      run=${run%-cap}
+      echo "attention.lsh_capacity=1"
+    else
+      break
+    fi
   done
   case $run in
     dense|lora-dense) echo "attention.kind=DENSE" ;;
