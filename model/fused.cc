@@ -19,6 +19,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "attention/kernels/options.h"
 #include "model/kernels/fused.h"
 #endif
 
@@ -392,7 +393,8 @@ std::pair<Tensor, Tensor> add_rms_norm(const Tensor& x, const Tensor& y, const T
   const at::ScalarType product_type = at::promote_types(weight.scalar_type(), x.scalar_type());
   const at::ScalarType out_type = norm_out_type(x, product_type);
 #ifdef SPARSEFLASH_WITH_CUDA
-  if (residual_norm_kernel_applies(x, y, weight, Tensor(), out_type))
+  if (sparseflash::kernels::fused_llama_kernels_from_environment() &&
+      residual_norm_kernel_applies(x, y, weight, Tensor(), out_type))
     return residual_norm_kernel(x, y, weight, Tensor(), eps, out_type, /*rms=*/true);
 #endif
   Tensor h = y.defined() ? x + y : x;
@@ -450,7 +452,8 @@ Tensor swiglu(const Tensor& gate, const Tensor& up) {
               " differ in shape");
 #ifdef SPARSEFLASH_WITH_CUDA
   sparseflash::kernels::RowType type;
-  if (gate.is_cuda() && up.device() == gate.device() && gate.scalar_type() == up.scalar_type() &&
+  if (sparseflash::kernels::fused_llama_kernels_from_environment() && gate.is_cuda() &&
+      up.device() == gate.device() && gate.scalar_type() == up.scalar_type() &&
       kernel_type(gate.scalar_type(), type) && gate.is_contiguous() && up.is_contiguous()) {
     NoAutocast no_autocast;
     return Swiglu::apply(gate, up);
@@ -513,7 +516,8 @@ Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin) {
               ", ", D, "] for x ", x.sizes());
 #ifdef SPARSEFLASH_WITH_CUDA
   sparseflash::kernels::RowType type;
-  if (x.is_cuda() && kernel_type(x.scalar_type(), type) && x.stride(3) == 1 &&
+  if (sparseflash::kernels::fused_llama_kernels_from_environment() && x.is_cuda() &&
+      kernel_type(x.scalar_type(), type) && x.stride(3) == 1 &&
       cos.device() == x.device() && sin.device() == x.device() &&
       cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() &&
       cos.is_contiguous() && sin.is_contiguous() && !cos.requires_grad() &&

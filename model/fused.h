@@ -43,6 +43,10 @@ Tensor unit_norm_rows(const Tensor& x, double eps = 1e-6);
 std::pair<Tensor, Tensor> add_layer_norm(const Tensor& x, const Tensor& y, const Tensor& weight,
                                          const Tensor& bias, double eps);
 
+// The three Llama operations below take their CUDA kernels only with
+// SPARSEFLASH_FUSED_LLAMA=1 (attention/kernels/options.h) for now; otherwise
+// their ATen paths, on every device.
+//
 // The same for RMSNorm (Llama): h = x + y (y undefined: h = x) and
 // out = weight * (h * rsqrt(mean(h^2) + eps)) over the last dimension, with
 // h normalised in float32 as transformers does. Returns {h, out}: out in the

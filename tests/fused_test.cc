@@ -4,6 +4,7 @@
 // dense attention, device-drawn patterns. CPU checks run everywhere; the
 // kernel checks skip without a GPU.
 #include <cmath>
+#include <cstdlib>
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -263,6 +264,12 @@ TEST(AddLayerNormGpu, KernelMatchesFloat64WithGradients) {
 // ---------------------------------------------------------------------------
 // residual add + RMSNorm, SwiGLU, rotary positions (the Llama layer)
 
+// The Llama operations' CUDA kernels (SPARSEFLASH_FUSED_LLAMA=1) while in scope.
+struct FusedLlamaKernels {
+  FusedLlamaKernels() { setenv("SPARSEFLASH_FUSED_LLAMA", "1", 1); }
+  ~FusedLlamaKernels() { unsetenv("SPARSEFLASH_FUSED_LLAMA"); }
+};
+
 // transformers' LlamaRMSNorm in float64.
 Tensor rms_norm64(const Tensor& h, const Tensor& w, double eps) {
   return w * (h * at::rsqrt(h.pow(2).mean(-1, /*keepdim=*/true) + eps));
@@ -284,6 +291,7 @@ TEST(AddRmsNorm, EqualsAddThenRmsNormOnCpu) {
 
 TEST(AddRmsNormGpu, KernelMatchesFloat64WithGradients) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  FusedLlamaKernels on;
   auto cuda = at::TensorOptions().device(at::kCUDA);
   for (int64_t C : {576, 12, 2048, 964})
     for (auto y_type : {at::kFloat, at::kBFloat16})
@@ -344,6 +352,7 @@ TEST(Swiglu, IsSiluTimesUpWithItsGradientsOnCpu) {
 
 TEST(SwigluGpu, KernelMatchesFloat64WithGradients) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  FusedLlamaKernels on;
   for (auto type : {at::kBFloat16, at::kHalf, at::kFloat})
     for (int64_t n : {1, 3, 1536 * 37 + 1, 1536 * 64})
       for (bool offset : {false, true}) {  // offset by one element: no aligned pairs
@@ -398,6 +407,7 @@ TEST(Rotary, RotatesEachPairOfHalvesOnCpu) {
 
 TEST(RotaryGpu, KernelMatchesFloat64WithGradients) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA GPU";
+  FusedLlamaKernels on;
   for (auto type : {at::kBFloat16, at::kHalf, at::kFloat})
     for (int64_t D : {64, 128, 6, 2})  // D / 2 odd: one column per thread
       for (bool token_major : {true, false}) {

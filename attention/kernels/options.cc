@@ -32,4 +32,9 @@ bool local_kernels_from_environment() {
   return v == nullptr || std::string(v) != "0";
 }
 
+bool fused_llama_kernels_from_environment() {
+  const char* v = std::getenv("SPARSEFLASH_FUSED_LLAMA");
+  return v != nullptr && std::string(v) == "1";
+}
+
 }  // namespace sparseflash::kernels

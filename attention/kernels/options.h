@@ -28,4 +28,11 @@ void set_kernel_options(const KernelOptions& options);
 // since tests switch it between cases.
 bool local_kernels_from_environment();
 
+// SPARSEFLASH_FUSED_LLAMA: "1" runs the Llama layer's fused operations
+// (model/fused.h: add_rms_norm, swiglu, rotary) on their CUDA kernels; unset
+// or anything else, on their ATen paths (the default until those kernels have
+// passed fused_test on a GPU). Read at every call, so that benchmarks and tests
+// can compare both in one process.
+bool fused_llama_kernels_from_environment();
+
 }  // namespace sparseflash::kernels
