@@ -395,27 +395,6 @@ constexpr int kElementwiseThreads = 256;
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + expf(-g)); }
 
-template <typename T, bool kPairs>
-__global__ void __launch_bounds__(kElementwiseThreads)
-    swiglu_forward_kernel(const T* gate, const T* up, T* out, int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if constexpr (kPairs) {
-    using P = Pair<T>;
-    using V = typename P::type;
-    for (; i < n / 2; i += stride) {
-      const float2 g = P::to_float2(reinterpret_cast<const V*>(gate)[i]);
-      const float2 u = P::to_float2(reinterpret_cast<const V*>(up)[i]);
-      reinterpret_cast<V*>(out)[i] = P::from_float2({g.x * sigmoid(g.x) * u.x, g.y * sigmoid(g.y) * u.y});
-    }
-  } else {
-    for (; i < n; i += stride) {
-      const float g = to_float(gate[i]);
-      out[i] = from_float<T>(g * sigmoid(g) * to_float(up[i]));
-    }
-  }
-}
-
 // d(silu(g) u) / dg = u s (1 + g (1 - s)), / du = g s.
 __device__ __forceinline__ void swiglu_grads(float g, float u, float d, float& dg, float& du) {
   const float s = sigmoid(g);
@@ -423,9 +402,10 @@ __device__ __forceinline__ void swiglu_grads(float g, float u, float d, float& d
   du = d * g * s;
 }
 
-template <typename T, bool kPairs>
+// Forward: a = silu(gate) * up. Backward (kBackward): a = dgate, b = dup from dout.
+template <typename T, bool kPairs, bool kBackward>
 __global__ void __launch_bounds__(kElementwiseThreads)
-    swiglu_backward_kernel(const T* gate, const T* up, const T* dout, T* dgate, T* dup, int64_t n) {
+    swiglu_kernel(const T* gate, const T* up, const T* dout, T* a, T* b, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if constexpr (kPairs) {
@@ -434,19 +414,29 @@ __global__ void __launch_bounds__(kElementwiseThreads)
     for (; i < n / 2; i += stride) {
       const float2 g = P::to_float2(reinterpret_cast<const V*>(gate)[i]);
       const float2 u = P::to_float2(reinterpret_cast<const V*>(up)[i]);
-      const float2 d = P::to_float2(reinterpret_cast<const V*>(dout)[i]);
-      float2 dg, du;
-      swiglu_grads(g.x, u.x, d.x, dg.x, du.x);
-      swiglu_grads(g.y, u.y, d.y, dg.y, du.y);
-      reinterpret_cast<V*>(dgate)[i] = P::from_float2(dg);
-      reinterpret_cast<V*>(dup)[i] = P::from_float2(du);
+      if constexpr (kBackward) {
+        const float2 d = P::to_float2(reinterpret_cast<const V*>(dout)[i]);
+        float2 dg, du;
+        swiglu_grads(g.x, u.x, d.x, dg.x, du.x);
+        swiglu_grads(g.y, u.y, d.y, dg.y, du.y);
+        reinterpret_cast<V*>(a)[i] = P::from_float2(dg);
+        reinterpret_cast<V*>(b)[i] = P::from_float2(du);
+      } else {
+        reinterpret_cast<V*>(a)[i] =
+            P::from_float2({g.x * sigmoid(g.x) * u.x, g.y * sigmoid(g.y) * u.y});
+      }
     }
   } else {
     for (; i < n; i += stride) {
-      float dg, du;
-      swiglu_grads(to_float(gate[i]), to_float(up[i]), to_float(dout[i]), dg, du);
-      dgate[i] = from_float<T>(dg);
-      dup[i] = from_float<T>(du);
+      const float g = to_float(gate[i]), u = to_float(up[i]);
+      if constexpr (kBackward) {
+        float dg, du;
+        swiglu_grads(g, u, to_float(dout[i]), dg, du);
+        a[i] = from_float<T>(dg);
+        b[i] = from_float<T>(du);
+      } else {
+        a[i] = from_float<T>(g * sigmoid(g) * u);
+      }
     }
   }
 }
@@ -660,44 +650,38 @@ bool aligned_pairs(RowType type, std::initializer_list<const void*> pointers) {
   return true;
 }
 
+// The forward (dout == nullptr: a = out) or the backward (a = dgate, b = dup).
+cudaError_t swiglu_launch(RowType type, const void* gate, const void* up, const void* dout, void* a,
+                          void* b, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  const bool pairs = n % 2 == 0 && aligned_pairs(type, {gate, up, dout, a, b});
+  const unsigned blocks = elementwise_blocks(pairs ? n / 2 : n);
+  return dispatch(type, [&](auto zero) {
+    using T = decltype(zero);
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks, kElementwiseThreads, 0, stream>>>(
+          static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<const T*>(dout),
+          static_cast<T*>(a), static_cast<T*>(b), n);
+    };
+    if (dout != nullptr)
+      pairs ? launch(swiglu_kernel<T, true, true>) : launch(swiglu_kernel<T, false, true>);
+    else
+      pairs ? launch(swiglu_kernel<T, true, false>) : launch(swiglu_kernel<T, false, false>);
+  });
+}
+
 }  // namespace
 
 cudaError_t swiglu_forward(RowType type, const void* gate, const void* up, void* out, int64_t n,
                            cudaStream_t stream) {
   if (n < 0 || (n > 0 && (!gate || !up || !out))) return cudaErrorInvalidValue;
-  if (n == 0) return cudaSuccess;
-  const bool pairs = n % 2 == 0 && aligned_pairs(type, {gate, up, out});
-  const unsigned blocks = elementwise_blocks(pairs ? n / 2 : n);
-  return dispatch(type, [&](auto zero) {
-    using T = decltype(zero);
-    auto g = static_cast<const T*>(gate);
-    auto u = static_cast<const T*>(up);
-    auto o = static_cast<T*>(out);
-    if (pairs)
-      swiglu_forward_kernel<T, true><<<blocks, kElementwiseThreads, 0, stream>>>(g, u, o, n);
-    else
-      swiglu_forward_kernel<T, false><<<blocks, kElementwiseThreads, 0, stream>>>(g, u, o, n);
-  });
+  return swiglu_launch(type, gate, up, nullptr, out, nullptr, n, stream);
 }
 
 cudaError_t swiglu_backward(RowType type, const void* gate, const void* up, const void* dout,
                             void* dgate, void* dup, int64_t n, cudaStream_t stream) {
   if (n < 0 || (n > 0 && (!gate || !up || !dout || !dgate || !dup))) return cudaErrorInvalidValue;
-  if (n == 0) return cudaSuccess;
-  const bool pairs = n % 2 == 0 && aligned_pairs(type, {gate, up, dout, dgate, dup});
-  const unsigned blocks = elementwise_blocks(pairs ? n / 2 : n);
-  return dispatch(type, [&](auto zero) {
-    using T = decltype(zero);
-    auto g = static_cast<const T*>(gate);
-    auto u = static_cast<const T*>(up);
-    auto d = static_cast<const T*>(dout);
-    auto dg = static_cast<T*>(dgate);
-    auto du = static_cast<T*>(dup);
-    if (pairs)
-      swiglu_backward_kernel<T, true><<<blocks, kElementwiseThreads, 0, stream>>>(g, u, d, dg, du, n);
-    else
-      swiglu_backward_kernel<T, false><<<blocks, kElementwiseThreads, 0, stream>>>(g, u, d, dg, du, n);
-  });
+  return swiglu_launch(type, gate, up, dout, dgate, dup, n, stream);
 }
 
 cudaError_t rotary(RowType type, RowsView x, RowsView y, const void* cos, const void* sin, int B,
