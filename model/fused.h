@@ -62,11 +62,12 @@ Tensor swiglu(const Tensor& gate, const Tensor& up);
 
 // Rotary positions, rotate-half layout: x [B, H, N, D] (any strides, D even),
 // cos and sin [N, D]; returns x * cos + rotate_half(x) * sin with
-// rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]), in x's type and memory
-// order. On CUDA (bf16, fp16 or float32; x's last dimension contiguous; cos
-// and sin of x's type, not requiring gradients) one kernel each way,
-// computing in float32 (ATen rounds each product to x's type); elsewhere
-// ATen ops.
+// rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2]), in x's type. On CUDA
+// (bf16, fp16 or float32; x's last dimension contiguous; cos and sin of x's
+// type, not requiring gradients) one kernel each way, computing in float32
+// (ATen rounds each product to x's type) and writing token-major memory
+// ([B, N, H, D], what ATen gives for the heads view of a projection);
+// elsewhere ATen ops.
 Tensor rotary(const Tensor& x, const Tensor& cos, const Tensor& sin);
 
 }  // namespace sparseflash::model
