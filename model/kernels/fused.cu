@@ -526,15 +526,17 @@ namespace {
 
 // D / 64 when rows of D = 64, 128 or 256 elements can be read as aligned
 // pairs (the pair kernels), else 0 (the element-wise kernels).
+// Can every row of v be read as aligned element pairs? (Its start pair-aligned,
+// every stride even.)
+bool pair_rows(RowType type, const RowsView& v) {
+  const uintptr_t pair = type == RowType::kF32 ? 8 : 4;
+  return reinterpret_cast<uintptr_t>(v.data) % pair == 0 && v.sb % 2 == 0 && v.sh % 2 == 0 &&
+         v.sn % 2 == 0;
+}
+
 int pair_iters(RowType type, const RowsView& a, const RowsView& b, int D) {
   if (D != 64 && D != 128 && D != 256) return 0;
-  const int64_t bytes = type == RowType::kF32 ? 4 : 2;
-  const int64_t pair = 2 * bytes;
-  for (const RowsView* v : {&a, &b}) {
-    if (reinterpret_cast<uintptr_t>(v->data) % pair != 0) return 0;
-    if ((v->sb * bytes) % pair || (v->sh * bytes) % pair || (v->sn * bytes) % pair) return 0;
-  }
-  return D / 64;
+  return pair_rows(type, a) && pair_rows(type, b) ? D / 64 : 0;
 }
 
 }  // namespace
@@ -691,9 +693,8 @@ cudaError_t rotary(RowType type, RowsView x, RowsView y, const void* cos, const 
   if (rows == 0) return cudaSuccess;
   if (!x.data || !y.data || !cos || !sin) return cudaErrorInvalidValue;
   // Element pairs (i, i + 1) need an even half and pair-aligned rows and tables.
-  bool pairs = (D / 2) % 2 == 0 && aligned_pairs(type, {x.data, y.data, cos, sin});
-  for (const RowsView* v : {&x, &y})
-    if (v->sb % 2 || v->sh % 2 || v->sn % 2) pairs = false;
+  const bool pairs = (D / 2) % 2 == 0 && pair_rows(type, x) && pair_rows(type, y) &&
+                     aligned_pairs(type, {cos, sin});
   const unsigned blocks = elementwise_blocks(rows * (pairs ? D / 4 : D / 2));
   return dispatch(type, [&](auto zero) {
     using T = decltype(zero);
